@@ -1,0 +1,93 @@
+"""`genrecal-cache`: build, inspect and check teacher-feature caches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Run a teacher VLM once and store what GenRecal distillation needs in a shareable cache.")
+
+
+@app.command()
+def extract(
+    teacher: str = typer.Option(..., help="Teacher model folder or hub id (e.g. Qwen/Qwen2-VL-72B-Instruct)."),
+    data: str = typer.Option(..., help="LLaVA-style JSONL or Parquet with embedded images."),
+    out: Path = typer.Option(..., help="Cache folder to create."),
+    backend: str = typer.Option("auto", help="'vllm' (default where installed), 'transformers' (reference) or 'auto'."),
+    topk: int = typer.Option(64, help="Top-k teacher logprobs stored per token."),
+    max_len: int = typer.Option(4096, help="Samples longer than this (teacher tokens) are recorded as errors."),
+    batch_tokens: int = typer.Option(8192, help="Padded tokens per teacher forward (transformers backend)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N samples."),
+    hidden_dtype: str = typer.Option("bfloat16", help="Storage of hidden states: bfloat16 or float32."),
+    dtype: str = typer.Option("auto", help="Compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ... (transformers backend)."),
+    image_root: Optional[str] = typer.Option(None, help="Folder image paths are relative to (default: the data file's folder)."),
+) -> None:
+    """Run the teacher over DATA once and write a cache to OUT (hidden states, top-k, head, samples)."""
+    from genrecal_cache.extract import ExtractConfig
+    from genrecal_cache.extract import extract as run_extract
+
+    if out.exists() and any(out.iterdir()):
+        raise typer.BadParameter(f"{out} exists and is not empty: choose a new --out or delete it", param_hint="--out")
+    cfg = ExtractConfig(teacher=teacher, data=data, out=str(out), backend=backend, topk=topk, max_len=max_len,
+                        batch_tokens=batch_tokens, limit=limit, hidden_dtype=hidden_dtype, dtype=dtype,
+                        device=device, image_root=image_root)
+    m = run_extract(cfg)
+    c = m.counts
+    typer.echo(f"wrote {out}: {c['samples']} samples ({c['ok']} ok, {c['error']} error), {c['tokens']} tokens")
+
+
+@app.command()
+def info(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."),
+         errors: int = typer.Option(10, help="How many error rows to list.")) -> None:
+    """Counts, bytes per token, teacher, dtypes, codecs and errors of a cache."""
+    from genrecal_cache.reader import TeacherCache
+
+    tc = TeacherCache.open(cache)
+    typer.echo(tc.describe(max_errors=errors))
+
+
+@app.command()
+def verify(cache: str = typer.Argument(..., help="Cache folder or fsspec URL.")) -> None:
+    """Check every checksum and the structure of a cache; exit 1 with the faults if any."""
+    from genrecal_cache.verify import verify as run_verify
+
+    faults = run_verify(cache)
+    if faults:
+        for f in faults:
+            typer.echo(f"FAULT: {f}", err=True)
+        typer.echo(f"{cache}: {len(faults)} fault(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{cache}: OK")
+
+
+@app.command("demo-data")
+def demo_data(out: Path = typer.Option(..., help="Folder for images/ and train.jsonl."),
+              n: int = typer.Option(200, help="Number of samples."),
+              seed: int = typer.Option(0)) -> None:
+    """Write a synthetic visual-question dataset (shapes, colours, counts, positions)."""
+    from genrecal_cache.demo_data import write_demo_dataset
+
+    path = write_demo_dataset(out, n=n, seed=seed)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("tiny-models")
+def tiny_models(out: Path = typer.Option(..., help="Folder to hold teacher/ and student/."),
+                seed: int = typer.Option(0)) -> None:
+    """Build the tiny offline teacher (Qwen2-VL architecture) and student (LLaVA) used by the demo and tests."""
+    from genrecal_cache.testing import tiny_pair
+
+    teacher, student = tiny_pair(out, seed=seed)
+    typer.echo(f"teacher: {teacher}\nstudent: {student}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

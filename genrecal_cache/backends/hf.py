@@ -1,0 +1,57 @@
+"""Reference backend: a plain transformers forward of the teacher, batched with right padding.
+
+It is the numerical reference every other backend is checked against, and the CPU default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from genrecal_cache.families import Encoded, FamilyAdapter
+
+
+def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ids to one length; per-token kwargs ([1, L] tensors) are padded the same way,
+    per-image kwargs (pixel_values, image_grid_thw, ...) are concatenated along dim 0."""
+    longest = max(int(e.input_ids.shape[0]) for e in batch)
+    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = e.input_ids.shape[0]
+        ids[i, :n] = e.input_ids
+        mask[i, :n] = 1
+    out: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
+    for key in batch[0].model_inputs:
+        values = [e.model_inputs[key] for e in batch]
+        if all(v.dim() == 2 and v.shape[0] == 1 and v.shape[1] == e.input_ids.shape[0] for v, e in zip(values, batch)):
+            padded = torch.zeros((len(batch), longest), dtype=values[0].dtype)
+            for i, v in enumerate(values):
+                padded[i, : v.shape[1]] = v[0]
+            out[key] = padded
+        else:
+            out[key] = torch.cat(values, dim=0)
+    return out
+
+
+class HFBackend:
+    """Runs `model.model(...)` (the VLM body without lm_head) and returns post-norm final states."""
+
+    name = "transformers"
+
+    def __init__(self, adapter: FamilyAdapter, path: str, dtype: torch.dtype, device: str, pad_id: int):
+        self.device = torch.device(device)
+        self.model = adapter.load_model(path, dtype=dtype, device=device).eval()
+        self.head = adapter.export_head(self.model).to(self.device)
+        self.pad_id = pad_id
+
+    @torch.inference_mode()
+    def hidden_states(self, batch: list[Encoded]) -> list[torch.Tensor]:
+        inputs = {k: v.to(self.device) for k, v in collate(batch, self.pad_id).items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        out = self.model.model(**inputs, use_cache=False)
+        h = out.last_hidden_state
+        return [h[i, : e.input_ids.shape[0]] for i, e in enumerate(batch)]
+
+    def close(self) -> None:
+        del self.model

@@ -1,0 +1,166 @@
+"""The extraction loop shared by all backends: samples -> teacher tokens -> forward -> top-k -> cache.
+
+Reading/encoding happens here on the CPU, the backend runs the teacher, top-k is computed on
+the backend's device from the hidden states and the exported head, and the `CacheWriter`
+drains results on a background thread, so the run goes at the speed of the teacher forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from genrecal_cache.data import ImageError, Sample, decode_image, read_samples
+from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter_for
+from genrecal_cache.manifest import Manifest
+from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ExtractConfig:
+    teacher: str
+    data: str
+    out: str
+    backend: str = "auto"  # "auto" | "transformers" | "vllm"
+    topk: int = 64
+    max_len: int = 4096
+    batch_tokens: int = 8192
+    limit: int | None = None
+    hidden_dtype: str = "bfloat16"  # storage dtype of hidden states: "bfloat16" | "float32"
+    dtype: str = "auto"  # compute dtype: "auto" = bfloat16 on GPU, float32 on CPU
+    device: str = "auto"
+    image_root: str | None = None
+    progress: bool = True
+    vllm: dict = field(default_factory=dict)  # engine options for the vLLM backend
+
+
+def _sha256(text: str | None) -> str:
+    return hashlib.sha256((text or "").encode()).hexdigest()
+
+
+def pick_backend(name: str) -> str:
+    if name != "auto":
+        return name
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return "transformers"
+    return "vllm"
+
+
+def make_backend(cfg: ExtractConfig, adapter: FamilyAdapter, pad_id: int):
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    backend = pick_backend(cfg.backend)
+    if backend == "transformers":
+        from genrecal_cache.backends.hf import HFBackend
+
+        return HFBackend(adapter, cfg.teacher, DTYPES[dtype], device, pad_id)
+    if backend == "vllm":
+        from genrecal_cache.backends.vllm import VLLMBackend
+
+        return VLLMBackend(adapter, cfg.teacher, dtype=dtype, max_len=cfg.max_len, **cfg.vllm)
+    raise ValueError(f"unknown backend {cfg.backend!r}: use 'transformers', 'vllm' or 'auto'")
+
+
+def _record(s: Sample, status: str = "ok", error: str | None = None) -> SampleRecord:
+    return SampleRecord(id=s.id, messages=s.messages, images=s.images, image_refs=s.image_refs,
+                        status=status, error=error, extra=getattr(s, "extra", {}) or {})
+
+
+def _encode_all(samples: Iterator[Sample], adapter: FamilyAdapter, processor, max_len: int
+                ) -> Iterator[tuple[Sample, Encoded | None, str | None]]:
+    for s in samples:
+        if s.error:
+            yield s, None, s.error
+            continue
+        try:
+            images = [decode_image(b) for b in s.images]
+            yield s, adapter.encode(processor, s, images, max_len), None
+        except (ImageError, EncodeError) as e:
+            yield s, None, f"sample {s.id!r}: {e}"
+
+
+def extract(cfg: ExtractConfig) -> Manifest:
+    """Run the teacher over `cfg.data` once and write a verified cache to `cfg.out`."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.teacher)
+    adapter = adapter_for(config)
+    processor = adapter.load_processor(cfg.teacher)
+    tokenizer = processor.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    backend = make_backend(cfg, adapter, pad_id)
+    head = backend.head
+    writer = CacheWriter(
+        cfg.out,
+        hidden_size=head.hidden_size,
+        vocab_size=head.vocab_size,
+        topk=cfg.topk,
+        hidden_dtype=cfg.hidden_dtype,
+        teacher={"id": cfg.teacher, "revision": getattr(config, "_commit_hash", None) or "local",
+                 "config_sha256": _sha256(config.to_json_string()), "model_type": config.model_type,
+                 "backend": backend.name},
+        tokenizer_sha256=_sha256(tokenizer.backend_tokenizer.to_str()),
+        chat_template_sha256=_sha256(getattr(processor, "chat_template", None) or tokenizer.chat_template),
+        head=head,
+        command=" ".join(shlex.quote(a) for a in sys.argv),
+    )
+    n_ok = n_err = n_tok = 0
+    t0 = time.perf_counter()
+    bar = tqdm(desc="extract", unit="sample", disable=not cfg.progress, dynamic_ncols=True)
+
+    def run(batch: list[tuple[Sample, Encoded]]) -> None:
+        nonlocal n_ok, n_tok
+        hidden = backend.hidden_states([e for _, e in batch])
+        for (s, e), h in zip(batch, hidden):
+            ids, lps = head.topk_logprobs(h, cfg.topk)
+            writer.add(_record(s), SampleArrays(
+                token_ids=e.input_ids.to(torch.int32).numpy(),
+                answer_mask=e.answer_mask.numpy(),
+                hidden=h.float().cpu(),
+                topk_ids=ids.cpu().numpy(),
+                topk_logprobs=lps.cpu().numpy(),
+            ))
+            n_ok += 1
+            n_tok += int(e.input_ids.shape[0])
+        elapsed = time.perf_counter() - t0
+        bar.update(len(batch))
+        bar.set_postfix(ok=n_ok, err=n_err, tok_s=f"{n_tok / max(elapsed, 1e-9):.0f}")
+
+    try:
+        batch: list[tuple[Sample, Encoded]] = []
+        longest = 0
+        samples = read_samples(cfg.data, limit=cfg.limit, image_root=cfg.image_root)
+        for s, enc, err in _encode_all(samples, adapter, processor, cfg.max_len):
+            if err is not None:
+                writer.add(_record(s, "error", err), None)
+                n_err += 1
+                bar.update(1)
+                continue
+            n = int(enc.input_ids.shape[0])
+            # Budget counts padded tokens: the batch costs len(batch) * longest positions.
+            if batch and (len(batch) + 1) * max(longest, n) > cfg.batch_tokens:
+                run(batch)
+                batch, longest = [], 0
+            batch.append((s, enc))
+            longest = max(longest, n)
+        if batch:
+            run(batch)
+        manifest = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        backend.close()
+    return manifest

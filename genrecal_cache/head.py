@@ -1,0 +1,109 @@
+"""The teacher's language head (final norm + lm_head), exported once into the cache.
+
+Cached hidden states are *post*-norm, so the teacher's own distribution is `lm_head(h)`.
+Anything produced by a student-side module (the Recalibrator) is pre-norm and goes through
+`lm_head(final_norm(x))`, which keeps the head exactly the teacher's, frozen.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class HeadConfig:
+    hidden_size: int
+    vocab_size: int
+    norm_type: str = "rms"  # "rms" | "layer"
+    norm_eps: float = 1e-6
+    logit_scale: float = 1.0  # multiplied into the logits (some families scale them)
+    logit_softcap: float | None = None  # tanh soft-capping (Gemma-style); None = off
+
+
+class TeacherHead(torch.nn.Module):
+    """Frozen final norm + lm_head. Gradients flow through it to its inputs, never into it."""
+
+    def __init__(self, config: HeadConfig, norm_weight: torch.Tensor, lm_head_weight: torch.Tensor,
+                 norm_bias: torch.Tensor | None = None):
+        super().__init__()
+        if lm_head_weight.shape != (config.vocab_size, config.hidden_size):
+            raise ValueError(f"lm_head weight has shape {tuple(lm_head_weight.shape)}, expected "
+                             f"({config.vocab_size}, {config.hidden_size}) from the head config")
+        self.config = config
+        self.register_buffer("norm_weight", norm_weight.detach().clone())
+        self.register_buffer("norm_bias", None if norm_bias is None else norm_bias.detach().clone())
+        self.register_buffer("lm_head_weight", lm_head_weight.detach().clone())
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        w = self.norm_weight
+        if c.norm_type == "rms":
+            xf = x.float()
+            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + c.norm_eps)
+            return (w.float() * y).to(x.dtype)
+        if c.norm_type == "layer":
+            b = self.norm_bias
+            return F.layer_norm(x, (c.hidden_size,), w.to(x.dtype), None if b is None else b.to(x.dtype), c.norm_eps)
+        raise ValueError(f"unknown norm_type {c.norm_type!r} in teacher head config (expected 'rms' or 'layer')")
+
+    def logits(self, h: torch.Tensor, post_norm: bool = True) -> torch.Tensor:
+        """Full-vocabulary logits. `post_norm=True` for cached teacher states, False for pre-norm inputs."""
+        x = h if post_norm else self.final_norm(h)
+        out = F.linear(x, self.lm_head_weight.to(x.dtype))
+        if self.config.logit_scale != 1.0:
+            out = out * self.config.logit_scale
+        if self.config.logit_softcap:
+            cap = self.config.logit_softcap
+            out = torch.tanh(out / cap) * cap
+        return out
+
+    @torch.no_grad()
+    def topk_logprobs(self, h: torch.Tensor, k: int, chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (ids int32, logprobs float32) per row of post-norm `h` [T, d].
+
+        Works in chunks of tokens so a [T, 152k] logits tensor never exists at once.
+        """
+        ids, lps = [], []
+        for start in range(0, h.shape[0], chunk_tokens):
+            logits = self.logits(h[start:start + chunk_tokens].to(self.lm_head_weight.dtype)).float()
+            logp = torch.log_softmax(logits, dim=-1)
+            v, i = torch.topk(logp, k, dim=-1)
+            ids.append(i.to(torch.int32))
+            lps.append(v)
+        if not ids:
+            return (torch.empty(0, k, dtype=torch.int32, device=h.device),
+                    torch.empty(0, k, dtype=torch.float32, device=h.device))
+        return torch.cat(ids), torch.cat(lps)
+
+    def save(self, path: str) -> None:
+        tensors = {"norm.weight": self.norm_weight, "lm_head.weight": self.lm_head_weight}
+        if self.norm_bias is not None:
+            tensors["norm.bias"] = self.norm_bias
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, path, metadata={"genrecal_head_config": json.dumps(asdict(self.config))})
+
+    @classmethod
+    def load(cls, path: str, device: str | torch.device = "cpu") -> "TeacherHead":
+        """Load from a local `teacher_head.safetensors` (safetensors only: no code runs on load)."""
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+        if "genrecal_head_config" not in meta:
+            raise ValueError(f"{path}: not a genrecal teacher head (metadata 'genrecal_head_config' missing)")
+        cfg = HeadConfig(**json.loads(meta["genrecal_head_config"]))
+        t = load_file(path, device=str(device))
+        return cls(cfg, t["norm.weight"], t["lm_head.weight"], t.get("norm.bias"))
