@@ -1,0 +1,314 @@
+"""Training samples: one conversation plus its images, read from LLaVA-style JSONL or Parquet.
+
+Input formats (chosen by file suffix):
+
+* ``.jsonl`` / ``.ndjson`` -- one JSON object per line, LLaVA style::
+
+      {"id": "42", "image": "images/42.png",            # or a list of paths, or absent
+       "conversations": [{"from": "human", "value": "<image>\\nWhat colour is it?"},
+                         {"from": "gpt",   "value": "red"}]}
+
+  Multi-turn conversations are allowed. ``"<image>"`` marks where each image goes (in user
+  turns only); if a sample has images but no marker, the markers are prepended to the first
+  user turn, as LLaVA does. Image paths are resolved against ``image_root`` (default: the
+  JSONL's folder) and may not point outside it. Extra keys (e.g. ``"qtype"``) are ignored.
+* ``.json`` -- the same objects in one JSON array (LLaVA's own release format).
+* ``.parquet`` -- one row per sample, images embedded so the file is self-contained:
+
+  =============  ==================================================================
+  column         type
+  =============  ==================================================================
+  id             string (optional; ``row-<n>`` is used when absent or null)
+  conversations  string holding the JSON list above, or list<struct<from, value>>
+  images         list<binary> of encoded image files (PNG/JPEG/...), in marker order;
+                 list<struct<bytes: binary, path: string>> (Hugging Face ``Image``
+                 feature) is accepted too; the column may be absent (text only)
+  =============  ==================================================================
+
+Roles are normalised: ``human``/``user`` -> ``user``, ``gpt``/``assistant`` -> ``assistant``,
+``system`` -> ``system``; both ``from``/``value`` and ``role``/``content`` keys are accepted.
+
+Bad input never raises out of the iterator: a malformed line, wrong field types, a missing,
+escaping or undecodable image, an empty answer, or a marker/image count mismatch yields a
+``Sample`` whose ``error`` names the sample, the file and the problem, so an extraction run can
+record it and go on. Problems with the file itself (missing, unknown format) raise at once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_MARKER = "<image>"
+# 64 MP: far above any VLM's input resolution, far below what can exhaust a worker's memory.
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+
+
+@dataclass
+class Sample:
+    id: str
+    messages: list[dict]  # [{"role": "user"|"assistant"|"system", "content": str}], "<image>" marks images
+    images: list[bytes]  # encoded image files, in <image> order
+    image_refs: list[str]  # where they came from (paths), for provenance; [] when embedded
+    error: str | None = None  # set when the input itself is bad (missing/corrupt image, empty answer...)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: empty, corrupt, truncated or too large."""
+
+
+class _BadSample(Exception):
+    """Internal: aborts building one sample; its message becomes `Sample.error`."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an encoded image file into a fully loaded RGB PIL image.
+
+    Raises `ImageError` for zero-byte, unrecognised, corrupt or truncated data and for images
+    with more than `max_pixels` pixels (checked from the header, before decoding the pixels).
+    """
+    if not data:
+        raise ImageError("image data is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and later errors) on huge images itself; our own limit below is the rule.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} "
+                                 f"(raise max_pixels or downscale the image)")
+            img.load()  # decode now: truncation and corrupt data only show up here
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"not a recognised image format ({len(data)} bytes)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image too large: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL reports corrupt/truncated data with these
+        raise ImageError(f"corrupt or truncated image ({len(data)} bytes): {e}") from None
+    if w == 0 or h == 0:
+        raise ImageError(f"image has zero size ({w}x{h})")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def read_samples(path: str | Path, limit: int | None = None, image_root: str | Path | None = None,
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Sample]:
+    """Iterate the samples of a JSONL, JSON or Parquet file (see the module docstring).
+
+    `limit` caps the number of samples yielded (error samples included). Every image is decoded
+    once while reading so a bad image is reported on its sample, not later on a GPU worker.
+    Raises `FileNotFoundError` / `ValueError` right away for a missing file or unknown format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in _JSONL_SUFFIXES or suffix == ".json":
+        root = Path(image_root) if image_root is not None else path.parent
+        if not root.is_dir():
+            raise FileNotFoundError(f"image_root {root} is not a directory (needed to resolve the image "
+                                    f"paths in {path}; pass image_root=...)")
+        records = _jsonl_records(path) if suffix in _JSONL_SUFFIXES else _json_array_records(path)
+        samples = (_sample_from_record(rec, where, path, root.resolve(), max_image_pixels)
+                   for where, rec in records)
+    elif suffix == ".parquet":
+        samples = _parquet_samples(path, max_image_pixels)
+    else:
+        raise ValueError(f"{path}: unknown dataset format {suffix!r}; use .jsonl, .ndjson, .json or .parquet")
+    return _take(samples, limit)
+
+
+def _take(samples: Iterable[Sample], limit: int | None) -> Iterator[Sample]:
+    for i, s in enumerate(samples):
+        if limit is not None and i >= limit:
+            return
+        yield s
+
+
+# --- JSON / JSONL ------------------------------------------------------------------------------
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, parsed object or the parse error) per non-blank line; `where` is `line-<n>`."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield f"line-{n}", json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield f"line-{n}", _BadSample(f"malformed JSON: {e}")
+
+
+def _json_array_records(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); a .json dataset must be one JSON array") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: a .json dataset must be a JSON array of samples, got {type(data).__name__}")
+    for n, rec in enumerate(data):
+        yield f"item-{n}", rec
+
+
+def _sample_from_record(rec: Any, where: str, path: Path, root: Path, max_pixels: int) -> Sample:
+    sid = where
+    refs: list[str] = []
+    try:
+        if isinstance(rec, _BadSample):
+            raise rec
+        if not isinstance(rec, dict):
+            raise _BadSample(f"expected a JSON object, got {type(rec).__name__}")
+        sid = _sample_id(rec.get("id"), where)
+        refs = _image_refs(rec.get("image", rec.get("images")))
+        images = [_read_image_file(ref, root) for ref in refs]
+        return _build(sid, rec.get("conversations"), images, refs, max_pixels)
+    except _BadSample as e:
+        return Sample(sid, [], [], refs, error=f"sample {sid!r} ({path}, {where}): {e}")
+
+
+def _image_refs(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise _BadSample(f"'image' must be a path or a list of paths, got {_describe(value)}")
+
+
+def _read_image_file(ref: str, root: Path) -> bytes:
+    target = (root / ref).resolve()  # resolve() also follows symlinks, so links cannot escape either
+    if not target.is_relative_to(root):
+        raise _BadSample(f"image path {ref!r} points outside the image root {root}; "
+                         f"keep images under the image root or pass a wider image_root")
+    if not target.is_file():
+        raise _BadSample(f"image file not found: {target} (from {ref!r}, resolved against image_root={root}; "
+                         f"fix the path or pass image_root=...)")
+    try:
+        return target.read_bytes()
+    except OSError as e:
+        raise _BadSample(f"cannot read image file {target}: {e}") from None
+
+
+# --- Parquet -----------------------------------------------------------------------------------
+
+def _parquet_samples(path: Path, max_pixels: int) -> Iterator[Sample]:
+    import pyarrow.parquet as pq  # only Parquet users pay for the import
+
+    pf = pq.ParquetFile(path)
+    names = set(pf.schema_arrow.names)
+    if "conversations" not in names:
+        raise ValueError(f"{path}: Parquet dataset has no 'conversations' column (columns: {sorted(names)}); "
+                         f"see genrecal_cache.data for the schema")
+    columns = [c for c in ("id", "conversations", "images") if c in names]
+    n = 0
+    for batch in pf.iter_batches(batch_size=256, columns=columns):  # bounded memory for big files
+        for row in batch.to_pylist():
+            where = f"row-{n}"
+            n += 1
+            sid = where
+            try:
+                sid = _sample_id(row.get("id"), where)
+                convs = row["conversations"]
+                if isinstance(convs, (str, bytes)):
+                    try:
+                        convs = json.loads(convs)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                        raise _BadSample(f"'conversations' is not valid JSON: {e}") from None
+                images, refs = _embedded_images(row.get("images"))
+                yield _build(sid, convs, images, refs, max_pixels)
+            except _BadSample as e:
+                yield Sample(sid, [], [], [], error=f"sample {sid!r} ({path}, {where}): {e}")
+
+
+def _embedded_images(value: Any) -> tuple[list[bytes], list[str]]:
+    if value is None:
+        return [], []
+    if not isinstance(value, list):
+        raise _BadSample(f"'images' must be a list of encoded images, got {_describe(value)}")
+    images, refs = [], []
+    for i, item in enumerate(value):
+        if isinstance(item, dict):  # Hugging Face datasets' Image feature: {"bytes", "path"}
+            data, ref = item.get("bytes"), item.get("path")
+            if ref:
+                refs.append(str(ref))
+        else:
+            data = item
+        if not isinstance(data, (bytes, bytearray)):
+            raise _BadSample(f"images[{i}] is {_describe(data)}, expected encoded image bytes")
+        images.append(bytes(data))
+    return images, refs if len(refs) == len(images) else []
+
+
+# --- shared validation -------------------------------------------------------------------------
+
+def _sample_id(value: Any, where: str) -> str:
+    if value is None or value == "":
+        return where
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _BadSample(f"'id' must be a string or an integer, got {_describe(value)}")
+    return str(value)
+
+
+def _build(sid: str, conversations: Any, images: list[bytes], refs: list[str], max_pixels: int) -> Sample:
+    """Validate and normalise one conversation; raises `_BadSample` on any problem."""
+    messages = _messages(conversations)
+    n_markers = sum(m["content"].count(IMAGE_MARKER) for m in messages if m["role"] == "user")
+    if any(IMAGE_MARKER in m["content"] for m in messages if m["role"] != "user"):
+        raise _BadSample(f"'{IMAGE_MARKER}' appears outside a user turn; images can only be in user turns")
+    if images and n_markers == 0:
+        first_user = next(m for m in messages if m["role"] == "user")
+        first_user["content"] = f"{IMAGE_MARKER}\n" * len(images) + first_user["content"]
+    elif n_markers != len(images):
+        raise _BadSample(f"{n_markers} '{IMAGE_MARKER}' marker(s) in the conversation but {len(images)} "
+                         f"image(s); every image needs exactly one marker")
+    for i, data in enumerate(images):
+        try:
+            decode_image(data, max_pixels=max_pixels)
+        except ImageError as e:
+            label = refs[i] if i < len(refs) else f"images[{i}]"
+            raise _BadSample(f"image {label}: {e}") from None
+    return Sample(sid, messages, images, refs)
+
+
+def _messages(conversations: Any) -> list[dict]:
+    if not isinstance(conversations, list) or not conversations:
+        raise _BadSample(f"'conversations' must be a non-empty list of turns, got {_describe(conversations)}")
+    messages = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict):
+            raise _BadSample(f"turn {i} must be an object with 'from' and 'value', got {_describe(turn)}")
+        who = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content"))
+        role = _ROLES.get(who.lower()) if isinstance(who, str) else None
+        if role is None:
+            raise _BadSample(f"turn {i} has speaker {who!r}; expected one of {sorted(_ROLES)}")
+        if not isinstance(text, str):
+            raise _BadSample(f"turn {i} ({role}) text must be a string, got {_describe(text)}")
+        if role == "assistant" and not text.strip():
+            raise _BadSample(f"turn {i} is an empty assistant answer; there is nothing to learn from it")
+        messages.append({"role": role, "content": text})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _BadSample("conversation has no assistant turn; there is no answer to distil")
+    if not any(m["role"] == "user" for m in messages):
+        raise _BadSample("conversation has no user turn")
+    return messages
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_MARKER", "ImageError", "Sample", "decode_image", "read_samples"]

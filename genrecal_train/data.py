@@ -1,0 +1,155 @@
+"""Streaming training data: cached teacher features + the student's own encoding of the same sample.
+
+The student's inputs are rebuilt from the conversation and images stored in the cache with the
+student's processor and chat template; the teacher side comes straight from the cache. A
+background thread prepares batches ahead (bounded queue), so the trainer rarely waits.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from genrecal_cache.backends.hf import collate as collate_inputs
+from genrecal_cache.data import Sample, decode_image
+from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter
+from genrecal_cache.reader import CachedSample, TeacherCache
+
+
+def spans(mask: np.ndarray | torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) runs of True in a 1-D mask."""
+    m = np.asarray(mask, dtype=bool)
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], m, [False]]).astype(np.int8)))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+@dataclass
+class Example:
+    index: int  # sample index in the cache
+    student: Encoded
+    student_labels: torch.Tensor  # [Ls] int64: answer tokens and the token closing each answer; -100 elsewhere
+    student_spans: list[tuple[int, int]]  # answer content spans in student tokens, one per assistant turn
+    teacher_hidden: torch.Tensor  # [Lt, dt] float32, post-norm
+    teacher_ids: torch.Tensor  # [Lt] int64
+    teacher_spans: list[tuple[int, int]]  # answer spans in teacher tokens, same turns as student_spans
+
+
+@dataclass
+class Batch:
+    examples: list[Example]
+    student_inputs: dict[str, torch.Tensor]  # padded ids, attention mask, pixel values...
+    student_labels: torch.Tensor  # [B, Ls] padded with -100
+    position: int  # samples of this stream consumed once this batch is done (resume point)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.student_inputs["attention_mask"].sum()) + sum(int(e.teacher_ids.shape[0]) for e in self.examples)
+
+
+def make_example(s: CachedSample, adapter: FamilyAdapter, processor, max_len: int) -> Example:
+    """Encode one cached sample for the student. Raises EncodeError/ValueError for unusable samples."""
+    sample = Sample(id=s.id, messages=s.messages, images=s.images, image_refs=[])
+    enc = adapter.encode(processor, sample, [decode_image(b) for b in s.images], max_len)
+    s_spans, t_spans = spans(enc.answer_mask), spans(s.answer_mask)
+    if len(s_spans) != len(t_spans):
+        raise EncodeError(f"sample {s.id!r}: {len(t_spans)} answer turns in the teacher tokens but "
+                          f"{len(s_spans)} in the student's: the chat templates disagree on the answers")
+    if t_spans and t_spans[0][0] == 0:
+        raise EncodeError(f"sample {s.id!r}: the teacher answer starts at token 0, nothing predicts it")
+    labels = torch.full_like(enc.input_ids, -100)
+    n = enc.input_ids.shape[0]
+    for a, b in s_spans:
+        end = min(b + 1, n)  # the token that closes the answer teaches the student to stop
+        labels[a:end] = enc.input_ids[a:end]
+    return Example(index=s.index, student=enc, student_labels=labels, student_spans=s_spans,
+                   teacher_hidden=torch.from_numpy(np.asarray(s.hidden, dtype=np.float32)),
+                   teacher_ids=torch.from_numpy(np.asarray(s.token_ids, dtype=np.int64)), teacher_spans=t_spans)
+
+
+def collate(examples: list[Example], pad_id: int, position: int) -> Batch:
+    inputs = collate_inputs([e.student for e in examples], pad_id)
+    labels = torch.full(inputs["input_ids"].shape, -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        labels[i, : e.student_labels.shape[0]] = e.student_labels
+    return Batch(examples, inputs, labels, position)
+
+
+class CacheStream:
+    """Deterministic, resumable, rank-sharded stream of batches over a cache, prefetched in a thread.
+
+    The order is a function of (seed, epoch, rank, world_size) only; `position` counts samples of
+    this rank's stream (across epochs), so a restarted run that starts at a checkpoint's position
+    sees exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, cache: TeacherCache, adapter: FamilyAdapter, processor, *, batch_size: int, max_len: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, prefetch: int = 8):
+        self.cache, self.adapter, self.processor = cache, adapter, processor
+        self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
+        self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
+        tok = processor.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.per_epoch = len(cache.ok_indices(rank=rank, world_size=world_size))
+        if self.per_epoch == 0:
+            raise ValueError(f"cache {cache.url}: no usable ('ok') samples for rank {rank} of {world_size}")
+        self.skipped = 0
+        self.wait_s = 0.0  # time the consumer spent waiting for data
+
+    def _examples(self, position: int) -> Iterator[tuple[int, Example | None]]:
+        epoch, offset = divmod(position, self.per_epoch)
+        while True:
+            it = self.cache.iter_samples(order="shuffled", seed=self.seed + epoch, rank=self.rank,
+                                         world_size=self.world_size, start=offset)
+            for s in it:
+                position += 1
+                try:
+                    yield position, make_example(s, self.adapter, self.processor, self.max_len)
+                except (EncodeError, ValueError) as e:
+                    self.skipped += 1
+                    warnings.warn(f"skipping cached sample {s.index} ({s.id!r}): {e}", stacklevel=2)
+                    yield position, None
+            epoch, offset = epoch + 1, 0
+
+    def batches(self, position: int = 0) -> Iterator[Batch]:
+        """Endless batches starting at `position`; stop consuming when you have enough."""
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                group: list[Example] = []
+                for pos, ex in self._examples(position):
+                    if stop.is_set():
+                        return
+                    if ex is not None:
+                        group.append(ex)
+                    if len(group) == self.batch_size:
+                        q.put(collate(group, self.pad_id, pos))
+                        group = []
+            except BaseException as e:  # surfaced in the consumer, never swallowed
+                q.put(e)
+
+        worker = threading.Thread(target=produce, daemon=True, name="genrecal-prefetch")
+        worker.start()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                item = q.get()
+                self.wait_s += time.perf_counter() - t0
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while worker.is_alive():  # unblock a producer stuck on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    worker.join(timeout=0.05)
