@@ -36,6 +36,7 @@ class TrainConfig:
     prefetch: int = 8  # batches prepared ahead by the background thread
     loss_chunk: int = 512  # tokens per chunk of full-vocabulary logits
     resume: bool = False
+    expect_teacher: str | None = None  # teacher folder/id the cache must have been extracted from
     device: str = "auto"
     log_every: int = 1
     skip_errors: bool = True  # cached samples with status 'error' are never used; this only silences the count

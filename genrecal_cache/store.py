@@ -1,0 +1,466 @@
+"""Write a teacher cache: Zarr v3 sharded feature arrays + streamed `samples.parquet` + manifest.
+
+Layout (spec: docs/cache-format.md)::
+
+    manifest.json               written last, atomically; its absence marks an incomplete cache
+    teacher_head.safetensors    TeacherHead.save
+    features.zarr/              token_ids [T] int32, answer_mask [T] bool, hidden [T, d] (bf16 bits
+                                as uint16, or float32), topk_ids [T, k] int32, topk_logprobs [T, k] f32
+    samples.parquet             one row per sample (offsets into the token axis, spans, inputs)
+
+Extraction calls `add` per sample; a background thread does the compression and I/O behind a
+bounded queue so the teacher forward never waits on the disk. Feature arrays are written one
+whole shard at a time (a shard-sized buffer per array), so no shard file is ever rewritten and
+each shard's sha256 is taken from the bytes as they are written, not by re-reading the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import hashlib
+import json
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+from zarr.core.buffer import Buffer
+from zarr.storage import LocalStore
+
+from . import __version__
+from .head import TeacherHead
+from .manifest import (
+    ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, ArraySpec, Counts, Manifest,
+    TeacherInfo, sha256_file,
+)
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+# Codec choice, measured on synthetic post-final-norm states (student-t per channel, lognormal
+# norm weights, 6 outlier channels; bf16), one 4 MiB chunk, one core, numcodecs 0.16 (numbers
+# and method in docs/cache-format.md):
+#   d=8192 bf16:  zstd-1 1.25x (165 MB/s enc, 285 dec) | zstd-9 1.25x (47 enc)
+#                 blosc-lz4 shuffle 1.05x | blosc-zstd-1 bitshuffle 1M 1.27x (346 enc, 754 dec)
+#                 blosc-zstd-1 shuffle auto-block 1.25x | 256 KiB blocks 1.41x (184 enc, 743 dec)
+#                 blosc-zstd-1 shuffle 1 MiB blocks 1.43x (206 enc, 1018 dec)  <- chosen
+#                 blosc-zstd-5 shuffle 1.38x but 20 MB/s enc (too slow for extraction)
+#   topk_ids int32:      zstd-1 1.44x, blosc-zstd-1 shuffle 1.69x, bitshuffle 1.76-1.80x  <- chosen
+#   topk_logprobs f32:   zstd-1 1.20x, blosc-zstd-1 shuffle 1.35x, bitshuffle 1.41-1.45x  <- chosen
+# Byte shuffle isolates the bf16 sign/exponent byte (compressible) from the mantissa byte (noise);
+# bigger blosc blocks give zstd's entropy coder enough of that byte stream to pay off.
+HIDDEN_CODEC = dict(cname="zstd", clevel=1, shuffle="shuffle", blocksize=1 << 20)
+SMALL_CODEC = dict(cname="zstd", clevel=1, shuffle="bitshuffle", blocksize=1 << 20)
+
+TARGET_CHUNK_BYTES = 4 << 20     # inner chunk: the unit of decompression and of partial reads
+TARGET_SHARD_BYTES = 128 << 20   # shard: one file; large enough to keep file counts low
+ROW_GROUP_ROWS = 256
+ROW_GROUP_IMAGE_BYTES = 64 << 20  # also cut a row group early so list<binary> offsets stay small
+
+
+class CacheWriteError(RuntimeError):
+    """Writing the cache failed (raised in the caller, also for failures in the writer thread)."""
+
+
+@dataclass
+class SampleRecord:
+    """One sample's row in samples.parquet: its inputs, provenance and extraction status."""
+    id: str
+    messages: list[dict]                   # [{"role": ..., "content": ...}], "<image>" marks images
+    images: list[bytes] = field(default_factory=list)
+    image_refs: list[str] = field(default_factory=list)
+    status: Literal["ok", "error"] = "ok"
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SampleArrays:
+    """One sample's teacher features in the teacher's tokenization (numpy or torch, any device)."""
+    token_ids: ArrayLike       # [L] integer
+    answer_mask: ArrayLike     # [L] bool: True on answer content tokens
+    hidden: ArrayLike          # [L, d] post-final-norm hidden states (float32/bf16/float16)
+    topk_ids: ArrayLike        # [L, k] integer
+    topk_logprobs: ArrayLike   # [L, k] float
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Token-axis chunking of every array. All arrays share `shard_tokens`, so shard s holds
+    tokens [s*S, (s+1)*S) in every array and a reader needs one shard per array per range."""
+    shard_tokens: int
+    chunk_tokens: dict[str, int]
+
+
+def plan_layout(hidden_size: int, topk: int, hidden_dtype: str, *, shard_tokens: int | None = None,
+                chunk_tokens: int | None = None) -> Layout:
+    """Shard/chunk lengths (tokens) from the bytes per token of `hidden`, which dominates the cache.
+
+    Default: powers of two with hidden inner chunks <= 4 MiB and shards <= 128 MiB (d=8192 bf16:
+    256-token chunks, 8192-token shards; d=3584 bf16: 512 / 16384). Smaller arrays get the
+    largest inner chunk <= 4 MiB that divides the shard (often the whole shard).
+    """
+    row = {"token_ids": 4, "answer_mask": 1, "hidden": hidden_size * (2 if hidden_dtype == "bfloat16" else 4),
+           "topk_ids": 4 * topk, "topk_logprobs": 4 * topk}
+    pow2_floor = lambda n: 1 << max(0, int(n).bit_length() - 1)  # noqa: E731
+    if chunk_tokens is None:
+        chunk_tokens = pow2_floor(max(1, TARGET_CHUNK_BYTES // row["hidden"]))
+        if shard_tokens is not None:  # must divide the requested shard: largest divisor not above it
+            chunk_tokens = max(c for c in range(1, min(chunk_tokens, shard_tokens) + 1) if shard_tokens % c == 0)
+    if shard_tokens is None:
+        shard_tokens = chunk_tokens * pow2_floor(max(1, TARGET_SHARD_BYTES // (chunk_tokens * row["hidden"])))
+    if chunk_tokens < 1 or shard_tokens < 1 or shard_tokens % chunk_tokens:
+        raise ValueError(f"shard_tokens ({shard_tokens}) must be a positive multiple of chunk_tokens ({chunk_tokens})")
+    chunks = {}
+    for name in ARRAY_NAMES:
+        n = shard_tokens // chunk_tokens
+        # multiples of the hidden chunk that divide the shard, largest within the byte budget
+        fits = [chunk_tokens * j for j in range(1, n + 1) if n % j == 0 and chunk_tokens * j * row[name] <= TARGET_CHUNK_BYTES]
+        chunks[name] = chunk_tokens if name == "hidden" else max(fits, default=chunk_tokens)
+    return Layout(shard_tokens, chunks)
+
+
+class _HashingLocalStore(LocalStore):
+    """LocalStore that records the sha256 of every value it writes (zarr writes atomically, so the
+    last recorded digest is the file's) and refuses to write any shard file twice."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.digests: dict[str, str] = {}
+
+    async def _set(self, key: str, value: Buffer, exclusive: bool = False) -> None:
+        if key in self.digests and not key.endswith("zarr.json"):
+            raise CacheWriteError(f"{FEATURES_NAME}/{key} would be rewritten; shard writes must be "
+                                  f"shard-aligned (this is a bug in genrecal_cache.store)")
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(value.as_buffer_like()).hexdigest())
+        await super()._set(key, value, exclusive=exclusive)
+        self.digests[key] = digest
+
+
+_STOP = object()
+
+
+class CacheWriter:
+    """Streams samples into a new cache directory. Use `add` per sample, then `close`.
+
+    `add` returns as soon as the sample is validated and queued; the writer thread compresses
+    and writes. A failure in that thread is raised (as CacheWriteError) by the next `add`/`close`.
+    As a context manager, an exception inside the block abandons the cache (no manifest).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, hidden_size: int, vocab_size: int, topk: int,
+                 hidden_dtype: Literal["bfloat16", "float32"] = "bfloat16", teacher: dict[str, Any],
+                 tokenizer_sha256: str, chat_template_sha256: str | None, head: TeacherHead, command: str,
+                 shard_tokens: int | None = None, chunk_tokens: int | None = None, embed_images: bool = True,
+                 queue_size: int = 16, extra: dict[str, Any] | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        if hidden_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"hidden_dtype must be 'bfloat16' or 'float32', got {hidden_dtype!r}")
+        if topk < 1 or hidden_size < 1 or vocab_size < 1:
+            raise ValueError(f"hidden_size, vocab_size and topk must be >= 1 (got {hidden_size}, {vocab_size}, {topk})")
+        if (head.hidden_size, head.vocab_size) != (hidden_size, vocab_size):
+            raise ValueError(f"teacher head is [{head.vocab_size}, {head.hidden_size}] (vocab, hidden) but the cache "
+                             f"is declared with vocab_size={vocab_size}, hidden_size={hidden_size}")
+        try:
+            self._teacher = TeacherInfo(**teacher)
+        except TypeError as e:
+            raise ValueError(f"teacher must have exactly the keys id, revision, config_sha256, model_type: {e}") from e
+        if self.out_dir.exists() and any(self.out_dir.iterdir()):
+            state = "a complete cache" if (self.out_dir / MANIFEST_NAME).exists() else "files of an unfinished run"
+            raise CacheWriteError(f"{self.out_dir} already holds {state}; choose a new directory or delete it first")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+        self.hidden_size, self.vocab_size, self.topk = hidden_size, vocab_size, topk
+        self.hidden_dtype, self.embed_images = hidden_dtype, embed_images
+        self._meta = dict(command=command, tokenizer_sha256=tokenizer_sha256,
+                          chat_template_sha256=chat_template_sha256, extra=dict(extra or {}))
+        self.layout = plan_layout(hidden_size, topk, hidden_dtype, shard_tokens=shard_tokens, chunk_tokens=chunk_tokens)
+        head.save(str(self.out_dir / HEAD_NAME))
+
+        self._store = _HashingLocalStore(self.out_dir / FEATURES_NAME)
+        group = zarr.open_group(self._store, mode="w", zarr_format=3)
+        S = self.layout.shard_tokens
+        self._specs: dict[str, ArraySpec] = {}
+        self._arrays: dict[str, zarr.Array] = {}
+        self._buf: dict[str, np.ndarray] = {}
+        stored = {"token_ids": ("int32", []), "answer_mask": ("bool", []),
+                  "hidden": ("uint16" if hidden_dtype == "bfloat16" else "float32", [hidden_size]),
+                  "topk_ids": ("int32", [topk]), "topk_logprobs": ("float32", [topk])}
+        for name in ARRAY_NAMES:
+            dtype, tail = stored[name]
+            codec = HIDDEN_CODEC if name == "hidden" else SMALL_CODEC
+            c = self.layout.chunk_tokens[name]
+            self._arrays[name] = group.create_array(
+                name, shape=(0, *tail), dtype=dtype, chunks=(c, *tail), shards=(S, *tail),
+                compressors=BloscCodec(typesize=np.dtype(dtype).itemsize, **codec), fill_value=0,
+                dimension_names=("token", *(["hidden"] if name == "hidden" else ["k"] if tail else [])),
+                attributes={"genrecal_encoding": "bfloat16"} if (name == "hidden" and hidden_dtype == "bfloat16") else {},
+                # every shard file exists even when all-zero (e.g. an answer_mask shard without answers),
+                # so the set of files is a function of T alone and a missing one is always a fault
+                config={"write_empty_chunks": True})
+            self._buf[name] = np.zeros((S, *tail), dtype=dtype)
+            logical = "bfloat16" if (name == "hidden" and hidden_dtype == "bfloat16") else dtype
+            self._specs[name] = ArraySpec(
+                dtype=logical, stored_dtype=dtype, shape_tail=list(tail), chunk_tokens=c, shard_tokens=S,
+                codec=f"sharding_indexed(chunk={c}; bytes(little), blosc({codec['cname']}, clevel={codec['clevel']}, "
+                      f"{codec['shuffle']}, blocksize={codec['blocksize']}); index: bytes, crc32c)")
+
+        self._parquet_tmp = self.out_dir / (SAMPLES_NAME + ".tmp")
+        self._pq = pq.ParquetWriter(str(self._parquet_tmp), SAMPLES_SCHEMA, compression="zstd")
+        self._rows: list[dict[str, Any]] = []
+        self._row_image_bytes = 0
+
+        # caller-side state (add / close)
+        self._ids: set[str] = set()
+        self._n_rows = 0
+        self._closed = False
+        # writer-thread state
+        self._filled = 0        # tokens in the shard buffers
+        self._written = 0       # tokens written to zarr (multiple of S until close)
+        self._counts = Counts(samples=0, ok=0, error=0, tokens=0, answer_tokens=0)
+        self._error: tuple[str | None, BaseException] | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self._thread = threading.Thread(target=self._run, name=f"CacheWriter({self.out_dir.name})", daemon=True)
+        self._thread.start()
+
+    # ---- caller side -------------------------------------------------------------------------
+    def add(self, row: SampleRecord, arrays: SampleArrays | None) -> None:
+        """Validate and queue one sample. Blocks only while the queue is full."""
+        self._raise_if_failed()
+        if self._closed:
+            raise CacheWriteError(f"{self.out_dir}: add() after close()")
+        sid = row.id
+        if not isinstance(sid, str) or not sid:
+            raise ValueError(f"sample id must be a non-empty string, got {sid!r}")
+        if sid in self._ids:
+            raise ValueError(f"sample {sid!r}: duplicate id; ids must be unique within a cache")
+        if row.status == "ok":
+            if arrays is None:
+                raise ValueError(f"sample {sid!r}: status 'ok' needs arrays (pass status='error' with a reason instead)")
+            if row.error is not None:
+                raise ValueError(f"sample {sid!r}: status 'ok' must have error=None, got {row.error!r}")
+            prepared = self._prepare(sid, arrays)
+        elif row.status == "error":
+            if arrays is not None:
+                raise ValueError(f"sample {sid!r}: an error row carries no arrays (got some); drop them or mark it 'ok'")
+            if not row.error:
+                raise ValueError(f"sample {sid!r}: status 'error' needs an error message saying what went wrong")
+            prepared = None
+        else:
+            raise ValueError(f"sample {sid!r}: status must be 'ok' or 'error', got {row.status!r}")
+        if row.images and not self.embed_images and len(row.image_refs) != len(row.images):
+            raise ValueError(f"sample {sid!r}: embed_images=False but it has {len(row.images)} image(s) and "
+                             f"{len(row.image_refs)} image_refs; the cache would lose its inputs")
+        try:  # fail here, naming the sample, rather than in the writer thread
+            messages = json.dumps(row.messages, ensure_ascii=False)
+            extra = json.dumps(row.extra, ensure_ascii=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"sample {sid!r}: messages/extra must be JSON-serialisable: {e}") from e
+        self._ids.add(sid)
+        parquet_row = dict(index=self._n_rows, id=sid, status=row.status, error=row.error, messages=messages,
+                           images=[bytes(b) for b in row.images] if self.embed_images else [],
+                           image_refs=list(row.image_refs), extra=extra)
+        self._n_rows += 1
+        while True:  # a bounded put that still notices a writer that died while we wait
+            try:
+                self._queue.put((parquet_row, prepared), timeout=0.5)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+
+    def close(self) -> Manifest:
+        """Flush everything, write checksums and the manifest (last, atomically). Returns the manifest."""
+        if self._closed:
+            raise CacheWriteError(f"{self.out_dir}: close() called twice")
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join()
+        self._raise_if_failed()
+        try:
+            self._flush_shards(final=True)
+            self._flush_rows()
+            self._pq.close()
+            os.replace(self._parquet_tmp, self.out_dir / SAMPLES_NAME)
+            manifest = Manifest(
+                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                tool_version=__version__, teacher=self._teacher, hidden_size=self.hidden_size,
+                vocab_size=self.vocab_size, topk=self.topk, arrays=self._specs, counts=self._counts,
+                checksums=self._checksums(), **self._meta)
+            _atomic_write(self.out_dir / MANIFEST_NAME, manifest.to_json().encode())
+        except Exception as e:
+            raise CacheWriteError(f"{self.out_dir}: finishing the cache failed ({type(e).__name__}: {e}); "
+                                  f"it has no manifest and is incomplete") from e
+        return manifest
+
+    def abort(self) -> None:
+        """Stop the writer thread and leave the directory without a manifest (incomplete)."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._pq.close()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            sid, e = self._error
+            where = f"sample {sid!r}" if sid is not None else "finishing"
+            raise CacheWriteError(f"{self.out_dir}: the writer thread failed at {where}: {type(e).__name__}: {e}") from e
+
+    def _prepare(self, sid: str, a: SampleArrays) -> dict[str, np.ndarray]:
+        """Check shapes/ranges and copy to owned CPU numpy arrays in the stored dtypes."""
+        tok = _as_int32(a.token_ids, sid, "token_ids", self.vocab_size)
+        L = tok.shape[0] if tok.ndim == 1 else -1
+        if L < 1:
+            raise ValueError(f"sample {sid!r}: token_ids must be a non-empty 1-D array, got shape {tok.shape}")
+        mask = _to_numpy(a.answer_mask)
+        if mask.dtype != np.bool_:
+            if not (np.issubdtype(mask.dtype, np.integer) and np.isin(mask, (0, 1)).all()):
+                raise ValueError(f"sample {sid!r}: answer_mask must be bool (or 0/1 integers), got {mask.dtype}")
+            mask = mask.astype(np.bool_)
+        ids, lps = _as_int32(a.topk_ids, sid, "topk_ids", self.vocab_size), _to_numpy(a.topk_logprobs).astype(np.float32)
+        hidden = self._hidden_bits(a.hidden, sid)
+        for name, arr, shape in (("answer_mask", mask, (L,)), ("hidden", hidden, (L, self.hidden_size)),
+                                 ("topk_ids", ids, (L, self.topk)), ("topk_logprobs", lps, (L, self.topk))):
+            if arr.shape != shape:
+                raise ValueError(f"sample {sid!r}: {name} has shape {tuple(arr.shape)}, expected {shape} "
+                                 f"(L={L} tokens, hidden_size={self.hidden_size}, topk={self.topk})")
+        return {"token_ids": np.array(tok, copy=True), "answer_mask": np.array(mask, copy=True),
+                "hidden": hidden, "topk_ids": np.array(ids, copy=True), "topk_logprobs": np.array(lps, copy=True)}
+
+    def _hidden_bits(self, h: ArrayLike, sid: str) -> np.ndarray:
+        """hidden -> owned numpy in the stored dtype. bf16 uses torch's cast (round to nearest even),
+        done on the tensor's own device so a GPU batch crosses to the host at half size."""
+        t = h.detach() if isinstance(h, torch.Tensor) else torch.from_numpy(np.asarray(h))
+        if not t.is_floating_point():
+            raise ValueError(f"sample {sid!r}: hidden must be floating point, got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"sample {sid!r}: hidden contains NaN or inf; the teacher forward is broken for it "
+                             f"(record it with status='error')")
+        if self.hidden_dtype == "bfloat16":
+            return t.to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16).copy()
+        return t.to(torch.float32).cpu().numpy().copy()
+
+    # ---- writer thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not _STOP:
+            if self._error is not None:
+                continue  # keep draining so a blocked add() wakes up and sees the error
+            row, arrays = item
+            try:
+                self._write(row, arrays)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller thread
+                self._error = (row["id"], e)
+
+    def _write(self, row: dict[str, Any], arrays: dict[str, np.ndarray] | None) -> None:
+        c = self._counts
+        c.samples += 1
+        if arrays is None:
+            c.error += 1
+            self._add_row(row, offset=0, length=0, spans=[])
+            return
+        L = arrays["token_ids"].shape[0]
+        self._add_row(row, offset=c.tokens, length=L, spans=_spans(arrays["answer_mask"]))
+        c.ok += 1
+        c.tokens += L
+        c.answer_tokens += int(arrays["answer_mask"].sum())
+        S, pos = self.layout.shard_tokens, 0
+        while pos < L:  # copy into the shard buffers, writing each one as soon as it is full
+            n = min(L - pos, S - self._filled)
+            for name, a in arrays.items():
+                self._buf[name][self._filled:self._filled + n] = a[pos:pos + n]
+            self._filled += n
+            pos += n
+            if self._filled == S:
+                self._flush_shards(final=False)
+
+    def _flush_shards(self, final: bool) -> None:
+        n = self._filled
+        if n == 0 or (n < self.layout.shard_tokens and not final):
+            return
+        start, end = self._written, self._written + n
+        for name, arr in self._arrays.items():
+            arr.resize((end, *arr.shape[1:]))
+            arr[start:end] = self._buf[name][:n]
+        self._written, self._filled = end, 0
+
+    def _add_row(self, row: dict[str, Any], offset: int, length: int, spans: list[list[int]]) -> None:
+        self._rows.append({**row, "token_offset": offset, "num_tokens": length, "answer_spans": spans})
+        self._row_image_bytes += sum(len(b) for b in row["images"])
+        if len(self._rows) >= ROW_GROUP_ROWS or self._row_image_bytes >= ROW_GROUP_IMAGE_BYTES:
+            self._flush_rows()
+
+    def _flush_rows(self) -> None:
+        if self._rows:
+            self._pq.write_table(pa.Table.from_pylist(self._rows, schema=SAMPLES_SCHEMA), row_group_size=len(self._rows))
+            self._rows, self._row_image_bytes = [], 0
+
+    def _checksums(self) -> dict[str, str]:
+        sums = {f"{FEATURES_NAME}/{k}": v for k, v in self._store.digests.items()}
+        for name in (HEAD_NAME, SAMPLES_NAME):
+            sums[name] = sha256_file(str(self.out_dir / name))
+        on_disk = {p.relative_to(self.out_dir).as_posix() for p in self.out_dir.rglob("*") if p.is_file()}
+        if on_disk != set(sums):  # e.g. a stray file: a manifest must describe exactly what is there
+            raise CacheWriteError(f"files on disk and files written differ: only on disk {sorted(on_disk - set(sums))}, "
+                                  f"only written {sorted(set(sums) - on_disk)}")
+        return dict(sorted(sums.items()))
+
+
+SAMPLES_SCHEMA = pa.schema(
+    [("index", pa.int64()), ("id", pa.string()), ("status", pa.string()), ("error", pa.string()),
+     ("token_offset", pa.int64()), ("num_tokens", pa.int64()),
+     ("answer_spans", pa.list_(pa.list_(pa.int64()))),  # [[start, end), ...] relative to the sample
+     ("messages", pa.string()), ("images", pa.list_(pa.binary())), ("image_refs", pa.list_(pa.string())),
+     ("extra", pa.string())],
+    metadata={"genrecal_format_version": "1"})
+
+
+def _spans(mask: np.ndarray) -> list[list[int]]:
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
+    return [[int(s), int(e)] for s, e in zip(edges[::2], edges[1::2])]
+
+
+def _to_numpy(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    return np.asarray(x)
+
+
+def _as_int32(x: ArrayLike, sid: str, name: str, vocab_size: int) -> np.ndarray:
+    a = _to_numpy(x)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"sample {sid!r}: {name} must be an integer array, got {a.dtype}")
+    if a.size and (a.min() < 0 or a.max() >= vocab_size):
+        raise ValueError(f"sample {sid!r}: {name} outside [0, vocab_size={vocab_size}): min {a.min()}, max {a.max()}")
+    return a.astype(np.int32, copy=False)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself must survive a crash, or the cache looks incomplete
+    finally:
+        os.close(dir_fd)

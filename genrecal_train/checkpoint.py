@@ -1,0 +1,84 @@
+"""Crash-safe training checkpoints: write to a temp folder, fsync, rename, then move `latest`.
+
+A checkpoint holds the student and Recalibrator weights (safetensors), the optimizer state
+(`torch.save`, loaded back with `weights_only=True`) and `state.json` (stage, step, data position).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # clone: tied weights share storage and safetensors refuses shared tensors
+    return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(run_dir: Path, name: str, *, student: torch.nn.Module, recalibrator: torch.nn.Module | None,
+                    optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2) -> Path:
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final, tmp = ckpt_root / name, ckpt_root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_state_dict(student), str(tmp / "student.safetensors"))
+    if recalibrator is not None:
+        save_file(_state_dict(recalibrator), str(tmp / "recalibrator.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    latest_tmp = ckpt_root / ".latest.tmp"
+    latest_tmp.write_text(name)
+    os.replace(latest_tmp, ckpt_root / "latest")
+    _fsync_dir(ckpt_root)
+    # prune older checkpoints of this run, never the one just written
+    others = sorted((p for p in ckpt_root.iterdir() if p.is_dir() and not p.name.startswith(".") and p != final),
+                    key=lambda p: p.stat().st_mtime)
+    for old in others[: max(0, len(others) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(f"{pointer} points at {path}, which is incomplete or gone; delete {pointer} "
+                                "to start over, or restore the checkpoint folder")
+    return path
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / "state.json").read_text())
+
+
+def load_weights(path: Path, *, student: torch.nn.Module, recalibrator: torch.nn.Module | None) -> None:
+    student.load_state_dict(load_file(str(path / "student.safetensors")), strict=True)
+    rec_file = path / "recalibrator.safetensors"
+    if recalibrator is not None and rec_file.exists():
+        recalibrator.load_state_dict(load_file(str(rec_file)), strict=True)
+
+
+def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))

@@ -1,0 +1,126 @@
+"""GenRecal losses, chunked over tokens so a [T, V] logits tensor (V ~ 152k) never exists whole.
+
+Every chunk of token rows runs under non-reentrant activation checkpointing: the forward keeps one
+scalar per chunk, and the backward recomputes one chunk's logits at a time. Peak memory is a single
+chunk's logits in both directions (torchtune's chunked CE/KD losses bound the forward only).
+
+Inputs are token rows: any leading shape is flattened, so select the answer rows first
+(`r_al[a_mask]`, `z_al[a_mask]`, targets likewise) or mark padded rows with `ignore_index`.
+The teacher head is frozen (its tensors are buffers) but gradients flow through it to `r`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from genrecal_cache.head import TeacherHead
+
+DEFAULT_CHUNK = 1024  # tokens per chunk: 1024 x 152k fp32 logits ~ 0.6 GB
+
+
+@dataclass
+class LossWeights:
+    """Loss weights and temperature; the paper gives none, so all default to 1 (METHOD.md)."""
+    ar: float = 1.0          # L_ar of the main pass: CE(Head_l(r_al), gt_l)
+    kl: float = 1.0          # L_kl of the main pass: KL(teacher || Head_l(r_al))
+    reg_ar: float = 1.0      # the same two for the regularization pass (teacher-only sequence)
+    reg_kl: float = 1.0
+    student: float = 1.0     # L_s: the student's own SFT loss in its tokenizer
+    temperature: float = 1.0
+    use_reg_pass: bool = True
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _f32(x: Tensor) -> Tensor:
+    """Softmax precision: at least float32 (bf16 logits are upcast, float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _head_logits(head: TeacherHead, x: Tensor, post_norm: bool) -> Tensor:
+    # Run the matmul in the head's dtype: casting x is cheap, casting a [V, d] weight per chunk is not.
+    return _f32(head.logits(x.to(head.lm_head_weight.dtype), post_norm=post_norm))
+
+
+def _kl_rows(teacher_logits: Tensor, logits: Tensor, temperature: float) -> Tensor:
+    """Per-row KL(softmax(teacher/T) || softmax(logits/T)), shape [n]."""
+    t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    s = F.log_softmax(logits / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+
+
+def _chunked_sum(fn: Callable[..., Tensor], rows: list[Tensor], chunk: int) -> Tensor:
+    """sum over chunks c of fn(*(t[c] for t in rows)); each chunk checkpointed when grads are on."""
+    n, total = rows[0].shape[0], None
+    for s in range(0, max(n, 1), chunk):  # an empty input still runs once: a 0 loss with a graph
+        part = [t[s:s + chunk] for t in rows]
+        out = checkpoint(fn, *part, use_reentrant=False) if torch.is_grad_enabled() else fn(*part)
+        total = out if total is None else total + out
+    return total
+
+
+def answer_ce(head: TeacherHead, r: Tensor, target_ids: Tensor, post_norm: bool = False,
+              chunk: int = DEFAULT_CHUNK, ignore_index: int = -100) -> Tensor:
+    """L_ar = CE(Head_l(r), gt_l), mean over answer tokens (rows whose target is not ignore_index).
+
+    `post_norm=False` for Recalibrator outputs (final norm applied), True for cached teacher states.
+    """
+    r, tgt = _rows(r), target_ids.reshape(-1)
+    fn = lambda r, t: F.cross_entropy(_head_logits(head, r, post_norm), t, ignore_index=ignore_index,
+                                      reduction="sum")
+    return _chunked_sum(fn, [r, tgt], chunk) / (tgt != ignore_index).sum().clamp(min=1)
+
+
+def teacher_kl(head: TeacherHead, r: Tensor, z_teacher: Tensor, temperature: float = 1.0,
+               chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """L_kl = KL(softmax(lm_head(z)/T) || softmax(Head_l(r)/T)) * T^2, mean over tokens.
+
+    `z_teacher` are the cached post-norm teacher states of the same tokens, so the target is the
+    teacher's exact distribution. The T^2 factor (Hinton et al.) keeps gradient magnitudes
+    independent of T, so weights tuned at T=1 still fit.
+    """
+    r, z = _rows(r), _rows(z_teacher).detach()
+    fn = lambda r, z: _kl_rows(_head_logits(head, z, True), _head_logits(head, r, False), temperature).sum()
+    return _chunked_sum(fn, [r, z], chunk) * temperature ** 2 / max(r.shape[0], 1)
+
+
+def answer_losses(head: TeacherHead, r: Tensor, z_teacher: Tensor, target_ids: Tensor,
+                  temperature: float = 1.0, chunk: int = DEFAULT_CHUNK,
+                  ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """(L_ar, L_kl) of one Recalibrator pass with one Head_l(r) per chunk instead of two.
+
+    Same values as `answer_ce(head, r, target_ids)` and `teacher_kl(head, r, z_teacher, T)` over the
+    rows whose target is not ignore_index (those rows are left out of both).
+    """
+    r, z, tgt = _rows(r), _rows(z_teacher).detach(), target_ids.reshape(-1)
+
+    def fn(r: Tensor, z: Tensor, t: Tensor) -> Tensor:
+        logits = _head_logits(head, r, False)
+        ce = F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
+        kl = (_kl_rows(_head_logits(head, z, True), logits, temperature) * (t != ignore_index)).sum()
+        return torch.stack([ce, kl])
+
+    ce, kl = _chunked_sum(fn, [r, z, tgt], chunk)
+    n = (tgt != ignore_index).sum().clamp(min=1)
+    return ce / n, kl * temperature ** 2 / n
+
+
+def chunked_ce(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, ignore_index: int = -100,
+               chunk: int = DEFAULT_CHUNK, lm_head_bias: Tensor | None = None) -> Tensor:
+    """CE(hidden @ W^T (+ b), targets), mean over non-ignored rows: L_s with the student's own
+    lm_head (`hidden` = the student's post-norm last hidden states). Gradients reach W too."""
+    h, tgt = _rows(hidden), targets.reshape(-1)
+    fn = lambda h, t: F.cross_entropy(_f32(F.linear(h, lm_head_weight, lm_head_bias)), t,
+                                      ignore_index=ignore_index, reduction="sum")
+    return _chunked_sum(fn, [h, tgt], chunk) / (tgt != ignore_index).sum().clamp(min=1)
+
+
+student_ce = chunked_ce  # L_s = CE(Head_s(z_as), gt_s)

@@ -1,0 +1,183 @@
+"""The GenRecal Recalibrator: maps student features into the teacher's representation space.
+
+    main pass:           [r_qs, r_al]  = Rec([z_qs,           proj_pre(z_al)])
+    regularization pass: [r_ql, r_al'] = Rec([proj_pre(z_ql), proj_pre(z_al)])
+    Rec(x) = LayerNorm(proj_post(Blocks(x)))
+
+`Blocks` are fresh decoder layers of the *student's* own class and config. Positions are re-assigned
+0..L-1 over each sample's concatenated sequence and RoPE is applied afresh (the paper's ablation:
+76.4 with, 70.5 without). Only the answer part (r_al) is returned: it is what the teacher head reads.
+
+Ragged batches: every input comes with a bool mask of its valid tokens (any padding side). Each
+sample's valid prefix and answer tokens are packed contiguously from position 0, so the output does
+not depend on how the inputs were padded. The output is laid out like `z_al` (r_al[b, i] belongs
+to z_al[b, i]); rows where the answer mask is False are zero.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PretrainedConfig
+from transformers.masking_utils import create_causal_mask
+
+RotaryFactory = Callable[[PretrainedConfig], nn.Module]  # a rotary class is one: cls(config)
+
+
+class Recalibrator(nn.Module):
+    def __init__(self, student_text_config: PretrainedConfig, decoder_layer_cls: type[nn.Module],
+                 rotary_cls_or_factory: RotaryFactory, d_teacher: int, num_layers: int = 2):
+        super().__init__()
+        # A private copy: the blocks must not change (or be changed by) the student's own config.
+        cfg = copy.deepcopy(student_text_config)
+        cfg.num_hidden_layers = num_layers
+        if hasattr(cfg, "layer_types"):
+            # One sample's sequence, full causal attention as in the paper; a student's sliding-window
+            # layer pattern belongs to its depth, not to these fresh blocks.
+            cfg.layer_types = ["full_attention"] * num_layers
+        if getattr(cfg, "_attn_implementation", None) is None:
+            cfg._attn_implementation = "sdpa"  # a bare config has none; masks and attention need one
+        self.config = cfg
+        self.d_student, self.d_teacher, self.num_layers = cfg.hidden_size, d_teacher, num_layers
+
+        self.proj_pre = nn.Linear(d_teacher, cfg.hidden_size, bias=False)
+        self.layers = nn.ModuleList(decoder_layer_cls(cfg, i) for i in range(num_layers))
+        self.rotary_emb = rotary_cls_or_factory(cfg)
+        self.proj_post = nn.Linear(cfg.hidden_size, d_teacher, bias=False)
+        self.norm = nn.LayerNorm(d_teacher)
+        # Multimodal RoPE (Qwen2-VL family) takes [3, B, L] position ids (temporal, height, width).
+        self.mrope = "mrope_section" in (getattr(cfg, "rope_parameters", None) or {})
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        # The student's own scheme (HF `_init_weights`); norms keep their ones/zeros.
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=getattr(self.config, "initializer_range", 0.02))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_student(cls, student: nn.Module | PretrainedConfig, d_teacher: int, num_layers: int = 2,
+                     decoder_layer_cls: type[nn.Module] | None = None,
+                     rotary_factory: RotaryFactory | None = None,
+                     text_config: PretrainedConfig | None = None) -> "Recalibrator":
+        """Build from a student model (or its config). Family adapters may pass the classes and the
+        text config themselves; otherwise they are found on the student's text decoder."""
+        config = student.config if isinstance(student, nn.Module) else student
+        text_config = text_config or config.get_text_config()
+        if decoder_layer_cls is None or rotary_factory is None:
+            found_layer, found_rotary = student_block_classes(student)
+            decoder_layer_cls = decoder_layer_cls or found_layer
+            rotary_factory = rotary_factory or found_rotary
+        return cls(text_config, decoder_layer_cls, rotary_factory, d_teacher, num_layers)
+
+    @staticmethod
+    def parameter_count(d_s: int, d_t: int, layer_params: int, num_layers: int = 2) -> int:
+        """proj_pre + proj_post (2*d_s*d_t) + LayerNorm (2*d_t) + the decoder blocks."""
+        return 2 * d_s * d_t + 2 * d_t + num_layers * layer_params
+
+    # ---- passes --------------------------------------------------------------------------------
+
+    def main_pass(self, z_qs: Tensor, z_al: Tensor, qs_mask: Tensor | None = None,
+                  a_mask: Tensor | None = None) -> Tensor:
+        """r_al of Rec([z_qs, proj_pre(z_al)]): z_qs [B, Ls, d_s], z_al [B, La, d_t] -> [B, La, d_t]."""
+        return self(z_al, a_mask, z_qs=z_qs, qs_mask=qs_mask)[0]
+
+    def reg_pass(self, z_ql: Tensor, z_al: Tensor, ql_mask: Tensor | None = None,
+                 a_mask: Tensor | None = None) -> Tensor:
+        """r_al' of Rec([proj_pre(z_ql), proj_pre(z_al)]): z_ql [B, Lq, d_t] -> [B, La, d_t]."""
+        return self(z_al, a_mask, z_ql=z_ql, ql_mask=ql_mask)[1]
+
+    def forward(self, z_al: Tensor, a_mask: Tensor | None = None, z_qs: Tensor | None = None,
+                qs_mask: Tensor | None = None, z_ql: Tensor | None = None,
+                ql_mask: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """(main r_al, regularization r_al'); each None when its prefix (z_qs / z_ql) is not given.
+
+        Both passes run as one batch through the blocks: one forward per step (what DDP expects).
+        """
+        dtype = self.proj_pre.weight.dtype
+        a_mask = _valid(a_mask, z_al)
+        answer = self.proj_pre(z_al.to(dtype))
+        prefixes = []
+        if z_qs is not None:
+            prefixes.append((z_qs.to(dtype), _valid(qs_mask, z_qs)))
+        if z_ql is not None:
+            prefixes.append((self.proj_pre(z_ql.to(dtype)), _valid(ql_mask, z_ql)))
+        if not prefixes:
+            raise ValueError("give z_qs (main pass) and/or z_ql (regularization pass)")
+
+        # Stack the passes along the batch: pad the prefixes to a common length (masks mark padding).
+        lq = max(p.shape[1] for p, _ in prefixes)
+        prefix = torch.cat([F.pad(p, (0, 0, 0, lq - p.shape[1])) for p, _ in prefixes])
+        q_mask = torch.cat([F.pad(m, (0, lq - m.shape[1])) for _, m in prefixes])
+        n = len(prefixes)
+        out = self.recalibrate(prefix, q_mask, answer.repeat(n, 1, 1), a_mask.repeat(n, 1)).chunk(n)
+        if z_qs is None:
+            return None, out[0]
+        return out[0], (out[1] if z_ql is not None else None)
+
+    def recalibrate(self, prefix: Tensor, q_mask: Tensor, answer: Tensor, a_mask: Tensor) -> Tensor:
+        """Student-space prefix [B, Lq, d_s] + answer [B, La, d_s] -> r for the answer [B, La, d_t]."""
+        B, _, d = prefix.shape
+        q_len, a_len = q_mask.sum(1), a_mask.sum(1)
+        L = int((q_len + a_len).max())
+        # Pack: each sample's valid prefix tokens at slots 0..q_len-1, its answer right after them.
+        q_dst = q_mask.cumsum(1) - 1
+        a_dst = q_len[:, None] + a_mask.cumsum(1) - 1
+        qb, qi = q_mask.nonzero(as_tuple=True)
+        ab, ai = a_mask.nonzero(as_tuple=True)
+        x = prefix.new_zeros(B, L, d)
+        x = x.index_put((qb, q_dst[qb, qi]), prefix[qb, qi])
+        x = x.index_put((ab, a_dst[ab, ai]), answer[ab, ai])
+        valid = torch.arange(L, device=x.device)[None] < (q_len + a_len)[:, None]
+
+        h = self.blocks(x, valid)
+        r = self.norm(self.proj_post(h[ab, a_dst[ab, ai]]))  # only answer rows are read out
+        return r.new_zeros(B, answer.shape[1], self.d_teacher).index_put((ab, ai), r)
+
+    def blocks(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """The decoder blocks on packed [B, L, d_s] input, positions 0..L-1, causal + padding mask."""
+        B, L, _ = x.shape
+        pos = torch.arange(L, device=x.device).expand(B, L)
+        if self.mrope:
+            pos = pos[None].expand(3, B, L)  # text-only positions: the same 0..L-1 in all 3 sections
+        position_embeddings = self.rotary_emb(x, pos)
+        # Mask format follows config._attn_implementation (None = plain causal for sdpa, 4-D otherwise).
+        attn_mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=valid,
+                                       past_key_values=None)
+        for layer in self.layers:
+            x = layer(x, attention_mask=attn_mask, position_embeddings=position_embeddings)  # v5: a tensor
+        return x
+
+
+def _valid(mask: Tensor | None, z: Tensor) -> Tensor:
+    """A bool [B, L] valid-token mask; None means every token of `z` is valid."""
+    return torch.ones(z.shape[:2], dtype=torch.bool, device=z.device) if mask is None else mask.bool()
+
+
+def student_block_classes(student: nn.Module | PretrainedConfig) -> tuple[type[nn.Module], type[nn.Module]]:
+    """(decoder layer class, rotary embedding class) of a student's text decoder.
+
+    The one place that knows where they live: the text decoder is the submodule holding both `layers`
+    and `rotary_emb` (LlamaModel, Qwen2VLTextModel, ...; vision towers have no `rotary_emb` or name it
+    differently). For a bare config, that decoder is instantiated on the meta device (no memory).
+    """
+    if isinstance(student, PretrainedConfig):
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+        cfg = copy.deepcopy(student.get_text_config())
+        cfg.num_hidden_layers = 1
+        if hasattr(cfg, "layer_types"):
+            cfg.layer_types = cfg.layer_types[:1]
+        with torch.device("meta"):
+            student = MODEL_MAPPING[type(cfg)](cfg)
+    for m in student.modules():
+        layers, rotary = getattr(m, "layers", None), getattr(m, "rotary_emb", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) and isinstance(rotary, nn.Module):
+            return type(layers[0]), type(rotary)
+    raise ValueError(f"{type(student).__name__}: no text decoder with `layers` and `rotary_emb` found; "
+                     "pass decoder_layer_cls and rotary_factory explicitly")

@@ -1,0 +1,186 @@
+"""The training recipe: stages 1-3 of GenRecal over a streamed teacher cache.
+
+    stage 1  Recalibrator only                  main + regularization pass (L_ar + L_kl each)
+    stage 2  student LLM body + Recalibrator    stage-1 losses + L_s (vision encoder frozen)
+    stage 3  student without Recalibrator       L_s
+
+Each stage has its own AdamW and linear LR decay lr -> lr_end, gradient accumulation, bf16
+autocast on GPU, checkpoints every N steps and at its end; `resume` continues from the latest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from genrecal_cache.families import adapter_for
+from genrecal_cache.reader import TeacherCache
+from genrecal_train import checkpoint as ckpt
+from genrecal_train.config import TrainConfig
+from genrecal_train.data import CacheStream
+from genrecal_train.model import GenRecal, check_cache_matches
+
+
+def _dist_setup(device: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return rank, world, dev
+
+
+class MetricsLog:
+    """metrics.jsonl (always) and TensorBoard (when installed); rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except Exception:  # tensorboard not installed: JSONL only
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            gstep = record["stage"] * 1_000_000 + record["step"]
+            for k, v in record.items():
+                if isinstance(v, float):
+                    self.tb.add_scalar(f"stage{record['stage']}/{k}", v, gstep)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def stage_steps(cfg: TrainConfig, stream: CacheStream, world: int) -> int:
+    if cfg.epochs is None:
+        return cfg.max_steps
+    per_step = cfg.batch_size * cfg.grad_accum
+    return max(1, math.ceil(cfg.epochs * stream.per_epoch / per_step))
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run the configured stages; returns the folder holding the final student (save_pretrained)."""
+    rank, world, device = _dist_setup(cfg.device)
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    cache = TeacherCache.open(cfg.cache)
+    head = cache.head(device=device)
+    from transformers import AutoConfig
+
+    adapter = adapter_for(AutoConfig.from_pretrained(cfg.student))
+    processor = adapter.load_processor(cfg.student)
+    check_cache_matches(cache, head, cfg)
+    student = adapter.load_model(cfg.student, dtype=torch.float32, device=str(device))
+    model = GenRecal(student, adapter, head, cfg).to(device)
+
+    start_stage_pos, step0, position0, resume_from = 0, 0, 0, None
+    if cfg.resume:
+        resume_from = ckpt.latest_checkpoint(run_dir)
+        if resume_from is not None:
+            st = ckpt.load_state(resume_from)
+            ckpt.load_weights(resume_from, student=model.student, recalibrator=model.recalibrator)
+            start_stage_pos = cfg.stages.index(st["stage"]) if st["stage"] in cfg.stages else 0
+            step0, position0 = st["step"], st["position"]
+            if st.get("stage_done"):
+                start_stage_pos, step0, position0, resume_from = start_stage_pos + 1, 0, 0, None
+    if rank == 0:
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    log = MetricsLog(run_dir, enabled=rank == 0)
+
+    for stage in cfg.stages[start_stage_pos:]:
+        stream = CacheStream(cache, adapter, processor, batch_size=cfg.batch_size, max_len=cfg.max_len,
+                             seed=cfg.seed + 1000 * stage, rank=rank, world_size=world, prefetch=cfg.prefetch)
+        run_stage(stage, model, stream, cfg, run_dir, log, device, rank, world,
+                  step0=step0, position0=position0, resume_from=resume_from)
+        step0, position0, resume_from = 0, 0, None
+
+    log.close()
+    final = run_dir / "final"
+    if rank == 0:
+        model.student.save_pretrained(final)
+        processor.save_pretrained(final)
+    if world > 1:
+        dist.barrier()
+    return final
+
+
+def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig, run_dir: Path, log: MetricsLog,
+              device: torch.device, rank: int, world: int, *, step0: int, position0: int,
+              resume_from: Path | None) -> None:
+    params = model.set_stage(stage)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if resume_from is not None:
+        ckpt.load_optimizer(resume_from, opt)
+    total = stage_steps(cfg, stream, world)
+    # Linear decay lr -> lr_end over the stage (step index 0 .. total-1).
+    lr_at = lambda s: cfg.lr + (cfg.lr_end - cfg.lr) * (s / max(1, total - 1))  # noqa: E731
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    model.train()
+    bar = tqdm(total=total, initial=step0, desc=f"stage {stage}", disable=rank != 0, dynamic_ncols=True)
+    batches = stream.batches(position0)
+    position = position0
+    t_stage = time.perf_counter()
+    for step in range(step0, total):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        t0, wait0, tokens = time.perf_counter(), stream.wait_s, 0
+        sums: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            position, tokens = batch.position, tokens + batch.num_tokens
+            sync = micro == cfg.grad_accum - 1 or world == 1
+            with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
+                losses = ddp(batch, stage)
+                (losses["loss"] / cfg.grad_accum).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        record = {"stage": stage, "step": step + 1, "lr": lr_at(step), **sums, "tokens_per_s": tokens * world / dt,
+                  "data_wait_frac": (stream.wait_s - wait0) / dt, "position": position}
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+            log.log(record)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()} | {"tok/s": f"{record['tokens_per_s']:.0f}"})
+        done = step + 1 == total
+        if rank == 0 and (done or (step + 1) % cfg.checkpoint_every == 0):
+            ckpt.save_checkpoint(run_dir, f"stage{stage}-step{step + 1:07d}", student=model.student,
+                                 recalibrator=model.recalibrator if stage in (1, 2) else None, optimizer=opt,
+                                 state={"stage": stage, "step": step + 1, "position": position, "stage_done": done,
+                                        "elapsed_s": time.perf_counter() - t_stage})
+        if world > 1:
+            dist.barrier()
+    bar.close()
+    batches.close()
