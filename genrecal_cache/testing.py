@@ -29,14 +29,20 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
 from .demo_data import COLOURS, SHAPES
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerFast
+
+# torch and transformers are imported inside the builders: importing this module (as test
+# fixtures do) stays cheap for tests that never build a model.
 
 # Pre-tokenizer split patterns of the real families (they decide where BPE merges may happen).
 QWEN2_SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -152,6 +158,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: Seque
     Deterministic for the same inputs. The result may be smaller than `vocab_size` when the
     corpus runs out of pairs to merge.
     """
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     if nfc:
         tok.normalizer = normalizers.NFC()
@@ -256,7 +264,7 @@ def tiny_pair(root: str | Path, seed: int = 0) -> tuple[Path, Path]:
     return teacher, student
 
 
-def _qwen2_vl_processor(processor_cls: type, image_processor: object, tokenizer: PreTrainedTokenizerFast) -> object:
+def _qwen2_vl_processor(processor_cls: type, image_processor: Any, tokenizer: PreTrainedTokenizerFast) -> Any:
     """A Qwen2VLProcessor; its video processor is added only where torchvision can build one."""
     try:
         from transformers import Qwen2VLVideoProcessor
@@ -269,8 +277,10 @@ def _qwen2_vl_processor(processor_cls: type, image_processor: object, tokenizer:
                          chat_template=QWEN2_VL_CHAT_TEMPLATE)
 
 
-def _save(out_dir: str | Path, seed: int, make_model: object, processor: object) -> Path:
+def _save(out_dir: str | Path, seed: int, make_model: Callable[[], torch.nn.Module], processor: Any) -> Path:
     """Build the model under `seed` and save model + processor; the folder appears complete or not at all."""
+    import torch
+
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

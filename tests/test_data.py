@@ -140,7 +140,9 @@ def test_bad_jsonl_inputs_become_error_samples(tmp_path: Path) -> None:
     png = _png(size=(32, 32))
     (tmp_path / "img.png").write_bytes(png)
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    (tmp_path / "truncated.png").write_bytes(png[: len(png) // 2])
+    noisy = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(noisy, format="PNG")
+    (tmp_path / "truncated.png").write_bytes(noisy.getvalue()[: len(noisy.getvalue()) // 2])
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path.parent / "outside.png").write_bytes(png)
     lines: list[object] = [
@@ -174,7 +176,7 @@ def test_bad_jsonl_inputs_become_error_samples(tmp_path: Path) -> None:
     expected = {
         "line-2": "malformed JSON",
         "missing-img": "image file not found",
-        "corrupt-img": "not a recognised image format",
+        "corrupt-img": "corrupt or truncated image",
         "truncated-img": "corrupt or truncated",
         "zero-byte-img": "empty (0 bytes)",
         "escape": "points outside the image root",

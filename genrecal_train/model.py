@@ -1,0 +1,150 @@
+"""GenRecal as one module: student + Recalibrator + frozen teacher head; `forward(batch, stage)` -> losses.
+
+Which features go where (per sample; spans are answer-content token ranges, one per turn):
+    teacher: answer token p is predicted by the state at p-1, so z_al = T[a-1 : b-1] for every span
+             [a, b) (targets gt_l = ids[a:b]); z_ql = every other teacher state before the last one used.
+    student: z_qs = the student's states outside its answer spans, before the end of its last span.
+    main pass  r_al  = Rec([z_qs, Proj-pre(z_al)]),  regularization pass r_al' = Rec([Proj-pre(z_ql), Proj-pre(z_al)])
+Multi-turn samples put all question tokens before all answer tokens (the paper has one turn).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
+
+from genrecal_cache.families import FamilyAdapter
+from genrecal_cache.head import TeacherHead
+from genrecal_train.config import TrainConfig
+from genrecal_train.data import Batch, Example
+from genrecal_train.losses import answer_losses, chunked_ce
+from genrecal_train.recalibrator import Recalibrator
+
+
+def _sha256(text: str | None) -> str:
+    return hashlib.sha256((text or "").encode()).hexdigest()
+
+
+def check_cache_matches(cache, head: TeacherHead, cfg: TrainConfig) -> None:
+    """Refuse, before any step, a cache whose head or teacher does not match what we are told."""
+    m = cache.manifest
+    where = f"cache {cfg.cache}"
+    if (head.hidden_size, head.vocab_size) != (m.hidden_size, m.vocab_size):
+        raise ValueError(f"{where}: teacher_head.safetensors is [{head.vocab_size} x {head.hidden_size}] but the "
+                         f"manifest says vocab {m.vocab_size}, hidden {m.hidden_size}: the head belongs to another "
+                         "teacher; re-extract or restore the right teacher_head.safetensors")
+    if not cfg.expect_teacher:
+        return
+    if not Path(cfg.expect_teacher).is_dir():
+        if cfg.expect_teacher != m.teacher.get("id"):
+            raise ValueError(f"{where} was extracted from teacher {m.teacher.get('id')!r}, not {cfg.expect_teacher!r}")
+        return
+    from transformers import AutoConfig
+
+    from genrecal_cache.families import adapter_for
+
+    tcfg = AutoConfig.from_pretrained(cfg.expect_teacher)
+    tok = adapter_for(tcfg).load_processor(cfg.expect_teacher).tokenizer
+    if _sha256(tok.backend_tokenizer.to_str()) != m.tokenizer_sha256:
+        raise ValueError(f"{where}: its teacher tokenizer differs from {cfg.expect_teacher}'s (sha256 mismatch): "
+                         "the token ids in the cache would mean other words; use the cache made with this teacher")
+    text = tcfg.get_text_config()
+    if (text.hidden_size, text.vocab_size) != (head.hidden_size, head.vocab_size):
+        raise ValueError(f"{where}: teacher head is [{head.vocab_size} x {head.hidden_size}] but "
+                         f"{cfg.expect_teacher} has vocab {text.vocab_size}, hidden {text.hidden_size}")
+
+
+def _gather(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Pad a ragged list of [L_i, d] into [B, L, d] plus its bool validity mask."""
+    x = pad_sequence(rows, batch_first=True)
+    mask = pad_sequence([torch.ones(r.shape[0], dtype=torch.bool, device=r.device) for r in rows], batch_first=True)
+    return x, mask
+
+
+def teacher_parts(e: Example) -> tuple[Tensor, Tensor, Tensor]:
+    """(question-state index, answer-state index, answer target ids) in the teacher's tokens."""
+    ans = torch.cat([torch.arange(a - 1, b - 1) for a, b in e.teacher_spans])
+    keep = torch.ones(int(ans.max()) + 1, dtype=torch.bool)
+    keep[ans] = False
+    targets = torch.cat([e.teacher_ids[a:b] for a, b in e.teacher_spans])
+    return keep.nonzero().squeeze(1), ans, targets
+
+
+def student_question_index(e: Example) -> Tensor:
+    end = e.student_spans[-1][1]
+    keep = torch.ones(end, dtype=torch.bool)
+    for a, b in e.student_spans:
+        keep[a:b] = False
+    return keep.nonzero().squeeze(1)
+
+
+class GenRecal(nn.Module):
+    def __init__(self, student: nn.Module, adapter: FamilyAdapter, head: TeacherHead, cfg: TrainConfig):
+        super().__init__()
+        self.student, self.adapter, self.head, self.cfg = student, adapter, head.requires_grad_(False), cfg
+        self.recalibrator = Recalibrator.from_student(
+            student, d_teacher=head.hidden_size, num_layers=cfg.recal_layers,
+            decoder_layer_cls=adapter.decoder_layer_class(student), text_config=adapter.text_config(student))
+        if cfg.gradient_checkpointing:
+            student.gradient_checkpointing_enable()
+        self.stage = 1
+
+    def set_stage(self, stage: int) -> list[nn.Parameter]:
+        """Freeze/unfreeze for a stage and return the trainable parameters (in a fixed order)."""
+        self.stage = stage
+        self.requires_grad_(False)
+        if stage in (1, 2) and not (stage == 2 and self.cfg.freeze_recalibrator_in_stage2):
+            self.recalibrator.requires_grad_(True)
+        if stage in (2, 3):
+            vision = tuple(self.adapter.vision_parameter_prefixes(self.student))
+            for name, p in self.student.named_parameters():
+                p.requires_grad_(not name.startswith(vision))
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def student_states(self, inputs: dict[str, Tensor]) -> Tensor:
+        """Post-norm last hidden states of the student body [B, Ls, ds] (no graph in stage 1)."""
+        inputs = dict(inputs)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.student.dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.stage != 1):
+            return self.student.model(**inputs, use_cache=False).last_hidden_state
+
+    def forward(self, batch: Batch, stage: int | None = None) -> dict[str, Tensor]:
+        stage = self.stage if stage is None else stage
+        dev = self.head.lm_head_weight.device
+        hs = self.student_states({k: v.to(dev) for k, v in batch.student_inputs.items()})
+        losses: dict[str, Tensor] = {}
+        total = hs.new_zeros(())
+        if stage in (2, 3):
+            labels = batch.student_labels.to(dev)
+            lm = self.adapter.lm_head(self.student)
+            losses["l_s"] = chunked_ce(hs[:, :-1], lm.weight, labels[:, 1:], chunk=self.cfg.loss_chunk,
+                                       lm_head_bias=lm.bias)
+            total = total + self.cfg.w_student * losses["l_s"]
+        if stage in (1, 2):
+            z_qs, z_al, z_ql, targets = [], [], [], []
+            for i, e in enumerate(batch.examples):
+                q_idx, a_idx, tgt = teacher_parts(e)
+                th = e.teacher_hidden.to(dev)
+                z_qs.append(hs[i, student_question_index(e).to(dev)])
+                z_al.append(th[a_idx.to(dev)])
+                z_ql.append(th[q_idx.to(dev)])
+                targets.append(tgt.to(dev))
+            za, a_mask = _gather(z_al)
+            zq, q_mask = _gather(z_qs)
+            zl, l_mask = _gather(z_ql) if self.cfg.use_reg_pass else (None, None)
+            r_main, r_reg = self.recalibrator(za, a_mask, z_qs=zq, qs_mask=q_mask, z_ql=zl, ql_mask=l_mask)
+            tgt = torch.cat(targets)
+            z_t = za[a_mask]
+            T, chunk = self.cfg.temperature, self.cfg.loss_chunk
+            losses["l_ar"], losses["l_kl"] = answer_losses(self.head, r_main[a_mask], z_t, tgt, T, chunk)
+            total = total + self.cfg.w_ar * losses["l_ar"] + self.cfg.w_kl * losses["l_kl"]
+            if r_reg is not None:
+                losses["reg_ar"], losses["reg_kl"] = answer_losses(self.head, r_reg[a_mask], z_t, tgt, T, chunk)
+                total = total + self.cfg.w_ar * losses["reg_ar"] + self.cfg.w_kl * losses["reg_kl"]
+        losses["loss"] = total
+        return losses

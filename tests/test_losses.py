@@ -1,0 +1,125 @@
+"""Chunked losses equal their unchunked references (values and gradients); KL of an identity path is 0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genrecal_cache.head import HeadConfig, TeacherHead
+from genrecal_train.losses import LossWeights, answer_ce, answer_losses, chunked_ce, student_ce, teacher_kl
+
+D, V, T = 32, 1000, 23  # hidden size, vocab, tokens (23 is not a multiple of the chunk sizes)
+
+
+def make_head(dtype: torch.dtype = torch.float64, norm_type: str = "rms", softcap: float | None = None) -> TeacherHead:
+    g = torch.Generator().manual_seed(0)
+    norm_w = 0.5 + torch.rand(D, generator=g)  # no zeros: z / w must be defined
+    cfg = HeadConfig(hidden_size=D, vocab_size=V, norm_type=norm_type, logit_softcap=softcap)
+    return TeacherHead(cfg, norm_w.to(dtype), torch.randn(V, D, generator=g).to(dtype) / D ** 0.5,
+                       norm_bias=torch.randn(D, generator=g).to(dtype) if norm_type == "layer" else None)
+
+
+def inputs(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    r = (3 * torch.randn(T, D, generator=g)).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (T,), generator=g)
+    targets[[2, 11]] = -100  # ignored rows
+    return r, targets, torch.randn(T, D, generator=g).to(dtype)
+
+
+def grad_of(loss: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad(loss, xs)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 8, 1024])
+@pytest.mark.parametrize("head_kind", [("rms", None), ("layer", 30.0)])
+def test_answer_ce_matches_reference(chunk: int, head_kind: tuple) -> None:
+    head = make_head(norm_type=head_kind[0], softcap=head_kind[1])
+    r, targets, _ = inputs()
+    ref = F.cross_entropy(head.logits(r, post_norm=False), targets, ignore_index=-100)
+    got = answer_ce(head, r, targets, chunk=chunk)
+    assert abs(got.item() - ref.item()) < 1e-6
+    torch.testing.assert_close(grad_of(got, r)[0], grad_of(ref, r)[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1024])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_teacher_kl_matches_reference(chunk: int, temperature: float) -> None:
+    head = make_head()
+    r, _, x = inputs()
+    z = head.final_norm(x)  # cached teacher states are post-norm
+    t = F.log_softmax(head.logits(z, post_norm=True) / temperature, -1)
+    s = F.log_softmax(head.logits(r, post_norm=False) / temperature, -1)
+    ref = (t.exp() * (t - s)).sum(-1).mean() * temperature ** 2
+    got = teacher_kl(head, r, z, temperature, chunk=chunk)
+    assert got.item() > 0 and abs(got.item() - ref.item()) < 1e-6
+    torch.testing.assert_close(grad_of(got, r)[0], grad_of(ref, r)[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_answer_losses_equal_the_separate_ones(temperature: float) -> None:
+    head = make_head()
+    r, targets, x = inputs()
+    z = head.final_norm(x)
+    ce, kl = answer_losses(head, r, z, targets, temperature, chunk=4)
+    keep = targets != -100
+    assert abs(ce.item() - answer_ce(head, r, targets).item()) < 1e-6
+    assert abs(kl.item() - teacher_kl(head, r[keep], z[keep], temperature).item()) < 1e-6
+    g_fused = grad_of(ce + kl, r)[0]
+    g_sep = grad_of(answer_ce(head, r, targets) + teacher_kl(head, r[keep], z[keep], temperature), r)[0]
+    torch.testing.assert_close(g_fused, g_sep, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_is_zero_through_an_identity_path(dtype: torch.dtype) -> None:
+    """Post-norm z = w * x / rms(x); z / w has rms 1, so final_norm(z / w) == z and the KL vanishes."""
+    head = make_head(dtype)
+    _, _, x = inputs(dtype)
+    z = head.final_norm(x)
+    r = (z / head.norm_weight).requires_grad_()
+    assert teacher_kl(head, r, z, chunk=7).abs().item() < 1e-6
+    assert teacher_kl(head, r, z, temperature=3.0, chunk=7).abs().item() < 1e-6
+
+
+@pytest.mark.parametrize("chunk", [1, 6, 1024])
+def test_chunked_student_ce_matches_reference_incl_lm_head_grads(chunk: int) -> None:
+    r, targets, _ = inputs()
+    w = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    h = r.view(1, T, D)  # leading dims are flattened
+    ref = F.cross_entropy(F.linear(r, w, b), targets)
+    got = chunked_ce(h, w, targets.view(1, T), chunk=chunk, lm_head_bias=b)
+    assert abs(got.item() - ref.item()) < 1e-6
+    for g_got, g_ref in zip(grad_of(got, r, w, b), grad_of(ref, r, w, b)):
+        torch.testing.assert_close(g_got, g_ref, atol=1e-6, rtol=0)
+    assert student_ce is chunked_ce
+
+
+def test_head_stays_frozen_and_bf16_head_works() -> None:
+    head = make_head(torch.bfloat16)
+    r, targets, x = inputs(torch.float32)
+    z = head.final_norm(x.to(torch.bfloat16))
+    ce, kl = answer_losses(head, r, z, targets, chunk=8)
+    (ce + kl).backward()
+    assert r.grad is not None and r.grad.dtype == torch.float32 and torch.isfinite(r.grad).all()
+    assert ce.dtype == torch.float32 and torch.isfinite(ce) and torch.isfinite(kl)
+    assert not any(t.requires_grad for t in head.buffers())
+    assert list(head.parameters()) == []
+
+
+def test_no_grad_and_empty_inputs() -> None:
+    head = make_head()
+    r, targets, x = inputs()
+    with torch.no_grad():
+        assert abs(answer_ce(head, r, targets, chunk=4).item()
+                   - F.cross_entropy(head.logits(r, post_norm=False), targets).item()) < 1e-6
+    empty = r[:0]
+    ce, kl = answer_losses(head, empty, x[:0], targets[:0])
+    assert ce.item() == 0 and kl.item() == 0
+    (ce + kl).backward()  # still part of the graph: a step with no answer tokens does not crash
+
+
+def test_loss_weights_default_to_paper_defaults() -> None:
+    w = LossWeights()
+    assert (w.ar, w.kl, w.reg_ar, w.reg_kl, w.student, w.temperature, w.use_reg_pass) == (1, 1, 1, 1, 1, 1, True)
