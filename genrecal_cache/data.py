@@ -204,14 +204,21 @@ def _read_image_file(ref: str, root: Path) -> bytes:
 # --- Parquet -----------------------------------------------------------------------------------
 
 def _parquet_samples(path: Path, max_pixels: int) -> Iterator[Sample]:
+    """Opens the file and checks its schema now (raising), then returns the row iterator."""
     import pyarrow.parquet as pq  # only Parquet users pay for the import
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own error types for non-Parquet data
+        raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
     names = set(pf.schema_arrow.names)
     if "conversations" not in names:
         raise ValueError(f"{path}: Parquet dataset has no 'conversations' column (columns: {sorted(names)}); "
                          f"see genrecal_cache.data for the schema")
-    columns = [c for c in ("id", "conversations", "images") if c in names]
+    return _parquet_rows(path, pf, [c for c in ("id", "conversations", "images") if c in names], max_pixels)
+
+
+def _parquet_rows(path: Path, pf: Any, columns: list[str], max_pixels: int) -> Iterator[Sample]:
     n = 0
     for batch in pf.iter_batches(batch_size=256, columns=columns):  # bounded memory for big files
         for row in batch.to_pylist():

@@ -11,7 +11,8 @@ The pair is deliberately mismatched the way real teacher/student pairs are:
                    teacher (`build_tiny_teacher`)      student (`build_tiny_student`)
 =================  ==================================  ==================================
 architecture       Qwen2-VL (M-RoPE, ViT + merger)     LLaVA: Llama text + SigLIP vision
-tokenizer          ~800 tokens, Qwen2 split regex      ~500 tokens, Llama-3 split regex
+tokenizer          ~800 tokens, Qwen2 split regex      ~500 tokens, Llama-3 split regex,
+                                                       American-spelling corpus
 chat template      Qwen2-VL's own (im_start/im_end)    Llama-3 style headers, adds BOS
 image tokens       4 for a 56x56 image (dynamic)       16 per image (fixed 32x32 input)
 head               untied lm_head; config vocab        untied lm_head, vocab = tokenizer
@@ -229,7 +230,10 @@ def build_tiny_student(out_dir: str | Path, seed: int = 0, hidden_size: int = 64
     from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                               SiglipImageProcessorPil, SiglipVisionConfig)
 
-    tokenizer = train_tokenizer(tokenizer_corpus(), vocab_size, STUDENT_SPECIAL_TOKENS, split_regex=LLAMA3_SPLIT_REGEX,
+    # A different corpus (American spelling), regex and size: token splits differ from the teacher's
+    # even for shared words, as they do between real model families.
+    corpus = [t.replace("colour", "color") for t in tokenizer_corpus()]
+    tokenizer = train_tokenizer(corpus, vocab_size, STUDENT_SPECIAL_TOKENS, split_regex=LLAMA3_SPLIT_REGEX,
                                 bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|pad|>",
                                 add_bos=True)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in STUDENT_SPECIAL_TOKENS}

@@ -96,7 +96,7 @@ class CacheStream:
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        self.per_epoch = len(cache.ok_indices(rank=rank, world_size=world_size))
+        self.per_epoch = sum(len(p) for p in cache.plan(rank=rank, world_size=world_size))
         if self.per_epoch == 0:
             raise ValueError(f"cache {cache.url}: no usable ('ok') samples for rank {rank} of {world_size}")
         self.skipped = 0

@@ -1,0 +1,177 @@
+"""vLLM extraction backend: one engine per run, the pooling runner's `token_embed` task.
+
+`LLM(runner="pooling", convert="embed", pooler_config={"task": "token_embed"})` returns, for every
+prompt position (image tokens included), the teacher's last hidden state *after* its final norm,
+i.e. exactly what `lm_head` reads. The answer is part of the prompt (teacher forcing), so one
+prefill per sample gives everything the cache stores; top-k is then taken by the extraction loop
+from these states and the exported head.
+
+vLLM gets the rendered chat text (`Encoded.prompt`, one unexpanded placeholder per image) plus the
+decoded images and expands the placeholders itself. The token ids it ends up with must equal the
+ids the cache records (`Encoded.input_ids`); any difference is an error, never a silent shift.
+
+The head is read from the checkpoint's safetensors (final norm + lm_head only), so a 72B teacher
+is never loaded a second time outside the engine.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genrecal_cache.families import Encoded, FamilyAdapter
+from genrecal_cache.head import HeadConfig, TeacherHead
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Where HF VLM checkpoints keep the head, newest layout first. Family knowledge: to move into the
+# adapters as `FamilyAdapter.head_tensor_names(config)` (see docs/vllm.md); used until then.
+HEAD_TENSOR_NAMES: dict[str, tuple[str, ...]] = {
+    "norm.weight": ("model.norm.weight", "model.language_model.norm.weight", "language_model.model.norm.weight"),
+    "lm_head.weight": ("lm_head.weight", "language_model.lm_head.weight"),
+    "embed_tokens.weight": ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
+                            "language_model.model.embed_tokens.weight"),
+}
+
+
+def read_tensors(path: str | Path, names: Mapping[str, Sequence[str]], optional: Sequence[str] = ()
+                 ) -> dict[str, torch.Tensor]:
+    """Read a few tensors from a local safetensors checkpoint without loading the rest of it.
+
+    `names` maps a key to candidate tensor names (the first present wins); the shard holding each
+    one comes from `model.safetensors.index.json` (or the single `model.safetensors`). Keys in
+    `optional` may be absent; any other missing key is an error naming the candidates.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    elif (path / "model.safetensors").is_file():
+        with safe_open(path / "model.safetensors", framework="pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors(.index.json); the vLLM backend reads the teacher "
+                                f"head from a local safetensors checkpoint (download the model first)")
+    out: dict[str, torch.Tensor] = {}
+    for key, candidates in names.items():
+        name = next((n for n in candidates if n in weight_map), None)
+        if name is None:
+            if key in optional:
+                continue
+            raise KeyError(f"{path}: none of {list(candidates)} is in the checkpoint (needed for {key})")
+        with safe_open(path / weight_map[name], framework="pt") as f:
+            out[key] = f.get_tensor(name)
+    return out
+
+
+def head_from_checkpoint(path: str | Path, config: Any, dtype: torch.dtype,
+                         names: Mapping[str, Sequence[str]] = HEAD_TENSOR_NAMES) -> TeacherHead:
+    """The teacher head (RMS final norm + lm_head) of a HF checkpoint, read tensor by tensor."""
+    text = config.get_text_config()
+    tied = bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+    wanted = {"norm.weight": names["norm.weight"],
+              "lm_head.weight": names["embed_tokens.weight" if tied else "lm_head.weight"]}
+    t = read_tensors(path, wanted)
+    cfg = HeadConfig(hidden_size=text.hidden_size, vocab_size=text.vocab_size, norm_type="rms",
+                     norm_eps=float(text.rms_norm_eps))
+    return TeacherHead(cfg, t["norm.weight"].to(dtype), t["lm_head.weight"].to(dtype))
+
+
+class VLLMBackend:
+    """Post-norm final hidden states of every prompt token from a vLLM pooling engine."""
+
+    name = "vllm"
+
+    def __init__(self, adapter: FamilyAdapter, path: str, *, dtype: str = "bfloat16", max_len: int = 4096,
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
+                 gpu_memory_utilization: float | None = None, max_num_batched_tokens: int | None = None,
+                 limit_mm_per_prompt: dict[str, int] | None = None, trust_remote_code: bool = False,
+                 enforce_eager: bool | None = None, **engine_kwargs: Any):
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        if data_parallel_size != 1:
+            raise ValueError(
+                f"data_parallel_size={data_parallel_size}: vLLM's offline LLM runs one data-parallel rank per "
+                f"process, so run {data_parallel_size} extraction workers instead, each on its own GPUs "
+                f"(CUDA_VISIBLE_DEVICES) and its own part of the data (--num-shards/--shard-index)")
+        on_gpu = torch.cuda.is_available()
+        self.adapter = adapter
+        self.device = torch.device("cuda" if on_gpu else "cpu")
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        # the head first: a broken checkpoint fails in seconds, not after the engine start
+        head = head_from_checkpoint(path, config, DTYPES[dtype])
+        overrides = {"head_dtype": "model", **engine_kwargs.pop("hf_overrides", {})}
+        self.llm = LLM(
+            model=str(path), runner="pooling", convert="embed", pooler_config={"task": "token_embed"},
+            dtype=dtype, max_model_len=max_len, seed=engine_kwargs.pop("seed", 0),
+            tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization or (0.9 if on_gpu else 0.1),
+            max_num_batched_tokens=max_num_batched_tokens,
+            # images only: no video profiling or warm-up (and no video processor needed)
+            limit_mm_per_prompt={"video": 0, **(limit_mm_per_prompt or {})},
+            trust_remote_code=trust_remote_code,
+            enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
+            # pooling heads upcast to fp32 by default; the states are model-dtype already: keep them so
+            hf_overrides=overrides, **engine_kwargs,
+        )
+        self.head = head.to(self.device)  # after the engine: it decides how CUDA workers start
+        tokenizer = self.llm.get_tokenizer()
+        self._bos = getattr(tokenizer, "bos_token", None)
+
+    def _request(self, e: Encoded) -> dict[str, Any]:
+        request: dict[str, Any] = {"prompt": e.prompt}
+        images = getattr(e, "images", None)
+        if images:
+            request["multi_modal_data"] = {"image": list(images)}
+        return request
+
+    def hidden_states(self, batch: list[Encoded]) -> list[torch.Tensor]:
+        """[L_i, d] post-norm states per sample; the whole batch goes to the engine in one call."""
+        from vllm import PoolingParams
+
+        if not batch:
+            return []
+        # as the adapters tokenize: the template writes BOS itself when the family wants one
+        add_special = self._bos is not None and not all(e.prompt.startswith(self._bos) for e in batch)
+        outputs = self.llm.encode(
+            [self._request(e) for e in batch], pooling_task="token_embed",
+            pooling_params=PoolingParams(use_activation=False),  # no L2 normalisation: raw states
+            tokenization_kwargs={"add_special_tokens": add_special}, use_tqdm=False,
+        )
+        hidden = []
+        for i, (e, out) in enumerate(zip(batch, outputs, strict=True)):
+            if out.error is not None:
+                raise RuntimeError(f"vLLM failed on batch position {i}: {out.error}")
+            self._check_ids(i, e, out.prompt_token_ids)
+            h = out.outputs.data
+            if h.shape != (len(e.input_ids), self.head.hidden_size):
+                raise RuntimeError(f"vLLM returned hidden states of shape {tuple(h.shape)} for batch position "
+                                   f"{i}; expected ({len(e.input_ids)}, {self.head.hidden_size})")
+            hidden.append(h.to(self.device, non_blocking=True))
+        return hidden
+
+    @staticmethod
+    def _check_ids(i: int, e: Encoded, used: Sequence[int]) -> None:
+        expected = e.input_ids.tolist()
+        if list(used) == expected:
+            return
+        first = next((j for j, (a, b) in enumerate(zip(used, expected)) if a != b), min(len(used), len(expected)))
+        n_img = len(getattr(e, "images", None) or [])
+        raise RuntimeError(
+            f"vLLM tokenized batch position {i} differently from the cache's teacher tokenization: "
+            f"{len(used)} vs {len(expected)} tokens, first difference at index {first} "
+            f"(vLLM {list(used[first:first + 8])} vs cache {expected[first:first + 8]}; {n_img} image(s)). "
+            f"Hidden states would be misaligned with the recorded token ids, so nothing is written.")
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm

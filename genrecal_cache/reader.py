@@ -1,0 +1,407 @@
+"""Read a teacher cache from a local directory or any fsspec URL (http(s)://, s3://, gs://, file://).
+
+All locations go through one code path: an fsspec filesystem for the small files (manifest,
+parquet index, head) and a Zarr store on top of it for the feature arrays (zarr's LocalStore when
+the filesystem is local, its FsspecStore otherwise). Iteration reads whole token ranges: one read
+per array for each group of samples that start in the same shard, so a remote cache is fetched
+shard by shard, not sample by sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import zarr
+from fsspec.implementations.local import LocalFileSystem
+from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.core import sync as zarr_sync
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
+
+from .head import TeacherHead
+from .manifest import (
+    ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
+)
+
+INDEX_COLUMNS = ["index", "id", "status", "error", "token_offset", "num_tokens", "answer_spans",
+                 "messages", "image_refs", "extra"]  # everything but the (large) images column
+
+
+@dataclass
+class CachedSample:
+    index: int
+    id: str
+    status: str                  # "ok" | "error"
+    error: str | None
+    messages: list[dict]
+    images: list[bytes]
+    extra: dict[str, Any]
+    token_ids: np.ndarray        # [L] int32, teacher tokenization
+    answer_mask: np.ndarray      # [L] bool, True on answer content tokens
+    hidden: np.ndarray           # [L, d] float32, post-final-norm; position t predicts token t+1
+    topk_ids: np.ndarray         # [L, k] int32
+    topk_logprobs: np.ndarray    # [L, k] float32
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 stored as uint16 bits -> float32 (exact: bf16 is the top half of a float32)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+class _RangeTolerantFsspecStore(FsspecStore):
+    """FsspecStore that survives servers which ignore HTTP Range (Python's http.server, some static
+    hosts): they answer 200 with the whole file, and fsspec's `_cat_file` hands that body back as
+    if it were the range. Zarr's sharding codec reads a shard index with a suffix range and inner
+    chunks with byte ranges, so without this a partial shard read fails its crc32c check."""
+
+    async def get(self, key, prototype, byte_range=None):
+        buf = await super().get(key, prototype, byte_range)
+        if buf is None or byte_range is None:
+            return buf
+        if isinstance(byte_range, RangeByteRequest) and len(buf) > byte_range.end - byte_range.start:
+            return buf[byte_range.start:byte_range.end]
+        if isinstance(byte_range, SuffixByteRequest) and len(buf) > byte_range.suffix:
+            return buf[len(buf) - byte_range.suffix:]
+        if isinstance(byte_range, OffsetByteRequest) and byte_range.offset and len(buf) == await self.getsize(key):
+            return buf[byte_range.offset:]
+        return buf
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
+
+    def close(self) -> None:
+        super().close()
+        _close_session(self.fs)
+
+
+def _close_session(afs: fsspec.AbstractFileSystem) -> None:
+    """Close the aiohttp session of an asynchronous fsspec instance (fsspec only does that for
+    synchronous ones); it lives in zarr's event loop. If that loop is gone (interpreter exit),
+    drop the connector directly, as fsspec itself does."""
+    session = getattr(afs, "_session", None)
+    if session is None or session.closed:
+        return
+    zarr_loop = zarr_sync.loop[0]
+    if zarr_loop is not None and zarr_loop.is_running():
+        try:
+            sync(session.close(), timeout=5)
+            return
+        except Exception:  # noqa: BLE001 - fall through to the forced close
+            pass
+    connector = getattr(session, "_connector", None)
+    if connector is not None:
+        connector._close()
+
+
+def open_fs(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | None = None
+            ) -> tuple[fsspec.AbstractFileSystem, str, str]:
+    """(filesystem, root path inside it, display name) for a local path or fsspec URL."""
+    url = os.fspath(path_or_url)
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, root.rstrip("/") or "/", url.rstrip("/")
+
+
+def read_small_file(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    return fs.cat_file(path)
+
+
+def open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
+    """ParquetFile reading column chunks by range; whole-file download if the server can't do ranges."""
+    try:
+        return pq.ParquetFile(fs.open(path, "rb"))
+    except ValueError as e:
+        if "range" not in str(e).lower():
+            raise
+    return pq.ParquetFile(pa.BufferReader(fs.cat_file(path)))
+
+
+def zarr_store(fs: fsspec.AbstractFileSystem, path: str, storage_options: dict[str, Any] | None,
+               url: str) -> zarr.abc.store.Store:
+    if isinstance(fs, LocalFileSystem):
+        return LocalStore(path, read_only=True)
+    if fs.async_impl:
+        # zarr drives the store from its own event loop and needs an asynchronous instance; a
+        # separate one also keeps its aiohttp session away from the synchronous `fs`.
+        afs, _ = fsspec.core.url_to_fs(url, asynchronous=True, skip_instance_cache=True, **(storage_options or {}))
+    else:
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+        afs = AsyncFileSystemWrapper(fs, asynchronous=True)
+    store = _RangeTolerantFsspecStore(afs, read_only=True, path=path)
+    weakref.finalize(store, _close_session, afs)  # also when the caller never calls close()
+    return store
+
+
+class TeacherCache:
+    """A read-only view of one cache. Cheap to pickle (DataLoader workers reopen lazily per process)."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str, manifest: Manifest,
+                 storage_options: dict[str, Any] | None) -> None:
+        self.fs, self.root, self.url, self.manifest = fs, root, url, manifest
+        self.storage_options = storage_options
+        self._pid: int | None = None
+        self._zarr: dict[str, zarr.Array] | None = None
+        self._pf: pq.ParquetFile | None = None
+        self._head: TeacherHead | None = None
+        self._images_rg: tuple[int, list[list[bytes]]] | None = None
+        self._load_index()
+
+    @classmethod
+    def open(cls, path_or_url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> TeacherCache:
+        fs, root, url = open_fs(path_or_url, storage_options)
+        manifest = load_manifest(fs, root, url)
+        cache = cls(fs, root, url, manifest, storage_options)
+        cache._features()  # fail at open, not at the first sample, if arrays are missing
+        return cache
+
+    def close(self) -> None:
+        """Release network sessions and file handles (also done when the object is collected)."""
+        if self._zarr is not None:
+            next(iter(self._zarr.values())).store.close()
+        self._zarr, self._pf, self._images_rg = None, None, None
+
+    def __enter__(self) -> TeacherCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- files ---------------------------------------------------------------------------------
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def _reset_if_forked(self) -> None:
+        if self._pid != os.getpid():  # zarr/aiohttp/file handles do not survive a fork
+            self._pid, self._zarr, self._pf, self._images_rg = os.getpid(), None, None, None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_pid=None, _zarr=None, _pf=None, _images_rg=None)
+        return state
+
+    def _features(self) -> dict[str, zarr.Array]:
+        self._reset_if_forked()
+        if self._zarr is None:
+            store = zarr_store(self.fs, self._path(FEATURES_NAME), self.storage_options, f"{self.url}/{FEATURES_NAME}")
+            self._zarr = open_feature_arrays(store, self.manifest, self.url)
+        return self._zarr
+
+    def _parquet(self) -> pq.ParquetFile:
+        self._reset_if_forked()
+        if self._pf is None:
+            self._pf = open_parquet(self.fs, self._path(SAMPLES_NAME))
+        return self._pf
+
+    def _load_index(self) -> None:
+        where = f"{self.url}/{SAMPLES_NAME}"
+        try:
+            table = self._parquet().read(columns=INDEX_COLUMNS)
+        except FileNotFoundError as e:
+            raise CacheFormatError(f"{where}: missing; the cache is incomplete, re-download or re-extract it") from e
+        except (pa.ArrowException, OSError) as e:
+            raise CacheFormatError(f"{where}: unreadable ({e}); the file is truncated or corrupt, re-download or "
+                                   f"re-extract it") from e
+        if table.num_rows != self.manifest.counts.samples:
+            raise CacheFormatError(f"{where}: {table.num_rows} rows but the manifest counts "
+                                   f"{self.manifest.counts.samples} samples; the cache is inconsistent, run "
+                                   f"`genrecal-cache verify` and re-download or re-extract it")
+        self.index: pa.Table = table
+        self._ids: list[str] = table.column("id").to_pylist()
+        self._status: list[str] = table.column("status").to_pylist()
+        self._offsets = table.column("token_offset").to_numpy()
+        self._lengths = table.column("num_tokens").to_numpy()
+        self._by_id: dict[str, int] | None = None
+        md = self._parquet().metadata
+        self._rg_starts = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
+
+    # ---- random access -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, i: int) -> CachedSample:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample index {i} out of range for a cache of {n} samples ({self.url})")
+        i %= n
+        arrays = self._read_tokens(int(self._offsets[i]), int(self._offsets[i] + self._lengths[i]))
+        return self._sample(i, arrays, int(self._offsets[i]))
+
+    def by_id(self, sample_id: str) -> CachedSample:
+        if self._by_id is None:
+            self._by_id = {sid: j for j, sid in enumerate(self._ids)}
+        if sample_id not in self._by_id:
+            raise KeyError(f"sample id {sample_id!r} is not in the cache at {self.url}")
+        return self[self._by_id[sample_id]]
+
+    def head(self, device: str | torch.device = "cpu") -> TeacherHead:
+        """The teacher's final norm + lm_head (safetensors only, no code runs on load)."""
+        path = self._path(HEAD_NAME)
+        if isinstance(self.fs, LocalFileSystem):
+            head = TeacherHead.load(path, device=device)
+        else:  # safetensors needs a local file: copy, load into memory, delete
+            with tempfile.TemporaryDirectory(prefix="genrecal-head-") as tmp:
+                local = os.path.join(tmp, HEAD_NAME)
+                with open(local, "wb") as f:
+                    f.write(self.fs.cat_file(path))
+                head = TeacherHead.load(local, device=device)
+        m = self.manifest
+        if (head.hidden_size, head.vocab_size) != (m.hidden_size, m.vocab_size):
+            raise CacheFormatError(f"{self.url}/{HEAD_NAME}: head is [vocab {head.vocab_size}, hidden {head.hidden_size}] "
+                                   f"but the manifest says [{m.vocab_size}, {m.hidden_size}]; the head belongs to "
+                                   f"another teacher, re-download or re-extract it")
+        return head
+
+    def teacher_logits(self, i: int) -> torch.Tensor:
+        """Full-vocabulary teacher logits [L, V] for sample i: lm_head of the cached post-norm states."""
+        if self._head is None:
+            self._head = self.head("cpu")
+        with torch.no_grad():
+            return self._head.logits(torch.from_numpy(self[i].hidden), post_norm=True)
+
+    # ---- streaming -----------------------------------------------------------------------------
+    def plan(self, order: Literal["ordered", "shuffled"] = "ordered", seed: int = 0, rank: int = 0,
+             world_size: int = 1, start: int = 0, status: Literal["ok", "error", "all"] = "ok") -> list[list[int]]:
+        """The sample indices `iter_samples` yields for these arguments, as read groups.
+
+        Groups are the selected samples starting in the same shard (a group is read at once).
+        `shuffled` permutes the groups, then the samples within each group (numpy PCG64 seeded by
+        `seed`). The resulting sequence is cut into `world_size` contiguous, near-equal slices
+        (sizes differ by at most 1, so ranks stay in step); `rank` takes its slice and skips its
+        first `start` samples (for resuming).
+        """
+        if order not in ("ordered", "shuffled"):
+            raise ValueError(f"order must be 'ordered' or 'shuffled', got {order!r}")
+        if status not in ("ok", "error", "all"):
+            raise ValueError(f"status must be 'ok', 'error' or 'all', got {status!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        S = self.manifest.arrays["hidden"].shard_tokens
+        groups: list[list[int]] = []
+        key, group_key = -1, None
+        for i, st in enumerate(self._status):
+            if st == "ok":
+                key = int(self._offsets[i]) // S  # error rows stay in the group of their predecessor
+            if status != "all" and st != status:
+                continue
+            if not groups or group_key != key:
+                groups.append([])
+                group_key = key
+            groups[-1].append(i)
+        if order == "shuffled":
+            rng = np.random.default_rng(seed)
+            groups = [groups[g] for g in rng.permutation(len(groups))]
+            groups = [[grp[j] for j in rng.permutation(len(grp))] for grp in groups]
+        flat = [(g, i) for g, grp in enumerate(groups) for i in grp]
+        n = len(flat)
+        mine = flat[rank * n // world_size:(rank + 1) * n // world_size][max(0, start):]
+        pieces: list[list[int]] = []
+        for j, (g, i) in enumerate(mine):
+            if j == 0 or g != mine[j - 1][0]:
+                pieces.append([])
+            pieces[-1].append(i)
+        return pieces
+
+    def iter_samples(self, order: Literal["ordered", "shuffled"] = "ordered", seed: int = 0, rank: int = 0,
+                     world_size: int = 1, start: int = 0, status: Literal["ok", "error", "all"] = "ok"
+                     ) -> Iterator[CachedSample]:
+        """Yield samples (see `plan` for order and rank splitting), one feature read per group."""
+        for piece in self.plan(order, seed, rank, world_size, start, status):
+            ok = [i for i in piece if self._lengths[i] > 0]
+            lo = int(min((self._offsets[i] for i in ok), default=0))
+            hi = int(max((self._offsets[i] + self._lengths[i] for i in ok), default=0))
+            arrays = self._read_tokens(lo, hi)
+            for i in piece:
+                yield self._sample(i, arrays, lo)
+
+    # ---- decoding ------------------------------------------------------------------------------
+    def _read_tokens(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Token range [lo, hi) of every array, read concurrently (one request batch per array)."""
+        feats = self._features()
+        if hi <= lo:
+            return {name: np.zeros((0, *a.shape[1:]), dtype=a.dtype) for name, a in feats.items()}
+
+        async def read_all() -> list[Any]:
+            return await asyncio.gather(*(a.async_array.getitem(slice(lo, hi)) for a in feats.values()))
+        return dict(zip(feats, sync(read_all())))
+
+    def _sample(self, i: int, arrays: dict[str, np.ndarray], base: int) -> CachedSample:
+        row = {c: self.index.column(c)[i].as_py() for c in ("error", "messages", "extra")}
+        a, b = int(self._offsets[i]) - base, int(self._offsets[i] + self._lengths[i]) - base
+        if self._lengths[i] == 0:
+            a = b = 0
+        hidden = arrays["hidden"][a:b]
+        hidden = bf16_bits_to_float32(hidden) if self.manifest.arrays["hidden"].dtype == "bfloat16" else hidden.copy()
+        return CachedSample(
+            index=i, id=self._ids[i], status=self._status[i], error=row["error"],
+            messages=json.loads(row["messages"]), images=self._images(i), extra=json.loads(row["extra"]),
+            token_ids=arrays["token_ids"][a:b].copy(), answer_mask=arrays["answer_mask"][a:b].copy(),
+            hidden=hidden, topk_ids=arrays["topk_ids"][a:b].copy(), topk_logprobs=arrays["topk_logprobs"][a:b].copy())
+
+    def _images(self, i: int) -> list[bytes]:
+        """Images of row i, read a whole row group at a time (consecutive samples share it)."""
+        g = int(np.searchsorted(self._rg_starts, i, side="right")) - 1
+        if self._images_rg is None or self._images_rg[0] != g or self._pid != os.getpid():
+            self._reset_if_forked()
+            col = self._parquet().read_row_group(g, columns=["images"]).column("images").to_pylist()
+            self._images_rg = (g, col)
+        return self._images_rg[1][i - int(self._rg_starts[g])]
+
+    def __repr__(self) -> str:
+        c = self.manifest.counts
+        return (f"TeacherCache({self.url!r}, teacher={self.manifest.teacher.id!r}, samples={c.samples} "
+                f"(ok {c.ok}, error {c.error}), tokens={c.tokens})")
+
+
+def load_manifest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> Manifest:
+    where = f"{url}/{MANIFEST_NAME}"
+    try:
+        text = read_small_file(fs, f"{root}/{MANIFEST_NAME}")
+    except FileNotFoundError as e:
+        if not _exists(fs, root):
+            raise CacheFormatError(f"{url}: no cache here (the directory does not exist)") from e
+        raise CacheFormatError(
+            f"{where}: missing, so the cache is incomplete (manifest.json is written last: the extraction did "
+            f"not finish, or the copy/upload is partial). Finish or re-run the extraction, or copy the cache again") from e
+    return Manifest.from_json(text, source=where)
+
+
+def _exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    try:
+        return fs.exists(path)
+    except Exception:  # noqa: BLE001 - some servers refuse directory probes; assume it exists
+        return True
+
+
+def open_feature_arrays(store: zarr.abc.store.Store, manifest: Manifest, url: str) -> dict[str, zarr.Array]:
+    """Open and check the five arrays against the manifest (dtype, trailing shape, length T)."""
+    arrays: dict[str, zarr.Array] = {}
+    T = manifest.counts.tokens
+    for name in ARRAY_NAMES:
+        where = f"{url}/{FEATURES_NAME}/{name}"
+        spec = manifest.arrays.get(name)
+        if spec is None:
+            raise CacheFormatError(f"{url}/{MANIFEST_NAME}: no entry for array {name!r} in 'arrays'; "
+                                   f"the manifest is not from a complete genrecal cache")
+        try:
+            a = zarr.open_array(store, path=name, mode="r", zarr_format=3)
+        except FileNotFoundError as e:  # zarr's ArrayNotFoundError is one
+            raise CacheFormatError(f"{where}: array missing (no {name}/zarr.json); the cache is incomplete, "
+                                   f"re-download or re-extract it") from e
+        if str(a.dtype) != spec.stored_dtype or list(a.shape[1:]) != spec.shape_tail or a.shape[0] != T:
+            raise CacheFormatError(f"{where}: stored as {a.dtype} {list(a.shape)} but the manifest says "
+                                   f"{spec.stored_dtype} [{T}, {', '.join(map(str, spec.shape_tail))}]; the cache is "
+                                   f"inconsistent, re-download or re-extract it")
+        arrays[name] = a
+    return arrays

@@ -1,0 +1,231 @@
+"""Check a cache (local or remote) against its manifest: checksums, file set and structure.
+
+`verify` returns a list of faults, one line each, naming the file, the problem and the fix; an
+empty list means the cache is sound. It reads every byte once (checksums) and the small arrays
+(answer_mask) shard by shard, so memory stays bounded for large caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections import Counter
+import warnings
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+
+from .manifest import (
+    ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
+    sha256_stream,
+)
+from .reader import INDEX_COLUMNS, load_manifest, open_feature_arrays, open_fs, open_parquet, zarr_store
+
+REFETCH = "re-download it or re-extract the cache"
+
+
+def verify(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> list[str]:
+    fs, root, url = open_fs(path_or_url, storage_options)
+    try:
+        manifest = load_manifest(fs, root, url)
+    except CacheFormatError as e:
+        return [str(e)]
+    faults = _check_files(fs, root, manifest)
+    faults += _check_head(fs, root, manifest)
+    store = zarr_store(fs, f"{root}/{FEATURES_NAME}", storage_options, f"{url}/{FEATURES_NAME}")
+    try:
+        try:
+            arrays = open_feature_arrays(store, manifest, url)
+        except CacheFormatError as e:
+            return faults + [_relative(str(e), url)]
+        faults += _check_array_specs(arrays, manifest)
+        try:
+            table = open_parquet(fs, f"{root}/{SAMPLES_NAME}").read(columns=INDEX_COLUMNS)
+        except FileNotFoundError:
+            return faults  # already reported as a missing file
+        except (pa.ArrowException, OSError, ValueError) as e:
+            return faults + [f"{SAMPLES_NAME}: unreadable ({e}): the file is truncated or corrupt; {REFETCH}"]
+        return faults + _check_index(table, arrays, manifest)
+    finally:
+        store.close()
+
+
+def _relative(msg: str, url: str) -> str:
+    return msg.replace(url + "/", "", 1)
+
+
+def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    try:
+        with fs.open(path, "rb") as f:
+            return sha256_stream(f)
+    except ValueError as e:  # an HTTP server without Range support: fetch the file in one request
+        if "range" not in str(e).lower():
+            raise
+        return hashlib.sha256(fs.cat_file(path)).hexdigest()
+
+
+def _check_files(fs: fsspec.AbstractFileSystem, root: str, m: Manifest) -> list[str]:
+    faults = []
+    try:
+        stored = {p[len(root) + 1:] for p in fs.find(root)} - {MANIFEST_NAME}
+    except Exception as e:  # noqa: BLE001 - e.g. a web server without directory listings
+        warnings.warn(f"{root}: cannot list files ({e}); stray files will not be detected", stacklevel=3)
+        stored = None
+    for rel, expected in m.checksums.items():
+        if stored is not None and rel not in stored:
+            faults.append(f"{rel}: listed in the manifest but missing: the cache is incomplete; {REFETCH}")
+            continue
+        try:
+            got = _sha256(fs, f"{root}/{rel}")
+        except FileNotFoundError:
+            faults.append(f"{rel}: listed in the manifest but missing: the cache is incomplete; {REFETCH}")
+            continue
+        if got != expected:
+            faults.append(f"{rel}: sha256 mismatch (expected {expected}, got {got}): the file is corrupt; "
+                          f"re-extract or re-download it")
+    for rel in sorted((stored or set()) - set(m.checksums)):
+        faults.append(f"{rel}: stored but not listed in the manifest (a stray file, e.g. from an interrupted "
+                      f"copy): delete it")
+    # every shard the token count implies must be checksummed, so a manifest that lost one is caught too
+    for name, spec in m.arrays.items():
+        S = spec.shard_tokens
+        for s in range(-(-m.counts.tokens // S) if S else 0):
+            rel = f"{FEATURES_NAME}/{name}/c/{s}" + ("/0" if spec.shape_tail else "")
+            if rel not in m.checksums:
+                faults.append(f"{rel}: shard for tokens [{s * S}, {min((s + 1) * S, m.counts.tokens)}) has no checksum "
+                              f"in the manifest: the manifest is incomplete; {REFETCH}")
+    return faults
+
+
+def _check_head(fs: fsspec.AbstractFileSystem, root: str, m: Manifest) -> list[str]:
+    """Shapes from the safetensors header alone (8-byte length + JSON), no tensor data is read."""
+    try:
+        with fs.open(f"{root}/{HEAD_NAME}", "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if n < (100 << 20) else None
+    except FileNotFoundError:
+        return []  # reported by the file checks
+    except (ValueError, struct.error, UnicodeDecodeError) as e:
+        return [f"{HEAD_NAME}: unreadable safetensors header ({e}): the file is corrupt; {REFETCH}"]
+    if not isinstance(header, dict):
+        return [f"{HEAD_NAME}: not a safetensors file (bad header): the file is corrupt; {REFETCH}"]
+    faults = []
+    want = {"lm_head.weight": [m.vocab_size, m.hidden_size], "norm.weight": [m.hidden_size]}
+    for name, shape in want.items():
+        got = header.get(name, {}).get("shape")
+        if got != shape:
+            faults.append(f"{HEAD_NAME}: tensor {name} has shape {got}, expected {shape} from the manifest "
+                          f"(hidden_size={m.hidden_size}, vocab_size={m.vocab_size}): the head belongs to another "
+                          f"teacher; re-extract the cache")
+    cfg = json.loads(header.get("__metadata__", {}).get("genrecal_head_config", "null") or "null")
+    if not isinstance(cfg, dict) or (cfg.get("hidden_size"), cfg.get("vocab_size")) != (m.hidden_size, m.vocab_size):
+        faults.append(f"{HEAD_NAME}: head config {cfg} does not match the manifest's hidden_size={m.hidden_size}, "
+                      f"vocab_size={m.vocab_size}; re-extract the cache")
+    return faults
+
+
+def _check_array_specs(arrays: dict[str, Any], m: Manifest) -> list[str]:
+    faults = []
+    want_tail = {"token_ids": [], "answer_mask": [], "hidden": [m.hidden_size], "topk_ids": [m.topk],
+                 "topk_logprobs": [m.topk]}
+    for name in sorted(set(m.arrays) - set(ARRAY_NAMES)):
+        faults.append(f"{MANIFEST_NAME}: unknown array {name!r} in 'arrays'; this cache is not format version 1")
+    for name in ARRAY_NAMES:
+        a, spec = arrays[name], m.arrays[name]
+        rel = f"{FEATURES_NAME}/{name}/zarr.json"
+        if spec.shape_tail != want_tail[name]:
+            faults.append(f"{MANIFEST_NAME}: arrays.{name}.shape_tail is {spec.shape_tail}, expected {want_tail[name]} "
+                          f"from hidden_size/topk; the manifest is inconsistent; re-extract the cache")
+        shards = a.shards or a.chunks
+        if shards[0] != spec.shard_tokens or a.chunks[0] != spec.chunk_tokens:
+            faults.append(f"{rel}: shards/chunks of {shards[0]}/{a.chunks[0]} tokens but the manifest says "
+                          f"{spec.shard_tokens}/{spec.chunk_tokens}; {REFETCH}")
+        encoding = a.attrs.get("genrecal_encoding")
+        if (spec.dtype == "bfloat16") != (encoding == "bfloat16"):
+            faults.append(f"{rel}: attribute genrecal_encoding={encoding!r} but the manifest says dtype {spec.dtype}; "
+                          f"the values would be misread; {REFETCH}")
+    return faults
+
+
+def _check_index(table: pa.Table, arrays: dict[str, Any], m: Manifest) -> list[str]:
+    faults: list[str] = []
+    P = SAMPLES_NAME
+    n, T = table.num_rows, m.counts.tokens
+    if n != m.counts.samples:
+        faults.append(f"{P}: {n} rows but the manifest counts {m.counts.samples} samples; {REFETCH}")
+    idx = table.column("index").to_numpy()
+    if not np.array_equal(idx, np.arange(n)):
+        faults.append(f"{P}: column 'index' is not 0..{n - 1} in order; {REFETCH}")
+    ids = table.column("id").to_pylist()
+    if len(set(ids)) != n:
+        dup = next(i for i, k in Counter(ids).items() if k > 1)
+        faults.append(f"{P}: duplicate sample id {dup!r}; ids must be unique; re-extract the cache")
+    status = table.column("status").to_pylist()
+    errors = table.column("error").to_pylist()
+    offsets = table.column("token_offset").to_numpy()
+    lengths = table.column("num_tokens").to_numpy()
+    spans = table.column("answer_spans").to_pylist()
+    expected_offset, n_ok, n_err, answer_tokens = 0, 0, 0, 0
+    starts, ends = [], []  # absolute answer spans, for the answer_mask comparison
+    for i in range(n):
+        name = f"{P}: row {i} (sample {ids[i]!r})"
+        if status[i] == "error":
+            n_err += 1
+            if offsets[i] != 0 or lengths[i] != 0 or spans[i]:
+                faults.append(f"{name}: an error row must have token_offset 0, num_tokens 0 and no spans; {REFETCH}")
+            if not errors[i]:
+                faults.append(f"{name}: status 'error' without an error message; re-extract the cache")
+            continue
+        if status[i] != "ok":
+            faults.append(f"{name}: status {status[i]!r} is neither 'ok' nor 'error'; {REFETCH}")
+            continue
+        n_ok += 1
+        if lengths[i] < 1:
+            faults.append(f"{name}: an ok sample with {lengths[i]} tokens; {REFETCH}")
+        if offsets[i] != expected_offset:
+            faults.append(f"{name}: token_offset {offsets[i]} but the previous ok samples end at {expected_offset} "
+                          f"(offsets must be contiguous); {REFETCH}")
+        prev_end = 0
+        for s, e in spans[i]:
+            if not (prev_end <= s < e <= lengths[i]):
+                faults.append(f"{name}: answer span [{s}, {e}) is empty, unsorted, overlapping or outside the "
+                              f"sample's {lengths[i]} tokens; {REFETCH}")
+                break
+            prev_end = e
+            starts.append(offsets[i] + s)
+            ends.append(offsets[i] + e)
+            answer_tokens += e - s
+        expected_offset = offsets[i] + lengths[i]
+    if expected_offset != T or int(lengths.sum()) != T:
+        faults.append(f"{P}: the samples' num_tokens sum to {int(lengths.sum())} (last ok sample ends at "
+                      f"{expected_offset}) but the feature arrays hold T={T} tokens; {REFETCH}")
+    c = m.counts
+    if (n_ok, n_err, answer_tokens) != (c.ok, c.error, c.answer_tokens):
+        faults.append(f"{MANIFEST_NAME}: counts ok={c.ok}, error={c.error}, answer_tokens={c.answer_tokens} but "
+                      f"{P} has {n_ok}, {n_err}, {answer_tokens}; {REFETCH}")
+    faults += _check_answer_mask(arrays["answer_mask"], np.asarray(starts, np.int64), np.asarray(ends, np.int64), m)
+    return faults
+
+
+def _check_answer_mask(mask: Any, starts: np.ndarray, ends: np.ndarray, m: Manifest) -> list[str]:
+    """Compare answer_mask with the spans, one shard at a time."""
+    S, T = m.arrays["answer_mask"].shard_tokens, m.counts.tokens
+    for lo in range(0, T, S):
+        hi = min(lo + S, T)
+        expected = np.zeros(hi - lo, dtype=np.int8)
+        # spans are sorted and disjoint: only those with end > lo and start < hi touch this shard
+        first = np.searchsorted(ends, lo, side="right")
+        last = np.searchsorted(starts, hi, side="left")
+        for s, e in zip(starts[first:last], ends[first:last]):
+            expected[max(s, lo) - lo:min(e, hi) - lo] = 1
+        got = np.asarray(mask[lo:hi])
+        if not np.array_equal(got, expected.astype(bool)):
+            bad = lo + int(np.flatnonzero(got != expected.astype(bool))[0])
+            rel = f"{FEATURES_NAME}/answer_mask/c/{lo // S}"
+            return [f"{rel}: answer_mask disagrees with samples.parquet answer_spans (first at token {bad}); "
+                    f"one of the two is corrupt; {REFETCH}"]
+    return []
