@@ -17,13 +17,18 @@ a Llama-type text model with a SigLIP/CLIP vision tower; the student).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from .data import IMAGE_MARKER, Sample
 from .head import HeadConfig, TeacherHead
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from transformers import PreTrainedConfig
 
 
 @dataclass
@@ -109,7 +114,7 @@ class FamilyAdapter:
 
     # --- encoding ------------------------------------------------------------------------------
 
-    def encode(self, processor: Any, sample: Sample, images: list, max_len: int | None = None) -> Encoded:
+    def encode(self, processor: Any, sample: Sample, images: list[Image.Image], max_len: int | None = None) -> Encoded:
         """Tokenize `sample` with the family's chat template; mark the assistant answers.
 
         `images` are the decoded sample images (PIL), in marker order. Raises `EncodeError`.
@@ -131,12 +136,15 @@ class FamilyAdapter:
                  for k, m in enumerate(messages) if m["role"] == "assistant"]
 
         bos = processor.tokenizer.bos_token
-        out = processor(
-            text=[full], images=images or None, return_tensors="pt", return_offsets_mapping=True,
-            return_text_replacement_offsets=True,
-            # the template writes BOS itself when the family wants one; only add it when it does not
-            add_special_tokens=bos is not None and not full.startswith(bos),
-        )
+        try:
+            out = processor(
+                text=[full], images=images or None, return_tensors="pt", return_offsets_mapping=True,
+                return_text_replacement_offsets=True,
+                # the template writes BOS itself when the family wants one; only add it when it does not
+                add_special_tokens=bos is not None and not full.startswith(bos),
+            )
+        except (ValueError, TypeError) as e:  # e.g. an extreme aspect ratio, placeholder text in a question
+            raise EncodeError(f"{where}: the processor rejected the sample: {e}") from e
         input_ids = out.pop("input_ids")[0].long()
         offsets = out.pop("offset_mapping")[0].tolist()
         replacements = out.pop("text_replacement_offsets", [[]])
@@ -234,7 +242,7 @@ class LlavaAdapter(FamilyAdapter):
 ADAPTERS: dict[str, type[FamilyAdapter]] = {a.model_type: a for a in (Qwen2VLAdapter, LlavaAdapter)}
 
 
-def adapter_for(config: Any) -> FamilyAdapter:
+def adapter_for(config: PreTrainedConfig | str | os.PathLike) -> FamilyAdapter:
     """The adapter for a model config (or a model folder/hub id, whose config is read)."""
     if isinstance(config, (str, os.PathLike)):
         from transformers import AutoConfig
@@ -247,7 +255,7 @@ def adapter_for(config: Any) -> FamilyAdapter:
     return ADAPTERS[model_type]()
 
 
-def _expansion_shift(replacements: list[dict]) -> Any:
+def _expansion_shift(replacements: list[dict]) -> Callable[[int], int]:
     """Map a character position of the rendered text to the processor's expanded text.
 
     The processor replaces each image placeholder by many copies; answers never contain

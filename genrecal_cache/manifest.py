@@ -1,9 +1,10 @@
 """The cache manifest (`manifest.json`): what a cache holds, how it was made, and a checksum per file.
 
 The manifest is written last, atomically: a cache directory without one is incomplete. Parsing is
-strict (unknown version, missing or unknown keys, wrong types all raise `CacheFormatError`) because
-a cache is shared between labs and a silently misread field would poison a training run. Anything a
-writer wants to add without a format bump goes into `extra`.
+strict (unknown version, missing keys, wrong types and unknown top-level keys all raise
+`CacheFormatError` naming the file and the field) because a cache is shared between labs and a
+silently misread field would poison a training run. Additions within format version 1 go into
+`extra`; `teacher` may carry extra provenance keys (e.g. the extraction backend).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import IO, Any
+from typing import IO, Any, TypedDict
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -20,8 +21,6 @@ HEAD_NAME = "teacher_head.safetensors"
 FEATURES_NAME = "features.zarr"
 SAMPLES_NAME = "samples.parquet"
 ARRAY_NAMES = ("token_ids", "answer_mask", "hidden", "topk_ids", "topk_logprobs")
-
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CacheFormatError(ValueError):
@@ -33,7 +32,7 @@ def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
 
 
 def sha256_stream(f: IO[bytes], block_size: int = 8 << 20) -> str:
-    """sha256 of a binary file object, read in blocks so large shards never sit in memory twice."""
+    """sha256 of a binary file object, read in blocks so large shards never sit in memory whole."""
     h = hashlib.sha256()
     while block := f.read(block_size):
         h.update(block)
@@ -45,26 +44,23 @@ def sha256_file(path: str) -> str:
         return sha256_stream(f)
 
 
-@dataclass
-class TeacherInfo:
+class TeacherInfo(TypedDict):
     id: str                      # hub id or local path of the teacher model
-    revision: str | None         # commit / revision; None for a local checkpoint
-    config_sha256: str           # sha256 of the teacher's config.json bytes
+    revision: str | None         # commit / revision; None when unknown
+    config_sha256: str           # sha256 of the teacher's config
     model_type: str              # config.model_type, e.g. "qwen2_vl"
 
 
-@dataclass
-class ArraySpec:
+class ArraySpec(TypedDict):
     dtype: str                   # logical dtype: "int32", "bool", "float32", "bfloat16"
-    stored_dtype: str            # Zarr dtype on disk ("uint16" for bfloat16 bits)
-    shape_tail: list[int]        # shape after the token axis: [] , [hidden_size] or [topk]
+    stored_dtype: str            # Zarr data type on disk ("uint16" for bfloat16 bits)
+    shape_tail: list[int]        # shape after the token axis: [], [hidden_size] or [topk]
     chunk_tokens: int            # inner-chunk length along the token axis
     shard_tokens: int            # shard (file) length along the token axis
-    codec: str                   # human-readable codec chain, e.g. "sharding(blosc(zstd,1,shuffle))"
+    codec: str                   # the codec chain, as text
 
 
-@dataclass
-class Counts:
+class Counts(TypedDict):
     samples: int
     ok: int
     error: int
@@ -92,7 +88,7 @@ class Manifest:
     def to_json(self) -> str:
         d = asdict(self)
         d = {"format_version": d.pop("format_version"), **d}  # version first: readers look there first
-        return json.dumps(d, indent=2, sort_keys=False) + "\n"
+        return json.dumps(d, indent=1) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = MANIFEST_NAME) -> Manifest:
@@ -108,74 +104,59 @@ class Manifest:
             raise CacheFormatError(
                 f"{source}: field 'format_version' is {version!r}, this genrecal reads version {FORMAT_VERSION} "
                 f"only; use the genrecal release that wrote the cache, or re-extract it")
-        return _parse(cls, raw, source, "")
+        raw = {"extra": {}, **raw}
+        _check_object(raw, _MANIFEST, source, "", allow_extra=False)
+        _check_object(raw["teacher"], _TEACHER, source, "teacher.", allow_extra=True)
+        _check_object(raw["counts"], _COUNTS, source, "counts.", allow_extra=False)
+        for name, spec in raw["arrays"].items():
+            _check_object(spec, _ARRAY, source, f"arrays.{name}.", allow_extra=False)
+        for path, digest in raw["checksums"].items():
+            if not (isinstance(digest, str) and _SHA256.match(digest)):
+                raise _fail(source, f"checksums.{path}", f"must be a lowercase sha256 hex digest, got {digest!r:.80}")
+        return cls(**raw)
 
 
-# -- strict parsing -------------------------------------------------------------------------------
-# Field types are declared once in the dataclasses above; this checks a JSON object against them.
+# -- strict validation -----------------------------------------------------------------------------
+# A schema maps each key to a kind: "int" (>= 0), "str", "str?" (str or null), "ints" (list of
+# ints >= 0), "object" (any JSON object).
 
-_NESTED: dict[str, type] = {"teacher": TeacherInfo, "counts": Counts}
+_MANIFEST = {"format_version": "int", "created": "str", "tool_version": "str", "command": "str", "teacher": "object",
+             "tokenizer_sha256": "str", "chat_template_sha256": "str?", "hidden_size": "int", "vocab_size": "int",
+             "topk": "int", "arrays": "object", "counts": "object", "checksums": "object", "extra": "object"}
+assert set(_MANIFEST) == {f.name for f in fields(Manifest)}, "manifest schema and dataclass disagree"
+_TEACHER = {"id": "str", "revision": "str?", "config_sha256": "str", "model_type": "str"}
+_ARRAY = {"dtype": "str", "stored_dtype": "str", "shape_tail": "ints", "chunk_tokens": "int", "shard_tokens": "int",
+          "codec": "str"}
+_COUNTS = {k: "int" for k in Counts.__annotations__}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _fail(source: str, name: str, problem: str) -> CacheFormatError:
     return CacheFormatError(f"{source}: field '{name}' {problem}")
 
 
-def _check_scalar(value: Any, kind: str, source: str, name: str) -> Any:
-    ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "str": isinstance(value, str),
-        "str|None": value is None or isinstance(value, str),
-    }[kind]
-    if not ok:
-        raise _fail(source, name, f"must be {kind.replace('|None', ' or null')}, got {type(value).__name__} {value!r:.80}")
-    return value
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def _parse(cls: type, raw: dict, source: str, prefix: str) -> Any:
-    names = [f.name for f in fields(cls)]
-    missing = [n for n in names if n not in raw and not (cls is Manifest and n == "extra")]
-    if missing:
-        raise _fail(source, prefix + missing[0], "is missing")
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise _fail(source, prefix + unknown[0], "is unknown in format version 1 (extensions belong in 'extra')")
-    out: dict[str, Any] = {}
-    for f in fields(cls):
-        name, value = prefix + f.name, raw.get(f.name)
-        t = f.type if isinstance(f.type, str) else f.type.__name__
-        if f.name == "extra" and cls is Manifest:
-            value = {} if value is None else value
-            if not isinstance(value, dict):
-                raise _fail(source, name, f"must be an object, got {type(value).__name__}")
-        elif f.name in _NESTED and cls is Manifest:
-            if not isinstance(value, dict):
-                raise _fail(source, name, f"must be an object, got {type(value).__name__}")
-            value = _parse(_NESTED[f.name], value, source, name + ".")
-        elif f.name == "arrays":
-            if not isinstance(value, dict):
-                raise _fail(source, name, f"must be an object, got {type(value).__name__}")
-            value = {k: _parse(ArraySpec, v, source, f"{name}.{k}.") if isinstance(v, dict)
-                     else _bad_obj(source, f"{name}.{k}", v) for k, v in value.items()}
-        elif f.name == "checksums":
-            if not isinstance(value, dict):
-                raise _fail(source, name, f"must be an object, got {type(value).__name__}")
-            for k, v in value.items():
-                if not (isinstance(v, str) and _SHA256.match(v)):
-                    raise _fail(source, f"{name}.{k}", f"must be a lowercase sha256 hex digest, got {v!r:.80}")
-        elif f.name == "shape_tail":
-            if not (isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                                                    for x in value)):
-                raise _fail(source, name, f"must be a list of non-negative ints, got {value!r:.80}")
-        elif t in ("int", "str", "str | None"):
-            _check_scalar(value, t.replace(" | ", "|"), source, name)
-            if t == "int" and value < 0:
-                raise _fail(source, name, f"must be >= 0, got {value}")
-        else:  # pragma: no cover - a dataclass field without a rule is a programming error
-            raise TypeError(f"no validation rule for {cls.__name__}.{f.name} ({t})")
-        out[f.name] = value
-    return cls(**out)
+_KINDS = {
+    "int": (_is_count, "an integer >= 0"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str?": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "ints": (lambda v: isinstance(v, list) and all(_is_count(x) for x in v), "a list of integers >= 0"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
+}
 
 
-def _bad_obj(source: str, name: str, value: Any) -> Any:
-    raise _fail(source, name, f"must be an object, got {type(value).__name__}")
+def _check_object(obj: Any, schema: dict[str, str], source: str, prefix: str, allow_extra: bool) -> None:
+    if not isinstance(obj, dict):
+        raise _fail(source, prefix.rstrip("."), f"must be an object, got {type(obj).__name__}")
+    for key, kind in schema.items():
+        if key not in obj:
+            raise _fail(source, prefix + key, "is missing")
+        ok, what = _KINDS[kind]
+        if not ok(obj[key]):
+            raise _fail(source, prefix + key, f"must be {what}, got {type(obj[key]).__name__} {obj[key]!r:.80}")
+    unknown = sorted(set(obj) - set(schema))
+    if unknown and not allow_extra:
+        raise _fail(source, prefix + unknown[0], "is unknown in format version 1 (additions belong in 'extra')")

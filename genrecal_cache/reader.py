@@ -213,9 +213,9 @@ class TeacherCache:
         except (pa.ArrowException, OSError) as e:
             raise CacheFormatError(f"{where}: unreadable ({e}); the file is truncated or corrupt, re-download or "
                                    f"re-extract it") from e
-        if table.num_rows != self.manifest.counts.samples:
+        if table.num_rows != self.manifest.counts["samples"]:
             raise CacheFormatError(f"{where}: {table.num_rows} rows but the manifest counts "
-                                   f"{self.manifest.counts.samples} samples; the cache is inconsistent, run "
+                                   f"{self.manifest.counts['samples']} samples; the cache is inconsistent, run "
                                    f"`genrecal-cache verify` and re-download or re-extract it")
         self.index: pa.Table = table
         self._ids: list[str] = table.column("id").to_pylist()
@@ -287,7 +287,7 @@ class TeacherCache:
             raise ValueError(f"status must be 'ok', 'error' or 'all', got {status!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
-        S = self.manifest.arrays["hidden"].shard_tokens
+        S = self.manifest.arrays["hidden"]["shard_tokens"]
         groups: list[list[int]] = []
         key, group_key = -1, None
         for i, st in enumerate(self._status):
@@ -342,7 +342,7 @@ class TeacherCache:
         if self._lengths[i] == 0:
             a = b = 0
         hidden = arrays["hidden"][a:b]
-        hidden = bf16_bits_to_float32(hidden) if self.manifest.arrays["hidden"].dtype == "bfloat16" else hidden.copy()
+        hidden = bf16_bits_to_float32(hidden) if self.manifest.arrays["hidden"]["dtype"] == "bfloat16" else hidden.copy()
         return CachedSample(
             index=i, id=self._ids[i], status=self._status[i], error=row["error"],
             messages=json.loads(row["messages"]), images=self._images(i), extra=json.loads(row["extra"]),
@@ -358,10 +358,55 @@ class TeacherCache:
             self._images_rg = (g, col)
         return self._images_rg[1][i - int(self._rg_starts[g])]
 
+    def describe(self, max_errors: int = 10) -> str:
+        """Human-readable summary: provenance, counts, bytes per token, arrays and error rows."""
+        m, c = self.manifest, self.manifest.counts
+        t = dict(m.teacher)
+        extra_t = {k: v for k, v in t.items() if k not in ("id", "revision", "config_sha256", "model_type")}
+        lines = [
+            f"cache      {self.url}  (format v{m.format_version}, genrecal {m.tool_version}, {m.created})",
+            f"command    {m.command}",
+            f"teacher    {t['id']}  revision={t['revision']}  model_type={t['model_type']}  "
+            f"config sha256={t['config_sha256'][:12]}" + "".join(f"  {k}={v}" for k, v in extra_t.items()),
+            f"tokenizer  sha256={m.tokenizer_sha256[:12]}  chat template sha256={(m.chat_template_sha256 or '-')[:12]}",
+            f"samples    {c['samples']} (ok {c['ok']}, error {c['error']})   tokens {c['tokens']} "
+            f"(answer {c['answer_tokens']}, mean {c['tokens'] / max(c['ok'], 1):.1f} per ok sample)",
+            f"model      hidden_size {m.hidden_size}, vocab_size {m.vocab_size}, top-k {m.topk}",
+            "arrays",
+        ]
+        raw = 0
+        for name, spec in m.arrays.items():
+            row = int(np.prod(spec["shape_tail"], dtype=np.int64)) * np.dtype(spec["stored_dtype"]).itemsize
+            raw += row
+            shape = "[T" + "".join(f", {n}" for n in spec["shape_tail"]) + "]"
+            lines.append(f"  {name:<14} {spec['dtype']:<9} {shape:<10} {row:>6} B/token  chunk {spec['chunk_tokens']}"
+                         f" / shard {spec['shard_tokens']} tokens  {spec['codec']}")
+        stored = self._stored_feature_bytes()
+        per_token = f"bytes/token: {raw} raw"
+        if stored is not None and c["tokens"]:
+            per_token += f", {stored / c['tokens']:.1f} stored ({raw * c['tokens'] / max(stored, 1):.2f}x compression)"
+        lines.append(per_token)
+        errs = [(self._ids[i], self.index.column("error")[i].as_py()) for i, st in enumerate(self._status) if st == "error"]
+        if errs:
+            lines.append(f"errors ({len(errs)})")
+            lines += [f"  {sid}: {msg}" for sid, msg in errs[:max_errors]]
+            if len(errs) > max_errors:
+                lines.append(f"  ... and {len(errs) - max_errors} more")
+        return "\n".join(lines)
+
+    def _stored_feature_bytes(self) -> int | None:
+        """Bytes of features.zarr on storage, or None where the filesystem cannot tell sizes cheaply."""
+        try:
+            info = self.fs.find(self._path(FEATURES_NAME), detail=True)
+        except Exception:  # noqa: BLE001 - listing is optional (e.g. a web server without indexes)
+            return None
+        sizes = [v.get("size") for v in info.values()]
+        return None if not sizes or any(s is None for s in sizes) else int(sum(sizes))
+
     def __repr__(self) -> str:
         c = self.manifest.counts
-        return (f"TeacherCache({self.url!r}, teacher={self.manifest.teacher.id!r}, samples={c.samples} "
-                f"(ok {c.ok}, error {c.error}), tokens={c.tokens})")
+        return (f"TeacherCache({self.url!r}, teacher={self.manifest.teacher['id']!r}, samples={c['samples']} "
+                f"(ok {c['ok']}, error {c['error']}), tokens={c['tokens']})")
 
 
 def load_manifest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> Manifest:
@@ -387,7 +432,7 @@ def _exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
 def open_feature_arrays(store: zarr.abc.store.Store, manifest: Manifest, url: str) -> dict[str, zarr.Array]:
     """Open and check the five arrays against the manifest (dtype, trailing shape, length T)."""
     arrays: dict[str, zarr.Array] = {}
-    T = manifest.counts.tokens
+    T = manifest.counts["tokens"]
     for name in ARRAY_NAMES:
         where = f"{url}/{FEATURES_NAME}/{name}"
         spec = manifest.arrays.get(name)
@@ -399,9 +444,9 @@ def open_feature_arrays(store: zarr.abc.store.Store, manifest: Manifest, url: st
         except FileNotFoundError as e:  # zarr's ArrayNotFoundError is one
             raise CacheFormatError(f"{where}: array missing (no {name}/zarr.json); the cache is incomplete, "
                                    f"re-download or re-extract it") from e
-        if str(a.dtype) != spec.stored_dtype or list(a.shape[1:]) != spec.shape_tail or a.shape[0] != T:
+        if str(a.dtype) != spec["stored_dtype"] or list(a.shape[1:]) != spec["shape_tail"] or a.shape[0] != T:
             raise CacheFormatError(f"{where}: stored as {a.dtype} {list(a.shape)} but the manifest says "
-                                   f"{spec.stored_dtype} [{T}, {', '.join(map(str, spec.shape_tail))}]; the cache is "
+                                   f"{spec['stored_dtype']} {[T, *spec['shape_tail']]}; the cache is "
                                    f"inconsistent, re-download or re-extract it")
         arrays[name] = a
     return arrays

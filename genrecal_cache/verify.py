@@ -92,11 +92,11 @@ def _check_files(fs: fsspec.AbstractFileSystem, root: str, m: Manifest) -> list[
                       f"copy): delete it")
     # every shard the token count implies must be checksummed, so a manifest that lost one is caught too
     for name, spec in m.arrays.items():
-        S = spec.shard_tokens
-        for s in range(-(-m.counts.tokens // S) if S else 0):
-            rel = f"{FEATURES_NAME}/{name}/c/{s}" + ("/0" if spec.shape_tail else "")
+        S, T = spec["shard_tokens"], m.counts["tokens"]
+        for s in range(-(-T // S) if S else 0):
+            rel = f"{FEATURES_NAME}/{name}/c/{s}" + ("/0" if spec["shape_tail"] else "")
             if rel not in m.checksums:
-                faults.append(f"{rel}: shard for tokens [{s * S}, {min((s + 1) * S, m.counts.tokens)}) has no checksum "
+                faults.append(f"{rel}: shard for tokens [{s * S}, {min((s + 1) * S, T)}) has no checksum "
                               f"in the manifest: the manifest is incomplete; {REFETCH}")
     return faults
 
@@ -137,16 +137,16 @@ def _check_array_specs(arrays: dict[str, Any], m: Manifest) -> list[str]:
     for name in ARRAY_NAMES:
         a, spec = arrays[name], m.arrays[name]
         rel = f"{FEATURES_NAME}/{name}/zarr.json"
-        if spec.shape_tail != want_tail[name]:
-            faults.append(f"{MANIFEST_NAME}: arrays.{name}.shape_tail is {spec.shape_tail}, expected {want_tail[name]} "
+        if spec["shape_tail"] != want_tail[name]:
+            faults.append(f"{MANIFEST_NAME}: arrays.{name}.shape_tail is {spec['shape_tail']}, expected {want_tail[name]} "
                           f"from hidden_size/topk; the manifest is inconsistent; re-extract the cache")
         shards = a.shards or a.chunks
-        if shards[0] != spec.shard_tokens or a.chunks[0] != spec.chunk_tokens:
+        if shards[0] != spec["shard_tokens"] or a.chunks[0] != spec["chunk_tokens"]:
             faults.append(f"{rel}: shards/chunks of {shards[0]}/{a.chunks[0]} tokens but the manifest says "
-                          f"{spec.shard_tokens}/{spec.chunk_tokens}; {REFETCH}")
+                          f"{spec['shard_tokens']}/{spec['chunk_tokens']}; {REFETCH}")
         encoding = a.attrs.get("genrecal_encoding")
-        if (spec.dtype == "bfloat16") != (encoding == "bfloat16"):
-            faults.append(f"{rel}: attribute genrecal_encoding={encoding!r} but the manifest says dtype {spec.dtype}; "
+        if (spec["dtype"] == "bfloat16") != (encoding == "bfloat16"):
+            faults.append(f"{rel}: attribute genrecal_encoding={encoding!r} but the manifest says dtype {spec['dtype']}; "
                           f"the values would be misread; {REFETCH}")
     return faults
 
@@ -154,9 +154,9 @@ def _check_array_specs(arrays: dict[str, Any], m: Manifest) -> list[str]:
 def _check_index(table: pa.Table, arrays: dict[str, Any], m: Manifest) -> list[str]:
     faults: list[str] = []
     P = SAMPLES_NAME
-    n, T = table.num_rows, m.counts.tokens
-    if n != m.counts.samples:
-        faults.append(f"{P}: {n} rows but the manifest counts {m.counts.samples} samples; {REFETCH}")
+    n, T = table.num_rows, m.counts["tokens"]
+    if n != m.counts["samples"]:
+        faults.append(f"{P}: {n} rows but the manifest counts {m.counts['samples']} samples; {REFETCH}")
     idx = table.column("index").to_numpy()
     if not np.array_equal(idx, np.arange(n)):
         faults.append(f"{P}: column 'index' is not 0..{n - 1} in order; {REFETCH}")
@@ -204,8 +204,8 @@ def _check_index(table: pa.Table, arrays: dict[str, Any], m: Manifest) -> list[s
         faults.append(f"{P}: the samples' num_tokens sum to {int(lengths.sum())} (last ok sample ends at "
                       f"{expected_offset}) but the feature arrays hold T={T} tokens; {REFETCH}")
     c = m.counts
-    if (n_ok, n_err, answer_tokens) != (c.ok, c.error, c.answer_tokens):
-        faults.append(f"{MANIFEST_NAME}: counts ok={c.ok}, error={c.error}, answer_tokens={c.answer_tokens} but "
+    if (n_ok, n_err, answer_tokens) != (c["ok"], c["error"], c["answer_tokens"]):
+        faults.append(f"{MANIFEST_NAME}: counts ok={c['ok']}, error={c['error']}, answer_tokens={c['answer_tokens']} but "
                       f"{P} has {n_ok}, {n_err}, {answer_tokens}; {REFETCH}")
     faults += _check_answer_mask(arrays["answer_mask"], np.asarray(starts, np.int64), np.asarray(ends, np.int64), m)
     return faults
@@ -213,7 +213,7 @@ def _check_index(table: pa.Table, arrays: dict[str, Any], m: Manifest) -> list[s
 
 def _check_answer_mask(mask: Any, starts: np.ndarray, ends: np.ndarray, m: Manifest) -> list[str]:
     """Compare answer_mask with the spans, one shard at a time."""
-    S, T = m.arrays["answer_mask"].shard_tokens, m.counts.tokens
+    S, T = m.arrays["answer_mask"]["shard_tokens"], m.counts["tokens"]
     for lo in range(0, T, S):
         hi = min(lo + S, T)
         expected = np.zeros(hi - lo, dtype=np.int8)

@@ -111,10 +111,10 @@ def check_sample(got, row: SampleRecord, arrays: SampleArrays | None, hidden_dty
 def test_float32_round_trip_is_bit_exact(tmp_path, head, samples):
     m = write_cache(tmp_path / "c", head, samples, "float32")
     cache = TeacherCache.open(tmp_path / "c")
-    assert len(cache) == len(samples) == m.counts.samples
-    assert m.counts.ok == len(ok_ids(samples)) and m.counts.error == len(samples) - m.counts.ok
-    assert m.counts.tokens == sum(len(a.token_ids) for _, a in samples if a is not None)
-    assert cache.manifest == m and m.arrays["hidden"].dtype == "float32"
+    assert len(cache) == len(samples) == m.counts["samples"]
+    assert m.counts["ok"] == len(ok_ids(samples)) and m.counts["error"] == len(samples) - m.counts["ok"]
+    assert m.counts["tokens"] == sum(len(a.token_ids) for _, a in samples if a is not None)
+    assert cache.manifest == m and m.arrays["hidden"]["dtype"] == "float32"
     for i, (row, arrays) in enumerate(samples):
         check_sample(cache[i], row, arrays, "float32")
     assert verify(tmp_path / "c") == []
@@ -122,7 +122,7 @@ def test_float32_round_trip_is_bit_exact(tmp_path, head, samples):
 
 def test_bf16_round_trip_matches_torch_cast(bf16_cache, samples):
     cache = TeacherCache.open(bf16_cache)
-    assert cache.manifest.arrays["hidden"].dtype == "bfloat16"
+    assert cache.manifest.arrays["hidden"]["dtype"] == "bfloat16"
     for i, (row, arrays) in enumerate(samples):
         check_sample(cache[i], row, arrays, "bfloat16")
         assert cache.by_id(row.id).index == i
@@ -144,8 +144,8 @@ def test_bf16_tensor_input_keeps_its_bits(tmp_path, head):
 def test_multi_shard_layout(bf16_cache):
     cache = TeacherCache.open(bf16_cache)
     m = cache.manifest
-    S, T = m.arrays["hidden"].shard_tokens, m.counts.tokens
-    assert (S, m.arrays["hidden"].chunk_tokens) == (64, 16)
+    S, T = m.arrays["hidden"]["shard_tokens"], m.counts["tokens"]
+    assert (S, m.arrays["hidden"]["chunk_tokens"]) == (64, 16)
     idx = cache.index
     off, n = idx.column("token_offset").to_numpy(), idx.column("num_tokens").to_numpy()
     straddling = [i for i in range(len(cache)) if n[i] and off[i] // S != (off[i] + n[i] - 1) // S]
@@ -300,8 +300,15 @@ def test_manifest_validation_is_strict(bf16_cache):
         Manifest.from_json(json.dumps(bad), source="x/manifest.json")
     bad = json.loads(text)
     bad["hidden_size"] = "32"
-    with pytest.raises(CacheFormatError, match=r"field 'hidden_size' must be int, got str"):
+    with pytest.raises(CacheFormatError, match=r"manifest.json: field 'hidden_size' must be an integer >= 0, got str"):
         Manifest.from_json(json.dumps(bad))
+    bad = json.loads(text)
+    bad["counts"]["tokenz"] = 1
+    with pytest.raises(CacheFormatError, match=r"field 'counts.tokenz' is unknown"):
+        Manifest.from_json(json.dumps(bad))
+    bad = json.loads(text)
+    bad["teacher"]["backend"] = "vllm"  # extra provenance in 'teacher' is kept
+    assert Manifest.from_json(json.dumps(bad)).teacher["backend"] == "vllm"
     with pytest.raises(CacheFormatError, match="not valid JSON"):
         Manifest.from_json(text[:50])
 

@@ -163,6 +163,11 @@ def test_encode_errors(loaded) -> None:
         a.encode(proc, Sample("bad", [], [], [], error="broken"), [])
 
 
+def test_processor_rejections_become_encode_errors(teacher) -> None:
+    with pytest.raises(EncodeError, match="sample 'thin'.*processor rejected the sample.*aspect ratio"):
+        teacher.adapter.encode(teacher.processor, _sample("thin", "What?", "x"), [Image.new("RGB", (600, 2))])
+
+
 def test_encode_refuses_answers_glued_to_the_template(teacher) -> None:
     # "<|im_start|>assistant:" + " red": the space before the answer belongs to the template,
     # but byte-level BPE makes " red" one token, which straddles the answer boundary.
