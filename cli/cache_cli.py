@@ -42,12 +42,17 @@ def extract(
 
 @app.command()
 def info(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."),
-         errors: int = typer.Option(10, help="How many error rows to list.")) -> None:
+         errors: int = typer.Option(10, help="How many error rows to list."),
+         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
     """Counts, bytes per token, teacher, dtypes, codecs and errors of a cache."""
+    import json as _json
+
+    from genrecal_cache.info import format_summary, summarize
     from genrecal_cache.reader import TeacherCache
 
-    tc = TeacherCache.open(cache)
-    typer.echo(tc.describe(max_errors=errors))
+    with TeacherCache.open(cache) as tc:
+        s = summarize(tc, max_errors=errors)
+    typer.echo(_json.dumps(s, indent=1, default=str) if as_json else format_summary(s))
 
 
 @app.command()

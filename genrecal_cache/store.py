@@ -39,8 +39,8 @@ from zarr.storage import LocalStore
 from . import __version__
 from .head import TeacherHead
 from .manifest import (
-    ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, ArraySpec, Counts, Manifest,
-    TeacherInfo, sha256_file,
+    ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, ArraySpec, CacheFormatError, Counts,
+    Manifest, TeacherInfo, sha256_file,
 )
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -169,20 +169,21 @@ class CacheWriter:
         if (head.hidden_size, head.vocab_size) != (hidden_size, vocab_size):
             raise ValueError(f"teacher head is [{head.vocab_size}, {head.hidden_size}] (vocab, hidden) but the cache "
                              f"is declared with vocab_size={vocab_size}, hidden_size={hidden_size}")
-        missing = [k for k in TeacherInfo.__annotations__ if k not in teacher]
-        if missing:
-            raise ValueError(f"teacher info lacks {missing}; it needs id, revision, config_sha256 and model_type "
-                             f"(extra provenance keys are kept)")
-        self._teacher = TeacherInfo(**teacher)  # type: ignore[typeddict-item]  # extras kept on purpose
+        self.hidden_size, self.vocab_size, self.topk = hidden_size, vocab_size, topk
+        self._teacher: TeacherInfo = dict(teacher)  # type: ignore[assignment]  # extra provenance keys are kept
+        self._meta = dict(command=command, tokenizer_sha256=tokenizer_sha256,
+                          chat_template_sha256=chat_template_sha256, extra=dict(extra or {}))
+        self._counts: Counts = {"samples": 0, "ok": 0, "error": 0, "tokens": 0, "answer_tokens": 0}
+        try:  # fail now, not after hours of extraction, if these would make an unreadable manifest
+            Manifest.from_json(self._manifest(arrays={}, checksums={}).to_json(), source="CacheWriter arguments")
+        except (CacheFormatError, TypeError) as e:
+            raise ValueError(f"invalid cache metadata: {e}") from e
         if self.out_dir.exists() and any(self.out_dir.iterdir()):
             state = "a complete cache" if (self.out_dir / MANIFEST_NAME).exists() else "files of an unfinished run"
             raise CacheWriteError(f"{self.out_dir} already holds {state}; choose a new directory or delete it first")
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
-        self.hidden_size, self.vocab_size, self.topk = hidden_size, vocab_size, topk
         self.hidden_dtype, self.embed_images = hidden_dtype, embed_images
-        self._meta = dict(command=command, tokenizer_sha256=tokenizer_sha256,
-                          chat_template_sha256=chat_template_sha256, extra=dict(extra or {}))
         self.layout = plan_layout(hidden_size, topk, hidden_dtype, shard_tokens=shard_tokens, chunk_tokens=chunk_tokens)
         head.save(str(self.out_dir / HEAD_NAME))
 
@@ -226,7 +227,6 @@ class CacheWriter:
         # writer-thread state
         self._filled = 0        # tokens in the shard buffers
         self._written = 0       # tokens written to zarr (multiple of S until close)
-        self._counts: Counts = {"samples": 0, "ok": 0, "error": 0, "tokens": 0, "answer_tokens": 0}
         self._error: tuple[str | None, BaseException] | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._thread = threading.Thread(target=self._run, name=f"CacheWriter({self.out_dir.name})", daemon=True)
@@ -290,16 +290,18 @@ class CacheWriter:
             self._flush_rows()
             self._pq.close()
             os.replace(self._parquet_tmp, self.out_dir / SAMPLES_NAME)
-            manifest = Manifest(
-                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                tool_version=__version__, teacher=self._teacher, hidden_size=self.hidden_size,
-                vocab_size=self.vocab_size, topk=self.topk, arrays=self._specs, counts=self._counts,
-                checksums=self._checksums(), **self._meta)
+            manifest = self._manifest(arrays=self._specs, checksums=self._checksums())
             _atomic_write(self.out_dir / MANIFEST_NAME, manifest.to_json().encode())
         except Exception as e:
             raise CacheWriteError(f"{self.out_dir}: finishing the cache failed ({type(e).__name__}: {e}); "
                                   f"it has no manifest and is incomplete") from e
         return manifest
+
+    def _manifest(self, arrays: dict[str, ArraySpec], checksums: dict[str, str]) -> Manifest:
+        return Manifest(created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                        tool_version=__version__, teacher=self._teacher, hidden_size=self.hidden_size,
+                        vocab_size=self.vocab_size, topk=self.topk, arrays=arrays, counts=self._counts,
+                        checksums=checksums, **self._meta)
 
     def abort(self) -> None:
         """Stop the writer thread and leave the directory without a manifest (incomplete)."""

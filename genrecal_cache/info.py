@@ -1,0 +1,69 @@
+"""`genrecal-cache info`: what is in a cache, how big each part is per token, and what failed."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from genrecal_cache.reader import TeacherCache
+
+
+def _counts(m) -> dict:
+    c = m.counts
+    return dict(c) if isinstance(c, dict) else dict(vars(c))
+
+
+def summarize(cache: TeacherCache, max_errors: int = 10) -> dict:
+    """A plain dict (JSON-able) describing `cache`; stored sizes come from the files themselves."""
+    m = cache.manifest
+    counts = _counts(m)
+    files = list(m.checksums)
+    sizes = dict(zip(files, cache.fs.sizes([cache._path(f) for f in files])))
+    per_array = {name: sum(s for f, s in sizes.items() if f.startswith(f"features.zarr/{name}/"))
+                 for name in m.arrays}
+    tokens = max(counts["tokens"], 1)
+    status = cache.index.column("status").to_pylist()
+    errors = [(sid, err) for sid, st, err in zip(cache.index.column("id").to_pylist(), status,
+                                                  cache.index.column("error").to_pylist()) if st == "error"]
+    reasons = Counter(_reason(e) for _, e in errors)
+    return {
+        "url": cache.url,
+        "format_version": m.format_version,
+        "teacher": dict(m.teacher),
+        "hidden_size": m.hidden_size, "vocab_size": m.vocab_size, "topk": m.topk,
+        "counts": counts,
+        "arrays": {name: {**dict(spec), "bytes": per_array[name], "bytes_per_token": per_array[name] / tokens}
+                   for name, spec in m.arrays.items()},
+        "bytes_total": sum(sizes.values()),
+        "bytes_per_token": sum(per_array.values()) / tokens,
+        "error_reasons": dict(reasons.most_common()),
+        "errors": [{"id": sid, "error": err} for sid, err in errors[:max_errors]],
+        "created": m.created, "tool_version": m.tool_version, "command": m.command,
+    }
+
+
+def _reason(error: str | None) -> str:
+    """A coarse category for counting: the text after the sample name, up to the first colon."""
+    text = (error or "").split(": ", 1)[-1]
+    return text.split(":")[0][:60] or "unknown"
+
+
+def format_summary(s: dict) -> str:
+    c = s["counts"]
+    t = s["teacher"]
+    lines = [
+        f"cache        {s['url']} (format v{s['format_version']}, genrecal {s['tool_version']}, {s['created']})",
+        f"teacher      {t.get('id')} ({t.get('model_type')}, revision {t.get('revision')}, backend {t.get('backend', '?')})",
+        f"dims         hidden {s['hidden_size']}, vocab {s['vocab_size']}, top-k {s['topk']}",
+        f"samples      {c['samples']} ({c['ok']} ok, {c['error']} error)",
+        f"tokens       {c['tokens']} ({c['answer_tokens']} answer tokens)",
+        f"stored       {s['bytes_total'] / 2**20:.2f} MiB in all, {s['bytes_per_token']:.1f} bytes/token of features",
+        "arrays       name            dtype      stored     bytes/token  codec",
+    ]
+    for name, a in s["arrays"].items():
+        lines.append(f"             {name:<15} {a['dtype']:<10} {a['stored_dtype']:<10} "
+                     f"{a['bytes_per_token']:>11.1f}  {a['codec']}")
+    if s["error_reasons"]:
+        lines.append("errors       " + "; ".join(f"{n} x {r}" for r, n in s["error_reasons"].items()))
+        for e in s["errors"]:
+            lines.append(f"  - {e['id']}: {e['error']}")
+    return "\n".join(lines)
