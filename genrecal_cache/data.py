@@ -151,14 +151,14 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _json_array_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """Parses the whole array now (a broken file raises here), then iterates `(item-<n>, record)`."""
     try:
         data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}); a .json dataset must be one JSON array") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: a .json dataset must be a JSON array of samples, got {type(data).__name__}")
-    for n, rec in enumerate(data):
-        yield f"item-{n}", rec
+    return ((f"item-{n}", rec) for n, rec in enumerate(data))
 
 
 def _sample_from_record(rec: Any, where: str, path: Path, root: Path, max_pixels: int) -> Sample:
@@ -175,6 +175,9 @@ def _sample_from_record(rec: Any, where: str, path: Path, root: Path, max_pixels
         return _build(sid, rec.get("conversations"), images, refs, max_pixels)
     except _BadSample as e:
         return Sample(sid, [], [], refs, error=f"sample {sid!r} ({path}, {where}): {e}")
+    except Exception as e:  # the contract is "never raise per sample": report anything unforeseen too
+        return Sample(sid, [], [], refs, error=f"sample {sid!r} ({path}, {where}): unexpected "
+                                               f"{type(e).__name__}: {e}")
 
 
 def _image_refs(value: Any) -> list[str]:
@@ -188,7 +191,10 @@ def _image_refs(value: Any) -> list[str]:
 
 
 def _read_image_file(ref: str, root: Path) -> bytes:
-    target = (root / ref).resolve()  # resolve() also follows symlinks, so links cannot escape either
+    try:
+        target = (root / ref).resolve()  # resolve() also follows symlinks, so links cannot escape either
+    except (OSError, ValueError) as e:  # e.g. a NUL byte in the path
+        raise _BadSample(f"invalid image path {ref!r}: {e}") from None
     if not target.is_relative_to(root):
         raise _BadSample(f"image path {ref!r} points outside the image root {root}; "
                          f"keep images under the image root or pass a wider image_root")
@@ -237,6 +243,9 @@ def _parquet_rows(path: Path, pf: Any, columns: list[str], max_pixels: int) -> I
                 yield _build(sid, convs, images, refs, max_pixels)
             except _BadSample as e:
                 yield Sample(sid, [], [], [], error=f"sample {sid!r} ({path}, {where}): {e}")
+            except Exception as e:  # never raise per sample (see the JSONL reader)
+                yield Sample(sid, [], [], [], error=f"sample {sid!r} ({path}, {where}): unexpected "
+                                                   f"{type(e).__name__}: {e}")
 
 
 def _embedded_images(value: Any) -> tuple[list[bytes], list[str]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+
 from genrecal_cache.reader import TeacherCache
 
 
@@ -17,10 +19,12 @@ def summarize(cache: TeacherCache, max_errors: int = 10) -> dict:
     m = cache.manifest
     counts = _counts(m)
     files = list(m.checksums)
-    sizes = dict(zip(files, cache.fs.sizes([cache._path(f) for f in files])))
+    sizes = dict(zip(files, cache.fs.sizes([f"{cache.root}/{f}" for f in files])))
     per_array = {name: sum(s for f, s in sizes.items() if f.startswith(f"features.zarr/{name}/"))
                  for name in m.arrays}
     tokens = max(counts["tokens"], 1)
+    raw = {name: int(np.prod(spec["shape_tail"], dtype=np.int64)) * np.dtype(spec["stored_dtype"]).itemsize
+           for name, spec in m.arrays.items()}
     status = cache.index.column("status").to_pylist()
     errors = [(sid, err) for sid, st, err in zip(cache.index.column("id").to_pylist(), status,
                                                   cache.index.column("error").to_pylist()) if st == "error"]
@@ -31,7 +35,9 @@ def summarize(cache: TeacherCache, max_errors: int = 10) -> dict:
         "teacher": dict(m.teacher),
         "hidden_size": m.hidden_size, "vocab_size": m.vocab_size, "topk": m.topk,
         "counts": counts,
-        "arrays": {name: {**dict(spec), "bytes": per_array[name], "bytes_per_token": per_array[name] / tokens}
+        "tokenizer_sha256": m.tokenizer_sha256, "chat_template_sha256": m.chat_template_sha256,
+        "arrays": {name: {**dict(spec), "bytes": per_array[name], "bytes_per_token": per_array[name] / tokens,
+                          "raw_bytes_per_token": raw[name]}
                    for name, spec in m.arrays.items()},
         "bytes_total": sum(sizes.values()),
         "bytes_per_token": sum(per_array.values()) / tokens,
@@ -50,18 +56,21 @@ def _reason(error: str | None) -> str:
 def format_summary(s: dict) -> str:
     c = s["counts"]
     t = s["teacher"]
+    raw = sum(a["raw_bytes_per_token"] for a in s["arrays"].values())
     lines = [
         f"cache        {s['url']} (format v{s['format_version']}, genrecal {s['tool_version']}, {s['created']})",
         f"teacher      {t.get('id')} ({t.get('model_type')}, revision {t.get('revision')}, backend {t.get('backend', '?')})",
         f"dims         hidden {s['hidden_size']}, vocab {s['vocab_size']}, top-k {s['topk']}",
         f"samples      {c['samples']} ({c['ok']} ok, {c['error']} error)",
         f"tokens       {c['tokens']} ({c['answer_tokens']} answer tokens)",
-        f"stored       {s['bytes_total'] / 2**20:.2f} MiB in all, {s['bytes_per_token']:.1f} bytes/token of features",
-        "arrays       name            dtype      stored     bytes/token  codec",
+        f"tokenizer    sha256 {s['tokenizer_sha256'][:16]}, chat template sha256 {(s['chat_template_sha256'] or '-')[:16]}",
+        f"stored       {s['bytes_total'] / 2**20:.2f} MiB in all, {s['bytes_per_token']:.1f} bytes/token of features "
+        f"({raw / max(s['bytes_per_token'], 1e-9):.2f}x compression of {raw} raw)",
+        "arrays       name            dtype      stored     raw B/tok  stored B/tok  chunk/shard tokens  codec",
     ]
     for name, a in s["arrays"].items():
-        lines.append(f"             {name:<15} {a['dtype']:<10} {a['stored_dtype']:<10} "
-                     f"{a['bytes_per_token']:>11.1f}  {a['codec']}")
+        lines.append(f"             {name:<15} {a['dtype']:<10} {a['stored_dtype']:<10} {a['raw_bytes_per_token']:>9} "
+                     f"{a['bytes_per_token']:>13.1f}  {a['chunk_tokens']:>7}/{a['shard_tokens']:<10} {a['codec']}")
     if s["error_reasons"]:
         lines.append("errors       " + "; ".join(f"{n} x {r}" for r, n in s["error_reasons"].items()))
         for e in s["errors"]:

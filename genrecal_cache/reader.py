@@ -114,15 +114,16 @@ def open_fs(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | No
     return fs, root.rstrip("/") or "/", url.rstrip("/")
 
 
-def read_small_file(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    return fs.cat_file(path)
-
-
 def open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
-    """ParquetFile reading column chunks by range; whole-file download if the server can't do ranges."""
+    """ParquetFile reading only the column chunks it needs (by byte range when remote). A server
+    that ignores HTTP Range makes fsspec refuse reads past the file's start: then download it whole."""
+    if isinstance(fs, LocalFileSystem):
+        return pq.ParquetFile(path)  # arrow's native reader: no Python file object in the loop
+    f = fs.open(path, "rb")
     try:
-        return pq.ParquetFile(fs.open(path, "rb"))
+        return pq.ParquetFile(f)
     except ValueError as e:
+        f.close()
         if "range" not in str(e).lower():
             raise
     return pq.ParquetFile(pa.BufferReader(fs.cat_file(path)))
@@ -236,7 +237,7 @@ class TeacherCache:
             raise IndexError(f"sample index {i} out of range for a cache of {n} samples ({self.url})")
         i %= n
         arrays = self._read_tokens(int(self._offsets[i]), int(self._offsets[i] + self._lengths[i]))
-        return self._sample(i, arrays, int(self._offsets[i]))
+        return self._sample(i, arrays, int(self._offsets[i]), self._read_images([i])[i])
 
     def by_id(self, sample_id: str) -> CachedSample:
         if self._by_id is None:
@@ -253,8 +254,7 @@ class TeacherCache:
         else:  # safetensors needs a local file: copy, load into memory, delete
             with tempfile.TemporaryDirectory(prefix="genrecal-head-") as tmp:
                 local = os.path.join(tmp, HEAD_NAME)
-                with open(local, "wb") as f:
-                    f.write(self.fs.cat_file(path))
+                self.fs.get_file(path, local)  # streamed: a 152k x 8192 head is 2.5 GB
                 head = TeacherHead.load(local, device=device)
         m = self.manifest
         if (head.hidden_size, head.vocab_size) != (m.hidden_size, m.vocab_size):
@@ -322,8 +322,9 @@ class TeacherCache:
             lo = int(min((self._offsets[i] for i in ok), default=0))
             hi = int(max((self._offsets[i] + self._lengths[i] for i in ok), default=0))
             arrays = self._read_tokens(lo, hi)
+            images = self._read_images(piece)
             for i in piece:
-                yield self._sample(i, arrays, lo)
+                yield self._sample(i, arrays, lo, images[i])
 
     # ---- decoding ------------------------------------------------------------------------------
     def _read_tokens(self, lo: int, hi: int) -> dict[str, np.ndarray]:
@@ -336,7 +337,7 @@ class TeacherCache:
             return await asyncio.gather(*(a.async_array.getitem(slice(lo, hi)) for a in feats.values()))
         return dict(zip(feats, sync(read_all())))
 
-    def _sample(self, i: int, arrays: dict[str, np.ndarray], base: int) -> CachedSample:
+    def _sample(self, i: int, arrays: dict[str, np.ndarray], base: int, images: list[bytes]) -> CachedSample:
         row = {c: self.index.column(c)[i].as_py() for c in ("error", "messages", "extra")}
         a, b = int(self._offsets[i]) - base, int(self._offsets[i] + self._lengths[i]) - base
         if self._lengths[i] == 0:
@@ -345,63 +346,23 @@ class TeacherCache:
         hidden = bf16_bits_to_float32(hidden) if self.manifest.arrays["hidden"]["dtype"] == "bfloat16" else hidden.copy()
         return CachedSample(
             index=i, id=self._ids[i], status=self._status[i], error=row["error"],
-            messages=json.loads(row["messages"]), images=self._images(i), extra=json.loads(row["extra"]),
+            messages=json.loads(row["messages"]), images=images, extra=json.loads(row["extra"]),
             token_ids=arrays["token_ids"][a:b].copy(), answer_mask=arrays["answer_mask"][a:b].copy(),
             hidden=hidden, topk_ids=arrays["topk_ids"][a:b].copy(), topk_logprobs=arrays["topk_logprobs"][a:b].copy())
 
-    def _images(self, i: int) -> list[bytes]:
-        """Images of row i, read a whole row group at a time (consecutive samples share it)."""
-        g = int(np.searchsorted(self._rg_starts, i, side="right")) - 1
-        if self._images_rg is None or self._images_rg[0] != g or self._pid != os.getpid():
-            self._reset_if_forked()
-            col = self._parquet().read_row_group(g, columns=["images"]).column("images").to_pylist()
-            self._images_rg = (g, col)
-        return self._images_rg[1][i - int(self._rg_starts[g])]
-
-    def describe(self, max_errors: int = 10) -> str:
-        """Human-readable summary: provenance, counts, bytes per token, arrays and error rows."""
-        m, c = self.manifest, self.manifest.counts
-        t = dict(m.teacher)
-        extra_t = {k: v for k, v in t.items() if k not in ("id", "revision", "config_sha256", "model_type")}
-        lines = [
-            f"cache      {self.url}  (format v{m.format_version}, genrecal {m.tool_version}, {m.created})",
-            f"command    {m.command}",
-            f"teacher    {t['id']}  revision={t['revision']}  model_type={t['model_type']}  "
-            f"config sha256={t['config_sha256'][:12]}" + "".join(f"  {k}={v}" for k, v in extra_t.items()),
-            f"tokenizer  sha256={m.tokenizer_sha256[:12]}  chat template sha256={(m.chat_template_sha256 or '-')[:12]}",
-            f"samples    {c['samples']} (ok {c['ok']}, error {c['error']})   tokens {c['tokens']} "
-            f"(answer {c['answer_tokens']}, mean {c['tokens'] / max(c['ok'], 1):.1f} per ok sample)",
-            f"model      hidden_size {m.hidden_size}, vocab_size {m.vocab_size}, top-k {m.topk}",
-            "arrays",
-        ]
-        raw = 0
-        for name, spec in m.arrays.items():
-            row = int(np.prod(spec["shape_tail"], dtype=np.int64)) * np.dtype(spec["stored_dtype"]).itemsize
-            raw += row
-            shape = "[T" + "".join(f", {n}" for n in spec["shape_tail"]) + "]"
-            lines.append(f"  {name:<14} {spec['dtype']:<9} {shape:<10} {row:>6} B/token  chunk {spec['chunk_tokens']}"
-                         f" / shard {spec['shard_tokens']} tokens  {spec['codec']}")
-        stored = self._stored_feature_bytes()
-        per_token = f"bytes/token: {raw} raw"
-        if stored is not None and c["tokens"]:
-            per_token += f", {stored / c['tokens']:.1f} stored ({raw * c['tokens'] / max(stored, 1):.2f}x compression)"
-        lines.append(per_token)
-        errs = [(self._ids[i], self.index.column("error")[i].as_py()) for i, st in enumerate(self._status) if st == "error"]
-        if errs:
-            lines.append(f"errors ({len(errs)})")
-            lines += [f"  {sid}: {msg}" for sid, msg in errs[:max_errors]]
-            if len(errs) > max_errors:
-                lines.append(f"  ... and {len(errs) - max_errors} more")
-        return "\n".join(lines)
-
-    def _stored_feature_bytes(self) -> int | None:
-        """Bytes of features.zarr on storage, or None where the filesystem cannot tell sizes cheaply."""
-        try:
-            info = self.fs.find(self._path(FEATURES_NAME), detail=True)
-        except Exception:  # noqa: BLE001 - listing is optional (e.g. a web server without indexes)
-            return None
-        sizes = [v.get("size") for v in info.values()]
-        return None if not sizes or any(s is None for s in sizes) else int(sum(sizes))
+    def _read_images(self, rows: list[int]) -> dict[int, list[bytes]]:
+        """Images of the given rows, reading each parquet row group they touch once. The last row
+        group read is kept, so ordered access does not re-read it for every sample."""
+        self._reset_if_forked()
+        out: dict[int, list[bytes]] = {}
+        groups = np.searchsorted(self._rg_starts, rows, side="right") - 1
+        for g in sorted(set(groups.tolist())):
+            if self._images_rg is None or self._images_rg[0] != g:
+                col = self._parquet().read_row_group(g, columns=["images"]).column("images").to_pylist()
+                self._images_rg = (g, col)
+            first = int(self._rg_starts[g])
+            out.update({i: self._images_rg[1][i - first] for i, gi in zip(rows, groups) if gi == g})
+        return out
 
     def __repr__(self) -> str:
         c = self.manifest.counts
@@ -412,7 +373,7 @@ class TeacherCache:
 def load_manifest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> Manifest:
     where = f"{url}/{MANIFEST_NAME}"
     try:
-        text = read_small_file(fs, f"{root}/{MANIFEST_NAME}")
+        text = fs.cat_file(f"{root}/{MANIFEST_NAME}")
     except FileNotFoundError as e:
         if not _exists(fs, root):
             raise CacheFormatError(f"{url}: no cache here (the directory does not exist)") from e
@@ -444,6 +405,9 @@ def open_feature_arrays(store: zarr.abc.store.Store, manifest: Manifest, url: st
         except FileNotFoundError as e:  # zarr's ArrayNotFoundError is one
             raise CacheFormatError(f"{where}: array missing (no {name}/zarr.json); the cache is incomplete, "
                                    f"re-download or re-extract it") from e
+        except (ValueError, TypeError, KeyError) as e:  # e.g. truncated JSON, unknown codec
+            raise CacheFormatError(f"{where}/zarr.json: unreadable array metadata ({type(e).__name__}: {e}); "
+                                   f"the file is corrupt, re-download or re-extract it") from e
         if str(a.dtype) != spec["stored_dtype"] or list(a.shape[1:]) != spec["shape_tail"] or a.shape[0] != T:
             raise CacheFormatError(f"{where}: stored as {a.dtype} {list(a.shape)} but the manifest says "
                                    f"{spec['stored_dtype']} {[T, *spec['shape_tail']]}; the cache is "

@@ -11,8 +11,8 @@ import hashlib
 import json
 import os
 import struct
-from collections import Counter
 import warnings
+from collections import Counter
 from typing import Any
 
 import fsspec
@@ -29,6 +29,7 @@ REFETCH = "re-download it or re-extract the cache"
 
 
 def verify(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Faults of the cache at a local path or fsspec URL, each naming the file and the fix; [] = sound."""
     fs, root, url = open_fs(path_or_url, storage_options)
     try:
         manifest = load_manifest(fs, root, url)
@@ -222,7 +223,11 @@ def _check_answer_mask(mask: Any, starts: np.ndarray, ends: np.ndarray, m: Manif
         last = np.searchsorted(starts, hi, side="left")
         for s, e in zip(starts[first:last], ends[first:last]):
             expected[max(s, lo) - lo:min(e, hi) - lo] = 1
-        got = np.asarray(mask[lo:hi])
+        try:
+            got = np.asarray(mask[lo:hi])
+        except Exception as e:  # noqa: BLE001 - a corrupt shard fails its crc32c or decompression
+            return [f"{FEATURES_NAME}/answer_mask/c/{lo // S}: unreadable ({type(e).__name__}: {e}): the file is "
+                    f"corrupt; {REFETCH}"]
         if not np.array_equal(got, expected.astype(bool)):
             bad = lo + int(np.flatnonzero(got != expected.astype(bool))[0])
             rel = f"{FEATURES_NAME}/answer_mask/c/{lo // S}"

@@ -2,7 +2,8 @@
 
 Every chunk of token rows runs under non-reentrant activation checkpointing: the forward keeps one
 scalar per chunk, and the backward recomputes one chunk's logits at a time. Peak memory is a single
-chunk's logits in both directions (torchtune's chunked CE/KD losses bound the forward only).
+chunk's logits in both directions (as torchtune's chunked CE/KD losses, with the recompute
+bounding the backward as well).
 
 Inputs are token rows: any leading shape is flattened, so select the answer rows first
 (`r_al[a_mask]`, `z_al[a_mask]`, targets likewise) or mark padded rows with `ignore_index`.
@@ -50,11 +51,13 @@ def _head_logits(head: TeacherHead, x: Tensor, post_norm: bool) -> Tensor:
     return _f32(head.logits(x.to(head.lm_head_weight.dtype), post_norm=post_norm))
 
 
-def _kl_rows(teacher_logits: Tensor, logits: Tensor, temperature: float) -> Tensor:
-    """Per-row KL(softmax(teacher/T) || softmax(logits/T)), shape [n]."""
-    t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    s = F.log_softmax(logits / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+def _log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+
+
+def _kl_rows(teacher_logp: Tensor, logp: Tensor) -> Tensor:
+    """Per-row KL(teacher || student) from log-probabilities, shape [n]."""
+    return F.kl_div(logp, teacher_logp, log_target=True, reduction="none").sum(-1)
 
 
 def _chunked_sum(fn: Callable[..., Tensor], rows: list[Tensor], chunk: int) -> Tensor:
@@ -88,7 +91,8 @@ def teacher_kl(head: TeacherHead, r: Tensor, z_teacher: Tensor, temperature: flo
     independent of T, so weights tuned at T=1 still fit.
     """
     r, z = _rows(r), _rows(z_teacher).detach()
-    fn = lambda r, z: _kl_rows(_head_logits(head, z, True), _head_logits(head, r, False), temperature).sum()
+    fn = lambda r, z: _kl_rows(_log_probs(_head_logits(head, z, True), temperature),
+                               _log_probs(_head_logits(head, r, False), temperature)).sum()
     return _chunked_sum(fn, [r, z], chunk) * temperature ** 2 / max(r.shape[0], 1)
 
 
@@ -104,9 +108,11 @@ def answer_losses(head: TeacherHead, r: Tensor, z_teacher: Tensor, target_ids: T
 
     def fn(r: Tensor, z: Tensor, t: Tensor) -> Tensor:
         logits = _head_logits(head, r, False)
-        ce = F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
-        kl = (_kl_rows(_head_logits(head, z, True), logits, temperature) * (t != ignore_index)).sum()
-        return torch.stack([ce, kl])
+        logp = _log_probs(logits)
+        ce = F.nll_loss(logp, t, ignore_index=ignore_index, reduction="sum")
+        s = logp if temperature == 1.0 else _log_probs(logits, temperature)  # T=1: share the softmax
+        kl = _kl_rows(_log_probs(_head_logits(head, z, True), temperature), s)
+        return torch.stack([ce, (kl * (t != ignore_index)).sum()])
 
     ce, kl = _chunked_sum(fn, [r, z, tgt], chunk)
     n = (tgt != ignore_index).sum().clamp(min=1)

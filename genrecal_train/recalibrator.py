@@ -115,10 +115,8 @@ class Recalibrator(nn.Module):
         prefix = torch.cat([F.pad(p, (0, 0, 0, lq - p.shape[1])) for p, _ in prefixes])
         q_mask = torch.cat([F.pad(m, (0, lq - m.shape[1])) for _, m in prefixes])
         n = len(prefixes)
-        out = self.recalibrate(prefix, q_mask, answer.repeat(n, 1, 1), a_mask.repeat(n, 1)).chunk(n)
-        if z_qs is None:
-            return None, out[0]
-        return out[0], (out[1] if z_ql is not None else None)
+        out = iter(self.recalibrate(prefix, q_mask, answer.repeat(n, 1, 1), a_mask.repeat(n, 1)).chunk(n))
+        return (next(out) if z_qs is not None else None), (next(out) if z_ql is not None else None)
 
     def recalibrate(self, prefix: Tensor, q_mask: Tensor, answer: Tensor, a_mask: Tensor) -> Tensor:
         """Student-space prefix [B, Lq, d_s] + answer [B, La, d_s] -> r for the answer [B, La, d_t]."""

@@ -5,12 +5,14 @@ Synthetic features (random numbers, a random TeacherHead): no model is needed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import io
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import threading
@@ -27,7 +29,8 @@ from genrecal_cache.store import CacheWriteError, CacheWriter, SampleArrays, Sam
 from genrecal_cache.verify import verify
 
 D, V, K = 32, 300, 4
-TEACHER = dict(id="tiny/teacher", revision="abc123", config_sha256=sha256_bytes(b"{}"), model_type="qwen2_vl")
+TEACHER = dict(id="tiny/teacher", revision="abc123", config_sha256=sha256_bytes(b"{}"), model_type="qwen2_vl",
+               backend="synthetic")  # extra provenance keys are kept
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +117,7 @@ def test_float32_round_trip_is_bit_exact(tmp_path, head, samples):
     assert len(cache) == len(samples) == m.counts["samples"]
     assert m.counts["ok"] == len(ok_ids(samples)) and m.counts["error"] == len(samples) - m.counts["ok"]
     assert m.counts["tokens"] == sum(len(a.token_ids) for _, a in samples if a is not None)
-    assert cache.manifest == m and m.arrays["hidden"]["dtype"] == "float32"
+    assert cache.manifest == m and m.arrays["hidden"]["dtype"] == "float32" and m.teacher == TEACHER
     for i, (row, arrays) in enumerate(samples):
         check_sample(cache[i], row, arrays, "float32")
     assert verify(tmp_path / "c") == []
@@ -128,6 +131,10 @@ def test_bf16_round_trip_matches_torch_cast(bf16_cache, samples):
         assert cache.by_id(row.id).index == i
     with pytest.raises(KeyError, match="nope"):
         cache.by_id("nope")
+    # file:// URLs and pickling (DataLoader workers) give the same samples
+    for other in (TeacherCache.open(f"file://{bf16_cache}"), pickle.loads(pickle.dumps(cache))):
+        assert len(other) == len(cache)
+        np.testing.assert_array_equal(other[1].hidden, cache[1].hidden)
     with pytest.raises(IndexError):
         cache[len(samples)]
 
@@ -150,6 +157,9 @@ def test_multi_shard_layout(bf16_cache):
     off, n = idx.column("token_offset").to_numpy(), idx.column("num_tokens").to_numpy()
     straddling = [i for i in range(len(cache)) if n[i] and off[i] // S != (off[i] + n[i] - 1) // S]
     assert len(straddling) >= 3
+    pieces = cache.plan("shuffled", seed=0)  # each read group = the samples starting in one shard
+    assert len(pieces) == len({off[i] // S for p in pieces for i in p})
+    assert all(len({off[i] // S for i in p}) == 1 for p in pieces)
     for name in ("token_ids", "hidden"):  # one file per shard, each with a checksum
         files = sorted((bf16_cache / "features.zarr" / name / "c").rglob("*"))
         assert len([f for f in files if f.is_file()]) == math.ceil(T / S)
@@ -271,6 +281,19 @@ def test_verify_detects_mask_span_disagreement(broken):
     assert len(faults) == 1 and "answer_mask disagrees with samples.parquet answer_spans (first at token 5)" in faults[0]
 
 
+def test_verify_reports_unreadable_shards_and_metadata(broken):
+    shard = broken / "features.zarr" / "answer_mask" / "c" / "0"
+    shard.write_bytes(b"\0" * len(shard.read_bytes()))  # fails its crc32c when read
+    faults = verify(broken)
+    assert faults[0].startswith("features.zarr/answer_mask/c/0: sha256 mismatch")
+    assert faults[1].startswith("features.zarr/answer_mask/c/0: unreadable") and len(faults) == 2
+    meta = broken / "features.zarr" / "topk_ids" / "zarr.json"
+    meta.write_text(meta.read_text()[:40])
+    faults = verify(broken)
+    assert any(f.startswith("features.zarr/topk_ids/zarr.json: sha256 mismatch") for f in faults)
+    assert faults[-1].startswith("features.zarr/topk_ids/zarr.json: unreadable array metadata")
+
+
 def test_missing_manifest_means_incomplete(broken):
     (broken / "manifest.json").unlink()
     with pytest.raises(CacheFormatError, match="incomplete"):
@@ -327,11 +350,19 @@ def test_writer_rejects_bad_samples_naming_them(tmp_path, head):
         w.add(SampleRecord(id="x", messages=[]), SampleArrays(np.arange(5), np.ones(5, bool), h * np.nan, ids, lps))
     with pytest.raises(ValueError, match="needs an error message"):
         w.add(SampleRecord(id="x", messages=[], status="error"), None)
+    with pytest.raises(ValueError, match="error row carries no arrays"):
+        w.add(SampleRecord(id="x", messages=[], status="error", error="bad"), good)
+    with pytest.raises(ValueError, match="sample 'x': status 'ok' needs arrays"):
+        w.add(SampleRecord(id="x", messages=[]), None)
     w.add(SampleRecord(id="x", messages=[]), good)
     with pytest.raises(ValueError, match="sample 'x': duplicate id"):
         w.add(SampleRecord(id="x", messages=[]), good)
     w.close()
     assert TeacherCache.open(tmp_path / "c")[0].id == "x"
+    with pytest.raises(ValueError, match=r"invalid cache metadata: .*field 'teacher.model_type' is missing"):
+        CacheWriter(tmp_path / "d", hidden_size=D, vocab_size=V, topk=K, teacher={"id": "t", "revision": None,
+                    "config_sha256": "x"}, tokenizer_sha256="t", chat_template_sha256=None, head=head, command="")
+    assert not (tmp_path / "d").exists()
     with pytest.raises(CacheWriteError, match="already holds a complete cache"):
         CacheWriter(tmp_path / "c", hidden_size=D, vocab_size=V, topk=K, teacher=TEACHER, tokenizer_sha256="t",
                     chat_template_sha256=None, head=head, command="pytest")
@@ -382,16 +413,25 @@ class _RangeHandler(_QuietHandler):
         return io.BytesIO(data[start:end])
 
 
-@pytest.fixture(params=["ranges", "no-ranges"])
-def http_url(request, bf16_cache):
-    handler = _RangeHandler if request.param == "ranges" else _QuietHandler
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(bf16_cache)))
+@contextlib.contextmanager
+def serve(directory: Path, ranges: bool):
+    """A real HTTP server on a free local port, in a thread; yields its base URL."""
+    handler = _RangeHandler if ranges else _QuietHandler
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture(params=["ranges", "no-ranges"])
+def http_url(request, bf16_cache):
+    with serve(bf16_cache, ranges=request.param == "ranges") as url:
+        yield url
 
 
 def test_read_and_verify_over_http(request, http_url, bf16_cache, head):
@@ -408,3 +448,15 @@ def test_read_and_verify_over_http(request, http_url, bf16_cache, head):
     np.testing.assert_array_equal(s.hidden, local.by_id("q7").hidden)
     torch.testing.assert_close(remote.head().lm_head_weight, head.lm_head_weight, rtol=0, atol=0)
     assert verify(http_url) == []
+
+
+def test_big_parquet_over_a_server_without_ranges(tmp_path, head):
+    """samples.parquet larger than fsspec's read-ahead block: the reader falls back to one download."""
+    rng = np.random.default_rng(1)
+    samples = [(row, arrays) for row, arrays in make_samples(head, n=4)]
+    for row, _ in samples:
+        row.images = [rng.bytes(2 << 20)]  # incompressible, 4 x 2 MiB
+    write_cache(tmp_path / "c", head, samples)
+    with serve(tmp_path / "c", ranges=False) as url, TeacherCache.open(url) as cache:
+        assert [s.images for s in cache.iter_samples(status="all")] == [r.images for r, _ in samples]
+        assert verify(url) == []

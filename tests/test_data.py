@@ -145,6 +145,7 @@ def test_bad_jsonl_inputs_become_error_samples(tmp_path: Path) -> None:
     (tmp_path / "truncated.png").write_bytes(noisy.getvalue()[: len(noisy.getvalue()) // 2])
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path.parent / "outside.png").write_bytes(png)
+    (tmp_path / "link.png").symlink_to(tmp_path.parent / "outside.png")
     lines: list[object] = [
         _record("good-1"),
         "{not json",
@@ -153,6 +154,7 @@ def test_bad_jsonl_inputs_become_error_samples(tmp_path: Path) -> None:
         _record("truncated-img", image="truncated.png"),
         _record("zero-byte-img", image="empty.png"),
         _record("escape", image="../outside.png"),
+        _record("symlink-escape", image="link.png"),
         _record("empty-answer", answer="  "),
         _record("two-markers", question="<image> and <image>?"),
         _record("conv-type", image=None) | {"conversations": "hello"},
@@ -165,6 +167,7 @@ def test_bad_jsonl_inputs_become_error_samples(tmp_path: Path) -> None:
         _record("id-type") | {"id": {"a": 1}},
         [1, 2, 3],
         _record(None, image="nope.png"),
+        _record("nul-path", image="a\u0000b.png"),
         _record("good-2", question="Text only?", image=None),
         "",  # blank lines are skipped, not errors
         _record("good-3"),
@@ -180,6 +183,7 @@ def test_bad_jsonl_inputs_become_error_samples(tmp_path: Path) -> None:
         "truncated-img": "corrupt or truncated",
         "zero-byte-img": "empty (0 bytes)",
         "escape": "points outside the image root",
+        "symlink-escape": "points outside the image root",
         "empty-answer": "empty assistant answer",
         "two-markers": "2 '<image>' marker(s) in the conversation but 1 image(s)",
         "conv-type": "'conversations' must be a non-empty list",
@@ -188,9 +192,10 @@ def test_bad_jsonl_inputs_become_error_samples(tmp_path: Path) -> None:
         "bad-role": "speaker 'robot'",
         "no-answer": "no assistant turn",
         "marker-in-answer": "outside a user turn",
-        "line-16": "'id' must be a string or an integer",
-        "line-17": "expected a JSON object",
-        "line-18": "image file not found",
+        "line-17": "'id' must be a string or an integer",
+        "line-18": "expected a JSON object",
+        "line-19": "image file not found",
+        "nul-path": "invalid image path",
     }
     assert len(samples) == len(expected) + 3
     for sid, message in expected.items():
@@ -223,6 +228,9 @@ def test_file_level_problems_raise_at_once(tmp_path: Path) -> None:
     (tmp_path / "data.csv").write_text("id\n")
     with pytest.raises(ValueError, match="unknown dataset format '.csv'"):
         read_samples(tmp_path / "data.csv")
+    (tmp_path / "broken.json").write_text('[{"id": 1}')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_samples(tmp_path / "broken.json")
     pq.write_table(pa.table({"id": ["a"]}), tmp_path / "x.parquet")
     with pytest.raises(ValueError, match="no 'conversations' column"):
         read_samples(tmp_path / "x.parquet")

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import (LlamaConfig, LlamaForCausalLM, LlamaModel, LlavaConfig, LlavaForConditionalGeneration,
+                          Qwen2VLConfig, Qwen2VLForConditionalGeneration, SiglipVisionConfig)
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import (Qwen2VLDecoderLayer, Qwen2VLRotaryEmbedding,
@@ -160,6 +161,13 @@ def test_from_student_finds_the_text_decoder() -> None:
     qwen = Qwen2VLForConditionalGeneration(vl_cfg)
     assert student_block_classes(qwen) == (Qwen2VLDecoderLayer, Qwen2VLRotaryEmbedding)  # not the vision tower
     assert student_block_classes(vl_cfg) == (Qwen2VLDecoderLayer, Qwen2VLRotaryEmbedding)
+
+    llava_cfg = LlavaConfig(text_config=llama_config().to_dict(), image_token_id=5,
+                            vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                             num_attention_heads=2, image_size=28,
+                                                             patch_size=14).to_dict())
+    llava = LlavaForConditionalGeneration(llava_cfg)  # SigLIP's encoder has `layers` but no `rotary_emb`
+    assert student_block_classes(llava) == (LlamaDecoderLayer, LlamaRotaryEmbedding)
 
     for student in (qwen, vl_cfg, llama):
         rec = Recalibrator.from_student(student, d_teacher=D_T, num_layers=2)

@@ -125,26 +125,35 @@ class VLLMBackend:
         tokenizer = self.llm.get_tokenizer()
         self._bos = getattr(tokenizer, "bos_token", None)
 
-    def _request(self, e: Encoded) -> dict[str, Any]:
+    @staticmethod
+    def _request(e: Encoded) -> dict[str, Any]:
+        """Text with one placeholder per image + the decoded images: vLLM expands the placeholders."""
         request: dict[str, Any] = {"prompt": e.prompt}
         images = getattr(e, "images", None)
+        if images is None:
+            raise TypeError("Encoded.images is missing: the vLLM backend passes the decoded images to the engine, "
+                            "so FamilyAdapter.encode must keep them (families.Encoded.images)")
         if images:
             request["multi_modal_data"] = {"image": list(images)}
         return request
 
-    def hidden_states(self, batch: list[Encoded]) -> list[torch.Tensor]:
-        """[L_i, d] post-norm states per sample; the whole batch goes to the engine in one call."""
+    def encode(self, batch: list[Encoded]) -> list[Any]:
+        """One `llm.encode` call for the whole batch (vLLM keeps its scheduler full from it)."""
         from vllm import PoolingParams
 
-        if not batch:
-            return []
         # as the adapters tokenize: the template writes BOS itself when the family wants one
         add_special = self._bos is not None and not all(e.prompt.startswith(self._bos) for e in batch)
-        outputs = self.llm.encode(
+        return self.llm.encode(
             [self._request(e) for e in batch], pooling_task="token_embed",
             pooling_params=PoolingParams(use_activation=False),  # no L2 normalisation: raw states
             tokenization_kwargs={"add_special_tokens": add_special}, use_tqdm=False,
         )
+
+    def hidden_states(self, batch: list[Encoded]) -> list[torch.Tensor]:
+        """[L_i, d] post-norm states per sample, checked against the recorded token ids."""
+        if not batch:
+            return []
+        outputs = self.encode(batch)
         hidden = []
         for i, (e, out) in enumerate(zip(batch, outputs, strict=True)):
             if out.error is not None:
@@ -163,7 +172,7 @@ class VLLMBackend:
         if list(used) == expected:
             return
         first = next((j for j, (a, b) in enumerate(zip(used, expected)) if a != b), min(len(used), len(expected)))
-        n_img = len(getattr(e, "images", None) or [])
+        n_img = len(getattr(e, "images", None) or ())
         raise RuntimeError(
             f"vLLM tokenized batch position {i} differently from the cache's teacher tokenization: "
             f"{len(used)} vs {len(expected)} tokens, first difference at index {first} "

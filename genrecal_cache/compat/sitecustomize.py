@@ -4,13 +4,16 @@ Why it exists: the CPU wheel of vLLM drags in torchvision/torchaudio builds that
 so the CPU set-up removes them (scripts/setup.sh). Without torchvision, transformers cannot build
 or load a Qwen2-VL processor (its video processor is torchvision-only), and vLLM fails importing
 ``transformers.models.qwen2_vl.image_processing_qwen2_vl``, which imports torchvision at module
-level. transformers ships a PIL implementation of the same image processors, so this shim:
+level. transformers ships a PIL implementation next to most torchvision image processors, so,
+for every ``transformers.models.*`` module, this shim:
 
-* serves the torchvision image-processor modules of the families we use (Qwen2-VL, SigLIP,
-  LLaVA) as aliases of their PIL modules, with the torchvision class names bound to the PIL
-  classes (``Qwen2VLImageProcessor`` -> ``Qwen2VLImageProcessorPil``; ``smart_resize`` and the
-  rest of the module come along);
-* drops the video processor from ``Qwen2VLProcessor``, leaving a stand-in that has the
+* serves each torchvision image-processor module that has a PIL twin
+  (``image_processing_qwen2_vl`` -> ``image_processing_pil_qwen2_vl``; SigLIP's, CLIP's,
+  Pixtral's -- which vLLM's LLaVA imports -- and so on) as an alias of that twin, with the
+  torchvision class names bound to the PIL classes (``Qwen2VLImageProcessor`` ->
+  ``Qwen2VLImageProcessorPil``; module functions such as ``smart_resize`` come along);
+* drops the ``video_processor`` argument from Qwen2-VL's processor (and from every processor
+  whose __init__ has the same shape: Qwen2.5-VL, Qwen3-VL, ...), leaving a stand-in that has the
   ``valid_kwargs`` vLLM reads and raises a clear error if a video is actually processed.
 
 Video inputs are therefore not supported under the shim. GPU machines have a working torchvision
@@ -29,23 +32,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
-from typing import Any, Callable, TypedDict
-
-# torchvision-backed module -> (its PIL counterpart, {torchvision class name: PIL class name})
-_PIL_ALIASES: dict[str, tuple[str, dict[str, str]]] = {
-    "transformers.models.qwen2_vl.image_processing_qwen2_vl": (
-        "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl",
-        {"Qwen2VLImageProcessor": "Qwen2VLImageProcessorPil"},
-    ),
-    "transformers.models.siglip.image_processing_siglip": (
-        "transformers.models.siglip.image_processing_pil_siglip",
-        {"SiglipImageProcessor": "SiglipImageProcessorPil"},
-    ),
-    "transformers.models.llava.image_processing_llava": (
-        "transformers.models.llava.image_processing_pil_llava",
-        {"LlavaImageProcessor": "LlavaImageProcessorPil"},
-    ),
-}
+from typing import Any, TypedDict
 
 _VIDEO_UNSUPPORTED = ("video inputs are not supported without torchvision (genrecal CPU compatibility "
                       "shim, genrecal_cache/compat/sitecustomize.py); install a torchvision that matches "
@@ -73,17 +60,43 @@ class VideoProcessorUnavailable:
         return "VideoProcessorUnavailable()"
 
 
-def _drop_video_processor(module: Any, class_name: str) -> None:
-    """Re-signature the processor's __init__ without `video_processor`.
+def _model_module(fullname: str, prefix: str) -> tuple[str, str] | None:
+    """('qwen2_vl', 'qwen2_vl') for 'transformers.models.qwen2_vl.<prefix>qwen2_vl', else None."""
+    parts = fullname.split(".")
+    if len(parts) != 4 or parts[0] != "transformers" or parts[1] != "models" or not parts[3].startswith(prefix):
+        return None
+    return parts[2], parts[3][len(prefix):]
 
-    transformers derives a processor's sub-processors from its __init__ signature, so the video
-    processor is then neither loaded, checked against its (torchvision-only) class, nor saved.
+
+def _pil_twin(fullname: str) -> str | None:
+    """The PIL module transformers ships next to a torchvision image-processor module, by name."""
+    found = _model_module(fullname, "image_processing_")
+    if found is None or found[1].startswith("pil_"):
+        return None
+    return f"transformers.models.{found[0]}.image_processing_pil_{found[1]}"
+
+
+# The __init__ shape of Qwen2-VL's processor and of most of its successors (Qwen2.5-VL, Qwen3-VL...).
+_QWEN_STYLE_INIT = ("self", "image_processor", "tokenizer", "video_processor", "chat_template", "kwargs")
+
+
+def _drop_video_processors(module: Any) -> None:
+    """Give each Qwen-style processor class of `module` an __init__ without `video_processor`.
+
+    transformers derives a processor's sub-processors from its __init__ signature (and its
+    accepted keyword arguments from the code object's names), so the video processor is then
+    neither loaded, checked against its torchvision-only class, nor saved. Processors with other
+    __init__ shapes are left alone.
     """
-    cls = getattr(module, class_name)
-    if getattr(cls, "_genrecal_no_video", False):
-        return
-    original = cls.__init__
+    import inspect
 
+    for cls in list(vars(module).values()):
+        if (isinstance(cls, type) and cls.__module__ == module.__name__ and "__init__" in cls.__dict__
+                and tuple(inspect.signature(cls.__init__).parameters) == _QWEN_STYLE_INIT):
+            cls.__init__ = _init_without_video(cls.__init__)
+
+
+def _init_without_video(original: Any) -> Any:
     def __init__(self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None,
                  **kwargs: Any) -> None:
         kwargs.pop("video_processor", None)
@@ -91,25 +104,8 @@ def _drop_video_processor(module: Any, class_name: str) -> None:
         self.video_processor = VideoProcessorUnavailable()
 
     __init__.__doc__ = original.__doc__
-    cls.__init__ = __init__
-    cls._genrecal_no_video = True
-    # the stand-in is runtime state, not configuration: keep it out of processor_config.json
-    original_to_dict = cls.to_dict
+    return __init__
 
-    def to_dict(self: Any) -> dict[str, Any]:
-        stand_in = self.__dict__.pop("video_processor", None)
-        try:
-            return original_to_dict(self)
-        finally:
-            if stand_in is not None:
-                self.video_processor = stand_in
-
-    cls.to_dict = to_dict
-
-
-_PATCHES: dict[str, Callable[[Any], None]] = {
-    "transformers.models.qwen2_vl.processing_qwen2_vl": lambda m: _drop_video_processor(m, "Qwen2VLProcessor"),
-}
 
 _torchvision_missing: bool | None = None
 
@@ -127,61 +123,68 @@ def torchvision_missing() -> bool:
 
 
 class _AliasLoader:
-    def __init__(self, target: str, renames: dict[str, str]):
-        self.target, self.renames = target, renames
+    """Builds a torchvision image-processor module from its PIL twin: `XImageProcessor` = `XImageProcessorPil`."""
+
+    def __init__(self, twin: str):
+        self.twin = twin
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
         return None
 
     def exec_module(self, module: Any) -> None:
-        source = importlib.import_module(self.target)
-        module.__dict__.update({k: v for k, v in vars(source).items() if not k.startswith("__")})
-        for alias, name in self.renames.items():
-            setattr(module, alias, getattr(source, name))
-        module.__all__ = [*getattr(source, "__all__", []), *self.renames]
+        source = importlib.import_module(self.twin)
+        namespace = {k: v for k, v in vars(source).items() if not k.startswith("__")}
+        for name, value in list(namespace.items()):
+            if name.endswith("Pil") and isinstance(value, type):
+                namespace.setdefault(name[: -len("Pil")], value)
+        module.__dict__.update(namespace)
 
 
 class _PatchingLoader:
-    """Runs the real loader, then a patch on the fresh module."""
+    """Runs the real loader, then drops the video processors of the fresh module."""
 
-    def __init__(self, loader: Any, patch: Callable[[Any], None]):
-        self.loader, self.patch = loader, patch
+    def __init__(self, loader: Any):
+        self.loader = loader
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: Any) -> None:
         self.loader.exec_module(module)
-        self.patch(module)
+        _drop_video_processors(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, is_package, ...: as the real loader
+        return getattr(self.loader, name)
 
 
 class _Finder:
-    """sys.meta_path hook: only answers for the few module names above, and only without torchvision."""
+    """sys.meta_path hook for `transformers.models.*.{image_processing_,processing_}*`, only without torchvision."""
 
     _genrecal_compat = True
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in _PIL_ALIASES and fullname not in _PATCHES:
+        twin = _pil_twin(fullname)
+        is_processor = twin is None and _model_module(fullname, "processing_") is not None
+        if (twin is None and not is_processor) or not torchvision_missing():
             return None
-        if not torchvision_missing():
-            return None
-        if fullname in _PIL_ALIASES:
-            pil_module, renames = _PIL_ALIASES[fullname]
-            return importlib.machinery.ModuleSpec(fullname, _AliasLoader(pil_module, renames),
-                                                  origin=f"alias of {pil_module} (genrecal compat)")
+        if twin is not None:
+            if importlib.machinery.PathFinder.find_spec(twin, path) is None:
+                return None  # no PIL twin: leave the module alone
+            return importlib.machinery.ModuleSpec(fullname, _AliasLoader(twin), origin=f"alias of {twin} (genrecal compat)")
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is not None and spec.loader is not None:
-            spec.loader = _PatchingLoader(spec.loader, _PATCHES[fullname])
+            spec.loader = _PatchingLoader(spec.loader)
         return spec
 
 
 def install() -> None:
-    """Install the import hook (idempotent); patch target modules that are already imported."""
+    """Install the import hook (idempotent); patch processor modules that are already imported."""
     if not any(getattr(f, "_genrecal_compat", False) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
-    for name, patch in _PATCHES.items():
-        if name in sys.modules and torchvision_missing():
-            patch(sys.modules[name])
+    imported = [m for name, m in list(sys.modules.items()) if _model_module(name, "processing_") and m is not None]
+    if imported and torchvision_missing():
+        for module in imported:
+            _drop_video_processors(module)
 
 
 def _run_shadowed_sitecustomize() -> None:
