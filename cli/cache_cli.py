@@ -25,6 +25,14 @@ def extract(
     dtype: str = typer.Option("auto", help="Compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ... (transformers backend)."),
     image_root: Optional[str] = typer.Option(None, help="Folder image paths are relative to (default: the data file's folder)."),
+    tensor_parallel_size: int = typer.Option(1, help="[vllm] GPUs per model replica (tensor parallel)."),
+    pipeline_parallel_size: int = typer.Option(1, help="[vllm] Pipeline stages per replica."),
+    data_parallel_size: int = typer.Option(1, help="[vllm] Must be 1 here: run one extraction per replica instead."),
+    max_model_len: Optional[int] = typer.Option(None, help="[vllm] Engine context length [default: --max-len]."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, help="[vllm] Fraction of GPU memory [0.9 GPU, 0.1 CPU]."),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, help="[vllm] Tokens per engine step."),
+    limit_mm_per_prompt: Optional[int] = typer.Option(None, help="[vllm] Max images per prompt."),
+    trust_remote_code: bool = typer.Option(False, help="[vllm] Allow the model folder's own code to run."),
 ) -> None:
     """Run the teacher over DATA once and write a cache to OUT (hidden states, top-k, head, samples)."""
     from genrecal_cache.extract import ExtractConfig
@@ -34,7 +42,13 @@ def extract(
         raise typer.BadParameter(f"{out} exists and is not empty: choose a new --out or delete it", param_hint="--out")
     cfg = ExtractConfig(teacher=teacher, data=data, out=str(out), backend=backend, topk=topk, max_len=max_len,
                         batch_tokens=batch_tokens, limit=limit, hidden_dtype=hidden_dtype, dtype=dtype,
-                        device=device, image_root=image_root)
+                        device=device, image_root=image_root,
+                        vllm=dict(tensor_parallel_size=tensor_parallel_size,
+                                  pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size,
+                                  gpu_memory_utilization=gpu_memory_utilization,
+                                  max_num_batched_tokens=max_num_batched_tokens,
+                                  limit_mm_per_prompt=None if limit_mm_per_prompt is None else {"image": limit_mm_per_prompt},
+                                  trust_remote_code=trust_remote_code, **({"max_model_len": max_model_len} if max_model_len else {})))
     m = run_extract(cfg)
     c = m.counts
     typer.echo(f"wrote {out}: {c['samples']} samples ({c['ok']} ok, {c['error']} error), {c['tokens']} tokens")

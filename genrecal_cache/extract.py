@@ -68,13 +68,30 @@ def make_backend(cfg: ExtractConfig, adapter: FamilyAdapter, pad_id: int):
     if backend == "vllm":
         from genrecal_cache.backends.vllm import VLLMBackend
 
-        return VLLMBackend(adapter, cfg.teacher, dtype=dtype, max_len=cfg.max_len, **cfg.vllm)
+        opts = dict(cfg.vllm)
+        # the engine's context may be longer than --max-len (which only marks samples as too long)
+        engine_len = opts.pop("max_model_len", None) or cfg.max_len
+        return VLLMBackend(adapter, cfg.teacher, dtype=dtype, max_len=engine_len, **opts)
     raise ValueError(f"unknown backend {cfg.backend!r}: use 'transformers', 'vllm' or 'auto'")
 
 
 def _record(s: Sample, status: str = "ok", error: str | None = None) -> SampleRecord:
     return SampleRecord(id=s.id, messages=s.messages, images=s.images, image_refs=s.image_refs,
                         status=status, error=error, extra=getattr(s, "extra", {}) or {})
+
+
+def count_samples(path: str, limit: int | None) -> int | None:
+    """How many samples a data file holds (for the progress bar's ETA); None when unknown cheaply."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        n = pq.ParquetFile(path).metadata.num_rows
+    elif path.endswith(".jsonl"):
+        with open(path, "rb") as f:
+            n = sum(1 for line in f if line.strip())
+    else:
+        return limit
+    return n if limit is None else min(n, limit)
 
 
 def _encode_all(samples: Iterator[Sample], adapter: FamilyAdapter, processor, max_len: int
@@ -117,7 +134,8 @@ def extract(cfg: ExtractConfig) -> Manifest:
     )
     n_ok = n_err = n_tok = 0
     t0 = time.perf_counter()
-    bar = tqdm(desc="extract", unit="sample", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(desc="extract", unit="sample", total=count_samples(cfg.data, cfg.limit), disable=not cfg.progress,
+               dynamic_ncols=True)
 
     def run(batch: list[tuple[Sample, Encoded]]) -> None:
         nonlocal n_ok, n_tok

@@ -117,7 +117,9 @@ class FamilyAdapter:
     def encode(self, processor: Any, sample: Sample, images: list[Image.Image], max_len: int | None = None) -> Encoded:
         """Tokenize `sample` with the family's chat template; mark the assistant answers.
 
-        `images` are the decoded sample images (PIL), in marker order. Raises `EncodeError`.
+        `images` are the decoded sample images (PIL), in marker order. `prompt` holds every
+        template token already: tokenize it with `add_special_tokens(processor, prompt)`.
+        Raises `EncodeError`.
         """
         where = f"sample {sample.id!r} ({self.model_type})"
         if sample.error:
@@ -135,13 +137,11 @@ class FamilyAdapter:
         spans = [self._answer_span(processor, messages, k, full, where)
                  for k, m in enumerate(messages) if m["role"] == "assistant"]
 
-        bos = processor.tokenizer.bos_token
         try:
             out = processor(
                 text=[full], images=images or None, return_tensors="pt", return_offsets_mapping=True,
                 return_text_replacement_offsets=True,
-                # the template writes BOS itself when the family wants one; only add it when it does not
-                add_special_tokens=bos is not None and not full.startswith(bos),
+                add_special_tokens=self.add_special_tokens(processor, full),
             )
         except (ValueError, TypeError) as e:  # e.g. an extreme aspect ratio, placeholder text in a question
             raise EncodeError(f"{where}: the processor rejected the sample: {e}") from e
@@ -157,6 +157,16 @@ class FamilyAdapter:
         for start, end in spans:
             self._mark(answer_mask, offsets, shift(start), shift(end), full[start:end], where)
         return Encoded(input_ids=input_ids, answer_mask=answer_mask, model_inputs=dict(out), prompt=full)
+
+    @staticmethod
+    def add_special_tokens(processor: Any, prompt: str) -> bool:
+        """Whether tokenizing a rendered `prompt` must add the tokenizer's special tokens (BOS).
+
+        Templates that write BOS themselves (Llama 3 style) must not get a second one; pass this
+        to vLLM too (`tokenization_kwargs={"add_special_tokens": ...}`), whose default is True.
+        """
+        bos = processor.tokenizer.bos_token
+        return bos is not None and not prompt.startswith(bos)
 
     def _chat_message(self, message: dict) -> dict:
         """Sample message -> template message: user/system text is split into text and image parts."""

@@ -254,7 +254,29 @@ def build_tiny_student(out_dir: str | Path, seed: int = 0, hidden_size: int = 64
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                vision_feature_select_strategy="full", chat_template=STUDENT_CHAT_TEMPLATE,
                                image_token="<image>", num_additional_image_tokens=0)
-    return _save(out_dir, seed, lambda: LlavaForConditionalGeneration(config), processor)
+    out_dir = _save(out_dir, seed, lambda: LlavaForConditionalGeneration(config), processor)
+    _use_hub_vision_tower_names(out_dir / "model.safetensors")
+    return out_dir
+
+
+def _use_hub_vision_tower_names(path: Path) -> None:
+    """Rename `vision_tower.*` weights to the hub layout `vision_tower.vision_model.*`, in place.
+
+    transformers 5 saves a LLaVA model that was built from a config (never loaded) without the
+    `vision_model.` level of its SigLIP/CLIP tower, and vLLM cannot load that. Hub checkpoints
+    have the level; transformers strips it on load and restores it on save, so after this rename
+    the tiny student round-trips through both exactly like a hub model.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    renamed = {("vision_tower.vision_model." + k[len("vision_tower."):]
+                if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+               for k, v in tensors.items()}
+    save_file(renamed, path, metadata=metadata)
 
 
 def tiny_pair(root: str | Path, seed: int = 0) -> tuple[Path, Path]:

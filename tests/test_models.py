@@ -96,6 +96,23 @@ def test_model_configs_match_the_head(teacher) -> None:
     assert head.hidden_size == teacher.adapter.text_config(teacher.model).hidden_size == 128
 
 
+def _weight_names(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        return set(f.keys())
+
+
+def test_checkpoints_use_hub_weight_names(teacher_dir: Path, student, tmp_path: Path) -> None:
+    """vLLM loads checkpoints by these names (it failed on transformers 5's unsaved-model layout)."""
+    assert {n.split(".")[0] for n in _weight_names(teacher_dir)} == {"model", "visual", "lm_head"}
+    names = _weight_names(student.path)
+    assert {n.split(".")[0] for n in names} == {"language_model", "vision_tower", "multi_modal_projector"}
+    assert all(n.startswith("vision_tower.vision_model.") for n in names if n.startswith("vision_tower."))
+    student.model.save_pretrained(tmp_path / "again")  # a trained student keeps the layout
+    assert _weight_names(tmp_path / "again") == names
+
+
 def test_builds_are_deterministic(tmp_path: Path, teacher_dir: Path) -> None:
     again = build_tiny_teacher(tmp_path / "t")
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
@@ -146,6 +163,8 @@ def test_student_template_trims_answers(student) -> None:
     enc = student.adapter.encode(student.processor, _sample("sp", "Colour?", "  red \n"), [_image()])
     assert _answer_runs(student.processor, enc) == ["red"]
     assert enc.input_ids[0] == student.processor.tokenizer.bos_token_id and enc.input_ids[1] != enc.input_ids[0]
+    # the prompt already starts with BOS: whoever tokenizes it (vLLM) must not add another
+    assert not student.adapter.add_special_tokens(student.processor, enc.prompt)
 
 
 def test_encode_errors(loaded) -> None:

@@ -3,12 +3,14 @@ check of the exported head against the prompt logprobs of vLLM's own generate ru
 
 The vLLM side runs in one subprocess (this file, run as a script): the pooling engine inside
 `extract(backend="vllm")`, then one generate engine; both in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
-`distributed_executor_backend="uni"`), which starts an engine in ~20 s instead of ~80 s on a 2-core
-machine. A subprocess keeps vLLM's CPU thread binding and NUMA settings out of the pytest process.
+`distributed_executor_backend="uni"`): no engine-core and worker processes to spawn, each of which
+imports vLLM again (~20 s instead of ~80 s per engine, cold, on a 2-core machine). The subprocess
+keeps vLLM's CPU thread pinning and NUMA binding out of the pytest process.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+if importlib.util.find_spec("vllm") is None:  # installed but broken must fail, not skip
+    pytest.skip("vllm is not installed (CPU: scripts/setup.sh; GPU: pip install 'genrecal[vllm]')",
+                allow_module_level=True)
 
 K = 16  # top-k stored and checked
 MAX_LEN = 1024
@@ -68,7 +74,6 @@ def _vllm_side(teacher: str, data: str, out: str, logprobs_json: str) -> None:
 @pytest.fixture(scope="module")
 def caches(teacher_dir: Path, demo_jsonl: Path, tmp_path_factory: pytest.TempPathFactory):
     """(vLLM cache, transformers cache, generate-runner prompt logprobs) for the same teacher and data."""
-    pytest.importorskip("vllm", reason="vllm is not installed (CPU: scripts/setup.sh; GPU: pip install genrecal[vllm])")
     from genrecal_cache.extract import extract
     from genrecal_cache.reader import TeacherCache
 
@@ -169,16 +174,25 @@ def test_token_mismatch_is_a_clear_error():
         VLLMBackend._check_ids(0, e, [1, 2, 3, 4, 5, 6, 7])
 
 
-def test_head_from_sharded_checkpoint(teacher, tmp_path: Path):
-    """The head is read tensor by tensor through model.safetensors.index.json, as for a 72B teacher."""
+def test_head_from_checkpoint_matches_exported_head(teacher, student, tmp_path: Path):
+    """Read tensor by tensor (sharded via the index json, as for a 72B teacher), in the layouts the
+    families save: Qwen2-VL (`model.norm`), LLaVA (`language_model.model.norm`), tied embeddings."""
+    from transformers import Qwen2VLForConditionalGeneration
+
     from genrecal_cache.backends.vllm import head_from_checkpoint
 
-    teacher.model.save_pretrained(tmp_path, max_shard_size="200KB")
-    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 2
-    head = head_from_checkpoint(tmp_path, teacher.model.config, torch.float32)
-    ref = teacher.adapter.export_head(teacher.model)
-    assert head.config == ref.config
-    assert torch.equal(head.norm_weight, ref.norm_weight) and torch.equal(head.lm_head_weight, ref.lm_head_weight)
+    sharded = tmp_path / "sharded"
+    teacher.model.save_pretrained(sharded, max_shard_size="200KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 2
+    config = teacher.model.config.to_dict()
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+    tied_model = Qwen2VLForConditionalGeneration(type(teacher.model.config).from_dict(config)).eval()
+    tied_model.save_pretrained(tmp_path / "tied")
+    for path, loaded in [(sharded, teacher), (student.path, student), (tmp_path / "tied", teacher._replace(model=tied_model))]:
+        head = head_from_checkpoint(path, loaded.model.config, torch.float32)
+        ref = loaded.adapter.export_head(loaded.model)
+        assert head.config == ref.config, path
+        assert torch.equal(head.norm_weight, ref.norm_weight) and torch.equal(head.lm_head_weight, ref.lm_head_weight)
 
 
 if __name__ == "__main__":  # the vLLM subprocess of the `caches` fixture

@@ -28,8 +28,9 @@ from genrecal_cache.head import HeadConfig, TeacherHead
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Where HF VLM checkpoints keep the head, newest layout first. Family knowledge: to move into the
-# adapters as `FamilyAdapter.head_tensor_names(config)` (see docs/vllm.md); used until then.
+# Where HF VLM checkpoints keep the head (candidates, first present wins): Qwen2-VL's and LLaVA's
+# layouts, as transformers saves them and as they are on the hub. Family knowledge: adapters that
+# define `head_tensor_names` (same shape) override it; meant to move there entirely.
 HEAD_TENSOR_NAMES: dict[str, tuple[str, ...]] = {
     "norm.weight": ("model.norm.weight", "model.language_model.norm.weight", "language_model.model.norm.weight"),
     "lm_head.weight": ("lm_head.weight", "language_model.lm_head.weight"),
@@ -38,17 +39,19 @@ HEAD_TENSOR_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
-def read_tensors(path: str | Path, names: Mapping[str, Sequence[str]], optional: Sequence[str] = ()
-                 ) -> dict[str, torch.Tensor]:
-    """Read a few tensors from a local safetensors checkpoint without loading the rest of it.
+def read_tensors(path: str | Path, names: Mapping[str, Sequence[str]]) -> dict[str, torch.Tensor]:
+    """Read a few tensors from a safetensors checkpoint (folder or hub id) without loading the rest.
 
     `names` maps a key to candidate tensor names (the first present wins); the shard holding each
-    one comes from `model.safetensors.index.json` (or the single `model.safetensors`). Keys in
-    `optional` may be absent; any other missing key is an error naming the candidates.
+    one comes from `model.safetensors.index.json` (or the single `model.safetensors`).
     """
     from safetensors import safe_open
 
     path = Path(path)
+    if not path.is_dir():  # a hub id: the files vLLM loads anyway, into the same HF cache
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"]))
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -57,13 +60,11 @@ def read_tensors(path: str | Path, names: Mapping[str, Sequence[str]], optional:
             weight_map = {k: "model.safetensors" for k in f.keys()}
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors(.index.json); the vLLM backend reads the teacher "
-                                f"head from a local safetensors checkpoint (download the model first)")
+                                f"head from a safetensors checkpoint")
     out: dict[str, torch.Tensor] = {}
     for key, candidates in names.items():
         name = next((n for n in candidates if n in weight_map), None)
         if name is None:
-            if key in optional:
-                continue
             raise KeyError(f"{path}: none of {list(candidates)} is in the checkpoint (needed for {key})")
         with safe_open(path / weight_map[name], framework="pt") as f:
             out[key] = f.get_tensor(name)
@@ -102,11 +103,11 @@ class VLLMBackend:
                 f"process, so run {data_parallel_size} extraction workers instead, each on its own GPUs "
                 f"(CUDA_VISIBLE_DEVICES) and its own part of the data (--num-shards/--shard-index)")
         on_gpu = torch.cuda.is_available()
-        self.adapter = adapter
         self.device = torch.device("cuda" if on_gpu else "cpu")
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         # the head first: a broken checkpoint fails in seconds, not after the engine start
-        head = head_from_checkpoint(path, config, DTYPES[dtype])
+        head = head_from_checkpoint(path, config, DTYPES[dtype],
+                                    getattr(adapter, "head_tensor_names", HEAD_TENSOR_NAMES))
         overrides = {"head_dtype": "model", **engine_kwargs.pop("hf_overrides", {})}
         self.llm = LLM(
             model=str(path), runner="pooling", convert="embed", pooler_config={"task": "token_embed"},
@@ -121,7 +122,8 @@ class VLLMBackend:
             # pooling heads upcast to fp32 by default; the states are model-dtype already: keep them so
             hf_overrides=overrides, **engine_kwargs,
         )
-        self.head = head.to(self.device)  # after the engine: it decides how CUDA workers start
+        # after the engine: its start profiles free GPU memory, and must find CUDA untouched to fork workers
+        self.head = head.to(self.device)
         tokenizer = self.llm.get_tokenizer()
         self._bos = getattr(tokenizer, "bos_token", None)
 
@@ -163,7 +165,7 @@ class VLLMBackend:
             if h.shape != (len(e.input_ids), self.head.hidden_size):
                 raise RuntimeError(f"vLLM returned hidden states of shape {tuple(h.shape)} for batch position "
                                    f"{i}; expected ({len(e.input_ids)}, {self.head.hidden_size})")
-            hidden.append(h.to(self.device, non_blocking=True))
+            hidden.append(h.to(self.device))
         return hidden
 
     @staticmethod
@@ -177,7 +179,8 @@ class VLLMBackend:
             f"vLLM tokenized batch position {i} differently from the cache's teacher tokenization: "
             f"{len(used)} vs {len(expected)} tokens, first difference at index {first} "
             f"(vLLM {list(used[first:first + 8])} vs cache {expected[first:first + 8]}; {n_img} image(s)). "
-            f"Hidden states would be misaligned with the recorded token ids, so nothing is written.")
+            f"The hidden states would not belong to the recorded token ids, so the run stops. Usual causes: "
+            f"the prompt is re-tokenized differently, or vLLM's image processor gives another image-token count.")
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
