@@ -40,7 +40,7 @@ import io
 import json
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ class Sample:
     images: list[bytes]  # encoded image files, in <image> order
     image_refs: list[str]  # where they came from (paths), for provenance; [] when embedded
     error: str | None = None  # set when the input itself is bad (missing/corrupt image, empty answer...)
+    extra: dict = field(default_factory=dict)  # other top-level JSONL fields (e.g. "qtype"), kept in the cache
 
 
 class ImageError(ValueError):
@@ -161,6 +162,9 @@ def _json_array_records(path: Path) -> Iterator[tuple[str, Any]]:
     return ((f"item-{n}", rec) for n, rec in enumerate(data))
 
 
+_RECORD_KEYS = {"id", "image", "images", "conversations"}
+
+
 def _sample_from_record(rec: Any, where: str, path: Path, root: Path, max_pixels: int) -> Sample:
     sid = where
     refs: list[str] = []
@@ -172,7 +176,9 @@ def _sample_from_record(rec: Any, where: str, path: Path, root: Path, max_pixels
         sid = _sample_id(rec.get("id"), where)
         refs = _image_refs(rec.get("image", rec.get("images")))
         images = [_read_image_file(ref, root) for ref in refs]
-        return _build(sid, rec.get("conversations"), images, refs, max_pixels)
+        sample = _build(sid, rec.get("conversations"), images, refs, max_pixels)
+        sample.extra = {k: v for k, v in rec.items() if k not in _RECORD_KEYS}
+        return sample
     except _BadSample as e:
         return Sample(sid, [], [], refs, error=f"sample {sid!r} ({path}, {where}): {e}")
     except Exception as e:  # the contract is "never raise per sample": report anything unforeseen too

@@ -51,7 +51,7 @@ class FamilyAdapter:
     model_type: ClassVar[str]
     model_class_name: ClassVar[str]  # the full VLM class in `transformers`
     uses_mrope: ClassVar[bool] = False
-    vision_prefixes: ClassVar[tuple[str, ...]]  # parameter-name prefixes of vision tower + projector
+    vision_prefixes: ClassVar[tuple[str, ...]]  # parameter-name prefixes of the frozen vision encoder
 
     # --- loading -------------------------------------------------------------------------------
 
@@ -86,7 +86,7 @@ class FamilyAdapter:
         return type(self.text_model(model).layers[0])
 
     def vision_parameter_prefixes(self, model: torch.nn.Module) -> list[str]:
-        """Prefixes of `model.named_parameters()` names that belong to the vision tower + projector."""
+        """Prefixes of `model.named_parameters()` names of the vision encoder (frozen in stages 2 and 3)."""
         names = [n for n, _ in model.named_parameters()]
         prefixes = [p for p in self.vision_prefixes if any(n.startswith(p) for n in names)]
         if not prefixes:
@@ -158,6 +158,21 @@ class FamilyAdapter:
             self._mark(answer_mask, offsets, shift(start), shift(end), full[start:end], where)
         return Encoded(input_ids=input_ids, answer_mask=answer_mask, model_inputs=dict(out), prompt=full)
 
+    def prompt_inputs(self, processor: Any, sample: Sample, images: list[Image.Image]) -> tuple[dict, str]:
+        """Generation inputs (batch 1) for everything before the last answer, and that answer.
+
+        Images that only belong to the dropped last answer's turns never occur: answers hold none.
+        """
+        where = f"sample {sample.id!r} ({self.model_type})"
+        last = max((k for k, m in enumerate(sample.messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise EncodeError(f"{where}: no assistant turn to use as the reference answer")
+        messages = [self._chat_message(m) for m in sample.messages[:last]]
+        prompt = self._render(processor, messages, add_generation_prompt=True)
+        out = processor(text=[prompt], images=images or None, return_tensors="pt",
+                        add_special_tokens=self.add_special_tokens(processor, prompt))
+        return dict(out), sample.messages[last]["content"]
+
     @staticmethod
     def add_special_tokens(processor: Any, prompt: str) -> bool:
         """Whether tokenizing a rendered `prompt` must add the tokenizer's special tokens (BOS).
@@ -223,16 +238,17 @@ class FamilyAdapter:
 
     # --- forward -------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def final_hidden_states(self, model: torch.nn.Module, enc: Encoded) -> torch.Tensor:
+    def final_hidden_states(self, model: torch.nn.Module, enc: Encoded, grad: bool = False) -> torch.Tensor:
         """[L, d] last-layer hidden states *after* the final norm (what lm_head reads).
 
-        Runs the base model (no lm_head), so no [L, vocab] logits are ever formed.
+        Runs the base model (no lm_head), so no [L, vocab] logits are ever formed. Without
+        autograd unless `grad=True` (a student being trained through its features).
         """
         param = next(model.parameters())
         inputs = {k: (v.to(param.device, param.dtype) if torch.is_floating_point(v) else v.to(param.device))
                   for k, v in enc.model_inputs.items()}
-        out = model.model(input_ids=enc.input_ids[None].to(param.device), use_cache=False, **inputs)
+        with torch.set_grad_enabled(grad):
+            out = model.model(input_ids=enc.input_ids[None].to(param.device), use_cache=False, **inputs)
         return out.last_hidden_state[0]
 
 
@@ -246,7 +262,8 @@ class Qwen2VLAdapter(FamilyAdapter):
 class LlavaAdapter(FamilyAdapter):
     model_type = "llava"
     model_class_name = "LlavaForConditionalGeneration"
-    vision_prefixes = ("model.vision_tower.", "model.multi_modal_projector.")
+    # the projector trains with the language model; only the vision encoder stays frozen
+    vision_prefixes = ("model.vision_tower.",)
 
 
 ADAPTERS: dict[str, type[FamilyAdapter]] = {a.model_type: a for a in (Qwen2VLAdapter, LlavaAdapter)}

@@ -37,6 +37,7 @@ def check_cache_matches(cache, head: TeacherHead, cfg: TrainConfig) -> None:
         raise ValueError(f"{where}: teacher_head.safetensors is [{head.vocab_size} x {head.hidden_size}] but the "
                          f"manifest says vocab {m.vocab_size}, hidden {m.hidden_size}: the head belongs to another "
                          "teacher; re-extract or restore the right teacher_head.safetensors")
+    check_head_reproduces_topk(cache, head, where)
     if not cfg.expect_teacher:
         return
     if not Path(cfg.expect_teacher).is_dir():
@@ -56,6 +57,74 @@ def check_cache_matches(cache, head: TeacherHead, cfg: TrainConfig) -> None:
     if (text.hidden_size, text.vocab_size) != (head.hidden_size, head.vocab_size):
         raise ValueError(f"{where}: teacher head is [{head.vocab_size} x {head.hidden_size}] but "
                          f"{cfg.expect_teacher} has vocab {text.vocab_size}, hidden {text.hidden_size}")
+    # Same tokenizer and shapes can still be another checkpoint (another seed, size or fine-tune):
+    # compare a few rows of its lm_head with the cached head (read by slice, not the whole matrix).
+    rows = _checkpoint_lm_head_rows(Path(cfg.expect_teacher), head.vocab_size,
+                                    tied=bool(getattr(tcfg, "tie_word_embeddings", False)
+                                              or getattr(text, "tie_word_embeddings", False)))
+    if rows is not None:
+        idx, got = rows
+        ref = head.lm_head_weight[idx].detach().float().cpu()
+        rel = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
+        if rel > 2e-2:  # bf16 rounding is ~4e-3; another checkpoint is ~1
+            raise ValueError(f"{where}: its teacher head is not {cfg.expect_teacher}'s lm_head (relative difference "
+                             f"{rel:.3g} on {len(idx)} rows): the cache was extracted from another checkpoint of "
+                             "this architecture; use the cache made with this teacher")
+
+
+def check_head_reproduces_topk(cache, head: TeacherHead, where: str, max_tokens: int = 16) -> None:
+    """The head must give back the top-k stored with the first usable sample (cheap: a few tokens).
+
+    Catches a teacher_head.safetensors of the right shape from another teacher (or a corrupted one)."""
+    first = next((i for group in cache.plan() for i in group), None)
+    if first is None:
+        return
+    s = cache[first]
+    n = min(max_tokens, s.hidden.shape[0])
+    if n == 0:
+        return
+    k = s.topk_ids.shape[1]
+    dev = head.lm_head_weight.device
+    ids, _ = head.topk_logprobs(torch.from_numpy(s.hidden[:n]).to(dev), k)
+    cached = torch.from_numpy(s.topk_ids[:n].astype("int64"))
+    ids = ids.long().cpu()
+    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, cached)) / (n * k)
+    if overlap < 0.5:  # the right head agrees up to near-ties (~1.0); another head agrees by chance (~k/V)
+        raise ValueError(f"{where}: teacher_head.safetensors does not reproduce the cached top-{k} of sample "
+                         f"{s.id!r} (overlap {overlap:.2f}): the head belongs to another teacher or is corrupt; "
+                         "run `genrecal-cache verify`, re-download or re-extract the cache")
+
+
+def _checkpoint_lm_head_rows(folder: Path, vocab: int, tied: bool) -> tuple[Tensor, Tensor] | None:
+    """(row indices, float32 rows) of the lm_head in a safetensors checkpoint folder; None if not found."""
+    import json
+
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        weight_map = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                weight_map.update({k: f.name for k in fh.keys()})
+    names = [k for k in weight_map if k == "lm_head.weight" or k.endswith(".lm_head.weight")]
+    if not names and tied:
+        names = [k for k in weight_map if k.endswith("embed_tokens.weight") and "vis" not in k]
+    if not names:
+        return None
+    name = names[0]
+    n = min(32, vocab)
+    with safe_open(str(folder / weight_map[name]), framework="pt") as fh:
+        sl = fh.get_slice(name)
+        if sl.get_shape()[0] != vocab:
+            return None  # shapes were compared above; a differently laid-out checkpoint is not judged here
+        mid = vocab // 2
+        parts = [sl[0:n], sl[mid:min(vocab, mid + n)]]
+    idx = torch.cat([torch.arange(0, n), torch.arange(mid, min(vocab, mid + n))])
+    return idx, torch.cat(parts).float()
 
 
 def _gather(rows: list[Tensor]) -> tuple[Tensor, Tensor]:

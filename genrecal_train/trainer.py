@@ -79,8 +79,11 @@ class MetricsLog:
 def stage_steps(cfg: TrainConfig, stream: CacheStream, world: int) -> int:
     if cfg.epochs is None:
         return cfg.max_steps
-    per_step = cfg.batch_size * cfg.grad_accum
-    return max(1, math.ceil(cfg.epochs * stream.per_epoch / per_step))
+    # From the whole cache, not this rank's slice: slices differ by one sample, and every rank must
+    # run the same number of steps (DDP hangs otherwise).
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    total = sum(len(p) for p in stream.cache.plan())
+    return max(1, math.ceil(cfg.epochs * total / per_step))
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -98,6 +101,7 @@ def train(cfg: TrainConfig) -> Path:
     processor = adapter.load_processor(cfg.student)
     check_cache_matches(cache, head, cfg)
     student = adapter.load_model(cfg.student, dtype=torch.float32, device=str(device))
+    torch.manual_seed(cfg.seed)  # the Recalibrator's init depends on the seed only (same on every rank, every run)
     model = GenRecal(student, adapter, head, cfg).to(device)
 
     start_stage_pos, step0, position0, resume_from = 0, 0, 0, None
@@ -107,7 +111,12 @@ def train(cfg: TrainConfig) -> Path:
             st = ckpt.load_state(resume_from)
             ckpt.load_weights(resume_from, student=model.student, recalibrator=model.recalibrator)
             start_stage_pos = cfg.stages.index(st["stage"]) if st["stage"] in cfg.stages else 0
-            step0, position0 = st["step"], st["position"]
+            # Every rank resumes at its own position: ranks skip different unusable samples.
+            positions = st.get("positions", [st["position"]])
+            if len(positions) != world:
+                raise ValueError(f"{resume_from} was written by a run with {len(positions)} rank(s); resume it "
+                                 f"with the same number of processes (this run has {world})")
+            step0, position0 = st["step"], positions[rank]
             if st.get("stage_done"):
                 start_stage_pos, step0, position0, resume_from = start_stage_pos + 1, 0, 0, None
     if rank == 0:
@@ -143,7 +152,8 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
     lr_at = lambda s: cfg.lr + (cfg.lr_end - cfg.lr) * (s / max(1, total - 1))  # noqa: E731
     ddp = model
     if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        # No buffer broadcast per forward: the frozen teacher head (152k x d) is a buffer, identical on all ranks.
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     model.train()
     bar = tqdm(total=total, initial=step0, desc=f"stage {stage}", disable=rank != 0, dynamic_ncols=True)
@@ -153,11 +163,15 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
     for step in range(step0, total):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
+        # Randomness (dropout) as a function of (seed, stage, step, rank): a resumed run draws the same.
+        torch.manual_seed(cfg.seed + 1_000_003 * stage + 1009 * step + rank)
         t0, wait0, tokens = time.perf_counter(), stream.wait_s, 0
         sums: dict[str, float] = {}
+        indices: list[int] = []
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             position, tokens = batch.position, tokens + batch.num_tokens
+            indices += [e.index for e in batch.examples]
             sync = micro == cfg.grad_accum - 1 or world == 1
             with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
                 losses = ddp(batch, stage)
@@ -168,8 +182,15 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
+        positions, rank_indices = [position], [indices]
+        if world > 1:  # every rank's stream position (for resume) and samples (for the log)
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, (position, indices))
+            positions, rank_indices = [g[0] for g in gathered], [g[1] for g in gathered]
         record = {"stage": stage, "step": step + 1, "lr": lr_at(step), **sums, "tokens_per_s": tokens * world / dt,
-                  "data_wait_frac": (stream.wait_s - wait0) / dt, "position": position}
+                  "data_wait_frac": (stream.wait_s - wait0) / dt, "position": position, "sample_indices": indices}
+        if world > 1:
+            record |= {"rank_positions": positions, "rank_sample_indices": rank_indices}
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             log.log(record)
         bar.update(1)
@@ -178,7 +199,8 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
         if rank == 0 and (done or (step + 1) % cfg.checkpoint_every == 0):
             ckpt.save_checkpoint(run_dir, f"stage{stage}-step{step + 1:07d}", student=model.student,
                                  recalibrator=model.recalibrator if stage in (1, 2) else None, optimizer=opt,
-                                 state={"stage": stage, "step": step + 1, "position": position, "stage_done": done,
+                                 state={"stage": stage, "step": step + 1, "position": position, "positions": positions,
+                                        "world_size": world, "stage_done": done,
                                         "elapsed_s": time.perf_counter() - t_stage})
         if world > 1:
             dist.barrier()

@@ -205,7 +205,8 @@ def test_final_hidden_states_are_post_norm_and_feed_lm_head(loaded, demo_jsonl: 
     s = next(s for s in read_samples(demo_jsonl) if len(s.images) == 2)
     enc = a.encode(loaded.processor, s, [decode_image(b) for b in s.images])
     h = a.final_hidden_states(model, enc)
-    assert h.shape == (len(enc.input_ids), a.text_config(model).hidden_size)
+    assert h.shape == (len(enc.input_ids), a.text_config(model).hidden_size) and not h.requires_grad
+    assert a.final_hidden_states(model, enc, grad=True).requires_grad  # students train through it
     with torch.no_grad():
         out = model(input_ids=enc.input_ids[None], **enc.model_inputs, output_hidden_states=True)
     torch.testing.assert_close(a.lm_head(model)(h), out.logits[0])
