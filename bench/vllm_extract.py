@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,13 +33,19 @@ def main() -> None:
     p.add_argument("--hidden-dtype", default="bfloat16")
     p.add_argument("--engine", default="{}", help="JSON dict of VLLMBackend/engine kwargs")
     args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="genrecal-bench-"))
+    try:
+        run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
+
+def run(args: argparse.Namespace, tmp: Path) -> None:
     import genrecal_cache.backends.vllm as vb
     from genrecal_cache.data import decode_image, read_samples
     from genrecal_cache.extract import ExtractConfig, extract
     from genrecal_cache.families import adapter_for
 
-    tmp = Path(tempfile.mkdtemp(prefix="genrecal-bench-"))
     teacher = args.teacher
     if teacher is None:
         from genrecal_cache.testing import build_tiny_teacher

@@ -53,7 +53,7 @@ LEGACY_NAMES = {"bfloat16": "bf16", "float32": "fp32"}
 
 # ---- payload header ---------------------------------------------------------------------------------
 MAGIC = b"GRHQ"
-HEADER = struct.Struct("<4sBBBBIIH14x")  # magic, kind, version, levels, flags, rows, cols, group -> 32 bytes
+HEADER = struct.Struct("<4sBBBBIIHH12x")  # magic, kind, version, levels, flags, rows, cols, group, outliers
 assert HEADER.size == 32
 KIND_FP8, KIND_Q4 = 1, 2
 VERSION = 1
@@ -67,16 +67,16 @@ class CodecError(ValueError):
     """A payload that is not a genrecal hidden-state chunk, or input a codec cannot encode."""
 
 
-def _header(payload: np.ndarray) -> tuple[int, int, int, int, int, int]:
+def _header(payload: np.ndarray) -> tuple[int, int, int, int, int, int, int]:
     if payload.nbytes < HEADER.size:
         raise CodecError(f"genrecal hidden codec: payload of {payload.nbytes} bytes is shorter than its header")
-    magic, kind, version, levels, flags, rows, cols, group = HEADER.unpack(payload[:HEADER.size].tobytes())
+    magic, kind, version, levels, flags, rows, cols, group, k = HEADER.unpack(payload[:HEADER.size].tobytes())
     if magic != MAGIC:
         raise CodecError(f"genrecal hidden codec: bad magic {magic!r} (expected {MAGIC!r}); not a genrecal chunk")
     if version != VERSION:
         raise CodecError(f"genrecal hidden codec: payload version {version}, this genrecal decodes version {VERSION}; "
                          f"upgrade genrecal")
-    return kind, levels, flags, rows, cols, group
+    return kind, levels, flags, rows, cols, group, k
 
 
 def _as_rows(x: np.ndarray) -> np.ndarray:
@@ -140,7 +140,7 @@ def fp8_encode(x: np.ndarray) -> np.ndarray:
     inv = np.where(scale > np.float32(1e-30), np.float32(1) / scale, np.float32(0)).astype(np.float32)
     y = np.clip(x * inv[:, None], -FP8_MAX, FP8_MAX)
     out = np.empty(HEADER.size + rows * (4 + cols), dtype=np.uint8)
-    out[:HEADER.size] = np.frombuffer(HEADER.pack(MAGIC, KIND_FP8, VERSION, 0, 0, rows, cols, 0), np.uint8)
+    out[:HEADER.size] = np.frombuffer(HEADER.pack(MAGIC, KIND_FP8, VERSION, 0, 0, rows, cols, 0, 0), np.uint8)
     body = out[HEADER.size:].reshape(rows, 4 + cols)
     body[:, :4] = scale.view(np.uint8).reshape(rows, 4)
     body[:, 4:] = float32_to_e4m3(y)
@@ -214,26 +214,40 @@ def _group_scales(amax: np.ndarray, qmax: float) -> np.ndarray:
     return s
 
 
-def q4_encode(x: np.ndarray, group: int = 32, levels: str = "int4", equalize: bool = True) -> np.ndarray:
+def q4_encode(x: np.ndarray, group: int = 32, levels: str = "int4", outliers: int = 8,
+              equalize: bool = False) -> np.ndarray:
     """float32 [..., d] -> payload: header, [d fp16 channel scales if equalize], then per row
-    [ceil(d/group) fp16 group scales][ceil(d/group)*group/2 bytes of 4-bit codes, low nibble first]."""
+    [G fp16 group scales][k uint16 outlier columns][k float32 outlier values][G*group/2 bytes of
+    4-bit codes, low nibble first], G = ceil(d / group), k = min(outliers, d).
+
+    The k largest |values| of each row are kept exactly (sparse part) and zeroed in the dense part,
+    which is then quantised in groups: int4 rounds x/s to -7..7 with s = max|group|/7 (fp16, rounded
+    up so nothing clips); nf4 rounds x/s to the nearest NF4 level with s = max|group|."""
     if levels not in LEVELS:
         raise CodecError(f"genrecal q4: levels must be one of {sorted(LEVELS)}, got {levels!r}")
     if group < 2 or group % 2 or group > 0xFFFF:
         raise CodecError(f"genrecal q4: group must be an even number in [2, 65534], got {group}")
     x = _as_rows(x)
     rows, cols = x.shape
+    k = min(outliers, cols)
+    if k and cols > 0xFFFF:
+        raise CodecError(f"genrecal q4: outlier columns are uint16, so rows of {cols} > 65535 values need outliers=0")
+    if not 0 <= outliers <= 0xFFFF:
+        raise CodecError(f"genrecal q4: outliers must be in [0, 65535], got {outliers}")
     lv = LEVELS[levels]
     groups, width = _q4_geometry(cols, group)
-    parts = [np.frombuffer(HEADER.pack(MAGIC, KIND_Q4, VERSION, lv, FLAG_EQUALIZE if equalize else 0,
-                                       rows, cols, group), np.uint8)]
+    flags = FLAG_EQUALIZE if equalize else 0
+    parts = [np.frombuffer(HEADER.pack(MAGIC, KIND_Q4, VERSION, lv, flags, rows, cols, group, k), np.uint8)]
     xp = np.zeros((rows, width), np.float32)
+    xp[:, :cols] = x
+    if k:
+        idx = np.sort(np.argpartition(-np.abs(x), k - 1, axis=1)[:, :k], axis=1).astype(np.uint16)
+        vals = np.take_along_axis(x, idx.astype(np.intp), axis=1)
+        np.put_along_axis(xp, idx.astype(np.intp), 0, axis=1)
     if equalize:
-        c = _channel_scales(x)
+        c = _channel_scales(xp[:, :cols])
         parts.append(c.view(np.uint8))
-        np.divide(x, c.astype(np.float32), out=xp[:, :cols])
-    else:
-        xp[:, :cols] = x
+        xp[:, :cols] /= c.astype(np.float32)
     xg = xp.reshape(rows, groups, group)
     s16 = _group_scales(np.abs(xg).max(axis=2), _QMAX[lv])
     s = s16.astype(np.float32)
@@ -244,29 +258,34 @@ def q4_encode(x: np.ndarray, group: int = 32, levels: str = "int4", equalize: bo
     else:
         codes = np.searchsorted(_NF4_MIDPOINTS, y).astype(np.uint8)
     codes = codes.reshape(rows, width)
-    body = np.empty((rows, 2 * groups + width // 2), np.uint8)
+    body = np.empty((rows, 2 * groups + 6 * k + width // 2), np.uint8)
     body[:, :2 * groups] = s16.view(np.uint8).reshape(rows, 2 * groups)
-    body[:, 2 * groups:] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    o = 2 * groups
+    if k:
+        body[:, o:o + 2 * k] = idx.view(np.uint8).reshape(rows, 2 * k)
+        body[:, o + 2 * k:o + 6 * k] = np.ascontiguousarray(vals).view(np.uint8).reshape(rows, 4 * k)
+    body[:, o + 6 * k:] = codes[:, 0::2] | (codes[:, 1::2] << 4)
     parts.append(body.reshape(-1))
     return np.concatenate(parts)
 
 
-def _q4_decode(payload: np.ndarray, levels: int, flags: int, rows: int, cols: int, group: int) -> np.ndarray:
-    if levels not in _LEVEL_TABLES or group < 2 or group % 2:
-        raise CodecError(f"genrecal q4 chunk: unknown levels {levels} or bad group {group}")
+def _q4_decode(payload: np.ndarray, levels: int, flags: int, rows: int, cols: int, group: int, k: int) -> np.ndarray:
+    if levels not in _LEVEL_TABLES or group < 2 or group % 2 or k > cols:
+        raise CodecError(f"genrecal q4 chunk: unknown levels {levels}, bad group {group} or {k} outliers for {cols} cols")
     groups, width = _q4_geometry(cols, group)
     off = HEADER.size
     c = None
     if flags & FLAG_EQUALIZE:
         c = np.frombuffer(payload[off:off + 2 * cols].tobytes(), np.float16).astype(np.float32)
         off += 2 * cols
-    stride = 2 * groups + width // 2
+    stride = 2 * groups + 6 * k + width // 2
     body = payload[off:]
     if body.size != rows * stride or c is not None and c.size != cols:
         raise CodecError(f"genrecal q4 chunk: {payload.size} bytes do not fit {rows} rows x {cols} cols; truncated?")
     body = body.reshape(rows, stride)
     s = np.ascontiguousarray(body[:, :2 * groups]).view(np.float16).astype(np.float32)  # [rows, groups]
-    vals = _PAIR_TABLES[levels].take(body[:, 2 * groups:], axis=0)  # [rows, width/2, 2]
+    o = 2 * groups
+    vals = _PAIR_TABLES[levels].take(body[:, o + 6 * k:], axis=0)  # [rows, width/2, 2]
     vals = vals.reshape(rows, groups, group)
     vals *= s[:, :, None]
     out = vals.reshape(rows, width)
@@ -274,21 +293,35 @@ def _q4_decode(payload: np.ndarray, levels: int, flags: int, rows: int, cols: in
         out = np.ascontiguousarray(out[:, :cols])
     if c is not None:
         out *= c
+    if k:
+        idx = np.ascontiguousarray(body[:, o:o + 2 * k]).view(np.uint16).astype(np.intp)
+        if idx.size and int(idx.max()) >= cols:
+            raise CodecError(f"genrecal q4 chunk: outlier column {int(idx.max())} outside {cols} columns; corrupt")
+        np.put_along_axis(out, idx, np.ascontiguousarray(body[:, o + 2 * k:o + 6 * k]).view(np.float32), axis=1)
     return out
 
 
-def q4_error_bound(x: np.ndarray, group: int = 32, levels: str = "int4", equalize: bool = True) -> np.ndarray:
+def q4_error_bound(x: np.ndarray, group: int = 32, levels: str = "int4", outliers: int = 8,
+                   equalize: bool = False) -> np.ndarray:
+    """Per element: 0 for a row's k kept outliers, else half the group's quantisation step
+    (int4: c_j s_g / 2; nf4: c_j s_g * max NF4 gap / 2), c_j = 1 without equalisation."""
     x = _as_rows(x)
     rows, cols = x.shape
-    lv = LEVELS[levels]
+    k, lv = min(outliers, cols), LEVELS[levels]
     groups, width = _q4_geometry(cols, group)
-    c = _channel_scales(x).astype(np.float32) if equalize else np.ones(cols, np.float32)
     xp = np.zeros((rows, width), np.float32)
-    xp[:, :cols] = x / c
+    xp[:, :cols] = x
+    if k:
+        idx = np.argpartition(-np.abs(x), k - 1, axis=1)[:, :k]
+        np.put_along_axis(xp, idx, 0, axis=1)
+    c = _channel_scales(xp[:, :cols]).astype(np.float32) if equalize else np.ones(cols, np.float32)
+    xp[:, :cols] /= c
     s = _group_scales(np.abs(xp.reshape(rows, groups, group)).max(axis=2), _QMAX[lv]).astype(np.float32)
     half_gap = 0.5 if lv == 0 else float(np.max(np.diff(NF4_LEVELS))) / 2
-    step = np.repeat(s, group, axis=1)[:, :cols] * half_gap
-    return step * c * (1 + 1e-5) + np.abs(x) * 1e-6
+    bound = np.repeat(s, group, axis=1)[:, :cols] * half_gap * c * (1 + 1e-5) + np.abs(x) * 1e-6
+    if k:
+        np.put_along_axis(bound, idx, 0, axis=1)
+    return bound
 
 
 # ---- payload dispatch ---------------------------------------------------------------------------------
@@ -296,11 +329,11 @@ def q4_error_bound(x: np.ndarray, group: int = 32, levels: str = "int4", equaliz
 def decode_payload(payload: Any) -> np.ndarray:
     """Any genrecal fp8/q4 payload -> float32 [rows, cols] (what it describes in its header)."""
     p = np.frombuffer(payload, dtype=np.uint8) if not isinstance(payload, np.ndarray) else payload.view(np.uint8).reshape(-1)
-    kind, levels, flags, rows, cols, group = _header(p)
+    kind, levels, flags, rows, cols, group, k = _header(p)
     if kind == KIND_FP8:
         return _fp8_decode(p, rows, cols)
     if kind == KIND_Q4:
-        return _q4_decode(p, levels, flags, rows, cols, group)
+        return _q4_decode(p, levels, flags, rows, cols, group, k)
     raise CodecError(f"genrecal hidden codec: unknown payload kind {kind}; upgrade genrecal")
 
 
@@ -370,30 +403,39 @@ class Fp8E4M3Codec(_HiddenArrayBytesCodec):
 
 @dataclass(frozen=True)
 class Q4Codec(_HiddenArrayBytesCodec):
-    """4-bit codes in groups of `group` values per row with an fp16 scale each; `levels` int4 (-7..7)
-    or nf4; `equalize` divides each column by its fp16 RMS over the chunk first (stored once per chunk)."""
+    """4-bit codes in groups of `group` values per row with an fp16 scale each, after keeping each
+    row's `outliers` largest |values| exactly; `levels` int4 (-7..7) or nf4; `equalize` divides each
+    column by its fp16 RMS over the chunk first (measured: it does not pay, see the module docstring)."""
 
     name = Q4_NAME
     group: int = 32
     levels: str = "int4"
-    equalize: bool = True
+    outliers: int = 8
+    equalize: bool = False
 
     def __post_init__(self) -> None:
-        if self.levels not in LEVELS or not isinstance(self.group, int) or self.group < 2 or self.group % 2:
-            raise ValueError(f"codec {Q4_NAME}: group must be an even integer >= 2 and levels one of "
-                             f"{sorted(LEVELS)}, got group={self.group!r}, levels={self.levels!r}")
+        if (self.levels not in LEVELS or not isinstance(self.group, int) or self.group < 2 or self.group % 2
+                or not isinstance(self.outliers, int) or not 0 <= self.outliers <= 0xFFFF):
+            raise ValueError(f"codec {Q4_NAME}: group must be an even integer >= 2, outliers in [0, 65535] and "
+                             f"levels one of {sorted(LEVELS)}; got group={self.group!r}, outliers={self.outliers!r}, "
+                             f"levels={self.levels!r}")
 
     def _config(self) -> dict[str, Any]:
-        return {"group": self.group, "levels": self.levels, "equalize": self.equalize}
+        return {"group": self.group, "levels": self.levels, "outliers": self.outliers, "equalize": self.equalize}
 
     def _encode_rows(self, x: np.ndarray) -> np.ndarray:
-        return q4_encode(x, self.group, self.levels, self.equalize)
+        return q4_encode(x, self.group, self.levels, self.outliers, self.equalize)
+
+    def encoded_size(self, rows: int, cols: int) -> int:
+        groups, width = _q4_geometry(cols, self.group)
+        k = min(self.outliers, cols)
+        return HEADER.size + (2 * cols if self.equalize else 0) + rows * (2 * groups + 6 * k + width // 2)
 
     def compute_encoded_size(self, input_byte_length: int, chunk_spec: Any) -> int:
-        cols = chunk_spec.shape[-1]
-        rows = math.prod(chunk_spec.shape[:-1])
-        groups, width = _q4_geometry(cols, self.group)
-        return HEADER.size + (2 * cols if self.equalize else 0) + rows * (2 * groups + width // 2)
+        return self.encoded_size(math.prod(chunk_spec.shape[:-1]), chunk_spec.shape[-1])
+
+    def error_bound(self, x: np.ndarray) -> np.ndarray:
+        return q4_error_bound(x, self.group, self.levels, self.outliers, self.equalize)
 
 
 # ---- numcodecs codecs (same payloads; for zarr v2 arrays and plain numcodecs users) -------------------------
@@ -417,12 +459,12 @@ def _numcodecs_classes() -> tuple[type, type]:
         """numcodecs form of `Q4Codec` (id `genrecal_q4`)."""
         codec_id = "genrecal_q4"
 
-        def __init__(self, group: int = 32, levels: str = "int4", equalize: bool = True) -> None:
-            Q4Codec(group=group, levels=levels, equalize=equalize)  # validates
-            self.group, self.levels, self.equalize = group, levels, equalize
+        def __init__(self, group: int = 32, levels: str = "int4", outliers: int = 8, equalize: bool = False) -> None:
+            Q4Codec(group=group, levels=levels, outliers=outliers, equalize=equalize)  # validates
+            self.group, self.levels, self.outliers, self.equalize = group, levels, outliers, equalize
 
         def encode(self, buf: Any) -> bytes:
-            return q4_encode(np.asarray(buf), self.group, self.levels, self.equalize).tobytes()
+            return q4_encode(np.asarray(buf), self.group, self.levels, self.outliers, self.equalize).tobytes()
 
         def decode(self, buf: Any, out: Any = None) -> Any:
             arr = decode_payload(ensure_contiguous_ndarray(buf).view(np.uint8))

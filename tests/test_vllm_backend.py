@@ -86,7 +86,10 @@ def caches(teacher_dir: Path, demo_jsonl: Path, tmp_path_factory: pytest.TempPat
         pytest.fail(f"vLLM subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     print(next((line for line in proc.stdout.splitlines() if line.startswith("TIMING")), ""))
     extract(_cfg(str(teacher_dir), str(demo_jsonl), str(out_hf), "transformers"))
-    yield TeacherCache.open(out_vllm), TeacherCache.open(out_hf), json.loads(lp_json.read_text())
+    tv, th = TeacherCache.open(out_vllm), TeacherCache.open(out_hf)
+    yield tv, th, json.loads(lp_json.read_text())
+    tv.close()
+    th.close()
 
 
 def _pairs(caches):
