@@ -20,6 +20,8 @@ def train(
     config: Optional[Path] = typer.Option(None, help="YAML/TOML file with any of these options (flag names, - or _)."),
     stages: Optional[str] = typer.Option(None, help="Comma-separated stages to run in order [default: 1,2,3]."),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps per stage [default: 100]."),
+    stage_steps: Optional[str] = typer.Option(None, help="Steps of each stage, comma-separated in --stages order "
+                                                        "(e.g. 200,400,200); overrides --max-steps/--epochs."),
     epochs: Optional[float] = typer.Option(None, help="Passes over the cache per stage (instead of --max-steps)."),
     batch_size: Optional[int] = typer.Option(None, help="Samples per micro-batch per rank [default: 4]."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step [default: 1]."),
@@ -31,6 +33,8 @@ def train(
     no_reg_pass: Optional[bool] = typer.Option(None, "--no-reg-pass", help="Drop the regularization pass (ablation)."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing",
                                                          help="Recompute student activations in backward."),
+    train_vision: Optional[bool] = typer.Option(None, "--train-vision",
+                                               help="Also train the vision encoder (stages 2-3)."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N optimizer steps [50]."),
     seed: Optional[int] = typer.Option(None, help="Seed for data order and initialisation [0]."),
     expect_teacher: Optional[str] = typer.Option(None, help="Teacher folder/id the cache must come from "
@@ -41,11 +45,11 @@ def train(
     from genrecal_train.config import load_config
     from genrecal_train.trainer import train as run_train
 
-    overrides = dict(cache=cache, student=student, out=out, stages=stages, max_steps=max_steps, epochs=epochs,
+    overrides = dict(cache=cache, student=student, out=out, stages=stages, max_steps=max_steps, stage_steps=stage_steps, epochs=epochs,
                      batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_end=lr_end, recal_layers=recal_layers,
                      freeze_recalibrator_in_stage2=freeze_recalibrator_in_stage2,
                      use_reg_pass=None if no_reg_pass is None else not no_reg_pass,
-                     gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every, seed=seed,
+                     gradient_checkpointing=gradient_checkpointing, train_vision=train_vision, checkpoint_every=checkpoint_every, seed=seed,
                      expect_teacher=expect_teacher, device=device, resume=resume)
     try:
         cfg = load_config(str(config) if config else None, overrides)

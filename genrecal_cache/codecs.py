@@ -505,10 +505,12 @@ class HiddenCodec:
     stored_dtype: str          # the zarr array's data type
     lossless: bool
     description: str
+    quantizer: _HiddenArrayBytesCodec | None = None  # the genrecal zarr codec (fp8, q4), else None
 
     def serializer(self) -> Any:
+        """The array->bytes codec of the chain (zarr's `bytes` for bf16/fp32)."""
         from zarr.codecs import BytesCodec
-        return {"fp8": Fp8E4M3Codec(), "q4": Q4Codec()}.get(self.name) or BytesCodec()
+        return self.quantizer if self.quantizer is not None else BytesCodec()
 
     def compressor(self) -> Any:
         from zarr.codecs import BloscCodec
@@ -517,13 +519,13 @@ class HiddenCodec:
     @property
     def blosc(self) -> dict[str, Any]:
         # bf16/fp32: byte shuffle separates the compressible sign/exponent bytes from mantissa noise.
-        # fp8/q4 bytes are already one value (or two nibbles) each: shuffling does nothing, plain zstd-1.
-        shuffle = "shuffle" if self.name in ("bf16", "fp32") else "noshuffle"
+        # fp8/q4 payloads are bytes (one value or two nibbles each): shuffling does nothing.
+        shuffle = "noshuffle" if self.quantizer is not None else "shuffle"
         return dict(cname="zstd", clevel=1, shuffle=shuffle, blocksize=1 << 20)
 
     @property
     def blosc_typesize(self) -> int:
-        return {"bf16": 2, "fp32": 4}.get(self.name, 1)
+        return 1 if self.quantizer is not None else np.dtype(self.stored_dtype).itemsize
 
     @property
     def attributes(self) -> dict[str, Any]:
@@ -532,34 +534,28 @@ class HiddenCodec:
 
     def chain_text(self) -> str:
         """The codec chain as the manifest records it (arrays.hidden.codec)."""
-        ser = "bytes" if self.name in ("bf16", "fp32") else json_compact(self.serializer().to_dict())
+        ser = "bytes" if self.quantizer is None else json_compact(self.quantizer.to_dict())
         b = self.blosc
         return (f"sharding_indexed[{ser}, blosc(cname={b['cname']}, clevel={b['clevel']}, shuffle={b['shuffle']}, "
                 f"blocksize={b['blocksize']})], index [bytes, crc32c]")
 
     def encoded_bytes(self, rows: int, cols: int) -> int:
-        """Exact bytes of one inner chunk of `rows` tokens before blosc (blosc then adds <= 0.5%)."""
-        if self.name == "bf16":
-            return 2 * rows * cols
-        if self.name == "fp32":
-            return 4 * rows * cols
-        if self.name == "fp8":
+        """Exact bytes of one inner chunk of `rows` tokens before blosc."""
+        if isinstance(self.quantizer, Q4Codec):
+            return self.quantizer.encoded_size(rows, cols)
+        if isinstance(self.quantizer, Fp8E4M3Codec):
             return HEADER.size + rows * (4 + cols)
-        groups, width = _q4_geometry(cols, Q4Codec().group)
-        return HEADER.size + 2 * cols + rows * (2 * groups + width // 2)
+        return rows * cols * np.dtype(self.stored_dtype).itemsize
 
     def row_bytes(self, cols: int) -> float:
-        """Bytes per token before compression, leaving out per-chunk overheads."""
-        if self.name == "q4":
-            groups, width = _q4_geometry(cols, Q4Codec().group)
-            return 2 * groups + width / 2
-        return {"bf16": 2 * cols, "fp32": 4 * cols, "fp8": 4 + cols}[self.name]
+        """Bytes per token before compression, leaving out per-chunk headers."""
+        return (self.encoded_bytes(1 << 20, cols) - self.encoded_bytes(0, cols)) / (1 << 20)
 
     def to_stored(self, h: Any) -> np.ndarray:
         """Float hidden states (torch tensor on any device, or numpy) -> an owned numpy array in the
         zarr dtype: bf16 bits (torch's round-to-nearest-even cast, done on the tensor's own device so
-        a GPU batch crosses to the host at half size), else float32 (fp8/q4 quantise in the writer
-        thread, inside zarr's codec pipeline)."""
+        a GPU batch crosses to the host at half size), else float32 (fp8/q4 quantise later, in the
+        writer thread, inside zarr's codec pipeline)."""
         import torch
 
         t = h.detach() if isinstance(h, torch.Tensor) else torch.from_numpy(np.asarray(h))
@@ -589,18 +585,18 @@ class HiddenCodec:
             return np.zeros_like(x32)
         if self.name == "bf16":
             return np.abs(x32) * 2.0 ** -8
-        if self.name == "fp8":
+        if isinstance(self.quantizer, Fp8E4M3Codec):
             return fp8_error_bound(x32)
-        return q4_error_bound(x32)
+        return self.quantizer.error_bound(x32)
 
     def round_trip(self, x: np.ndarray) -> np.ndarray:
-        """float32 [n, d] -> what a cache with this codec returns for it (one chunk, no compression)."""
+        """float32 [n, d] -> what a cache with this codec returns for it (as one chunk)."""
         x32 = np.ascontiguousarray(x, dtype=np.float32)
         if self.name == "fp32":
             return x32.copy()
         if self.name == "bf16":
             return bf16_bits_to_float32(self.to_stored(x32))
-        return decode_payload(self.serializer()._encode_rows(x32)).reshape(x32.shape)
+        return decode_payload(self.quantizer._encode_rows(x32)).reshape(x32.shape)
 
 
 def json_compact(d: dict[str, Any]) -> str:
@@ -621,10 +617,18 @@ _CODECS = {
                         "bfloat16 bits, lossless (bit-exact for bf16 teachers; 2^-8 relative for float32 ones)"),
     "fp32": HiddenCodec("fp32", "float32", "float32", True, "float32, exact"),
     "fp8": HiddenCodec("fp8", "float8_e4m3", "float32", False,
-                       "float8 e4m3 with a float32 scale per token (max|row|/448)"),
+                       "float8 e4m3 with a float32 scale per token (max|row|/448)", Fp8E4M3Codec()),
     "q4": HiddenCodec("q4", "int4", "float32", False,
-                      "4-bit (-7..7) in groups of 32 with fp16 scales, after per-chunk channel RMS equalisation"),
+                      "int4 (-7..7) in groups of 32 with fp16 scales; each token's 8 largest |values| kept exactly",
+                      Q4Codec()),
 }
+
+
+def q4_variant(group: int = 32, levels: str = "int4", outliers: int = 8, equalize: bool = False) -> HiddenCodec:
+    """A `q4` with other parameters (for measuring alternatives; caches use the registered default)."""
+    q = Q4Codec(group=group, levels=levels, outliers=outliers, equalize=equalize)
+    label = f"q4[{levels} g{group} k{outliers}{' eq' if equalize else ''}]"
+    return HiddenCodec(label, "int4" if levels == "int4" else "nf4", "float32", False, label, q)
 
 
 def hidden_codec(name: str) -> HiddenCodec:

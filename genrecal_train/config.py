@@ -15,7 +15,8 @@ class TrainConfig:
     student: str = ""  # student model folder or hub id
     out: str = ""  # run folder: checkpoints/, metrics.jsonl, final/
     stages: list[int] = field(default_factory=lambda: [1, 2, 3])
-    max_steps: int = 100  # optimizer steps per stage (ignored when epochs is set)
+    max_steps: int = 100  # optimizer steps per stage (ignored when epochs or stage_steps is set)
+    stage_steps: list[int] | None = None  # optimizer steps of each stage in --stages order (overrides the rest)
     epochs: float | None = None  # passes over the cache per stage, instead of max_steps
     batch_size: int = 4  # samples per micro-batch (per rank)
     grad_accum: int = 1
@@ -31,6 +32,7 @@ class TrainConfig:
     temperature: float = 1.0
     max_len: int = 2048  # student tokens; longer samples are skipped with a warning
     gradient_checkpointing: bool = False
+    train_vision: bool = False  # also train the vision encoder in stages 2-3 (e.g. a from-scratch model)
     checkpoint_every: int = 50  # optimizer steps; a checkpoint is also written at the end of each stage
     seed: int = 0
     prefetch: int = 8  # batches prepared ahead by the background thread
@@ -73,9 +75,12 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
             raise ValueError(f"config file {path}: unknown option(s) {unknown}; known: {sorted(known)}")
         values.update(data)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if isinstance(values.get("stages"), str):
-        values["stages"] = [int(s) for s in values["stages"].split(",") if s.strip()]
+    for key in ("stages", "stage_steps"):
+        if isinstance(values.get(key), str):
+            values[key] = [int(s) for s in values[key].split(",") if s.strip()]
     cfg = TrainConfig(**values)
+    if cfg.stage_steps is not None and len(cfg.stage_steps) != len(cfg.stages):
+        raise ValueError(f"stage_steps {cfg.stage_steps} must give one step count per stage of {cfg.stages}")
     bad = [s for s in cfg.stages if s not in (1, 2, 3)]
     if bad or not cfg.stages:
         raise ValueError(f"stages must be a comma-separated subset of 1,2,3 (got {cfg.stages})")

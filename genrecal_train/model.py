@@ -169,7 +169,7 @@ class GenRecal(nn.Module):
         if stage in (1, 2) and not (stage == 2 and self.cfg.freeze_recalibrator_in_stage2):
             self.recalibrator.requires_grad_(True)
         if stage in (2, 3):
-            vision = tuple(self.adapter.vision_parameter_prefixes(self.student))
+            vision = () if self.cfg.train_vision else tuple(self.adapter.vision_parameter_prefixes(self.student))
             for name, p in self.student.named_parameters():
                 p.requires_grad_(not name.startswith(vision))
         return [p for p in self.parameters() if p.requires_grad]

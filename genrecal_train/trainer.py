@@ -11,6 +11,7 @@ autocast on GPU, checkpoints every N steps and at its end; `resume` continues fr
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -76,7 +77,9 @@ class MetricsLog:
             self.tb.close()
 
 
-def stage_steps(cfg: TrainConfig, stream: CacheStream, world: int) -> int:
+def stage_steps(cfg: TrainConfig, stream: CacheStream, world: int, stage: int) -> int:
+    if cfg.stage_steps:
+        return cfg.stage_steps[cfg.stages.index(stage)]
     if cfg.epochs is None:
         return cfg.max_steps
     # From the whole cache, not this rank's slice: slices differ by one sample, and every rank must
@@ -147,13 +150,16 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume_from is not None:
         ckpt.load_optimizer(resume_from, opt)
-    total = stage_steps(cfg, stream, world)
+    total = stage_steps(cfg, stream, world, stage)
     # Linear decay lr -> lr_end over the stage (step index 0 .. total-1).
     lr_at = lambda s: cfg.lr + (cfg.lr_end - cfg.lr) * (s / max(1, total - 1))  # noqa: E731
     ddp = model
     if world > 1:
         # No buffer broadcast per forward: the frozen teacher head (152k x d) is a buffer, identical on all ranks.
-        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
+        no_sync = ({"forward_sync_buffers": False}  # torch >= 2.13 renamed broadcast_buffers
+                   if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, **no_sync)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     model.train()
     bar = tqdm(total=total, initial=step0, desc=f"stage {stage}", disable=rank != 0, dynamic_ncols=True)
