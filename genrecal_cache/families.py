@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -39,6 +39,7 @@ class Encoded:
     answer_mask: torch.Tensor  # [L] bool: True on tokens of assistant *content* (not template tokens)
     model_inputs: dict  # extra forward kwargs with batch dim 1 (pixel_values, image_grid_thw, ...)
     prompt: str  # rendered chat text (what vLLM gets, with one placeholder per image)
+    images: list = field(default_factory=list)  # the decoded PIL images, in placeholder order (for vLLM)
 
 
 class EncodeError(ValueError):
@@ -156,7 +157,8 @@ class FamilyAdapter:
         answer_mask = torch.zeros(len(input_ids), dtype=torch.bool)
         for start, end in spans:
             self._mark(answer_mask, offsets, shift(start), shift(end), full[start:end], where)
-        return Encoded(input_ids=input_ids, answer_mask=answer_mask, model_inputs=dict(out), prompt=full)
+        return Encoded(input_ids=input_ids, answer_mask=answer_mask, model_inputs=dict(out), prompt=full,
+                       images=list(images))
 
     def prompt_inputs(self, processor: Any, sample: Sample, images: list[Image.Image]) -> tuple[dict, str]:
         """Generation inputs (batch 1) for everything before the last answer, and that answer.

@@ -75,3 +75,25 @@ def demo_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from genrecal_cache.demo_data import write_demo_dataset
 
     return write_demo_dataset(tmp_path_factory.mktemp("demo"), n=24, seed=0)
+
+
+def _extract_demo_cache(root: Path, teacher_dir: Path, n: int, seed: int) -> Path:
+    from genrecal_cache.demo_data import write_demo_dataset
+    from genrecal_cache.extract import ExtractConfig, extract
+
+    data = write_demo_dataset(root / "data", n=n, seed=seed)
+    extract(ExtractConfig(teacher=str(teacher_dir), data=str(data), out=str(root / "cache"), backend="transformers",
+                          hidden_dtype="float32", progress=False))
+    return root / "cache"
+
+
+@pytest.fixture(scope="session")
+def train_cache(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path) -> Path:
+    """A float32 cache of the tiny teacher over 32 demo samples (seed 1): what the trainer tests train on."""
+    return _extract_demo_cache(tmp_path_factory.mktemp("train_cache"), teacher_dir, n=32, seed=1)
+
+
+@pytest.fixture(scope="session")
+def heldout_cache(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path) -> Path:
+    """A float32 cache of the tiny teacher over 12 other demo samples (seed 2), never trained on."""
+    return _extract_demo_cache(tmp_path_factory.mktemp("heldout_cache"), teacher_dir, n=12, seed=2)

@@ -131,12 +131,8 @@ class VLLMBackend:
     def _request(e: Encoded) -> dict[str, Any]:
         """Text with one placeholder per image + the decoded images: vLLM expands the placeholders."""
         request: dict[str, Any] = {"prompt": e.prompt}
-        images = getattr(e, "images", None)
-        if images is None:
-            raise TypeError("Encoded.images is missing: the vLLM backend passes the decoded images to the engine, "
-                            "so FamilyAdapter.encode must keep them (families.Encoded.images)")
-        if images:
-            request["multi_modal_data"] = {"image": list(images)}
+        if e.images:
+            request["multi_modal_data"] = {"image": list(e.images)}
         return request
 
     def encode(self, batch: list[Encoded]) -> list[Any]:
@@ -174,7 +170,7 @@ class VLLMBackend:
         if list(used) == expected:
             return
         first = next((j for j, (a, b) in enumerate(zip(used, expected)) if a != b), min(len(used), len(expected)))
-        n_img = len(getattr(e, "images", None) or ())
+        n_img = len(e.images)
         raise RuntimeError(
             f"vLLM tokenized batch position {i} differently from the cache's teacher tokenization: "
             f"{len(used)} vs {len(expected)} tokens, first difference at index {first} "

@@ -1,0 +1,392 @@
+"""Quality benchmark: does GenRecal make the small student better than plain SFT?
+
+One command, CPU only, offline:
+
+    PYTHONPATH=genrecal_cache/compat HF_HUB_OFFLINE=1 python bench/quality.py          # full (~30 min, 2 cores)
+    PYTHONPATH=genrecal_cache/compat HF_HUB_OFFLINE=1 python bench/quality.py --quick  # smoke run (~3 min)
+
+What it does (every step writes its result to disk first, so a rerun resumes where it stopped):
+1. data: synthetic shape questions + scikit-learn digit questions; train and held-out test splits
+   generated from different seeds.
+2. teacher: a tiny Qwen2-VL-architecture model, wider and deeper than the student, trained from
+   scratch on the task (SFT via `--stages 3` on a throwaway cache of the same data), evaluated on
+   the test split, then run once over the training data to write the real teacher cache.
+3. arms, each over several seeds with the SAME budget (samples per step, optimizer steps):
+   - sft              student SFT only (stages [3], all steps)
+   - genrecal_noreg   GenRecal stages 1-3 without the regularization pass
+   - genrecal         GenRecal stages 1-3, full
+   - uld              cross-tokenizer logit KD (Universal Logit Distillation, Boizard et al. 2024):
+                      stage-3 SFT + sorted-probability Wasserstein loss to the teacher's answer
+                      distributions (`genrecal_train.uld`)
+   The student is a LLaVA (Llama + SigLIP) model with another tokenizer and 16 image tokens
+   instead of the teacher's 4, freshly initialised from the run's seed.
+4. table (mean +- std exact-match accuracy per arm and per question type, teacher as ceiling),
+   results.json, loss curves and accuracy bar chart (PNG) under bench/out/quality/, PNGs copied
+   to docs/img/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARMS = ("sft", "genrecal_noreg", "genrecal", "uld")
+ARM_LABELS = {"sft": "student SFT only", "genrecal_noreg": "GenRecal 1-3, no reg. pass",
+              "genrecal": "GenRecal 1-3 (full)", "uld": "ULD (logit KD, cross-tokenizer)"}
+
+
+@dataclass
+class Setup:
+    """Every knob of the experiment (written into results.json)."""
+    n_shapes_train: int = 1800
+    n_digits_train: int = 1200
+    n_shapes_test: int = 300
+    n_digits_test: int = 200
+    data_seed: int = 0
+    test_seed: int = 1000
+    # teacher: wider/deeper than the student
+    teacher_hidden: int = 256
+    teacher_layers: int = 4
+    teacher_vision_width: int = 128
+    teacher_steps: int = 1500
+    teacher_batch: int = 16
+    teacher_lr: float = 1e-3
+    teacher_lr_end: float = 1e-4
+    # student (LLaVA: Llama + SigLIP), built per seed
+    student_hidden: int = 64
+    student_layers: int = 2
+    # the budget every arm gets
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 1e-3
+    lr_end: float = 1e-4
+    stage_split: tuple[float, float, float] = (0.2, 0.4, 0.4)  # GenRecal stages 1/2/3 share of `steps`
+    w_ar: float = 1.0
+    w_kl: float = 1.0
+    w_student: float = 1.0
+    recal_layers: int = 2
+    train_vision: bool = True  # the student is trained from scratch: its vision tower learns too (all arms)
+    w_uld: float = 1.0
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+
+
+QUICK = dict(n_shapes_train=240, n_digits_train=160, n_shapes_test=60, n_digits_test=40, teacher_steps=120,
+             teacher_batch=8, teacher_hidden=128, teacher_layers=2, teacher_vision_width=64, steps=60,
+             batch_size=8, seeds=[0])
+
+
+def log(msg: str) -> None:
+    print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def env() -> dict:
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "genrecal_cache" / "compat"),
+                                                              os.environ.get("PYTHONPATH")]))
+    from genrecal_cache.testing import install_compat_shim
+
+    install_compat_shim()
+    import torch
+
+    return {"torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+def make_split(folder: Path, n_shapes: int, n_digits: int, seed: int) -> Path:
+    """shapes + digits in one folder: one JSONL (qtype per record), images side by side."""
+    from genrecal_cache.demo_data import write_demo_dataset, write_digits_dataset
+
+    path = folder / "data.jsonl"
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    if n_shapes:
+        lines += write_demo_dataset(folder, n_shapes, seed=seed).read_text().splitlines()
+    if n_digits:  # image names differ (demo-* vs digit-*), so both fit in one images/ folder
+        lines += write_digits_dataset(folder, n_digits, seed=seed).read_text().splitlines()
+    (folder / "train.jsonl").unlink(missing_ok=True)
+    tmp = folder / "data.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# --- steps -----------------------------------------------------------------------------------------
+
+def extract_cache(teacher: Path, data: Path, out: Path) -> Path:
+    from genrecal_cache.extract import ExtractConfig, extract
+
+    if (out / "manifest.json").is_file():
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    extract(ExtractConfig(teacher=str(teacher), data=str(data), out=str(out), backend="transformers",
+                          progress=False, hidden_dtype="float32"))
+    return out
+
+
+def run_train(out: Path, **kw) -> tuple[Path, float]:
+    """Train (or reuse a finished run); returns (final model folder, seconds)."""
+    from genrecal_train.config import TrainConfig
+    from genrecal_train.trainer import train
+
+    final = out / "final"
+    done = out / "done.json"
+    if done.is_file() and (final / "config.json").is_file():
+        return final, json.loads(done.read_text())["seconds"]
+    if out.exists():
+        shutil.rmtree(out)
+    uld_weight = kw.pop("w_uld", None)
+    cfg = TrainConfig(out=str(out), checkpoint_every=10**9, prefetch=4, **kw)
+    t0 = time.perf_counter()
+    if uld_weight is not None:
+        from genrecal_train.uld import train_uld
+
+        final = train_uld(cfg, w_uld=uld_weight)
+    else:
+        final = train(cfg)
+    secs = time.perf_counter() - t0
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # keep the bench folder small
+    done.write_text(json.dumps({"seconds": secs}))
+    return Path(final), secs
+
+
+def run_eval(model: Path, data: Path, out: Path) -> dict:
+    from genrecal_train.evaluate import evaluate
+
+    if out.is_file():
+        return json.loads(out.read_text())
+    rep = evaluate(str(model), str(data), progress=False).to_dict()
+    out.write_text(json.dumps(rep, indent=1))
+    return rep
+
+
+def arm_config(arm: str, s: Setup) -> dict:
+    common = dict(batch_size=s.batch_size, lr=s.lr, lr_end=s.lr_end, train_vision=s.train_vision,
+                  recal_layers=s.recal_layers, w_ar=s.w_ar, w_kl=s.w_kl, w_student=s.w_student)
+    if arm in ("sft", "uld"):
+        kw = dict(stages=[3], stage_steps=[s.steps], **common)
+        if arm == "uld":
+            kw["w_uld"] = s.w_uld
+        return kw
+    n1 = max(1, round(s.steps * s.stage_split[0]))
+    n2 = max(1, round(s.steps * s.stage_split[1]))
+    n3 = max(1, s.steps - n1 - n2)
+    return dict(stages=[1, 2, 3], stage_steps=[n1, n2, n3], use_reg_pass=arm == "genrecal", **common)
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+def _ms(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    m = 100 * statistics.fmean(xs)
+    sd = 100 * statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{m:.1f} ± {sd:.1f}"
+
+
+def summarize(results: dict) -> tuple[str, dict]:
+    teacher = results["teacher"]["eval"]
+    qtypes = sorted(teacher["per_type"])
+    summary = {}
+    rows = [("teacher (ceiling)", f"{100 * teacher['accuracy']:.1f}", "1",
+             *[f"{100 * teacher['per_type'][q]['accuracy']:.1f}" for q in qtypes])]
+    for arm in results["setup"]["arms"]:
+        runs = [r for r in results["runs"] if r["arm"] == arm]
+        if not runs:
+            continue
+        accs = [r["accuracy"] for r in runs]
+        per = {q: [r["per_type"][q]["accuracy"] for r in runs if q in r["per_type"]] for q in qtypes}
+        summary[arm] = {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                        "seeds": [r["seed"] for r in runs], "accuracies": accs,
+                        "per_type_mean": {q: statistics.fmean(v) for q, v in per.items() if v}}
+        rows.append((ARM_LABELS[arm], _ms(accs), str(len(runs)), *[_ms(per[q]) for q in qtypes]))
+    header = ("arm", "accuracy % (mean ± std)", "seeds", *qtypes)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines), summary
+
+
+def plots(results: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in results["setup"]["arms"] if any(r["arm"] == a for r in results["runs"])]
+    # accuracy bars
+    fig, ax = plt.subplots(figsize=(7, 4))
+    means, stds = [], []
+    for a in arms:
+        accs = [100 * r["accuracy"] for r in results["runs"] if r["arm"] == a]
+        means.append(statistics.fmean(accs))
+        stds.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
+    xs = range(len(arms))
+    ax.bar(xs, means, yerr=stds, capsize=4, color=["#888888", "#6baed6", "#2171b5", "#fd8d3c"][:len(arms)])
+    for x, a in zip(xs, arms):
+        for r in results["runs"]:
+            if r["arm"] == a:
+                ax.plot(x, 100 * r["accuracy"], "k.", ms=5)
+    t = 100 * results["teacher"]["eval"]["accuracy"]
+    ax.axhline(t, color="crimson", ls="--", label=f"teacher {t:.1f}%")
+    ax.set_xticks(list(xs), [ARM_LABELS[a].replace(" (", "\n(").replace(", ", ",\n") for a in arms], fontsize=8)
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_title(f"Student accuracy, same budget ({results['setup']['steps']} steps x "
+                 f"{results['setup']['batch_size']}), {len(results['setup']['seeds'])} seeds")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    bar_png = out / "quality_accuracy.png"
+    fig.savefig(bar_png, dpi=120)
+    plt.close(fig)
+
+    # loss curves: the student's own loss L_s (stage 2-3) and GenRecal's L_ar / reg_ar, global step on x
+    keys = ("l_s", "l_ar", "reg_ar", "l_uld")
+    fig, axes = plt.subplots(1, len(arms), figsize=(4 * len(arms), 3.4), sharey=True, squeeze=False)
+    for ax, a in zip(axes[0], arms):
+        for r in results["runs"]:
+            if r["arm"] != a:
+                continue
+            recs = [json.loads(line) for line in Path(r["metrics"]).read_text().splitlines() if line.strip()]
+            offset, last_stage, g = 0, None, []
+            for rec in recs:
+                if rec["stage"] != last_stage:
+                    offset = len(g)
+                    last_stage = rec["stage"]
+                g.append(offset + rec["step"])
+            for k, c in zip(keys, ("C0", "C1", "C2", "C3")):
+                pts = [(x, rec[k]) for x, rec in zip(g, recs) if k in rec]
+                if pts:
+                    ax.plot(*zip(*pts), color=c, lw=0.7, alpha=0.8, label=k if r["seed"] == r_seeds(results)[0] else None)
+        ax.set_title(ARM_LABELS[a], fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("loss")
+    fig.tight_layout()
+    loss_png = out / "quality_losses.png"
+    fig.savefig(loss_png, dpi=110)
+    plt.close(fig)
+    return [bar_png, loss_png]
+
+
+def r_seeds(results: dict) -> list[int]:
+    return sorted({r["seed"] for r in results["runs"]}) or [0]
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (~3 min): small data, 1 seed, few steps")
+    p.add_argument("--out", default=str(ROOT / "bench" / "out" / "quality"))
+    p.add_argument("--seeds", help="comma-separated, e.g. 0,1,2")
+    p.add_argument("--arms", help=f"comma-separated subset of {','.join(ARMS)}")
+    p.add_argument("--steps", type=int, help="optimizer steps per arm (the fixed budget)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any Setup field (JSON value), e.g. --set w_kl=0.5 --set stage_split=[0.2,0.5,0.3]")
+    p.add_argument("--no-docs-img", action="store_true", help="do not copy the PNGs to docs/img/")
+    args = p.parse_args(argv)
+
+    s = Setup(**(QUICK if args.quick else {}))
+    if args.seeds:
+        s.seeds = [int(x) for x in args.seeds.split(",")]
+    if args.arms:
+        s.arms = [a for a in args.arms.split(",") if a]
+        bad = set(s.arms) - set(ARMS)
+        if bad:
+            p.error(f"unknown arm(s) {sorted(bad)}; choose from {ARMS}")
+    if args.steps:
+        s.steps = args.steps
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        if not hasattr(s, k):
+            p.error(f"--set {k}: no such setting; see Setup in bench/quality.py")
+        setattr(s, k, json.loads(v))
+
+    t_start = time.perf_counter()
+    info = env()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"out={out} quick={args.quick} setup={asdict(s)}")
+
+    # 1. data
+    train_data = make_split(out / "data" / "train", s.n_shapes_train, s.n_digits_train, s.data_seed)
+    test_data = make_split(out / "data" / "test", s.n_shapes_test, s.n_digits_test, s.test_seed)
+
+    # 2. teacher: build, SFT on the task, evaluate, extract the real cache
+    from genrecal_cache.testing import build_tiny_student, build_tiny_teacher
+
+    tdir = out / "teacher"
+    t_init = tdir / "init"
+    if not (t_init / "config.json").is_file():
+        build_tiny_teacher(t_init, seed=1234, hidden_size=s.teacher_hidden, layers=s.teacher_layers,
+                           vision_width=s.teacher_vision_width)
+    log("teacher: throwaway cache (the data in cache form) ...")
+    raw_cache = extract_cache(t_init, train_data, tdir / "raw_cache")
+    log("teacher: SFT on the task ...")
+    t_final, t_secs = run_train(tdir / "sft", cache=str(raw_cache), student=str(t_init), stages=[3],
+                                stage_steps=[s.teacher_steps], batch_size=s.teacher_batch, lr=s.teacher_lr,
+                                lr_end=s.teacher_lr_end, train_vision=True, seed=0)
+    t_eval = run_eval(t_final, test_data, tdir / "eval.json")
+    log(f"teacher: {100 * t_eval['accuracy']:.1f}% on the test split ({t_secs:.0f}s training)")
+    shutil.rmtree(raw_cache, ignore_errors=True)
+    log("teacher: extracting the real cache ...")
+    cache = extract_cache(t_final, train_data, out / "cache")
+
+    results = {"setup": asdict(s), "quick": args.quick, "env": info,
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
+               "date": time.strftime("%Y-%m-%d"), "command": "python bench/quality.py " + " ".join(argv or sys.argv[1:]),
+               "teacher": {"eval": {k: v for k, v in t_eval.items() if k != "predictions"}, "train_s": t_secs},
+               "runs": []}
+
+    # 3. arms x seeds
+    for seed in s.seeds:
+        sdir = out / "students" / f"seed{seed}"
+        if not (sdir / "config.json").is_file():
+            build_tiny_student(sdir, seed=seed, hidden_size=s.student_hidden, layers=s.student_layers)
+        for arm in s.arms:
+            rdir = out / "runs" / f"{arm}-seed{seed}"
+            log(f"{arm} seed {seed}: training ...")
+            final, secs = run_train(rdir, cache=str(cache), student=str(sdir), seed=seed, **arm_config(arm, s))
+            ev = run_eval(final, test_data, rdir / "eval.json")
+            log(f"{arm} seed {seed}: {100 * ev['accuracy']:.1f}% ({secs:.0f}s training)")
+            results["runs"].append({"arm": arm, "seed": seed, "accuracy": ev["accuracy"], "n": ev["n"],
+                                    "per_type": ev["per_type"], "train_s": secs,
+                                    "metrics": str(rdir / "metrics.jsonl")})
+            (out / "results.partial.json").write_text(json.dumps(results, indent=1))
+
+    # 4. report
+    table, summary = summarize(results)
+    results["summary"] = summary
+    results["table_md"] = table
+    results["wall_s"] = time.perf_counter() - t_start
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    pngs = plots(results, out)
+    if not args.no_docs_img:
+        (ROOT / "docs" / "img").mkdir(parents=True, exist_ok=True)
+        for png in pngs:
+            shutil.copy2(png, ROOT / "docs" / "img" / png.name)
+    print()
+    print(table)
+    print(f"\nteacher {100 * t_eval['accuracy']:.1f}% | {len(s.seeds)} seed(s) | budget {s.steps} steps x "
+          f"{s.batch_size} samples | wall {results['wall_s'] / 60:.1f} min | {out / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
