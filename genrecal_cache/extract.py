@@ -20,6 +20,7 @@ from tqdm import tqdm
 from genrecal_cache.data import ImageError, Sample, decode_image, read_samples
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter_for
 from genrecal_cache.manifest import Manifest
+from genrecal_cache.prefetch import prefetch
 from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -159,7 +160,7 @@ def extract(cfg: ExtractConfig) -> Manifest:
         batch: list[tuple[Sample, Encoded]] = []
         longest = 0
         samples = read_samples(cfg.data, limit=cfg.limit, image_root=cfg.image_root)
-        for s, enc, err in _encode_all(samples, adapter, processor, cfg.max_len):
+        for s, enc, err in prefetch(_encode_all(samples, adapter, processor, cfg.max_len), 256):
             if err is not None:
                 writer.add(_record(s, "error", err), None)
                 n_err += 1
