@@ -112,16 +112,22 @@ def train(cfg: TrainConfig) -> Path:
         resume_from = ckpt.latest_checkpoint(run_dir)
         if resume_from is not None:
             st = ckpt.load_state(resume_from)
+            if st["stage"] not in cfg.stages and not st.get("stage_done"):
+                raise ValueError(f"{resume_from} is an unfinished stage {st['stage']}, which --stages "
+                                 f"{','.join(map(str, cfg.stages))} does not run; include it to finish it")
             ckpt.load_weights(resume_from, student=model.student, recalibrator=model.recalibrator)
-            start_stage_pos = cfg.stages.index(st["stage"]) if st["stage"] in cfg.stages else 0
             # Every rank resumes at its own position: ranks skip different unusable samples.
             positions = st.get("positions", [st["position"]])
             if len(positions) != world:
                 raise ValueError(f"{resume_from} was written by a run with {len(positions)} rank(s); resume it "
                                  f"with the same number of processes (this run has {world})")
             step0, position0 = st["step"], positions[rank]
-            if st.get("stage_done"):
-                start_stage_pos, step0, position0, resume_from = start_stage_pos + 1, 0, 0, None
+            if st["stage"] in cfg.stages:
+                start_stage_pos = cfg.stages.index(st["stage"])
+                if st.get("stage_done"):
+                    start_stage_pos, step0, position0, resume_from = start_stage_pos + 1, 0, 0, None
+            else:  # a finished earlier run (e.g. --stages 1, now --stages 2,3): its weights, our stages from the start
+                start_stage_pos, step0, position0, resume_from = 0, 0, 0, None
     if rank == 0:
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     log = MetricsLog(run_dir, enabled=rank == 0)

@@ -28,6 +28,7 @@ from genrecal_train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1_TERMS = ("l_ar", "l_kl", "reg_ar", "reg_kl")
+TRAIN_STEPS = 12  # per stage, in `trained_run`
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -111,11 +112,13 @@ def test_cache_head_reproduces_cached_topk(train_cache: Path) -> None:
 
 # ---- 2. gradients reach exactly what each stage trains ------------------------------------------
 
-@pytest.mark.parametrize("case", ["stage1", "stage2", "stage2-frozen-recal", "stage2-no-student-loss", "stage3"])
+@pytest.mark.parametrize("case", ["stage1", "stage2", "stage2-frozen-recal", "stage2-no-student-loss",
+                                  "stage2-gradient-checkpointing", "stage3"])
 def test_gradients_reach_exactly_the_stage_parameters(case: str, train_cache: Path, student_dir: Path) -> None:
     stage = int(case[5])
     cfg = _cfg(train_cache, student_dir, student_dir, freeze_recalibrator_in_stage2=case == "stage2-frozen-recal",
-               w_student=0.0 if case == "stage2-no-student-loss" else 1.0)
+               w_student=0.0 if case == "stage2-no-student-loss" else 1.0,
+               gradient_checkpointing=case == "stage2-gradient-checkpointing")
     model = _genrecal(student_dir, train_cache, cfg)
     trainable = model.set_stage(stage)
     model.train()
@@ -129,6 +132,7 @@ def test_gradients_reach_exactly_the_stage_parameters(case: str, train_cache: Pa
     expected = {
         "stage1": recal,
         "stage2": (student - student_vision) | recal,
+        "stage2-gradient-checkpointing": (student - student_vision) | recal,
         "stage2-frozen-recal": student - student_vision,
         # L_s off: the student still learns, through z_qs and the Recalibrator's main pass
         "stage2-no-student-loss": (student - student_vision - {"student.lm_head.weight"}) | recal,
@@ -136,7 +140,7 @@ def test_gradients_reach_exactly_the_stage_parameters(case: str, train_cache: Pa
     }[case]
     assert student_vision and recal and not list(model.head.parameters())  # the head is buffers only
     got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert got == expected, (f"missing grads: {sorted(expected - got)[:5]}, unexpected grads: {sorted(got - expected)[:5]}")
+    assert got == expected, f"missing grads: {sorted(expected - got)[:5]}, unexpected: {sorted(got - expected)[:5]}"
     # what set_stage hands the optimizer is what the stage trains
     named = {id(p): n for n, p in model.named_parameters()}
     wanted = expected | ({"student.lm_head.weight"} if case == "stage2-no-student-loss" else set())
@@ -148,9 +152,9 @@ def test_gradients_reach_exactly_the_stage_parameters(case: str, train_cache: Pa
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, train_cache: Path, student_dir: Path) -> Path:
-    """Stages 1 and 2 (20 steps each) on the training cache; checkpoints only at stage ends."""
+    """Stages 1 and 2 (TRAIN_STEPS each) on the training cache; checkpoints only at stage ends."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    train(_cfg(train_cache, student_dir, out, stages=[1, 2], max_steps=20, lr=3e-3, lr_end=3e-4))
+    train(_cfg(train_cache, student_dir, out, stages=[1, 2], max_steps=TRAIN_STEPS, lr=3e-3, lr_end=3e-4))
     return out
 
 
@@ -160,7 +164,7 @@ def test_stage1_lowers_heldout_recalibration_losses(trained_run: Path, train_cac
     batches = _batches(heldout_cache, student_dir)
     model = _genrecal(student_dir, heldout_cache, cfg)  # the original student, the Recalibrator as initialised
     before = _mean_losses(model, batches, 1)
-    ckpt = trained_run / "checkpoints" / "stage1-step0000020"
+    ckpt = trained_run / "checkpoints" / f"stage1-step{TRAIN_STEPS:07d}"
     assert json.loads((ckpt / "state.json").read_text())["stage_done"]
     model.recalibrator.load_state_dict(_load_safetensors(ckpt / "recalibrator.safetensors"))
     after = _mean_losses(model, batches, 1)
@@ -184,14 +188,14 @@ def test_stage2_lowers_heldout_student_answer_ce(trained_run: Path, train_cache:
 
 def test_metrics_have_loss_terms_throughput_and_data_wait(trained_run: Path) -> None:
     recs = _records(trained_run)
-    assert sorted(recs) == [(1, s) for s in range(1, 21)] + [(2, s) for s in range(1, 21)]
+    assert sorted(recs) == [(st, s) for st in (1, 2) for s in range(1, TRAIN_STEPS + 1)]
     for (stage, _), r in recs.items():
         terms = STAGE1_TERMS + (("l_s",) if stage == 2 else ())
         assert all(isinstance(r[k], float) for k in terms + ("loss", "lr", "tokens_per_s", "data_wait_frac"))
         assert r["loss"] == pytest.approx(sum(r[k] for k in terms), rel=1e-5)
         assert r["tokens_per_s"] > 0 and 0.0 <= r["data_wait_frac"] <= 1.0
         assert len(r["sample_indices"]) == 4
-    assert recs[(1, 1)]["lr"] == pytest.approx(3e-3) and recs[(1, 20)]["lr"] == pytest.approx(3e-4)
+    assert recs[(1, 1)]["lr"] == pytest.approx(3e-3) and recs[(1, TRAIN_STEPS)]["lr"] == pytest.approx(3e-4)
     assert json.loads((trained_run / "config.json").read_text())["stages"] == [1, 2]
 
 
@@ -206,7 +210,8 @@ def test_final_student_loads_with_auto_class_and_generates(trained_run: Path, st
     assert isinstance(model, LlavaForConditionalGeneration)
     assert isinstance(LlavaForConditionalGeneration.from_pretrained(final), LlavaForConditionalGeneration)
     processor = AutoProcessor.from_pretrained(final)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]}]
+    question = {"type": "text", "text": "What colour is the circle?"}
+    messages = [{"role": "user", "content": [{"type": "image"}, question]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=[prompt], images=[Image.new("RGB", (56, 56), (220, 40, 40))], return_tensors="pt",
                        add_special_tokens=False)
@@ -218,7 +223,8 @@ def test_final_student_loads_with_auto_class_and_generates(trained_run: Path, st
     orig = LlavaForConditionalGeneration.from_pretrained(student_dir).state_dict()
     new = model.state_dict()
     assert not torch.equal(orig["lm_head.weight"], new["lm_head.weight"])
-    vision = [k for k in orig if "vision_tower" in k or "multi_modal_projector" in k]
+    frozen = tuple(adapter_for(final).vision_parameter_prefixes(model))
+    vision = [k for k in orig if k.startswith(frozen)]
     assert vision and all(torch.equal(orig[k], new[k]) for k in vision)
 
 
@@ -226,14 +232,14 @@ def test_final_student_loads_with_auto_class_and_generates(trained_run: Path, st
 
 def test_resume_after_sigkill_in_stage2_matches_uninterrupted_run(tmp_path: Path, train_cache: Path,
                                                                  student_dir: Path) -> None:
-    # batch 4 x 10 steps = 40 samples > 32: stage 2 also crosses into its second epoch
-    args = dict(stages=[1, 2], max_steps=10, batch_size=4, checkpoint_every=3, lr=1e-3, lr_end=1e-4)
+    # batch 5 x 8 steps = 40 samples > 32: the stage crosses into its second epoch
+    args = dict(stages=[2], max_steps=8, batch_size=5, checkpoint_every=3, lr=1e-3, lr_end=1e-4)
     ref = tmp_path / "uninterrupted"
     train(_cfg(train_cache, student_dir, ref, **args))
 
     run = tmp_path / "killed"
-    flags = ["--cache", str(train_cache), "--student", str(student_dir), "--out", str(run), "--stages", "1,2",
-             "--max-steps", "10", "--batch-size", "4", "--checkpoint-every", "3", "--lr", "1e-3", "--lr-end", "1e-4",
+    flags = ["--cache", str(train_cache), "--student", str(student_dir), "--out", str(run), "--stages", "2",
+             "--max-steps", "8", "--batch-size", "5", "--checkpoint-every", "3", "--lr", "1e-3", "--lr-end", "1e-4",
              "--device", "cpu"]
     proc = subprocess.Popen(_train_cmd(*flags), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -255,9 +261,9 @@ def test_resume_after_sigkill_in_stage2_matches_uninterrupted_run(tmp_path: Path
         if proc.poll() is None and killed_at is None:
             proc.kill()
         _, err = proc.communicate(timeout=60)
-    assert killed_at is not None, f"the run ended (rc={proc.returncode}) before it could be killed in stage 2:\n{err[-3000:]}"
+    assert killed_at is not None, f"run ended (rc={proc.returncode}) before the kill in stage 2:\n{err[-3000:]}"
     assert proc.returncode == -signal.SIGKILL and not (run / "final").exists()
-    ckpt_name, last_logged = killed_at
+    ckpt_name, _ = killed_at
     ckpt_step = int(ckpt_name.split("step")[1])
     n_lines = len(metrics.read_text().splitlines())
 
@@ -267,7 +273,7 @@ def test_resume_after_sigkill_in_stage2_matches_uninterrupted_run(tmp_path: Path
     new = [json.loads(line) for line in metrics.read_text().splitlines()[n_lines:]]
     # it continued from the checkpoint: first new step is the one after it, in stage 2
     assert (new[0]["stage"], new[0]["step"]) == (2, ckpt_step + 1), (killed_at, new[0])
-    assert [r["step"] for r in new] == list(range(ckpt_step + 1, 11))
+    assert [r["step"] for r in new] == list(range(ckpt_step + 1, 9))
 
     a, b = _records(ref), _records(run)
     assert sorted(a) == sorted(b)
@@ -277,14 +283,27 @@ def test_resume_after_sigkill_in_stage2_matches_uninterrupted_run(tmp_path: Path
         for term in ("loss", "l_s", "l_ar", "reg_kl"):
             if term in a[key]:
                 assert b[key][term] == pytest.approx(a[key][term], rel=1e-4, abs=1e-6), (key, term)
-    wa, wb = _load_safetensors(ref / "final" / "model.safetensors"), _load_safetensors(run / "final" / "model.safetensors")
+    wa = _load_safetensors(ref / "final" / "model.safetensors")
+    wb = _load_safetensors(run / "final" / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
-    ra = _load_safetensors(ref / "checkpoints" / "stage2-step0000010" / "recalibrator.safetensors")
-    rb = _load_safetensors(run / "checkpoints" / "stage2-step0000010" / "recalibrator.safetensors")
+    ra = _load_safetensors(ref / "checkpoints" / "stage2-step0000008" / "recalibrator.safetensors")
+    rb = _load_safetensors(run / "checkpoints" / "stage2-step0000008" / "recalibrator.safetensors")
     for k in ra:
         torch.testing.assert_close(rb[k], ra[k], atol=2e-5, rtol=1e-4, msg=lambda m: f"recalibrator {k}: {m}")
+
+
+def test_resume_into_later_stages_starts_them_from_the_finished_run(tmp_path: Path, train_cache: Path,
+                                                                   student_dir: Path) -> None:
+    out = tmp_path / "run"
+    train(_cfg(train_cache, student_dir, out, stages=[1], max_steps=2, batch_size=2))
+    rec1 = _load_safetensors(out / "checkpoints" / "stage1-step0000002" / "recalibrator.safetensors")
+    train(_cfg(train_cache, student_dir, out, stages=[2], max_steps=1, batch_size=2, resume=True))
+    assert sorted(_records(out)) == [(1, 1), (1, 2), (2, 1)]  # stage 2 ran, from its first step
+    rec2 = _load_safetensors(out / "checkpoints" / "stage2-step0000001" / "recalibrator.safetensors")
+    # stage 2 started from stage 1's Recalibrator (one small step away), not from a fresh init
+    assert all((rec2[k] - rec1[k]).abs().max() < 5e-4 for k in rec1)
 
 
 # ---- 6. a cache that does not match the teacher we are told --------------------------------------
@@ -319,7 +338,8 @@ def test_mismatched_cache_is_refused_before_any_step(case: str, tmp_path: Path, 
         expect, match = other_teachers["vocab"], "tokenizer differs"
     elif case == "head-wrong-shape":
         g = torch.Generator().manual_seed(0)
-        head = TeacherHead(HeadConfig(hidden_size=96, vocab_size=832), torch.ones(96), torch.randn(832, 96, generator=g))
+        head = TeacherHead(HeadConfig(hidden_size=96, vocab_size=832), torch.ones(96),
+                           torch.randn(832, 96, generator=g))
         cache, match = _swap_head(train_cache, tmp_path, head), "head .*belongs to another teacher"
     else:  # right shape, other weights: only the cached top-k can tell
         other = adapter_for(other_teachers["seed"])
@@ -385,6 +405,19 @@ def test_torchrun_two_ranks_read_disjoint_data_and_resume(tmp_path: Path, train_
         assert r["loss"] == pytest.approx(old["loss"], rel=1e-4)
 
 
+def test_epoch_based_step_count_is_the_same_on_every_rank(train_cache: Path, student_dir: Path) -> None:
+    from genrecal_train.data import CacheStream
+    from genrecal_train.trainer import stage_steps
+
+    cache, adapter = TeacherCache.open(train_cache), adapter_for(student_dir)
+    processor = adapter.load_processor(student_dir)
+    cfg = _cfg(train_cache, student_dir, student_dir, epochs=1.0, batch_size=2)
+    streams = [CacheStream(cache, adapter, processor, batch_size=2, max_len=2048, rank=r, world_size=3)
+               for r in range(3)]
+    assert sorted(s.per_epoch for s in streams) == [10, 11, 11]  # uneven slices ...
+    assert {stage_steps(cfg, s, 3, 2) for s in streams} == {6}  # ... same step count (ceil(32 / (2 * 3)))
+
+
 # ---- the CLI's --config file (YAML and TOML), flags override it ------------------------------------
 
 @pytest.mark.parametrize("fmt", ["yaml", "toml"])
@@ -397,7 +430,8 @@ def test_config_file_with_flag_overrides(fmt: str, tmp_path: Path) -> None:
         path.write_text('cache = "/c"\nstudent = "/s"\nout = "/o"\nstages = [1, 3]\nmax-steps = 7\nlr = 3.0e-4\n'
                         'w_kl = 0.5\nfreeze_recalibrator_in_stage2 = true\n')
     cfg = load_config(str(path), {"max_steps": 2, "out": "/elsewhere", "lr": None})
-    assert (cfg.cache, cfg.out, cfg.stages, cfg.max_steps, cfg.lr, cfg.w_kl) == ("/c", "/elsewhere", [1, 3], 2, 3e-4, 0.5)
+    got = (cfg.cache, cfg.out, cfg.stages, cfg.max_steps, cfg.lr, cfg.w_kl)
+    assert got == ("/c", "/elsewhere", [1, 3], 2, 3e-4, 0.5)
     assert cfg.freeze_recalibrator_in_stage2 is True
     bad = tmp_path / f"bad.{fmt}"
     bad.write_text(path.read_text() + ("lr_typo: 1\n" if fmt == "yaml" else "lr_typo = 1\n"))
