@@ -155,7 +155,8 @@ def run_train(out: Path, **kw) -> tuple[Path, float]:
 
     final = out / "final"
     done = out / "done.json"
-    wanted = json.loads(json.dumps(kw))  # what this run is: a finished run with other settings is redone
+    # what this run is (paths aside, they follow from --out): a finished run with other settings is redone
+    wanted = json.loads(json.dumps({k: v for k, v in kw.items() if k not in ("cache", "student")}))
     if done.is_file() and (final / "config.json").is_file():
         prev = json.loads(done.read_text())
         if prev.get("settings") == wanted:

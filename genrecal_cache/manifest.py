@@ -3,8 +3,12 @@
 The manifest is written last, atomically: a cache directory without one is incomplete. Parsing is
 strict (unknown version, missing keys, wrong types and unknown top-level keys all raise
 `CacheFormatError` naming the file and the field) because a cache is shared between labs and a
-silently misread field would poison a training run. Additions within format version 1 go into
+silently misread field would poison a training run. Additions within a format version go into
 `extra`; `teacher` may carry extra provenance keys (e.g. the extraction backend).
+
+Version 2 added `hidden_codec` (how `hidden` is stored: bf16, fp8, ecq or fp32; see
+genrecal_cache/codecs.py). Version 1 manifests are still read: their codec follows from
+`arrays.hidden.dtype` (bfloat16 -> bf16, float32 -> fp32).
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import IO, Any, TypedDict
 
-FORMAT_VERSION = 1
+from .codecs import HIDDEN_CODECS
+
+FORMAT_VERSION = 2               # what this genrecal writes
+READABLE_VERSIONS = (1, 2)       # what it reads
 MANIFEST_NAME = "manifest.json"
 HEAD_NAME = "teacher_head.safetensors"
 FEATURES_NAME = "features.zarr"
@@ -52,7 +59,8 @@ class TeacherInfo(TypedDict):
 
 
 class ArraySpec(TypedDict):
-    dtype: str                   # logical dtype: "int32", "bool", "float32", "bfloat16"
+    dtype: str                   # logical dtype: "int32", "bool", "float32", "bfloat16" (hidden: also
+                                 # "float8_e4m3fn" for fp8, "int8" for ecq; both decode to float32)
     stored_dtype: str            # Zarr data type on disk ("uint16" for bfloat16 bits)
     shape_tail: list[int]        # shape after the token axis: [], [hidden_size] or [topk]
     chunk_tokens: int            # inner-chunk length along the token axis
@@ -82,12 +90,15 @@ class Manifest:
     arrays: dict[str, ArraySpec]
     counts: Counts
     checksums: dict[str, str]    # path relative to the cache root -> sha256 hex, every stored file
+    hidden_codec: str = "bf16"   # "bf16" | "fp8" | "ecq" | "fp32" (format version 2; derived for version 1)
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
         d = asdict(self)
         d = {"format_version": d.pop("format_version"), **d}  # version first: readers look there first
+        if self.format_version == 1:
+            del d["hidden_codec"]  # a version-1 manifest read and written back stays version 1
         return json.dumps(d, indent=1) + "\n"
 
     @classmethod
@@ -100,12 +111,16 @@ class Manifest:
         if not isinstance(raw, dict):
             raise CacheFormatError(f"{source}: expected a JSON object at the top level, got {type(raw).__name__}")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
             raise CacheFormatError(
-                f"{source}: field 'format_version' is {version!r}, this genrecal reads version {FORMAT_VERSION} "
-                f"only; use the genrecal release that wrote the cache, or re-extract it")
+                f"{source}: field 'format_version' is {version!r}, this genrecal reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; use the genrecal release that wrote the cache (or a newer "
+                f"one), or re-extract it")
         raw = {"extra": {}, **raw}
-        _check_object(raw, _MANIFEST, source, "", allow_extra=False)
+        schema = _MANIFEST
+        if version == 1:
+            schema = {k: v for k, v in _MANIFEST.items() if k != "hidden_codec"}
+        _check_object(raw, schema, source, "", allow_extra=False)
         _check_object(raw["teacher"], _TEACHER, source, "teacher.", allow_extra=True)
         _check_object(raw["counts"], _COUNTS, source, "counts.", allow_extra=False)
         for name, spec in raw["arrays"].items():
@@ -113,6 +128,12 @@ class Manifest:
         for path, digest in raw["checksums"].items():
             if not (isinstance(digest, str) and _SHA256.match(digest)):
                 raise _fail(source, f"checksums.{path}", f"must be a lowercase sha256 hex digest, got {digest!r:.80}")
+        if version == 1:  # v1 knew two storages of hidden, told apart by its logical dtype
+            dtype = raw["arrays"].get("hidden", {}).get("dtype")
+            raw["hidden_codec"] = {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, f"unknown ({dtype})")
+        if raw["hidden_codec"] not in HIDDEN_CODECS:
+            raise _fail(source, "hidden_codec", f"is {raw['hidden_codec']!r}, this genrecal knows "
+                        f"{', '.join(HIDDEN_CODECS)}; upgrade genrecal or re-extract the cache")
         return cls(**raw)
 
 
@@ -122,7 +143,8 @@ class Manifest:
 
 _MANIFEST = {"format_version": "int", "created": "str", "tool_version": "str", "command": "str", "teacher": "object",
              "tokenizer_sha256": "str", "chat_template_sha256": "str?", "hidden_size": "int", "vocab_size": "int",
-             "topk": "int", "arrays": "object", "counts": "object", "checksums": "object", "extra": "object"}
+             "topk": "int", "arrays": "object", "counts": "object", "checksums": "object", "hidden_codec": "str",
+             "extra": "object"}
 assert set(_MANIFEST) == {f.name for f in fields(Manifest)}, "manifest schema and dataclass disagree"
 _TEACHER = {"id": "str", "revision": "str?", "config_sha256": "str", "model_type": "str"}
 _ARRAY = {"dtype": "str", "stored_dtype": "str", "shape_tail": "ints", "chunk_tokens": "int", "shard_tokens": "int",
@@ -159,4 +181,4 @@ def _check_object(obj: Any, schema: dict[str, str], source: str, prefix: str, al
             raise _fail(source, prefix + key, f"must be {what}, got {type(obj[key]).__name__} {obj[key]!r:.80}")
     unknown = sorted(set(obj) - set(schema))
     if unknown and not allow_extra:
-        raise _fail(source, prefix + unknown[0], "is unknown in format version 1 (additions belong in 'extra')")
+        raise _fail(source, prefix + unknown[0], "is unknown in this format version (additions belong in 'extra')")

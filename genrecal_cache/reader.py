@@ -30,6 +30,7 @@ from zarr.core import sync as zarr_sync
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
+from .codecs import bf16_bits_to_float32, hidden_codec  # noqa: F401 - bf16_bits_to_float32 re-exported
 from .head import TeacherHead
 from .manifest import (
     ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
@@ -50,14 +51,9 @@ class CachedSample:
     extra: dict[str, Any]
     token_ids: np.ndarray        # [L] int32, teacher tokenization
     answer_mask: np.ndarray      # [L] bool, True on answer content tokens
-    hidden: np.ndarray           # [L, d] float32, post-final-norm; position t predicts token t+1
+    hidden: np.ndarray           # [L, d] float32, post-final-norm, decoded (any hidden codec); position t predicts t+1
     topk_ids: np.ndarray         # [L, k] int32
     topk_logprobs: np.ndarray    # [L, k] float32
-
-
-def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 stored as uint16 bits -> float32 (exact: bf16 is the top half of a float32)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 class _RangeTolerantFsspecStore(FsspecStore):
@@ -152,6 +148,7 @@ class TeacherCache:
                  storage_options: dict[str, Any] | None) -> None:
         self.fs, self.root, self.url, self.manifest = fs, root, url, manifest
         self.storage_options = storage_options
+        self.hidden_codec = hidden_codec(manifest.hidden_codec)
         self._pid: int | None = None
         self._zarr: dict[str, zarr.Array] | None = None
         self._pf: pq.ParquetFile | None = None
@@ -342,8 +339,7 @@ class TeacherCache:
         a, b = int(self._offsets[i]) - base, int(self._offsets[i] + self._lengths[i]) - base
         if self._lengths[i] == 0:
             a = b = 0
-        hidden = arrays["hidden"][a:b]
-        hidden = bf16_bits_to_float32(hidden) if self.manifest.arrays["hidden"]["dtype"] == "bfloat16" else hidden.copy()
+        hidden = self.hidden_codec.to_float32(arrays["hidden"][a:b])  # zarr already decoded fp8/ecq
         return CachedSample(
             index=i, id=self._ids[i], status=self._status[i], error=row["error"],
             messages=json.loads(row["messages"]), images=images, extra=json.loads(row["extra"]),
@@ -405,7 +401,11 @@ def open_feature_arrays(store: zarr.abc.store.Store, manifest: Manifest, url: st
         except FileNotFoundError as e:  # zarr's ArrayNotFoundError is one
             raise CacheFormatError(f"{where}: array missing (no {name}/zarr.json); the cache is incomplete, "
                                    f"re-download or re-extract it") from e
-        except (ValueError, TypeError, KeyError) as e:  # e.g. truncated JSON, unknown codec
+        except KeyError as e:  # zarr names a codec it has no implementation for
+            raise CacheFormatError(f"{where}/zarr.json: uses codec {e.args[0]!r}, which this installation cannot "
+                                   f"decode; genrecal's hidden codecs need `import genrecal_cache` (or genrecal "
+                                   f"installed, for its zarr entry points); a newer codec needs a newer genrecal") from e
+        except (ValueError, TypeError) as e:  # e.g. truncated JSON
             raise CacheFormatError(f"{where}/zarr.json: unreadable array metadata ({type(e).__name__}: {e}); "
                                    f"the file is corrupt, re-download or re-extract it") from e
         if str(a.dtype) != spec["stored_dtype"] or list(a.shape[1:]) != spec["shape_tail"] or a.shape[0] != T:

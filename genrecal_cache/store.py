@@ -4,8 +4,9 @@ Layout (spec: docs/cache-format.md)::
 
     manifest.json               written last, atomically; its absence marks an incomplete cache
     teacher_head.safetensors    TeacherHead.save
-    features.zarr/              token_ids [T] int32, answer_mask [T] bool, hidden [T, d] (bf16 bits
-                                as uint16, or float32), topk_ids [T, k] int32, topk_logprobs [T, k] f32
+    features.zarr/              token_ids [T] int32, answer_mask [T] bool, hidden [T, d] (stored by the
+                                hidden codec: bf16 bits as uint16, fp8, ecq or float32; see codecs.py),
+                                topk_ids [T, k] int32, topk_logprobs [T, k] f32
     samples.parquet             one row per sample (offsets into the token axis, spans, inputs)
 
 Extraction calls `add` per sample; a background thread does the compression and I/O behind a
@@ -20,6 +21,7 @@ import asyncio
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import queue
 import threading
@@ -37,10 +39,11 @@ from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
 from . import __version__
+from .codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, hidden_codec as get_hidden_codec
 from .head import TeacherHead
 from .manifest import (
-    ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, ArraySpec, CacheFormatError, Counts,
-    Manifest, TeacherInfo, sha256_file,
+    ARRAY_NAMES, FEATURES_NAME, FORMAT_VERSION, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, ArraySpec, CacheFormatError,
+    Counts, Manifest, TeacherInfo, sha256_file,
 )
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -57,11 +60,14 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 #   topk_logprobs f32:   zstd-1 1.20x, blosc-zstd-1 shuffle 1.35x, bitshuffle 1.41-1.45x  <- chosen
 # Byte shuffle isolates the bf16 sign/exponent byte (compressible) from the mantissa byte (noise);
 # bigger blosc blocks give zstd's entropy coder enough of that byte stream to pay off.
-HIDDEN_CODEC = dict(cname="zstd", clevel=1, shuffle="shuffle", blocksize=1 << 20)
+# The chain of `hidden` comes from its codec (genrecal_cache/codecs.py; bf16: the one above).
 SMALL_CODEC = dict(cname="zstd", clevel=1, shuffle="bitshuffle", blocksize=1 << 20)
 
 TARGET_CHUNK_BYTES = 4 << 20     # inner chunk: the unit of decompression and of partial reads
 TARGET_SHARD_BYTES = 128 << 20   # shard: one file; large enough to keep file counts low
+# A reader decodes a shard's worth of `hidden` per read group (float32 for fp8/ecq: 4x their stored
+# size): cap that so the trainer's prefetch stays within a few hundred MB.
+MAX_SHARD_DECODED_BYTES = 256 << 20
 ROW_GROUP_ROWS = 256
 # Readers fetch images a row group at a time; with big images, cutting groups at 16 MiB keeps a
 # shuffled read of one shard's ~10-30 samples from pulling in far more image bytes than it uses.
@@ -102,23 +108,29 @@ class Layout:
     chunk_tokens: dict[str, int]
 
 
-def plan_layout(hidden_size: int, topk: int, hidden_dtype: str, *, shard_tokens: int | None = None,
-                chunk_tokens: int | None = None) -> Layout:
+def plan_layout(hidden_size: int, topk: int, hidden_codec: str = DEFAULT_HIDDEN_CODEC, *,
+                shard_tokens: int | None = None, chunk_tokens: int | None = None) -> Layout:
     """Shard/chunk lengths (tokens) from the bytes per token of `hidden`, which dominates the cache.
 
-    Default: powers of two with hidden inner chunks <= 4 MiB and shards <= 128 MiB (d=8192 bf16:
-    256-token chunks, 8192-token shards; d=3584 bf16: 512 / 16384). Smaller arrays get the
-    largest inner chunk <= 4 MiB that divides the shard (often the whole shard).
+    Default: powers of two with hidden inner chunks <= 4 MiB (as encoded, before compression),
+    shards <= 128 MiB, and at most 256 MiB of decoded `hidden` per shard (d=8192 bf16: 256-token
+    chunks, 8192-token shards; d=3584 bf16: 512 / 16384; d=8192 fp8 or ecq: 256 / 8192).
+    Smaller arrays get the largest inner chunk <= 4 MiB that divides the shard (often the whole
+    shard). `hidden_codec` also takes the old hidden_dtype names ('bfloat16', 'float32').
     """
-    row = {"token_ids": 4, "answer_mask": 1, "hidden": hidden_size * (2 if hidden_dtype == "bfloat16" else 4),
+    codec = get_hidden_codec(hidden_codec)
+    row = {"token_ids": 4, "answer_mask": 1, "hidden": max(1, math.ceil(codec.row_bytes(hidden_size))),
            "topk_ids": 4 * topk, "topk_logprobs": 4 * topk}
+    decoded_row = hidden_size * np.dtype(codec.stored_dtype).itemsize
     pow2_floor = lambda n: 1 << max(0, int(n).bit_length() - 1)  # noqa: E731
     if chunk_tokens is None:
         chunk_tokens = pow2_floor(max(1, TARGET_CHUNK_BYTES // row["hidden"]))
         if shard_tokens is not None:  # must divide the requested shard: largest divisor not above it
             chunk_tokens = max(c for c in range(1, min(chunk_tokens, shard_tokens) + 1) if shard_tokens % c == 0)
     if shard_tokens is None:
-        shard_tokens = chunk_tokens * pow2_floor(max(1, TARGET_SHARD_BYTES // (chunk_tokens * row["hidden"])))
+        per_shard = min(TARGET_SHARD_BYTES // (chunk_tokens * row["hidden"]),
+                        MAX_SHARD_DECODED_BYTES // (chunk_tokens * decoded_row))
+        shard_tokens = chunk_tokens * pow2_floor(max(1, per_shard))
     if chunk_tokens < 1 or shard_tokens < 1 or shard_tokens % chunk_tokens:
         raise ValueError(f"shard_tokens ({shard_tokens}) must be a positive multiple of chunk_tokens ({chunk_tokens})")
     chunks = {}
@@ -159,13 +171,15 @@ class CacheWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, hidden_size: int, vocab_size: int, topk: int,
-                 hidden_dtype: Literal["bfloat16", "float32"] = "bfloat16", teacher: dict[str, Any],
+                 hidden_codec: str | None = None, teacher: dict[str, Any],
                  tokenizer_sha256: str, chat_template_sha256: str | None, head: TeacherHead, command: str,
                  shard_tokens: int | None = None, chunk_tokens: int | None = None, embed_images: bool = True,
-                 queue_size: int = 16, extra: dict[str, Any] | None = None) -> None:
+                 queue_size: int = 16, extra: dict[str, Any] | None = None,
+                 hidden_dtype: Literal["bfloat16", "float32"] | None = None) -> None:
+        """`hidden_codec`: "bf16" (default, lossless), "fp8", "ecq" or "fp32" (genrecal_cache/codecs.py).
+        `hidden_dtype` is its old name ("bfloat16" = bf16, "float32" = fp32), still accepted."""
         self.out_dir = Path(out_dir)
-        if hidden_dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"hidden_dtype must be 'bfloat16' or 'float32', got {hidden_dtype!r}")
+        self.codec: HiddenCodec = resolve_hidden_codec(hidden_codec, hidden_dtype)
         if topk < 1 or hidden_size < 1 or vocab_size < 1:
             raise ValueError(f"hidden_size, vocab_size and topk must be >= 1 (got {hidden_size}, {vocab_size}, {topk})")
         if (head.hidden_size, head.vocab_size) != (hidden_size, vocab_size):
@@ -185,8 +199,9 @@ class CacheWriter:
             raise CacheWriteError(f"{self.out_dir} already holds {state}; choose a new directory or delete it first")
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
-        self.hidden_dtype, self.embed_images = hidden_dtype, embed_images
-        self.layout = plan_layout(hidden_size, topk, hidden_dtype, shard_tokens=shard_tokens, chunk_tokens=chunk_tokens)
+        self.embed_images = embed_images
+        self.layout = plan_layout(hidden_size, topk, self.codec.name, shard_tokens=shard_tokens,
+                                  chunk_tokens=chunk_tokens)
         head.save(str(self.out_dir / HEAD_NAME))
 
         self._store = _HashingLocalStore(self.out_dir / FEATURES_NAME)
@@ -195,27 +210,31 @@ class CacheWriter:
         self._specs: dict[str, ArraySpec] = {}
         self._arrays: dict[str, zarr.Array] = {}
         self._buf: dict[str, np.ndarray] = {}
-        stored = {"token_ids": ("int32", []), "answer_mask": ("bool", []),
-                  "hidden": ("uint16" if hidden_dtype == "bfloat16" else "float32", [hidden_size]),
+        hc = self.codec
+        stored = {"token_ids": ("int32", []), "answer_mask": ("bool", []), "hidden": (hc.stored_dtype, [hidden_size]),
                   "topk_ids": ("int32", [topk]), "topk_logprobs": ("float32", [topk])}
         for name in ARRAY_NAMES:
             dtype, tail = stored[name]
-            codec = HIDDEN_CODEC if name == "hidden" else SMALL_CODEC
             c = self.layout.chunk_tokens[name]
+            if name == "hidden":
+                serializer, compressor, attributes = hc.serializer(), hc.compressor(), hc.attributes
+                logical, chain = hc.logical_dtype, hc.chain_text()
+            else:
+                serializer, compressor, attributes = "auto", BloscCodec(typesize=np.dtype(dtype).itemsize, **SMALL_CODEC), {}
+                logical, chain = dtype, (f"sharding_indexed[bytes, blosc(cname={SMALL_CODEC['cname']}, clevel="
+                                         f"{SMALL_CODEC['clevel']}, shuffle={SMALL_CODEC['shuffle']}, blocksize="
+                                         f"{SMALL_CODEC['blocksize']})], index [bytes, crc32c]")
             self._arrays[name] = group.create_array(
-                name, shape=(0, *tail), dtype=dtype, chunks=(c, *tail), shards=(S, *tail),
-                compressors=BloscCodec(typesize=np.dtype(dtype).itemsize, **codec), fill_value=0,
+                name, shape=(0, *tail), dtype=dtype, chunks=(c, *tail), shards=(S, *tail), serializer=serializer,
+                compressors=compressor, fill_value=0,
                 dimension_names=("token", *(["hidden"] if name == "hidden" else ["k"] if tail else [])),
-                attributes={"genrecal_encoding": "bfloat16"} if (name == "hidden" and hidden_dtype == "bfloat16") else {},
+                attributes=attributes,
                 # every shard file exists even when all-zero (e.g. an answer_mask shard without answers),
                 # so the set of files is a function of T alone and a missing one is always a fault
                 config={"write_empty_chunks": True})
             self._buf[name] = np.zeros((S, *tail), dtype=dtype)
-            logical = "bfloat16" if (name == "hidden" and hidden_dtype == "bfloat16") else dtype
-            self._specs[name] = ArraySpec(
-                dtype=logical, stored_dtype=dtype, shape_tail=list(tail), chunk_tokens=c, shard_tokens=S,
-                codec=f"sharding_indexed[bytes, blosc(cname={codec['cname']}, clevel={codec['clevel']}, "
-                      f"shuffle={codec['shuffle']}, blocksize={codec['blocksize']})], index [bytes, crc32c]")
+            self._specs[name] = ArraySpec(dtype=logical, stored_dtype=dtype, shape_tail=list(tail), chunk_tokens=c,
+                                          shard_tokens=S, codec=chain)
 
         self._parquet_tmp = self.out_dir / (SAMPLES_NAME + ".tmp")
         self._pq = pq.ParquetWriter(str(self._parquet_tmp), SAMPLES_SCHEMA, compression="zstd")
@@ -303,7 +322,7 @@ class CacheWriter:
         return Manifest(created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                         tool_version=__version__, teacher=self._teacher, hidden_size=self.hidden_size,
                         vocab_size=self.vocab_size, topk=self.topk, arrays=arrays, counts=self._counts,
-                        checksums=checksums, **self._meta)
+                        checksums=checksums, hidden_codec=self.codec.name, **self._meta)
 
     def abort(self) -> None:
         """Stop the writer thread and leave the directory without a manifest (incomplete)."""
@@ -350,22 +369,16 @@ class CacheWriter:
                 "hidden": hidden, "topk_ids": np.array(ids, copy=True), "topk_logprobs": np.array(lps, copy=True)}
 
     def _hidden_bits(self, h: ArrayLike, sid: str) -> np.ndarray:
-        """hidden -> owned numpy in the stored dtype. bf16 uses torch's cast (round to nearest even),
-        done on the tensor's own device so a GPU batch crosses to the host at half size."""
-        t = h.detach() if isinstance(h, torch.Tensor) else torch.from_numpy(np.asarray(h))
-        if not t.is_floating_point():
-            raise ValueError(f"sample {sid!r}: hidden must be floating point, got {t.dtype}")
-        # finiteness is checked on the converted numpy copy: torch.isfinite is ~30x slower on CPU,
-        # and a value beyond bf16's range becomes inf here, which is as wrong as a NaN
-        if self.hidden_dtype == "bfloat16":
-            out = t.to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16).copy()
-            bad = bool(((out & 0x7F80) == 0x7F80).any())  # exponent all ones: inf or NaN
-        else:
-            out = t.to(torch.float32).cpu().numpy().copy()
-            bad = not bool(np.isfinite(out).all())
-        if bad:
-            raise ValueError(f"sample {sid!r}: hidden contains NaN or inf (in {self.hidden_dtype}); the teacher "
-                             f"forward is broken for it (record it with status='error')")
+        """hidden -> owned numpy in the stored dtype (bf16 bits, or float32 that fp8/ecq quantise in
+        the writer thread); see HiddenCodec.to_stored."""
+        try:
+            out = self.codec.to_stored(h)
+        except ValueError as e:
+            raise ValueError(f"sample {sid!r}: {e}") from e
+        if not self.codec.finite(out):
+            raise ValueError(f"sample {sid!r}: hidden contains NaN or inf (as {self.codec.stored_dtype} for codec "
+                             f"{self.codec.name}); the teacher forward is broken for it (record it with "
+                             f"status='error')")
         return out
 
     # ---- writer thread -----------------------------------------------------------------------
@@ -439,7 +452,21 @@ SAMPLES_SCHEMA = pa.schema(
      ("answer_spans", pa.list_(pa.list_(pa.int64()))),  # [[start, end), ...] relative to the sample
      ("messages", pa.string()), ("images", pa.list_(pa.binary())), ("image_refs", pa.list_(pa.string())),
      ("extra", pa.string())],
-    metadata={"genrecal_format_version": "1"})
+    metadata={"genrecal_format_version": str(FORMAT_VERSION)})
+
+
+def resolve_hidden_codec(hidden_codec: str | None, hidden_dtype: str | None = None) -> HiddenCodec:
+    """The codec from `hidden_codec`, or from the old `hidden_dtype` name; both given must agree."""
+    if hidden_codec is not None and hidden_dtype is not None:
+        a, b = get_hidden_codec(hidden_codec), get_hidden_codec(hidden_dtype)
+        if a.name != b.name:
+            raise ValueError(f"hidden_codec={hidden_codec!r} and hidden_dtype={hidden_dtype!r} disagree; "
+                             f"hidden_dtype is the old name of the option: pass only hidden_codec")
+        return a
+    if hidden_dtype is not None and hidden_dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"hidden_dtype must be 'bfloat16' or 'float32', got {hidden_dtype!r} (other storages: "
+                         f"hidden_codec='fp8' or 'ecq')")
+    return get_hidden_codec(hidden_codec or hidden_dtype or DEFAULT_HIDDEN_CODEC)
 
 
 def _spans(mask: np.ndarray) -> list[list[int]]:

@@ -19,6 +19,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
+from .codecs import hidden_codec
 from .manifest import (
     ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
     sha256_stream,
@@ -134,7 +135,8 @@ def _check_array_specs(arrays: dict[str, Any], m: Manifest) -> list[str]:
     want_tail = {"token_ids": [], "answer_mask": [], "hidden": [m.hidden_size], "topk_ids": [m.topk],
                  "topk_logprobs": [m.topk]}
     for name in sorted(set(m.arrays) - set(ARRAY_NAMES)):
-        faults.append(f"{MANIFEST_NAME}: unknown array {name!r} in 'arrays'; this cache is not format version 1")
+        faults.append(f"{MANIFEST_NAME}: unknown array {name!r} in 'arrays'; this cache is not format version "
+                      f"{m.format_version}")
     for name in ARRAY_NAMES:
         a, spec = arrays[name], m.arrays[name]
         rel = f"{FEATURES_NAME}/{name}/zarr.json"
@@ -149,6 +151,24 @@ def _check_array_specs(arrays: dict[str, Any], m: Manifest) -> list[str]:
         if (spec["dtype"] == "bfloat16") != (encoding == "bfloat16"):
             faults.append(f"{rel}: attribute genrecal_encoding={encoding!r} but the manifest says dtype {spec['dtype']}; "
                           f"the values would be misread; {REFETCH}")
+    faults += _check_hidden_codec(arrays["hidden"], m)
+    return faults
+
+
+def _check_hidden_codec(a: Any, m: Manifest) -> list[str]:
+    """`hidden` is stored the way the manifest's hidden_codec says (dtypes, serializer, attribute)."""
+    codec = hidden_codec(m.hidden_codec)
+    spec, rel = m.arrays["hidden"], f"{FEATURES_NAME}/hidden/zarr.json"
+    faults = []
+    if (spec["dtype"], spec["stored_dtype"]) != (codec.logical_dtype, codec.stored_dtype):
+        faults.append(f"{MANIFEST_NAME}: arrays.hidden is {spec['dtype']} stored as {spec['stored_dtype']}, but "
+                      f"hidden_codec {codec.name!r} stores {codec.logical_dtype} as {codec.stored_dtype}; the manifest "
+                      f"is inconsistent; {REFETCH}")
+    got = a.serializer.to_dict().get("name") if a.serializer is not None else None
+    want = codec.serializer().to_dict()["name"]
+    if got != want:
+        faults.append(f"{rel}: hidden is encoded with {got!r} but the manifest's hidden_codec {codec.name!r} needs "
+                      f"{want!r}; the values would be misread; {REFETCH}")
     return faults
 
 

@@ -305,8 +305,8 @@ def test_missing_manifest_means_incomplete(broken):
 
 def test_wrong_version_and_missing_array_are_named(broken):
     m = json.loads((broken / "manifest.json").read_text())
-    (broken / "manifest.json").write_text(json.dumps({**m, "format_version": 2}))
-    with pytest.raises(CacheFormatError, match=r"manifest.json: field 'format_version' is 2"):
+    (broken / "manifest.json").write_text(json.dumps({**m, "format_version": 3}))
+    with pytest.raises(CacheFormatError, match=r"manifest.json: field 'format_version' is 3"):
         TeacherCache.open(broken)
     (broken / "manifest.json").write_text(json.dumps(m))
     shutil.rmtree(broken / "features.zarr" / "topk_logprobs")

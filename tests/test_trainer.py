@@ -141,9 +141,10 @@ def test_gradients_reach_exactly_the_stage_parameters(case: str, train_cache: Pa
     assert student_vision and recal and not list(model.head.parameters())  # the head is buffers only
     got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert got == expected, f"missing grads: {sorted(expected - got)[:5]}, unexpected: {sorted(got - expected)[:5]}"
-    # what set_stage hands the optimizer is what the stage trains
-    named = {id(p): n for n, p in model.named_parameters()}
+    # every other parameter has no .grad at all, and set_stage hands the optimizer exactly the trained ones
     wanted = expected | ({"student.lm_head.weight"} if case == "stage2-no-student-loss" else set())
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == wanted
+    named = {id(p): n for n, p in model.named_parameters()}
     assert {named[id(p)] for p in trainable} == wanted
     assert all(b.grad is None for b in model.head.buffers())
 
