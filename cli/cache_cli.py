@@ -21,7 +21,10 @@ def extract(
     max_len: int = typer.Option(4096, help="Samples longer than this (teacher tokens) are recorded as errors."),
     batch_tokens: int = typer.Option(8192, help="Padded tokens per teacher forward (transformers backend)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N samples."),
-    hidden_dtype: str = typer.Option("bfloat16", help="Storage of hidden states: bfloat16 or float32."),
+    hidden_codec: Optional[str] = typer.Option(
+        None, help="Storage of hidden states: bf16 (lossless, default), fp8 (e4m3 + per-token scale, ~0.44x of bf16), "
+                   "ecq (int8 steps of 0.14 x token RMS, entropy-coded, ~0.3x) or fp32. See docs/cache-format.md."),
+    hidden_dtype: Optional[str] = typer.Option(None, hidden=True, help="Old name of --hidden-codec (bfloat16, float32)."),
     dtype: str = typer.Option("auto", help="Compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ... (transformers backend)."),
     image_root: Optional[str] = typer.Option(None, help="Folder image paths are relative to (default: the data file's folder)."),
@@ -37,11 +40,17 @@ def extract(
     """Run the teacher over DATA once and write a cache to OUT (hidden states, top-k, head, samples)."""
     from genrecal_cache.extract import ExtractConfig
     from genrecal_cache.extract import extract as run_extract
+    from genrecal_cache.store import resolve_hidden_codec
 
     if out.exists() and any(out.iterdir()):
         raise typer.BadParameter(f"{out} exists and is not empty: choose a new --out or delete it", param_hint="--out")
+    try:
+        resolve_hidden_codec(hidden_codec, hidden_dtype)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--hidden-codec") from e
     cfg = ExtractConfig(teacher=teacher, data=data, out=str(out), backend=backend, topk=topk, max_len=max_len,
-                        batch_tokens=batch_tokens, limit=limit, hidden_dtype=hidden_dtype, dtype=dtype,
+                        batch_tokens=batch_tokens, limit=limit, hidden_codec=hidden_codec, hidden_dtype=hidden_dtype,
+                        dtype=dtype,
                         device=device, image_root=image_root,
                         vllm=dict(tensor_parallel_size=tensor_parallel_size,
                                   pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size,
@@ -67,6 +76,30 @@ def info(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."),
     with TeacherCache.open(cache) as tc:
         s = summarize(tc, max_errors=errors)
     typer.echo(_json.dumps(s, indent=1, default=str) if as_json else format_summary(s))
+
+
+@app.command()
+def plan(tokens: int = typer.Option(..., help="Teacher tokens the cache will hold (all samples together)."),
+         hidden_size: int = typer.Option(..., help="Teacher hidden size d (Qwen2-VL-72B: 8192)."),
+         vocab: int = typer.Option(..., help="Teacher vocabulary size V (rows of lm_head; Qwen2-VL: 152064)."),
+         codec: str = typer.Option("bf16", help="Hidden codec: bf16, fp8, ecq or fp32."),
+         topk: int = typer.Option(64, help="Top-k logprobs per token."),
+         samples: Optional[int] = typer.Option(None, help="Number of samples [default: tokens / 512]."),
+         image_bytes: int = typer.Option(0, help="Average embedded image bytes per sample (samples.parquet)."),
+         text_bytes: int = typer.Option(600, help="Average conversation text bytes per sample."),
+         head_dtype: str = typer.Option("bfloat16", help="dtype of the teacher's lm_head as exported (bfloat16 on GPU)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON.")) -> None:
+    """Estimate the size of a cache before extracting it (same layout and codecs as the writer)."""
+    import json as _json
+
+    from genrecal_cache.store import estimate_cache_size
+
+    try:
+        est = estimate_cache_size(tokens, hidden_size, vocab, topk, codec, samples, text_bytes_per_sample=text_bytes,
+                                  image_bytes_per_sample=image_bytes, head_dtype=head_dtype)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    typer.echo(_json.dumps(est.as_dict(), indent=1) if as_json else est.format())
 
 
 @app.command()

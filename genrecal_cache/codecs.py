@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numcodecs.abc import Codec as NumcodecsCodec
+from numcodecs.compat import ensure_contiguous_ndarray, ndarray_copy
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.common import parse_named_configuration
 
@@ -372,42 +374,36 @@ class EcqCodec(_HiddenArrayBytesCodec):
 
 # ---- numcodecs codecs (same payloads; for zarr v2 arrays and plain numcodecs users) -------------------------
 
-def _numcodecs_classes() -> tuple[type, type]:
-    from numcodecs.abc import Codec as NumcodecsCodec
-    from numcodecs.compat import ensure_contiguous_ndarray, ndarray_copy
-
-    def decode(buf: Any, out: Any = None) -> Any:
-        arr = decode_payload(ensure_contiguous_ndarray(buf).view(np.uint8).reshape(-1))
-        return ndarray_copy(arr, out) if out is not None else arr
-
-    class NumcodecsFp8E4M3(NumcodecsCodec):
-        """numcodecs form of `Fp8E4M3Codec`: encode a float32 array [..., d], decode to [rows, d]."""
-        codec_id = "genrecal_fp8_e4m3"
-
-        def encode(self, buf: Any) -> bytes:
-            return fp8_encode(np.asarray(buf)).tobytes()
-
-        def decode(self, buf: Any, out: Any = None) -> Any:
-            return decode(buf, out)
-
-    class NumcodecsEcq(NumcodecsCodec):
-        """numcodecs form of `EcqCodec` (follow it with a zstd/blosc compressor)."""
-        codec_id = "genrecal_ecq"
-
-        def __init__(self, step: float = ECQ_STEP, outliers: int = ECQ_OUTLIERS) -> None:
-            EcqCodec(step=step, outliers=outliers)  # validates
-            self.step, self.outliers = step, outliers
-
-        def encode(self, buf: Any) -> bytes:
-            return ecq_encode(np.asarray(buf), self.step, self.outliers).tobytes()
-
-        def decode(self, buf: Any, out: Any = None) -> Any:
-            return decode(buf, out)
-
-    return NumcodecsFp8E4M3, NumcodecsEcq
+def _numcodecs_decode(buf: Any, out: Any = None) -> Any:
+    arr = decode_payload(ensure_contiguous_ndarray(buf).view(np.uint8).reshape(-1))
+    return ndarray_copy(arr, out) if out is not None else arr
 
 
-NumcodecsFp8E4M3, NumcodecsEcq = _numcodecs_classes()
+class NumcodecsFp8E4M3(NumcodecsCodec):
+    """numcodecs form of `Fp8E4M3Codec`: encodes a float32 array [..., d], decodes to [rows, d]."""
+    codec_id = "genrecal_fp8_e4m3"
+
+    def encode(self, buf: Any) -> bytes:
+        return fp8_encode(np.asarray(buf)).tobytes()
+
+    def decode(self, buf: Any, out: Any = None) -> Any:
+        return _numcodecs_decode(buf, out)
+
+
+class NumcodecsEcq(NumcodecsCodec):
+    """numcodecs form of `EcqCodec` (follow it with a zstd or blosc-zstd compressor)."""
+    codec_id = "genrecal_ecq"
+
+    def __init__(self, step: float = ECQ_STEP, outliers: int = ECQ_OUTLIERS) -> None:
+        EcqCodec(step=step, outliers=outliers)  # validates
+        self.step, self.outliers = step, outliers
+
+    def encode(self, buf: Any) -> bytes:
+        return ecq_encode(np.asarray(buf), self.step, self.outliers).tobytes()
+
+    def decode(self, buf: Any, out: Any = None) -> Any:
+        return _numcodecs_decode(buf, out)
+
 
 _registered = False
 

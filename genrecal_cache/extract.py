@@ -11,7 +11,7 @@ import hashlib
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Iterator
 
 import torch
@@ -21,7 +21,7 @@ from genrecal_cache.data import ImageError, Sample, decode_image, read_samples
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter_for
 from genrecal_cache.manifest import Manifest
 from genrecal_cache.prefetch import prefetch
-from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord
+from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord, resolve_hidden_codec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,12 +36,17 @@ class ExtractConfig:
     max_len: int = 4096
     batch_tokens: int = 8192
     limit: int | None = None
-    hidden_dtype: str = "bfloat16"  # storage dtype of hidden states: "bfloat16" | "float32"
+    # storage of hidden states: "bf16" (default, lossless) | "fp8" | "ecq" | "fp32" (genrecal_cache/codecs.py)
+    hidden_codec: str | None = None
     dtype: str = "auto"  # compute dtype: "auto" = bfloat16 on GPU, float32 on CPU
     device: str = "auto"
     image_root: str | None = None
     progress: bool = True
     vllm: dict = field(default_factory=dict)  # engine options for the vLLM backend
+    hidden_dtype: InitVar[str | None] = None  # old name of hidden_codec: "bfloat16" (= bf16) | "float32" (= fp32)
+
+    def __post_init__(self, hidden_dtype: str | None) -> None:
+        self.hidden_codec = resolve_hidden_codec(self.hidden_codec, hidden_dtype).name
 
 
 def _sha256(text: str | None) -> str:
@@ -124,7 +129,7 @@ def extract(cfg: ExtractConfig) -> Manifest:
         hidden_size=head.hidden_size,
         vocab_size=head.vocab_size,
         topk=cfg.topk,
-        hidden_dtype=cfg.hidden_dtype,
+        hidden_codec=cfg.hidden_codec,
         teacher={"id": cfg.teacher, "revision": getattr(config, "_commit_hash", None) or "local",
                  "config_sha256": _sha256(config.to_json_string()), "model_type": config.model_type,
                  "backend": backend.name},

@@ -22,7 +22,6 @@ typical of a trained LM scoring its own answers. Real activations differ: rechec
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
@@ -126,57 +125,87 @@ class TeacherStats:
     bulk_logit_std: float    # std of the logits over the vocabulary, averaged over tokens
 
 
-class SyntheticTeacher:
-    """Post-norm states and a head with the statistics of a trained LLM (see module docstring).
+class StateModel:
+    """Post-norm hidden states like a trained LLM's: x = t5 * sigma_c (sigma_c ~ lognormal(0, 0.6) per
+    channel), `outliers` fixed channels at +-30x the typical magnitude ("massive activations"),
+    h = norm_weight * x / rms(x) with norm_weight ~ lognormal(0, 0.3)."""
 
-    - states: x = t5 * sigma_c (sigma_c ~ lognormal(0, 0.6)), `outliers` fixed channels at
-      +-30x the typical magnitude; h = norm_weight * x / rms(x) with norm_weight ~ lognormal(0, 0.3);
-      then each token gets a component along its target token's lm_head row that raises that
-      logit by m ~ U(lo, hi), so the teacher is confident on some tokens and unsure on others;
-    - head: Gaussian lm_head rows scaled so the bulk logits have std `logit_std` (2.5: trained LMs
-      are typically 2-3); the columns of the outlier channels are 30x smaller (massive activations
-      act as biases, the head largely ignores them).
-    Defaults give a mean entropy ~1.2 nats and a mean top-1 probability ~0.65 at V = 32k.
-    """
-
-    def __init__(self, hidden_size: int = 4096, vocab_size: int = 32000, outliers: int = 6, logit_std: float = 2.5,
-                 boost: tuple[float, float] = (6.0, 20.0), seed: int = 0) -> None:
-        self.d, self.V, self.boost = hidden_size, vocab_size, boost
+    def __init__(self, hidden_size: int, outliers: int = 6, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
+        self.d = hidden_size
         self.channel_scale = rng.lognormal(0.0, 0.6, hidden_size).astype(np.float32)
         self.outliers = rng.choice(hidden_size, size=min(outliers, hidden_size), replace=False)
         self.outlier_sign = rng.choice([-1.0, 1.0], size=len(self.outliers)).astype(np.float32)
         self.norm_weight = rng.lognormal(0.0, 0.3, hidden_size).astype(np.float32)
-        g = torch.Generator().manual_seed(seed)
-        w = torch.randn(vocab_size, hidden_size, generator=g)
-        w[:, torch.from_numpy(self.outliers)] /= 30.0
-        probe = self._base_states(64, np.random.default_rng(seed + 1))
-        w *= logit_std / float((torch.from_numpy(probe) @ w.T).std(dim=1).mean())
-        self.head = TeacherHead(HeadConfig(hidden_size, vocab_size, norm_type="rms", norm_eps=1e-6),
-                                torch.from_numpy(self.norm_weight.copy()), w)
 
-    def _base_states(self, n: int, rng: np.random.Generator) -> np.ndarray:
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         x = rng.standard_t(5, size=(n, self.d)).astype(np.float32) * self.channel_scale
         typical = float(np.median(self.channel_scale))
         x[:, self.outliers] = self.outlier_sign * 30.0 * typical * (1 + 0.1 * rng.standard_normal((n, len(self.outliers))))
         x /= np.sqrt(np.mean(np.square(x), axis=1, keepdims=True))
         return (x * self.norm_weight).astype(np.float32)
 
+
+def synthetic_post_norm_states(n: int, hidden_size: int, seed: int = 0) -> np.ndarray:
+    """[n, d] float32 states from `StateModel(hidden_size, seed=seed)` (deterministic)."""
+    return StateModel(hidden_size, seed=seed).sample(n, np.random.default_rng(seed + 1))
+
+
+def synthetic_topk(n: int, vocab_size: int, k: int, seed: int = 0, logit_std: float = 2.5,
+                   boost: tuple[float, float] = (8.0, 24.0)) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [n, k] int32, logprobs [n, k] float32) of LLM-like next-token distributions: Gaussian
+    logits with std `logit_std` plus one token raised by m ~ U(boost), sorted by logprob."""
+    rng = np.random.default_rng(seed)
+    ids_out, lps_out = [], []
+    for a in range(0, n, 64):
+        m = min(64, n - a)
+        logits = rng.standard_normal((m, vocab_size), dtype=np.float32) * np.float32(logit_std)
+        logits[np.arange(m), rng.integers(0, vocab_size, m)] += rng.uniform(*boost, m).astype(np.float32)
+        mx = logits.max(axis=1, keepdims=True)
+        lse = mx + np.log(np.exp(logits - mx).sum(axis=1, keepdims=True))
+        top = np.argpartition(-logits, min(k, vocab_size) - 1, axis=1)[:, :k]
+        vals = np.take_along_axis(logits, top, axis=1)
+        order = np.argsort(-vals, axis=1)
+        ids_out.append(np.take_along_axis(top, order, axis=1).astype(np.int32))
+        lps_out.append((np.take_along_axis(vals, order, axis=1) - lse).astype(np.float32))
+    return np.concatenate(ids_out), np.concatenate(lps_out)
+
+
+class SyntheticTeacher:
+    """A `StateModel` plus a head, with a trained LLM's output statistics (see module docstring).
+
+    - head: Gaussian lm_head rows scaled so the bulk logits have std `logit_std` (2.5; trained LMs
+      are typically 2-3); the columns of the outlier channels are 30x smaller (massive activations
+      act as biases, the head largely ignores them);
+    - each token's state gets a component along its target token's lm_head row that puts that
+      logit m ~ U(boost) above the mean, so the teacher is confident on some tokens and unsure on
+      others (defaults: mean top-1 probability ~0.66 at V = 32k).
+    """
+
+    def __init__(self, hidden_size: int = 4096, vocab_size: int = 32000, outliers: int = 6, logit_std: float = 2.5,
+                 boost: tuple[float, float] = (8.0, 24.0), seed: int = 0) -> None:
+        self.d, self.V, self.boost = hidden_size, vocab_size, boost
+        self.model = StateModel(hidden_size, outliers, seed)
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(vocab_size, hidden_size, generator=g)
+        w[:, torch.from_numpy(self.model.outliers)] /= 30.0
+        probe = self.model.sample(64, np.random.default_rng(seed + 1))
+        w *= logit_std / float((torch.from_numpy(probe) @ w.T).std(dim=1).mean())
+        self.head = TeacherHead(HeadConfig(hidden_size, vocab_size, norm_type="rms", norm_eps=1e-6),
+                                torch.from_numpy(self.model.norm_weight.copy()), w)
+
     def states(self, n: int, seed: int = 0) -> np.ndarray:
         """[n, d] float32 post-norm states, deterministic for (teacher seed, seed)."""
         rng = np.random.default_rng(10_000 + seed)
-        h = self._base_states(n, rng)
+        h = torch.from_numpy(self.model.sample(n, rng))
         w = self.head.lm_head_weight
         target = torch.from_numpy(rng.integers(0, self.V, n))
         m = torch.from_numpy(rng.uniform(*self.boost, n).astype(np.float32))
         rows = w[target]
-        h_t = torch.from_numpy(h)
-        # raise the target logit by m (minus what it already is relative to the mean)
-        cur = (rows * h_t).sum(1)
-        h_t += ((m - cur) / rows.pow(2).sum(1))[:, None] * rows
-        return h_t.numpy()
+        cur = (rows * h).sum(1)  # move h along the target's row until that logit is m
+        h += ((m - cur) / rows.pow(2).sum(1))[:, None] * rows
+        return h.numpy()
 
-    @torch.no_grad()
     def stats(self, states: np.ndarray) -> TeacherStats:
         return teacher_stats(self.head, states)
 
@@ -193,8 +222,3 @@ def teacher_stats(head: TeacherHead, states: np.ndarray, chunk_tokens: int = 256
     cat = lambda xs: float(np.concatenate(xs).mean()) if xs else 0.0  # noqa: E731
     return TeacherStats(mean_entropy=cat(ent), mean_top1_prob=cat(top1), bulk_logit_std=cat(std))
 
-
-def timed(fn, *args, **kwargs) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0

@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 
+from genrecal_cache.codecs import hidden_codec
 from genrecal_cache.reader import TeacherCache
 
 
@@ -23,8 +24,13 @@ def summarize(cache: TeacherCache, max_errors: int = 10) -> dict:
     per_array = {name: sum(s for f, s in sizes.items() if f.startswith(f"features.zarr/{name}/"))
                  for name in m.arrays}
     tokens = max(counts["tokens"], 1)
+    # raw = bytes per token before compression: the stored dtype, or for hidden what its codec encodes
+    # (fp8: d codes + a 4-byte scale; ecq: d codes + step + outliers)
     raw = {name: int(np.prod(spec["shape_tail"], dtype=np.int64)) * np.dtype(spec["stored_dtype"]).itemsize
            for name, spec in m.arrays.items()}
+    codec = hidden_codec(m.hidden_codec)
+    if "hidden" in raw:
+        raw["hidden"] = codec.row_bytes(m.hidden_size)
     status = cache.index.column("status").to_pylist()
     errors = [(sid, err) for sid, st, err in zip(cache.index.column("id").to_pylist(), status,
                                                   cache.index.column("error").to_pylist()) if st == "error"]
@@ -35,6 +41,9 @@ def summarize(cache: TeacherCache, max_errors: int = 10) -> dict:
         "teacher": dict(m.teacher),
         "hidden_size": m.hidden_size, "vocab_size": m.vocab_size, "topk": m.topk,
         "counts": counts,
+        "hidden_codec": codec.name, "hidden_codec_description": codec.description,
+        # the bf16 baseline: what a 16-bit teacher's states take uncompressed (2 bytes per value)
+        "hidden_vs_raw_bf16": per_array.get("hidden", 0) / tokens / (2 * m.hidden_size) if m.hidden_size else 0.0,
         "tokenizer_sha256": m.tokenizer_sha256, "chat_template_sha256": m.chat_template_sha256,
         "arrays": {name: {**dict(spec), "bytes": per_array[name], "bytes_per_token": per_array[name] / tokens,
                           "raw_bytes_per_token": raw[name]}
@@ -61,15 +70,17 @@ def format_summary(s: dict) -> str:
         f"cache        {s['url']} (format v{s['format_version']}, genrecal {s['tool_version']}, {s['created']})",
         f"teacher      {t.get('id')} ({t.get('model_type')}, revision {t.get('revision')}, backend {t.get('backend', '?')})",
         f"dims         hidden {s['hidden_size']}, vocab {s['vocab_size']}, top-k {s['topk']}",
+        f"hidden codec {s['hidden_codec']}: {s['hidden_codec_description']}; stored at {s['hidden_vs_raw_bf16']:.3f}x "
+        f"of raw bf16 ({2 * s['hidden_size']} B/token)",
         f"samples      {c['samples']} ({c['ok']} ok, {c['error']} error)",
         f"tokens       {c['tokens']} ({c['answer_tokens']} answer tokens)",
         f"tokenizer    sha256 {s['tokenizer_sha256'][:16]}, chat template sha256 {(s['chat_template_sha256'] or '-')[:16]}",
         f"stored       {s['bytes_total'] / 2**20:.2f} MiB in all, {s['bytes_per_token']:.1f} bytes/token of features "
-        f"({raw / max(s['bytes_per_token'], 1e-9):.2f}x compression of {raw} raw)",
-        "arrays       name            dtype      stored     raw B/tok  stored B/tok  chunk/shard tokens  codec",
+        f"({raw / max(s['bytes_per_token'], 1e-9):.2f}x compression of {raw:g} raw)",
+        "arrays       name            dtype          stored     raw B/tok  stored B/tok  chunk/shard tokens  codec",
     ]
     for name, a in s["arrays"].items():
-        lines.append(f"             {name:<15} {a['dtype']:<10} {a['stored_dtype']:<10} {a['raw_bytes_per_token']:>9} "
+        lines.append(f"             {name:<15} {a['dtype']:<14} {a['stored_dtype']:<10} {a['raw_bytes_per_token']:>9g} "
                      f"{a['bytes_per_token']:>13.1f}  {a['chunk_tokens']:>7}/{a['shard_tokens']:<10} {a['codec']}")
     if s["error_reasons"]:
         lines.append("errors       " + "; ".join(f"{n} x {r}" for r, n in s["error_reasons"].items()))

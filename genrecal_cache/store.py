@@ -142,6 +142,38 @@ def plan_layout(hidden_size: int, topk: int, hidden_codec: str = DEFAULT_HIDDEN_
     return Layout(shard_tokens, chunks)
 
 
+def create_feature_arrays(group: zarr.Group, layout: Layout, codec: HiddenCodec, hidden_size: int, topk: int
+                          ) -> tuple[dict[str, zarr.Array], dict[str, ArraySpec]]:
+    """The five empty feature arrays (token axis first, sharded, compressed) and their manifest specs.
+    Used by the writer and by `estimate_cache_size`, so an estimate compresses exactly as a cache does."""
+    stored = {"token_ids": ("int32", []), "answer_mask": ("bool", []), "hidden": (codec.stored_dtype, [hidden_size]),
+              "topk_ids": ("int32", [topk]), "topk_logprobs": ("float32", [topk])}
+    small_chain = (f"sharding_indexed[bytes, blosc(cname={SMALL_CODEC['cname']}, clevel={SMALL_CODEC['clevel']}, "
+                   f"shuffle={SMALL_CODEC['shuffle']}, blocksize={SMALL_CODEC['blocksize']})], index [bytes, crc32c]")
+    arrays, specs = {}, {}
+    S = layout.shard_tokens
+    for name in ARRAY_NAMES:
+        dtype, tail = stored[name]
+        c = layout.chunk_tokens[name]
+        if name == "hidden":
+            serializer, compressor, attributes = codec.serializer(), codec.compressor(), codec.attributes
+            logical, chain = codec.logical_dtype, codec.chain_text()
+        else:
+            serializer, compressor, attributes = "auto", BloscCodec(typesize=np.dtype(dtype).itemsize, **SMALL_CODEC), {}
+            logical, chain = dtype, small_chain
+        arrays[name] = group.create_array(
+            name, shape=(0, *tail), dtype=dtype, chunks=(c, *tail), shards=(S, *tail), serializer=serializer,
+            compressors=compressor, fill_value=0,
+            dimension_names=("token", *(["hidden"] if name == "hidden" else ["k"] if tail else [])),
+            attributes=attributes,
+            # every shard file exists even when all-zero (e.g. an answer_mask shard without answers),
+            # so the set of files is a function of T alone and a missing one is always a fault
+            config={"write_empty_chunks": True})
+        specs[name] = ArraySpec(dtype=logical, stored_dtype=dtype, shape_tail=list(tail), chunk_tokens=c,
+                                shard_tokens=S, codec=chain)
+    return arrays, specs
+
+
 class _HashingLocalStore(LocalStore):
     """LocalStore that records the sha256 of every value it writes (zarr writes atomically, so the
     last recorded digest is the file's) and refuses to write any shard file twice."""
@@ -207,34 +239,8 @@ class CacheWriter:
         self._store = _HashingLocalStore(self.out_dir / FEATURES_NAME)
         group = zarr.open_group(self._store, mode="w", zarr_format=3)
         S = self.layout.shard_tokens
-        self._specs: dict[str, ArraySpec] = {}
-        self._arrays: dict[str, zarr.Array] = {}
-        self._buf: dict[str, np.ndarray] = {}
-        hc = self.codec
-        stored = {"token_ids": ("int32", []), "answer_mask": ("bool", []), "hidden": (hc.stored_dtype, [hidden_size]),
-                  "topk_ids": ("int32", [topk]), "topk_logprobs": ("float32", [topk])}
-        for name in ARRAY_NAMES:
-            dtype, tail = stored[name]
-            c = self.layout.chunk_tokens[name]
-            if name == "hidden":
-                serializer, compressor, attributes = hc.serializer(), hc.compressor(), hc.attributes
-                logical, chain = hc.logical_dtype, hc.chain_text()
-            else:
-                serializer, compressor, attributes = "auto", BloscCodec(typesize=np.dtype(dtype).itemsize, **SMALL_CODEC), {}
-                logical, chain = dtype, (f"sharding_indexed[bytes, blosc(cname={SMALL_CODEC['cname']}, clevel="
-                                         f"{SMALL_CODEC['clevel']}, shuffle={SMALL_CODEC['shuffle']}, blocksize="
-                                         f"{SMALL_CODEC['blocksize']})], index [bytes, crc32c]")
-            self._arrays[name] = group.create_array(
-                name, shape=(0, *tail), dtype=dtype, chunks=(c, *tail), shards=(S, *tail), serializer=serializer,
-                compressors=compressor, fill_value=0,
-                dimension_names=("token", *(["hidden"] if name == "hidden" else ["k"] if tail else [])),
-                attributes=attributes,
-                # every shard file exists even when all-zero (e.g. an answer_mask shard without answers),
-                # so the set of files is a function of T alone and a missing one is always a fault
-                config={"write_empty_chunks": True})
-            self._buf[name] = np.zeros((S, *tail), dtype=dtype)
-            self._specs[name] = ArraySpec(dtype=logical, stored_dtype=dtype, shape_tail=list(tail), chunk_tokens=c,
-                                          shard_tokens=S, codec=chain)
+        self._arrays, self._specs = create_feature_arrays(group, self.layout, self.codec, hidden_size, topk)
+        self._buf = {name: np.zeros((S, *a.shape[1:]), dtype=a.dtype) for name, a in self._arrays.items()}
 
         self._parquet_tmp = self.out_dir / (SAMPLES_NAME + ".tmp")
         self._pq = pq.ParquetWriter(str(self._parquet_tmp), SAMPLES_SCHEMA, compression="zstd")
@@ -502,3 +508,146 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)  # the rename itself must survive a crash, or the cache looks incomplete
     finally:
         os.close(dir_fd)
+
+
+# ---- size planning ---------------------------------------------------------------------------------------
+
+@dataclass
+class SizeEstimate:
+    """What a cache of `tokens` tokens would take on disk (see `estimate_cache_size`)."""
+    tokens: int
+    samples: int
+    hidden_size: int
+    vocab_size: int
+    topk: int
+    hidden_codec: str
+    layout: Layout
+    arrays: dict[str, dict[str, float]]  # per array: raw/stored bytes per token, ratio, bytes, shards
+    head_bytes: int
+    samples_bytes: int                   # samples.parquet
+    metadata_bytes: int                  # zarr.json files + manifest
+    files: int
+
+    @property
+    def features_bytes(self) -> int:
+        return int(sum(a["bytes"] for a in self.arrays.values()))
+
+    @property
+    def total_bytes(self) -> int:
+        return self.features_bytes + self.head_bytes + self.samples_bytes + self.metadata_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "samples": self.samples, "hidden_size": self.hidden_size,
+                "vocab_size": self.vocab_size, "topk": self.topk, "hidden_codec": self.hidden_codec,
+                "shard_tokens": self.layout.shard_tokens, "chunk_tokens": self.layout.chunk_tokens,
+                "arrays": self.arrays, "features_bytes": self.features_bytes, "head_bytes": self.head_bytes,
+                "samples_bytes": self.samples_bytes, "metadata_bytes": self.metadata_bytes, "files": self.files,
+                "total_bytes": self.total_bytes}
+
+    def format(self) -> str:
+        def gib(n: float) -> str:
+            for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+                if n >= scale:
+                    return f"{n / scale:,.2f} {unit}"
+            return f"{n / 2**10:,.2f} KiB"
+        codec = get_hidden_codec(self.hidden_codec)
+        h = self.arrays["hidden"]
+        lines = [
+            f"plan         {self.tokens:,} tokens, {self.samples:,} samples; hidden {self.hidden_size}, vocab "
+            f"{self.vocab_size:,}, top-k {self.topk}",
+            f"hidden codec {codec.name}: {codec.description}",
+            f"layout       shards of {self.layout.shard_tokens} tokens, hidden chunks of "
+            f"{self.layout.chunk_tokens['hidden']}; {self.files:,} files",
+            "arrays       name            raw B/tok  est. ratio  est. B/tok  est. size",
+        ]
+        for name, a in self.arrays.items():
+            lines.append(f"             {name:<15} {a['raw_bytes_per_token']:>9,.1f}  {a['ratio']:>9.2f}x  "
+                         f"{a['bytes_per_token']:>10,.1f}  {gib(a['bytes'])}")
+        per_tok = self.features_bytes / max(self.tokens, 1)
+        lines += [
+            f"hidden       {h['bytes_per_token'] / (2 * self.hidden_size):.3f}x of raw bf16 "
+            f"({2 * self.hidden_size:,} B/token)",
+            f"features     {gib(self.features_bytes)} ({per_tok:,.1f} B/token)",
+            f"head         {gib(self.head_bytes)} (lm_head {self.vocab_size:,} x {self.hidden_size} + norm)",
+            f"samples      {gib(self.samples_bytes)} (samples.parquet: text and embedded images as given)",
+            f"total        {gib(self.total_bytes)}",
+            "note         compression ratios were measured just now on synthetic LLM-like data (heavy-tailed "
+            "post-norm states with outlier channels, Gaussian-logit top-k, uniform token ids); real "
+            "activations compress differently (bf16 typically 1.3-1.5x), so treat sizes as +-15%.",
+        ]
+        return "\n".join(lines)
+
+
+def estimate_cache_size(tokens: int, hidden_size: int, vocab_size: int, topk: int,
+                        hidden_codec: str = DEFAULT_HIDDEN_CODEC, samples: int | None = None, *,
+                        text_bytes_per_sample: int = 600, image_bytes_per_sample: int = 0,
+                        head_dtype: str = "bfloat16", shard_tokens: int | None = None,
+                        chunk_tokens: int | None = None, seed: int = 0) -> SizeEstimate:
+    """Size of a cache before extracting it: the writer's layout (`plan_layout`), its arrays and
+    codec chains (`create_feature_arrays`), and compression ratios measured by writing one chunk
+    of synthetic LLM-like features through those very arrays (in memory). `samples` defaults to
+    tokens / 512; samples.parquet is estimated from the text and image bytes per sample."""
+    from zarr.storage import MemoryStore
+
+    from .fidelity import synthetic_post_norm_states, synthetic_topk
+
+    if min(tokens, hidden_size, vocab_size, topk) < 1:
+        raise ValueError(f"tokens, hidden_size, vocab_size and topk must be >= 1 (got {tokens}, {hidden_size}, "
+                         f"{vocab_size}, {topk})")
+    if topk > vocab_size:
+        raise ValueError(f"topk ({topk}) cannot exceed vocab_size ({vocab_size})")
+    codec = get_hidden_codec(hidden_codec)
+    samples = max(1, tokens // 512) if samples is None else samples
+    layout = plan_layout(hidden_size, topk, codec.name, shard_tokens=shard_tokens, chunk_tokens=chunk_tokens)
+
+    # measure: one chunk's worth of synthetic tokens through the writer's own arrays, in memory
+    n = max(1, min(layout.chunk_tokens["hidden"], 256))
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(n, bool)
+    for start in range(0, n, 96):  # answer spans of ~32 tokens in every ~96
+        mask[start + 64:start + 96] = True
+    ids, lps = synthetic_topk(n, vocab_size, topk, seed=seed)
+    data = {"token_ids": rng.integers(0, vocab_size, n).astype(np.int32), "answer_mask": mask,
+            "hidden": codec.to_stored(synthetic_post_norm_states(n, hidden_size, seed=seed)),
+            "topk_ids": ids, "topk_logprobs": lps}
+    store = MemoryStore()
+    group = zarr.open_group(store, mode="w", zarr_format=3)
+    probe = Layout(shard_tokens=n, chunk_tokens={name: n for name in ARRAY_NAMES})
+    arrays, _ = create_feature_arrays(group, probe, codec, hidden_size, topk)
+    for name, a in arrays.items():
+        a.resize((n, *a.shape[1:]))
+        a[:] = data[name]
+
+    def stored_size(name: str) -> int:  # the shard file minus its index (16 bytes per chunk + crc32c)
+        key = f"{name}/c/0" + ("/0" if name in ("hidden", "topk_ids", "topk_logprobs") else "")
+        return len(sync_get(store, key)) - 16 - 4
+
+    S = layout.shard_tokens
+    shards = -(-tokens // S)
+    out: dict[str, dict[str, float]] = {}
+    for name in ARRAY_NAMES:
+        raw_row = codec.row_bytes(hidden_size) if name == "hidden" else data[name][0].nbytes
+        measured = stored_size(name) / n
+        index = shards * (16 * (S // layout.chunk_tokens[name]) + 4)
+        nbytes = measured * tokens + index
+        out[name] = {"raw_bytes_per_token": float(raw_row), "ratio": raw_row / measured,
+                     "bytes_per_token": nbytes / tokens, "bytes": float(nbytes), "shards": shards}
+    itemsize = 2 if head_dtype in ("bfloat16", "float16") else 4
+    head_bytes = (vocab_size + 1) * hidden_size * itemsize + 512
+    samples_bytes = samples * (text_bytes_per_sample + image_bytes_per_sample + 64) + 4096
+    metadata_bytes = len(ARRAY_NAMES) * 1200 + 600 + 100 * (len(ARRAY_NAMES) * shards + 3)
+    files = len(ARRAY_NAMES) * (shards + 1) + 4  # shards + zarr.json per array, group zarr.json, 3 files
+    return SizeEstimate(tokens=tokens, samples=samples, hidden_size=hidden_size, vocab_size=vocab_size, topk=topk,
+                        hidden_codec=codec.name, layout=layout, arrays=out, head_bytes=head_bytes,
+                        samples_bytes=samples_bytes, metadata_bytes=metadata_bytes, files=files)
+
+
+def sync_get(store: Any, key: str) -> bytes:
+    """Bytes of `key` in a zarr store (synchronously)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    if buf is None:
+        raise KeyError(key)
+    return buf.to_bytes()

@@ -47,9 +47,19 @@ def _dist_setup(device: str) -> tuple[int, int, torch.device]:
 class MetricsLog:
     """metrics.jsonl (always) and TensorBoard (when installed); rank 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, truncate_to: int | None = None):
+        """`truncate_to`: a resumed run first drops the lines its checkpoint does not cover (written by
+        the killed run after it), so every (stage, step) is logged once."""
         self.enabled = enabled
-        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        path = run_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines(keepends=True) if enabled and path.exists() else []
+        if truncate_to is not None and len(lines) > truncate_to:
+            lines = lines[:truncate_to]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(lines))
+            os.replace(tmp, path)
+        self.lines = len(lines)  # records in the file: checkpoints store it for the above
+        self.file = open(path, "a") if enabled else None
         self.tb = None
         if enabled:
             try:
@@ -64,6 +74,7 @@ class MetricsLog:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        self.lines += 1
         if self.tb is not None:
             gstep = record["stage"] * 1_000_000 + record["step"]
             for k, v in record.items():
@@ -107,7 +118,7 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)  # the Recalibrator's init depends on the seed only (same on every rank, every run)
     model = GenRecal(student, adapter, head, cfg).to(device)
 
-    start_stage_pos, step0, position0, resume_from = 0, 0, 0, None
+    start_stage_pos, step0, position0, resume_from, metrics_lines = 0, 0, 0, None, None
     if cfg.resume:
         resume_from = ckpt.latest_checkpoint(run_dir)
         if resume_from is not None:
@@ -116,6 +127,7 @@ def train(cfg: TrainConfig) -> Path:
                 raise ValueError(f"{resume_from} is an unfinished stage {st['stage']}, which --stages "
                                  f"{','.join(map(str, cfg.stages))} does not run; include it to finish it")
             ckpt.load_weights(resume_from, student=model.student, recalibrator=model.recalibrator)
+            metrics_lines = st.get("metrics_lines")
             # Every rank resumes at its own position: ranks skip different unusable samples.
             positions = st.get("positions", [st["position"]])
             if len(positions) != world:
@@ -130,7 +142,7 @@ def train(cfg: TrainConfig) -> Path:
                 start_stage_pos, step0, position0, resume_from = 0, 0, 0, None
     if rank == 0:
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    log = MetricsLog(run_dir, enabled=rank == 0)
+    log = MetricsLog(run_dir, enabled=rank == 0, truncate_to=metrics_lines)
 
     for stage in cfg.stages[start_stage_pos:]:
         stream = CacheStream(cache, adapter, processor, batch_size=cfg.batch_size, max_len=cfg.max_len,
@@ -212,7 +224,7 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
             ckpt.save_checkpoint(run_dir, f"stage{stage}-step{step + 1:07d}", student=model.student,
                                  recalibrator=model.recalibrator if stage in (1, 2) else None, optimizer=opt,
                                  state={"stage": stage, "step": step + 1, "position": position, "positions": positions,
-                                        "world_size": world, "stage_done": done,
+                                        "world_size": world, "stage_done": done, "metrics_lines": log.lines,
                                         "elapsed_s": time.perf_counter() - t_stage})
         if world > 1:
             dist.barrier()

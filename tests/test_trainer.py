@@ -266,7 +266,8 @@ def test_resume_after_sigkill_in_stage2_matches_uninterrupted_run(tmp_path: Path
     assert proc.returncode == -signal.SIGKILL and not (run / "final").exists()
     ckpt_name, _ = killed_at
     ckpt_step = int(ckpt_name.split("step")[1])
-    n_lines = len(metrics.read_text().splitlines())
+    n_lines = json.loads((run / "checkpoints" / ckpt_name / "state.json").read_text())["metrics_lines"]
+    assert len(metrics.read_text().splitlines()) > n_lines  # the killed run logged past its checkpoint
 
     done = subprocess.run(_train_cmd(*flags, "--resume"), cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=180)
@@ -275,6 +276,9 @@ def test_resume_after_sigkill_in_stage2_matches_uninterrupted_run(tmp_path: Path
     # it continued from the checkpoint: first new step is the one after it, in stage 2
     assert (new[0]["stage"], new[0]["step"]) == (2, ckpt_step + 1), (killed_at, new[0])
     assert [r["step"] for r in new] == list(range(ckpt_step + 1, 9))
+    # the killed run's records past the checkpoint were dropped: every step is logged once
+    logged = [(json.loads(x)["stage"], json.loads(x)["step"]) for x in metrics.read_text().splitlines()]
+    assert logged == [(2, i) for i in range(1, 9)]
 
     a, b = _records(ref), _records(run)
     assert sorted(a) == sorted(b)
@@ -395,7 +399,7 @@ def test_torchrun_two_ranks_read_disjoint_data_and_resume(tmp_path: Path, train_
     (run / "checkpoints" / "latest").write_text("stage2-step0000002")
     shutil.rmtree(run / "final")
     shutil.rmtree(run / "checkpoints" / "stage2-step0000004")
-    n_lines = len((run / "metrics.jsonl").read_text().splitlines())
+    n_lines = state["metrics_lines"]
     second = subprocess.run(cmd + ["--resume"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert second.returncode == 0, second.stderr[-4000:]
     redone = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()[n_lines:]]
