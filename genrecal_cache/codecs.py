@@ -15,7 +15,8 @@ self-describing: a 32-byte header (magic `GRHQ`, kind, version, rows, cols, outl
 per-token scales, so a chunk decodes without the array metadata.
 
 - `fp8`: each token row is divided by s = max|row| / 448 and rounded to float8 e4m3fn (nearest
-  even); stored per row as [float32 s][d codes]. Bound: |x - x^| <= max(2^-4 |x|, 2^-10 s).
+  even); stored per row as [float32 s][d codes]. Bound: |x - x^| <= max(2^-4 |x|, 2^-10 s)
+  (+ 5.3e-36: a row whose max is below that decodes as zeros).
 - `ecq` (entropy-coded quantisation): each token keeps its k = 8 largest |values| exactly (uint16
   column + float32 value) and rounds the rest to integer multiples of one step per token,
   step = max(alpha * rms, max|rest| / 127) with alpha = 0.14 and rms the RMS of the rest; the int8
@@ -66,6 +67,8 @@ KIND_FP8, KIND_ECQ = 1, 2
 VERSION = 1
 
 FP8_MAX = 448.0       # largest finite float8 e4m3fn
+_F32_TINY = np.float32(np.finfo(np.float32).tiny)
+FP8_FLUSH = float(_F32_TINY) * FP8_MAX  # fp8 rows whose max is below this (5.3e-36) decode as zeros
 ECQ_STEP = 0.14       # ecq step, as a fraction of each token's RMS (chosen by measurement, see above)
 ECQ_OUTLIERS = 8      # values per token kept exactly by ecq
 ECQ_QMAX = 127
@@ -155,7 +158,8 @@ def fp8_encode(x: Any) -> np.ndarray:
     x = _as_rows(x)
     rows, cols = x.shape
     scale = _fp8_scales(x)
-    inv = np.where(scale > np.float32(1e-30), np.float32(1) / scale, np.float32(0)).astype(np.float32)
+    # 1/scale overflows below float32's smallest normal: such rows (max < 5e-36) are flushed to zero
+    inv = np.where(scale >= _F32_TINY, np.float32(1) / np.maximum(scale, _F32_TINY), np.float32(0)).astype(np.float32)
     y = np.clip(x * inv[:, None], -FP8_MAX, FP8_MAX)  # the clip only catches float rounding at the max
     out = np.empty(HEADER.size + rows * (4 + cols), dtype=np.uint8)
     out[:HEADER.size] = _pack_header(KIND_FP8, rows, cols)
@@ -182,7 +186,7 @@ def _fp8_decode(payload: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 def fp8_error_bound(x: Any) -> np.ndarray:
     x = _as_rows(x)
-    return np.maximum(np.abs(x) * 2.0 ** -4, _fp8_scales(x)[:, None] * 2.0 ** -10) * (1 + 1e-6)
+    return np.maximum(np.abs(x) * 2.0 ** -4, _fp8_scales(x)[:, None] * 2.0 ** -10) * (1 + 1e-6) + FP8_FLUSH
 
 
 # ---- ecq: int8 multiples of one step per token, entropy-coded by the zstd that follows ------------------------

@@ -600,37 +600,41 @@ def estimate_cache_size(tokens: int, hidden_size: int, vocab_size: int, topk: in
     samples = max(1, tokens // 512) if samples is None else samples
     layout = plan_layout(hidden_size, topk, codec.name, shard_tokens=shard_tokens, chunk_tokens=chunk_tokens)
 
-    # measure: one chunk's worth of synthetic tokens through the writer's own arrays, in memory
-    n = max(1, min(layout.chunk_tokens["hidden"], 256))
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(n, bool)
-    for start in range(0, n, 96):  # answer spans of ~32 tokens in every ~96
-        mask[start + 64:start + 96] = True
-    ids, lps = synthetic_topk(n, vocab_size, topk, seed=seed)
-    data = {"token_ids": rng.integers(0, vocab_size, n).astype(np.int32), "answer_mask": mask,
-            "hidden": codec.to_stored(synthetic_post_norm_states(n, hidden_size, seed=seed)),
-            "topk_ids": ids, "topk_logprobs": lps}
-    store = MemoryStore()
-    group = zarr.open_group(store, mode="w", zarr_format=3)
-    probe = Layout(shard_tokens=n, chunk_tokens={name: n for name in ARRAY_NAMES})
-    arrays, _ = create_feature_arrays(group, probe, codec, hidden_size, topk)
-    for name, a in arrays.items():
-        a.resize((n, *a.shape[1:]))
-        a[:] = data[name]
+    # measure: one full inner chunk of each array, of synthetic LLM-like data, written through the
+    # writer's own array definitions (in memory): blosc/zstd ratios depend on the chunk size too
+    def synthetic(name: str, n: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        if name == "token_ids":
+            return rng.integers(0, vocab_size, n).astype(np.int32)
+        if name == "answer_mask":  # answer spans of 32 tokens in every 96
+            return (np.arange(n) % 96) >= 64
+        if name == "hidden":
+            return codec.to_stored(synthetic_post_norm_states(n, hidden_size, seed=seed))
+        ids, lps = synthetic_topk(n, vocab_size, topk, seed=seed)
+        return ids if name == "topk_ids" else lps
 
-    def stored_size(name: str) -> int:  # the shard file minus its index (16 bytes per chunk + crc32c)
-        key = f"{name}/c/0" + ("/0" if name in ("hidden", "topk_ids", "topk_logprobs") else "")
-        return len(sync_get(store, key)) - 16 - 4
+    measured: dict[str, float] = {}
+    raw_rows: dict[str, float] = {}
+    for name in ARRAY_NAMES:
+        n = max(1, min(layout.chunk_tokens[name], 1 << 16))
+        store = MemoryStore()
+        probe = Layout(shard_tokens=n, chunk_tokens={a: n for a in ARRAY_NAMES})
+        a = create_feature_arrays(zarr.open_group(store, mode="w", zarr_format=3), probe, codec, hidden_size,
+                                  topk)[0][name]
+        data = synthetic(name, n)
+        a.resize((n, *a.shape[1:]))
+        a[:] = data
+        key = f"{name}/c/0" + ("/0" if a.ndim == 2 else "")
+        measured[name] = (len(sync_get(store, key)) - 16 - 4) / n  # minus the shard index and its crc32c
+        raw_rows[name] = codec.row_bytes(hidden_size) if name == "hidden" else data[0].nbytes
 
     S = layout.shard_tokens
     shards = -(-tokens // S)
     out: dict[str, dict[str, float]] = {}
     for name in ARRAY_NAMES:
-        raw_row = codec.row_bytes(hidden_size) if name == "hidden" else data[name][0].nbytes
-        measured = stored_size(name) / n
         index = shards * (16 * (S // layout.chunk_tokens[name]) + 4)
-        nbytes = measured * tokens + index
-        out[name] = {"raw_bytes_per_token": float(raw_row), "ratio": raw_row / measured,
+        nbytes = measured[name] * tokens + index
+        out[name] = {"raw_bytes_per_token": float(raw_rows[name]), "ratio": raw_rows[name] / measured[name],
                      "bytes_per_token": nbytes / tokens, "bytes": float(nbytes), "shards": shards}
     itemsize = 2 if head_dtype in ("bfloat16", "float16") else 4
     head_bytes = (vocab_size + 1) * hidden_size * itemsize + 512

@@ -7,8 +7,6 @@ background thread prepares batches ahead (bounded queue), so the trainer rarely 
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ import torch
 from genrecal_cache.backends.hf import collate as collate_inputs
 from genrecal_cache.data import Sample, decode_image
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter
+from genrecal_cache.prefetch import prefetch
 from genrecal_cache.reader import CachedSample, TeacherCache
 
 
@@ -117,39 +116,23 @@ class CacheStream:
                     yield position, None
             epoch, offset = epoch + 1, 0
 
+    def _collated(self, position: int) -> Iterator[Batch]:
+        group: list[Example] = []
+        for pos, ex in self._examples(position):
+            if ex is not None:
+                group.append(ex)
+            if len(group) == self.batch_size:
+                yield collate(group, self.pad_id, pos)
+                group = []
+
     def batches(self, position: int = 0) -> Iterator[Batch]:
-        """Endless batches starting at `position`; stop consuming when you have enough."""
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def produce() -> None:
-            try:
-                group: list[Example] = []
-                for pos, ex in self._examples(position):
-                    if stop.is_set():
-                        return
-                    if ex is not None:
-                        group.append(ex)
-                    if len(group) == self.batch_size:
-                        q.put(collate(group, self.pad_id, pos))
-                        group = []
-            except BaseException as e:  # surfaced in the consumer, never swallowed
-                q.put(e)
-
-        worker = threading.Thread(target=produce, daemon=True, name="genrecal-prefetch")
-        worker.start()
+        """Endless batches starting at `position`, prepared `prefetch` ahead in a background thread."""
+        ready = prefetch(self._collated(position), self.prefetch)
         try:
             while True:
                 t0 = time.perf_counter()
-                item = q.get()
+                item = next(ready)
                 self.wait_s += time.perf_counter() - t0
-                if isinstance(item, BaseException):
-                    raise item
                 yield item
         finally:
-            stop.set()
-            while worker.is_alive():  # unblock a producer stuck on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    worker.join(timeout=0.05)
+            ready.close()

@@ -1,0 +1,358 @@
+"""Hidden-state codecs (issue 6): round trips and bounds, zarr/numcodecs registration, caches written with
+every codec (verify, reader, trainer), the v1 manifest, and `plan` against a real cache size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from genrecal_cache import codecs as C
+from genrecal_cache.fidelity import SyntheticTeacher, codec_fidelity, fidelity, synthetic_post_norm_states, topk_fidelity
+from genrecal_cache.head import HeadConfig, TeacherHead
+from genrecal_cache.info import summarize
+from genrecal_cache.manifest import CacheFormatError, Manifest, sha256_bytes
+from genrecal_cache.reader import TeacherCache
+from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord, estimate_cache_size, plan_layout
+from genrecal_cache.verify import verify
+
+REPO = Path(__file__).resolve().parents[1]
+D, V, K = 96, 500, 8
+TEACHER = dict(id="tiny/teacher", revision=None, config_sha256=sha256_bytes(b"{}"), model_type="qwen2_vl")
+LOSSY = ("fp8", "ecq")
+
+
+def _inputs() -> dict[str, np.ndarray]:
+    """Awkward inputs for every codec: LLM-like states, odd widths, zero/tiny/huge rows, one row."""
+    rng = np.random.default_rng(0)
+    x = synthetic_post_norm_states(300, 257, seed=1)
+    x[3] = 0                                       # an all-zero token
+    x[4] *= 1e-30                                  # subnormal-small
+    x[5] *= 1e6                                    # huge
+    x[6, 7] = 1e4                                  # one outlier far above the rest
+    return {"llm": x, "narrow": rng.standard_normal((50, 3)).astype(np.float32), "one_row": x[:1],
+            "wide": (rng.standard_t(3, (4, 5000)) * 7).astype(np.float32), "one_col": x[:, :1].copy()}
+
+
+@pytest.fixture(scope="module")
+def head() -> TeacherHead:
+    g = torch.Generator().manual_seed(0)
+    return TeacherHead(HeadConfig(D, V), 1 + 0.1 * torch.randn(D, generator=g), torch.randn(V, D, generator=g) * 0.3)
+
+
+# ---- the transforms ------------------------------------------------------------------------------------------
+
+def test_fp8_rounding_is_torchs_float8_e4m3fn():
+    rng = np.random.default_rng(0)
+    table = np.unique(np.abs(C.E4M3_TABLE[np.isfinite(C.E4M3_TABLE)]))
+    mids = ((table[1:].astype(np.float64) + table[:-1]) / 2).astype(np.float32)  # ties: round half to even
+    vals = np.concatenate([table, -table, mids, -mids, np.nextafter(mids, np.float32(0)), np.nextafter(mids, np.float32(448)),
+                           rng.uniform(-448, 448, 200_000).astype(np.float32),
+                           (rng.standard_normal(200_000) * 2.0 ** rng.integers(-14, 8, 200_000)).astype(np.float32)])
+    vals = np.clip(vals, -448, 448).astype(np.float32)
+    want = torch.from_numpy(vals).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    np.testing.assert_array_equal(C.float32_to_e4m3(vals), want)
+
+
+@pytest.mark.parametrize("name", C.HIDDEN_CODECS)
+def test_round_trip_is_within_the_documented_bound(name):
+    codec = C.hidden_codec(name)
+    for label, x in _inputs().items():
+        y = codec.round_trip(x)
+        assert y.dtype == np.float32 and y.shape == x.shape, label
+        bound = codec.error_bound(x)
+        err = np.abs(y.astype(np.float64) - x)
+        assert (err <= bound).all(), f"{name} on {label}: max excess {(err - bound).max()}"
+
+
+def test_lossless_codecs_are_bit_exact():
+    x = _inputs()["llm"]
+    np.testing.assert_array_equal(C.hidden_codec("fp32").round_trip(x).view(np.uint32), x.view(np.uint32))
+    bf16 = torch.from_numpy(x).to(torch.bfloat16).float().numpy()  # a bf16 teacher's states
+    np.testing.assert_array_equal(C.hidden_codec("bf16").round_trip(bf16).view(np.uint32), bf16.view(np.uint32))
+
+
+def test_lossy_codecs_are_close_on_llm_like_states():
+    x = synthetic_post_norm_states(512, 1024, seed=3)
+    rel = {n: np.linalg.norm(C.hidden_codec(n).round_trip(x) - x) / np.linalg.norm(x) for n in LOSSY}
+    assert rel["fp8"] < 0.03 and rel["ecq"] < 0.05, rel
+    # ecq keeps each token's largest values exactly (the "massive activation" channels)
+    y = C.hidden_codec("ecq").round_trip(x)
+    top = np.argmax(np.abs(x), axis=1)
+    np.testing.assert_array_equal(y[np.arange(len(x)), top], x[np.arange(len(x)), top])
+
+
+def test_payloads_are_self_describing_and_checked():
+    x = _inputs()["llm"][:10]
+    for q in (C.Fp8E4M3Codec(), C.EcqCodec()):
+        p = q.encode_array(x)
+        assert p.nbytes == q.encoded_size(*x.shape)
+        np.testing.assert_array_equal(C.decode_payload(p.tobytes()), C.decode_payload(p))  # bytes or array
+        with pytest.raises(C.CodecError, match="truncated"):
+            C.decode_payload(p[:-3])
+        bad = p.copy()
+        bad[:4] = np.frombuffer(b"XXXX", np.uint8)
+        with pytest.raises(C.CodecError, match="bad magic"):
+            C.decode_payload(bad)
+    with pytest.raises(C.CodecError, match="NaN or inf"):
+        C.fp8_encode(np.array([[1.0, np.nan]], np.float32))
+    with pytest.raises(C.CodecError, match="float32"):
+        C.ecq_encode(np.zeros((2, 2), np.float64))
+
+
+# ---- registration ----------------------------------------------------------------------------------------------
+
+def test_numcodecs_ids_round_trip():
+    x = _inputs()["llm"][:20]
+    for cid, bound in (("genrecal_fp8_e4m3", C.fp8_error_bound(x)), ("genrecal_ecq", C.ecq_error_bound(x))):
+        codec = numcodecs.get_codec({"id": cid})
+        out = np.empty_like(x)
+        codec.decode(codec.encode(x), out=out)
+        assert (np.abs(out - x) <= bound).all()
+        assert numcodecs.get_codec(codec.get_config()).get_config() == codec.get_config()
+
+
+def test_zarr_array_with_the_codecs_outside_a_cache(tmp_path):
+    x = synthetic_post_norm_states(100, 64, seed=2)
+    for q in (C.Fp8E4M3Codec(), C.EcqCodec(step=0.05, outliers=2)):
+        a = zarr.create_array(str(tmp_path / q.name), shape=x.shape, chunks=(32, 64), dtype="float32",
+                              serializer=q, compressors=zarr.codecs.ZstdCodec(level=1))
+        a[:] = x
+        b = zarr.open_array(str(tmp_path / q.name), mode="r")
+        assert b.serializer == q
+        chunks = [C.decode_payload(q.encode_array(x[i:i + 32])) for i in range(0, 100, 32)]
+        np.testing.assert_array_equal(b[:], np.concatenate(chunks))
+
+
+# ---- caches written with every codec -----------------------------------------------------------------------------
+
+def _samples(head: TeacherHead, n: int = 30, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    states = synthetic_post_norm_states(60 * n, D, seed=seed)
+    out, pos = [], 0
+    for i in range(n):
+        msgs = [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+        if i % 7 == 3:
+            out.append((SampleRecord(id=f"s{i}", messages=msgs, status="error", error="image is corrupt"), None))
+            continue
+        L = int(rng.integers(5, 60))
+        h = torch.from_numpy(states[pos:pos + L].copy())
+        pos += L
+        ids, lps = head.topk_logprobs(h, K)
+        mask = np.zeros(L, bool)
+        mask[L // 2:] = True
+        out.append((SampleRecord(id=f"s{i}", messages=msgs),
+                    SampleArrays(rng.integers(0, V, L), mask, h, ids, lps)))
+    return out
+
+
+def _write(path: Path, head: TeacherHead, samples, codec: str, **kw):
+    w = CacheWriter(path, hidden_size=D, vocab_size=V, topk=K, hidden_codec=codec, teacher=TEACHER,
+                    tokenizer_sha256=sha256_bytes(b"tok"), chat_template_sha256=None, head=head, command="pytest",
+                    **({"shard_tokens": 128, "chunk_tokens": 32} | kw))
+    for row, arrays in samples:
+        w.add(row, arrays)
+    return w.close()
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, head):
+    samples = _samples(head)
+    root = tmp_path_factory.mktemp("codec_caches")
+    return samples, {name: (root / name, _write(root / name, head, samples, name)) for name in C.HIDDEN_CODECS}
+
+
+@pytest.mark.parametrize("name", C.HIDDEN_CODECS)
+def test_cache_with_each_codec_verifies_and_reads_decoded_float32(caches, head, name):
+    samples, by_codec = caches
+    path, manifest = by_codec[name]
+    codec = C.hidden_codec(name)
+    assert manifest.hidden_codec == name and manifest.format_version == 2
+    assert manifest.arrays["hidden"]["dtype"] == codec.logical_dtype
+    assert json.loads((path / "manifest.json").read_text())["hidden_codec"] == name
+    assert verify(path) == []
+    originals = {row.id: arrays for row, arrays in samples if arrays is not None}
+    cache = TeacherCache.open(path)
+    seen = 0
+    for s in cache.iter_samples("shuffled", seed=1):
+        h = originals[s.id].hidden.numpy()
+        assert s.hidden.dtype == np.float32 and s.hidden.shape == h.shape
+        if name == "fp32":
+            np.testing.assert_array_equal(s.hidden, h)
+        elif name == "bf16":
+            np.testing.assert_array_equal(s.hidden, torch.from_numpy(h).to(torch.bfloat16).float().numpy())
+        else:  # a sample's rows sit in chunks with other tokens; the bounds are per token, so they still hold
+            assert (np.abs(s.hidden - h) <= codec.error_bound(h)).all()
+        seen += 1
+    assert seen == manifest.counts["ok"]
+    # plain zarr (genrecal imported: codecs registered) returns the same float32 values
+    feats = zarr.open_group(str(path / "features.zarr"), mode="r")
+    s = cache[1]
+    plain = feats["hidden"][s_range(cache, 1)]
+    np.testing.assert_array_equal(codec.to_float32(plain), s.hidden)
+    info = summarize(cache)
+    assert info["hidden_codec"] == name
+    assert info["arrays"]["hidden"]["raw_bytes_per_token"] == codec.row_bytes(D)
+    assert 0 < info["arrays"]["hidden"]["bytes_per_token"] < 4 * D + 64
+
+
+def s_range(cache: TeacherCache, i: int) -> slice:
+    a = int(cache._offsets[i])
+    return slice(a, a + int(cache._lengths[i]))
+
+
+def test_lossy_caches_keep_the_teacher_close(caches, head):
+    _, by_codec = caches
+    exact = TeacherCache.open(by_codec["fp32"][0])
+    for name in LOSSY:
+        cache = TeacherCache.open(by_codec[name][0])
+        ref = np.concatenate([s.hidden for s in exact.iter_samples()])
+        dec = np.concatenate([s.hidden for s in cache.iter_samples()])
+        f = fidelity(head, ref, dec)
+        assert f.mean_kl < {"fp8": 5e-3, "ecq": 1e-2}[name] and f.top1_agreement > 0.9, (name, f)
+        t = topk_fidelity(head, cache.iter_samples())  # against the stored top-k only
+        assert t["tokens"] == f.tokens and t["kl_lower_bound"] <= f.mean_kl + 1e-9
+        assert abs(t["top1_agreement"] - f.top1_agreement) < 0.02
+
+
+def test_a_plain_zarr_process_decodes_through_entry_points(caches):
+    """No `import genrecal_cache`: zarr finds the codecs through the installed package's entry points."""
+    _, by_codec = caches
+    code = ("import sys, zarr, numpy as np\n"
+            "assert 'genrecal_cache' not in sys.modules\n"
+            "a = zarr.open_array(sys.argv[1], mode='r')\n"
+            "np.save(sys.argv[2], a[:])\n"
+            "assert 'genrecal_cache.codecs' in sys.modules  # loaded by zarr, from the entry point\n")
+    for name in LOSSY:
+        out = by_codec[name][0].parent / f"{name}.npy"
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        subprocess.run([sys.executable, "-c", code, str(by_codec[name][0] / "features.zarr" / "hidden"), str(out)],
+                       check=True, env=env, cwd="/")
+        cache = TeacherCache.open(by_codec[name][0])
+        np.testing.assert_array_equal(np.load(out), np.concatenate([cache[i].hidden for i in range(len(cache))]))
+
+
+def test_verify_catches_a_codec_mismatch(caches, tmp_path):
+    import shutil
+
+    _, by_codec = caches
+    path = tmp_path / "c"
+    shutil.copytree(by_codec["fp8"][0], path)
+    m = json.loads((path / "manifest.json").read_text())
+    m["hidden_codec"] = "ecq"
+    m["arrays"]["hidden"]["dtype"] = "int8"
+    (path / "manifest.json").write_text(json.dumps(m))
+    faults = verify(path)
+    assert any("encoded with 'genrecal.fp8_e4m3'" in f and "needs 'genrecal.ecq'" in f for f in faults), faults
+    m["hidden_codec"] = "int3"
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CacheFormatError, match="field 'hidden_codec' is 'int3'"):
+        TeacherCache.open(path)
+
+
+def test_version1_manifests_still_read(caches, tmp_path):
+    import shutil
+
+    samples, by_codec = caches
+    for name in ("bf16", "fp32"):
+        path = tmp_path / name
+        shutil.copytree(by_codec[name][0], path)
+        m = json.loads((path / "manifest.json").read_text())
+        del m["hidden_codec"]
+        m["format_version"] = 1
+        text = json.dumps(m, indent=1) + "\n"
+        (path / "manifest.json").write_text(text)
+        parsed = Manifest.from_json(text)
+        assert parsed.hidden_codec == name and parsed.to_json() == text  # stays version 1
+        assert verify(path) == []
+        np.testing.assert_array_equal(TeacherCache.open(path)[0].hidden, TeacherCache.open(by_codec[name][0])[0].hidden)
+    m["hidden_codec"] = "bf16"  # not a version-1 field
+    with pytest.raises(CacheFormatError, match="'hidden_codec' is unknown"):
+        Manifest.from_json(json.dumps(m))
+
+
+def test_old_hidden_dtype_names_still_work(tmp_path, head):
+    samples = _samples(head, n=4)
+    m = _write(tmp_path / "a", head, samples, None, hidden_dtype="float32")
+    assert m.hidden_codec == "fp32"
+    with pytest.raises(ValueError, match="disagree"):
+        _write(tmp_path / "b", head, samples, "fp8", hidden_dtype="bfloat16")
+    with pytest.raises(ValueError, match="unknown hidden codec 'int4'"):
+        _write(tmp_path / "c", head, samples, "int4")
+    assert plan_layout(8192, 20, "bfloat16") == plan_layout(8192, 20, "bf16")
+
+
+def test_layout_caps_decoded_shards():
+    for codec in ("fp8", "ecq"):
+        lay = plan_layout(8192, 64, codec)
+        assert lay.shard_tokens * 8192 * 4 <= 256 << 20 and lay.chunk_tokens["hidden"] == 256
+
+
+# ---- plan ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["bf16", "fp8", "ecq"])
+def test_plan_estimate_matches_a_written_cache(tmp_path, name):
+    """The estimate compresses synthetic LLM-like data through the writer's own arrays; a cache of the same
+    kind of data must come out within 10% (per array for hidden, in total for the features)."""
+    d, vocab, k, n_tok = 256, 3000, 16, 12_000
+    g = torch.Generator().manual_seed(1)
+    head = TeacherHead(HeadConfig(d, vocab), torch.ones(d), torch.randn(vocab, d, generator=g) * 0.1)
+    states = synthetic_post_norm_states(n_tok, d, seed=5)
+    from genrecal_cache.fidelity import synthetic_topk
+
+    ids, lps = synthetic_topk(n_tok, vocab, k, seed=6)
+    rng = np.random.default_rng(7)
+    w = CacheWriter(tmp_path / "c", hidden_size=d, vocab_size=vocab, topk=k, hidden_codec=name, teacher=TEACHER,
+                    tokenizer_sha256="t", chat_template_sha256=None, head=head, command="pytest")
+    for i, a in enumerate(range(0, n_tok, 400)):
+        L = min(400, n_tok - a)
+        mask = np.zeros(L, bool)
+        mask[300:] = True
+        w.add(SampleRecord(id=f"s{i}", messages=[{"role": "user", "content": "q" * 300}]),
+              SampleArrays(rng.integers(0, vocab, L), mask, states[a:a + L], ids[a:a + L], lps[a:a + L]))
+    m = w.close()
+    est = estimate_cache_size(n_tok, d, vocab, k, name, samples=30)
+    sizes = {f: (tmp_path / "c" / f).stat().st_size for f in m.checksums}
+    actual = {arr: sum(s for f, s in sizes.items() if f.startswith(f"features.zarr/{arr}/")) for arr in m.arrays}
+    assert est.layout.shard_tokens == m.arrays["hidden"]["shard_tokens"]
+    assert abs(est.arrays["hidden"]["bytes"] / actual["hidden"] - 1) < 0.10, (est.arrays["hidden"], actual["hidden"])
+    assert abs(est.features_bytes / sum(actual.values()) - 1) < 0.10
+    assert abs(est.head_bytes - sizes["teacher_head.safetensors"] / 2) < 0.05 * est.head_bytes  # fp32 head here
+
+
+# ---- fidelity on a realistic synthetic teacher, and the trainer on lossy caches ------------------------------------
+
+def test_fidelity_of_the_codecs_on_a_synthetic_llm():
+    t = SyntheticTeacher(hidden_size=256, vocab_size=2000, seed=0)
+    h = t.states(400)
+    stats = t.stats(h)
+    assert 0.4 < stats.mean_top1_prob < 0.95  # neither uniform nor one-hot
+    f = {n: codec_fidelity(t.head, h, n) for n in C.HIDDEN_CODECS}
+    assert f["fp32"].mean_kl == 0 and f["fp32"].top1_agreement == 1
+    assert f["bf16"].mean_kl < 1e-4 < f["fp8"].mean_kl < f["ecq"].mean_kl < 2e-2
+    assert f["ecq"].top1_agreement > 0.95
+
+
+@pytest.mark.parametrize("name", LOSSY)
+def test_lossy_cache_from_extract_trains(tmp_path, teacher_dir, student_dir, demo_jsonl, name):
+    from genrecal_cache.extract import ExtractConfig, extract
+    from genrecal_train.config import TrainConfig
+    from genrecal_train.trainer import train
+
+    out = tmp_path / "cache"
+    m = extract(ExtractConfig(teacher=str(teacher_dir), data=str(demo_jsonl), out=str(out), backend="transformers",
+                              hidden_codec=name, progress=False, limit=12))
+    assert m.hidden_codec == name and verify(out) == []
+    run = tmp_path / "run"
+    train(TrainConfig(cache=str(out), student=str(student_dir), out=str(run), stages=[1], max_steps=2, batch_size=4,
+                      device="cpu", prefetch=2, checkpoint_every=1000))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(np.isfinite(r["loss"]) for r in records if "loss" in r)
