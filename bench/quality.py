@@ -148,6 +148,17 @@ def extract_cache(teacher: Path, data: Path, out: Path) -> Path:
     return out
 
 
+def _settings(kw: dict) -> dict:
+    """What a run is, paths aside (they follow from --out): a finished run with other settings is redone."""
+    return json.loads(json.dumps({k: v for k, v in kw.items() if k not in ("cache", "student")}))
+
+
+def _finished(out: Path, kw: dict) -> bool:
+    done = out / "done.json"
+    return (done.is_file() and (out / "final" / "config.json").is_file()
+            and json.loads(done.read_text()).get("settings") == _settings(kw))
+
+
 def run_train(out: Path, **kw) -> tuple[Path, float]:
     """Train (or reuse a finished run); returns (final model folder, seconds)."""
     from genrecal_train.config import TrainConfig
@@ -155,12 +166,9 @@ def run_train(out: Path, **kw) -> tuple[Path, float]:
 
     final = out / "final"
     done = out / "done.json"
-    # what this run is (paths aside, they follow from --out): a finished run with other settings is redone
-    wanted = json.loads(json.dumps({k: v for k, v in kw.items() if k not in ("cache", "student")}))
-    if done.is_file() and (final / "config.json").is_file():
-        prev = json.loads(done.read_text())
-        if prev.get("settings") == wanted:
-            return final, prev["seconds"]
+    wanted = _settings(kw)
+    if _finished(out, kw):
+        return final, json.loads(done.read_text())["seconds"]
     if out.exists():
         shutil.rmtree(out)
     uld_weight = kw.pop("w_uld", None)
@@ -355,12 +363,14 @@ def main(argv: list[str] | None = None) -> dict:
     if not (t_init / "config.json").is_file():
         build_tiny_teacher(t_init, seed=1234, hidden_size=s.teacher_hidden, layers=s.teacher_layers,
                            vision_width=s.teacher_vision_width)
-    log("teacher: throwaway cache (the data in cache form) ...")
-    raw_cache = extract_cache(t_init, train_data, tdir / "raw_cache")
-    log("teacher: SFT on the task ...")
-    t_final, t_secs = run_train(tdir / "sft", cache=str(raw_cache), student=str(t_init), stages=[3],
-                                stage_steps=[s.teacher_steps], batch_size=s.teacher_batch, lr=s.teacher_lr,
-                                lr_end=s.teacher_lr_end, train_vision=True, seed=0)
+    raw_cache = tdir / "raw_cache"
+    t_kw = dict(stages=[3], stage_steps=[s.teacher_steps], batch_size=s.teacher_batch, lr=s.teacher_lr,
+                lr_end=s.teacher_lr_end, train_vision=True, seed=0)
+    if not _finished(tdir / "sft", t_kw):
+        log("teacher: throwaway cache (the data in cache form) ...")
+        extract_cache(t_init, train_data, raw_cache)
+        log("teacher: SFT on the task ...")
+    t_final, t_secs = run_train(tdir / "sft", cache=str(raw_cache), student=str(t_init), **t_kw)
     t_eval = run_eval(t_final, test_data, tdir / "eval.json")
     log(f"teacher: {100 * t_eval['accuracy']:.1f}% on the test split ({t_secs:.0f}s training)")
     shutil.rmtree(raw_cache, ignore_errors=True)

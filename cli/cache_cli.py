@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -36,14 +37,23 @@ def extract(
     max_num_batched_tokens: Optional[int] = typer.Option(None, help="[vllm] Tokens per engine step."),
     limit_mm_per_prompt: Optional[int] = typer.Option(None, help="[vllm] Max images per prompt."),
     trust_remote_code: bool = typer.Option(False, help="[vllm] Allow the model folder's own code to run."),
+    num_shards: int = typer.Option(1, help="Split the input among N independent jobs: this job takes the samples "
+                                           "with index % N == --shard-index and writes OUT/part-<i>-of-<N>/."),
+    shard_index: int = typer.Option(0, help="This job's share of the input (0 .. N-1); see --num-shards."),
+    shard_tokens: Optional[int] = typer.Option(None, help="Tokens per feature shard file [default: from the hidden "
+                                                          "size, ~128 MiB files]."),
+    commit_seconds: Optional[float] = typer.Option(None, help="Commit finished samples at most this often "
+                                                              "[default: 60]; a crash loses at most this much work."),
 ) -> None:
-    """Run the teacher over DATA once and write a cache to OUT (hidden states, top-k, head, samples)."""
+    """Run the teacher over DATA once and write a cache to OUT (hidden states, top-k, head, samples).
+
+    Re-running the same command on the same OUT after a crash resumes from the last commit."""
     from genrecal_cache.extract import ExtractConfig
     from genrecal_cache.extract import extract as run_extract
     from genrecal_cache.store import resolve_hidden_codec
 
-    if out.exists() and any(out.iterdir()):
-        raise typer.BadParameter(f"{out} exists and is not empty: choose a new --out or delete it", param_hint="--out")
+    if not 0 <= shard_index < num_shards:
+        raise typer.BadParameter(f"must be in [0, --num-shards={num_shards})", param_hint="--shard-index")
     try:
         resolve_hidden_codec(hidden_codec, hidden_dtype)
     except ValueError as e:
@@ -51,7 +61,8 @@ def extract(
     cfg = ExtractConfig(teacher=teacher, data=data, out=str(out), backend=backend, topk=topk, max_len=max_len,
                         batch_tokens=batch_tokens, limit=limit, hidden_codec=hidden_codec, hidden_dtype=hidden_dtype,
                         dtype=dtype,
-                        device=device, image_root=image_root,
+                        device=device, image_root=image_root, num_shards=num_shards, shard_index=shard_index,
+                        commit_seconds=commit_seconds, shard_tokens=shard_tokens,
                         vllm=dict(tensor_parallel_size=tensor_parallel_size,
                                   pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size,
                                   gpu_memory_utilization=gpu_memory_utilization,
@@ -65,6 +76,7 @@ def extract(
 
 @app.command()
 def info(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."),
+         local_cache: Optional[str] = typer.Option(None, help="Folder keeping verified copies of the remote files read."),
          errors: int = typer.Option(10, help="How many error rows to list."),
          as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
     """Counts, bytes per token, teacher, dtypes, codecs and errors of a cache."""
@@ -73,7 +85,7 @@ def info(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."),
     from genrecal_cache.info import format_summary, summarize
     from genrecal_cache.reader import TeacherCache
 
-    with TeacherCache.open(cache) as tc:
+    with _clean_errors(cache), TeacherCache.open(cache, local_cache=local_cache) as tc:
         s = summarize(tc, max_errors=errors)
     typer.echo(_json.dumps(s, indent=1, default=str) if as_json else format_summary(s))
 
@@ -107,13 +119,59 @@ def verify(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."))
     """Check every checksum and the structure of a cache; exit 1 with the faults if any."""
     from genrecal_cache.verify import verify as run_verify
 
-    faults = run_verify(cache)
+    with _clean_errors(cache):
+        faults = run_verify(cache)
     if faults:
         for f in faults:
             typer.echo(f"FAULT: {f}", err=True)
         typer.echo(f"{cache}: {len(faults)} fault(s)", err=True)
         raise typer.Exit(1)
     typer.echo(f"{cache}: OK")
+
+
+@app.command()
+def merge(cache: str = typer.Argument(..., help="Cache written in parts (folder with part-*-of-*/) or fsspec URL."),
+          out: Path = typer.Option(..., help="Folder for the single-part cache (must not exist or be empty).")) -> None:
+    """Consolidate a cache written in parts into one single-part cache (same rows, same order, same features)."""
+    import shlex
+    import sys
+
+    from genrecal_cache.parts import merge as run_merge
+
+    m = run_merge(cache, out, command=" ".join(shlex.quote(a) for a in sys.argv))
+    c = m.counts
+    typer.echo(f"wrote {out}: {c['samples']} samples ({c['ok']} ok, {c['error']} error), {c['tokens']} tokens")
+
+
+@app.command()
+def pull(url: str = typer.Argument(..., help="Cache URL (https://, s3://, gs://, ...) or folder to copy."),
+         out: Path = typer.Argument(..., help="Local folder to download it into (created; resumable)."),
+         quiet: bool = typer.Option(False, "--quiet", help="Do not list the files as they arrive.")) -> None:
+    """Download a cache: every file its manifest lists, each verified by sha256, the manifest last.
+    Run it again after an interruption to continue; files already verified are kept."""
+    from genrecal_cache.remote import pull as run_pull
+
+    def progress(rel: str, nbytes: int) -> None:
+        if not quiet:
+            typer.echo(f"  {rel} ({nbytes / 2**20:.1f} MiB so far)")
+
+    with _clean_errors(url):
+        r = run_pull(url, out, progress=progress)
+    typer.echo(f"{url} -> {r.path}: {r.files} files, {r.fetched} downloaded ({r.bytes / 2**20:.1f} MiB), "
+               f"{r.files - r.fetched} already there; all verified")
+
+
+@contextlib.contextmanager
+def _clean_errors(where: str):
+    """Known failures (a bad cache, an unreachable server, a missing fsspec backend) end with one clear line."""
+    from genrecal_cache.manifest import CacheFormatError
+    from genrecal_cache.remote import RemoteReadError
+
+    try:
+        yield
+    except (CacheFormatError, RemoteReadError, ImportError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("demo-data")

@@ -15,6 +15,9 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None)
                   "only its head, from the cache.")
 def train(
     cache: Optional[str] = typer.Option(None, help="Cache folder or fsspec URL (https://, s3://, gs://)."),
+    local_cache: Optional[str] = typer.Option(None, help="Folder keeping a verified local copy of each file of a "
+                                                         "remote --cache as it is first read (later epochs/runs read "
+                                                         "it from disk)."),
     student: Optional[str] = typer.Option(None, help="Student model folder or hub id."),
     out: Optional[str] = typer.Option(None, help="Run folder: checkpoints/, metrics.jsonl, final/."),
     config: Optional[Path] = typer.Option(None, help="YAML/TOML file with any of these options (flag names, - or _)."),
@@ -45,7 +48,7 @@ def train(
     from genrecal_train.config import load_config
     from genrecal_train.trainer import train as run_train
 
-    overrides = dict(cache=cache, student=student, out=out, stages=stages, max_steps=max_steps, stage_steps=stage_steps, epochs=epochs,
+    overrides = dict(cache=cache, local_cache=local_cache, student=student, out=out, stages=stages, max_steps=max_steps, stage_steps=stage_steps, epochs=epochs,
                      batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_end=lr_end, recal_layers=recal_layers,
                      freeze_recalibrator_in_stage2=freeze_recalibrator_in_stage2,
                      use_reg_pass=None if no_reg_pass is None else not no_reg_pass,

@@ -42,6 +42,12 @@ class ExtractConfig:
     device: str = "auto"
     image_root: str | None = None
     progress: bool = True
+    # sharded extraction: this job takes the input samples with index % num_shards == shard_index and
+    # writes the complete cache `out/part-<shard_index>-of-<num_shards>` (docs/cache-format.md, "Parts")
+    num_shards: int = 1
+    shard_index: int = 0
+    commit_seconds: float | None = None  # commit at most this often (default: CacheWriter's, 60 s)
+    shard_tokens: int | None = None  # feature shard length (default: from the hidden size, see plan_layout)
     vllm: dict = field(default_factory=dict)  # engine options for the vLLM backend
     hidden_dtype: InitVar[str | None] = None  # old name of hidden_codec: "bfloat16" (= bf16) | "float32" (= fp32)
 
@@ -114,18 +120,28 @@ def _encode_all(samples: Iterator[Sample], adapter: FamilyAdapter, processor, ma
 
 
 def extract(cfg: ExtractConfig) -> Manifest:
-    """Run the teacher over `cfg.data` once and write a verified cache to `cfg.out`."""
+    """Run the teacher over `cfg.data` once and write a verified cache to `cfg.out` (or to its part
+    `cfg.out/part-<i>-of-<n>` with `num_shards`). An interrupted run in the same place is resumed from
+    its last commit; a complete one is returned as it is."""
     from transformers import AutoConfig
 
+    from genrecal_cache.parts import part_dir
+
+    if not 0 <= cfg.shard_index < cfg.num_shards:
+        raise ValueError(f"shard_index must be in [0, num_shards={cfg.num_shards}), got {cfg.shard_index}")
+    out = part_dir(cfg.out, cfg.shard_index, cfg.num_shards) if cfg.num_shards > 1 else cfg.out
     config = AutoConfig.from_pretrained(cfg.teacher)
     adapter = adapter_for(config)
     processor = adapter.load_processor(cfg.teacher)
     tokenizer = processor.tokenizer
+    done = _complete_cache(out, cfg, config, tokenizer)
+    if done is not None:
+        return done
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     backend = make_backend(cfg, adapter, pad_id)
     head = backend.head
     writer = CacheWriter(
-        cfg.out,
+        out,
         hidden_size=head.hidden_size,
         vocab_size=head.vocab_size,
         topk=cfg.topk,
@@ -137,7 +153,10 @@ def extract(cfg: ExtractConfig) -> Manifest:
         chat_template_sha256=_sha256(getattr(processor, "chat_template", None) or tokenizer.chat_template),
         head=head,
         command=" ".join(shlex.quote(a) for a in sys.argv),
+        extra={"extract": {"max_len": cfg.max_len, "num_shards": cfg.num_shards, "shard_index": cfg.shard_index}},
+        resume=True, commit_seconds=cfg.commit_seconds, shard_tokens=cfg.shard_tokens,
     )
+    skip = list(writer.committed_ids)  # a resumed run: these inputs are in the cache already
     n_ok = n_err = n_tok = 0
     t0 = time.perf_counter()
     bar = tqdm(desc="extract", unit="sample", total=count_samples(cfg.data, cfg.limit), disable=not cfg.progress,
@@ -163,23 +182,32 @@ def extract(cfg: ExtractConfig) -> Manifest:
 
     try:
         batch: list[tuple[Sample, Encoded]] = []
+        deferred: list[tuple[Sample, str]] = []  # error rows after the batch: rows go in input order
         longest = 0
-        samples = read_samples(cfg.data, limit=cfg.limit, image_root=cfg.image_root)
+        samples = _my_samples(read_samples(cfg.data, limit=cfg.limit, image_root=cfg.image_root), cfg, skip, str(out))
+        bar.update(len(skip))
         for s, enc, err in prefetch(_encode_all(samples, adapter, processor, cfg.max_len), 256):
             if err is not None:
-                writer.add(_record(s, "error", err), None)
+                if batch:
+                    deferred.append((s, err))
+                else:
+                    writer.add(_record(s, "error", err), None)
                 n_err += 1
                 bar.update(1)
                 continue
             n = int(enc.input_ids.shape[0])
             # Budget counts padded tokens: the batch costs len(batch) * longest positions.
-            if batch and (len(batch) + 1) * max(longest, n) > cfg.batch_tokens:
+            if batch and (deferred or (len(batch) + 1) * max(longest, n) > cfg.batch_tokens):
                 run(batch)
-                batch, longest = [], 0
+                for d, derr in deferred:
+                    writer.add(_record(d, "error", derr), None)
+                batch, deferred, longest = [], [], 0
             batch.append((s, enc))
             longest = max(longest, n)
         if batch:
             run(batch)
+        for d, derr in deferred:
+            writer.add(_record(d, "error", derr), None)
         manifest = writer.close()
     except BaseException:
         writer.abort()
@@ -188,3 +216,50 @@ def extract(cfg: ExtractConfig) -> Manifest:
         bar.close()
         backend.close()
     return manifest
+
+
+def _my_samples(samples: Iterator[Sample], cfg: ExtractConfig, skip: list[str], out: str) -> Iterator[Sample]:
+    """This job's inputs (index % num_shards == shard_index), without the first `skip` ones, which a
+    resumed cache already holds (their ids must match: the data must not change between runs)."""
+    j = 0
+    for i, s in enumerate(samples):
+        if i % cfg.num_shards != cfg.shard_index:
+            continue
+        if j < len(skip):
+            if s.id != skip[j]:
+                raise ValueError(f"{out}: cannot resume: input #{j} of this job is {s.id!r} but the interrupted run "
+                                 f"committed {skip[j]!r} there; the data file (or --limit/--num-shards) changed. "
+                                 f"Use the same data, or a new output directory")
+            j += 1
+            continue
+        yield s
+    if j < len(skip):
+        raise ValueError(f"{out}: cannot resume: the interrupted run committed {len(skip)} samples but the data now "
+                         f"has only {j} for this job; the data file changed")
+
+
+def _complete_cache(out, cfg: ExtractConfig, config, tokenizer) -> Manifest | None:
+    """The manifest when `out` already holds a complete cache of this teacher (a re-run after success,
+    or after a crash between the manifest and the journal's removal), else None."""
+    import shutil
+    from pathlib import Path
+
+    from genrecal_cache.journal import COMMITS_DIR, PROGRESS_NAME
+    from genrecal_cache.manifest import MANIFEST_NAME
+
+    path = Path(out) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    m = Manifest.from_json(path.read_bytes(), source=str(path))
+    want = {"teacher.config_sha256": _sha256(config.to_json_string()),
+            "tokenizer_sha256": _sha256(tokenizer.backend_tokenizer.to_str()), "topk": cfg.topk,
+            "hidden_codec": cfg.hidden_codec}
+    got = {"teacher.config_sha256": m.teacher["config_sha256"], "tokenizer_sha256": m.tokenizer_sha256,
+           "topk": m.topk, "hidden_codec": m.hidden_codec}
+    diff = [f"{k}: cache has {got[k]!r}, this run {want[k]!r}" for k in want if got[k] != want[k]]
+    if diff:
+        raise ValueError(f"{out} already holds a complete cache made differently ({'; '.join(diff)}); choose a new "
+                         f"output directory")
+    (Path(out) / PROGRESS_NAME).unlink(missing_ok=True)  # leftovers of a crash right after the manifest
+    shutil.rmtree(Path(out) / COMMITS_DIR, ignore_errors=True)
+    return m

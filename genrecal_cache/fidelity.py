@@ -51,27 +51,49 @@ def _logprobs(head: TeacherHead, h: np.ndarray) -> torch.Tensor:
     return torch.log_softmax(logits.double(), dim=-1)
 
 
-@torch.no_grad()
-def fidelity(head: TeacherHead, exact: np.ndarray, decoded: np.ndarray, chunk_tokens: int = 256) -> Fidelity:
-    """Compare teacher distributions from `exact` and `decoded` post-norm states [N, d]."""
-    exact = np.asarray(exact, dtype=np.float32)
+class ExactReference:
+    """The teacher's distributions on exact states, computed once, to compare many decodings with
+    (holds N x V float64 log-probabilities: for a few thousand tokens)."""
+
+    @torch.no_grad()
+    def __init__(self, head: TeacherHead, exact: np.ndarray, chunk_tokens: int = 256) -> None:
+        self.head, self.chunk = head, chunk_tokens
+        self.exact = np.asarray(exact, dtype=np.float32)
+        if self.exact.ndim != 2 or self.exact.shape[1] != head.hidden_size:
+            raise ValueError(f"fidelity: exact states {self.exact.shape} must be [N, hidden_size={head.hidden_size}]")
+        self._lp = [_logprobs(head, self.exact[a:a + chunk_tokens]) for a in range(0, len(self.exact), chunk_tokens)]
+
+    @torch.no_grad()
+    def compare(self, decoded: np.ndarray) -> Fidelity:
+        return _compare(self.head, self.exact, decoded, self.chunk, lambda j, a: self._lp[j])
+
+
+def _compare(head: TeacherHead, exact: np.ndarray, decoded: np.ndarray, chunk: int, exact_lp) -> Fidelity:
     decoded = np.asarray(decoded, dtype=np.float32)
     if exact.shape != decoded.shape or exact.ndim != 2 or exact.shape[1] != head.hidden_size:
         raise ValueError(f"fidelity: exact {exact.shape} and decoded {decoded.shape} must both be [N, "
                          f"hidden_size={head.hidden_size}]")
     kls, agree = [], 0
-    for a in range(0, exact.shape[0], chunk_tokens):
-        lp = _logprobs(head, exact[a:a + chunk_tokens])
-        lq = _logprobs(head, decoded[a:a + chunk_tokens])
+    for j, a in enumerate(range(0, exact.shape[0], chunk)):
+        lp = exact_lp(j, a)
+        lq = _logprobs(head, decoded[a:a + chunk])
         kls.append((lp.exp() * (lp - lq)).sum(-1).clamp_min(0).numpy())
         agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
     kl = np.concatenate(kls) if kls else np.zeros(0)
-    diff = (exact.astype(np.float64) - decoded)
+    diff = exact.astype(np.float64) - decoded
     n = exact.shape[0]
     return Fidelity(tokens=n, mean_kl=float(kl.mean()) if n else 0.0,
                     p99_kl=float(np.quantile(kl, 0.99)) if n else 0.0,
                     top1_agreement=agree / max(n, 1), max_abs_err=float(np.abs(diff).max(initial=0.0)),
                     rel_rms_err=float(np.linalg.norm(diff) / max(np.linalg.norm(exact.astype(np.float64)), 1e-30)))
+
+
+@torch.no_grad()
+def fidelity(head: TeacherHead, exact: np.ndarray, decoded: np.ndarray, chunk_tokens: int = 256) -> Fidelity:
+    """Compare teacher distributions from `exact` and `decoded` post-norm states [N, d] (streamed:
+    memory stays at a chunk of logits)."""
+    exact = np.asarray(exact, dtype=np.float32)
+    return _compare(head, exact, decoded, chunk_tokens, lambda j, a: _logprobs(head, exact[a:a + chunk_tokens]))
 
 
 def codec_fidelity(head: TeacherHead, states: np.ndarray, codec: str | HiddenCodec,

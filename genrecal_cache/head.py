@@ -100,10 +100,49 @@ class TeacherHead(torch.nn.Module):
         """Load from a local `teacher_head.safetensors` (safetensors only: no code runs on load)."""
         from safetensors import safe_open
 
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError for bad headers
+            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
         if "genrecal_head_config" not in meta:
             raise ValueError(f"{path}: not a genrecal teacher head (metadata 'genrecal_head_config' missing)")
-        cfg = HeadConfig(**json.loads(meta["genrecal_head_config"]))
-        t = load_file(path, device=str(device))
+        cfg = _parse_head_config(meta["genrecal_head_config"], path)
+        try:
+            t = load_file(path, device=str(device))
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt tensor data
+            raise ValueError(f"{path}: unreadable tensors ({type(e).__name__}: {str(e)[:200]})") from None
+        for name in ("norm.weight", "lm_head.weight", "norm.bias"):
+            if name in t and not t[name].is_floating_point():
+                raise ValueError(f"{path}: tensor {name} has dtype {t[name].dtype}, expected a floating-point type")
+        if "norm.weight" not in t or "lm_head.weight" not in t:
+            raise ValueError(f"{path}: tensors norm.weight and lm_head.weight are required, found {sorted(t)[:5]}")
+        if t["norm.weight"].shape != (cfg.hidden_size,):
+            raise ValueError(f"{path}: norm.weight has shape {tuple(t['norm.weight'].shape)}, expected "
+                             f"({cfg.hidden_size},) from the head config")
         return cls(cfg, t["norm.weight"], t["lm_head.weight"], t.get("norm.bias"))
+
+
+def _parse_head_config(text: str, path: str) -> HeadConfig:
+    """HeadConfig from the safetensors metadata, checked field by field (the file may be untrusted)."""
+    import math
+
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: metadata 'genrecal_head_config' is not valid JSON ({str(e)[:120]})") from None
+    if not isinstance(raw, dict) or set(raw) - {f for f in HeadConfig.__dataclass_fields__}:
+        raise ValueError(f"{path}: metadata 'genrecal_head_config' must be an object with the keys "
+                         f"{sorted(HeadConfig.__dataclass_fields__)}, got {str(raw)[:120]}")
+    real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    checks = {"hidden_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 24,
+              "vocab_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 26,
+              "norm_type": lambda v: v in ("rms", "layer"), "norm_eps": lambda v: real(v) and v >= 0,
+              "logit_scale": real, "logit_softcap": lambda v: v is None or (real(v) and v > 0)}
+    for key in ("hidden_size", "vocab_size"):
+        if key not in raw:
+            raise ValueError(f"{path}: head config lacks {key!r}")
+    for key, ok in checks.items():
+        if key in raw and not ok(raw[key]):
+            raise ValueError(f"{path}: head config field {key!r} has an invalid value {raw[key]!r:.60}")
+    return HeadConfig(**raw)

@@ -21,7 +21,7 @@ def summarize(cache: TeacherCache, max_errors: int = 10) -> dict:
     counts = _counts(m)
     files = list(m.checksums)
     sizes = dict(zip(files, cache.fs.sizes([f"{cache.root}/{f}" for f in files])))
-    per_array = {name: sum(s for f, s in sizes.items() if f.startswith(f"features.zarr/{name}/"))
+    per_array = {name: sum(s for f, s in sizes.items() if f"/{f}".split("/features.zarr/")[-1].startswith(f"{name}/"))
                  for name in m.arrays}
     tokens = max(counts["tokens"], 1)
     # raw = bytes per token before compression: the stored dtype, or for hidden what its codec encodes

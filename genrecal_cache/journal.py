@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -134,3 +135,256 @@ def identity_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
 def is_journal(rel: str) -> bool:
     """Whether a path relative to the cache root belongs to the journal (not to the cache)."""
     return rel.split("/", 1)[0] in JOURNAL_NAMES
+
+
+class JournalMixin:
+    """The commit protocol of `CacheWriter` (store.py): opening/resuming a directory, commits, and
+    consolidating the committed rows at close. Kept here so store.py holds the format, this the protocol.
+
+    Expects from the writer: out_dir, layout, codec, hidden_size, topk, embed_images, _teacher, _meta,
+    _counts, _store, _arrays, _buf, _filled, _written, _rows, _row_image_bytes, _ids, _n_rows.
+    """
+
+    commit_seconds: float = 60.0
+
+    # ---- start: fresh or resumed --------------------------------------------------------------
+    def _journal_open(self, head: Any, resume: bool) -> dict[str, Any] | None:
+        """Create the directory (fresh) or check that it can be resumed; saves the head. Returns the
+        last commit when resuming, else None."""
+        from .manifest import HEAD_NAME, MANIFEST_NAME, sha256_file
+        from .store import CacheWriteError
+
+        out = self.out_dir
+        if (out / MANIFEST_NAME).exists():
+            if resume:  # a crash right after the manifest: the cache is complete, the journal is a leftover
+                (out / PROGRESS_NAME).unlink(missing_ok=True)
+                shutil.rmtree(out / COMMITS_DIR, ignore_errors=True)
+            raise CacheWriteError(f"{out} already holds a complete cache; choose a new directory or delete it first")
+        try:
+            progress = read_progress(out) if out.exists() else None
+        except ValueError as e:
+            raise CacheWriteError(str(e)) from e
+        leftovers = [p.name for p in out.iterdir() if p.name != PROGRESS_NAME + ".tmp"] if out.exists() else []
+        if progress is None and leftovers:
+            raise CacheWriteError(f"{out} already holds files of an unfinished run ({', '.join(sorted(leftovers)[:4])}) "
+                                  f"but no {PROGRESS_NAME} to resume from; choose a new directory or delete it first")
+        if progress is not None and not resume:
+            raise CacheWriteError(f"{out} already holds files of an unfinished run ({progress['counts']['samples']} "
+                                  f"samples committed); resume it (CacheWriter(resume=True); CLI: run the same "
+                                  f"`genrecal-cache extract` again) or delete the directory")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / COMMITS_DIR).mkdir(exist_ok=True)
+        tmp = out / (HEAD_NAME + ".tmp")
+        head.save(str(tmp))
+        self._identity = {
+            "teacher": dict(self._teacher), "tokenizer_sha256": self._meta["tokenizer_sha256"],
+            "chat_template_sha256": self._meta["chat_template_sha256"], "hidden_codec": self.codec.name,
+            "hidden_size": self.hidden_size, "vocab_size": self.vocab_size, "topk": self.topk,
+            "shard_tokens": self.layout.shard_tokens, "chunk_tokens": dict(self.layout.chunk_tokens),
+            "embed_images": self.embed_images, "extra": json.loads(json.dumps(self._meta["extra"], default=str)),
+            "head_sha256": sha256_file(str(tmp))}
+        self._seq, self._pending_file, self._last_commit = 0, None, 0.0
+        if progress is None:
+            write_progress(out, self._progress())
+        else:
+            diff = identity_diff(progress["identity"], self._identity)
+            if diff:
+                tmp.unlink()
+                raise CacheWriteError(f"{out}: cannot resume: this run differs from the one that started the cache "
+                                      f"({'; '.join(diff)}). Use the same teacher, tokenizer, hidden codec, top-k and "
+                                      f"extraction settings, or a new output directory")
+        os.replace(tmp, out / HEAD_NAME)
+        fsync_path(out)
+        return progress
+
+    def _journal_reopen_features(self, progress: dict[str, Any]) -> None:
+        """Resume: drop everything in features.zarr the last commit does not hold (shards written after
+        it, zarr's temporary files), rewrite the array metadata for the committed length, reopen."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+        from zarr.storage import MemoryStore
+
+        import zarr
+
+        from .manifest import FEATURES_NAME
+        from .store import create_feature_arrays
+
+        shards: dict[str, str] = {}
+        for seq in range(1, progress["seq"] + 1):
+            shards.update(self._record(seq)["shards"])
+        feat = self.out_dir / FEATURES_NAME
+        if feat.exists():
+            for p in feat.rglob("*"):
+                if p.is_file() and p.relative_to(feat).as_posix() not in shards:
+                    p.unlink()
+        B = progress["written_tokens"]
+        mem = MemoryStore()
+        arrays, _ = create_feature_arrays(zarr.open_group(mem, mode="w", zarr_format=3), self.layout, self.codec,
+                                          self.hidden_size, self.topk)
+        for a in arrays.values():
+            a.resize((B, *a.shape[1:]))
+
+        async def keys() -> list[str]:
+            return [k async for k in mem.list()]
+        for key in sync(keys()):
+            sync(self._store.set(key, sync(mem.get(key, prototype=default_buffer_prototype()))))
+        self._store.digests.update(shards)
+        self._arrays = {name: zarr.open_array(self._store, path=name, mode="r+", zarr_format=3)
+                        .with_config({"write_empty_chunks": True}) for name in arrays}
+        self._committed_shards = set(shards)
+
+    def _journal_restore(self, progress: dict[str, Any]) -> None:
+        """Resume: writer state as of the last commit; delete uncommitted journal files."""
+        import pyarrow.parquet as pq
+
+        from .manifest import MANIFEST_NAME, SAMPLES_NAME
+
+        out = self.out_dir
+        self._seq = progress["seq"]
+        self._counts = dict(progress["counts"])  # type: ignore[assignment]
+        self._written = progress["written_tokens"]
+        self._last_commit = 0.0
+        keep = {f"{seq:08d}.json" for seq in range(1, self._seq + 1)}
+        ids: list[str] = []
+        for seq in range(1, self._seq + 1):
+            rec = self._record(seq)
+            if rec["rows"]:
+                keep.add(rec["rows"])
+                path = out / COMMITS_DIR / rec["rows"]
+                if hashlib.sha256(path.read_bytes()).hexdigest() != rec["rows_sha256"]:
+                    raise ValueError(f"{path}: sha256 mismatch with its commit record; the journal is corrupt, "
+                                     f"delete {out} and extract again")
+                ids += pq.read_table(path, columns=["id"]).column("id").to_pylist()
+        if len(ids) != self._counts["samples"]:
+            raise ValueError(f"{out}: the journal's parts hold {len(ids)} rows but {PROGRESS_NAME} counts "
+                             f"{self._counts['samples']}; delete {out} and extract again")
+        self.committed_ids = ids
+        self._ids, self._n_rows = set(ids), len(ids)
+        self._pending_file = progress["pending"]
+        if self._pending_file:
+            keep.add(self._pending_file["file"])
+            pend = load_pending(out / COMMITS_DIR / self._pending_file["file"], self._pending_file["sha256"])
+            n = self._pending_file["tokens"]
+            for name, a in pend.items():
+                self._buf[name][:n] = a
+            self._filled = n
+        for p in (out / COMMITS_DIR).iterdir():
+            if p.name not in keep:
+                p.unlink()
+        for name in (SAMPLES_NAME, SAMPLES_NAME + ".tmp", MANIFEST_NAME + ".tmp", PROGRESS_NAME + ".tmp"):
+            (out / name).unlink(missing_ok=True)
+        fsync_path(out / COMMITS_DIR)
+
+    def _record(self, seq: int) -> dict[str, Any]:
+        path = self.out_dir / COMMITS_DIR / f"{seq:08d}.json"
+        try:
+            return json.loads(path.read_bytes())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: commit record missing or unreadable ({e}); the journal is corrupt, delete "
+                             f"{self.out_dir} and extract again") from e
+
+    # ---- commits ------------------------------------------------------------------------------------
+    def _progress(self) -> dict[str, Any]:
+        return {"version": PROGRESS_VERSION, "identity": self._identity, "seq": self._seq,
+                "counts": dict(self._counts), "written_tokens": getattr(self, "_written", 0),
+                "pending": self._pending_file}
+
+    def _maybe_commit(self) -> None:
+        """After a sample is written: commit when a shard was written since the last commit (and
+        `commit_seconds` have passed), or when many rows wait (long runs of error rows)."""
+        import time
+
+        from .store import ROW_GROUP_IMAGE_BYTES, ROW_GROUP_ROWS
+
+        shard_done = any(not k.endswith("zarr.json") and k not in self._committed_shards for k in self._store.digests)
+        many_rows = len(self._rows) >= 16 * ROW_GROUP_ROWS or self._row_image_bytes >= 4 * ROW_GROUP_IMAGE_BYTES
+        if (shard_done and time.monotonic() - self._last_commit >= self.commit_seconds) or many_rows:
+            self._commit()
+
+    def _commit(self) -> None:
+        import time
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from .manifest import FEATURES_NAME
+        from .store import SAMPLES_SCHEMA
+
+        out, seq = self.out_dir, self._seq + 1
+        feat = out / FEATURES_NAME
+        new = {k: v for k, v in self._store.digests.items()
+               if not k.endswith("zarr.json") and k not in self._committed_shards}
+        for key in new:
+            fsync_path(feat / key)
+        for d in {(feat / key).parent for key in new}:
+            fsync_path(d)
+        kill_point("shards-synced")
+        rec: dict[str, Any] = {"rows": None, "rows_sha256": None, "n_rows": len(self._rows), "shards": new}
+        if self._rows:
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.Table.from_pylist(self._rows, schema=SAMPLES_SCHEMA), sink, compression="zstd")
+            rec["rows"] = f"rows-{seq:08d}.parquet"
+            rec["rows_sha256"] = write_durable(out / COMMITS_DIR / rec["rows"], sink.getvalue().to_pybytes())
+        kill_point("rows-written")
+        old_pending, self._pending_file = self._pending_file, None
+        if self._filled:
+            name = f"pending-{seq:08d}.npz"
+            sha = save_pending(out / COMMITS_DIR / name, {k: b[:self._filled] for k, b in self._buf.items()})
+            self._pending_file = {"file": name, "tokens": self._filled, "sha256": sha}
+        kill_point("pending-written")
+        write_durable(out / COMMITS_DIR / f"{seq:08d}.json", json.dumps(rec).encode())
+        self._seq = seq
+        write_progress(out, self._progress())
+        kill_point("committed")
+        if old_pending:
+            (out / COMMITS_DIR / old_pending["file"]).unlink(missing_ok=True)
+        self._committed_shards.update(new)
+        self._rows, self._row_image_bytes = [], 0
+        self._last_commit = time.monotonic()
+
+    # ---- close --------------------------------------------------------------------------------------
+    def _journal_consolidate(self) -> None:
+        """samples.parquet from the committed parts + the rows not committed yet, in row groups of up to
+        ROW_GROUP_ROWS rows (cut early at ROW_GROUP_IMAGE_BYTES of images): the same file whether or
+        not the run was interrupted. Written to a temporary name, fsynced, renamed."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from .manifest import SAMPLES_NAME
+        from .store import ROW_GROUP_IMAGE_BYTES, ROW_GROUP_ROWS, SAMPLES_SCHEMA
+
+        out = self.out_dir
+        tmp = out / (SAMPLES_NAME + ".tmp")
+        writer = pq.ParquetWriter(str(tmp), SAMPLES_SCHEMA, compression="zstd")
+        group: list[dict[str, Any]] = []
+        nbytes = 0
+
+        def rows() -> Any:
+            for seq in range(1, self._seq + 1):
+                rec = self._record(seq)
+                if rec["rows"]:
+                    yield from pq.read_table(out / COMMITS_DIR / rec["rows"], schema=SAMPLES_SCHEMA).to_pylist()
+            yield from self._rows
+
+        for row in rows():
+            group.append(row)
+            nbytes += sum(len(b) for b in row["images"])
+            if len(group) >= ROW_GROUP_ROWS or nbytes >= ROW_GROUP_IMAGE_BYTES:
+                writer.write_table(pa.Table.from_pylist(group, schema=SAMPLES_SCHEMA), row_group_size=len(group))
+                group, nbytes = [], 0
+        if group:
+            writer.write_table(pa.Table.from_pylist(group, schema=SAMPLES_SCHEMA), row_group_size=len(group))
+        writer.close()
+        fsync_path(tmp)
+        os.replace(tmp, out / SAMPLES_NAME)
+        fsync_path(out)
+        kill_point("consolidated")
+
+    def _journal_remove(self) -> None:
+        """After the manifest is in place: the journal is no longer needed."""
+        import shutil
+
+        kill_point("manifest-written")
+        (self.out_dir / PROGRESS_NAME).unlink(missing_ok=True)
+        shutil.rmtree(self.out_dir / COMMITS_DIR, ignore_errors=True)
+        fsync_path(self.out_dir)

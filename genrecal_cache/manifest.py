@@ -106,8 +106,8 @@ class Manifest:
         """Parse and validate; `source` (file path or URL) is named in every error."""
         try:
             raw = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CacheFormatError(f"{source}: not valid JSON ({e}); the file is corrupt or truncated") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # recursion: absurdly deep nesting
+            raise CacheFormatError(f"{source}: not valid JSON ({str(e)[:200]}); the file is corrupt or truncated") from e
         if not isinstance(raw, dict):
             raise CacheFormatError(f"{source}: expected a JSON object at the top level, got {type(raw).__name__}")
         version = raw.get("format_version")
@@ -127,7 +127,12 @@ class Manifest:
             _check_object(spec, _ARRAY, source, f"arrays.{name}.", allow_extra=False)
         for path, digest in raw["checksums"].items():
             if not (isinstance(digest, str) and _SHA256.match(digest)):
-                raise _fail(source, f"checksums.{path}", f"must be a lowercase sha256 hex digest, got {digest!r:.80}")
+                raise _fail(source, f"checksums.{path:.200}", f"must be a lowercase sha256 hex digest, got {digest!r:.80}")
+            problem = relpath_problem(path)
+            if problem or path == MANIFEST_NAME:
+                # a manifest from an untrusted source must not name files outside the cache folder
+                raise _fail(source, f"checksums.{path!r:.200}", f"is not a file of the cache: {problem or 'the manifest'}")
+        _check_array_values(raw["arrays"], source)
         if version == 1:  # v1 knew two storages of hidden, told apart by its logical dtype
             dtype = raw["arrays"].get("hidden", {}).get("dtype")
             raw["hidden_codec"] = {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, f"unknown ({dtype})")
@@ -157,8 +162,46 @@ def _fail(source: str, name: str, problem: str) -> CacheFormatError:
     return CacheFormatError(f"{source}: field '{name}' {problem}")
 
 
+MAX_INT = 2 ** 53  # no count, size or length in a real cache comes near this; larger ones are corrupt or hostile
+
+
 def _is_count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT
+
+
+def relpath_problem(rel: Any) -> str | None:
+    """Why `rel` is not a plain relative path inside a cache folder; None when it is one."""
+    if not isinstance(rel, str) or not rel:
+        return "an empty path"
+    if len(rel) > 1024:
+        return "a path longer than 1024 characters"
+    if rel.startswith("/") or "\\" in rel or ":" in rel:
+        return "absolute paths, backslashes, drive letters and URLs are refused"
+    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
+        return "control characters are refused"
+    if any(p in ("", ".", "..") for p in rel.split("/")):
+        return "'..', '.' and empty path parts are refused"
+    return None
+
+
+def _check_array_values(arrays: dict[str, Any], source: str) -> None:
+    """Values the reader computes with: known dtypes, shard/chunk lengths >= 1, at most 4 trailing dims."""
+    from .codecs import hidden_codec
+
+    codecs = [hidden_codec(name) for name in HIDDEN_CODECS]
+    logical = {"int32", "bool", "float32", "bfloat16", *(c.logical_dtype for c in codecs)}
+    stored = {"int32", "bool", "uint16", "float32", *(c.stored_dtype for c in codecs)}
+    for name, spec in arrays.items():
+        where = f"arrays.{name:.100}."
+        if spec["dtype"] not in logical:
+            raise _fail(source, where + "dtype", f"is {spec['dtype']!r:.80}, not one of {sorted(logical)}")
+        if spec["stored_dtype"] not in stored:
+            raise _fail(source, where + "stored_dtype", f"is {spec['stored_dtype']!r:.80}, not one of {sorted(stored)}")
+        for key in ("chunk_tokens", "shard_tokens"):
+            if spec[key] < 1:
+                raise _fail(source, where + key, "must be >= 1")
+        if len(spec["shape_tail"]) > 4:
+            raise _fail(source, where + "shape_tail", f"has {len(spec['shape_tail'])} dimensions (at most 4)")
 
 
 _KINDS = {
@@ -177,6 +220,8 @@ def _check_object(obj: Any, schema: dict[str, str], source: str, prefix: str, al
         if key not in obj:
             raise _fail(source, prefix + key, "is missing")
         ok, what = _KINDS[kind]
+        if kind == "int" and isinstance(obj[key], int) and not isinstance(obj[key], bool) and obj[key] > MAX_INT:
+            raise _fail(source, prefix + key, f"is {obj[key]!r:.40}, beyond any real cache (at most 2^53)")
         if not ok(obj[key]):
             raise _fail(source, prefix + key, f"must be {what}, got {type(obj[key]).__name__} {obj[key]!r:.80}")
     unknown = sorted(set(obj) - set(schema))

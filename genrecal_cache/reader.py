@@ -35,7 +35,11 @@ from .head import TeacherHead
 from .manifest import (
     ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
 )
+from . import safety
+from .remote import RemoteReadError, read_through
+from .remote import url_to_fs as remote_url_to_fs
 
+MAX_CHUNK_BYTES = 4 << 30  # one shard (file) of one array; the writer's default is 128 MiB
 INDEX_COLUMNS = ["index", "id", "status", "error", "token_offset", "num_tokens", "answer_spans",
                  "messages", "image_refs", "extra"]  # everything but the (large) images column
 
@@ -106,15 +110,21 @@ def open_fs(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | No
             ) -> tuple[fsspec.AbstractFileSystem, str, str]:
     """(filesystem, root path inside it, display name) for a local path or fsspec URL."""
     url = os.fspath(path_or_url)
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, root = remote_url_to_fs(url, storage_options)  # remote filesystems retry transient errors
     return fs, root.rstrip("/") or "/", url.rstrip("/")
+
+
+def local_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """`path` on a local filesystem, fetched first when it is a read-through mirror (genrecal_cache.remote)."""
+    fetch = getattr(fs, "local_path", None)
+    return fetch(path) if fetch is not None else path
 
 
 def open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
     """ParquetFile reading only the column chunks it needs (by byte range when remote). A server
     that ignores HTTP Range makes fsspec refuse reads past the file's start: then download it whole."""
     if isinstance(fs, LocalFileSystem):
-        return pq.ParquetFile(path)  # arrow's native reader: no Python file object in the loop
+        return pq.ParquetFile(local_file(fs, path))  # arrow's native reader: no Python file object in the loop
     f = fs.open(path, "rb")
     try:
         return pq.ParquetFile(f)
@@ -127,12 +137,14 @@ def open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
 
 def zarr_store(fs: fsspec.AbstractFileSystem, path: str, storage_options: dict[str, Any] | None,
                url: str) -> zarr.abc.store.Store:
+    if hasattr(fs, "zarr_store"):  # a read-through mirror fetches files as zarr asks for them
+        return fs.zarr_store(path)
     if isinstance(fs, LocalFileSystem):
         return LocalStore(path, read_only=True)
     if fs.async_impl:
         # zarr drives the store from its own event loop and needs an asynchronous instance; a
         # separate one also keeps its aiohttp session away from the synchronous `fs`.
-        afs, _ = fsspec.core.url_to_fs(url, asynchronous=True, skip_instance_cache=True, **(storage_options or {}))
+        afs, _ = remote_url_to_fs(url, storage_options, asynchronous=True, skip_instance_cache=True)
     else:
         from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
         afs = AsyncFileSystemWrapper(fs, asynchronous=True)
@@ -157,9 +169,22 @@ class TeacherCache:
         self._load_index()
 
     @classmethod
-    def open(cls, path_or_url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> TeacherCache:
+    def open(cls, path_or_url: str | os.PathLike, storage_options: dict[str, Any] | None = None,
+             local_cache: str | os.PathLike | None = None) -> TeacherCache:
+        """`storage_options` go to fsspec (credentials, client settings; genrecal_retries...: see
+        genrecal_cache.remote). `local_cache`: a folder that keeps a verified copy of every remote
+        file read, so later epochs and runs read it from disk (ignored for local caches)."""
         fs, root, url = open_fs(path_or_url, storage_options)
-        manifest = load_manifest(fs, root, url)
+        try:
+            manifest = load_manifest(fs, root, url)
+        except CacheFormatError:  # no manifest: a cache written in parts (parts.py), or refused with why
+            from .parts import open_parts
+            multi = open_parts(fs, root, url, storage_options, local_cache)
+            if multi is not None:
+                return multi  # type: ignore[return-value]  # same API (MultiPartCache)
+            raise
+        if local_cache is not None:
+            fs, root = read_through(fs, root, url, manifest, local_cache)
         cache = cls(fs, root, url, manifest, storage_options)
         cache._features()  # fail at open, not at the first sample, if arrays are missing
         return cache
@@ -215,6 +240,8 @@ class TeacherCache:
             raise CacheFormatError(f"{where}: {table.num_rows} rows but the manifest counts "
                                    f"{self.manifest.counts['samples']} samples; the cache is inconsistent, run "
                                    f"`genrecal-cache verify` and re-download or re-extract it")
+        safety.check_schema(self._parquet().schema_arrow, where)  # before any value is used (safe loading)
+        safety.check_index(table, self.manifest, where)
         self.index: pa.Table = table
         self._ids: list[str] = table.column("id").to_pylist()
         self._status: list[str] = table.column("status").to_pylist()
@@ -246,13 +273,22 @@ class TeacherCache:
     def head(self, device: str | torch.device = "cpu") -> TeacherHead:
         """The teacher's final norm + lm_head (safetensors only, no code runs on load)."""
         path = self._path(HEAD_NAME)
-        if isinstance(self.fs, LocalFileSystem):
-            head = TeacherHead.load(path, device=device)
-        else:  # safetensors needs a local file: copy, load into memory, delete
-            with tempfile.TemporaryDirectory(prefix="genrecal-head-") as tmp:
-                local = os.path.join(tmp, HEAD_NAME)
-                self.fs.get_file(path, local)  # streamed: a 152k x 8192 head is 2.5 GB
-                head = TeacherHead.load(local, device=device)
+        try:
+            if isinstance(self.fs, LocalFileSystem):
+                head = TeacherHead.load(local_file(self.fs, path), device=device)
+            else:  # safetensors needs a local file: copy, load into memory, delete
+                with tempfile.TemporaryDirectory(prefix="genrecal-head-") as tmp:
+                    local = os.path.join(tmp, HEAD_NAME)
+                    self.fs.get_file(path, local)  # streamed: a 152k x 8192 head is 2.5 GB
+                    head = TeacherHead.load(local, device=device)
+        except FileNotFoundError as e:
+            raise CacheFormatError(f"{self.url}/{HEAD_NAME}: missing; the cache is incomplete, re-download or "
+                                   f"re-extract it") from e
+        except CacheFormatError:
+            raise
+        except ValueError as e:  # TeacherHead.load names what is wrong with the file
+            raise CacheFormatError(f"{self.url}/{HEAD_NAME}: {str(e).split(': ', 1)[-1]}; the file is corrupt, "
+                                   f"re-download or re-extract it") from e
         m = self.manifest
         if (head.hidden_size, head.vocab_size) != (m.hidden_size, m.vocab_size):
             raise CacheFormatError(f"{self.url}/{HEAD_NAME}: head is [vocab {head.vocab_size}, hidden {head.hidden_size}] "
@@ -332,7 +368,14 @@ class TeacherCache:
 
         async def read_all() -> list[Any]:
             return await asyncio.gather(*(a.async_array.getitem(slice(lo, hi)) for a in feats.values()))
-        return dict(zip(feats, sync(read_all())))
+        try:
+            return dict(zip(feats, sync(read_all())))
+        except (CacheFormatError, RemoteReadError, MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - a corrupt shard fails its crc32c, decompression or decoding
+            raise CacheFormatError(f"{self.url}/{FEATURES_NAME}: tokens [{lo}, {hi}) unreadable ({type(e).__name__}: "
+                                   f"{str(e)[:200]}); a shard is corrupt: run `genrecal-cache verify` and re-download "
+                                   f"or re-extract the cache") from e
 
     def _sample(self, i: int, arrays: dict[str, np.ndarray], base: int, images: list[bytes]) -> CachedSample:
         row = {c: self.index.column(c)[i].as_py() for c in ("error", "messages", "extra")}
@@ -342,7 +385,8 @@ class TeacherCache:
         hidden = self.hidden_codec.to_float32(arrays["hidden"][a:b])  # zarr already decoded fp8/ecq
         return CachedSample(
             index=i, id=self._ids[i], status=self._status[i], error=row["error"],
-            messages=json.loads(row["messages"]), images=images, extra=json.loads(row["extra"]),
+            messages=safety.parse_messages(row["messages"], f"{self.url}/{SAMPLES_NAME}: row {i}"), images=images,
+            extra=safety.parse_extra(row["extra"], f"{self.url}/{SAMPLES_NAME}: row {i}"),
             token_ids=arrays["token_ids"][a:b].copy(), answer_mask=arrays["answer_mask"][a:b].copy(),
             hidden=hidden, topk_ids=arrays["topk_ids"][a:b].copy(), topk_logprobs=arrays["topk_logprobs"][a:b].copy())
 
@@ -354,7 +398,13 @@ class TeacherCache:
         groups = np.searchsorted(self._rg_starts, rows, side="right") - 1
         for g in sorted(set(groups.tolist())):
             if self._images_rg is None or self._images_rg[0] != g:
-                col = self._parquet().read_row_group(g, columns=["images"]).column("images").to_pylist()
+                where = f"{self.url}/{SAMPLES_NAME}"
+                safety.check_row_group_size(self._parquet().metadata, g, where)
+                try:
+                    col = self._parquet().read_row_group(g, columns=["images"]).column("images").to_pylist()
+                except (pa.ArrowException, OSError) as e:
+                    raise CacheFormatError(f"{where}: images of row group {g} unreadable ({str(e)[:200]}); the file "
+                                           f"is corrupt, re-download or re-extract it") from e
                 self._images_rg = (g, col)
             first = int(self._rg_starts[g])
             out.update({i: self._images_rg[1][i - first] for i, gi in zip(rows, groups) if gi == g})
@@ -412,5 +462,10 @@ def open_feature_arrays(store: zarr.abc.store.Store, manifest: Manifest, url: st
             raise CacheFormatError(f"{where}: stored as {a.dtype} {list(a.shape)} but the manifest says "
                                    f"{spec['stored_dtype']} {[T, *spec['shape_tail']]}; the cache is "
                                    f"inconsistent, re-download or re-extract it")
+        row_bytes = int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize
+        if max((a.shards or a.chunks)[0], a.chunks[0]) * row_bytes > MAX_CHUNK_BYTES:  # before any data is read
+            raise CacheFormatError(f"{where}/zarr.json: shards/chunks of {(a.shards or a.chunks)[0]}/{a.chunks[0]} "
+                                   f"tokens exceed {MAX_CHUNK_BYTES >> 30} GiB; the metadata is corrupt or hostile, "
+                                   f"re-download or re-extract the cache")
         arrays[name] = a
     return arrays

@@ -31,7 +31,6 @@ from typing import Any, Literal, Union
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import zarr
 from zarr.codecs import BloscCodec
@@ -41,6 +40,7 @@ from zarr.storage import LocalStore
 from . import __version__
 from .codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, hidden_codec as get_hidden_codec
 from .head import TeacherHead
+from .journal import JournalMixin, is_journal, kill_point
 from .manifest import (
     ARRAY_NAMES, FEATURES_NAME, FORMAT_VERSION, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, ArraySpec, CacheFormatError,
     Counts, Manifest, TeacherInfo, sha256_file,
@@ -194,7 +194,7 @@ class _HashingLocalStore(LocalStore):
 _STOP = object()
 
 
-class CacheWriter:
+class CacheWriter(JournalMixin):
     """Streams samples into a new cache directory. Use `add` per sample, then `close`.
 
     `add` returns as soon as the sample is validated and queued; the writer thread compresses
@@ -206,7 +206,8 @@ class CacheWriter:
                  hidden_codec: str | None = None, teacher: dict[str, Any],
                  tokenizer_sha256: str, chat_template_sha256: str | None, head: TeacherHead, command: str,
                  shard_tokens: int | None = None, chunk_tokens: int | None = None, embed_images: bool = True,
-                 queue_size: int = 16, extra: dict[str, Any] | None = None,
+                 queue_size: int = 16, extra: dict[str, Any] | None = None, resume: bool = False,
+                 commit_seconds: float | None = None,
                  hidden_dtype: Literal["bfloat16", "float32"] | None = None) -> None:
         """`hidden_codec`: "bf16" (default, lossless), "fp8", "ecq" or "fp32" (genrecal_cache/codecs.py).
         `hidden_dtype` is its old name ("bfloat16" = bf16, "float32" = fp32), still accepted."""
@@ -226,25 +227,30 @@ class CacheWriter:
             Manifest.from_json(self._manifest(arrays={}, checksums={}).to_json(), source="CacheWriter arguments")
         except (CacheFormatError, TypeError) as e:
             raise ValueError(f"invalid cache metadata: {e}") from e
-        if self.out_dir.exists() and any(self.out_dir.iterdir()):
-            state = "a complete cache" if (self.out_dir / MANIFEST_NAME).exists() else "files of an unfinished run"
-            raise CacheWriteError(f"{self.out_dir} already holds {state}; choose a new directory or delete it first")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # crash safety (journal.py, docs/cache-format.md "Commit protocol"): commits go to _progress.json +
+        # _commits/; `resume=True` continues an interrupted run in the same directory from its last commit
+        if commit_seconds is not None:
+            self.commit_seconds = commit_seconds
+        self.committed_ids: list[str] = []  # ids of the samples a resumed run already holds, in order
 
         self.embed_images = embed_images
         self.layout = plan_layout(hidden_size, topk, self.codec.name, shard_tokens=shard_tokens,
                                   chunk_tokens=chunk_tokens)
-        head.save(str(self.out_dir / HEAD_NAME))
+        progress = self._journal_open(head, resume)
 
         self._store = _HashingLocalStore(self.out_dir / FEATURES_NAME)
-        group = zarr.open_group(self._store, mode="w", zarr_format=3)
         S = self.layout.shard_tokens
-        self._arrays, self._specs = create_feature_arrays(group, self.layout, self.codec, hidden_size, topk)
+        if progress is None:
+            group = zarr.open_group(self._store, mode="w", zarr_format=3)
+            self._arrays, self._specs = create_feature_arrays(group, self.layout, self.codec, hidden_size, topk)
+            self._committed_shards: set[str] = set()
+        else:
+            self._specs = create_feature_arrays(zarr.open_group(zarr.storage.MemoryStore(), mode="w"), self.layout,
+                                                self.codec, hidden_size, topk)[1]
+            self._journal_reopen_features(progress)
         self._buf = {name: np.zeros((S, *a.shape[1:]), dtype=a.dtype) for name, a in self._arrays.items()}
 
-        self._parquet_tmp = self.out_dir / (SAMPLES_NAME + ".tmp")
-        self._pq = pq.ParquetWriter(str(self._parquet_tmp), SAMPLES_SCHEMA, compression="zstd")
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[dict[str, Any]] = []  # rows not committed yet (see JournalMixin._commit)
         self._row_image_bytes = 0
 
         # caller-side state (add / close)
@@ -256,6 +262,11 @@ class CacheWriter:
         self._written = 0       # tokens written to zarr (multiple of S until close)
         self._error: tuple[str | None, BaseException] | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        if progress is not None:
+            try:
+                self._journal_restore(progress)
+            except ValueError as e:
+                raise CacheWriteError(str(e)) from e
         self._thread = threading.Thread(target=self._run, name=f"CacheWriter({self.out_dir.name})", daemon=True)
         self._thread.start()
 
@@ -314,11 +325,10 @@ class CacheWriter:
         self._raise_if_failed()
         try:
             self._flush_shards(final=True)
-            self._flush_rows()
-            self._pq.close()
-            os.replace(self._parquet_tmp, self.out_dir / SAMPLES_NAME)
+            self._journal_consolidate()
             manifest = self._manifest(arrays=self._specs, checksums=self._checksums())
             _atomic_write(self.out_dir / MANIFEST_NAME, manifest.to_json().encode())
+            self._journal_remove()
         except Exception as e:
             raise CacheWriteError(f"{self.out_dir}: finishing the cache failed ({type(e).__name__}: {e}); "
                                   f"it has no manifest and is incomplete") from e
@@ -336,7 +346,6 @@ class CacheWriter:
             self._closed = True
             self._queue.put(_STOP)
             self._thread.join()
-            self._pq.close()
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -404,6 +413,7 @@ class CacheWriter:
         if arrays is None:
             c["error"] += 1
             self._add_row(row, offset=0, length=0, spans=[])
+            self._maybe_commit()
             return
         L = arrays["token_ids"].shape[0]
         self._add_row(row, offset=c["tokens"], length=L, spans=_spans(arrays["answer_mask"]))
@@ -419,6 +429,7 @@ class CacheWriter:
             pos += n
             if self._filled == S:
                 self._flush_shards(final=False)
+        self._maybe_commit()
 
     def _flush_shards(self, final: bool) -> None:
         n = self._filled
@@ -428,24 +439,19 @@ class CacheWriter:
         for name, arr in self._arrays.items():
             arr.resize((end, *arr.shape[1:]))
             arr[start:end] = self._buf[name][:n]
+            kill_point("flush-array")
         self._written, self._filled = end, 0
 
     def _add_row(self, row: dict[str, Any], offset: int, length: int, spans: list[list[int]]) -> None:
         self._rows.append({**row, "token_offset": offset, "num_tokens": length, "answer_spans": spans})
         self._row_image_bytes += sum(len(b) for b in row["images"])
-        if len(self._rows) >= ROW_GROUP_ROWS or self._row_image_bytes >= ROW_GROUP_IMAGE_BYTES:
-            self._flush_rows()
-
-    def _flush_rows(self) -> None:
-        if self._rows:
-            self._pq.write_table(pa.Table.from_pylist(self._rows, schema=SAMPLES_SCHEMA), row_group_size=len(self._rows))
-            self._rows, self._row_image_bytes = [], 0
 
     def _checksums(self) -> dict[str, str]:
         sums = {f"{FEATURES_NAME}/{k}": v for k, v in self._store.digests.items()}
         for name in (HEAD_NAME, SAMPLES_NAME):
             sums[name] = sha256_file(str(self.out_dir / name))
         on_disk = {p.relative_to(self.out_dir).as_posix() for p in self.out_dir.rglob("*") if p.is_file()}
+        on_disk = {rel for rel in on_disk if not is_journal(rel)}  # removed right after the manifest
         if on_disk != set(sums):  # e.g. a stray file: a manifest must describe exactly what is there
             raise CacheWriteError(f"files on disk and files written differ: only on disk {sorted(on_disk - set(sums))}, "
                                   f"only written {sorted(set(sums) - on_disk)}")
@@ -606,8 +612,9 @@ def estimate_cache_size(tokens: int, hidden_size: int, vocab_size: int, topk: in
         rng = np.random.default_rng(seed)
         if name == "token_ids":
             return rng.integers(0, vocab_size, n).astype(np.int32)
-        if name == "answer_mask":  # answer spans of 32 tokens in every 96
-            return (np.arange(n) % 96) >= 64
+        if name == "answer_mask":  # alternating question/answer spans of random lengths (mean 96 / 32 tokens)
+            lengths = np.stack([rng.geometric(1 / 96, n), rng.geometric(1 / 32, n)], axis=1).reshape(-1)
+            return (np.repeat(np.arange(lengths.size) % 2, lengths)[:n]).astype(bool)
         if name == "hidden":
             return codec.to_stored(synthetic_post_norm_states(n, hidden_size, seed=seed))
         ids, lps = synthetic_topk(n, vocab_size, topk, seed=seed)

@@ -35,7 +35,9 @@ def verify(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | Non
     try:
         manifest = load_manifest(fs, root, url)
     except CacheFormatError as e:
-        return [str(e)]
+        from .parts import verify_parts  # a cache written in parts: verify each, and them together
+        multi = verify_parts(fs, root, url, storage_options)
+        return multi if multi is not None else [str(e)]
     faults = _check_files(fs, root, manifest)
     faults += _check_head(fs, root, manifest)
     store = zarr_store(fs, f"{root}/{FEATURES_NAME}", storage_options, f"{url}/{FEATURES_NAME}")

@@ -12,6 +12,7 @@ from typing import Any
 @dataclass
 class TrainConfig:
     cache: str = ""  # cache folder or fsspec URL
+    local_cache: str | None = None  # folder keeping verified copies of a remote cache's files (read once)
     student: str = ""  # student model folder or hub id
     out: str = ""  # run folder: checkpoints/, metrics.jsonl, final/
     stages: list[int] = field(default_factory=lambda: [1, 2, 3])

@@ -107,7 +107,7 @@ def train(cfg: TrainConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    cache = TeacherCache.open(cfg.cache)
+    cache = TeacherCache.open(cfg.cache, local_cache=cfg.local_cache)
     head = cache.head(device=device)
     from transformers import AutoConfig
 

@@ -1,0 +1,309 @@
+"""Caches written in parts by independent jobs (`extract --num-shards N --shard-index i`), read as one.
+
+Layout (docs/cache-format.md, "Parts")::
+
+    OUT/part-00000-of-00004/   a complete cache (manifest, head, features.zarr, samples.parquet)
+    OUT/part-00001-of-00004/
+    ...
+
+Job i takes the input samples with index % N == i (index = position in the data file). `OUT` itself
+has no manifest. `TeacherCache.open(OUT)` returns a `MultiPartCache`: the parts, opened in place (no
+copy), as one dataset whose global index is the concatenation of the parts in part order. Parts must
+come from the same teacher (config, head), tokenizer, chat template, hidden codec and top-k; a part
+that differs is refused, naming it. `merge` writes a single-part cache with the same rows in the same
+order (`genrecal-cache merge`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .manifest import HEAD_NAME, CacheFormatError, Manifest
+
+PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})$")
+
+
+def part_name(index: int, count: int) -> str:
+    return f"part-{index:05d}-of-{count:05d}"
+
+
+def part_dir(out: str | os.PathLike, index: int, count: int) -> str:
+    return os.path.join(os.fspath(out), part_name(index, count))
+
+
+def find_parts(fs: fsspec.AbstractFileSystem, root: str, url: str) -> list[str] | None:
+    """Names of the part directories under `root`, in part order; None when there are none. Raises when
+    the set is incomplete or mixes part counts."""
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    except Exception:  # noqa: BLE001 - not a directory, or a server without listings
+        return None
+    found = {n: PART_RE.match(n) for n in names}
+    parts = sorted(n for n, m in found.items() if m)
+    if not parts:
+        return None
+    counts = {int(found[n].group(2)) for n in parts}  # type: ignore[union-attr]
+    if len(counts) != 1:
+        raise CacheFormatError(f"{url}: parts of different part counts ({', '.join(parts)}); a cache's parts come "
+                               f"from one `--num-shards` value: move the others away")
+    n = counts.pop()
+    missing = [part_name(i, n) for i in range(n) if part_name(i, n) not in parts]
+    if missing:
+        raise CacheFormatError(f"{url}: {len(missing)} of {n} parts missing ({', '.join(missing[:5])}); run their "
+                               f"extraction jobs (`--num-shards {n} --shard-index i`) before reading the cache")
+    return parts
+
+
+IDENTITY_FIELDS = ("teacher.id", "teacher.config_sha256", "teacher.model_type", "tokenizer_sha256",
+                   "chat_template_sha256", "hidden_codec", "hidden_size", "vocab_size", "topk", "head sha256")
+
+
+def identity(m: Manifest) -> dict[str, Any]:
+    return {"teacher.id": m.teacher["id"], "teacher.config_sha256": m.teacher["config_sha256"],
+            "teacher.model_type": m.teacher["model_type"], "tokenizer_sha256": m.tokenizer_sha256,
+            "chat_template_sha256": m.chat_template_sha256, "hidden_codec": m.hidden_codec,
+            "hidden_size": m.hidden_size, "vocab_size": m.vocab_size, "topk": m.topk,
+            "head sha256": m.checksums.get(HEAD_NAME)}
+
+
+def check_same_identity(url: str, names: list[str], manifests: list[Manifest]) -> None:
+    ref = identity(manifests[0])
+    for name, m in zip(names[1:], manifests[1:]):
+        diff = [f"{k}: {v!r:.80} vs {ref[k]!r:.80}" for k, v in identity(m).items() if v != ref[k]]
+        if diff:
+            raise CacheFormatError(f"{url}/{name}: written with a different teacher/tokenizer/codec/top-k than "
+                                   f"{names[0]} ({'; '.join(diff)}); all parts must come from the same extraction "
+                                   f"settings: re-extract {name} or move it away")
+
+
+def combined_manifest(names: list[str], manifests: list[Manifest]) -> Manifest:
+    """One manifest describing all parts: counts summed, checksums with the part directory prefixed."""
+    counts = {k: sum(m.counts[k] for m in manifests) for k in manifests[0].counts}  # type: ignore[literal-required]
+    checksums = {f"{n}/{rel}": d for n, m in zip(names, manifests) for rel, d in m.checksums.items()}
+    return dataclasses.replace(manifests[0], counts=counts, checksums=checksums,  # type: ignore[arg-type]
+                               created=max(m.created for m in manifests),
+                               extra={**manifests[0].extra, "parts": list(names)})
+
+
+def open_parts(fs: fsspec.AbstractFileSystem, root: str, url: str, storage_options: dict[str, Any] | None,
+               local_cache: str | os.PathLike | None = None) -> MultiPartCache | None:
+    """A MultiPartCache when `root` holds parts; None when it holds none. A directory with an extraction
+    journal (still running, or interrupted) is refused with a message saying so."""
+    from .journal import PROGRESS_NAME
+    from .reader import TeacherCache
+
+    names = find_parts(fs, root, url)
+    if names is None:
+        try:
+            in_progress = fs.exists(f"{root}/{PROGRESS_NAME}")
+        except Exception:  # noqa: BLE001
+            in_progress = False
+        if in_progress:
+            raise CacheFormatError(
+                f"{url}: an extraction is running here or was interrupted ({PROGRESS_NAME}, no manifest.json yet). "
+                f"Readers only open complete caches: wait for it to finish, or run the same `genrecal-cache extract` "
+                f"again to resume it")
+        return None
+    parts = [TeacherCache.open(f"{url}/{n}", storage_options,
+                               None if local_cache is None else os.path.join(os.fspath(local_cache), n)) for n in names]
+    check_same_identity(url, names, [p.manifest for p in parts])
+    return MultiPartCache(url, names, parts)
+
+
+class MultiPartCache:
+    """Several part caches as one dataset (see the module doc). Same API as TeacherCache."""
+
+    def __init__(self, url: str, names: list[str], parts: list[Any]) -> None:
+        self.url, self.names, self.parts = url, names, parts
+        self.fs, self.root = parts[0].fs, parts[0].root.rsplit("/", 1)[0]
+        self.storage_options = parts[0].storage_options
+        self.hidden_codec = parts[0].hidden_codec
+        self.manifest = combined_manifest(names, [p.manifest for p in parts])
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        tables = []
+        for p, start in zip(parts, self.starts):
+            t = p.index
+            tables.append(t.set_column(t.schema.get_field_index("index"), "index",
+                                       pa.array(np.arange(start, start + t.num_rows), pa.int64())))
+        self.index: pa.Table = pa.concat_tables(tables)
+        self._by_id: dict[str, int] | None = None
+        self._head = None
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()
+
+    def __enter__(self) -> MultiPartCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        p = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return p, i - int(self.starts[p])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> Any:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample index {i} out of range for a cache of {n} samples ({self.url})")
+        i %= n
+        p, j = self._locate(i)
+        s = self.parts[p][j]
+        s.index = i
+        return s
+
+    def by_id(self, sample_id: str) -> Any:
+        if self._by_id is None:
+            self._by_id = {sid: j for j, sid in enumerate(self.index.column("id").to_pylist())}
+        if sample_id not in self._by_id:
+            raise KeyError(f"sample id {sample_id!r} is not in the cache at {self.url}")
+        return self[self._by_id[sample_id]]
+
+    def head(self, device: str | torch.device = "cpu") -> Any:
+        return self.parts[0].head(device)  # identical in every part (checked by its sha256 at open)
+
+    def teacher_logits(self, i: int) -> torch.Tensor:
+        if self._head is None:
+            self._head = self.head("cpu")
+        with torch.no_grad():
+            return self._head.logits(torch.from_numpy(self[i].hidden), post_norm=True)
+
+    def plan(self, order: Literal["ordered", "shuffled"] = "ordered", seed: int = 0, rank: int = 0,
+             world_size: int = 1, start: int = 0, status: Literal["ok", "error", "all"] = "ok") -> list[list[int]]:
+        """As TeacherCache.plan, over the read groups of all parts (a group never spans two parts)."""
+        if order not in ("ordered", "shuffled"):
+            raise ValueError(f"order must be 'ordered' or 'shuffled', got {order!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        groups = [[int(off) + i for i in g] for p, off in zip(self.parts, self.starts) for g in p.plan(status=status)]
+        return split_plan(groups, order, seed, rank, world_size, start)
+
+    def iter_samples(self, order: Literal["ordered", "shuffled"] = "ordered", seed: int = 0, rank: int = 0,
+                     world_size: int = 1, start: int = 0, status: Literal["ok", "error", "all"] = "ok"
+                     ) -> Iterator[Any]:
+        for piece in self.plan(order, seed, rank, world_size, start, status):
+            p, _ = self._locate(piece[0])
+            part, off = self.parts[p], int(self.starts[p])
+            local = [i - off for i in piece]
+            ok = [i for i in local if part._lengths[i] > 0]
+            lo = int(min((part._offsets[i] for i in ok), default=0))
+            hi = int(max((part._offsets[i] + part._lengths[i] for i in ok), default=0))
+            arrays = part._read_tokens(lo, hi)
+            images = part._read_images(local)
+            for i in local:
+                s = part._sample(i, arrays, lo, images[i])
+                s.index = i + off
+                yield s
+
+    def __repr__(self) -> str:
+        c = self.manifest.counts
+        return (f"MultiPartCache({self.url!r}, parts={len(self.parts)}, teacher={self.manifest.teacher['id']!r}, "
+                f"samples={c['samples']} (ok {c['ok']}, error {c['error']}), tokens={c['tokens']})")
+
+
+def split_plan(groups: list[list[int]], order: str, seed: int, rank: int, world_size: int, start: int
+               ) -> list[list[int]]:
+    """Shuffle (groups, then samples within each group) and cut into rank slices, as TeacherCache.plan."""
+    if order == "shuffled":
+        rng = np.random.default_rng(seed)
+        groups = [groups[g] for g in rng.permutation(len(groups))]
+        groups = [[grp[j] for j in rng.permutation(len(grp))] for grp in groups]
+    flat = [(g, i) for g, grp in enumerate(groups) for i in grp]
+    n = len(flat)
+    mine = flat[rank * n // world_size:(rank + 1) * n // world_size][max(0, start):]
+    pieces: list[list[int]] = []
+    for j, (g, i) in enumerate(mine):
+        if j == 0 or g != mine[j - 1][0]:
+            pieces.append([])
+        pieces[-1].append(i)
+    return pieces
+
+
+def verify_parts(fs: fsspec.AbstractFileSystem, root: str, url: str, storage_options: dict[str, Any] | None
+                 ) -> list[str] | None:
+    """Faults of a multi-part cache (each part verified, plus cross-part checks); None when not one."""
+    from .reader import load_manifest
+    from .verify import verify
+
+    try:
+        names = find_parts(fs, root, url)
+    except CacheFormatError as e:
+        return [str(e)]
+    if names is None:
+        return None
+    faults = [f"{n}/{f}" for n in names for f in verify(f"{url}/{n}", storage_options)]
+    try:
+        manifests = [load_manifest(fs, f"{root}/{n}", f"{url}/{n}") for n in names]
+        check_same_identity(url, names, manifests)
+    except CacheFormatError as e:
+        return faults + [str(e)]
+    try:
+        stray = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) 
+        for s in stray:
+            if s not in names:
+                faults.append(f"{s}: stored next to the parts but not a part (a stray file, or a part of another "
+                              f"--num-shards): delete or move it")
+    except Exception:  # noqa: BLE001
+        pass
+    from .reader import INDEX_COLUMNS, open_parquet  # noqa: F401
+    from .manifest import SAMPLES_NAME
+    ids: Counter[str] = Counter()
+    for n in names:
+        try:
+            ids.update(open_parquet(fs, f"{root}/{n}/{SAMPLES_NAME}").read(columns=["id"]).column("id").to_pylist())
+        except Exception:  # noqa: BLE001 - reported by the part's own verify
+            pass
+    dup = [k for k, c in ids.items() if c > 1]
+    if dup:
+        faults.append(f"sample id {dup[0]!r} (and {len(dup) - 1} more) is in more than one part; ids must be unique "
+                      f"across parts (was a part extracted with another --num-shards?); re-extract the parts")
+    return faults
+
+
+def merge(src: str | os.PathLike, out: str | os.PathLike, storage_options: dict[str, Any] | None = None,
+          command: str = "genrecal-cache merge") -> Manifest:
+    """Write the cache at `src` (multi-part, or single) as one single-part cache at `out`: the same rows in
+    the same order (the global index), the same features. Hidden states are re-encoded with the same
+    codec: bit-exact for bf16 and fp32 (their decoded values are exactly representable)."""
+    from .reader import TeacherCache
+    from .store import CacheWriter, SampleArrays, SampleRecord
+
+    cache = TeacherCache.open(src, storage_options)
+    m = cache.manifest
+    spec = m.arrays["hidden"]
+    extra = {k: v for k, v in m.extra.items() if k not in ("parts", "extract")}
+    extra["merged_from"] = list(getattr(cache, "names", [os.fspath(src)]))
+    refs = cache.index.column("image_refs").to_pylist()
+    w = CacheWriter(Path(out), hidden_size=m.hidden_size, vocab_size=m.vocab_size, topk=m.topk,
+                    hidden_codec=m.hidden_codec, teacher=dict(m.teacher), tokenizer_sha256=m.tokenizer_sha256,
+                    chat_template_sha256=m.chat_template_sha256, head=cache.head("cpu"), command=command,
+                    shard_tokens=spec["shard_tokens"], chunk_tokens=spec["chunk_tokens"], extra=extra)
+    try:
+        for s in cache.iter_samples("ordered", status="all"):
+            row = SampleRecord(id=s.id, messages=s.messages, images=s.images, image_refs=refs[s.index],
+                               status=s.status, error=s.error, extra=s.extra)  # type: ignore[arg-type]
+            arrays = None if s.status == "error" else SampleArrays(
+                token_ids=s.token_ids, answer_mask=s.answer_mask, hidden=s.hidden, topk_ids=s.topk_ids,
+                topk_logprobs=s.topk_logprobs)
+            w.add(row, arrays)
+        return w.close()
+    except BaseException:
+        w.abort()
+        raise
+    finally:
+        cache.close()

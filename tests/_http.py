@@ -1,0 +1,124 @@
+"""A real HTTP server on 127.0.0.1 for tests: static files with `Range` support, and injected faults.
+
+`FaultPlan` rules fail the first N requests whose path matches a regex, in one of these ways:
+  503       answer `503 Service Unavailable`
+  500       answer `500 Internal Server Error`
+  drop      close the connection without answering
+  reset     close it with a TCP RST (SO_LINGER 0), as a crashed proxy does
+  truncate  send the headers (full Content-Length) and half the body, then close
+Every request is logged as (method, path, Range header) in `server.requests`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import io
+import os
+import re
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class FaultPlan:
+    rules: list[list] = field(default_factory=list)  # [regex, kind, remaining count]
+    injected: int = 0
+
+    def add(self, pattern: str, kind: str, count: int = 1) -> FaultPlan:
+        self.rules.append([re.compile(pattern), kind, count])
+        return self
+
+    def take(self, path: str) -> str | None:
+        for rule in self.rules:
+            if rule[2] > 0 and rule[0].search(path):
+                rule[2] -= 1
+                self.injected += 1
+                return rule[1]
+        return None
+
+    def pending(self) -> int:
+        return sum(r[2] for r in self.rules)
+
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    ranges = True
+    plan: FaultPlan | None = None
+    requests: list = []
+    lock = threading.Lock()
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _fault(self) -> bool:
+        with self.lock:
+            self.requests.append((self.command, self.path, self.headers.get("Range")))
+            kind = self.plan.take(self.path) if self.plan is not None else None
+        if kind is None:
+            return False
+        self.close_connection = True
+        if kind in ("503", "500"):
+            self.send_error(int(kind), "injected fault")
+        elif kind == "reset":
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif kind == "truncate" and self.command == "GET":
+            f = self.send_head()
+            if f is not None:
+                data = f.read()
+                f.close()
+                self.wfile.write(data[: len(data) // 2])
+        return True  # "drop" (and truncate of a HEAD): answer nothing
+
+    def do_GET(self) -> None:
+        if not self._fault():
+            super().do_GET()
+
+    def do_HEAD(self) -> None:
+        if not self._fault():
+            super().do_HEAD()
+
+    def send_head(self):
+        """Single `Range: bytes=a-b` / `bytes=-n`, as S3, GCS and nginx serve them."""
+        path = self.translate_path(self.path)
+        m = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").strip())
+        if not self.ranges or m is None or os.path.isdir(path):
+            return super().send_head()
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            self.send_error(404)
+            return None
+        a, b = m.groups()
+        start, end = ((len(data) - int(b), len(data)) if a == ""
+                      else (int(a), min(len(data), int(b) + 1 if b else len(data))))
+        start = max(0, start)
+        if start >= len(data) and len(data):
+            self.send_error(416)
+            return None
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+        self.send_header("Content-Length", str(end - start))
+        self.end_headers()
+        return io.BytesIO(data[start:end])
+
+
+@contextlib.contextmanager
+def serve(directory: Path, ranges: bool = True, plan: FaultPlan | None = None) -> Iterator[tuple[str, type]]:
+    """Serve `directory` on a free port in a thread; yields (base URL, handler class with .requests/.plan)."""
+    handler = type("H", (Handler,), {"ranges": ranges, "plan": plan, "requests": [], "lock": threading.Lock()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
