@@ -49,6 +49,8 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_MARKER = "<image>"
 # 64 MP: far above any VLM's input resolution, far below what can exhaust a worker's memory.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+# 256 MiB per encoded image file: checked before an image file is read or decoded.
+MAX_IMAGE_BYTES = 256 << 20
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _JSONL_SUFFIXES = {".jsonl", ".ndjson"}
@@ -80,6 +82,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     """
     if not data:
         raise ImageError("image data is empty (0 bytes)")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError(f"image data is {len(data)} bytes, above the {MAX_IMAGE_BYTES}-byte limit")
     try:
         with warnings.catch_warnings():
             # PIL warns (and later errors) on huge images itself; our own limit below is the rule.
@@ -149,13 +153,15 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"line-{n}", json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 yield f"line-{n}", _BadSample(f"malformed JSON: {e}")
+            except RecursionError:  # valid JSON nested deeper than the parser's stack
+                yield f"line-{n}", _BadSample("malformed JSON: nested too deeply")
 
 
 def _json_array_records(path: Path) -> Iterator[tuple[str, Any]]:
     """Parses the whole array now (a broken file raises here), then iterates `(item-<n>, record)`."""
     try:
         data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}); a .json dataset must be one JSON array") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: a .json dataset must be a JSON array of samples, got {type(data).__name__}")
@@ -208,6 +214,9 @@ def _read_image_file(ref: str, root: Path) -> bytes:
         raise _BadSample(f"image file not found: {target} (from {ref!r}, resolved against image_root={root}; "
                          f"fix the path or pass image_root=...)")
     try:
+        size = target.stat().st_size
+        if size > MAX_IMAGE_BYTES:  # checked before reading: a huge file must not fill the memory
+            raise _BadSample(f"image file {target} is {size} bytes, above the {MAX_IMAGE_BYTES}-byte limit")
         return target.read_bytes()
     except OSError as e:
         raise _BadSample(f"cannot read image file {target}: {e}") from None

@@ -40,6 +40,7 @@ class Fidelity:
     top1_agreement: float   # fraction of tokens with the same argmax
     max_abs_err: float      # max |h - h^| over all elements
     rel_rms_err: float      # ||h - h^||_F / ||h||_F
+    max_flip_margin: float = 0.0  # largest exact top-1/top-2 logprob gap (nats) among tokens whose argmax changed
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,25 +68,34 @@ class ExactReference:
     def compare(self, decoded: np.ndarray) -> Fidelity:
         return _compare(self.head, self.exact, decoded, self.chunk, lambda j, a: self._lp[j])
 
+    def stats(self) -> TeacherStats:
+        """The teacher's own statistics on the exact states (no extra forward)."""
+        return _stats(self._lp)
+
 
 def _compare(head: TeacherHead, exact: np.ndarray, decoded: np.ndarray, chunk: int, exact_lp) -> Fidelity:
     decoded = np.asarray(decoded, dtype=np.float32)
     if exact.shape != decoded.shape or exact.ndim != 2 or exact.shape[1] != head.hidden_size:
         raise ValueError(f"fidelity: exact {exact.shape} and decoded {decoded.shape} must both be [N, "
                          f"hidden_size={head.hidden_size}]")
-    kls, agree = [], 0
+    kls, agree, flip_margin = [], 0, 0.0
     for j, a in enumerate(range(0, exact.shape[0], chunk)):
         lp = exact_lp(j, a)
         lq = _logprobs(head, decoded[a:a + chunk])
         kls.append((lp.exp() * (lp - lq)).sum(-1).clamp_min(0).numpy())
-        agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+        same = lp.argmax(-1) == lq.argmax(-1)
+        agree += int(same.sum())
+        if not bool(same.all()) and lp.shape[1] > 1:
+            top2 = lp[~same].topk(2, dim=-1).values
+            flip_margin = max(flip_margin, float((top2[:, 0] - top2[:, 1]).max()))
     kl = np.concatenate(kls) if kls else np.zeros(0)
     diff = exact.astype(np.float64) - decoded
     n = exact.shape[0]
     return Fidelity(tokens=n, mean_kl=float(kl.mean()) if n else 0.0,
                     p99_kl=float(np.quantile(kl, 0.99)) if n else 0.0,
                     top1_agreement=agree / max(n, 1), max_abs_err=float(np.abs(diff).max(initial=0.0)),
-                    rel_rms_err=float(np.linalg.norm(diff) / max(np.linalg.norm(exact.astype(np.float64)), 1e-30)))
+                    rel_rms_err=float(np.linalg.norm(diff) / max(np.linalg.norm(exact.astype(np.float64)), 1e-30)),
+                    max_flip_margin=flip_margin)
 
 
 @torch.no_grad()
@@ -212,6 +222,7 @@ class SyntheticTeacher:
         w[:, torch.from_numpy(self.model.outliers)] /= 30.0
         probe = self.model.sample(64, np.random.default_rng(seed + 1))
         w *= logit_std / float((torch.from_numpy(probe) @ w.T).std(dim=1).mean())
+        w = w.to(torch.bfloat16)  # as a GPU teacher exports it (logits are still computed in float32)
         self.head = TeacherHead(HeadConfig(hidden_size, vocab_size, norm_type="rms", norm_eps=1e-6),
                                 torch.from_numpy(self.model.norm_weight.copy()), w)
 
@@ -219,7 +230,7 @@ class SyntheticTeacher:
         """[n, d] float32 post-norm states, deterministic for (teacher seed, seed)."""
         rng = np.random.default_rng(10_000 + seed)
         h = torch.from_numpy(self.model.sample(n, rng))
-        w = self.head.lm_head_weight
+        w = self.head.lm_head_weight.float()
         target = torch.from_numpy(rng.integers(0, self.V, n))
         m = torch.from_numpy(rng.uniform(*self.boost, n).astype(np.float32))
         rows = w[target]
@@ -233,13 +244,16 @@ class SyntheticTeacher:
 
 @torch.no_grad()
 def teacher_stats(head: TeacherHead, states: np.ndarray, chunk_tokens: int = 256) -> TeacherStats:
+    """Mean entropy, top-1 probability and logit spread of the teacher on `states`."""
+    return _stats(_logprobs(head, states[a:a + chunk_tokens]) for a in range(0, len(states), chunk_tokens))
+
+
+def _stats(logprobs: Iterable[torch.Tensor]) -> TeacherStats:
     ent, top1, std = [], [], []
-    for a in range(0, len(states), chunk_tokens):
-        logits = head.logits(torch.from_numpy(np.ascontiguousarray(states[a:a + chunk_tokens], np.float32))).double()
-        lp = torch.log_softmax(logits, -1)
+    for lp in logprobs:  # log-softmax differs from the logits by a constant per token: same std
         ent.append(-(lp.exp() * lp).sum(-1).numpy())
         top1.append(lp.max(-1).values.exp().numpy())
-        std.append(logits.std(-1).numpy())
+        std.append(lp.std(-1).numpy())
     cat = lambda xs: float(np.concatenate(xs).mean()) if xs else 0.0  # noqa: E731
     return TeacherStats(mean_entropy=cat(ent), mean_top1_prob=cat(top1), bulk_logit_std=cat(std))
 

@@ -233,7 +233,7 @@ class TeacherCache:
             table = self._parquet().read(columns=INDEX_COLUMNS)
         except FileNotFoundError as e:
             raise CacheFormatError(f"{where}: missing; the cache is incomplete, re-download or re-extract it") from e
-        except (pa.ArrowException, OSError) as e:
+        except (pa.ArrowException, OSError, ValueError) as e:  # ValueError: e.g. undecodable metadata
             raise CacheFormatError(f"{where}: unreadable ({e}); the file is truncated or corrupt, re-download or "
                                    f"re-extract it") from e
         if table.num_rows != self.manifest.counts["samples"]:
@@ -402,7 +402,7 @@ class TeacherCache:
                 safety.check_row_group_size(self._parquet().metadata, g, where)
                 try:
                     col = self._parquet().read_row_group(g, columns=["images"]).column("images").to_pylist()
-                except (pa.ArrowException, OSError) as e:
+                except (pa.ArrowException, OSError, ValueError) as e:
                     raise CacheFormatError(f"{where}: images of row group {g} unreadable ({str(e)[:200]}); the file "
                                            f"is corrupt, re-download or re-extract it") from e
                 self._images_rg = (g, col)

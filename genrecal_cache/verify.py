@@ -24,6 +24,7 @@ from .manifest import (
     ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
     sha256_stream,
 )
+from . import safety
 from .reader import INDEX_COLUMNS, load_manifest, open_feature_arrays, open_fs, open_parquet, zarr_store
 
 REFETCH = "re-download it or re-extract the cache"
@@ -48,12 +49,16 @@ def verify(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | Non
             return faults + [_relative(str(e), url)]
         faults += _check_array_specs(arrays, manifest)
         try:
-            table = open_parquet(fs, f"{root}/{SAMPLES_NAME}").read(columns=INDEX_COLUMNS)
+            pf = open_parquet(fs, f"{root}/{SAMPLES_NAME}")
+            safety.check_schema(pf.schema_arrow, SAMPLES_NAME)  # column types first: the checks below index with them
+            table = pf.read(columns=INDEX_COLUMNS)
         except FileNotFoundError:
             return faults  # already reported as a missing file
+        except CacheFormatError as e:
+            return faults + [str(e)]
         except (pa.ArrowException, OSError, ValueError) as e:
             return faults + [f"{SAMPLES_NAME}: unreadable ({e}): the file is truncated or corrupt; {REFETCH}"]
-        return faults + _check_index(table, arrays, manifest)
+        return faults + _check_index(table, arrays, manifest) + _check_row_json(table)
     finally:
         store.close()
 
@@ -120,12 +125,17 @@ def _check_head(fs: fsspec.AbstractFileSystem, root: str, m: Manifest) -> list[s
     faults = []
     want = {"lm_head.weight": [m.vocab_size, m.hidden_size], "norm.weight": [m.hidden_size]}
     for name, shape in want.items():
-        got = header.get(name, {}).get("shape")
+        entry = header.get(name)
+        got = entry.get("shape") if isinstance(entry, dict) else None
         if got != shape:
             faults.append(f"{HEAD_NAME}: tensor {name} has shape {got}, expected {shape} from the manifest "
                           f"(hidden_size={m.hidden_size}, vocab_size={m.vocab_size}): the head belongs to another "
                           f"teacher; re-extract the cache")
-    cfg = json.loads(header.get("__metadata__", {}).get("genrecal_head_config", "null") or "null")
+    meta = header.get("__metadata__")
+    try:
+        cfg = json.loads((meta if isinstance(meta, dict) else {}).get("genrecal_head_config", "null") or "null")
+    except (TypeError, ValueError, RecursionError):
+        cfg = "unparseable"
     if not isinstance(cfg, dict) or (cfg.get("hidden_size"), cfg.get("vocab_size")) != (m.hidden_size, m.vocab_size):
         faults.append(f"{HEAD_NAME}: head config {cfg} does not match the manifest's hidden_size={m.hidden_size}, "
                       f"vocab_size={m.vocab_size}; re-extract the cache")
@@ -231,6 +241,24 @@ def _check_index(table: pa.Table, arrays: dict[str, Any], m: Manifest) -> list[s
         faults.append(f"{MANIFEST_NAME}: counts ok={c['ok']}, error={c['error']}, answer_tokens={c['answer_tokens']} but "
                       f"{P} has {n_ok}, {n_err}, {answer_tokens}; {REFETCH}")
     faults += _check_answer_mask(arrays["answer_mask"], np.asarray(starts, np.int64), np.asarray(ends, np.int64), m)
+    return faults
+
+
+def _check_row_json(table: pa.Table) -> list[str]:
+    """`messages` and `extra` of every row parse to the documented shapes (the reader checks a row when it
+    reads it; this finds them all)."""
+    faults = []
+    ids = table.column("id").to_pylist()
+    for i, (msgs, extra) in enumerate(zip(table.column("messages").to_pylist(), table.column("extra").to_pylist())):
+        where = f"{SAMPLES_NAME}: row {i} (sample {ids[i]!r:.60})"
+        try:
+            safety.parse_messages(msgs, where)
+            safety.parse_extra(extra, where)
+        except CacheFormatError as e:
+            faults.append(str(e))
+            if len(faults) >= 20:
+                faults.append(f"{SAMPLES_NAME}: more rows with malformed messages/extra not listed")
+                break
     return faults
 
 

@@ -27,8 +27,14 @@ ARRAYS = ("token_ids", "answer_mask", "hidden", "topk_ids", "topk_logprobs")
 # or by the parent after a random delay. Forking saves re-importing torch for every run.
 DRIVER = textwrap.dedent("""
     import json, os, random, signal, sys, time
+    import torch
+    torch.set_num_threads(1)  # no OpenMP pool in the parent: children are forked
+    from transformers import AutoConfig
     from genrecal_cache.extract import ExtractConfig, extract
+    from genrecal_cache.families import adapter_for
     teacher, data, out, plan = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    adapter = adapter_for(AutoConfig.from_pretrained(teacher))  # import transformers' lazy modules once
+    adapter.load_processor(teacher), adapter.load_model(teacher)
     cfg = ExtractConfig(teacher=teacher, data=data, out=out, backend="transformers", hidden_dtype="bfloat16",
                         batch_tokens=1, topk=4, progress=False, commit_seconds=0, shard_tokens=64,
                         num_shards=plan.get("num_shards", 1), shard_index=plan.get("shard_index", 0))
@@ -121,14 +127,13 @@ def test_sigkill_at_24_points_then_resume_gives_the_uninterrupted_cache(teacher_
     ref = TeacherCache.open(reference)
     assert ref.manifest.arrays["hidden"]["shard_tokens"] == 64 and ref.manifest.counts["tokens"] > 5 * 64
     rng = np.random.default_rng(7)
-    # every named point of the commit sequence (mid-flush included), at different occurrences, plus
-    # kills at random times: 24 kills in all
-    named = [f"{p}:{n}" for p in KILL_POINTS for n in ((1, 3) if p not in ("consolidated", "manifest-written")
-                                                     else (1,))]
-    timed = [float(t) for t in rng.uniform(1.0, 6.0, 24 - len(named))]
-    kills = named + timed
-    order = rng.permutation(len(kills))
-    log = _run_driver(teacher_dir, small_data, out, {"kills": [kills[i] for i in order]})
+    # every named point of the commit sequence (mid-flush included), twice, in random order; then kills
+    # at random times; then the two points of close (after which little work is left): 24 kills
+    during = [f"{p}:1" for p in KILL_POINTS[:6]] * 2 + ["flush-array:2"]
+    during = [during[i] for i in rng.permutation(len(during))]
+    timed = [round(float(t), 2) for t in rng.uniform(0.2, 1.5, 9)]
+    kills = during + timed + ["consolidated:1", "manifest-written:1"]
+    log = _run_driver(teacher_dir, small_data, out, {"kills": kills})
     assert sum(code == -9 for _, code in log) >= 20, log
     assert not (out / "_progress.json").exists() and not (out / "_commits").exists()
     assert verify(out) == []
