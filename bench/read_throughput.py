@@ -1,0 +1,143 @@
+"""Read throughput: decoded hidden-state GB/s of the streaming reader vs raw numpy and Parquet.
+
+    python bench/read_throughput.py                       # d=4096, 32768 tokens (512 MB of float32 states)
+    python bench/read_throughput.py --tokens 65536 --codecs bf16,fp8,ecq
+
+One set of states (synthetic LLM-like post-norm states, d=4096, samples of ~512 tokens) is stored
+three ways and read back into float32 numpy arrays, side by side in one run:
+
+- genrecal: a cache written by `CacheWriter` (bf16 default, also fp8/ecq if asked), read with
+  `TeacherCache.iter_samples("ordered")`, every sample's `hidden` decoded to float32 (the other
+  arrays, images and index rows come along, as in training);
+- (a) raw: the same float32 bytes as one flat .bin, read with `np.fromfile` (the ceiling: no
+  decoding, one sequential read);
+- (b) Parquet: what one would otherwise do: one row per token, `hidden` a fixed_size_list<float>[d]
+  column (float32, pyarrow's default snappy compression, 1024-row groups), read with
+  `pq.ParquetFile.iter_batches` into float32 numpy.
+
+GB/s = decoded float32 hidden bytes / wall time. Dropping the page cache needs root, so every
+reader runs once to warm the cache and is then timed (best of --repeats): these are warm-cache
+figures, i.e. decode + memory throughput, not disk throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from genrecal_cache.fidelity import synthetic_post_norm_states
+from genrecal_cache.head import HeadConfig, TeacherHead
+from genrecal_cache.reader import TeacherCache
+from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), torch "
+            f"{torch.__version__}, no GPU; {dt.date.today().isoformat()}")
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm the page cache (and any lazy opening)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--hidden-size", type=int, default=4096)
+    p.add_argument("--sample-tokens", type=int, default=512)
+    p.add_argument("--topk", type=int, default=20)
+    p.add_argument("--codecs", default="bf16,fp8,ecq")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dir", help="where to write the files (default: a temporary folder)")
+    args = p.parse_args()
+    d, n = args.hidden_size, args.tokens
+    print(f"# bench/read_throughput.py on {machine()}")
+    tmpdir = tempfile.TemporaryDirectory(prefix="genrecal-read-", dir=args.dir)
+    tmp = Path(tmpdir.name)
+
+    states = synthetic_post_norm_states(n, d, seed=0)
+    decoded_bytes = states.nbytes
+    print(f"{n} tokens x d={d}: {decoded_bytes / 2**20:.0f} MiB of float32 hidden states, samples of "
+          f"{args.sample_tokens} tokens; warm page cache, best of {args.repeats}")
+
+    raw = tmp / "hidden.f32.bin"
+    states.tofile(raw)
+    table = pa.table({"sample": pa.array(np.arange(n) // args.sample_tokens, pa.int32()),
+                      "hidden": pa.FixedSizeListArray.from_arrays(pa.array(states.reshape(-1)), d)})
+    pq.write_table(table, tmp / "hidden.parquet", row_group_size=1024)
+    del table
+
+    rng = np.random.default_rng(0)
+    vocab = 1000
+    head = TeacherHead(HeadConfig(d, vocab), torch.ones(d), torch.randn(vocab, d) * 0.02)
+    caches = {}
+    for codec in args.codecs.split(","):
+        path = tmp / f"cache-{codec}"
+        t0 = time.perf_counter()
+        w = CacheWriter(path, hidden_size=d, vocab_size=vocab, topk=args.topk, hidden_codec=codec, head=head,
+                        teacher=dict(id="synthetic", revision=None, config_sha256="-", model_type="synthetic"),
+                        tokenizer_sha256="-", chat_template_sha256=None, command="bench/read_throughput.py")
+        for i, a in enumerate(range(0, n, args.sample_tokens)):
+            L = min(args.sample_tokens, n - a)
+            ids = np.sort(rng.integers(0, vocab, (L, args.topk)), axis=1)
+            lps = -np.sort(rng.exponential(2.0, (L, args.topk)), axis=1).astype(np.float32)
+            w.add(SampleRecord(id=f"s{i}", messages=[{"role": "user", "content": "<image> what is this?"},
+                                                      {"role": "assistant", "content": "a test"}]),
+                  SampleArrays(rng.integers(0, vocab, L), np.arange(L) >= L - 32, states[a:a + L], ids, lps))
+        w.close()
+        caches[codec] = path
+        size = sum(f.stat().st_size for f in (path / "features.zarr" / "hidden").rglob("*") if f.is_file())
+        print(f"wrote {codec} cache in {time.perf_counter() - t0:.1f} s: hidden {size / 2**20:.0f} MiB on disk")
+
+    def read_raw() -> None:
+        a = np.fromfile(raw, dtype=np.float32)
+        assert a.size == states.size
+
+    def read_parquet() -> None:
+        got = 0
+        for batch in pq.ParquetFile(tmp / "hidden.parquet").iter_batches(columns=["hidden"], batch_size=4096):
+            col = batch.column(0)
+            h = col.values.to_numpy(zero_copy_only=False).reshape(len(col), d)
+            got += h.shape[0]
+        assert got == n
+
+    def read_cache(path: Path):
+        def run() -> None:
+            got = 0
+            with TeacherCache.open(path) as cache:
+                for s in cache.iter_samples("ordered"):
+                    assert s.hidden.dtype == np.float32
+                    got += s.hidden.shape[0]
+            assert got == n
+        return run
+
+    results = {"(a) np.fromfile raw float32": timed(read_raw, args.repeats),
+               "(b) Parquet fixed_size_list<float>": timed(read_parquet, args.repeats)}
+    for codec, path in caches.items():
+        results[f"genrecal TeacherCache.iter_samples, {codec}"] = timed(read_cache(path), args.repeats)
+    base = results["(a) np.fromfile raw float32"]
+    pq_s = results["(b) Parquet fixed_size_list<float>"]
+    print(f"\n{'reader':<44} {'GB/s':>7} {'vs (a) raw':>10} {'vs (b) parquet':>14}")
+    for name, secs in results.items():
+        print(f"{name:<44} {decoded_bytes / secs / 1e9:>7.2f} {base / secs:>9.2f}x {pq_s / secs:>13.2f}x")
+    tmpdir.cleanup()
+
+
+if __name__ == "__main__":
+    main()
