@@ -238,7 +238,17 @@ def test_file_level_problems_raise_at_once(tmp_path: Path) -> None:
 
 def test_sample_fields_match_the_documented_type() -> None:
     s = Sample("x", [{"role": "user", "content": "hi"}], [], [])
-    assert s.error is None and list(Sample.__dataclass_fields__) == ["id", "messages", "images", "image_refs", "error"]
+    assert s.error is None and s.extra == {}
+    assert list(Sample.__dataclass_fields__) == ["id", "messages", "images", "image_refs", "error", "extra"]
+
+
+def test_extra_jsonl_fields_are_kept(tmp_path: Path) -> None:
+    rec = {"id": "a", "qtype": "colour", "source": {"set": 3},
+           "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    [s] = list(read_samples(path))
+    assert s.error is None and s.extra == {"qtype": "colour", "source": {"set": 3}}
 
 
 # --- demo data ---------------------------------------------------------------------------------
