@@ -165,12 +165,14 @@ def extract(cfg: ExtractConfig) -> Manifest:
     def run(batch: list[tuple[Sample, Encoded]]) -> None:
         nonlocal n_ok, n_tok
         hidden = backend.hidden_states([e for _, e in batch])
-        for (s, e), h in zip(batch, hidden):
-            ids, lps = head.topk_logprobs(h, cfg.topk)
+        # top-k of the whole batch in one pass (chunked inside): far fewer small kernels than one per sample
+        lengths = [int(h.shape[0]) for h in hidden]
+        all_ids, all_lps = head.topk_logprobs(torch.cat(hidden) if len(hidden) > 1 else hidden[0], cfg.topk)
+        for (s, e), h, ids, lps in zip(batch, hidden, all_ids.split(lengths), all_lps.split(lengths)):
             writer.add(_record(s), SampleArrays(
                 token_ids=e.input_ids.to(torch.int32).numpy(),
                 answer_mask=e.answer_mask.numpy(),
-                hidden=h.float().cpu(),
+                hidden=h,  # the writer casts on h's device: a bf16 GPU batch crosses to the host at half size
                 topk_ids=ids.cpu().numpy(),
                 topk_logprobs=lps.cpu().numpy(),
             ))

@@ -242,7 +242,7 @@ class JournalMixin:
         out = self.out_dir
         self._seq = progress["seq"]
         self._counts = dict(progress["counts"])  # type: ignore[assignment]
-        self._written = progress["written_tokens"]
+        self._written = self._committed_written = progress["written_tokens"]
         self._last_commit = 0.0
         keep = {f"{seq:08d}.json" for seq in range(1, self._seq + 1)}
         ids: list[str] = []
@@ -296,7 +296,7 @@ class JournalMixin:
 
         from .store import ROW_GROUP_IMAGE_BYTES, ROW_GROUP_ROWS
 
-        shard_done = any(not k.endswith("zarr.json") and k not in self._committed_shards for k in self._store.digests)
+        shard_done = self._written > getattr(self, "_committed_written", 0)  # a shard file since the last commit
         many_rows = len(self._rows) >= 16 * ROW_GROUP_ROWS or self._row_image_bytes >= 4 * ROW_GROUP_IMAGE_BYTES
         if (shard_done and time.monotonic() - self._last_commit >= self.commit_seconds) or many_rows:
             self._commit()
@@ -339,6 +339,7 @@ class JournalMixin:
         if old_pending:
             (out / COMMITS_DIR / old_pending["file"]).unlink(missing_ok=True)
         self._committed_shards.update(new)
+        self._committed_written = self._written
         self._rows, self._row_image_bytes = [], 0
         self._last_commit = time.monotonic()
 

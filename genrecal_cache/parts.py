@@ -194,21 +194,35 @@ class MultiPartCache:
         return split_plan(groups, order, seed, rank, world_size, start)
 
     def iter_samples(self, order: Literal["ordered", "shuffled"] = "ordered", seed: int = 0, rank: int = 0,
-                     world_size: int = 1, start: int = 0, status: Literal["ok", "error", "all"] = "ok"
-                     ) -> Iterator[Any]:
+                     world_size: int = 1, start: int = 0, status: Literal["ok", "error", "all"] = "ok",
+                     readahead: int = 1) -> Iterator[Any]:
+        """As TeacherCache.iter_samples: each read group lies in one part and is read by that part (the
+        next `readahead` groups on a background thread)."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        pieces = []
         for piece in self.plan(order, seed, rank, world_size, start, status):
             p, _ = self._locate(piece[0])
-            part, off = self.parts[p], int(self.starts[p])
-            local = [i - off for i in piece]
-            ok = [i for i in local if part._lengths[i] > 0]
-            lo = int(min((part._offsets[i] for i in ok), default=0))
-            hi = int(max((part._offsets[i] + part._lengths[i] for i in ok), default=0))
-            arrays = part._read_tokens(lo, hi)
-            images = part._read_images(local)
-            for i in local:
-                s = part._sample(i, arrays, lo, images[i])
-                s.index = i + off
-                yield s
+            off = int(self.starts[p])
+            pieces.append((self.parts[p], off, [i - off for i in piece]))
+
+        def read(item: tuple[Any, int, list[int]]) -> Any:
+            return item[0]._read_group(item[2])
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="genrecal-readahead") if readahead >= 1 else None
+        try:
+            pending = deque(pool.submit(read, it) for it in pieces[:readahead]) if pool else deque()
+            for j, (part, off, local) in enumerate(pieces):
+                group = pending.popleft().result() if pool else read(pieces[j])
+                if pool and j + readahead < len(pieces):
+                    pending.append(pool.submit(read, pieces[j + readahead]))
+                for s in part._group_samples(local, group):
+                    s.index += off
+                    yield s
+        finally:
+            if pool:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def __repr__(self) -> str:
         c = self.manifest.counts

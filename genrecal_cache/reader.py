@@ -14,7 +14,9 @@ import json
 import os
 import tempfile
 import weakref
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -260,7 +262,7 @@ class TeacherCache:
         if not -n <= i < n:
             raise IndexError(f"sample index {i} out of range for a cache of {n} samples ({self.url})")
         i %= n
-        arrays = self._read_tokens(int(self._offsets[i]), int(self._offsets[i] + self._lengths[i]))
+        arrays = self._decoded(self._read_tokens(int(self._offsets[i]), int(self._offsets[i] + self._lengths[i])))
         return self._sample(i, arrays, int(self._offsets[i]), self._read_images([i])[i])
 
     def by_id(self, sample_id: str) -> CachedSample:
@@ -347,17 +349,41 @@ class TeacherCache:
         return pieces
 
     def iter_samples(self, order: Literal["ordered", "shuffled"] = "ordered", seed: int = 0, rank: int = 0,
-                     world_size: int = 1, start: int = 0, status: Literal["ok", "error", "all"] = "ok"
-                     ) -> Iterator[CachedSample]:
-        """Yield samples (see `plan` for order and rank splitting), one feature read per group."""
-        for piece in self.plan(order, seed, rank, world_size, start, status):
-            ok = [i for i in piece if self._lengths[i] > 0]
-            lo = int(min((self._offsets[i] for i in ok), default=0))
-            hi = int(max((self._offsets[i] + self._lengths[i] for i in ok), default=0))
-            arrays = self._read_tokens(lo, hi)
-            images = self._read_images(piece)
-            for i in piece:
-                yield self._sample(i, arrays, lo, images[i])
+                     world_size: int = 1, start: int = 0, status: Literal["ok", "error", "all"] = "ok",
+                     readahead: int = 1) -> Iterator[CachedSample]:
+        """Yield samples (see `plan` for order and rank splitting), one feature read per group.
+
+        The next `readahead` groups are read and decoded on a background thread while the current
+        one is being consumed (0: read on demand). A sample's `hidden` is a view into its group's
+        decoded buffer (no per-sample copy); copy it if you keep it far longer than the group."""
+        pieces = self.plan(order, seed, rank, world_size, start, status)
+        if readahead < 1 or len(pieces) < 2:
+            for piece in pieces:
+                yield from self._group_samples(piece, self._read_group(piece))
+            return
+        pool = ThreadPoolExecutor(1, thread_name_prefix="genrecal-readahead")
+        try:
+            pending = deque(pool.submit(self._read_group, p) for p in pieces[:readahead])
+            for j, piece in enumerate(pieces):
+                group = pending.popleft().result()
+                if j + readahead < len(pieces):
+                    pending.append(pool.submit(self._read_group, pieces[j + readahead]))
+                yield from self._group_samples(piece, group)
+        finally:  # also when the consumer stops early: drop reads not started, wait for the running one
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read_group(self, piece: list[int]) -> tuple[int, dict[str, np.ndarray], dict[int, list[bytes]]]:
+        """(first token, decoded arrays of the group's token range, images) for one read group."""
+        ok = [i for i in piece if self._lengths[i] > 0]
+        lo = int(min((self._offsets[i] for i in ok), default=0))
+        hi = int(max((self._offsets[i] + self._lengths[i] for i in ok), default=0))
+        return lo, self._decoded(self._read_tokens(lo, hi)), self._read_images(piece)
+
+    def _group_samples(self, piece: list[int], group: tuple[int, dict[str, np.ndarray], dict[int, list[bytes]]]
+                       ) -> Iterator[CachedSample]:
+        lo, arrays, images = group
+        for i in piece:
+            yield self._sample(i, arrays, lo, images[i])
 
     # ---- decoding ------------------------------------------------------------------------------
     def _read_tokens(self, lo: int, hi: int) -> dict[str, np.ndarray]:
@@ -377,12 +403,19 @@ class TeacherCache:
                                    f"{str(e)[:200]}); a shard is corrupt: run `genrecal-cache verify` and re-download "
                                    f"or re-extract the cache") from e
 
+    def _decoded(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`hidden` as float32 for a whole token range at once (bf16 bits converted; zarr has already
+        decoded fp8/ecq, and float32 needs nothing)."""
+        h = arrays["hidden"]
+        return {**arrays, "hidden": h if h.dtype == np.float32 else self.hidden_codec.to_float32(h)}
+
     def _sample(self, i: int, arrays: dict[str, np.ndarray], base: int, images: list[bytes]) -> CachedSample:
+        """One sample from a token range's arrays (`_decoded`: hidden float32) starting at token `base`."""
         row = {c: self.index.column(c)[i].as_py() for c in ("error", "messages", "extra")}
         a, b = int(self._offsets[i]) - base, int(self._offsets[i] + self._lengths[i]) - base
         if self._lengths[i] == 0:
             a = b = 0
-        hidden = self.hidden_codec.to_float32(arrays["hidden"][a:b])  # zarr already decoded fp8/ecq
+        hidden = arrays["hidden"][a:b]  # a view: the range's buffer is decoded once, not copied per sample
         return CachedSample(
             index=i, id=self._ids[i], status=self._status[i], error=row["error"],
             messages=safety.parse_messages(row["messages"], f"{self.url}/{SAMPLES_NAME}: row {i}"), images=images,
@@ -397,7 +430,8 @@ class TeacherCache:
         out: dict[int, list[bytes]] = {}
         groups = np.searchsorted(self._rg_starts, rows, side="right") - 1
         for g in sorted(set(groups.tolist())):
-            if self._images_rg is None or self._images_rg[0] != g:
+            cached = self._images_rg  # one read of the attribute: the read-ahead thread may replace it
+            if cached is None or cached[0] != g:
                 where = f"{self.url}/{SAMPLES_NAME}"
                 safety.check_row_group_size(self._parquet().metadata, g, where)
                 try:
@@ -405,9 +439,9 @@ class TeacherCache:
                 except (pa.ArrowException, OSError, ValueError) as e:
                     raise CacheFormatError(f"{where}: images of row group {g} unreadable ({str(e)[:200]}); the file "
                                            f"is corrupt, re-download or re-extract it") from e
-                self._images_rg = (g, col)
+                cached = self._images_rg = (g, col)
             first = int(self._rg_starts[g])
-            out.update({i: self._images_rg[1][i - first] for i, gi in zip(rows, groups) if gi == g})
+            out.update({i: cached[1][i - first] for i, gi in zip(rows, groups) if gi == g})
         return out
 
     def __repr__(self) -> str:

@@ -1,0 +1,139 @@
+"""Extraction overhead: `extract` tokens/s divided by the bare teacher forward tokens/s, same inputs.
+
+    python bench/extract_overhead.py                          # Qwen2-VL config, d=2048, 2 layers, random weights
+    python bench/extract_overhead.py --hidden-size 4096 --layers 1 --codecs bf16,fp8,ecq
+
+A random-weight Qwen2-VL teacher with a realistic hidden size but few layers (so it runs on a CPU)
+goes through the transformers backend twice on the same demo samples, in one process:
+
+- bare: `HFBackend.hidden_states` over the samples, pre-encoded and batched exactly as `extract`
+  batches them (same `batch_tokens` rule); nothing else;
+- extract: the full `genrecal_cache.extract.extract` (read the data, encode, forward, top-k on the
+  head, background writer: compression, shards, parquet, checksums, manifest), timed from the
+  moment its backend is loaded to the moment the cache is complete, once per hidden codec.
+
+Bare passes alternate with extractions (`--rounds`); each extraction is compared with the mean of
+the bare passes just before and after it, to cancel drift on a shared machine, and the median over
+rounds is reported. A real extraction writes thousands of shards while it computes and only flushes
+the last one at the end; a run of a few thousand tokens would flush nearly everything at the end,
+so the bench uses 1024-token shards (`--shard-tokens`) to keep the same pattern.
+Target (issue 6): extract / bare >= 0.90, i.e. writing overlaps compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), torch "
+            f"{torch.__version__} ({torch.get_num_threads()} threads), no GPU; {dt.date.today().isoformat()}; "
+            f"load average {os.getloadavg()[0]:.1f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden-size", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--samples", type=int, default=80, help="demo samples (each ~50 teacher tokens)")
+    p.add_argument("--batch-tokens", type=int, default=1024)
+    p.add_argument("--topk", type=int, default=64)
+    p.add_argument("--codecs", default="bf16,ecq")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--shard-tokens", type=int, default=1024,
+                   help="small shards so that a short run writes most of its data while computing, as a long one does")
+    args = p.parse_args()
+
+    import genrecal_cache.backends.hf as hf
+    from genrecal_cache.data import decode_image, read_samples
+    from genrecal_cache.demo_data import write_demo_dataset
+    from genrecal_cache.extract import ExtractConfig, extract
+    from genrecal_cache.families import adapter_for
+    from genrecal_cache.testing import build_tiny_teacher
+
+    print(f"# bench/extract_overhead.py on {machine()}")
+    tmp = Path(tempfile.mkdtemp(prefix="genrecal-extract-bench-"))
+    teacher = str(build_tiny_teacher(tmp / "teacher", hidden_size=args.hidden_size, layers=args.layers, head_dim=64))
+    data = str(write_demo_dataset(tmp / "demo", n=args.samples, seed=0))
+
+    # the inputs exactly as extract() prepares and batches them
+    adapter = adapter_for(teacher)
+    processor = adapter.load_processor(teacher)
+    pad_id = processor.tokenizer.pad_token_id or 0
+    encoded = [adapter.encode(processor, s, [decode_image(b) for b in s.images], 4096)
+               for s in read_samples(data) if not s.error]
+    batches, batch, longest = [], [], 0
+    for e in encoded:
+        n = int(e.input_ids.shape[0])
+        if batch and (len(batch) + 1) * max(longest, n) > args.batch_tokens:
+            batches.append(batch)
+            batch, longest = [], 0
+        batch.append(e)
+        longest = max(longest, n)
+    batches.append(batch)
+    tokens = sum(int(e.input_ids.shape[0]) for e in encoded)
+    backend = hf.HFBackend(adapter, teacher, torch.float32, "cpu", pad_id)
+    params = sum(p.numel() for p in backend.model.parameters())
+    print(f"teacher: Qwen2-VL architecture, d={args.hidden_size}, {args.layers} layers, {params / 1e6:.0f}M parameters "
+          f"(random), vocab {backend.head.vocab_size}; {len(encoded)} samples, {tokens} tokens, "
+          f"{len(batches)} batches of <= {args.batch_tokens} padded tokens, top-k {args.topk}, float32 on CPU")
+    backend.hidden_states(batches[0])  # warm-up
+
+    def bare() -> float:
+        t0 = time.perf_counter()
+        for b in batches:
+            backend.hidden_states(b)
+        return tokens / (time.perf_counter() - t0)
+
+    marks: dict[str, float] = {}
+
+    class Timed(hf.HFBackend):
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            self.hidden_states(batches[0])  # the same warm-up, outside the timing
+            marks["ready"] = time.perf_counter()
+
+    def run_extract(codec: str, round_: int) -> float:
+        original, hf.HFBackend = hf.HFBackend, Timed
+        try:
+            m = extract(ExtractConfig(teacher=teacher, data=data, out=str(tmp / f"cache-{codec}-{round_}"),
+                                      backend="transformers", topk=args.topk, batch_tokens=args.batch_tokens,
+                                      hidden_codec=codec, dtype="float32", device="cpu", progress=False,
+                                      shard_tokens=args.shard_tokens))
+        finally:
+            hf.HFBackend = original
+        done = time.perf_counter()
+        assert m.counts["tokens"] == tokens, (m.counts, tokens)
+        return tokens / (done - marks["ready"])
+
+    codecs = args.codecs.split(",")
+    bare_rates, ratios = [bare()], {c: [] for c in codecs}
+    rows = [("bare", bare_rates[0], None)]
+    for r in range(args.rounds):  # bare, extract per codec, bare, ...: each ratio uses the bare runs around it
+        ext = {c: run_extract(c, r) for c in codecs}
+        bare_rates.append(bare())
+        ref = (bare_rates[-2] + bare_rates[-1]) / 2
+        for c, rate in ext.items():
+            ratios[c].append(rate / ref)
+            rows.append((f"extract {c}", rate, rate / ref))
+        rows.append(("bare", bare_rates[-1], None))
+    print(f"\n{'run (in order)':<16} {'tokens/s':>9} {'/ bare around it':>17}")
+    for name, rate, ratio in rows:
+        print(f"{name:<16} {rate:>9.0f} {'' if ratio is None else f'{ratio:>17.3f}'}")
+    print()
+    for c in codecs:
+        print(f"extract / bare, {c}: median {np.median(ratios[c]):.3f} over {len(ratios[c])} rounds (target >= 0.90)")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
