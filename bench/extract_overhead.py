@@ -44,7 +44,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden-size", type=int, default=2048)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--samples", type=int, default=80, help="demo samples (each ~50 teacher tokens)")
+    p.add_argument("--samples", type=int, default=160, help="demo samples (each ~50 teacher tokens)")
     p.add_argument("--batch-tokens", type=int, default=1024)
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--codecs", default="bf16,ecq")
@@ -119,7 +119,7 @@ def main() -> None:
     bare_rates, ratios = [bare()], {c: [] for c in codecs}
     rows = [("bare", bare_rates[0], None)]
     for r in range(args.rounds):  # bare, extract per codec, bare, ...: each ratio uses the bare runs around it
-        ext = {c: run_extract(c, r) for c in codecs}
+        ext = {c: run_extract(c, r) for c in (codecs if r % 2 == 0 else codecs[::-1])}  # alternate the order
         bare_rates.append(bare())
         ref = (bare_rates[-2] + bare_rates[-1]) / 2
         for c, rate in ext.items():

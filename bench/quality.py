@@ -2,8 +2,8 @@
 
 One command, CPU only, offline:
 
-    PYTHONPATH=genrecal_cache/compat HF_HUB_OFFLINE=1 python bench/quality.py          # full (~30 min, 2 cores)
-    PYTHONPATH=genrecal_cache/compat HF_HUB_OFFLINE=1 python bench/quality.py --quick  # smoke run (~3 min)
+    PYTHONPATH=genrecal_cache/compat HF_HUB_OFFLINE=1 python bench/quality.py          # full (~35-40 min on 2 idle cores)
+    PYTHONPATH=genrecal_cache/compat HF_HUB_OFFLINE=1 python bench/quality.py --quick  # smoke run (~3-6 min)
 
 What it does (every step writes its result to disk first, so a rerun resumes where it stopped):
 1. data: synthetic shape questions + scikit-learn digit questions; train and held-out test splits
@@ -275,7 +275,7 @@ def plots(results: dict, out: Path) -> list[Path]:
     ax.set_ylabel("held-out exact match (%)")
     ax.set_title(f"Student accuracy, same budget ({results['setup']['steps']} steps x "
                  f"{results['setup']['batch_size']}), {len(results['setup']['seeds'])} seeds")
-    ax.legend(loc="lower right")
+    ax.legend(loc="center right")
     fig.tight_layout()
     bar_png = out / "quality_accuracy.png"
     fig.savefig(bar_png, dpi=120)

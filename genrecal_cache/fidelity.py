@@ -109,7 +109,7 @@ def fidelity(head: TeacherHead, exact: np.ndarray, decoded: np.ndarray, chunk_to
 def codec_fidelity(head: TeacherHead, states: np.ndarray, codec: str | HiddenCodec,
                    chunk_tokens: int = 512) -> Fidelity:
     """Fidelity of `codec` on `states` [N, d] (encoded and decoded `chunk_tokens` rows at a time,
-    like the writer's inner chunks; q4's channel equalisation is per chunk)."""
+    like the writer's inner chunks)."""
     c = hidden_codec(codec) if isinstance(codec, str) else codec
     states = np.asarray(states, dtype=np.float32)
     decoded = np.concatenate([c.round_trip(states[a:a + chunk_tokens])

@@ -356,3 +356,80 @@ def test_lossy_cache_from_extract_trains(tmp_path, teacher_dir, student_dir, dem
                       device="cpu", prefetch=2, checkpoint_every=1000))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records and all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+
+
+@pytest.mark.parametrize("name", C.HIDDEN_CODECS)
+def test_direct_local_reads_equal_zarr_reads(caches, name, tmp_path):
+    """TeacherCache reads local shards itself (genrecal_cache/fastread.py); zarr must see the same."""
+    import shutil
+
+    path = caches[1][name][0]
+    cache = TeacherCache.open(path)
+    feats = cache._features()
+    assert cache._fast_readers(feats) is not None
+    T = cache.manifest.counts["tokens"]
+    rng = np.random.default_rng(0)
+    for lo, hi in [(0, T), (0, 1), (T - 1, T), (31, 33), (127, 129), *(sorted(rng.integers(0, T, 2)) for _ in range(8))]:
+        got = cache._read_tokens(int(lo), int(hi))
+        for k, a in feats.items():
+            want = a[int(lo):int(hi)]
+            if k == "hidden":
+                want = C.hidden_codec(name).to_float32(want)
+            assert got[k].dtype == want.dtype
+            np.testing.assert_array_equal(got[k], want)
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    shard = broken / "features.zarr" / "hidden" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # inside the shard index
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheFormatError, match="crc32c"):
+        TeacherCache.open(broken)[0]
+
+
+def test_plan_and_extract_cli_options():
+    from typer.testing import CliRunner
+
+    from cli.cache_cli import app
+
+    r = CliRunner().invoke(app, ["plan", "--tokens", "1000000", "--hidden-size", "512", "--vocab", "5000",
+                                 "--codec", "ecq", "--topk", "8", "--samples", "2000", "--json"])
+    assert r.exit_code == 0, r.output
+    est = json.loads(r.output)
+    assert est["hidden_codec"] == "ecq" and est["tokens"] == 1_000_000
+    assert 0.25 < est["arrays"]["hidden"]["bytes_per_token"] / (2 * 512) < 0.40
+    r = CliRunner().invoke(app, ["plan", "--tokens", "10", "--hidden-size", "8", "--vocab", "9", "--topk", "4",
+                                 "--codec", "int3"], env={"COLUMNS": "200"})
+    assert r.exit_code != 0 and "unknown hidden codec 'int3'" in r.output, r.output
+    r = CliRunner().invoke(app, ["extract", "--help"])
+    assert "--hidden-codec" in r.output
+
+
+def test_reused_read_buffers_never_change_a_sample_still_in_use(caches):
+    """iter_samples reuses group buffers (fastread.BufferPool) only once no sample's view is alive."""
+    for name in ("bf16", "ecq"):
+        cache = TeacherCache.open(caches[1][name][0])
+        want = {s.id: s.hidden.copy() for s in cache.iter_samples(readahead=0)}
+        kept, derived = {}, []
+        for j, s in enumerate(cache.iter_samples("shuffled", seed=3)):
+            if j % 3 == 0:
+                kept[s.id] = s.hidden                       # the sample's view itself
+            elif j % 3 == 1:
+                derived.append((s.id, torch.from_numpy(s.hidden)[1:]))  # only a tensor made from a view of it
+        assert kept and derived
+        for sid, h in kept.items():
+            np.testing.assert_array_equal(h, want[sid])
+        for sid, t in derived:
+            np.testing.assert_array_equal(t.numpy(), want[sid][1:])
+    from genrecal_cache.fastread import BufferPool
+
+    pool = BufferPool(max_buffers=2, min_bytes=0)
+    a = pool.empty((4, 4), np.float32)
+    b = pool.empty((4, 4), np.float32)
+    assert not np.shares_memory(a, b)
+    view = a[1:]
+    del a
+    assert not np.shares_memory(pool.empty((4, 4), np.float32), view)  # a's buffer is still in use by the view
+    del view
+    c = pool.empty((4, 4), np.float32)
+    assert any(np.shares_memory(c, buf) for buf in pool._bufs)  # now reused

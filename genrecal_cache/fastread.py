@@ -1,0 +1,229 @@
+"""Fast reads of a local cache's feature arrays, straight from the shard files.
+
+zarr-python reads a token range of a sharded array correctly but slowly for this access pattern
+(measured by bench/read_throughput.py: about a third of what the codecs themselves decode at):
+it fetches the shard, decodes every inner chunk into a fresh buffer, copies it into a fresh output,
+and the reader then converts bf16 bits to float32 in another pass. Here, for arrays whose layout is
+the one genrecal writes (token-axis shards, index at the end with crc32c, inner chain of `bytes` or
+a genrecal hidden codec, then blosc/zstd), each inner chunk is read with one `pread`, decompressed
+and decoded on a small thread pool (blosc and numpy release the GIL) and written straight into the
+output, converting bf16 to float32 on the way while the chunk is still in cache. The shard index
+and its crc32c are checked exactly as zarr checks them. Anything else (remote stores, other codecs)
+goes through zarr; tests compare both paths.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import google_crc32c
+import numcodecs
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
+
+from .codecs import _HiddenArrayBytesCodec, decode_payload
+
+EMPTY = np.uint64(2**64 - 1)
+_SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
+            "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def decode_pool() -> ThreadPoolExecutor:
+    """A process-wide pool for chunk decoding (recreated after a fork)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            workers = max(2, min(4, os.cpu_count() or 2))
+            _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="genrecal-decode"))
+        return _pool[1]
+
+
+def bf16_into(out: np.ndarray, bits: np.ndarray) -> None:
+    """Write bfloat16 `bits` (uint16) into C-contiguous float32 `out` of the same shape (exact)."""
+    np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)
+
+
+_scratch = threading.local()
+
+
+def _buffer(name: str, nbytes: int) -> np.ndarray:
+    """A per-thread reusable byte buffer (no fresh allocation, and no page faults, per chunk)."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(max(nbytes, 1 << 20), np.uint8)
+        setattr(_scratch, name, buf)
+    return buf[:nbytes]
+
+
+class ShardedArrayReader:
+    """Token ranges of one local sharded array. Build with `for_array` (None: use zarr instead)."""
+
+    def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype, shard_tokens: int, chunk_tokens: int,
+                 decompress: list[Any], deserialize: Callable[[Any], np.ndarray], encoded_nbytes: int) -> None:
+        self.path, self.shape, self.dtype = path, shape, dtype
+        self.shard_tokens, self.chunk_tokens = shard_tokens, chunk_tokens
+        self.chunks_per_shard = shard_tokens // chunk_tokens
+        self._decompress, self._deserialize = decompress, deserialize
+        self.encoded_nbytes = encoded_nbytes  # one inner chunk after the serializer, before compression
+        self._indexes: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_array(cls, array: zarr.Array, path: str) -> ShardedArrayReader | None:
+        codecs = array.metadata.codecs
+        if array.ndim not in (1, 2) or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+            return None
+        sh = codecs[0]
+        tail = tuple(array.shape[1:])
+        if (sh.index_location != ShardingCodecIndexLocation.end or tuple(sh.chunk_shape[1:]) != tail
+                or tuple(array.shards[1:]) != tail or [type(c) for c in sh.index_codecs] != [BytesCodec, Crc32cCodec]
+                or array.fill_value not in (0, False)):
+            return None
+        serializer, *compressors = sh.codecs
+        decompress = []
+        for c in compressors:
+            if isinstance(c, BloscCodec):
+                decompress.append(numcodecs.Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=_SHUFFLE[c.shuffle.value],
+                                                  blocksize=c.blocksize))
+            elif isinstance(c, ZstdCodec):
+                decompress.append(numcodecs.Zstd(level=c.level))
+            else:
+                return None
+        dtype = np.dtype(array.dtype)
+        chunk_shape = tuple(sh.chunk_shape)
+        if isinstance(serializer, BytesCodec) and (dtype.itemsize == 1 or serializer.endian is None
+                                                   or serializer.endian.value == "little") and np.little_endian:
+            def deserialize(b: Any) -> np.ndarray:
+                return np.frombuffer(b, dtype=dtype).reshape(chunk_shape)
+            encoded_nbytes = int(np.prod(chunk_shape)) * dtype.itemsize
+        elif isinstance(serializer, _HiddenArrayBytesCodec):
+            def deserialize(b: Any, out: np.ndarray | None = None) -> np.ndarray:
+                return decode_payload(np.frombuffer(b, np.uint8), out=out).reshape(chunk_shape)
+            deserialize.into = True  # type: ignore[attr-defined]  # can decode straight into the output
+            encoded_nbytes = serializer.encoded_size(int(np.prod(chunk_shape[:-1])), chunk_shape[-1])
+        else:
+            return None
+        return cls(path, tuple(array.shape), dtype, int(array.shards[0]), int(sh.chunk_shape[0]), decompress,
+                   deserialize, encoded_nbytes)
+
+    # ---- files ----------------------------------------------------------------------------------
+    def _shard_file(self, s: int) -> str:
+        return os.path.join(self.path, "c", str(s), *(["0"] if len(self.shape) == 2 else []))
+
+    def _index(self, s: int, fd: int) -> np.ndarray:
+        with self._lock:
+            idx = self._indexes.get(s)
+            if idx is not None:
+                self._indexes.move_to_end(s)
+                return idx
+        n = 16 * self.chunks_per_shard + 4
+        size = os.fstat(fd).st_size
+        raw = os.pread(fd, n, size - n)
+        if len(raw) != n:
+            raise ValueError(f"{self._shard_file(s)}: {size} bytes, too short for its shard index")
+        if np.uint32(google_crc32c.value(raw[:-4])).tobytes() != raw[-4:]:
+            raise ValueError(f"{self._shard_file(s)}: shard index fails its crc32c check")
+        idx = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.chunks_per_shard, 2)
+        with self._lock:
+            self._indexes[s] = idx
+            while len(self._indexes) > 64:
+                self._indexes.popitem(last=False)
+        return idx
+
+    # ---- reading -----------------------------------------------------------------------------------
+    def tasks(self, lo: int, hi: int, out: np.ndarray, convert_bf16: bool) -> list[Callable[[], None]]:
+        """Closures that each fill one inner chunk's part of out[0 : hi - lo] (run them on a pool)."""
+        if not 0 <= lo <= hi <= self.shape[0]:
+            raise IndexError(f"{self.path}: tokens [{lo}, {hi}) outside [0, {self.shape[0]})")
+        jobs = []
+        c = self.chunk_tokens
+        for k in range(lo // c, -(-hi // c)):  # global inner-chunk numbers
+            a, b = max(lo, k * c), min(hi, (k + 1) * c)
+            jobs.append(self._job(k, a - k * c, b - k * c, out[a - lo:b - lo], convert_bf16))
+        return jobs
+
+    def _job(self, k: int, a: int, b: int, dest: np.ndarray, convert_bf16: bool) -> Callable[[], None]:
+        def run() -> None:
+            s, j = divmod(k, self.chunks_per_shard)
+            fd = os.open(self._shard_file(s), os.O_RDONLY)
+            try:
+                offset, nbytes = self._index(s, fd)[j]
+                if offset == EMPTY:
+                    dest[...] = 0
+                    return
+                data: Any = _buffer("raw", int(nbytes))
+                got = os.preadv(fd, [data], int(offset))
+            finally:
+                os.close(fd)
+            if got != nbytes:
+                raise ValueError(f"{self._shard_file(s)}: chunk {j} truncated ({got} of {nbytes} bytes)")
+            if len(self._decompress) == 1:  # the usual chain: decode into a reused buffer of the known size
+                data = self._decompress[0].decode(data, out=_buffer("decoded", self.encoded_nbytes))
+            else:
+                for dec in reversed(self._decompress):
+                    data = dec.decode(data)
+            if getattr(self._deserialize, "into", False) and (a, b) == (0, self.chunk_tokens) \
+                    and dest.flags.c_contiguous and dest.dtype == np.float32:
+                self._deserialize(data, out=dest)  # a whole chunk: decode in place
+                return
+            chunk = self._deserialize(data)[a:b]
+            if convert_bf16:
+                bf16_into(dest, chunk)
+            else:
+                dest[...] = chunk
+        return run
+
+
+class BufferPool:
+    """Output buffers reused across reads: writing a fresh 256 MiB array first costs the kernel a
+    page fault and zeroing per page, about a third of a bf16 read. A buffer is handed out again only
+    when nothing references it any more: every numpy view of it (a sample's `hidden`, views of
+    that, tensors made with torch.from_numpy) holds a reference to the buffer itself, so CPython's
+    reference count says exactly whether one is still alive."""
+
+    def __init__(self, max_buffers: int = 4, min_bytes: int = 1 << 20) -> None:
+        self._bufs: list[np.ndarray] = []
+        self.max_buffers, self.min_bytes = max_buffers, min_bytes
+        self._lock = threading.Lock()
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if n < self.min_bytes:
+            return np.empty(shape, dtype)
+        with self._lock:
+            for k in range(len(self._bufs)):
+                # 2 references = the list's and getrefcount's argument: no array or view uses it
+                if self._bufs[k].nbytes >= n and sys.getrefcount(self._bufs[k]) == 2:
+                    return self._bufs[k][:n].view(dtype).reshape(shape)
+            buf = np.empty(n, np.uint8)
+            if len(self._bufs) < self.max_buffers:
+                self._bufs.append(buf)
+            return buf.view(dtype).reshape(shape)
+
+
+def read_ranges(requests: list[tuple[ShardedArrayReader, int, int, bool]], pool: BufferPool | None = None
+                ) -> list[np.ndarray]:
+    """Read [lo, hi) of several arrays at once on the decode pool; (reader, lo, hi, bf16 -> float32).
+    Outputs come from `pool` when given (see BufferPool)."""
+    outs, jobs = [], []
+    for reader, lo, hi, bf16 in requests:
+        shape, dtype = (hi - lo, *reader.shape[1:]), np.dtype(np.float32 if bf16 else reader.dtype)
+        out = pool.empty(shape, dtype) if pool is not None else np.empty(shape, dtype)
+        outs.append(out)
+        jobs += reader.tasks(lo, hi, out, bf16)
+    if len(jobs) == 1:
+        jobs[0]()
+    else:
+        for f in [decode_pool().submit(job) for job in jobs]:
+            f.result()
+    return outs
