@@ -234,7 +234,10 @@ def test_where_things_live(loaded) -> None:
     vision = [n for n in names if n.startswith(tuple(prefixes))]
     text_names = {f"{prefix}{n}" for prefix in ("model.language_model.",) for n, _ in text.named_parameters()}
     assert vision and set(vision).isdisjoint(text_names)
-    assert set(names) == set(vision) | text_names | {"lm_head.weight"}
+    # what is neither vision encoder nor text decoder: the head, and LLaVA's projector (it trains with the LM)
+    projector = {n for n in names if n.startswith("model.multi_modal_projector.")}
+    assert set(names) == set(vision) | text_names | {"lm_head.weight"} | projector
+    assert not any(n.startswith("model.multi_modal_projector.") for n in vision)
 
 
 # --- CPU compatibility shim --------------------------------------------------------------------
