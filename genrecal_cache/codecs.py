@@ -501,6 +501,10 @@ class HiddenCodec:
         if not t.is_floating_point():
             raise ValueError(f"hidden must be floating point, got {t.dtype}")
         if self.name == "bf16":
+            if t.device.type == "cpu" and t.dtype == torch.float32:
+                # the same round-to-nearest-even as torch's cast, in numpy: torch's cast runs on its OpenMP
+                # pool, which stalls (several ms per sample) while the writer thread keeps a core busy
+                return float32_to_bf16_bits(t.contiguous().numpy())
             return t.to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16).copy()
         return t.to(torch.float32).cpu().numpy().copy()
 
@@ -530,6 +534,17 @@ class HiddenCodec:
         if self.quantizer is not None:
             return decode_payload(self.quantizer.encode_array(x32)).reshape(x32.shape)
         return bf16_bits_to_float32(self.to_stored(x32)) if self.name == "bf16" else x32.copy()
+
+
+def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even: bit-identical to torch's
+    `.to(torch.bfloat16)` (NaN payloads aside; the writer rejects NaN and inf anyway)."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    lsb = (b >> 16) & np.uint32(1)
+    lsb += np.uint32(0x7FFF)
+    lsb += b
+    lsb >>= 16
+    return lsb.astype(np.uint16)
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:

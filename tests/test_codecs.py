@@ -433,3 +433,13 @@ def test_reused_read_buffers_never_change_a_sample_still_in_use(caches):
     del view
     c = pool.empty((4, 4), np.float32)
     assert any(np.shares_memory(c, buf) for buf in pool._bufs)  # now reused
+
+
+def test_bf16_rounding_in_numpy_is_torchs():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([(rng.standard_normal(100_000) * 10.0 ** rng.integers(-30, 30, 100_000)).astype(np.float32),
+                        np.array([0.0, -0.0, 1e-45, -1e-45, 3.38e38, -3.38e38, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8],
+                                 np.float32)])
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(C.float32_to_bf16_bits(x), want)
+    np.testing.assert_array_equal(C.hidden_codec("bf16").to_stored(torch.from_numpy(x)), want)
