@@ -38,6 +38,14 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 _pool_lock = threading.Lock()
 
 
+def _after_fork_in_child() -> None:  # the parent's pool threads (and a lock one of them held) are gone
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def decode_pool() -> ThreadPoolExecutor:
     """A process-wide pool for chunk decoding (recreated after a fork)."""
     global _pool

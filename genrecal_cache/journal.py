@@ -165,6 +165,12 @@ class JournalMixin:
         except ValueError as e:
             raise CacheWriteError(str(e)) from e
         leftovers = [p.name for p in out.iterdir() if p.name != PROGRESS_NAME + ".tmp"] if out.exists() else []
+        if progress is None and set(leftovers) <= {COMMITS_DIR, HEAD_NAME + ".tmp"} \
+                and not any((out / COMMITS_DIR).glob("*")):
+            # killed before the first progress file: nothing was committed, only our own start-up files exist
+            shutil.rmtree(out / COMMITS_DIR, ignore_errors=True)
+            (out / (HEAD_NAME + ".tmp")).unlink(missing_ok=True)
+            leftovers = []
         if progress is None and leftovers:
             raise CacheWriteError(f"{out} already holds files of an unfinished run ({', '.join(sorted(leftovers)[:4])}) "
                                   f"but no {PROGRESS_NAME} to resume from; choose a new directory or delete it first")
