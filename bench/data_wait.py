@@ -15,10 +15,12 @@ first step (the stream starting up) is reported separately. Target (issue 6): < 
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import json
 import os
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -52,6 +54,7 @@ def main() -> None:
 
     print(f"# bench/data_wait.py on {machine()}")
     tmp = Path(tempfile.mkdtemp(prefix="genrecal-wait-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # models and caches: hundreds of MB
     student = args.student or str(build_tiny_student(tmp / "student"))
     caches = {}
     if args.cache:

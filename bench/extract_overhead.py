@@ -26,9 +26,11 @@ Target (issue 6): extract / bare >= 0.90, i.e. writing overlaps compute.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -65,6 +67,7 @@ def main() -> None:
 
     print(f"# bench/extract_overhead.py on {machine()}")
     tmp = Path(tempfile.mkdtemp(prefix="genrecal-extract-bench-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # models and caches: hundreds of MB
     teacher = str(build_tiny_teacher(tmp / "teacher", hidden_size=args.hidden_size, layers=args.layers, head_dim=64))
     data = str(write_demo_dataset(tmp / "demo", n=args.samples, seed=0))
 

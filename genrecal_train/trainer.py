@@ -158,6 +158,8 @@ def train(cfg: TrainConfig) -> Path:
         processor.save_pretrained(final)
     if world > 1:
         dist.barrier()
+        # an undestroyed gloo group can abort the process at interpreter exit ("terminate called ...")
+        dist.destroy_process_group()
     return final
 
 
