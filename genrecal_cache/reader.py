@@ -335,19 +335,9 @@ class TeacherCache:
                 groups.append([])
                 group_key = key
             groups[-1].append(i)
-        if order == "shuffled":
-            rng = np.random.default_rng(seed)
-            groups = [groups[g] for g in rng.permutation(len(groups))]
-            groups = [[grp[j] for j in rng.permutation(len(grp))] for grp in groups]
-        flat = [(g, i) for g, grp in enumerate(groups) for i in grp]
-        n = len(flat)
-        mine = flat[rank * n // world_size:(rank + 1) * n // world_size][max(0, start):]
-        pieces: list[list[int]] = []
-        for j, (g, i) in enumerate(mine):
-            if j == 0 or g != mine[j - 1][0]:
-                pieces.append([])
-            pieces[-1].append(i)
-        return pieces
+        from .parts import split_plan  # the one shuffle/rank split, shared with multi-part caches
+
+        return split_plan(groups, order, seed, rank, world_size, start)
 
     def iter_samples(self, order: Literal["ordered", "shuffled"] = "ordered", seed: int = 0, rank: int = 0,
                      world_size: int = 1, start: int = 0, status: Literal["ok", "error", "all"] = "ok",
