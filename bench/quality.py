@@ -15,9 +15,6 @@ What it does (every step writes its result to disk first, so a rerun resumes whe
    - sft              student SFT only (stages [3], all steps)
    - genrecal_noreg   GenRecal stages 1-3 without the regularization pass
    - genrecal         GenRecal stages 1-3, full
-   - genrecal_start   GenRecal stages 1-3, full, with the main pass predicting each answer's first
-                      token from the student's state (`genrecal_train.answer_start`: the teacher
-                      state that already predicts the answer is not shown to the main pass)
    - uld              cross-tokenizer logit KD (Universal Logit Distillation, Boizard et al. 2024):
                       stage-3 SFT + sorted-probability Wasserstein loss to the teacher's answer
                       distributions (`genrecal_train.uld`)
@@ -47,12 +44,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")  # one log line per step and run instead of progress bars
 
-ARMS = ("sft", "genrecal_noreg", "genrecal", "genrecal_start", "uld")
+ARMS = ("sft", "genrecal_noreg", "genrecal", "uld")
 ARM_LABELS = {"sft": "student SFT only", "genrecal_noreg": "GenRecal 1-3, no reg. pass",
-              "genrecal": "GenRecal 1-3 (full)", "genrecal_start": "GenRecal 1-3, student answer start",
+              "genrecal": "GenRecal 1-3 (full)",
               "uld": "ULD (logit KD, cross-tokenizer)"}
 
-ARM_COLOURS = {"sft": "#888888", "genrecal_noreg": "#9ecae1", "genrecal": "#4292c6", "genrecal_start": "#08519c",
+ARM_COLOURS = {"sft": "#888888", "genrecal_noreg": "#9ecae1", "genrecal": "#08519c",
                "uld": "#fd8d3c"}
 
 
@@ -69,6 +66,8 @@ class Setup:
     teacher_hidden: int = 256
     teacher_layers: int = 4
     teacher_vision_width: int = 128
+    teacher_vision_depth: int = 1
+    teacher_image_side: int | None = None  # None: 56 px, 4 image tokens; 112: 16 image tokens
     teacher_steps: int = 800
     teacher_batch: int = 16
     teacher_lr: float = 1e-3
@@ -172,17 +171,12 @@ def run_train(out: Path, **kw) -> tuple[Path, float]:
     if out.exists():
         shutil.rmtree(out)
     uld_weight = kw.pop("w_uld", None)
-    answer_start = kw.pop("answer_start", False)
     cfg = TrainConfig(out=str(out), checkpoint_every=10**9, prefetch=4, **kw)
     t0 = time.perf_counter()
     if uld_weight is not None:
         from genrecal_train.uld import train_uld
 
         final = train_uld(cfg, w_uld=uld_weight)
-    elif answer_start:
-        from genrecal_train.answer_start import train_answer_start
-
-        final = train_answer_start(cfg)
     else:
         final = train(cfg)
     secs = time.perf_counter() - t0
@@ -214,7 +208,26 @@ def arm_config(arm: str, s: Setup) -> dict:
     n2 = max(1, round(s.steps * s.stage_split[1]))
     n3 = max(1, s.steps - n1 - n2)
     return dict(stages=[1, 2, 3], stage_steps=[n1, n2, n3], use_reg_pass=arm != "genrecal_noreg",
-                answer_start=arm == "genrecal_start", **common)
+                **common)
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    env()
+
+
+def run_arm(job: tuple) -> dict:
+    """Train and evaluate one (arm, seed) run (or reuse it); runs in a worker process."""
+    arm, seed, out, cache, test_data, kw = job
+    rdir = Path(out) / "runs" / f"{arm}-seed{seed}"
+    log(f"{arm} seed {seed}: training ...")
+    final, secs = run_train(rdir, cache=cache, student=str(Path(out) / "students" / f"seed{seed}"), seed=seed, **kw)
+    ev = run_eval(final, Path(test_data), rdir / "eval.json")
+    log(f"{arm} seed {seed}: {100 * ev['accuracy']:.1f}% ({secs:.0f}s training)")
+    return {"arm": arm, "seed": seed, "accuracy": ev["accuracy"], "n": ev["n"], "per_type": ev["per_type"],
+            "train_s": secs, "metrics": str(rdir / "metrics.jsonl")}
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -326,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, help="optimizer steps per arm (the fixed budget)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any Setup field (JSON value), e.g. --set w_kl=0.5 --set stage_split=[0.2,0.5,0.3]")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="runs trained at once, one CPU thread each (default: the CPU count, at most 4)")
     p.add_argument("--no-docs-img", action="store_true", help="do not copy the PNGs to docs/img/")
     args = p.parse_args(argv)
 
@@ -362,7 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
     t_init = tdir / "init"
     if not (t_init / "config.json").is_file():
         build_tiny_teacher(t_init, seed=1234, hidden_size=s.teacher_hidden, layers=s.teacher_layers,
-                           vision_width=s.teacher_vision_width)
+                           vision_width=s.teacher_vision_width, vision_depth=s.teacher_vision_depth,
+                           image_side=s.teacher_image_side)
     raw_cache = tdir / "raw_cache"
     t_kw = dict(stages=[3], stage_steps=[s.teacher_steps], batch_size=s.teacher_batch, lr=s.teacher_lr,
                 lr_end=s.teacher_lr_end, train_vision=True, seed=0)
@@ -383,21 +399,28 @@ def main(argv: list[str] | None = None) -> dict:
                "teacher": {"eval": {k: v for k, v in t_eval.items() if k != "predictions"}, "train_s": t_secs},
                "runs": []}
 
-    # 3. arms x seeds
+    # 3. arms x seeds: independent runs, `--workers` at a time (one thread each: these tiny models
+    # do not scale over threads, so N processes give ~N times the throughput of one)
     for seed in s.seeds:
         sdir = out / "students" / f"seed{seed}"
         if not (sdir / "config.json").is_file():
             build_tiny_student(sdir, seed=seed, hidden_size=s.student_hidden, layers=s.student_layers)
-        for arm in s.arms:
-            rdir = out / "runs" / f"{arm}-seed{seed}"
-            log(f"{arm} seed {seed}: training ...")
-            final, secs = run_train(rdir, cache=str(cache), student=str(sdir), seed=seed, **arm_config(arm, s))
-            ev = run_eval(final, test_data, rdir / "eval.json")
-            log(f"{arm} seed {seed}: {100 * ev['accuracy']:.1f}% ({secs:.0f}s training)")
-            results["runs"].append({"arm": arm, "seed": seed, "accuracy": ev["accuracy"], "n": ev["n"],
-                                    "per_type": ev["per_type"], "train_s": secs,
-                                    "metrics": str(rdir / "metrics.jsonl")})
-            (out / "results.partial.json").write_text(json.dumps(results, indent=1))
+    jobs = [(arm, seed, str(out), str(cache), str(test_data), arm_config(arm, s))
+            for seed in s.seeds for arm in s.arms]
+    workers = max(1, min(args.workers, len(jobs)))
+    if workers == 1:
+        done = map(run_arm, jobs)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread)
+        done = pool.map(run_arm, jobs)
+    for run in done:
+        results["runs"].append(run)
+        (out / "results.partial.json").write_text(json.dumps(results, indent=1))
+    if workers > 1:
+        pool.shutdown()
 
     # 4. report
     table, summary = summarize(results)

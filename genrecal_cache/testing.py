@@ -185,11 +185,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: Seque
 
 
 def build_tiny_teacher(out_dir: str | Path, seed: int = 0, hidden_size: int = 128, layers: int = 2,
-                       vocab_size: int = 800, head_dim: int = 64, vision_width: int = 64) -> Path:
+                       vocab_size: int = 800, head_dim: int = 64, vision_width: int = 64, vision_depth: int = 1,
+                       image_side: int | None = None) -> Path:
     """Save a random Qwen2-VL-architecture model with its processor into `out_dir`; return it.
 
     A 56x56 image becomes a 4x4 grid of 14-pixel patches, merged 2x2 into 4 image tokens
-    (`min_pixels=784, max_pixels=3136`, so larger images are scaled down to at most 16 tokens).
+    (`min_pixels=784, max_pixels=3136`, so larger images are scaled down to at most 4 tokens).
+    `image_side=S` instead resizes every image to about S x S pixels ((S/28)^2 image tokens), e.g.
+    112 for 16 tokens.
     """
     install_compat_shim()  # Qwen2VLProcessor cannot even be built without torchvision otherwise
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor
@@ -209,13 +212,14 @@ def build_tiny_teacher(out_dir: str | Path, seed: int = 0, hidden_size: int = 12
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope_section},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(depth=1, embed_dim=vision_width, hidden_size=hidden_size, num_heads=max(1, vision_width // 64),
+        vision_config=dict(depth=vision_depth, embed_dim=vision_width, hidden_size=hidden_size, num_heads=max(1, vision_width // 64),
                            mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=784, max_pixels=3136, patch_size=14, merge_size=2,
+    pixels = (784, 3136) if image_side is None else (image_side * image_side, image_side * image_side)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels[0], max_pixels=pixels[1], patch_size=14, merge_size=2,
                                                temporal_patch_size=2)
     processor = _qwen2_vl_processor(Qwen2VLProcessor, image_processor, tokenizer)
     return _save(out_dir, seed, lambda: Qwen2VLForConditionalGeneration(config), processor)

@@ -5,6 +5,10 @@ Which features go where (per sample; spans are answer-content token ranges, one 
              [a, b) (targets gt_l = ids[a:b]); z_ql = every other teacher state before the last one used.
     student: z_qs = the student's states outside its answer spans, before the end of its last span.
     main pass  r_al  = Rec([z_qs, Proj-pre(z_al)]),  regularization pass r_al' = Rec([Proj-pre(z_ql), Proj-pre(z_al)])
+    In the main pass the row of z_al that predicts a span's first token, T[a-1], is the teacher's
+    last *question* state; the question of that pass is the student's, so that row is the student's
+    own state before its answer instead (`answer_start_rows`). Otherwise the Recalibrator reads the
+    answer off the teacher and stage 2 teaches the student almost nothing.
 Multi-turn samples put all question tokens before all answer tokens (the paper has one turn).
 """
 
@@ -143,6 +147,18 @@ def teacher_parts(e: Example) -> tuple[Tensor, Tensor, Tensor]:
     return keep.nonzero().squeeze(1), ans, targets
 
 
+def answer_start_rows(e: Example) -> tuple[Tensor, Tensor]:
+    """(row of each span's first answer token in z_al's layout, the student state before that answer).
+
+    In the main pass the question is the student's, so its first answer token is predicted from the
+    student's last question state (in student space: Proj-pre is not applied), not from the teacher
+    state T[a-1]: that state already predicts the answer, and reading it off lets the Recalibrator
+    ignore the student (docs/benchmarks.md, "the main pass can see the answer")."""
+    lengths = torch.tensor([b - a for a, b in e.teacher_spans])
+    rows = torch.cumsum(lengths, 0) - lengths
+    return rows, torch.tensor([a - 1 for a, _ in e.student_spans])
+
+
 def student_question_index(e: Example) -> Tensor:
     end = e.student_spans[-1][1]
     keep = torch.ones(end, dtype=torch.bool)
@@ -195,7 +211,7 @@ class GenRecal(nn.Module):
                                        lm_head_bias=lm.bias)
             total = total + self.cfg.w_student * losses["l_s"]
         if stage in (1, 2):
-            z_qs, z_al, z_ql, targets = [], [], [], []
+            z_qs, z_al, z_ql, targets, s_al, s_rows = [], [], [], [], [], []
             for i, e in enumerate(batch.examples):
                 q_idx, a_idx, tgt = teacher_parts(e)
                 th = e.teacher_hidden.to(dev)
@@ -203,10 +219,18 @@ class GenRecal(nn.Module):
                 z_al.append(th[a_idx.to(dev)])
                 z_ql.append(th[q_idx.to(dev)])
                 targets.append(tgt.to(dev))
+                rows, before = answer_start_rows(e)
+                s = hs.new_zeros(len(tgt), hs.shape[-1])
+                s[rows.to(dev)] = hs[i, before.to(dev)]
+                s_al.append(s)
+                s_rows.append(torch.zeros(len(tgt), dtype=torch.bool, device=dev).index_fill(0, rows.to(dev), True))
             za, a_mask = _gather(z_al)
             zq, q_mask = _gather(z_qs)
+            sa, _ = _gather(s_al)
+            sm, _ = _gather(s_rows)
             zl, l_mask = _gather(z_ql) if self.cfg.use_reg_pass else (None, None)
-            r_main, r_reg = self.recalibrator(za, a_mask, z_qs=zq, qs_mask=q_mask, z_ql=zl, ql_mask=l_mask)
+            r_main, r_reg = self.recalibrator(za, a_mask, z_qs=zq, qs_mask=q_mask, z_ql=zl, ql_mask=l_mask,
+                                              s_al=sa, s_mask=sm)
             tgt = torch.cat(targets)
             z_t = za[a_mask]
             T, chunk = self.cfg.temperature, self.cfg.loss_chunk

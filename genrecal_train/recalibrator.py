@@ -94,28 +94,34 @@ class Recalibrator(nn.Module):
 
     def forward(self, z_al: Tensor, a_mask: Tensor | None = None, z_qs: Tensor | None = None,
                 qs_mask: Tensor | None = None, z_ql: Tensor | None = None,
-                ql_mask: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+                ql_mask: Tensor | None = None, s_al: Tensor | None = None,
+                s_mask: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """(main r_al, regularization r_al'); each None when its prefix (z_qs / z_ql) is not given.
 
+        `s_al` [B, La, d_s] with bool `s_mask` [B, La]: student-space rows that replace proj_pre(z_al)
+        in the main pass where the mask is set. GenRecal uses it for the row that predicts each
+        answer's first token: in the main pass that prediction comes from the student's last
+        question state, as the question part of that pass is the student's (model.py).
         Both passes run as one batch through the blocks: one forward per step (what DDP expects).
         """
         dtype = self.proj_pre.weight.dtype
         a_mask = _valid(a_mask, z_al)
         answer = self.proj_pre(z_al.to(dtype))
-        prefixes = []
+        passes = []
         if z_qs is not None:
-            prefixes.append((z_qs.to(dtype), _valid(qs_mask, z_qs)))
+            main = answer if s_al is None else torch.where(s_mask[..., None], s_al.to(dtype), answer)
+            passes.append((z_qs.to(dtype), _valid(qs_mask, z_qs), main))
         if z_ql is not None:
-            prefixes.append((self.proj_pre(z_ql.to(dtype)), _valid(ql_mask, z_ql)))
-        if not prefixes:
+            passes.append((self.proj_pre(z_ql.to(dtype)), _valid(ql_mask, z_ql), answer))
+        if not passes:
             raise ValueError("give z_qs (main pass) and/or z_ql (regularization pass)")
 
         # Stack the passes along the batch: pad the prefixes to a common length (masks mark padding).
-        lq = max(p.shape[1] for p, _ in prefixes)
-        prefix = torch.cat([F.pad(p, (0, 0, 0, lq - p.shape[1])) for p, _ in prefixes])
-        q_mask = torch.cat([F.pad(m, (0, lq - m.shape[1])) for _, m in prefixes])
-        n = len(prefixes)
-        out = iter(self.recalibrate(prefix, q_mask, answer.repeat(n, 1, 1), a_mask.repeat(n, 1)).chunk(n))
+        lq = max(p.shape[1] for p, _, _ in passes)
+        prefix = torch.cat([F.pad(p, (0, 0, 0, lq - p.shape[1])) for p, _, _ in passes])
+        q_mask = torch.cat([F.pad(m, (0, lq - m.shape[1])) for _, m, _ in passes])
+        n = len(passes)
+        out = iter(self.recalibrate(prefix, q_mask, torch.cat([a for _, _, a in passes]), a_mask.repeat(n, 1)).chunk(n))
         return (next(out) if z_qs is not None else None), (next(out) if z_ql is not None else None)
 
     def recalibrate(self, prefix: Tensor, q_mask: Tensor, answer: Tensor, a_mask: Tensor) -> Tensor:

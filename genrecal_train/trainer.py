@@ -167,6 +167,10 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
               device: torch.device, rank: int, world: int, *, step0: int, position0: int,
               resume_from: Path | None) -> None:
     params = model.set_stage(stage)
+    # Student and Recalibrator are clipped apart: under one joint norm the (large, early) KD gradients
+    # of a fresh Recalibrator would shrink every student update in stage 2.
+    rec_ids = {id(p) for p in model.recalibrator.parameters()}
+    clip_groups = [g for g in ([p for p in params if id(p) not in rec_ids], [p for p in params if id(p) in rec_ids]) if g]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume_from is not None:
         ckpt.load_optimizer(resume_from, opt)
@@ -204,7 +208,8 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
                 (losses["loss"] / cfg.grad_accum).backward()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in clip_groups:
+            torch.nn.utils.clip_grad_norm_(group, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
