@@ -56,12 +56,21 @@ ARM_COLOURS = {"sft": "#888888", "genrecal_noreg": "#9ecae1", "genrecal": "#0851
 @dataclass
 class Setup:
     """Every knob of the experiment (written into results.json)."""
-    n_shapes_train: int = 1800
-    n_digits_train: int = 1200
+    # Three disjoint splits. The teacher's own training data is larger than the distillation set, as a
+    # big teacher has seen far more than the lab's distillation data (and, having fitted its own data,
+    # a teacher's distribution there is close to the labels: little to distil beyond them).
+    n_shapes_teacher: int = 1800
+    n_digits_teacher: int = 1200
+    teacher_data_seed: int = 0
+    # the distillation set: every arm trains on it (the teacher cache is extracted over it)
+    n_shapes_train: int = 600
+    n_digits_train: int = 400
+    data_seed: int = 2
     n_shapes_test: int = 300
     n_digits_test: int = 200
-    data_seed: int = 0
     test_seed: int = 1000
+    # digit images are drawn from disjoint parts of the 1797 that scikit-learn ships
+    digits_parts: tuple[tuple[int, int], ...] = ((0, 1000), (1000, 1497), (1497, 1797))  # teacher, train, test
     # teacher: wider/deeper than the student
     teacher_hidden: int = 256
     teacher_layers: int = 4
@@ -75,6 +84,9 @@ class Setup:
     # student (LLaVA: Llama + SigLIP), built per seed
     student_hidden: int = 64
     student_layers: int = 2
+    # Every arm starts from the same student, SFT'd for this many steps first (0: from random init).
+    # The paper distils into pre-trained students; a random one is not a student yet.
+    student_warmup_steps: int = 0
     # the budget every arm gets
     steps: int = 250
     batch_size: int = 16
@@ -91,7 +103,7 @@ class Setup:
     arms: list[str] = field(default_factory=lambda: list(ARMS))
 
 
-QUICK = dict(n_shapes_train=240, n_digits_train=160, n_shapes_test=60, n_digits_test=40, teacher_steps=120,
+QUICK = dict(n_shapes_teacher=240, n_digits_teacher=160, n_shapes_train=120, n_digits_train=80, n_shapes_test=60, n_digits_test=40, teacher_steps=120,
              teacher_batch=8, teacher_hidden=128, teacher_layers=2, teacher_vision_width=64, steps=60,
              batch_size=8, seeds=[0])
 
@@ -113,7 +125,7 @@ def env() -> dict:
 
 # --- data ------------------------------------------------------------------------------------------
 
-def make_split(folder: Path, n_shapes: int, n_digits: int, seed: int) -> Path:
+def make_split(folder: Path, n_shapes: int, n_digits: int, seed: int, digits_part: tuple[int, int]) -> Path:
     """shapes + digits in one folder: one JSONL (qtype per record), images side by side."""
     from genrecal_cache.demo_data import write_demo_dataset, write_digits_dataset
 
@@ -125,7 +137,7 @@ def make_split(folder: Path, n_shapes: int, n_digits: int, seed: int) -> Path:
     if n_shapes:
         lines += write_demo_dataset(folder, n_shapes, seed=seed).read_text().splitlines()
     if n_digits:  # image names differ (demo-* vs digit-*), so both fit in one images/ folder
-        lines += write_digits_dataset(folder, n_digits, seed=seed).read_text().splitlines()
+        lines += write_digits_dataset(folder, n_digits, seed=seed, part=tuple(digits_part)).read_text().splitlines()
     (folder / "train.jsonl").unlink(missing_ok=True)
     tmp = folder / "data.jsonl.tmp"
     tmp.write_text("\n".join(lines) + "\n")
@@ -211,6 +223,12 @@ def arm_config(arm: str, s: Setup) -> dict:
                 **common)
 
 
+def student_for(out: Path, seed: int, s: Setup) -> Path:
+    """Where every arm of a seed starts: the fresh student, or its SFT warm-up's result."""
+    sdir = out / "students" / f"seed{seed}"
+    return sdir.with_name(f"seed{seed}-warm") / "final" if s.student_warmup_steps else sdir
+
+
 def _one_thread() -> None:
     import torch
 
@@ -220,10 +238,10 @@ def _one_thread() -> None:
 
 def run_arm(job: tuple) -> dict:
     """Train and evaluate one (arm, seed) run (or reuse it); runs in a worker process."""
-    arm, seed, out, cache, test_data, kw = job
+    arm, seed, out, cache, student, test_data, kw = job
     rdir = Path(out) / "runs" / f"{arm}-seed{seed}"
     log(f"{arm} seed {seed}: training ...")
-    final, secs = run_train(rdir, cache=cache, student=str(Path(out) / "students" / f"seed{seed}"), seed=seed, **kw)
+    final, secs = run_train(rdir, cache=cache, student=student, seed=seed, **kw)
     ev = run_eval(final, Path(test_data), rdir / "eval.json")
     log(f"{arm} seed {seed}: {100 * ev['accuracy']:.1f}% ({secs:.0f}s training)")
     return {"arm": arm, "seed": seed, "accuracy": ev["accuracy"], "n": ev["n"], "per_type": ev["per_type"],
@@ -246,6 +264,10 @@ def summarize(results: dict) -> tuple[str, dict]:
     summary = {}
     rows = [("teacher (ceiling)", f"{100 * teacher['accuracy']:.1f}", "1",
              *[f"{100 * teacher['per_type'][q]['accuracy']:.1f}" for q in qtypes])]
+    if "same_data_student" in results:  # the student model trained like the teacher, on the teacher's data
+        ref = results["same_data_student"]["eval"]
+        rows.append(("student trained like the teacher, on its data", f"{100 * ref['accuracy']:.1f}", "1",
+                     *[f"{100 * ref['per_type'][q]['accuracy']:.1f}" if q in ref["per_type"] else "-" for q in qtypes]))
     for arm in results["setup"]["arms"]:
         runs = [r for r in results["runs"] if r["arm"] == arm]
         if not runs:
@@ -367,8 +389,11 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"out={out} quick={args.quick} setup={asdict(s)}")
 
     # 1. data
-    train_data = make_split(out / "data" / "train", s.n_shapes_train, s.n_digits_train, s.data_seed)
-    test_data = make_split(out / "data" / "test", s.n_shapes_test, s.n_digits_test, s.test_seed)
+    parts = s.digits_parts
+    teacher_data = make_split(out / "data" / "teacher", s.n_shapes_teacher, s.n_digits_teacher, s.teacher_data_seed,
+                              parts[0])
+    train_data = make_split(out / "data" / "train", s.n_shapes_train, s.n_digits_train, s.data_seed, parts[1])
+    test_data = make_split(out / "data" / "test", s.n_shapes_test, s.n_digits_test, s.test_seed, parts[2])
 
     # 2. teacher: build, SFT on the task, evaluate, extract the real cache
     from genrecal_cache.testing import build_tiny_student, build_tiny_teacher
@@ -382,13 +407,22 @@ def main(argv: list[str] | None = None) -> dict:
     raw_cache = tdir / "raw_cache"
     t_kw = dict(stages=[3], stage_steps=[s.teacher_steps], batch_size=s.teacher_batch, lr=s.teacher_lr,
                 lr_end=s.teacher_lr_end, train_vision=True, seed=0)
-    if not _finished(tdir / "sft", t_kw):
-        log("teacher: throwaway cache (the data in cache form) ...")
-        extract_cache(t_init, train_data, raw_cache)
-        log("teacher: SFT on the task ...")
+    ref_init = tdir / "same_data_student_init"
+    if not (ref_init / "config.json").is_file():
+        build_tiny_student(ref_init, seed=0, hidden_size=s.student_hidden, layers=s.student_layers)
+    ref_kw = t_kw | {"seed": 0}
+    if not (_finished(tdir / "sft", t_kw) and _finished(tdir / "same_data_student", ref_kw)):
+        log("teacher: throwaway cache of its data (the data in cache form) ...")
+        extract_cache(t_init, teacher_data, raw_cache)
+    log("teacher: SFT on its data ...")
     t_final, t_secs = run_train(tdir / "sft", cache=str(raw_cache), student=str(t_init), **t_kw)
     t_eval = run_eval(t_final, test_data, tdir / "eval.json")
     log(f"teacher: {100 * t_eval['accuracy']:.1f}% on the test split ({t_secs:.0f}s training)")
+    # The same recipe and data for a student: how much better the teacher is than the student model
+    # given everything the teacher had (there must be knowledge to distil).
+    ref_final, _ = run_train(tdir / "same_data_student", cache=str(raw_cache), student=str(ref_init), **ref_kw)
+    ref_eval = run_eval(ref_final, test_data, tdir / "same_data_student_eval.json")
+    log(f"student trained like the teacher, on its data: {100 * ref_eval['accuracy']:.1f}%")
     shutil.rmtree(raw_cache, ignore_errors=True)
     log("teacher: extracting the real cache ...")
     cache = extract_cache(t_final, train_data, out / "cache")
@@ -397,6 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
                "date": time.strftime("%Y-%m-%d"), "command": "python bench/quality.py " + " ".join(argv or sys.argv[1:]),
                "teacher": {"eval": {k: v for k, v in t_eval.items() if k != "predictions"}, "train_s": t_secs},
+               "same_data_student": {"eval": {k: v for k, v in ref_eval.items() if k != "predictions"}},
                "runs": []}
 
     # 3. arms x seeds: independent runs, `--workers` at a time (one thread each: these tiny models
@@ -405,7 +440,11 @@ def main(argv: list[str] | None = None) -> dict:
         sdir = out / "students" / f"seed{seed}"
         if not (sdir / "config.json").is_file():
             build_tiny_student(sdir, seed=seed, hidden_size=s.student_hidden, layers=s.student_layers)
-    jobs = [(arm, seed, str(out), str(cache), str(test_data), arm_config(arm, s))
+        if s.student_warmup_steps:
+            log(f"student seed {seed}: SFT warm-up ({s.student_warmup_steps} steps) ...")
+            run_train(out / "students" / f"seed{seed}-warm", cache=str(cache), student=str(sdir), seed=seed,
+                      **(arm_config("sft", s) | {"stage_steps": [s.student_warmup_steps]}))
+    jobs = [(arm, seed, str(out), str(cache), str(student_for(out, seed, s)), str(test_data), arm_config(arm, s))
             for seed in s.seeds for arm in s.arms]
     workers = max(1, min(args.workers, len(jobs)))
     if workers == 1:

@@ -16,8 +16,10 @@ fp8 <= 0.52x of raw bf16 with mean KL <= 1e-3; the aggressive codec (ecq) <= 0.3
 
 Sources: (1) `SyntheticTeacher`: heavy-tailed per-channel scales, 6 massive-activation channels,
 RMS-normalised, and a head calibrated to a trained LM's confidence (its statistics are printed);
-(2) the tiny random test teacher (extracted in float32 over demo questions: near-uniform
-predictions, so it says little about fidelity); (3) `--cache`: a real cache. Fidelity on real
+(2) the tiny teacher that `bench/quality.py` trains on the visual-question task (its float32 cache
+over the distillation set; d=256, so the fixed per-token bytes weigh more in its size ratios than at
+a realistic d), or, when that has not been run, the tiny random test teacher (near-uniform
+predictions: it says little about fidelity); (3) `--cache`: a real cache. Fidelity on real
 72B activations must be rechecked with (3) on the GPU machine.
 """
 
@@ -220,6 +222,8 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=20)
     p.add_argument("--tiny-samples", type=int, default=300, help="demo samples extracted with the tiny teacher")
     p.add_argument("--cache", help="a real bf16/fp32 cache: measure on its states and head instead")
+    p.add_argument("--trained-cache", default=str(Path(__file__).resolve().parent / "out" / "quality" / "cache"),
+                   help="the float32 cache of the tiny teacher that bench/quality.py trains (the second source)")
     p.add_argument("--max-tokens", type=int, default=8192, help="with --cache: tokens to use")
     p.add_argument("--candidates", action="store_true", help="also measure the alternatives to ecq")
     args = p.parse_args()
@@ -237,8 +241,16 @@ def main() -> None:
             if args.candidates:
                 candidates(teacher, states[: min(len(states), 1024)])
             del teacher, states
-            head, samples = tiny_teacher_samples(tmp, args.tiny_samples)
-            evaluate("tiny test teacher (random weights)", head, samples, tmp)
+            trained = Path(args.trained_cache)
+            if (trained / "manifest.json").is_file():
+                head, samples = samples_from_cache(str(trained), args.max_tokens)
+                evaluate("tiny trained teacher (bench/quality.py)", head, samples, tmp)
+            else:
+                print(f"\n(no trained tiny teacher cache at {trained}: run `python bench/quality.py` first, "
+                      "which trains it; using the random tiny test teacher instead, whose near-uniform "
+                      "predictions say little about fidelity)")
+                head, samples = tiny_teacher_samples(tmp, args.tiny_samples)
+                evaluate("tiny test teacher (random weights)", head, samples, tmp)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
 

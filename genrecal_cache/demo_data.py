@@ -55,17 +55,27 @@ def write_demo_dataset(out_dir: str | Path, n: int, seed: int = 0, image_size: i
     return _write(Path(out_dir), records)
 
 
-def write_digits_dataset(out_dir: str | Path, n: int, seed: int = 0) -> Path:
-    """Write `n` "Which digit is this?" questions on scikit-learn's bundled digits; return the JSONL path."""
+def write_digits_dataset(out_dir: str | Path, n: int, seed: int = 0, part: tuple[int, int] | None = None) -> Path:
+    """Write `n` "Which digit is this?" questions on scikit-learn's bundled digits; return the JSONL path.
+
+    `part=(lo, hi)` draws only from images lo..hi-1 of one fixed shuffle of the 1797 (the same for
+    every seed), so splits made with disjoint parts never share a digit image (train vs test)."""
     from sklearn.datasets import load_digits  # bundled with scikit-learn, no network access
 
     digits = load_digits()
+    pool = list(range(len(digits.images)))
+    if part is not None:
+        lo, hi = part
+        if not 0 <= lo < hi <= len(pool):
+            raise ValueError(f"digits part {part}: need 0 <= lo < hi <= {len(pool)}")
+        random.Random(1797).shuffle(pool)
+        pool = pool[lo:hi]
     rng = random.Random(seed)
     order: list[int] = []
     records = []
     for i in range(n):
-        if not order:  # walk through shuffled passes, so n > 1797 repeats each digit image evenly
-            order = list(range(len(digits.images)))
+        if not order:  # walk through shuffled passes, so n > len(pool) repeats each digit image evenly
+            order = list(pool)
             rng.shuffle(order)
         k = order.pop()
         # 0..16 ink intensity -> dark digit on white, 8x8 -> 56x56 with crisp pixels

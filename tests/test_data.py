@@ -296,3 +296,17 @@ def test_digits_dataset(tmp_path: Path) -> None:
         assert s.messages[1]["content"] in [str(d) for d in range(10)]
         img = decode_image(s.images[0])
         assert img.size == (56, 56) and img.mode == "RGB"
+
+
+def test_digits_parts_never_share_an_image(tmp_path: Path) -> None:
+    """Train and test splits drawn from disjoint parts share no digit image, whatever their seeds."""
+    def image_bytes(part, seed, n):
+        path = write_digits_dataset(tmp_path / f"{part}-{seed}", n=n, seed=seed, part=part)
+        return {decode_image(s.images[0]).tobytes() for s in read_samples(path)}
+
+    train = image_bytes((0, 1000), 0, 1500)  # more questions than images: every image of the part is used
+    test = image_bytes((1000, 1797), 1000, 800)
+    assert len(train) > 900 and len(test) > 700
+    assert not train & test
+    with pytest.raises(ValueError, match="digits part"):
+        write_digits_dataset(tmp_path / "bad", n=1, part=(10, 5))
