@@ -56,54 +56,57 @@ ARM_COLOURS = {"sft": "#888888", "genrecal_noreg": "#9ecae1", "genrecal": "#0851
 @dataclass
 class Setup:
     """Every knob of the experiment (written into results.json)."""
-    # Three disjoint splits. The teacher's own training data is larger than the distillation set, as a
-    # big teacher has seen far more than the lab's distillation data (and, having fitted its own data,
-    # a teacher's distribution there is close to the labels: little to distil beyond them).
-    n_shapes_teacher: int = 1800
-    n_digits_teacher: int = 1200
-    teacher_data_seed: int = 0
-    # the distillation set: every arm trains on it (the teacher cache is extracted over it)
+    # The distillation set: every arm trains on it, and the teacher cache is extracted over it.
     n_shapes_train: int = 600
     n_digits_train: int = 400
     data_seed: int = 2
+    # The teacher is trained on the distillation set plus this much more data of its own: a big
+    # teacher has seen far more than the lab's distillation data, including data like it.
+    n_shapes_teacher_extra: int = 1200
+    n_digits_teacher_extra: int = 800
+    teacher_data_seed: int = 0
+    # held out from everyone
     n_shapes_test: int = 300
     n_digits_test: int = 200
     test_seed: int = 1000
     # digit images are drawn from disjoint parts of the 1797 that scikit-learn ships
-    digits_parts: tuple[tuple[int, int], ...] = ((0, 1000), (1000, 1497), (1497, 1797))  # teacher, train, test
+    digits_parts: tuple[tuple[int, int], ...] = ((0, 1000), (1000, 1497), (1497, 1797))  # teacher extra, train, test
     # teacher: wider/deeper than the student
     teacher_hidden: int = 256
     teacher_layers: int = 4
     teacher_vision_width: int = 128
     teacher_vision_depth: int = 1
     teacher_image_side: int | None = None  # None: 56 px, 4 image tokens; 112: 16 image tokens
-    teacher_steps: int = 800
+    teacher_steps: int = 1600
     teacher_batch: int = 16
     teacher_lr: float = 1e-3
     teacher_lr_end: float = 1e-4
     # student (LLaVA: Llama + SigLIP), built per seed
     student_hidden: int = 64
     student_layers: int = 2
+    student_image_size: int = 32   # pixels; (size / patch)^2 image tokens
+    student_patch: int = 8
     # Every arm starts from the same student, SFT'd for this many steps first (0: from random init).
     # The paper distils into pre-trained students; a random one is not a student yet.
     student_warmup_steps: int = 0
     # the budget every arm gets
-    steps: int = 250
+    steps: int = 750
     batch_size: int = 16
     lr: float = 1e-3
     lr_end: float = 1e-4
-    stage_split: tuple[float, float, float] = (0.2, 0.4, 0.4)  # GenRecal stages 1/2/3 share of `steps`
+    stage_split: tuple[float, float, float] = (0.04, 0.76, 0.2)  # GenRecal stages 1/2/3 share of `steps`
     w_ar: float = 1.0
     w_kl: float = 1.0
     w_student: float = 1.0
     recal_layers: int = 2
+    temperature: float = 1.0
     train_vision: bool = True  # the student is trained from scratch: its vision tower learns too (all arms)
     w_uld: float = 1.0
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     arms: list[str] = field(default_factory=lambda: list(ARMS))
 
 
-QUICK = dict(n_shapes_teacher=240, n_digits_teacher=160, n_shapes_train=120, n_digits_train=80, n_shapes_test=60, n_digits_test=40, teacher_steps=120,
+QUICK = dict(n_shapes_teacher_extra=120, n_digits_teacher_extra=80, n_shapes_train=120, n_digits_train=80, n_shapes_test=60, n_digits_test=40, teacher_steps=120,
              teacher_batch=8, teacher_hidden=128, teacher_layers=2, teacher_vision_width=64, steps=60,
              batch_size=8, seeds=[0])
 
@@ -140,6 +143,26 @@ def make_split(folder: Path, n_shapes: int, n_digits: int, seed: int, digits_par
         lines += write_digits_dataset(folder, n_digits, seed=seed, part=tuple(digits_part)).read_text().splitlines()
     (folder / "train.jsonl").unlink(missing_ok=True)
     tmp = folder / "data.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def combine(path: Path, splits: list[Path]) -> Path:
+    """One JSONL over several splits' records, beside their folders (image paths and ids made unique)."""
+    if path.is_file():
+        return path
+    lines = []
+    for split in splits:
+        folder = split.parent.name
+        for line in split.read_text().splitlines():
+            rec = json.loads(line)
+            rec["id"] = f"{folder}-{rec['id']}"
+            images = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
+            images = [f"{folder}/{ref}" for ref in images]
+            rec["image"] = images if len(images) > 1 else images[0]
+            lines.append(json.dumps(rec))
+    tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
     return path
@@ -210,7 +233,7 @@ def run_eval(model: Path, data: Path, out: Path) -> dict:
 
 def arm_config(arm: str, s: Setup) -> dict:
     common = dict(batch_size=s.batch_size, lr=s.lr, lr_end=s.lr_end, train_vision=s.train_vision,
-                  recal_layers=s.recal_layers, w_ar=s.w_ar, w_kl=s.w_kl, w_student=s.w_student)
+                  recal_layers=s.recal_layers, temperature=s.temperature, w_ar=s.w_ar, w_kl=s.w_kl, w_student=s.w_student)
     if arm in ("sft", "uld"):
         kw = dict(stages=[3], stage_steps=[s.steps], **common)
         if arm == "uld":
@@ -390,9 +413,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 1. data
     parts = s.digits_parts
-    teacher_data = make_split(out / "data" / "teacher", s.n_shapes_teacher, s.n_digits_teacher, s.teacher_data_seed,
-                              parts[0])
     train_data = make_split(out / "data" / "train", s.n_shapes_train, s.n_digits_train, s.data_seed, parts[1])
+    extra = make_split(out / "data" / "teacher_extra", s.n_shapes_teacher_extra, s.n_digits_teacher_extra,
+                       s.teacher_data_seed, parts[0])
+    teacher_data = combine(out / "data" / "teacher.jsonl", [train_data, extra])
     test_data = make_split(out / "data" / "test", s.n_shapes_test, s.n_digits_test, s.test_seed, parts[2])
 
     # 2. teacher: build, SFT on the task, evaluate, extract the real cache
@@ -409,7 +433,8 @@ def main(argv: list[str] | None = None) -> dict:
                 lr_end=s.teacher_lr_end, train_vision=True, seed=0)
     ref_init = tdir / "same_data_student_init"
     if not (ref_init / "config.json").is_file():
-        build_tiny_student(ref_init, seed=0, hidden_size=s.student_hidden, layers=s.student_layers)
+        build_tiny_student(ref_init, seed=0, hidden_size=s.student_hidden, layers=s.student_layers,
+                           image_size=s.student_image_size, patch_size=s.student_patch)
     ref_kw = t_kw | {"seed": 0}
     if not (_finished(tdir / "sft", t_kw) and _finished(tdir / "same_data_student", ref_kw)):
         log("teacher: throwaway cache of its data (the data in cache form) ...")
@@ -439,7 +464,8 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in s.seeds:
         sdir = out / "students" / f"seed{seed}"
         if not (sdir / "config.json").is_file():
-            build_tiny_student(sdir, seed=seed, hidden_size=s.student_hidden, layers=s.student_layers)
+            build_tiny_student(sdir, seed=seed, hidden_size=s.student_hidden, layers=s.student_layers,
+                               image_size=s.student_image_size, patch_size=s.student_patch)
         if s.student_warmup_steps:
             log(f"student seed {seed}: SFT warm-up ({s.student_warmup_steps} steps) ...")
             run_train(out / "students" / f"seed{seed}-warm", cache=str(cache), student=str(sdir), seed=seed,

@@ -84,10 +84,12 @@ def test_report_from_run_results(tmp_path):
     per = lambda a: {"digit": {"n": 10, "correct": int(10 * a), "accuracy": a}}  # noqa: E731
     results = {"setup": {"arms": ["sft", "genrecal"], "steps": 6, "batch_size": 2, "seeds": [0, 1]},
                "teacher": {"eval": {"accuracy": 0.9, "per_type": per(0.9)}},
+               "same_data_student": {"eval": {"accuracy": 0.8, "per_type": per(0.8)}},
                "runs": [{"arm": arm, "seed": s, "accuracy": acc, "per_type": per(acc), "metrics": str(metrics)}
                         for arm, accs in (("sft", (0.4, 0.5)), ("genrecal", (0.6, 0.7))) for s, acc in zip((0, 1), accs)]}
     table, summary = q.summarize(results)
     assert "| student SFT only | 45.0 ± 7.1 | 2 | 45.0 ± 7.1 |" in table
+    assert "| student trained like the teacher, on its data | 80.0 | 1 | 80.0 |" in table
     assert summary["genrecal"]["mean"] == pytest.approx(0.65)
     pngs = q.plots(results, tmp_path)
     assert all(p.is_file() and p.stat().st_size > 1000 for p in pngs)
