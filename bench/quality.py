@@ -94,6 +94,7 @@ class Setup:
     batch_size: int = 16
     lr: float = 1e-3
     lr_end: float = 1e-4
+    warmup: float = 0.1  # fraction of each stage (every arm) with a linear LR warm-up
     stage_split: tuple[float, float, float] = (0.04, 0.76, 0.2)  # GenRecal stages 1/2/3 share of `steps`
     w_ar: float = 1.0
     w_kl: float = 1.0
@@ -232,7 +233,7 @@ def run_eval(model: Path, data: Path, out: Path) -> dict:
 
 
 def arm_config(arm: str, s: Setup) -> dict:
-    common = dict(batch_size=s.batch_size, lr=s.lr, lr_end=s.lr_end, train_vision=s.train_vision,
+    common = dict(batch_size=s.batch_size, lr=s.lr, lr_end=s.lr_end, warmup=s.warmup, train_vision=s.train_vision,
                   recal_layers=s.recal_layers, temperature=s.temperature, w_ar=s.w_ar, w_kl=s.w_kl, w_student=s.w_student)
     if arm in ("sft", "uld"):
         kw = dict(stages=[3], stage_steps=[s.steps], **common)

@@ -30,6 +30,7 @@ def train(
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step [default: 1]."),
     lr: Optional[float] = typer.Option(None, help="Start LR of each stage; decays linearly to --lr-end [1e-4]."),
     lr_end: Optional[float] = typer.Option(None, help="End LR of each stage [1e-5]."),
+    warmup: Optional[float] = typer.Option(None, help="Fraction of each stage with a linear LR warm-up from 0 [0]."),
     recal_layers: Optional[int] = typer.Option(None, help="Decoder blocks in the Recalibrator [2]."),
     freeze_recalibrator_in_stage2: Optional[bool] = typer.Option(None, "--freeze-recalibrator-in-stage2",
                                                                 help="Keep the Recalibrator fixed in stage 2."),
@@ -49,7 +50,7 @@ def train(
     from genrecal_train.trainer import train as run_train
 
     overrides = dict(cache=cache, local_cache=local_cache, student=student, out=out, stages=stages, max_steps=max_steps, stage_steps=stage_steps, epochs=epochs,
-                     batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_end=lr_end, recal_layers=recal_layers,
+                     batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_end=lr_end, warmup=warmup, recal_layers=recal_layers,
                      freeze_recalibrator_in_stage2=freeze_recalibrator_in_stage2,
                      use_reg_pass=None if no_reg_pass is None else not no_reg_pass,
                      gradient_checkpointing=gradient_checkpointing, train_vision=train_vision, checkpoint_every=checkpoint_every, seed=seed,

@@ -23,6 +23,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-4  # each stage decays linearly from lr to lr_end
     lr_end: float = 1e-5
+    warmup: float = 0.0  # fraction of each stage's steps over which the LR first rises linearly from 0 to lr
     weight_decay: float = 0.0
     recal_layers: int = 2
     freeze_recalibrator_in_stage2: bool = False

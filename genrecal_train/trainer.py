@@ -175,8 +175,14 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
     if resume_from is not None:
         ckpt.load_optimizer(resume_from, opt)
     total = stage_steps(cfg, stream, world, stage)
-    # Linear decay lr -> lr_end over the stage (step index 0 .. total-1).
-    lr_at = lambda s: cfg.lr + (cfg.lr_end - cfg.lr) * (s / max(1, total - 1))  # noqa: E731
+    # Linear warm-up 0 -> lr over the first `warmup` of the stage (a fresh AdamW's first steps move every
+    # weight by ~lr whatever its gradient), then linear decay lr -> lr_end to the stage's last step.
+    n_warm = round(cfg.warmup * total)
+
+    def lr_at(s: int) -> float:
+        if s < n_warm:
+            return cfg.lr * (s + 1) / n_warm
+        return cfg.lr + (cfg.lr_end - cfg.lr) * ((s - n_warm) / max(1, total - 1 - n_warm))
     ddp = model
     if world > 1:
         # No buffer broadcast per forward: the frozen teacher head (152k x d) is a buffer, identical on all ranks.
