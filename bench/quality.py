@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not (_finished(tdir / "sft", t_kw) and _finished(tdir / "same_data_student", ref_kw)):
         log("teacher: throwaway cache of its data (the data in cache form) ...")
         extract_cache(t_init, teacher_data, raw_cache)
-    log("teacher: SFT on its data ...")
+        log("teacher: SFT on its data ...")
     t_final, t_secs = run_train(tdir / "sft", cache=str(raw_cache), student=str(t_init), **t_kw)
     t_eval = run_eval(t_final, test_data, tdir / "eval.json")
     log(f"teacher: {100 * t_eval['accuracy']:.1f}% on the test split ({t_secs:.0f}s training)")
