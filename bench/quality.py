@@ -2,15 +2,17 @@
 
 One command, CPU only, offline:
 
-    PYTHONPATH=genrecal_cache/compat HF_HUB_OFFLINE=1 python bench/quality.py          # full (~35-40 min on 2 idle cores)
-    PYTHONPATH=genrecal_cache/compat HF_HUB_OFFLINE=1 python bench/quality.py --quick  # smoke run (~3-6 min)
+    PYTHONPATH=genrecal_cache/compat HF_HUB_OFFLINE=1 python bench/quality.py          # full (~20 min on 2 cores)
+    PYTHONPATH=genrecal_cache/compat HF_HUB_OFFLINE=1 python bench/quality.py --quick  # smoke run (~1 min; its numbers mean nothing)
 
 What it does (every step writes its result to disk first, so a rerun resumes where it stopped):
-1. data: synthetic shape questions + scikit-learn digit questions; train and held-out test splits
-   generated from different seeds.
+1. data: synthetic shape questions + scikit-learn digit questions in three splits: the
+   distillation set (every arm trains on it), the teacher's own extra data, and a held-out test
+   split; digit images come from disjoint parts of scikit-learn's 1797.
 2. teacher: a tiny Qwen2-VL-architecture model, wider and deeper than the student, trained from
-   scratch on the task (SFT via `--stages 3` on a throwaway cache of the same data), evaluated on
-   the test split, then run once over the training data to write the real teacher cache.
+   scratch by SFT (`--stages 3` on a throwaway cache) on the distillation set plus its extra data,
+   evaluated on the test split, then run once over the distillation set to write the real teacher
+   cache. The student model trained the same way on the same data is evaluated too (reference).
 3. arms, each over several seeds with the SAME budget (samples per step, optimizer steps):
    - sft              student SFT only (stages [3], all steps)
    - genrecal_noreg   GenRecal stages 1-3 without the regularization pass
@@ -108,7 +110,7 @@ class Setup:
 
 
 QUICK = dict(n_shapes_teacher_extra=120, n_digits_teacher_extra=80, n_shapes_train=120, n_digits_train=80, n_shapes_test=60, n_digits_test=40, teacher_steps=120,
-             teacher_batch=8, teacher_hidden=128, teacher_layers=2, teacher_vision_width=64, steps=60,
+             teacher_batch=8, teacher_hidden=128, teacher_layers=2, teacher_vision_width=64, steps=200,
              batch_size=8, seeds=[0])
 
 
