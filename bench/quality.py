@@ -208,15 +208,9 @@ def run_train(out: Path, **kw) -> tuple[Path, float]:
         return final, json.loads(done.read_text())["seconds"]
     if out.exists():
         shutil.rmtree(out)
-    uld_weight = kw.pop("w_uld", None)
     cfg = TrainConfig(out=str(out), checkpoint_every=10**9, prefetch=4, **kw)
     t0 = time.perf_counter()
-    if uld_weight is not None:
-        from genrecal_train.uld import train_uld
-
-        final = train_uld(cfg, w_uld=uld_weight)
-    else:
-        final = train(cfg)
+    final = train(cfg)
     secs = time.perf_counter() - t0
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # keep the bench folder small
     done.write_text(json.dumps({"seconds": secs, "settings": wanted}))

@@ -31,6 +31,7 @@ class TrainConfig:
     w_ar: float = 1.0
     w_kl: float = 1.0
     w_student: float = 1.0
+    w_uld: float = 0.0  # stage 3: + w_uld * ULD (sorted-Wasserstein logit KD, genrecal_train/uld.py), a baseline
     temperature: float = 1.0
     max_len: int = 2048  # student tokens; longer samples are skipped with a warning
     gradient_checkpointing: bool = False

@@ -27,6 +27,7 @@ from genrecal_train.config import TrainConfig
 from genrecal_train.data import Batch, Example
 from genrecal_train.losses import answer_losses, chunked_ce
 from genrecal_train.recalibrator import Recalibrator
+from genrecal_train.uld import uld_loss
 
 
 def _sha256(text: str | None) -> str:
@@ -210,6 +211,9 @@ class GenRecal(nn.Module):
             losses["l_s"] = chunked_ce(hs[:, :-1], lm.weight, labels[:, 1:], chunk=self.cfg.loss_chunk,
                                        lm_head_bias=lm.bias)
             total = total + self.cfg.w_student * losses["l_s"]
+        if stage == 3 and self.cfg.w_uld:
+            losses["l_uld"] = uld_loss(hs, lm, self.head, batch.examples, self.cfg.temperature)
+            total = total + self.cfg.w_uld * losses["l_uld"]
         if stage in (1, 2):
             z_qs, z_al, z_ql, targets, s_al, s_rows = [], [], [], [], [], []
             for i, e in enumerate(batch.examples):

@@ -17,7 +17,7 @@ from genrecal_cache.reader import TeacherCache
 from genrecal_train.config import TrainConfig
 from genrecal_train.data import collate, make_example
 from genrecal_train.model import GenRecal
-from genrecal_train.uld import ULDGenRecal, sorted_wasserstein
+from genrecal_train.uld import sorted_wasserstein
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,11 +65,13 @@ def test_main_pass_predicts_the_first_answer_token_from_the_student(student_dir,
 
 @torch.no_grad()
 def test_uld_stage3_adds_its_term(student_dir, train_cache):
-    model, examples, pad = _setup(student_dir, train_cache, ULDGenRecal)
+    model, examples, pad = _setup(student_dir, train_cache, GenRecal, w_uld=0.5)
     model.set_stage(3)
     out = model(collate(examples, pad, 0), 3)
     assert set(out) == {"l_s", "l_uld", "loss"}
-    assert 0 < float(out["l_uld"]) < 2 and torch.isclose(out["loss"], out["l_s"] + out["l_uld"])
+    assert 0 < float(out["l_uld"]) < 2 and torch.isclose(out["loss"], out["l_s"] + 0.5 * out["l_uld"])
+    model.cfg.w_uld = 0.0  # off by default: plain SFT
+    assert set(model(collate(examples, pad, 0), 3)) == {"l_s", "loss"}
 
 
 def test_report_from_run_results(tmp_path):
