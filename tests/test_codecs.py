@@ -62,6 +62,18 @@ def test_fp8_rounding_is_torchs_float8_e4m3fn():
     np.testing.assert_array_equal(C.float32_to_e4m3(vals), want)
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 2.0 ** 7, 3e4])  # the last two: scale * 2^120 overflows float32
+def test_fp8_decode_of_every_code_is_its_e4m3_value_times_the_scale(scale):
+    """The shift decoder gives exactly what the e4m3 table gives (NaN codes included), whatever the scale."""
+    rows, cols = 3, 256
+    payload = C.fp8_encode(np.ones((rows, cols), np.float32))  # a valid header of this shape
+    body = payload[C.HEADER.size:].reshape(rows, 4 + cols)
+    body[:, :4] = np.full(rows, scale, np.float32).view(np.uint8).reshape(rows, 4)
+    body[:, 4:] = np.arange(256, dtype=np.uint8)
+    want = C.E4M3_TABLE[np.arange(256)][None].repeat(rows, 0) * np.float32(scale)
+    np.testing.assert_array_equal(C.decode_payload(payload), want)
+
+
 @pytest.mark.parametrize("name", C.HIDDEN_CODECS)
 def test_round_trip_is_within_the_documented_bound(name):
     codec = C.hidden_codec(name)
