@@ -465,3 +465,14 @@ def test_cli_runs_from_a_yaml_config_with_flags_overriding(tmp_path: Path, train
     assert (out / "final" / "config.json").exists() and not (tmp_path / "not-this").exists()
     res = CliRunner().invoke(app, ["--config", str(cfg_file), "--stages", "1,4"])
     assert res.exit_code != 0 and "stages" in res.output
+
+
+def test_warmup_rises_linearly_then_decays_to_lr_end(tmp_path: Path, train_cache: Path, student_dir: Path):
+    """--warmup: each stage's LR climbs from lr/n to lr over its first n steps, then falls to lr_end."""
+    out = tmp_path / "run"
+    train(_cfg(train_cache, student_dir, out, stages=[1, 3], max_steps=10, lr=1e-3, lr_end=1e-4, warmup=0.3))
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for stage in (1, 3):  # every stage warms up afresh (each starts a new AdamW)
+        lrs = [r["lr"] for r in recs if r["stage"] == stage]
+        assert lrs[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
+        assert lrs[3:] == pytest.approx([1e-3 + (1e-4 - 1e-3) * i / 6 for i in range(7)])
