@@ -189,7 +189,7 @@ def _fp8_decode(payload: np.ndarray, rows: int, cols: int, out: np.ndarray | Non
         b &= np.uint32(0x7F)
         b <<= np.uint32(20)
         b |= sign
-        if float(s.max(initial=0)) < 2.0 ** 7:  # scale * 2^120 stays finite: one multiply
+        if float(np.abs(s).max(initial=0)) < 2.0 ** 7:  # scale * 2^120 stays finite: one multiply
             o *= s * np.float32(2.0 ** 120)
         else:
             o *= np.float32(2.0 ** 120)

@@ -149,12 +149,13 @@ def teacher_parts(e: Example) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def answer_start_rows(e: Example) -> tuple[Tensor, Tensor]:
-    """(row of each span's first answer token in z_al's layout, the student state before that answer).
+    """(index in z_al's layout of the row predicting each span's first answer token, index of the
+    student state before that answer).
 
     In the main pass the question is the student's, so its first answer token is predicted from the
     student's last question state (in student space: Proj-pre is not applied), not from the teacher
     state T[a-1]: that state already predicts the answer, and reading it off lets the Recalibrator
-    ignore the student (docs/benchmarks.md, "the main pass can see the answer")."""
+    ignore the student (docs/benchmarks.md, quality, "How we got here", item 1)."""
     lengths = torch.tensor([b - a for a, b in e.teacher_spans])
     rows = torch.cumsum(lengths, 0) - lengths
     return rows, torch.tensor([a - 1 for a, _ in e.student_spans])

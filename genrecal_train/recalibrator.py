@@ -83,9 +83,11 @@ class Recalibrator(nn.Module):
     # ---- passes --------------------------------------------------------------------------------
 
     def main_pass(self, z_qs: Tensor, z_al: Tensor, qs_mask: Tensor | None = None,
-                  a_mask: Tensor | None = None) -> Tensor:
-        """r_al of Rec([z_qs, proj_pre(z_al)]): z_qs [B, Ls, d_s], z_al [B, La, d_t] -> [B, La, d_t]."""
-        return self(z_al, a_mask, z_qs=z_qs, qs_mask=qs_mask)[0]
+                  a_mask: Tensor | None = None, s_al: Tensor | None = None,
+                  s_mask: Tensor | None = None) -> Tensor:
+        """r_al of Rec([z_qs, proj_pre(z_al)]): z_qs [B, Ls, d_s], z_al [B, La, d_t] -> [B, La, d_t]
+        (rows where `s_mask` is set take the student-space `s_al` instead, see `forward`)."""
+        return self(z_al, a_mask, z_qs=z_qs, qs_mask=qs_mask, s_al=s_al, s_mask=s_mask)[0]
 
     def reg_pass(self, z_ql: Tensor, z_al: Tensor, ql_mask: Tensor | None = None,
                  a_mask: Tensor | None = None) -> Tensor:
@@ -104,6 +106,8 @@ class Recalibrator(nn.Module):
         question state, as the question part of that pass is the student's (model.py).
         Both passes run as one batch through the blocks: one forward per step (what DDP expects).
         """
+        if (s_al is None) != (s_mask is None):
+            raise ValueError("give s_al and s_mask together (the student rows and where they go)")
         dtype = self.proj_pre.weight.dtype
         a_mask = _valid(a_mask, z_al)
         answer = self.proj_pre(z_al.to(dtype))

@@ -102,6 +102,8 @@ def stage_steps(cfg: TrainConfig, stream: CacheStream, world: int, stage: int) -
 
 def train(cfg: TrainConfig) -> Path:
     """Run the configured stages; returns the folder holding the final student (save_pretrained)."""
+    if not 0 <= cfg.warmup < 1:
+        raise ValueError(f"warmup={cfg.warmup}: it is the fraction of each stage spent warming up, in [0, 1)")
     rank, world, device = _dist_setup(cfg.device)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -476,3 +476,9 @@ def test_warmup_rises_linearly_then_decays_to_lr_end(tmp_path: Path, train_cache
         lrs = [r["lr"] for r in recs if r["stage"] == stage]
         assert lrs[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
         assert lrs[3:] == pytest.approx([1e-3 + (1e-4 - 1e-3) * i / 6 for i in range(7)])
+
+
+@pytest.mark.parametrize("warmup", [-0.1, 1.0])
+def test_warmup_outside_0_1_is_refused(tmp_path: Path, train_cache: Path, student_dir: Path, warmup: float):
+    with pytest.raises(ValueError, match="warmup"):
+        train(_cfg(train_cache, student_dir, tmp_path / "run", stages=[3], max_steps=2, warmup=warmup))
