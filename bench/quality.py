@@ -5,7 +5,9 @@ One command, CPU only, offline:
     PYTHONPATH=genrecal_cache/compat HF_HUB_OFFLINE=1 python bench/quality.py          # full (~20 min on 2 cores)
     PYTHONPATH=genrecal_cache/compat HF_HUB_OFFLINE=1 python bench/quality.py --quick  # smoke run (~1 min; its numbers mean nothing)
 
-What it does (every step writes its result to disk first, so a rerun resumes where it stopped):
+What it does (every step writes its result to disk first, so a rerun resumes where it stopped; a
+finished training run is redone when its training settings change, but data splits, model inits and
+the cache are reused whenever they exist: after changing a data or model-size knob, use a fresh --out):
 1. data: synthetic shape questions + scikit-learn digit questions in three splits: the
    distillation set (every arm trains on it), the teacher's own extra data, and a held-out test
    split; digit images come from disjoint parts of scikit-learn's 1797.
