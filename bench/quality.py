@@ -6,8 +6,8 @@ One command, CPU only, offline:
     PYTHONPATH=genrecal_cache/compat HF_HUB_OFFLINE=1 python bench/quality.py --quick  # smoke run (~1 min; its numbers mean nothing)
 
 What it does (every step writes its result to disk first, so a rerun resumes where it stopped; a
-finished training run is redone when its training settings change, but data splits, model inits and
-the cache are reused whenever they exist: after changing a data or model-size knob, use a fresh --out):
+finished arm run is redone when its training settings change; data splits, model inits and the cache
+are reused as they are, so an --out made with other data/model settings is refused, `check_inputs`):
 1. data: synthetic shape questions + scikit-learn digit questions in three splits: the
    distillation set (every arm trains on it), the teacher's own extra data, and a held-out test
    split; digit images come from disjoint parts of scikit-learn's 1797.
@@ -32,13 +32,16 @@ the cache are reused whenever they exist: after changing a data or model-size kn
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing as mp
 import os
 import platform
 import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -111,6 +114,12 @@ class Setup:
     arms: list[str] = field(default_factory=lambda: list(ARMS))
 
 
+# Knobs of the arm runs only: a finished run is redone when they change (its settings are compared).
+# Every other Setup field shapes what an --out reuses whenever it exists (data splits, model inits,
+# the teacher cache), so `check_inputs` holds an --out to one choice of them.
+ARM_KNOBS = frozenset({"steps", "batch_size", "lr", "lr_end", "warmup", "stage_split", "w_ar", "w_kl", "w_student",
+                       "recal_layers", "temperature", "train_vision", "w_uld", "seeds", "arms"})
+
 QUICK = dict(n_shapes_teacher_extra=120, n_digits_teacher_extra=80, n_shapes_train=120, n_digits_train=80, n_shapes_test=60, n_digits_test=40, teacher_steps=120,
              teacher_batch=8, teacher_hidden=128, teacher_layers=2, teacher_vision_width=64, steps=200,
              batch_size=8, seeds=[0])
@@ -129,6 +138,20 @@ def env() -> dict:
     import torch
 
     return {"torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def check_inputs(out: Path, s: Setup) -> None:
+    """Record the data/model knobs of a new --out; refuse to reuse an --out made with other ones."""
+    want = {k: v for k, v in json.loads(json.dumps(asdict(s))).items() if k not in ARM_KNOBS}
+    path = out / "inputs.json"
+    if not path.is_file():
+        path.write_text(json.dumps(want, indent=1))
+        return
+    have = json.loads(path.read_text())
+    diff = [f"{k}: {have.get(k)} -> {want.get(k)}" for k in sorted(set(want) | set(have)) if have.get(k) != want.get(k)]
+    if diff:
+        raise SystemExit(f"{out} holds data, models and a cache made with other settings ({'; '.join(diff)}); "
+                         "they would be reused as they are: use a fresh --out (or the old settings)")
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -408,6 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = env()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_inputs(out, s)
     log(f"out={out} quick={args.quick} setup={asdict(s)}")
 
     # 1. data
@@ -472,19 +496,11 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = [(arm, seed, str(out), str(cache), str(student_for(out, seed, s)), str(test_data), arm_config(arm, s))
             for seed in s.seeds for arm in s.arms]
     workers = max(1, min(args.workers, len(jobs)))
-    if workers == 1:
-        done = map(run_arm, jobs)
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread)
-        done = pool.map(run_arm, jobs)
-    for run in done:
-        results["runs"].append(run)
-        (out / "results.partial.json").write_text(json.dumps(results, indent=1))
-    if workers > 1:
-        pool.shutdown()
+    with (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread)
+          if workers > 1 else contextlib.nullcontext()) as pool:
+        for run in (pool.map if pool else map)(run_arm, jobs):
+            results["runs"].append(run)
+            (out / "results.partial.json").write_text(json.dumps(results, indent=1))
 
     # 4. report
     table, summary = summarize(results)

@@ -74,12 +74,19 @@ def test_uld_stage3_adds_its_term(student_dir, train_cache):
     assert set(model(collate(examples, pad, 0), 3)) == {"l_s", "loss"}
 
 
+def _quality_module():
+    """bench/quality.py, imported from its file (bench/ is not a package)."""
+    if "quality_bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("quality_bench", REPO / "bench" / "quality.py")
+        q = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = q  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(q)
+    return sys.modules["quality_bench"]
+
+
 def test_report_from_run_results(tmp_path):
     """summarize/plots turn per-run eval reports (+ metrics.jsonl) into the table and two PNGs."""
-    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "bench" / "quality.py")
-    q = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = q  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(q)
+    q = _quality_module()
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("\n".join(json.dumps({"stage": st, "step": i + 1, "l_s": 1.0 / (i + 1), "l_ar": 2.0})
                                  for st in (1, 3) for i in range(3)))
@@ -95,3 +102,15 @@ def test_report_from_run_results(tmp_path):
     assert summary["genrecal"]["mean"] == pytest.approx(0.65)
     pngs = q.plots(results, tmp_path)
     assert all(p.is_file() and p.stat().st_size > 1000 for p in pngs)
+
+
+def test_an_out_folder_keeps_its_data_and_model_settings(tmp_path):
+    """Splits, inits and the cache in --out are reused as they are: other data/model settings are refused,
+    other arm settings are not (those runs are redone)."""
+    q = _quality_module()
+    q.check_inputs(tmp_path, q.Setup())
+    q.check_inputs(tmp_path, q.Setup(steps=10, warmup=0.0, seeds=[4]))  # arm knobs: fine
+    with pytest.raises(SystemExit, match=r"teacher_steps: 1600 -> 800.*fresh --out"):
+        q.check_inputs(tmp_path, q.Setup(teacher_steps=800))
+    with pytest.raises(SystemExit, match="n_digits_train"):
+        q.check_inputs(tmp_path, q.Setup(n_digits_train=5))
