@@ -62,16 +62,24 @@ def test_fp8_rounding_is_torchs_float8_e4m3fn():
     np.testing.assert_array_equal(C.float32_to_e4m3(vals), want)
 
 
-@pytest.mark.parametrize("scale", [1e-3, 1.0, 2.0 ** 7, 3e4])  # the last two: scale * 2^120 overflows float32
-def test_fp8_decode_of_every_code_is_its_e4m3_value_times_the_scale(scale):
-    """The shift decoder gives exactly what the e4m3 table gives (NaN codes included), whatever the scale."""
-    rows, cols = 3, 256
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 2.0 ** 7, 3e4])
+@pytest.mark.parametrize("cols", [512, 257])  # even rows decode code pairs, odd ones single codes
+def test_fp8_decode_of_every_code_is_its_e4m3_value_times_the_scale(scale, cols):
+    """Every code, in every position of a pair, decodes to its e4m3 value times its row's scale (NaN
+    codes included)."""
+    rows = 3
     payload = C.fp8_encode(np.ones((rows, cols), np.float32))  # a valid header of this shape
     body = payload[C.HEADER.size:].reshape(rows, 4 + cols)
-    body[:, :4] = np.full(rows, scale, np.float32).view(np.uint8).reshape(rows, 4)
-    body[:, 4:] = np.arange(256, dtype=np.uint8)
-    want = C.E4M3_TABLE[np.arange(256)][None].repeat(rows, 0) * np.float32(scale)
+    scales = np.float32(scale) * np.array([1, 0.5, 3], np.float32)
+    body[:, :4] = scales.view(np.uint8).reshape(rows, 4)
+    codes = (np.arange(rows * cols).reshape(rows, cols) * 7 + np.arange(rows)[:, None]) % 256  # all 256 pairs' halves
+    body[:, 4:] = codes.astype(np.uint8)
+    want = C.E4M3_TABLE[codes] * scales[:, None]
     np.testing.assert_array_equal(C.decode_payload(payload), want)
+    # decoding into a caller's buffer (as the fast reader does) gives the same
+    out = np.full((rows, cols), 7.0, np.float32)
+    C.decode_payload(payload, out=out)
+    np.testing.assert_array_equal(out, want)
 
 
 @pytest.mark.parametrize("name", C.HIDDEN_CODECS)
