@@ -102,7 +102,7 @@ def _as_rows(x: Any) -> np.ndarray:
         raise CodecError(f"genrecal hidden codecs encode float32, got {x.dtype}")
     if x.ndim == 0:
         raise CodecError("genrecal hidden codecs encode arrays with at least one dimension")
-    x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    x = np.ascontiguousarray(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]))  # not -1: rows of 0 values
     if not np.isfinite(x).all():
         raise CodecError("genrecal hidden codecs: input contains NaN or inf")
     return x
@@ -177,7 +177,7 @@ def _e4m3_pair_table() -> np.ndarray:
     return np.ascontiguousarray(E4M3_TABLE[pairs]).view(np.uint64).reshape(-1)
 
 
-E4M3_PAIR_TABLE = _e4m3_pair_table()  # 512 KiB: stays in L2 while a block decodes
+E4M3_PAIR_TABLE = _e4m3_pair_table()  # 512 KiB
 
 
 def _fp8_decode(payload: np.ndarray, rows: int, cols: int, out: np.ndarray | None = None) -> np.ndarray:

@@ -39,7 +39,8 @@ def _inputs() -> dict[str, np.ndarray]:
     x[5] *= 1e6                                    # huge
     x[6, 7] = 1e4                                  # one outlier far above the rest
     return {"llm": x, "narrow": rng.standard_normal((50, 3)).astype(np.float32), "one_row": x[:1],
-            "wide": (rng.standard_t(3, (4, 5000)) * 7).astype(np.float32), "one_col": x[:, :1].copy()}
+            "wide": (rng.standard_t(3, (4, 5000)) * 7).astype(np.float32), "one_col": x[:, :1].copy(),
+            "no_cols": np.zeros((4, 0), np.float32)}
 
 
 @pytest.fixture(scope="module")
