@@ -498,9 +498,14 @@ def main(argv: list[str] | None = None) -> dict:
     workers = max(1, min(args.workers, len(jobs)))
     with (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread)
           if workers > 1 else contextlib.nullcontext()) as pool:
-        for run in (pool.map if pool else map)(run_arm, jobs):
-            results["runs"].append(run)
-            (out / "results.partial.json").write_text(json.dumps(results, indent=1))
+        try:
+            for run in (pool.map if pool else map)(run_arm, jobs):
+                results["runs"].append(run)
+                (out / "results.partial.json").write_text(json.dumps(results, indent=1))
+        except BaseException:  # a failed run or Ctrl-C: do not start the queued ones (finished runs are kept)
+            if pool:
+                pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
     # 4. report
     table, summary = summarize(results)
