@@ -1,7 +1,7 @@
 """Extraction overhead: `extract` tokens/s divided by the bare teacher forward tokens/s, same inputs.
 
     python bench/extract_overhead.py                          # Qwen2-VL config, d=4096, 1 layer, random weights (10 min)
-    python bench/extract_overhead.py --hidden-size 2048 --layers 2 --codecs bf16,ecq   # a cheaper forward (4 min)
+    python bench/extract_overhead.py --hidden-size 2048 --layers 2 --codecs bf16,ecq   # a cheaper forward (3 min)
 
 A random-weight Qwen2-VL teacher with a realistic hidden size (d = 4096, as issue 6 asks for I/O
 figures) but one layer, so it runs on a CPU: per token, writing costs O(d) and the forward O(d^2)

@@ -159,7 +159,7 @@ def stage_costs(x: np.ndarray, codecs: list[str], repeats: int = 20) -> None:
     import numcodecs
 
     from genrecal_cache.codecs import decode_payload, hidden_codec
-    from genrecal_cache.fastread import bf16_into
+    from genrecal_cache.fastread import _SHUFFLE, bf16_into
 
     print(f"\none inner chunk of {x.shape[0]} tokens, one thread, best of {repeats}: GB/s of float32 output")
     out = np.empty_like(x)
@@ -167,8 +167,7 @@ def stage_costs(x: np.ndarray, codecs: list[str], repeats: int = 20) -> None:
         codec = hidden_codec(name)
         # bf16/fp32: blosc shuffles by the stored dtype's item size, taken from the array it encodes
         payload = codec.quantizer.encode_array(x) if codec.quantizer else codec.to_stored(x)
-        blosc = numcodecs.Blosc(cname=codec.blosc["cname"], clevel=codec.blosc["clevel"], blocksize=codec.blosc["blocksize"],
-                                shuffle=numcodecs.Blosc.NOSHUFFLE if codec.quantizer else numcodecs.Blosc.SHUFFLE)
+        blosc = numcodecs.Blosc(**(codec.blosc | {"shuffle": _SHUFFLE[codec.blosc["shuffle"]]}))  # the cache's settings
         packed, buf = blosc.encode(payload), np.empty(payload.nbytes, np.uint8)
         if codec.quantizer is not None:
             decode = lambda: decode_payload(buf, out=out)  # noqa: E731

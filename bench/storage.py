@@ -219,9 +219,9 @@ def code_entropy(states: np.ndarray, blosc) -> None:  # noqa: ANN001
     """How close zstd comes to the entropy of ecq's int8 codes: what a better byte-wise entropy coder
     could still save (marginal entropy), and what one that knew each value's channel could (the
     per-channel entropy, an estimate biased low by the finite sample)."""
-    rows, cols = states.shape
     payload = C.ecq_encode(states)
-    codes = payload[C.HEADER.size + rows * (4 + 6 * min(C.ECQ_OUTLIERS, cols)):].view(np.int8).reshape(rows, cols)
+    _, rows, cols, _ = C._header(payload)  # the codes are the payload's last rows x cols bytes
+    codes = payload[payload.size - rows * cols:].view(np.int8).reshape(rows, cols)
 
     def entropy(a: np.ndarray) -> float:
         p = np.unique(a, return_counts=True)[1] / a.size

@@ -191,13 +191,10 @@ def _fp8_decode(payload: np.ndarray, rows: int, cols: int, out: np.ndarray | Non
     # reads codes in pairs (uint16 index, uint64 entry = two float32 values): half the gathers of a
     # 256-entry table, and mode="wrap" skips numpy's bounds check (every uint16 is a valid index).
     # Exactly E4M3_TABLE[code] * scale (NaN codes, never written, give NaN: a corrupt chunk shows).
-    paired = cols % 2 == 0
-    codes = body[:, 4:]
-    if paired:
-        codes, dest = codes.view(np.uint16), out.view(np.uint64)
-        table = E4M3_PAIR_TABLE
-    else:
-        dest, table = out, E4M3_TABLE
+    if cols % 2 == 0:
+        codes, dest, table = body[:, 4:].view(np.uint16), out.view(np.uint64), E4M3_PAIR_TABLE
+    else:  # odd rows cannot be read in pairs
+        codes, dest, table = body[:, 4:], out, E4M3_TABLE
     step = max(1, (512 << 10) // max(4 * cols, 1))  # rows per block
     for a in range(0, rows, step):
         np.take(table, codes[a:a + step], out=dest[a:a + step], mode="wrap")

@@ -64,7 +64,7 @@ def test_fp8_rounding_is_torchs_float8_e4m3fn():
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 2.0 ** 7, 3e4])
-@pytest.mark.parametrize("cols", [512, 257])  # even rows decode code pairs, odd ones single codes
+@pytest.mark.parametrize("cols", [512, 257])  # rows of even length decode codes in pairs, odd ones one by one
 def test_fp8_decode_of_every_code_is_its_e4m3_value_times_the_scale(scale, cols):
     """Every code, in every position of a pair, decodes to its e4m3 value times its row's scale (NaN
     codes included)."""
@@ -73,7 +73,7 @@ def test_fp8_decode_of_every_code_is_its_e4m3_value_times_the_scale(scale, cols)
     body = payload[C.HEADER.size:].reshape(rows, 4 + cols)
     scales = np.float32(scale) * np.array([1, 0.5, 3], np.float32)
     body[:, :4] = scales.view(np.uint8).reshape(rows, 4)
-    codes = (np.arange(rows * cols).reshape(rows, cols) * 7 + np.arange(rows)[:, None]) % 256  # all 256 pairs' halves
+    codes = (np.arange(rows * cols).reshape(rows, cols) * 7 + np.arange(rows)[:, None]) % 256  # each code in even and odd columns
     body[:, 4:] = codes.astype(np.uint8)
     want = C.E4M3_TABLE[codes] * scales[:, None]
     np.testing.assert_array_equal(C.decode_payload(payload), want)
