@@ -43,8 +43,10 @@ def _cfg(teacher: str, data: str, out: str, backend: str):
 
 def _vllm_side(teacher: str, data: str, out: str, logprobs_json: str) -> None:
     """Subprocess body: extract with the vLLM backend, then prompt logprobs from a generate engine."""
+    from transformers import AutoConfig
     from vllm import LLM, SamplingParams
 
+    from genrecal_cache.backends.vllm import cpu_kv_cache_bytes
     from genrecal_cache.data import decode_image, read_samples
     from genrecal_cache.extract import extract
     from genrecal_cache.families import adapter_for
@@ -60,8 +62,10 @@ def _vllm_side(teacher: str, data: str, out: str, logprobs_json: str) -> None:
         e = adapter.encode(processor, s, images, MAX_LEN)
         ids.append(s.id)
         requests.append({"prompt": e.prompt, **({"multi_modal_data": {"image": images}} if images else {})})
+    # an explicit KV-cache size: vLLM's CPU default (node memory x 0.1 - RSS) fails on small NUMA nodes
+    kv_bytes = cpu_kv_cache_bytes(AutoConfig.from_pretrained(teacher), MAX_LEN, torch.float32)
     llm = LLM(model=teacher, runner="generate", dtype="float32", max_model_len=MAX_LEN, max_logprobs=K,
-              gpu_memory_utilization=0.1, enforce_eager=True, limit_mm_per_prompt={"video": 0}, seed=0, **ENGINE)
+              kv_cache_memory_bytes=kv_bytes, enforce_eager=True, limit_mm_per_prompt={"video": 0}, seed=0, **ENGINE)
     outs = llm.generate(requests, SamplingParams(prompt_logprobs=K, max_tokens=1, temperature=0.0), use_tqdm=False)
     result = {sid: {"prompt_token_ids": list(o.prompt_token_ids),
                     "prompt_logprobs": [None if d is None else [[t, lp.logprob, lp.rank] for t, lp in d.items()]

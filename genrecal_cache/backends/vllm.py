@@ -17,6 +17,7 @@ is never loaded a second time outside the engine.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -84,10 +85,25 @@ def head_from_checkpoint(path: str | Path, config: Any, dtype: torch.dtype,
     return TeacherHead(cfg, t["norm.weight"].to(dtype), t["lm_head.weight"].to(dtype))
 
 
+def cpu_kv_cache_bytes(config: Any, max_len: int, dtype: torch.dtype, sequences: int = 4) -> int:
+    """KV-cache bytes for `sequences` sequences of `max_len` tokens of this model, for vLLM on CPU.
+
+    vLLM's CPU worker otherwise sizes the cache as a fraction of the NUMA node's memory minus the
+    process' RSS, which is negative on a small node (7 GiB x 0.1 < the RSS of torch + vLLM) and
+    depends on what else runs. Extraction only prefills, so a few full-length sequences is room enough.
+    """
+    text = config.get_text_config()
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * dtype.itemsize  # K and V of every layer
+    return per_token * sequences * max_len + (64 << 20)  # + slack for block rounding
+
+
 class VLLMBackend:
     """Post-norm final hidden states of every prompt token from a vLLM pooling engine."""
 
     name = "vllm"
+    needs_images = True  # vLLM runs the image processor itself: the extraction loop decodes them per batch
 
     def __init__(self, adapter: FamilyAdapter, path: str, *, dtype: str = "bfloat16", max_len: int = 4096,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
@@ -109,6 +125,9 @@ class VLLMBackend:
         head = head_from_checkpoint(path, config, DTYPES[dtype],
                                     getattr(adapter, "head_tensor_names", HEAD_TENSOR_NAMES))
         overrides = {"head_dtype": "model", **engine_kwargs.pop("hf_overrides", {})}
+        if not on_gpu and engine_kwargs.get("kv_cache_memory_bytes") is None \
+                and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # the env var, when set, is vLLM's to apply
+            engine_kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(config, max_len, DTYPES[dtype])
         self.llm = LLM(
             model=str(path), runner="pooling", convert="embed", pooler_config={"task": "token_embed"},
             dtype=dtype, max_model_len=max_len, seed=engine_kwargs.pop("seed", 0),
