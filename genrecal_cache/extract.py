@@ -164,6 +164,8 @@ def extract(cfg: ExtractConfig) -> Manifest:
 
     def run(batch: list[tuple[Sample, Encoded]]) -> None:
         nonlocal n_ok, n_tok
+        if n_ok == 0:  # before anything is cached: the exported head must reproduce the teacher's own forward
+            backend.check_head([e for _, e in batch])
         hidden = backend.hidden_states([e for _, e in batch])
         # top-k of the whole batch in one pass (chunked inside): far fewer small kernels than one per sample
         lengths = [int(h.shape[0]) for h in hidden]

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 class HeadConfig:
     hidden_size: int
     vocab_size: int
-    norm_type: str = "rms"  # "rms" | "layer"
+    norm_type: str = "rms"  # "rms": x*w | "rms_1p": x*(1+w) (Gemma) | "layer": LayerNorm
     norm_eps: float = 1e-6
     logit_scale: float = 1.0  # multiplied into the logits (some families scale them)
     logit_softcap: float | None = None  # tanh soft-capping (Gemma-style); None = off
@@ -50,14 +50,16 @@ class TeacherHead(torch.nn.Module):
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
         w = self.norm_weight
-        if c.norm_type == "rms":
+        if c.norm_type in ("rms", "rms_1p"):
             xf = x.float()
             y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + c.norm_eps)
-            return (w.float() * y).to(x.dtype)
+            # Gemma stores w around 0 and scales by (1 + w), in float32 before the cast (as its RMSNorm does)
+            return ((w.float() + 1.0 if c.norm_type == "rms_1p" else w.float()) * y).to(x.dtype)
         if c.norm_type == "layer":
             b = self.norm_bias
             return F.layer_norm(x, (c.hidden_size,), w.to(x.dtype), None if b is None else b.to(x.dtype), c.norm_eps)
-        raise ValueError(f"unknown norm_type {c.norm_type!r} in teacher head config (expected 'rms' or 'layer')")
+        raise ValueError(f"unknown norm_type {c.norm_type!r} in teacher head config (expected 'rms', 'rms_1p' "
+                         f"or 'layer')")
 
     def logits(self, h: torch.Tensor, post_norm: bool = True) -> torch.Tensor:
         """Full-vocabulary logits. `post_norm=True` for cached teacher states, False for pre-norm inputs."""
@@ -137,7 +139,7 @@ def _parse_head_config(text: str, path: str) -> HeadConfig:
     real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
     checks = {"hidden_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 24,
               "vocab_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 26,
-              "norm_type": lambda v: v in ("rms", "layer"), "norm_eps": lambda v: real(v) and v >= 0,
+              "norm_type": lambda v: v in ("rms", "rms_1p", "layer"), "norm_eps": lambda v: real(v) and v >= 0,
               "logit_scale": real, "logit_softcap": lambda v: v is None or (real(v) and v > 0)}
     for key in ("hidden_size", "vocab_size"):
         if key not in raw:

@@ -54,7 +54,8 @@ def check_cache_matches(cache, head: TeacherHead, cfg: TrainConfig) -> None:
     from genrecal_cache.families import adapter_for
 
     tcfg = AutoConfig.from_pretrained(cfg.expect_teacher)
-    tok = adapter_for(tcfg).load_processor(cfg.expect_teacher).tokenizer
+    t_adapter = adapter_for(tcfg)
+    tok = t_adapter.load_processor(cfg.expect_teacher).tokenizer
     if _sha256(tok.backend_tokenizer.to_str()) != m.tokenizer_sha256:
         raise ValueError(f"{where}: its teacher tokenizer differs from {cfg.expect_teacher}'s (sha256 mismatch): "
                          "the token ids in the cache would mean other words; use the cache made with this teacher")
@@ -64,9 +65,8 @@ def check_cache_matches(cache, head: TeacherHead, cfg: TrainConfig) -> None:
                          f"{cfg.expect_teacher} has vocab {text.vocab_size}, hidden {text.hidden_size}")
     # Same tokenizer and shapes can still be another checkpoint (another seed, size or fine-tune):
     # compare a few rows of its lm_head with the cached head (read by slice, not the whole matrix).
-    rows = _checkpoint_lm_head_rows(Path(cfg.expect_teacher), head.vocab_size,
-                                    tied=bool(getattr(tcfg, "tie_word_embeddings", False)
-                                              or getattr(text, "tie_word_embeddings", False)))
+    names = t_adapter.head_tensor_names["embed_tokens.weight" if t_adapter.tied_head(tcfg) else "lm_head.weight"]
+    rows = _checkpoint_lm_head_rows(Path(cfg.expect_teacher), head.vocab_size, names)
     if rows is not None:
         idx, got = rows
         ref = head.lm_head_weight[idx].detach().float().cpu()
@@ -100,8 +100,9 @@ def check_head_reproduces_topk(cache, head: TeacherHead, where: str, max_tokens:
                          "run `genrecal-cache verify`, re-download or re-extract the cache")
 
 
-def _checkpoint_lm_head_rows(folder: Path, vocab: int, tied: bool) -> tuple[Tensor, Tensor] | None:
-    """(row indices, float32 rows) of the lm_head in a safetensors checkpoint folder; None if not found."""
+def _checkpoint_lm_head_rows(folder: Path, vocab: int, names: tuple[str, ...]) -> tuple[Tensor, Tensor] | None:
+    """(row indices, float32 rows) of the lm_head in a safetensors checkpoint folder, under the first of the
+    family's tensor `names` present (genrecal_cache/families); None if not found."""
     import json
 
     from safetensors import safe_open
@@ -115,12 +116,9 @@ def _checkpoint_lm_head_rows(folder: Path, vocab: int, tied: bool) -> tuple[Tens
         for f in files:
             with safe_open(str(f), framework="pt") as fh:
                 weight_map.update({k: f.name for k in fh.keys()})
-    names = [k for k in weight_map if k == "lm_head.weight" or k.endswith(".lm_head.weight")]
-    if not names and tied:
-        names = [k for k in weight_map if k.endswith("embed_tokens.weight") and "vis" not in k]
-    if not names:
+    name = next((n for n in names if n in weight_map), None)
+    if name is None:
         return None
-    name = names[0]
     n = min(32, vocab)
     with safe_open(str(folder / weight_map[name]), framework="pt") as fh:
         sl = fh.get_slice(name)
@@ -175,7 +173,8 @@ class GenRecal(nn.Module):
         self.student, self.adapter, self.head, self.cfg = student, adapter, head.requires_grad_(False), cfg
         self.recalibrator = Recalibrator.from_student(
             student, d_teacher=head.hidden_size, num_layers=cfg.recal_layers,
-            decoder_layer_cls=adapter.decoder_layer_class(student), text_config=adapter.text_config(student))
+            decoder_layer_cls=adapter.decoder_layer_class(student), text_config=adapter.text_config(student),
+            rotary_factory=adapter.rotary_factory(student))
         if cfg.gradient_checkpointing:
             student.gradient_checkpointing_enable()
         self.stage = 1

@@ -196,7 +196,7 @@ def test_head_from_checkpoint_matches_exported_head(teacher, student, tmp_path: 
     tied_model = Qwen2VLForConditionalGeneration(type(teacher.model.config).from_dict(config)).eval()
     tied_model.save_pretrained(tmp_path / "tied")
     for path, loaded in [(sharded, teacher), (student.path, student), (tmp_path / "tied", teacher._replace(model=tied_model))]:
-        head = head_from_checkpoint(path, loaded.model.config, torch.float32)
+        head = head_from_checkpoint(path, loaded.model.config, torch.float32, loaded.adapter)
         ref = loaded.adapter.export_head(loaded.model)
         assert head.config == ref.config, path
         assert torch.equal(head.norm_weight, ref.norm_weight) and torch.equal(head.lm_head_weight, ref.lm_head_weight)

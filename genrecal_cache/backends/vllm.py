@@ -29,17 +29,6 @@ from genrecal_cache.head import HeadConfig, TeacherHead
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Where HF VLM checkpoints keep the head (candidates, first present wins): Qwen2-VL's and LLaVA's
-# layouts, as transformers saves them and as they are on the hub. Family knowledge: adapters that
-# define `head_tensor_names` (same shape) override it; meant to move there entirely.
-HEAD_TENSOR_NAMES: dict[str, tuple[str, ...]] = {
-    "norm.weight": ("model.norm.weight", "model.language_model.norm.weight", "language_model.model.norm.weight"),
-    "lm_head.weight": ("lm_head.weight", "language_model.lm_head.weight"),
-    "embed_tokens.weight": ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
-                            "language_model.model.embed_tokens.weight"),
-}
-
-
 def read_tensors(path: str | Path, names: Mapping[str, Sequence[str]]) -> dict[str, torch.Tensor]:
     """Read a few tensors from a safetensors checkpoint (folder or hub id) without loading the rest.
 
@@ -72,17 +61,18 @@ def read_tensors(path: str | Path, names: Mapping[str, Sequence[str]]) -> dict[s
     return out
 
 
-def head_from_checkpoint(path: str | Path, config: Any, dtype: torch.dtype,
-                         names: Mapping[str, Sequence[str]] = HEAD_TENSOR_NAMES) -> TeacherHead:
-    """The teacher head (RMS final norm + lm_head) of a HF checkpoint, read tensor by tensor."""
-    text = config.get_text_config()
-    tied = bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+def head_from_checkpoint(path: str | Path, config: Any, dtype: torch.dtype, adapter: FamilyAdapter) -> TeacherHead:
+    """The teacher head of a HF checkpoint, read tensor by tensor; what it computes (norm formula,
+    logit scale, soft-cap) and where its tensors are come from the family adapter."""
+    names = adapter.head_tensor_names
     wanted = {"norm.weight": names["norm.weight"],
-              "lm_head.weight": names["embed_tokens.weight" if tied else "lm_head.weight"]}
+              "lm_head.weight": names["embed_tokens.weight" if adapter.tied_head(config) else "lm_head.weight"]}
+    if names.get("norm.bias"):
+        wanted["norm.bias"] = names["norm.bias"]
     t = read_tensors(path, wanted)
-    cfg = HeadConfig(hidden_size=text.hidden_size, vocab_size=text.vocab_size, norm_type="rms",
-                     norm_eps=float(text.rms_norm_eps))
-    return TeacherHead(cfg, t["norm.weight"].to(dtype), t["lm_head.weight"].to(dtype))
+    bias = t.get("norm.bias")
+    return TeacherHead(adapter.head_config(config), t["norm.weight"].to(dtype), t["lm_head.weight"].to(dtype),
+                       None if bias is None else bias.to(dtype))
 
 
 def cpu_kv_cache_bytes(config: Any, max_len: int, dtype: torch.dtype, sequences: int = 4) -> int:
@@ -122,8 +112,8 @@ class VLLMBackend:
         self.device = torch.device("cuda" if on_gpu else "cpu")
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         # the head first: a broken checkpoint fails in seconds, not after the engine start
-        head = head_from_checkpoint(path, config, DTYPES[dtype],
-                                    getattr(adapter, "head_tensor_names", HEAD_TENSOR_NAMES))
+        head = head_from_checkpoint(path, config, DTYPES[dtype], adapter)
+        adapter.check_norm(config, head)  # the family's own norm module on the checkpoint's weights
         overrides = {"head_dtype": "model", **engine_kwargs.pop("hf_overrides", {})}
         if not on_gpu and engine_kwargs.get("kv_cache_memory_bytes") is None \
                 and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # the env var, when set, is vLLM's to apply
@@ -145,6 +135,10 @@ class VLLMBackend:
         self.head = head.to(self.device)
         tokenizer = self.llm.get_tokenizer()
         self._bos = getattr(tokenizer, "bos_token", None)
+
+    def check_head(self, batch: list[Encoded]) -> None:
+        """Nothing more to check per batch: the norm was checked against the family's own module at start;
+        the logit scale and soft-cap are the adapter's, checked against a transformers forward in the tests."""
 
     @staticmethod
     def _request(e: Encoded) -> dict[str, Any]:

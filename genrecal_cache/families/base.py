@@ -1,17 +1,22 @@
-"""Model-family adapters: everything that differs between VLM families lives here, nowhere else.
+"""The shared part of every family adapter (`FamilyAdapter`); each family's module only says what differs.
 
 An adapter knows how to load a family's processor and model, how to turn a `Sample` into token
-ids plus an answer mask with the family's own chat template (`encode`), where the final norm,
-lm_head, decoder stack and vision tower live, and how to export the teacher head.
+ids plus an answer mask with the family's own chat template (`encode`), where the text decoder,
+final norm, lm_head and vision tower live, how the final norm computes (`norm_formula`), which
+logit scale / soft-cap the family applies, where the head tensors are in a checkpoint, and how
+the Recalibrator builds the student's rotary embedding.
 
 Answer masks come from character offsets: the conversation is rendered once in full and once up
 to each assistant turn with ``add_generation_prompt=True``; the answer starts where that prefix
 ends. The text is tokenized with offsets, image placeholders are expanded by the processor, and
 a token is an answer token when its characters lie inside an answer. A token that straddles an
 answer boundary (the template glues answer text to template text) is an error, never a guess.
+Every mask is then checked once more: its tokens must decode to the answer text (modulo
+whitespace); a processor that inserts text it does not report would otherwise shift the mask
+silently (`AnswerMaskError`, which stops an extraction or a training run).
 
-Families: ``qwen2_vl`` (Qwen2-VL; teacher, also usable as a student) and ``llava`` (LLaVA:
-a Llama-type text model with a SigLIP/CLIP vision tower; the student).
+Nothing is guessed about the head either: `check_head` runs the model's own forward and compares
+its logits and its final norm with the exported `TeacherHead` (`HeadCheckError` on a mismatch).
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from .data import IMAGE_MARKER, Sample
-from .head import HeadConfig, TeacherHead
+from ..data import IMAGE_MARKER, Sample
+from ..head import HeadConfig, TeacherHead
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -46,13 +51,42 @@ class EncodeError(ValueError):
     """A sample that cannot be encoded for this model (template, answer boundary or length problem)."""
 
 
+class AnswerMaskError(RuntimeError):
+    """An answer mask whose tokens do not decode to the answer: the adapter (not the sample) is wrong.
+
+    Not an `EncodeError`: it must stop the run, not be recorded as one bad sample."""
+
+
+class HeadCheckError(RuntimeError):
+    """The exported teacher head does not reproduce the teacher's own logits or final norm."""
+
+
+# Where HF VLM checkpoints keep the head (candidates, first present wins): as transformers 5 saves
+# them and as older hub checkpoints have them. Families with another layout override it.
+HEAD_TENSOR_NAMES: dict[str, tuple[str, ...]] = {
+    "norm.weight": ("model.language_model.norm.weight", "model.norm.weight", "language_model.model.norm.weight"),
+    "norm.bias": (),  # RMS norms have none
+    "lm_head.weight": ("lm_head.weight", "language_model.lm_head.weight"),
+    "embed_tokens.weight": ("model.language_model.embed_tokens.weight", "model.embed_tokens.weight",
+                            "language_model.model.embed_tokens.weight"),
+}
+
+NORM_FORMULAS = ("rms", "rms_1p", "layer")  # x*w | x*(1+w) (Gemma) | LayerNorm, see head.py
+
+
 class FamilyAdapter:
-    """Shared logic; subclasses only say where things live in their family's modules."""
+    """Shared logic; a family's module sets the class attributes below and overrides what differs."""
 
     model_type: ClassVar[str]
     model_class_name: ClassVar[str]  # the full VLM class in `transformers`
     uses_mrope: ClassVar[bool] = False
     vision_prefixes: ClassVar[tuple[str, ...]]  # parameter-name prefixes of the frozen vision encoder
+    text_model_path: ClassVar[str] = "model.language_model"  # attribute path of the text decoder
+    norm_formula: ClassVar[str] = "rms"  # one of NORM_FORMULAS: what the final norm computes
+    head_tensor_names: ClassVar[dict[str, tuple[str, ...]]] = HEAD_TENSOR_NAMES
+    # Templates that read only typed content parts ({"type": "text", ...}) render a plain-string
+    # answer as nothing: those families get typed answers.
+    typed_answers: ClassVar[bool] = False
 
     # --- loading -------------------------------------------------------------------------------
 
@@ -61,18 +95,28 @@ class FamilyAdapter:
 
         return AutoProcessor.from_pretrained(path)
 
-    def load_model(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu") -> torch.nn.Module:
+    def model_class(self) -> type[torch.nn.Module]:
         import transformers
 
-        model_class = getattr(transformers, self.model_class_name)
-        return model_class.from_pretrained(path, dtype=dtype).to(device).eval()
+        return getattr(transformers, self.model_class_name)
+
+    def load_model(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> torch.nn.Module:
+        return self.model_class().from_pretrained(path, dtype=dtype).to(device).eval()
+
+    def meta_model(self, config: PreTrainedConfig) -> torch.nn.Module:
+        """The model built from `config` on the meta device: real module tree and shapes, no memory."""
+        with torch.device("meta"):
+            return self.model_class()(config)
 
     # --- where things live ---------------------------------------------------------------------
 
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The decoder stack (embeddings, layers, final norm) without vision parts or lm_head."""
-        return model.model.language_model
+        m = model
+        for name in self.text_model_path.split("."):
+            m = getattr(m, name)
+        return m
 
     def final_norm(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.text_model(model).norm
@@ -80,11 +124,17 @@ class FamilyAdapter:
     def lm_head(self, model: torch.nn.Module) -> torch.nn.Linear:
         return model.lm_head
 
-    def text_config(self, model: torch.nn.Module) -> Any:
-        return model.config.text_config
+    def text_config(self, model: torch.nn.Module | PreTrainedConfig) -> Any:
+        config = getattr(model, "config", model)
+        return config.get_text_config()
 
     def decoder_layer_class(self, model: torch.nn.Module) -> type[torch.nn.Module]:
         return type(self.text_model(model).layers[0])
+
+    def rotary_factory(self, model: torch.nn.Module) -> Callable[[PreTrainedConfig], torch.nn.Module]:
+        """Builds the student's rotary embedding for the Recalibrator's blocks: `factory(config)(x, pos)`
+        must return the `position_embeddings` its decoder layers take."""
+        return type(self.text_model(model).rotary_emb)
 
     def vision_parameter_prefixes(self, model: torch.nn.Module) -> list[str]:
         """Prefixes of `model.named_parameters()` names of the vision encoder (frozen in stages 2 and 3)."""
@@ -95,23 +145,98 @@ class FamilyAdapter:
                              f"is this really a {self.model_type} model?")
         return prefixes
 
-    def head_config(self, model: torch.nn.Module) -> HeadConfig:
-        norm, head = self.final_norm(model), self.lm_head(model)
-        if isinstance(norm, torch.nn.LayerNorm):
-            norm_type, eps = "layer", norm.eps
-        else:  # the RMSNorm classes of these families store eps as `variance_epsilon`
-            norm_type, eps = "rms", getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    # --- the head ------------------------------------------------------------------------------
+
+    def logit_scale(self, text_config: Any) -> float:
+        """Factor the family multiplies into the logits (1 for most)."""
+        return 1.0
+
+    def logit_softcap(self, text_config: Any) -> float | None:
+        """tanh soft-cap of the final logits (Gemma 2 style); None for most families."""
+        return None
+
+    def norm_eps(self, text_config: Any) -> float:
+        eps = getattr(text_config, "rms_norm_eps", None) if self.norm_formula != "layer" else None
+        eps = eps if eps is not None else getattr(text_config, "layer_norm_eps", None)
         if eps is None:
-            raise ValueError(f"cannot read the epsilon of final norm {type(norm).__name__}")
-        if getattr(head, "bias", None) is not None:
-            raise ValueError(f"{self.model_type}: lm_head has a bias, which TeacherHead does not support")
-        vocab, hidden = head.weight.shape
-        return HeadConfig(hidden_size=hidden, vocab_size=vocab, norm_type=norm_type, norm_eps=float(eps))
+            raise ValueError(f"{self.model_type}: the text config has no rms_norm_eps / layer_norm_eps")
+        return float(eps)
+
+    def tied_head(self, config: PreTrainedConfig) -> bool:
+        text = config.get_text_config()
+        return bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+
+    def head_config(self, model_or_config: torch.nn.Module | PreTrainedConfig) -> HeadConfig:
+        """The family's head, from its config: norm formula, eps, logit scale and soft-cap."""
+        text = self.text_config(model_or_config)
+        if self.norm_formula not in NORM_FORMULAS:
+            raise ValueError(f"{self.model_type}: norm_formula {self.norm_formula!r} is not one of {NORM_FORMULAS}")
+        if isinstance(model_or_config, torch.nn.Module):
+            vocab, hidden = self.lm_head(model_or_config).weight.shape
+        else:
+            vocab, hidden = text.vocab_size, text.hidden_size
+        return HeadConfig(hidden_size=int(hidden), vocab_size=int(vocab), norm_type=self.norm_formula,
+                          norm_eps=self.norm_eps(text), logit_scale=float(self.logit_scale(text)),
+                          logit_softcap=self.logit_softcap(text))
 
     def export_head(self, model: torch.nn.Module) -> TeacherHead:
+        norm, head = self.final_norm(model), self.lm_head(model)
+        if getattr(head, "bias", None) is not None:
+            raise ValueError(f"{self.model_type}: lm_head has a bias, which TeacherHead does not support")
+        return TeacherHead(self.head_config(model), norm.weight, head.weight, getattr(norm, "bias", None))
+
+    @torch.no_grad()
+    def check_norm(self, config: PreTrainedConfig, head: TeacherHead, rtol: float = 1e-4) -> None:
+        """The head's norm formula against the family's own final-norm module (built from `config` on the
+        meta device, then given the head's weights): for backends that never load the model here."""
+        norm = self.final_norm(self.meta_model(config)).to_empty(device="cpu").float()
+        norm.weight.copy_(head.norm_weight.float())
+        if getattr(norm, "bias", None) is not None:
+            if head.norm_bias is None:
+                raise HeadCheckError(f"{self.model_type}: the final norm has a bias but the exported head has none")
+            norm.bias.copy_(head.norm_bias.float())
+        x = torch.randn(4, head.hidden_size, generator=torch.Generator().manual_seed(0))
+        rel = _rel(_float_head(head).final_norm(x), norm(x))
+        if not rel <= rtol:
+            raise HeadCheckError(f"{self.model_type}: the exported head's norm ({head.config.norm_type}) differs from "
+                                 f"the family's {type(norm).__name__} by {rel:.3g} (relative); fix norm_formula in "
+                                 f"the family adapter (genrecal_cache/families/, docs/families.md)")
+
+    @torch.inference_mode()
+    def check_head(self, model: torch.nn.Module, head: TeacherHead, inputs: dict[str, torch.Tensor],
+                   positions: int = 16, rtol: float = 2e-2) -> None:
+        """The exported `head` must reproduce the model's own forward on `inputs` (one batch, on the
+        model's device): its final norm on the norm's real input, its logits on the last `positions`.
+
+        A wrong norm formula, a missed logit scale or soft-cap, or the wrong tensors all show up
+        here as a relative difference of order 1; float32 agrees to ~1e-6 and bf16 to ~1e-2."""
         norm = self.final_norm(model)
-        return TeacherHead(self.head_config(model), norm.weight, self.lm_head(model).weight,
-                           getattr(norm, "bias", None))
+        seen: dict[str, torch.Tensor] = {}
+
+        def hook(_module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            seen.setdefault("x", args[0])
+            seen.setdefault("y", out)
+
+        handle = norm.register_forward_hook(hook)
+        try:
+            out = model(**inputs, use_cache=False, logits_to_keep=positions)
+        finally:
+            handle.remove()
+        if "x" not in seen:
+            raise HeadCheckError(f"{self.model_type}: the final norm {type(norm).__name__} did not run in the "
+                                 f"model's forward; the adapter points at the wrong module")
+        x, y = seen["x"], seen["y"]
+        n = out.logits.shape[1]
+        where = (f"{self.model_type}: the exported teacher head does not reproduce the teacher's own forward "
+                 f"(head config {head.config})")
+        fix = ("fix the family adapter (genrecal_cache/families/, see docs/families.md): its norm_formula, "
+               "logit_scale/logit_softcap or head tensors")
+        rel = _rel(head.final_norm(x), y)
+        if not rel <= rtol:
+            raise HeadCheckError(f"{where}: final norm differs by {rel:.3g} (relative); {fix}")
+        rel = _rel(head.logits(y[:, -n:].to(head.lm_head_weight.dtype)), out.logits)
+        if not rel <= rtol:
+            raise HeadCheckError(f"{where}: logits differ by {rel:.3g} (relative); {fix}")
 
     # --- encoding ------------------------------------------------------------------------------
 
@@ -157,6 +282,7 @@ class FamilyAdapter:
         answer_mask = torch.zeros(len(input_ids), dtype=torch.bool)
         for start, end in spans:
             self._mark(answer_mask, offsets, shift(start), shift(end), full[start:end], where)
+        self.check_answer_mask(processor, input_ids, answer_mask, [full[a:b] for a, b in spans], where)
         return Encoded(input_ids=input_ids, answer_mask=answer_mask, model_inputs=dict(out), prompt=full,
                        images=list(images))
 
@@ -175,6 +301,22 @@ class FamilyAdapter:
                         add_special_tokens=self.add_special_tokens(processor, prompt))
         return dict(out), sample.messages[last]["content"]
 
+    def check_answer_mask(self, processor: Any, input_ids: torch.Tensor, mask: torch.Tensor, answers: list[str],
+                          where: str) -> None:
+        """Each run of masked tokens must decode to its answer text (whitespace aside). Raises
+        `AnswerMaskError`: a mismatch means the adapter misreads the processor, for every sample."""
+        runs = _runs(mask)
+        decoded = [processor.tokenizer.decode(input_ids[a:b].tolist(), skip_special_tokens=False) for a, b in runs]
+        squeeze = lambda t: "".join(t.split())  # noqa: E731 - tokenizers may move or drop whitespace
+        if len(runs) != len(answers) or any(squeeze(d) != squeeze(t) for d, t in zip(decoded, answers)):
+            got = next(((d, t) for d, t in zip(decoded, answers) if squeeze(d) != squeeze(t)), (decoded, answers))
+            raise AnswerMaskError(
+                f"{where}: the answer mask does not cover the answer text: {len(runs)} masked run(s) for "
+                f"{len(answers)} answer(s); masked tokens decode to {got[0]!r:.80}, the answer is {got[1]!r:.80}. "
+                f"The processor changes the text in a way the {self.model_type} adapter does not account for; "
+                f"nothing was cached or trained from it. Fix the adapter (genrecal_cache/families/, "
+                f"docs/families.md) or use another model")
+
     @staticmethod
     def add_special_tokens(processor: Any, prompt: str) -> bool:
         """Whether tokenizing a rendered `prompt` must add the tokenizer's special tokens (BOS).
@@ -188,7 +330,8 @@ class FamilyAdapter:
     def _chat_message(self, message: dict) -> dict:
         """Sample message -> template message: user/system text is split into text and image parts."""
         if message["role"] == "assistant":
-            return {"role": "assistant", "content": message["content"]}
+            content = message["content"]
+            return {"role": "assistant", "content": [{"type": "text", "text": content}] if self.typed_answers else content}
         parts: list[dict] = []
         for i, piece in enumerate(message["content"].split(IMAGE_MARKER)):
             if i:
@@ -211,6 +354,8 @@ class FamilyAdapter:
             raise EncodeError(f"{where}: the chat template renders turn {k} differently with and without the "
                               f"rest of the conversation, so the answer cannot be located")
         start, content = len(prefix), messages[k]["content"]
+        if isinstance(content, list):  # typed answer parts: one text part
+            content = content[0]["text"]
         if not content.strip():
             raise EncodeError(f"{where}: answer of turn {k} is empty; there is nothing to distil")
         # Templates may trim the answer (Llama 3's does): accept the content as rendered, nothing else.
@@ -254,36 +399,6 @@ class FamilyAdapter:
         return out.last_hidden_state[0]
 
 
-class Qwen2VLAdapter(FamilyAdapter):
-    model_type = "qwen2_vl"
-    model_class_name = "Qwen2VLForConditionalGeneration"
-    uses_mrope = True
-    vision_prefixes = ("model.visual.",)  # the patch merger (projector) lives inside `visual`
-
-
-class LlavaAdapter(FamilyAdapter):
-    model_type = "llava"
-    model_class_name = "LlavaForConditionalGeneration"
-    # the projector trains with the language model; only the vision encoder stays frozen
-    vision_prefixes = ("model.vision_tower.",)
-
-
-ADAPTERS: dict[str, type[FamilyAdapter]] = {a.model_type: a for a in (Qwen2VLAdapter, LlavaAdapter)}
-
-
-def adapter_for(config: PreTrainedConfig | str | os.PathLike) -> FamilyAdapter:
-    """The adapter for a model config (or a model folder/hub id, whose config is read)."""
-    if isinstance(config, (str, os.PathLike)):
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(config)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ADAPTERS:
-        raise ValueError(f"unsupported model type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))} "
-                         f"(add an adapter in genrecal_cache/families.py)")
-    return ADAPTERS[model_type]()
-
-
 def _expansion_shift(replacements: list[dict]) -> Callable[[int], int]:
     """Map a character position of the rendered text to the processor's expanded text.
 
@@ -299,4 +414,34 @@ def _expansion_shift(replacements: list[dict]) -> Callable[[int], int]:
     return shift
 
 
-__all__ = ["ADAPTERS", "EncodeError", "Encoded", "FamilyAdapter", "LlavaAdapter", "Qwen2VLAdapter", "adapter_for"]
+
+
+def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) runs of True in a 1-D bool mask."""
+    m = mask.tolist()
+    runs, start = [], None
+    for i, v in enumerate(m + [False]):
+        if v and start is None:
+            start = i
+        elif not v and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def _float_head(head: TeacherHead) -> TeacherHead:
+    """A float32 copy of the norm part of `head` (the lm_head stays out: it may be huge)."""
+    bias = None if head.norm_bias is None else head.norm_bias.float()
+    return TeacherHead(head.config, head.norm_weight.float(), torch.empty(head.vocab_size, head.hidden_size,
+                                                                          device="meta"), bias)
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach().float(), ref.detach().float()
+    if got.shape != ref.shape:
+        return float("inf")
+    return float((got - ref).norm() / ref.norm().clamp(min=1e-12))
+
+
+__all__ = ["HEAD_TENSOR_NAMES", "NORM_FORMULAS", "AnswerMaskError", "EncodeError", "Encoded", "FamilyAdapter",
+           "HeadCheckError"]
