@@ -29,6 +29,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, Zstd
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from .codecs import _HiddenArrayBytesCodec, decode_payload
+from .safety import open_regular
 
 EMPTY = np.uint64(2**64 - 1)
 _SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
@@ -136,12 +137,18 @@ class ShardedArrayReader:
                 return idx
         n = 16 * self.chunks_per_shard + 4
         size = os.fstat(fd).st_size
+        if size < n:
+            raise ValueError(f"{self._shard_file(s)}: {size} bytes, too short for its shard index")
         raw = os.pread(fd, n, size - n)
         if len(raw) != n:
             raise ValueError(f"{self._shard_file(s)}: {size} bytes, too short for its shard index")
         if np.uint32(google_crc32c.value(raw[:-4])).tobytes() != raw[-4:]:
             raise ValueError(f"{self._shard_file(s)}: shard index fails its crc32c check")
         idx = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.chunks_per_shard, 2)
+        used = idx[idx[:, 0] != EMPTY]
+        if used.size and ((used[:, 0] > size - n) | (used[:, 1] > size - n - used[:, 0])).any():
+            # checked here, once per shard: a chunk length from the index is what a read allocates
+            raise ValueError(f"{self._shard_file(s)}: shard index points past the end of the file's {size} bytes")
         with self._lock:
             self._indexes[s] = idx
             while len(self._indexes) > 64:
@@ -163,7 +170,7 @@ class ShardedArrayReader:
     def _job(self, k: int, a: int, b: int, dest: np.ndarray, convert_bf16: bool) -> Callable[[], None]:
         def run() -> None:
             s, j = divmod(k, self.chunks_per_shard)
-            fd = os.open(self._shard_file(s), os.O_RDONLY)
+            fd = open_regular(self._shard_file(s), self._shard_file(s))
             try:
                 offset, nbytes = self._index(s, fd)[j]
                 if offset == EMPTY:

@@ -43,6 +43,7 @@ from .remote import RemoteReadError, read_through
 from .remote import url_to_fs as remote_url_to_fs
 
 MAX_CHUNK_BYTES = 4 << 30  # one shard (file) of one array; the writer's default is 128 MiB
+MAX_CHUNKS_PER_SHARD = 1 << 16  # the writer's default is at most 64
 INDEX_COLUMNS = ["index", "id", "status", "error", "token_offset", "num_tokens", "answer_spans",
                  "messages", "image_refs", "extra"]  # everything but the (large) images column
 
@@ -169,6 +170,7 @@ class TeacherCache:
         self._pf: pq.ParquetFile | None = None
         self._head: TeacherHead | None = None
         self._images_rg: tuple[int, list[list[bytes]]] | None = None
+        self._file_sizes = self._check_local_files()
         self._load_index()
 
     @classmethod
@@ -217,6 +219,20 @@ class TeacherCache:
         state.update(_pid=None, _zarr=None, _pf=None, _images_rg=None, _fast=None)
         return state
 
+    def _check_local_files(self) -> dict[str, int] | None:
+        """For a local cache: every file it will open is a regular file inside it (no link out of the
+        cache, FIFO or device), and every shard the token count implies is listed. Their sizes."""
+        where = f"{self.url}/{MANIFEST_NAME}"
+        shards = safety.shard_files(self.manifest, where)
+        unlisted = next((rel for rel, _, _ in shards if rel not in self.manifest.checksums), None)
+        if unlisted is not None:
+            raise CacheFormatError(f"{where}: shard {unlisted} is not listed in 'checksums'; the manifest is "
+                                   f"incomplete, run `genrecal-cache verify` and re-download or re-extract the cache")
+        if type(self.fs) is not LocalFileSystem:  # remote, or a mirror that fetches and verifies each file itself
+            return None
+        fixed = [SAMPLES_NAME, HEAD_NAME, f"{FEATURES_NAME}/zarr.json", *(f"{FEATURES_NAME}/{n}/zarr.json" for n in ARRAY_NAMES)]
+        return safety.check_local_files(self.root, dict.fromkeys([*fixed, *self.manifest.checksums]), self.url)
+
     def _features(self) -> dict[str, zarr.Array]:
         self._reset_if_forked()
         if self._zarr is None:
@@ -245,6 +261,10 @@ class TeacherCache:
                                    f"`genrecal-cache verify` and re-download or re-extract it")
         safety.check_schema(self._parquet().schema_arrow, where)  # before any value is used (safe loading)
         safety.check_index(table, self.manifest, where)
+        stored = None if self._file_sizes is None else sum(
+            n for rel, n in self._file_sizes.items() if rel.startswith(f"{FEATURES_NAME}/"))
+        safety.check_read_budget(self.manifest, table.column("id").to_pylist(),
+                                 table.column("num_tokens").to_numpy(), stored, where)
         self.index: pa.Table = table
         self._ids: list[str] = table.column("id").to_pylist()
         self._status: list[str] = table.column("status").to_pylist()
@@ -276,6 +296,8 @@ class TeacherCache:
     def head(self, device: str | torch.device = "cpu") -> TeacherHead:
         """The teacher's final norm + lm_head (safetensors only, no code runs on load)."""
         path = self._path(HEAD_NAME)
+        if type(self.fs) is LocalFileSystem:  # checked at open too; the file may have changed since
+            safety.check_local_files(self.root, [HEAD_NAME], self.url)
         try:
             if isinstance(self.fs, LocalFileSystem):
                 head = TeacherHead.load(local_file(self.fs, path), device=device)
@@ -472,7 +494,10 @@ class TeacherCache:
 def load_manifest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> Manifest:
     where = f"{url}/{MANIFEST_NAME}"
     try:
-        text = fs.cat_file(f"{root}/{MANIFEST_NAME}")
+        if isinstance(fs, LocalFileSystem):
+            text = safety.read_regular(f"{root}/{MANIFEST_NAME}", safety.MAX_MANIFEST_BYTES, where)
+        else:
+            text = fs.cat_file(f"{root}/{MANIFEST_NAME}")
     except FileNotFoundError as e:
         if not _exists(fs, root):
             raise CacheFormatError(f"{url}: no cache here (the directory does not exist)") from e
@@ -515,6 +540,10 @@ def open_feature_arrays(store: zarr.abc.store.Store, manifest: Manifest, url: st
             raise CacheFormatError(f"{where}: stored as {a.dtype} {list(a.shape)} but the manifest says "
                                    f"{spec['stored_dtype']} {[T, *spec['shape_tail']]}; the cache is "
                                    f"inconsistent, re-download or re-extract it")
+        if (a.shards or a.chunks)[0] // a.chunks[0] > MAX_CHUNKS_PER_SHARD:  # its index alone would be huge
+            raise CacheFormatError(f"{where}/zarr.json: {(a.shards or a.chunks)[0] // a.chunks[0]} inner chunks per "
+                                   f"shard, above {MAX_CHUNKS_PER_SHARD}; the metadata is corrupt or hostile, "
+                                   f"re-download or re-extract the cache")
         row_bytes = int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize
         if max((a.shards or a.chunks)[0], a.chunks[0]) * row_bytes > MAX_CHUNK_BYTES:  # before any data is read
             raise CacheFormatError(f"{where}/zarr.json: shards/chunks of {(a.shards or a.chunks)[0]}/{a.chunks[0]} "

@@ -11,12 +11,20 @@ naming the file, the row or field and the fix:
   arrays and contiguous, error rows empty; per sample (when read): `messages`/`extra` JSON that parses
   to the documented shapes; per row group: image bytes below a limit before they are loaded;
 - the head: safetensors header/config parsed defensively, shapes matched with the manifest;
-- the arrays: dtypes, shapes, shard and chunk lengths match the manifest before any data is read.
+- the arrays: dtypes, shapes, shard and chunk lengths match the manifest before any data is read;
+- local files (here): every file a reader opens is a regular file inside the cache folder, reached
+  without symbolic links, so a cache cannot point the reader at files outside it, /dev/zero or a FIFO;
+- declared sizes (here): the token count must be backed by shard files the manifest lists, and no read
+  decodes more than a bounded number of bytes (see `check_read_budget`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -27,6 +35,150 @@ from .manifest import CacheFormatError, Manifest
 # Bytes of images one parquet row group may hold (writers cut row groups at 16 MiB of images).
 MAX_ROW_GROUP_IMAGE_BYTES = 1 << 30
 REFETCH = "re-download or re-extract the cache"
+MAX_MANIFEST_BYTES = 64 << 20    # manifest.json (a 10 TB cache lists ~400k files: ~40 MB)
+MAX_METADATA_BYTES = 1 << 20     # one zarr.json (genrecal's are ~1.5 KB)
+
+
+# ---- local files: regular files inside the cache, no links -------------------------------------------
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def local_file_problem(root: str, rel: str, cache: dict[str, os.stat_result] | None = None) -> str | None:
+    """Why the cache file `rel` under `root` must not be opened (None: a regular file reached without links,
+    or missing, which the caller reports as missing). Every path part below `root` is checked with lstat."""
+    path = root
+    parts = rel.split("/")
+    for k, part in enumerate(parts):
+        path = os.path.join(path, part)
+        st = cache.get(path) if cache is not None else None
+        if st is None:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return None
+            if cache is not None:
+                cache[path] = st
+        last = k == len(parts) - 1
+        if stat.S_ISLNK(st.st_mode) or not (stat.S_ISREG(st.st_mode) if last else stat.S_ISDIR(st.st_mode)):
+            target = f" (to {os.readlink(path)!r:.120})" if stat.S_ISLNK(st.st_mode) else ""
+            return f"{'/'.join(parts[:k + 1])} is {_kind(st.st_mode)}{target}"
+    return None
+
+
+def check_local_files(root: str, rels: Iterable[str], where: str) -> dict[str, int]:
+    """Sizes of the cache files `rels` (missing ones left out); CacheFormatError if one is a link or not a
+    regular file: a cache is data from elsewhere and may not make the reader open anything outside it."""
+    seen: dict[str, os.stat_result] = {}
+    sizes = {}
+    for rel in rels:
+        problem = local_file_problem(root, rel, seen)
+        if problem:
+            raise CacheFormatError(f"{where}/{problem}: a cache holds only regular files (no links, FIFOs or devices); "
+                                   f"the cache is corrupt or hostile, {REFETCH}")
+        st = seen.get(os.path.join(root, *rel.split("/")))
+        if st is not None:
+            sizes[rel] = st.st_size
+    return sizes
+
+
+# ---- declared sizes ------------------------------------------------------------------------------------
+
+MAX_READ_BYTES = 4 << 30         # decoded bytes of one read (a group of samples): see check_read_budget
+ENV_MAX_READ_BYTES = "GENRECAL_MAX_READ_BYTES"
+DECODED_PER_STORED = 64          # a real cache decodes to < 8x its stored feature bytes (fp8/ecq -> float32)
+DECODED_FLOOR = 64 << 20
+
+
+def shard_files(m: Manifest, where: str) -> list[tuple[str, str, int]]:
+    """(path, array, shard number) of every shard file the token count implies, each of which the manifest
+    must list. Refused at once
+    when there are more than the manifest lists files (a hostile `counts.tokens` of 2^40 would otherwise
+    make this a loop over billions of names)."""
+    from .manifest import FEATURES_NAME
+
+    T = m.counts["tokens"]
+    n = sum(-(-T // spec["shard_tokens"]) for spec in m.arrays.values())
+    if n > len(m.checksums):
+        raise CacheFormatError(f"{where}: counts.tokens={T} needs {n} shard files but the manifest lists only "
+                               f"{len(m.checksums)} files; the manifest is corrupt or hostile, {REFETCH}")
+    return [(f"{FEATURES_NAME}/{name}/c/{s}" + ("/0" if spec["shape_tail"] else ""), name, s)
+            for name, spec in m.arrays.items() for s in range(-(-T // spec["shard_tokens"]))]
+
+
+def decoded_bytes_per_token(m: Manifest) -> int:
+    """Bytes a reader holds per token once decoded (hidden float32, int32 ids, bool mask, top-k)."""
+    return 4 * m.hidden_size + 4 + 1 + 8 * m.topk
+
+
+def max_read_bytes() -> int:
+    value = os.environ.get(ENV_MAX_READ_BYTES)
+    try:
+        return int(float(value)) if value else MAX_READ_BYTES
+    except ValueError:
+        raise ValueError(f"{ENV_MAX_READ_BYTES}={value!r} is not a number of bytes") from None
+
+
+def check_read_budget(m: Manifest, ids: list[str], lengths: np.ndarray, stored_bytes: int | None, where: str) -> None:
+    """Refuse a cache whose declared sizes would make a reader allocate without bound, before any read:
+
+    - one read decodes the samples starting in one shard: at most (shard + longest sample) tokens, which
+      must fit `GENRECAL_MAX_READ_BYTES` (default 4 GiB: a 100k-token sample at d=8192 is 3.3 GiB);
+    - when the feature files' sizes are known (local caches, verify), the decoded size of all T tokens
+      must be within 64x of them (real caches: under 8x), so a small cache cannot claim 2^24 tokens."""
+    per_token = decoded_bytes_per_token(m)
+    limit = max_read_bytes()
+    T = m.counts["tokens"]
+    if lengths.size:
+        i = int(np.argmax(lengths))
+        group = (min(m.arrays["hidden"]["shard_tokens"], T) + int(lengths[i])) * per_token
+        if group > limit:
+            raise CacheFormatError(
+                f"{where}: row {i} (sample {ids[i]!r:.60}) has {int(lengths[i])} tokens; reading it takes "
+                f"{group / 2**30:.1f} GiB decoded ({per_token} bytes per token), above the {limit / 2**30:.1f} GiB "
+                f"limit. The index is corrupt or hostile ({REFETCH}); if the cache is genuine, raise "
+                f"{ENV_MAX_READ_BYTES}")
+    if stored_bytes is not None and T * per_token > DECODED_PER_STORED * stored_bytes + DECODED_FLOOR:
+        raise CacheFormatError(
+            f"{where}: counts.tokens={T} would decode to {T * per_token / 2**30:.2f} GiB but the feature files hold "
+            f"only {stored_bytes} bytes (more than {DECODED_PER_STORED}x; real caches stay under 8x); the cache is "
+            f"corrupt or hostile, {REFETCH}")
+
+
+def open_regular(path: str, where: str) -> int:
+    """A read-only descriptor of `path` if it is a regular file (the last part not followed if it is a link)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CacheFormatError(f"{where}: a symbolic link; a cache holds only regular files, {REFETCH}") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise CacheFormatError(f"{where}: {_kind(mode)}; a cache holds only regular files, {REFETCH}")
+    return fd
+
+
+def read_regular(path: str, limit: int, where: str) -> bytes:
+    """The bytes of the regular file `path`, refused above `limit` bytes before any is read."""
+    fd = open_regular(path, where)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise CacheFormatError(f"{where}: {size} bytes, above the {limit}-byte limit for this file; the file is "
+                                   f"corrupt or hostile, {REFETCH}")
+        data = os.pread(fd, size + 1, 0)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise CacheFormatError(f"{where}: grew past {limit} bytes while being read; {REFETCH}")
+    return data
 
 def _str(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import warnings
 from collections import Counter
@@ -18,6 +19,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 
 from .codecs import hidden_codec
 from .manifest import (
@@ -39,7 +41,9 @@ def verify(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | Non
         from .parts import verify_parts  # a cache written in parts: verify each, and them together
         multi = verify_parts(fs, root, url, storage_options)
         return multi if multi is not None else [str(e)]
-    faults = _check_files(fs, root, manifest)
+    faults, unsafe = _check_files(fs, root, manifest)
+    if unsafe:  # links out of the cache, FIFOs, devices: nothing more is opened
+        return faults
     faults += _check_head(fs, root, manifest)
     store = zarr_store(fs, f"{root}/{FEATURES_NAME}", storage_options, f"{url}/{FEATURES_NAME}")
     try:
@@ -58,7 +62,14 @@ def verify(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | Non
             return faults + [str(e)]
         except (pa.ArrowException, OSError, ValueError) as e:
             return faults + [f"{SAMPLES_NAME}: unreadable ({e}): the file is truncated or corrupt; {REFETCH}"]
-        return faults + _check_index(table, arrays, manifest) + _check_row_json(table)
+        faults += _check_index(table, arrays, manifest) + _check_row_json(table)
+        try:
+            stored = _stored_feature_bytes(fs, root, manifest) if isinstance(fs, LocalFileSystem) else None
+            safety.check_read_budget(manifest, table.column("id").to_pylist(), table.column("num_tokens").to_numpy(),
+                                     stored, SAMPLES_NAME)
+        except CacheFormatError as e:
+            faults.append(str(e))
+        return faults
     finally:
         store.close()
 
@@ -67,7 +78,31 @@ def _relative(msg: str, url: str) -> str:
     return msg.replace(url + "/", "", 1)
 
 
+def _stored_feature_bytes(fs: fsspec.AbstractFileSystem, root: str, m: Manifest) -> int:
+    return sum(os.lstat(f"{root}/{rel}").st_size for rel in m.checksums
+               if rel.startswith(f"{FEATURES_NAME}/") and os.path.isfile(f"{root}/{rel}"))
+
+
+def _local_files(root: str) -> tuple[set[str], list[str]]:
+    """(regular files under root, faults for everything else: links, FIFOs, devices), links not followed."""
+    files, faults = set(), []
+    for d, dirs, names in os.walk(root, followlinks=False):
+        for name in sorted(dirs + names):
+            path = os.path.join(d, name)
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                files.add(rel)
+            elif not stat.S_ISDIR(st.st_mode):
+                faults.append(f"{safety.local_file_problem(root, rel)}: a cache holds only regular files (no links, "
+                              f"FIFOs or devices); the cache is corrupt or hostile: delete it and {REFETCH}")
+    return files - {MANIFEST_NAME}, faults
+
+
 def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    if isinstance(fs, LocalFileSystem):  # never a link or FIFO (refused before), read without following one
+        with os.fdopen(safety.open_regular(path, path), "rb") as f:
+            return sha256_stream(f)
     try:
         with fs.open(path, "rb") as f:
             return sha256_stream(f)
@@ -77,13 +112,23 @@ def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
         return hashlib.sha256(fs.cat_file(path)).hexdigest()
 
 
-def _check_files(fs: fsspec.AbstractFileSystem, root: str, m: Manifest) -> list[str]:
-    faults = []
-    try:
-        stored = {p[len(root) + 1:] for p in fs.find(root)} - {MANIFEST_NAME}
-    except Exception as e:  # noqa: BLE001 - e.g. a web server without directory listings
-        warnings.warn(f"{root}: cannot list files ({e}); stray files will not be detected", stacklevel=3)
-        stored = None
+def _check_files(fs: fsspec.AbstractFileSystem, root: str, m: Manifest) -> tuple[list[str], bool]:
+    """(faults, whether a file is unsafe to open: a link, FIFO or device, which then stops the checks)."""
+    faults: list[str] = []
+    if isinstance(fs, LocalFileSystem):
+        stored, faults = _local_files(root)
+        if faults:
+            return faults, True
+    else:
+        try:
+            stored = {p[len(root) + 1:] for p in fs.find(root)} - {MANIFEST_NAME}
+        except Exception as e:  # noqa: BLE001 - e.g. a web server without directory listings
+            warnings.warn(f"{root}: cannot list files ({e}); stray files will not be detected", stacklevel=3)
+            stored = None
+    try:  # every shard the token count implies must be listed (first: a hostile count is refused at once)
+        shards = safety.shard_files(m, MANIFEST_NAME)
+    except CacheFormatError as e:
+        return [str(e)], True
     for rel, expected in m.checksums.items():
         if stored is not None and rel not in stored:
             faults.append(f"{rel}: listed in the manifest but missing: the cache is incomplete; {REFETCH}")
@@ -100,14 +145,12 @@ def _check_files(fs: fsspec.AbstractFileSystem, root: str, m: Manifest) -> list[
         faults.append(f"{rel}: stored but not listed in the manifest (a stray file, e.g. from an interrupted "
                       f"copy): delete it")
     # every shard the token count implies must be checksummed, so a manifest that lost one is caught too
-    for name, spec in m.arrays.items():
-        S, T = spec["shard_tokens"], m.counts["tokens"]
-        for s in range(-(-T // S) if S else 0):
-            rel = f"{FEATURES_NAME}/{name}/c/{s}" + ("/0" if spec["shape_tail"] else "")
-            if rel not in m.checksums:
-                faults.append(f"{rel}: shard for tokens [{s * S}, {min((s + 1) * S, T)}) has no checksum "
-                              f"in the manifest: the manifest is incomplete; {REFETCH}")
-    return faults
+    for rel, name, s in shards:
+        if rel not in m.checksums:
+            S, T = m.arrays[name]["shard_tokens"], m.counts["tokens"]
+            faults.append(f"{rel}: shard for tokens [{s * S}, {min((s + 1) * S, T)}) has no checksum "
+                          f"in the manifest: the manifest is incomplete; {REFETCH}")
+    return faults, False
 
 
 def _check_head(fs: fsspec.AbstractFileSystem, root: str, m: Manifest) -> list[str]:
