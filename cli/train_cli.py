@@ -25,6 +25,9 @@ def train(
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps per stage [default: 100]."),
     stage_steps: Optional[str] = typer.Option(None, help="Steps of each stage, comma-separated in --stages order "
                                                         "(e.g. 200,400,200); overrides --max-steps/--epochs."),
+    total_steps: Optional[int] = typer.Option(None, help="Steps of all --stages together, shared out by "
+                                                         "--stage-split (instead of --max-steps per stage)."),
+    stage_split: Optional[str] = typer.Option(None, help="Shares of stages 1,2,3 in --total-steps [0.04,0.76,0.2]."),
     epochs: Optional[float] = typer.Option(None, help="Passes over the cache per stage (instead of --max-steps)."),
     batch_size: Optional[int] = typer.Option(None, help="Samples per micro-batch per rank [default: 4]."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step [default: 1]."),
@@ -35,6 +38,11 @@ def train(
     freeze_recalibrator_in_stage2: Optional[bool] = typer.Option(None, "--freeze-recalibrator-in-stage2",
                                                                 help="Keep the Recalibrator fixed in stage 2."),
     no_reg_pass: Optional[bool] = typer.Option(None, "--no-reg-pass", help="Drop the regularization pass (ablation)."),
+    main_pass_answer: Optional[str] = typer.Option(None, help="Main-pass answer rows: student_aligned (the student's "
+                                                              "answer states, aligned to the teacher's tokens by "
+                                                              "text) or teacher (the paper's) [student_aligned]."),
+    teacher_tokenizer: Optional[str] = typer.Option(None, help="Teacher tokenizer folder/hub id for student_aligned "
+                                                               "[the teacher the cache was extracted from]."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing",
                                                          help="Recompute student activations in backward."),
     train_vision: Optional[bool] = typer.Option(None, "--train-vision",
@@ -49,10 +57,12 @@ def train(
     from genrecal_train.config import load_config
     from genrecal_train.trainer import train as run_train
 
-    overrides = dict(cache=cache, local_cache=local_cache, student=student, out=out, stages=stages, max_steps=max_steps, stage_steps=stage_steps, epochs=epochs,
+    overrides = dict(cache=cache, local_cache=local_cache, student=student, out=out, stages=stages, max_steps=max_steps, stage_steps=stage_steps, total_steps=total_steps,
+                     stage_split=stage_split, epochs=epochs,
                      batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_end=lr_end, warmup=warmup, recal_layers=recal_layers,
                      freeze_recalibrator_in_stage2=freeze_recalibrator_in_stage2,
                      use_reg_pass=None if no_reg_pass is None else not no_reg_pass,
+                     main_pass_answer=main_pass_answer, teacher_tokenizer=teacher_tokenizer,
                      gradient_checkpointing=gradient_checkpointing, train_vision=train_vision, checkpoint_every=checkpoint_every, seed=seed,
                      expect_teacher=expect_teacher, device=device, resume=resume)
     try:

@@ -18,6 +18,8 @@ class TrainConfig:
     stages: list[int] = field(default_factory=lambda: [1, 2, 3])
     max_steps: int = 100  # optimizer steps per stage (ignored when epochs or stage_steps is set)
     stage_steps: list[int] | None = None  # optimizer steps of each stage in --stages order (overrides the rest)
+    total_steps: int | None = None  # optimizer steps of all --stages together, shared out by stage_split
+    stage_split: list[float] = field(default_factory=lambda: [0.04, 0.76, 0.2])  # shares of stages 1, 2, 3
     epochs: float | None = None  # passes over the cache per stage, instead of max_steps
     batch_size: int = 4  # samples per micro-batch (per rank)
     grad_accum: int = 1
@@ -28,6 +30,10 @@ class TrainConfig:
     recal_layers: int = 2
     freeze_recalibrator_in_stage2: bool = False
     use_reg_pass: bool = True  # the regularization pass Rec([Proj-pre(z_ql), Proj-pre(z_al)])
+    # Main pass answer rows: "student_aligned" = the student's own answer states, aligned to the teacher's
+    # answer tokens by character offsets; "teacher" = the paper's Proj-pre(teacher states) (docs/method.md)
+    main_pass_answer: str = "teacher"
+    teacher_tokenizer: str | None = None  # for student_aligned; default: the teacher the cache was made from
     w_ar: float = 1.0
     w_kl: float = 1.0
     w_student: float = 1.0
@@ -45,6 +51,25 @@ class TrainConfig:
     device: str = "auto"
     log_every: int = 1
     skip_errors: bool = True  # cached samples with status 'error' are never used; this only silences the count
+
+
+    def __post_init__(self) -> None:
+        if self.total_steps is not None and self.stage_steps is None:
+            self.stage_steps = split_steps(self.total_steps, self.stages, self.stage_split)
+
+
+def split_steps(total: int, stages: list[int], split: list[float]) -> list[int]:
+    """Steps of each of `stages` out of `total`, by their shares in `split` (renormalised over the stages
+    run); every stage gets at least one step and the steps add up to `total`."""
+    if len(split) != 3 or any(x < 0 for x in split):
+        raise ValueError(f"stage_split {split}: give three shares >= 0, for stages 1, 2 and 3")
+    shares = [split[s - 1] for s in stages]
+    if sum(shares) <= 0:
+        raise ValueError(f"stage_split {split} gives stages {stages} no steps")
+    if total < len(stages):
+        raise ValueError(f"total_steps={total} is fewer than one step per stage of {stages}")
+    steps = [max(1, round(total * x / sum(shares))) for x in shares[:-1]]
+    return steps + [max(1, total - sum(steps))]
 
 
 def _read_file(path: str) -> dict[str, Any]:
@@ -78,9 +103,9 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
             raise ValueError(f"config file {path}: unknown option(s) {unknown}; known: {sorted(known)}")
         values.update(data)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("stages", "stage_steps"):
+    for key, kind in (("stages", int), ("stage_steps", int), ("stage_split", float)):
         if isinstance(values.get(key), str):
-            values[key] = [int(s) for s in values[key].split(",") if s.strip()]
+            values[key] = [kind(s) for s in values[key].split(",") if s.strip()]
     cfg = TrainConfig(**values)
     if cfg.stage_steps is not None and len(cfg.stage_steps) != len(cfg.stages):
         raise ValueError(f"stage_steps {cfg.stage_steps} must give one step count per stage of {cfg.stages}")

@@ -4,11 +4,17 @@ Which features go where (per sample; spans are answer-content token ranges, one 
     teacher: answer token p is predicted by the state at p-1, so z_al = T[a-1 : b-1] for every span
              [a, b) (targets gt_l = ids[a:b]); z_ql = every other teacher state before the last one used.
     student: z_qs = the student's states outside its answer spans, before the end of its last span.
-    main pass  r_al  = Rec([z_qs, Proj-pre(z_al)]),  regularization pass r_al' = Rec([Proj-pre(z_ql), Proj-pre(z_al)])
-    In the main pass the row of z_al that predicts a span's first token, T[a-1], is the teacher's
-    last *question* state; the question of that pass is the student's, so that row is the student's
-    own state before its answer instead (`answer_start_rows`). Otherwise the Recalibrator reads the
-    answer off the teacher and stage 2 teaches the student almost nothing.
+    main pass  r_al  = Rec([z_qs, answer rows]),  regularization pass r_al' = Rec([Proj-pre(z_ql), Proj-pre(z_al)])
+The main pass's answer rows (`TrainConfig.main_pass_answer`):
+    "student_aligned" (default): for each teacher answer token, the *student's* state that predicts the
+        same text: the state after the student's last answer token ending at or before where the teacher
+        token starts (character offsets, `student_answer_rows`), in student space (no Proj-pre). Every
+        answer token's loss then reaches the student through its own answer states.
+    "teacher" (the paper's formulation): Proj-pre(z_al), except the row predicting each span's first token,
+        which is the student's last question state (`answer_start_rows`): T[a-1] already predicts the answer.
+        Every later row T[p] already predicts token p+1, so the Recalibrator can read the rest of the
+        answer off the teacher; the student's answer states get no gradient from L_ar/L_kl at all
+        (docs/method.md, "How our default differs from the paper").
 Multi-turn samples put all question tokens before all answer tokens (the paper has one turn).
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -159,6 +166,56 @@ def answer_start_rows(e: Example) -> tuple[Tensor, Tensor]:
     return rows, torch.tensor([a - 1 for a, _ in e.student_spans])
 
 
+def answer_char_ends(tokenizer: Any, ids: Tensor) -> list[int]:
+    """Where each token of one answer span ends, in characters of the decoded span (leading space dropped).
+
+    Decodes growing prefixes of the real token ids: exact for any tokenizer, including byte-level BPE
+    pieces of one character and tokenizers that glue a space onto the next word."""
+    ids = ids.tolist()
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    lead = len(text) - len(text.lstrip())
+    return [max(0, len(tokenizer.decode(ids[:k + 1], skip_special_tokens=False,
+                                        clean_up_tokenization_spaces=False)) - lead) for k in range(len(ids))]
+
+
+def student_answer_rows(e: Example, student_tokenizer: Any, teacher_tokenizer: Any) -> Tensor:
+    """Index of the student state that predicts each teacher answer token, in z_al's layout.
+
+    Teacher token j of a span starts at character c_j of the answer; the student state that predicts the
+    text from c_j on is the one after the student's last answer token ending at or before c_j (its last
+    question state when there is none). A teacher token inside a longer student token thus shares the
+    state before that student token: the Recalibrator tells them apart by position."""
+    rows = []
+    for (ta, tb), (sa, sb) in zip(e.teacher_spans, e.student_spans):
+        t_ends = answer_char_ends(teacher_tokenizer, e.teacher_ids[ta:tb])
+        s_ends = torch.tensor(answer_char_ends(student_tokenizer, e.student.input_ids[sa:sb]))
+        rows += [sa - 1 + int((s_ends <= c).sum()) for c in [0] + t_ends[:-1]]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def load_teacher_tokenizer(cfg: TrainConfig) -> Any:
+    """The teacher's tokenizer (for `student_answer_rows`): `cfg.teacher_tokenizer`, else `expect_teacher`,
+    else the teacher the cache was extracted from; it must be the one the cache was made with."""
+    from transformers import AutoTokenizer
+
+    from genrecal_cache.reader import TeacherCache
+
+    with TeacherCache.open(cfg.cache, local_cache=cfg.local_cache) as cache:
+        m = cache.manifest
+    src = cfg.teacher_tokenizer or cfg.expect_teacher or m.teacher.get("id")
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"main_pass_answer='student_aligned' aligns answers by their text and needs the teacher's "
+                         f"tokenizer, which could not be loaded from {src!r} ({e}); pass --teacher-tokenizer "
+                         "(a folder or hub id with the teacher's tokenizer), or --main-pass-answer teacher") from e
+    if _sha256(tok.backend_tokenizer.to_str()) != m.tokenizer_sha256:
+        raise ValueError(f"cache {cfg.cache}: the tokenizer at {src!r} is not the one its teacher used (sha256 "
+                         "mismatch), so answer tokens would be aligned wrongly; pass --teacher-tokenizer with the "
+                         "teacher's own tokenizer")
+    return tok
+
+
 def student_question_index(e: Example) -> Tensor:
     end = e.student_spans[-1][1]
     keep = torch.ones(end, dtype=torch.bool)
@@ -168,9 +225,17 @@ def student_question_index(e: Example) -> Tensor:
 
 
 class GenRecal(nn.Module):
-    def __init__(self, student: nn.Module, adapter: FamilyAdapter, head: TeacherHead, cfg: TrainConfig):
+    def __init__(self, student: nn.Module, adapter: FamilyAdapter, head: TeacherHead, cfg: TrainConfig,
+                 tokenizers: tuple[Any, Any] | None = None):
+        """`tokenizers`: (student's, teacher's), used by main_pass_answer='student_aligned'; loaded from
+        cfg.student and the cache's teacher (`load_teacher_tokenizer`) when not given."""
         super().__init__()
         self.student, self.adapter, self.head, self.cfg = student, adapter, head.requires_grad_(False), cfg
+        if cfg.main_pass_answer not in ("teacher", "student_aligned"):
+            raise ValueError(f"main_pass_answer={cfg.main_pass_answer!r}: use 'student_aligned' or 'teacher'")
+        self.tokenizers = tokenizers
+        if cfg.main_pass_answer == "student_aligned" and tokenizers is None:
+            self.tokenizers = (adapter.load_processor(cfg.student).tokenizer, load_teacher_tokenizer(cfg))
         self.recalibrator = Recalibrator.from_student(
             student, d_teacher=head.hidden_size, num_layers=cfg.recal_layers,
             decoder_layer_cls=adapter.decoder_layer_class(student), text_config=adapter.text_config(student),
@@ -223,11 +288,9 @@ class GenRecal(nn.Module):
                 z_al.append(th[a_idx.to(dev)])
                 z_ql.append(th[q_idx.to(dev)])
                 targets.append(tgt.to(dev))
-                rows, before = answer_start_rows(e)
-                s = hs.new_zeros(len(tgt), hs.shape[-1])
-                s[rows.to(dev)] = hs[i, before.to(dev)]
+                s, sm = self._student_answer_rows(e, hs[i], len(tgt))
                 s_al.append(s)
-                s_rows.append(torch.zeros(len(tgt), dtype=torch.bool, device=dev).index_fill(0, rows.to(dev), True))
+                s_rows.append(sm)
             za, a_mask = _gather(z_al)
             zq, q_mask = _gather(z_qs)
             sa, _ = _gather(s_al)
@@ -245,3 +308,12 @@ class GenRecal(nn.Module):
                 total = total + self.cfg.w_ar * losses["reg_ar"] + self.cfg.w_kl * losses["reg_kl"]
         losses["loss"] = total
         return losses
+
+    def _student_answer_rows(self, e: Example, hs: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """(student-space rows [n, d_s], bool [n] where they replace Proj-pre(z_al)) of one sample's main pass."""
+        dev = hs.device
+        if self.cfg.main_pass_answer == "student_aligned":
+            return hs[student_answer_rows(e, *self.tokenizers).to(dev)], torch.ones(n, dtype=torch.bool, device=dev)
+        rows, before = answer_start_rows(e)
+        s = hs.new_zeros(n, hs.shape[-1]).index_copy(0, rows.to(dev), hs[before.to(dev)])
+        return s, torch.zeros(n, dtype=torch.bool, device=dev).index_fill(0, rows.to(dev), True)

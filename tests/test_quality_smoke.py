@@ -1,6 +1,6 @@
-"""Pieces of the quality benchmark (bench/quality.py) that are cheap to check: the ULD loss, the
-main pass predicting each answer's first token from the student, and the report built from
-(real) per-run results."""
+"""Pieces of the quality benchmark (bench/quality.py) that are cheap to check: the ULD loss, what the
+main pass reads from the student and the teacher (both `main_pass_answer` modes), and the report
+built from (real) per-run results."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from genrecal_cache.families import adapter_for
 from genrecal_cache.reader import TeacherCache
 from genrecal_train.config import TrainConfig
 from genrecal_train.data import collate, make_example
-from genrecal_train.model import GenRecal
+from genrecal_train.model import GenRecal, student_answer_rows
 from genrecal_train.uld import sorted_wasserstein
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +35,7 @@ def test_sorted_wasserstein_is_vocab_order_free():
 
 
 def _setup(student_dir: Path, cache_dir: Path, cls, **kw):
+    kw.setdefault("main_pass_answer", "teacher")
     cfg = TrainConfig(cache=str(cache_dir), student=str(student_dir), out="unused", **kw)
     adapter = adapter_for(student_dir)
     processor = adapter.load_processor(student_dir)
@@ -45,11 +46,12 @@ def _setup(student_dir: Path, cache_dir: Path, cls, **kw):
     return model, examples, processor.tokenizer.pad_token_id
 
 
+@pytest.mark.parametrize("mode", ["teacher", "student_aligned"])
 @torch.no_grad()
-def test_main_pass_predicts_the_first_answer_token_from_the_student(student_dir, train_cache):
+def test_main_pass_predicts_the_first_answer_token_from_the_student(student_dir, train_cache, mode):
     """The teacher state before an answer already predicts it: the main pass must not read it (the
     Recalibrator would ignore the student), the regularization pass must (it is teacher-only)."""
-    model, examples, pad = _setup(student_dir, train_cache, GenRecal)
+    model, examples, pad = _setup(student_dir, train_cache, GenRecal, main_pass_answer=mode)
     base = model(collate(examples, pad, 0), 1)
     for e in examples:  # scramble the teacher state before each answer span
         for a, _ in e.teacher_spans:
@@ -61,6 +63,85 @@ def test_main_pass_predicts_the_first_answer_token_from_the_student(student_dir,
     # ... and the student's state before its answer does reach the main pass's first-token row
     model.student.get_input_embeddings().weight.mul_(3.0)
     assert not torch.allclose(model(collate(examples, pad, 0), 1)["l_ar"], base["l_ar"], atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def phrase_cache(tmp_path_factory, teacher_dir: Path) -> Path:
+    """A cache of the tiny teacher over 6 demo questions whose answers are phrases with the informative
+    word last ("I think it is a triangle"), so the teacher and student split them into many tokens."""
+    from genrecal_cache.demo_data import write_demo_dataset
+    from genrecal_cache.extract import ExtractConfig, extract
+
+    root = tmp_path_factory.mktemp("phrase_cache")
+    data = write_demo_dataset(root / "data", n=6, seed=3)
+    lines = []
+    for line in data.read_text().splitlines():
+        rec = json.loads(line)
+        for turn in rec["conversations"]:
+            if turn["from"] == "gpt":
+                turn["value"] = f"I think it is a {turn['value']}"
+        lines.append(json.dumps(rec))
+    data.write_text("\n".join(lines) + "\n")
+    extract(ExtractConfig(teacher=str(teacher_dir), data=str(data), out=str(root / "cache"), backend="transformers",
+                          hidden_dtype="float32", progress=False))
+    return root / "cache"
+
+
+def test_student_rows_are_aligned_to_the_teacher_tokens_by_text(student_dir, teacher_dir, phrase_cache):
+    """The student state chosen for teacher answer token j has read exactly the longest run of student
+    answer tokens whose text is a prefix of the answer before token j."""
+    from transformers import AutoTokenizer
+
+    model, examples, _ = _setup(student_dir, phrase_cache, GenRecal, main_pass_answer="student_aligned")
+    s_tok, t_tok = model.tokenizers
+    assert t_tok.backend_tokenizer.to_str() == AutoTokenizer.from_pretrained(teacher_dir).backend_tokenizer.to_str()
+    dec = lambda tok, ids: tok.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
+    several = 0
+    for e in examples:
+        rows = student_answer_rows(e, s_tok, t_tok).tolist()
+        (ta, tb), (sa, sb) = e.teacher_spans[0], e.student_spans[0]
+        assert len(rows) == tb - ta and rows == sorted(rows) and rows[0] == sa - 1 and rows[-1] < sb - 1
+        s_ids, t_ids = e.student.input_ids[sa:sb].tolist(), e.teacher_ids[ta:tb].tolist()
+        for j, row in enumerate(rows):
+            before = dec(t_tok, t_ids[:j]).lstrip()
+            read = dec(s_tok, s_ids[:row - sa + 1]).lstrip()  # student answer tokens up to the chosen state
+            assert before.startswith(read)
+            assert not before.startswith(dec(s_tok, s_ids[:row - sa + 2]).lstrip())  # the longest such
+        several += len(set(rows)) > 2
+    assert several == len(examples)  # every phrase spans several student states
+
+
+@pytest.mark.parametrize("mode", ["teacher", "student_aligned"])
+def test_student_gets_a_distillation_gradient_after_the_first_answer_token(student_dir, phrase_cache, mode):
+    """Stage 2 with w_student=0 (only L_ar/L_kl of the main pass and the teacher-only regularization pass):
+    with 'student_aligned' every answer token's loss reaches the student's own answer states; with the
+    paper's 'teacher' rows only the state before the answer is read, so later answer tokens teach the
+    student nothing (they are read off the teacher's states)."""
+    model, examples, pad = _setup(student_dir, phrase_cache, GenRecal, main_pass_answer=mode, w_student=0.0)
+    model.train()
+    model.set_stage(2)
+    batch = collate(examples, pad, 0)
+    seen = {}
+    hook = model.student.model.register_forward_hook(lambda m, i, o: seen.update(h=o.last_hidden_state))
+    try:
+        losses = model(batch, 2)
+    finally:
+        hook.remove()
+    parts = {k: float(v.detach()) for k, v in losses.items()}
+    assert parts["l_ar"] > 0  # the loss is the distillation terms alone:
+    assert parts["loss"] == pytest.approx(parts["l_ar"] + parts["l_kl"] + parts["reg_ar"] + parts["reg_kl"], abs=1e-5)
+    h = seen["h"]
+    h.retain_grad()
+    losses["loss"].backward()
+    grad = h.grad.norm(dim=-1)
+    for i, e in enumerate(examples):
+        (sa, sb), = e.student_spans
+        first, later = float(grad[i, sa - 1]), grad[i, sa:sb - 1]
+        assert first > 0
+        if mode == "student_aligned":
+            assert (later > 0).sum() >= 2, later
+        else:
+            assert float(later.abs().sum()) == 0.0
 
 
 @torch.no_grad()
@@ -85,21 +166,23 @@ def _quality_module():
 
 
 def test_report_from_run_results(tmp_path):
-    """summarize/plots turn per-run eval reports (+ metrics.jsonl) into the table and two PNGs."""
+    """summarize/plots turn per-run eval reports into one table per student (task kinds as columns, the
+    better SFT schedule per kind, GenRecal's margin over it) and a PNG."""
     q = _quality_module()
-    metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("\n".join(json.dumps({"stage": st, "step": i + 1, "l_s": 1.0 / (i + 1), "l_ar": 2.0})
-                                 for st in (1, 3) for i in range(3)))
-    per = lambda a: {"digit": {"n": 10, "correct": int(10 * a), "accuracy": a}}  # noqa: E731
-    results = {"setup": {"arms": ["sft", "genrecal"], "steps": 6, "batch_size": 2, "seeds": [0, 1]},
-               "teacher": {"eval": {"accuracy": 0.9, "per_type": per(0.9)}},
-               "same_data_student": {"eval": {"accuracy": 0.8, "per_type": per(0.8)}},
-               "runs": [{"arm": arm, "seed": s, "accuracy": acc, "per_type": per(acc), "metrics": str(metrics)}
-                        for arm, accs in (("sft", (0.4, 0.5)), ("genrecal", (0.6, 0.7))) for s, acc in zip((0, 1), accs)]}
+    per = lambda w, p: {"word/colour": {"n": 10, "correct": int(10 * w)}, "phrase/count": {"n": 10, "correct": int(10 * p)}}  # noqa: E731
+    results = {"setup": {"arms": ["sft", "sft_warmup", "genrecal"], "students": ["llava"], "kinds": ["word", "phrase"],
+                         "steps": 6, "batch_size": 2, "seeds": [0, 1]},
+               "teacher": {"eval": {"accuracy": 0.9, "per_type": per(0.9, 0.9)}}, "runs": []}
+    for arm, accs in (("sft", ((0.4, 0.2), (0.6, 0.2))), ("sft_warmup", ((0.3, 0.4), (0.3, 0.4))),
+                      ("genrecal", ((0.6, 0.7), (0.8, 0.7)))):
+        for seed, (w, ph) in enumerate(accs):
+            results["runs"].append({"student": "llava", "arm": arm, "seed": seed, "per_type": per(w, ph),
+                                    "kinds": q.per_kind({"per_type": per(w, ph)})})
     table, summary = q.summarize(results)
-    assert "| student SFT only | 45.0 ± 7.1 | 2 | 45.0 ± 7.1 |" in table
-    assert "| student trained like the teacher, on its data | 80.0 | 1 | 80.0 |" in table
-    assert summary["genrecal"]["mean"] == pytest.approx(0.65)
+    assert "| SFT only, no warm-up | 2 | 50.0 ± 14.1 | 20.0 ± 0.0 |" in table
+    assert "| SFT (best schedule per kind) |  | 50.0 | 40.0 |" in table  # no warm-up on word, warm-up on phrase
+    assert "| GenRecal - SFT (best) |  | +20.0 | +30.0 |" in table
+    assert summary["llava"]["margin"]["phrase"] == pytest.approx(0.3)
     pngs = q.plots(results, tmp_path)
     assert all(p.is_file() and p.stat().st_size > 1000 for p in pngs)
 
@@ -109,8 +192,8 @@ def test_an_out_folder_keeps_its_data_and_model_settings(tmp_path):
     other arm settings are not (those runs are redone)."""
     q = _quality_module()
     q.check_inputs(tmp_path, q.Setup())
-    q.check_inputs(tmp_path, q.Setup(steps=10, warmup=0.0, seeds=[4]))  # arm knobs: fine
-    with pytest.raises(SystemExit, match=r"teacher_steps: 1600 -> 800.*fresh --out"):
+    q.check_inputs(tmp_path, q.Setup(steps=10, warmup=0.0, seeds=[4], students=["llava"]))  # arm knobs: fine
+    with pytest.raises(SystemExit, match=r"teacher_steps: 1200 -> 800.*fresh --out"):
         q.check_inputs(tmp_path, q.Setup(teacher_steps=800))
-    with pytest.raises(SystemExit, match="n_digits_train"):
-        q.check_inputs(tmp_path, q.Setup(n_digits_train=5))
+    with pytest.raises(SystemExit, match="n_train"):
+        q.check_inputs(tmp_path, q.Setup(n_train=5))
