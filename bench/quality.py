@@ -185,7 +185,7 @@ def extract_cache(teacher: Path, data: Path, out: Path) -> Path:
     if out.exists():
         shutil.rmtree(out)
     extract(ExtractConfig(teacher=str(teacher), data=str(data), out=str(out), backend="transformers",
-                          progress=False, hidden_dtype="float32"))
+                          progress=False, hidden_codec="float32"))
     return out
 
 

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     vb.VLLMBackend = Timed
     cfg = ExtractConfig(teacher=teacher, data=data, out=str(tmp / "cache"), backend="vllm", topk=args.topk,
                         max_len=args.max_len, batch_tokens=args.batch_tokens, limit=args.limit,
-                        hidden_dtype=args.hidden_dtype, dtype=args.dtype, progress=False,
+                        hidden_codec=args.hidden_dtype, dtype=args.dtype, progress=False,
                         vllm=json.loads(args.engine))
     manifest = extract(cfg)
     backend = kept[0]

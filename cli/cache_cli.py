@@ -50,16 +50,16 @@ def extract(
     Re-running the same command on the same OUT after a crash resumes from the last commit."""
     from genrecal_cache.extract import ExtractConfig
     from genrecal_cache.extract import extract as run_extract
-    from genrecal_cache.store import resolve_hidden_codec
+    from genrecal_cache.codecs import resolve_hidden_codec
 
     if not 0 <= shard_index < num_shards:
         raise typer.BadParameter(f"must be in [0, --num-shards={num_shards})", param_hint="--shard-index")
     try:
-        resolve_hidden_codec(hidden_codec, hidden_dtype)
+        codec = resolve_hidden_codec(hidden_codec, hidden_dtype).name
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--hidden-codec") from e
     cfg = ExtractConfig(teacher=teacher, data=data, out=str(out), backend=backend, topk=topk, max_len=max_len,
-                        batch_tokens=batch_tokens, limit=limit, hidden_codec=hidden_codec, hidden_dtype=hidden_dtype,
+                        batch_tokens=batch_tokens, limit=limit, hidden_codec=codec,
                         dtype=dtype,
                         device=device, image_root=image_root, num_shards=num_shards, shard_index=shard_index,
                         commit_seconds=commit_seconds, shard_tokens=shard_tokens,

@@ -593,6 +593,20 @@ def hidden_codec(name: str) -> HiddenCodec:
     return _CODECS[key]
 
 
+def resolve_hidden_codec(name: str | None, hidden_dtype: str | None = None) -> HiddenCodec:
+    """The codec from `--hidden-codec`, or from `--hidden-dtype`, its old CLI name; both given must agree."""
+    if name is not None and hidden_dtype is not None:
+        a, b = hidden_codec(name), hidden_codec(hidden_dtype)
+        if a.name != b.name:
+            raise ValueError(f"hidden_codec={name!r} and hidden_dtype={hidden_dtype!r} disagree; "
+                             f"hidden_dtype is the old name of the option: pass only hidden_codec")
+        return a
+    if hidden_dtype is not None and hidden_dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"hidden_dtype must be 'bfloat16' or 'float32', got {hidden_dtype!r} (other storages: "
+                         f"hidden_codec='fp8' or 'ecq')")
+    return hidden_codec(name or hidden_dtype or DEFAULT_HIDDEN_CODEC)
+
+
 def ecq_variant(step: float = ECQ_STEP, outliers: int = ECQ_OUTLIERS) -> HiddenCodec:
     """An `ecq` with other parameters (for measuring; caches written by genrecal use the default)."""
     return HiddenCodec(f"ecq[step={step:g},k={outliers}]", "int8", "float32", False, "ecq variant",

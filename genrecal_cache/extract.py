@@ -11,17 +11,18 @@ import hashlib
 import shlex
 import sys
 import time
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
+from genrecal_cache.codecs import DEFAULT_HIDDEN_CODEC, hidden_codec as get_hidden_codec
 from genrecal_cache.data import ImageError, Sample, decode_image, read_samples
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter_for
 from genrecal_cache.manifest import Manifest
 from genrecal_cache.prefetch import prefetch
-from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord, resolve_hidden_codec
+from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,10 +50,9 @@ class ExtractConfig:
     commit_seconds: float | None = None  # commit at most this often (default: CacheWriter's, 60 s)
     shard_tokens: int | None = None  # feature shard length (default: from the hidden size, see plan_layout)
     vllm: dict = field(default_factory=dict)  # engine options for the vLLM backend
-    hidden_dtype: InitVar[str | None] = None  # old name of hidden_codec: "bfloat16" (= bf16) | "float32" (= fp32)
 
-    def __post_init__(self, hidden_dtype: str | None) -> None:
-        self.hidden_codec = resolve_hidden_codec(self.hidden_codec, hidden_dtype).name
+    def __post_init__(self) -> None:
+        self.hidden_codec = get_hidden_codec(self.hidden_codec or DEFAULT_HIDDEN_CODEC).name
 
 
 def _sha256(text: str | None) -> str:

@@ -65,10 +65,6 @@ def find_parts(fs: fsspec.AbstractFileSystem, root: str, url: str) -> list[str] 
     return parts
 
 
-IDENTITY_FIELDS = ("teacher.id", "teacher.config_sha256", "teacher.model_type", "tokenizer_sha256",
-                   "chat_template_sha256", "hidden_codec", "hidden_size", "vocab_size", "topk", "head sha256")
-
-
 def identity(m: Manifest) -> dict[str, Any]:
     return {"teacher.id": m.teacher["id"], "teacher.config_sha256": m.teacher["config_sha256"],
             "teacher.model_type": m.teacher["model_type"], "tokenizer_sha256": m.tokenizer_sha256,

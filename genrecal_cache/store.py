@@ -116,7 +116,7 @@ def plan_layout(hidden_size: int, topk: int, hidden_codec: str = DEFAULT_HIDDEN_
     shards <= 128 MiB, and at most 256 MiB of decoded `hidden` per shard (d=8192 bf16: 256-token
     chunks, 8192-token shards; d=3584 bf16: 512 / 16384; d=8192 fp8 or ecq: 256 / 8192).
     Smaller arrays get the largest inner chunk <= 4 MiB that divides the shard (often the whole
-    shard). `hidden_codec` also takes the old hidden_dtype names ('bfloat16', 'float32').
+    shard). `hidden_codec` also takes the old names 'bfloat16' and 'float32'.
     """
     codec = get_hidden_codec(hidden_codec)
     row = {"token_ids": 4, "answer_mask": 1, "hidden": max(1, math.ceil(codec.row_bytes(hidden_size))),
@@ -207,12 +207,10 @@ class CacheWriter(JournalMixin):
                  tokenizer_sha256: str, chat_template_sha256: str | None, head: TeacherHead, command: str,
                  shard_tokens: int | None = None, chunk_tokens: int | None = None, embed_images: bool = True,
                  queue_size: int = 16, extra: dict[str, Any] | None = None, resume: bool = False,
-                 commit_seconds: float | None = None,
-                 hidden_dtype: Literal["bfloat16", "float32"] | None = None) -> None:
-        """`hidden_codec`: "bf16" (default, lossless), "fp8", "ecq" or "fp32" (genrecal_cache/codecs.py).
-        `hidden_dtype` is its old name ("bfloat16" = bf16, "float32" = fp32), still accepted."""
+                 commit_seconds: float | None = None) -> None:
+        """`hidden_codec`: "bf16" (default, lossless), "fp8", "ecq" or "fp32" (genrecal_cache/codecs.py)."""
         self.out_dir = Path(out_dir)
-        self.codec: HiddenCodec = resolve_hidden_codec(hidden_codec, hidden_dtype)
+        self.codec: HiddenCodec = get_hidden_codec(hidden_codec or DEFAULT_HIDDEN_CODEC)
         if topk < 1 or hidden_size < 1 or vocab_size < 1:
             raise ValueError(f"hidden_size, vocab_size and topk must be >= 1 (got {hidden_size}, {vocab_size}, {topk})")
         if (head.hidden_size, head.vocab_size) != (hidden_size, vocab_size):
@@ -465,20 +463,6 @@ SAMPLES_SCHEMA = pa.schema(
      ("messages", pa.string()), ("images", pa.list_(pa.binary())), ("image_refs", pa.list_(pa.string())),
      ("extra", pa.string())],
     metadata={"genrecal_format_version": str(FORMAT_VERSION)})
-
-
-def resolve_hidden_codec(hidden_codec: str | None, hidden_dtype: str | None = None) -> HiddenCodec:
-    """The codec from `hidden_codec`, or from the old `hidden_dtype` name; both given must agree."""
-    if hidden_codec is not None and hidden_dtype is not None:
-        a, b = get_hidden_codec(hidden_codec), get_hidden_codec(hidden_dtype)
-        if a.name != b.name:
-            raise ValueError(f"hidden_codec={hidden_codec!r} and hidden_dtype={hidden_dtype!r} disagree; "
-                             f"hidden_dtype is the old name of the option: pass only hidden_codec")
-        return a
-    if hidden_dtype is not None and hidden_dtype not in ("bfloat16", "float32"):
-        raise ValueError(f"hidden_dtype must be 'bfloat16' or 'float32', got {hidden_dtype!r} (other storages: "
-                         f"hidden_codec='fp8' or 'ecq')")
-    return get_hidden_codec(hidden_codec or hidden_dtype or DEFAULT_HIDDEN_CODEC)
 
 
 def _spans(mask: np.ndarray) -> list[list[int]]:

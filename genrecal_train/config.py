@@ -50,7 +50,6 @@ class TrainConfig:
     expect_teacher: str | None = None  # teacher folder/id the cache must have been extracted from
     device: str = "auto"
     log_every: int = 1
-    skip_errors: bool = True  # cached samples with status 'error' are never used; this only silences the count
 
 
     def __post_init__(self) -> None:

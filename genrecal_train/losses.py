@@ -12,7 +12,6 @@ The teacher head is frozen (its tensors are buffers) but gradients flow through 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -23,18 +22,6 @@ from torch.utils.checkpoint import checkpoint
 from genrecal_cache.head import TeacherHead
 
 DEFAULT_CHUNK = 1024  # tokens per chunk: 1024 x 152k fp32 logits ~ 0.6 GB
-
-
-@dataclass
-class LossWeights:
-    """Loss weights and temperature; the paper gives none, so all default to 1 (METHOD.md)."""
-    ar: float = 1.0          # L_ar of the main pass: CE(Head_l(r_al), gt_l)
-    kl: float = 1.0          # L_kl of the main pass: KL(teacher || Head_l(r_al))
-    reg_ar: float = 1.0      # the same two for the regularization pass (teacher-only sequence)
-    reg_kl: float = 1.0
-    student: float = 1.0     # L_s: the student's own SFT loss in its tokenizer
-    temperature: float = 1.0
-    use_reg_pass: bool = True
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -128,5 +115,3 @@ def chunked_ce(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, ignore_i
                                       ignore_index=ignore_index, reduction="sum")
     return _chunked_sum(fn, [h, tgt], chunk) / (tgt != ignore_index).sum().clamp(min=1)
 
-
-student_ce = chunked_ce  # L_s = CE(Head_s(z_as), gt_s)

@@ -83,7 +83,7 @@ def _extract_demo_cache(root: Path, teacher_dir: Path, n: int, seed: int) -> Pat
 
     data = write_demo_dataset(root / "data", n=n, seed=seed)
     extract(ExtractConfig(teacher=str(teacher_dir), data=str(data), out=str(root / "cache"), backend="transformers",
-                          hidden_dtype="float32", progress=False))
+                          hidden_codec="float32", progress=False))
     return root / "cache"
 
 

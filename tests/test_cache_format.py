@@ -67,7 +67,7 @@ def make_samples(head: TeacherHead, n: int = 40, seed: int = 0) -> list[tuple[Sa
 
 def write_cache(path: Path, head: TeacherHead, samples, hidden_dtype: str = "bfloat16",
                 shard_tokens: int | None = None, chunk_tokens: int | None = None) -> Manifest:
-    w = CacheWriter(path, hidden_size=D, vocab_size=V, topk=K, hidden_dtype=hidden_dtype, teacher=TEACHER,
+    w = CacheWriter(path, hidden_size=D, vocab_size=V, topk=K, hidden_codec=hidden_dtype, teacher=TEACHER,
                     tokenizer_sha256=sha256_bytes(b"tok"), chat_template_sha256=sha256_bytes(b"tpl"), head=head,
                     command="pytest", shard_tokens=shard_tokens, chunk_tokens=chunk_tokens, queue_size=4)
     for row, arrays in samples:

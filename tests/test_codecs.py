@@ -302,10 +302,10 @@ def test_version1_manifests_still_read(caches, tmp_path):
 
 def test_old_hidden_dtype_names_still_work(tmp_path, head):
     samples = _samples(head, n=4)
-    m = _write(tmp_path / "a", head, samples, None, hidden_dtype="float32")
+    m = _write(tmp_path / "a", head, samples, "float32")
     assert m.hidden_codec == "fp32"
-    with pytest.raises(ValueError, match="disagree"):
-        _write(tmp_path / "b", head, samples, "fp8", hidden_dtype="bfloat16")
+    with pytest.raises(ValueError, match="disagree"):  # --hidden-codec fp8 --hidden-dtype bfloat16
+        C.resolve_hidden_codec("fp8", "bfloat16")
     with pytest.raises(ValueError, match="unknown hidden codec 'int4'"):
         _write(tmp_path / "c", head, samples, "int4")
     assert plan_layout(8192, 20, "bfloat16") == plan_layout(8192, 20, "bf16")

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _extract(teacher_dir: Path, data: Path, out: Path, **kw) -> TeacherCache:
     cfg = ExtractConfig(teacher=str(teacher_dir), data=str(data), out=str(out), backend="transformers",
-                        progress=False, **{"hidden_dtype": "float32", "batch_tokens": 512, **kw})
+                        progress=False, **{"hidden_codec": "float32", "batch_tokens": 512, **kw})
     extract(cfg)
     return TeacherCache.open(out)
 
@@ -81,7 +81,7 @@ def test_answer_mask_decodes_to_exactly_the_answers(fp32_cache, teacher):
 
 
 def test_bf16_cache_is_within_documented_tolerance(teacher_dir, demo_jsonl, fp32_cache, tmp_path):
-    bf = _extract(teacher_dir, demo_jsonl, tmp_path / "bf16", hidden_dtype="bfloat16", limit=6)
+    bf = _extract(teacher_dir, demo_jsonl, tmp_path / "bf16", hidden_codec="bfloat16", limit=6)
     for i in range(len(bf)):
         exact = fp32_cache.by_id(bf[i].id).hidden
         # bf16 keeps 8 mantissa bits: relative error <= 2^-8 per element (docs/cache-format.md)

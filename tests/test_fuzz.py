@@ -250,7 +250,7 @@ def test_extraction_over_fuzzed_inputs_keeps_good_samples_intact(tmp_path, teach
     mixed = demo.parent / "mixed.jsonl"
     lines = good[:2] + bad[:20] + good[2:] + bad[20:]
     mixed.write_text("\n".join(lines) + "\n")
-    common = dict(teacher=str(teacher_dir), backend="transformers", hidden_dtype="float32", progress=False)
+    common = dict(teacher=str(teacher_dir), backend="transformers", hidden_codec="float32", progress=False)
     extract(ExtractConfig(data=str(demo), out=str(tmp_path / "clean"), **common))
     m = extract(ExtractConfig(data=str(mixed), out=str(tmp_path / "mixed"), **common))
     _count("extraction lines", len(lines))

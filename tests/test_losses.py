@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from genrecal_cache.head import HeadConfig, TeacherHead
-from genrecal_train.losses import LossWeights, answer_ce, answer_losses, chunked_ce, student_ce, teacher_kl
+from genrecal_train.config import TrainConfig
+from genrecal_train.losses import answer_ce, answer_losses, chunked_ce, teacher_kl
 
 D, V, T = 32, 1000, 23  # hidden size, vocab, tokens (23 is not a multiple of the chunk sizes)
 
@@ -93,7 +94,6 @@ def test_chunked_student_ce_matches_reference_incl_lm_head_grads(chunk: int) -> 
     assert abs(got.item() - ref.item()) < 1e-6
     for g_got, g_ref in zip(grad_of(got, r, w, b), grad_of(ref, r, w, b)):
         torch.testing.assert_close(g_got, g_ref, atol=1e-6, rtol=0)
-    assert student_ce is chunked_ce
 
 
 def test_head_stays_frozen_and_bf16_head_works() -> None:
@@ -121,5 +121,5 @@ def test_no_grad_and_empty_inputs() -> None:
 
 
 def test_loss_weights_default_to_paper_defaults() -> None:
-    w = LossWeights()
-    assert (w.ar, w.kl, w.reg_ar, w.reg_kl, w.student, w.temperature, w.use_reg_pass) == (1, 1, 1, 1, 1, 1, True)
+    w = TrainConfig()  # the paper gives no weights: all 1 (docs/method.md)
+    assert (w.w_ar, w.w_kl, w.w_student, w.temperature, w.use_reg_pass) == (1, 1, 1, 1, True)

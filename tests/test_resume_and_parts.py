@@ -35,7 +35,7 @@ DRIVER = textwrap.dedent("""
     teacher, data, out, plan = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     adapter = adapter_for(AutoConfig.from_pretrained(teacher))  # import transformers' lazy modules once
     adapter.load_processor(teacher), adapter.load_model(teacher)
-    cfg = ExtractConfig(teacher=teacher, data=data, out=out, backend="transformers", hidden_dtype="bfloat16",
+    cfg = ExtractConfig(teacher=teacher, data=data, out=out, backend="transformers", hidden_codec="bfloat16",
                         batch_tokens=1, topk=4, progress=False, commit_seconds=0, shard_tokens=64,
                         num_shards=plan.get("num_shards", 1), shard_index=plan.get("shard_index", 0))
     rng = random.Random(plan.get("seed", 0))

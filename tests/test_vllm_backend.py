@@ -37,7 +37,7 @@ def _cfg(teacher: str, data: str, out: str, backend: str):
     from genrecal_cache.extract import ExtractConfig
 
     return ExtractConfig(teacher=teacher, data=data, out=out, backend=backend, topk=K, max_len=MAX_LEN,
-                         batch_tokens=BATCH_TOKENS, hidden_dtype="float32", dtype="float32", device="cpu",
+                         batch_tokens=BATCH_TOKENS, hidden_codec="float32", dtype="float32", device="cpu",
                          progress=False, vllm=dict(ENGINE) if backend == "vllm" else {})
 
 

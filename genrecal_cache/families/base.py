@@ -79,7 +79,6 @@ class FamilyAdapter:
 
     model_type: ClassVar[str]
     model_class_name: ClassVar[str]  # the full VLM class in `transformers`
-    uses_mrope: ClassVar[bool] = False
     vision_prefixes: ClassVar[tuple[str, ...]]  # parameter-name prefixes of the frozen vision encoder
     text_model_path: ClassVar[str] = "model.language_model"  # attribute path of the text decoder
     norm_formula: ClassVar[str] = "rms"  # one of NORM_FORMULAS: what the final norm computes
@@ -382,21 +381,6 @@ class FamilyAdapter:
             raise EncodeError(f"{where}: the tokenizer does not cover the answer {text[:40]!r} exactly "
                               f"(characters {start}-{end}); its normalizer drops or moves characters")
         mask[inside] = True
-
-    # --- forward -------------------------------------------------------------------------------
-
-    def final_hidden_states(self, model: torch.nn.Module, enc: Encoded, grad: bool = False) -> torch.Tensor:
-        """[L, d] last-layer hidden states *after* the final norm (what lm_head reads).
-
-        Runs the base model (no lm_head), so no [L, vocab] logits are ever formed. Without
-        autograd unless `grad=True` (a student being trained through its features).
-        """
-        param = next(model.parameters())
-        inputs = {k: (v.to(param.device, param.dtype) if torch.is_floating_point(v) else v.to(param.device))
-                  for k, v in enc.model_inputs.items()}
-        with torch.set_grad_enabled(grad):
-            out = model.model(input_ids=enc.input_ids[None].to(param.device), use_cache=False, **inputs)
-        return out.last_hidden_state[0]
 
 
 def _expansion_shift(replacements: list[dict]) -> Callable[[int], int]:

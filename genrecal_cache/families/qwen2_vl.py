@@ -6,5 +6,4 @@ from .base import FamilyAdapter
 class Qwen2VLAdapter(FamilyAdapter):
     model_type = "qwen2_vl"
     model_class_name = "Qwen2VLForConditionalGeneration"
-    uses_mrope = True
     vision_prefixes = ("model.visual.",)  # the patch merger (projector) lives inside `visual`
