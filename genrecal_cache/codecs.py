@@ -489,13 +489,6 @@ class HiddenCodec:
         """zarr attributes of `hidden` (bf16 bits need one to be read as numbers)."""
         return {"genrecal_encoding": "bfloat16"} if self.name == "bf16" else {}
 
-    def chain_text(self) -> str:
-        """The codec chain as the manifest records it (arrays.hidden.codec)."""
-        ser = "bytes" if self.quantizer is None else json.dumps(self.quantizer.to_dict(), separators=(",", ":"))
-        b = self.blosc
-        return (f"sharding_indexed[{ser}, blosc(cname={b['cname']}, clevel={b['clevel']}, shuffle={b['shuffle']}, "
-                f"blocksize={b['blocksize']})], index [bytes, crc32c]")
-
     def encoded_bytes(self, rows: int, cols: int) -> int:
         """Exact bytes of one inner chunk of `rows` tokens before blosc."""
         if self.quantizer is not None:
@@ -551,6 +544,34 @@ class HiddenCodec:
         if self.quantizer is not None:
             return decode_payload(self.quantizer.encode_array(x32)).reshape(x32.shape)
         return bf16_bits_to_float32(self.to_stored(x32)) if self.name == "bf16" else x32.copy()
+
+
+def describe_chain(array: Any) -> str:
+    """A zarr array's codec chain as the manifest records it (`arrays.<name>.codec`), e.g.
+    `sharding_indexed[bytes, blosc(cname=zstd, clevel=1, shuffle=shuffle, blocksize=1048576), crc32c],
+    index [bytes, crc32c]`. Readers compare it with the manifest, so a zarr.json whose chain was
+    changed (e.g. to gzip) is refused before a chunk is decoded. Caches written before genrecal
+    added the inner crc32c have the same text without it."""
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+
+    def one(c: Any) -> str:
+        if isinstance(c, BytesCodec):
+            return "bytes"
+        if isinstance(c, BloscCodec):
+            return (f"blosc(cname={c.cname.value}, clevel={c.clevel}, shuffle={c.shuffle.value}, "
+                    f"blocksize={c.blocksize})")
+        if isinstance(c, ZstdCodec):
+            return f"zstd(level={c.level})"
+        if isinstance(c, Crc32cCodec):
+            return "crc32c"
+        return json.dumps(c.to_dict(), separators=(",", ":"), sort_keys=False, default=str)
+
+    codecs = array.metadata.codecs
+    if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+        sh = codecs[0]
+        return (f"sharding_indexed[{', '.join(map(one, sh.codecs))}], "
+                f"index [{', '.join(map(one, sh.index_codecs))}]")
+    return ", ".join(map(one, codecs))
 
 
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:

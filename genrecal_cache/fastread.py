@@ -5,16 +5,18 @@ zarr-python reads a token range of a sharded array correctly but slowly for this
 it fetches the shard, decodes every inner chunk into a fresh buffer, copies it into a fresh output,
 and the reader then converts bf16 bits to float32 in another pass. Here, for arrays whose layout is
 the one genrecal writes (token-axis shards, index at the end with crc32c, inner chain of `bytes` or
-a genrecal hidden codec, then blosc/zstd), each inner chunk is read with one `pread`, decompressed
+a genrecal hidden codec, then blosc, then crc32c in caches since issue 14), each inner chunk is read with one `pread`, decompressed
 and decoded on a small thread pool (blosc and numpy release the GIL) and written straight into the
 output, converting bf16 to float32 on the way while the chunk is still in cache. The shard index
-and its crc32c are checked exactly as zarr checks them. Anything else (remote stores, other codecs)
+and its crc32c, and each inner chunk's crc32c, are checked exactly as zarr checks them; a blosc frame
+must declare exactly one chunk's bytes, and `hidden` must decode to finite values. Anything else (remote stores, other codecs)
 goes through zarr; tests compare both paths.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import sys
 import threading
 from collections import OrderedDict
@@ -25,7 +27,7 @@ import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from .codecs import _HiddenArrayBytesCodec, decode_payload
@@ -78,17 +80,20 @@ class ShardedArrayReader:
     """Token ranges of one local sharded array. Build with `for_array` (None: use zarr instead)."""
 
     def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype, shard_tokens: int, chunk_tokens: int,
-                 decompress: list[Any], deserialize: Callable[[Any], np.ndarray], encoded_nbytes: int) -> None:
+                 blosc: numcodecs.Blosc, deserialize: Callable[[Any], np.ndarray], encoded_nbytes: int,
+                 crc: bool = False, check_finite: bool = False) -> None:
         self.path, self.shape, self.dtype = path, shape, dtype
         self.shard_tokens, self.chunk_tokens = shard_tokens, chunk_tokens
         self.chunks_per_shard = shard_tokens // chunk_tokens
-        self._decompress, self._deserialize = decompress, deserialize
+        self._blosc, self._deserialize = blosc, deserialize
+        self.crc, self.check_finite = crc, check_finite
         self.encoded_nbytes = encoded_nbytes  # one inner chunk after the serializer, before compression
         self._indexes: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
-    def for_array(cls, array: zarr.Array, path: str) -> ShardedArrayReader | None:
+    def for_array(cls, array: zarr.Array, path: str, check_finite: bool = False) -> ShardedArrayReader | None:
+        """`check_finite`: refuse chunks that decode to NaN or inf (for `hidden`; see `_job`)."""
         codecs = array.metadata.codecs
         if array.ndim not in (1, 2) or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
             return None
@@ -98,16 +103,16 @@ class ShardedArrayReader:
                 or tuple(array.shards[1:]) != tail or [type(c) for c in sh.index_codecs] != [BytesCodec, Crc32cCodec]
                 or array.fill_value not in (0, False)):
             return None
+        # the chains genrecal writes: serializer, blosc, then crc32c (caches written before it had no crc32c)
         serializer, *compressors = sh.codecs
-        decompress = []
-        for c in compressors:
-            if isinstance(c, BloscCodec):
-                decompress.append(numcodecs.Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=_SHUFFLE[c.shuffle.value],
-                                                  blocksize=c.blocksize))
-            elif isinstance(c, ZstdCodec):
-                decompress.append(numcodecs.Zstd(level=c.level))
-            else:
-                return None
+        crc = bool(compressors) and isinstance(compressors[-1], Crc32cCodec)
+        if crc:
+            compressors = compressors[:-1]
+        if len(compressors) != 1 or not isinstance(compressors[0], BloscCodec):
+            return None
+        c = compressors[0]
+        blosc = numcodecs.Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=_SHUFFLE[c.shuffle.value],
+                                blocksize=c.blocksize)
         dtype = np.dtype(array.dtype)
         chunk_shape = tuple(sh.chunk_shape)
         if isinstance(serializer, BytesCodec) and (dtype.itemsize == 1 or serializer.endian is None
@@ -122,8 +127,8 @@ class ShardedArrayReader:
             encoded_nbytes = serializer.encoded_size(int(np.prod(chunk_shape[:-1])), chunk_shape[-1])
         else:
             return None
-        return cls(path, tuple(array.shape), dtype, int(array.shards[0]), int(sh.chunk_shape[0]), decompress,
-                   deserialize, encoded_nbytes)
+        return cls(path, tuple(array.shape), dtype, int(array.shards[0]), int(sh.chunk_shape[0]), blosc,
+                   deserialize, encoded_nbytes, crc, check_finite)
 
     # ---- files ----------------------------------------------------------------------------------
     def _shard_file(self, s: int) -> str:
@@ -182,21 +187,46 @@ class ShardedArrayReader:
                 os.close(fd)
             if got != nbytes:
                 raise ValueError(f"{self._shard_file(s)}: chunk {j} truncated ({got} of {nbytes} bytes)")
-            if len(self._decompress) == 1:  # the usual chain: decode into a reused buffer of the known size
-                data = self._decompress[0].decode(data, out=_buffer("decoded", self.encoded_nbytes))
-            else:
-                for dec in reversed(self._decompress):
-                    data = dec.decode(data)
+            if self.crc:  # zarr's crc32c codec: 4 bytes after the blosc frame (caches since issue 14)
+                if nbytes < 4 or np.uint32(google_crc32c.value(data[:-4])).tobytes() != data[-4:].tobytes():
+                    raise ValueError(f"{self._shard_file(s)}: chunk {j} (tokens {k * self.chunk_tokens}+) fails its "
+                                     f"crc32c check: the file is corrupt")
+                data = data[:-4]
+            # blosc frames declare their decoded size: it must be exactly one chunk (decoded into a reused
+            # buffer of that size: a frame declaring more or less is refused, never allocated or half-filled)
+            declared = blosc_sizes(data)[0]
+            if declared != self.encoded_nbytes:
+                raise ValueError(f"{self._shard_file(s)}: chunk {j} declares {declared} decoded bytes, not the "
+                                 f"{self.encoded_nbytes} of one chunk: the file is corrupt or hostile")
+            data = self._blosc.decode(data, out=_buffer("decoded", self.encoded_nbytes))
             if getattr(self._deserialize, "into", False) and (a, b) == (0, self.chunk_tokens) \
                     and dest.flags.c_contiguous and dest.dtype == np.float32:
                 self._deserialize(data, out=dest)  # a whole chunk: decode in place
-                return
-            chunk = self._deserialize(data)[a:b]
-            if convert_bf16:
-                bf16_into(dest, chunk)
             else:
-                dest[...] = chunk
+                chunk = self._deserialize(data)[a:b]
+                if convert_bf16:
+                    bf16_into(dest, chunk)
+                else:
+                    dest[...] = chunk
+            if self.check_finite and dest.size and not (np.isfinite(dest.min()) and np.isfinite(dest.max())):
+                # min/max propagate NaN and show inf: two vectorised passes over a chunk still in cache
+                bad = k * self.chunk_tokens + a + int(np.flatnonzero(~np.isfinite(dest).all(axis=-1))[0])
+                raise NonFiniteError(f"{self._shard_file(s)}: token {bad} holds NaN or inf; the teacher's forward "
+                                     f"pass was broken for that sample or the file was altered (the cache is unusable "
+                                     f"for training: re-extract it)")
         return run
+
+
+def blosc_sizes(frame: Any) -> tuple[int, int]:
+    """(decoded bytes, frame bytes) a blosc frame declares in its 16-byte header; (-1, -1) if too short."""
+    if len(frame) < 16:
+        return -1, -1
+    nbytes, _blocksize, cbytes = struct.unpack_from("<III", frame, 4)
+    return nbytes, cbytes
+
+
+class NonFiniteError(ValueError):
+    """A chunk of `hidden` decoded to NaN or inf."""
 
 
 class BufferPool:

@@ -122,7 +122,19 @@ class TeacherHead(torch.nn.Module):
         if t["norm.weight"].shape != (cfg.hidden_size,):
             raise ValueError(f"{path}: norm.weight has shape {tuple(t['norm.weight'].shape)}, expected "
                              f"({cfg.hidden_size},) from the head config")
+        for name in ("norm.weight", "norm.bias", "lm_head.weight"):
+            if name in t and not all_finite(t[name]):
+                raise ValueError(f"{path}: tensor {name} holds NaN or inf; every logit of the teacher would be "
+                                 f"NaN (the head was exported from a broken model or the file was altered)")
         return cls(cfg, t["norm.weight"], t["lm_head.weight"], t.get("norm.bias"))
+
+
+def all_finite(t: torch.Tensor, block_bytes: int = 64 << 20) -> bool:
+    """Whether every value of `t` is finite, checked in row blocks (a 152k x 8192 head would need a
+    1.2 GB mask at once)."""
+    flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+    rows = max(1, block_bytes // max(1, flat.shape[1] * flat.element_size()))
+    return all(bool(torch.isfinite(flat[i:i + rows]).all()) for i in range(0, flat.shape[0], rows))
 
 
 def _parse_head_config(text: str, path: str) -> HeadConfig:

@@ -33,7 +33,7 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from .codecs import bf16_bits_to_float32, hidden_codec  # noqa: F401 - bf16_bits_to_float32 re-exported
-from .fastread import BufferPool, ShardedArrayReader, read_ranges
+from .fastread import BufferPool, NonFiniteError, ShardedArrayReader, read_ranges
 from .head import TeacherHead
 from .manifest import (
     ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
@@ -294,32 +294,8 @@ class TeacherCache:
         return self[self._by_id[sample_id]]
 
     def head(self, device: str | torch.device = "cpu") -> TeacherHead:
-        """The teacher's final norm + lm_head (safetensors only, no code runs on load)."""
-        path = self._path(HEAD_NAME)
-        if type(self.fs) is LocalFileSystem:  # checked at open too; the file may have changed since
-            safety.check_local_files(self.root, [HEAD_NAME], self.url)
-        try:
-            if isinstance(self.fs, LocalFileSystem):
-                head = TeacherHead.load(local_file(self.fs, path), device=device)
-            else:  # safetensors needs a local file: copy, load into memory, delete
-                with tempfile.TemporaryDirectory(prefix="genrecal-head-") as tmp:
-                    local = os.path.join(tmp, HEAD_NAME)
-                    self.fs.get_file(path, local)  # streamed: a 152k x 8192 head is 2.5 GB
-                    head = TeacherHead.load(local, device=device)
-        except FileNotFoundError as e:
-            raise CacheFormatError(f"{self.url}/{HEAD_NAME}: missing; the cache is incomplete, re-download or "
-                                   f"re-extract it") from e
-        except CacheFormatError:
-            raise
-        except ValueError as e:  # TeacherHead.load names what is wrong with the file
-            raise CacheFormatError(f"{self.url}/{HEAD_NAME}: {str(e).split(': ', 1)[-1]}; the file is corrupt, "
-                                   f"re-download or re-extract it") from e
-        m = self.manifest
-        if (head.hidden_size, head.vocab_size) != (m.hidden_size, m.vocab_size):
-            raise CacheFormatError(f"{self.url}/{HEAD_NAME}: head is [vocab {head.vocab_size}, hidden {head.hidden_size}] "
-                                   f"but the manifest says [{m.vocab_size}, {m.hidden_size}]; the head belongs to "
-                                   f"another teacher, re-download or re-extract it")
-        return head
+        """The teacher's final norm + lm_head (safetensors only, no code runs on load; finite values)."""
+        return load_head(self.fs, self.root, self.url, self.manifest, device)
 
     def teacher_logits(self, i: int) -> torch.Tensor:
         """Full-vocabulary teacher logits [L, V] for sample i: lm_head of the cached post-norm states."""
@@ -408,7 +384,8 @@ class TeacherCache:
         if fast is None or fast[0] is not feats:
             readers = None
             if type(self.fs) is LocalFileSystem:  # not a subclass such as remote.py's on-demand MirrorFileSystem
-                readers = {name: ShardedArrayReader.for_array(a, self._path(f"{FEATURES_NAME}/{name}"))
+                readers = {name: ShardedArrayReader.for_array(a, self._path(f"{FEATURES_NAME}/{name}"),
+                                                               check_finite=name == "hidden")
                            for name, a in feats.items()}
                 readers = None if any(r is None for r in readers.values()) else readers
             self._fast = fast = (feats, readers)
@@ -428,6 +405,8 @@ class TeacherCache:
                                                    buffers)))
             except (MemoryError, KeyboardInterrupt):
                 raise
+            except NonFiniteError as e:
+                raise CacheFormatError(f"{self.url}/{FEATURES_NAME}: tokens [{lo}, {hi}): {e}") from None
             except Exception as e:  # noqa: BLE001 - a missing, truncated or corrupt shard (crc32c, blosc, payload)
                 raise CacheFormatError(f"{self.url}/{FEATURES_NAME}: tokens [{lo}, {hi}) unreadable ({type(e).__name__}: "
                                        f"{str(e)[:200]}); a shard is corrupt: run `genrecal-cache verify` and "
@@ -436,13 +415,19 @@ class TeacherCache:
         async def read_all() -> list[Any]:
             return await asyncio.gather(*(a.async_array.getitem(slice(lo, hi)) for a in feats.values()))
         try:
-            return dict(zip(feats, sync(read_all())))
+            out = dict(zip(feats, sync(read_all())))
         except (CacheFormatError, RemoteReadError, MemoryError, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - a corrupt shard fails its crc32c, decompression or decoding
             raise CacheFormatError(f"{self.url}/{FEATURES_NAME}: tokens [{lo}, {hi}) unreadable ({type(e).__name__}: "
                                    f"{str(e)[:200]}); a shard is corrupt: run `genrecal-cache verify` and re-download "
                                    f"or re-extract the cache") from e
+        if not self.hidden_codec.finite(out["hidden"]):  # fastread checks this chunk by chunk as it decodes
+            bad = lo + int(np.flatnonzero(~np.isfinite(self.hidden_codec.to_float32(out["hidden"])).all(axis=-1))[0])
+            raise CacheFormatError(f"{self.url}/{FEATURES_NAME}/hidden: token {bad} holds NaN or inf; the teacher's "
+                                   f"forward pass was broken for that sample or the file was altered (the cache is "
+                                   f"unusable for training: re-extract it)")
+        return out
 
     def _decoded(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`hidden` as float32 for a whole token range at once (bf16 bits converted; zarr has already
@@ -489,6 +474,37 @@ class TeacherCache:
         c = self.manifest.counts
         return (f"TeacherCache({self.url!r}, teacher={self.manifest.teacher['id']!r}, samples={c['samples']} "
                 f"(ok {c['ok']}, error {c['error']}), tokens={c['tokens']})")
+
+
+def load_head(fs: fsspec.AbstractFileSystem, root: str, url: str, manifest: Manifest,
+              device: str | torch.device = "cpu") -> TeacherHead:
+    """The cache's TeacherHead, checked: a regular file (local), a readable safetensors file whose
+    config and shapes match the manifest, and finite values (TeacherHead.load)."""
+    path = f"{root}/{HEAD_NAME}"
+    if type(fs) is LocalFileSystem:  # checked at open too; the file may have changed since
+        safety.check_local_files(root, [HEAD_NAME], url)
+    try:
+        if isinstance(fs, LocalFileSystem):
+            head = TeacherHead.load(local_file(fs, path), device=device)
+        else:  # safetensors needs a local file: copy, load into memory, delete
+            with tempfile.TemporaryDirectory(prefix="genrecal-head-") as tmp:
+                local = os.path.join(tmp, HEAD_NAME)
+                fs.get_file(path, local)  # streamed: a 152k x 8192 head is 2.5 GB
+                head = TeacherHead.load(local, device=device)
+    except FileNotFoundError as e:
+        raise CacheFormatError(f"{url}/{HEAD_NAME}: missing; the cache is incomplete, re-download or "
+                               f"re-extract it") from e
+    except CacheFormatError:
+        raise
+    except ValueError as e:  # TeacherHead.load names what is wrong with the file
+        raise CacheFormatError(f"{url}/{HEAD_NAME}: {str(e).split(': ', 1)[-1]}; the file is corrupt, "
+                               f"re-download or re-extract it") from e
+    m = manifest
+    if (head.hidden_size, head.vocab_size) != (m.hidden_size, m.vocab_size):
+        raise CacheFormatError(f"{url}/{HEAD_NAME}: head is [vocab {head.vocab_size}, hidden {head.hidden_size}] "
+                               f"but the manifest says [{m.vocab_size}, {m.hidden_size}]; the head belongs to "
+                               f"another teacher, re-download or re-extract it")
+    return head
 
 
 def load_manifest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> Manifest:

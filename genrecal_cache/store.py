@@ -33,12 +33,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
 from . import __version__
-from .codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, hidden_codec as get_hidden_codec
+from .codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, describe_chain, hidden_codec as get_hidden_codec
 from .head import TeacherHead
 from .journal import JournalMixin, is_journal, kill_point
 from .manifest import (
@@ -148,8 +148,6 @@ def create_feature_arrays(group: zarr.Group, layout: Layout, codec: HiddenCodec,
     Used by the writer and by `estimate_cache_size`, so an estimate compresses exactly as a cache does."""
     stored = {"token_ids": ("int32", []), "answer_mask": ("bool", []), "hidden": (codec.stored_dtype, [hidden_size]),
               "topk_ids": ("int32", [topk]), "topk_logprobs": ("float32", [topk])}
-    small_chain = (f"sharding_indexed[bytes, blosc(cname={SMALL_CODEC['cname']}, clevel={SMALL_CODEC['clevel']}, "
-                   f"shuffle={SMALL_CODEC['shuffle']}, blocksize={SMALL_CODEC['blocksize']})], index [bytes, crc32c]")
     arrays, specs = {}, {}
     S = layout.shard_tokens
     for name in ARRAY_NAMES:
@@ -157,20 +155,21 @@ def create_feature_arrays(group: zarr.Group, layout: Layout, codec: HiddenCodec,
         c = layout.chunk_tokens[name]
         if name == "hidden":
             serializer, compressor, attributes = codec.serializer(), codec.compressor(), codec.attributes
-            logical, chain = codec.logical_dtype, codec.chain_text()
+            logical = codec.logical_dtype
         else:
             serializer, compressor, attributes = "auto", BloscCodec(typesize=np.dtype(dtype).itemsize, **SMALL_CODEC), {}
-            logical, chain = dtype, small_chain
+            logical = dtype
         arrays[name] = group.create_array(
             name, shape=(0, *tail), dtype=dtype, chunks=(c, *tail), shards=(S, *tail), serializer=serializer,
-            compressors=compressor, fill_value=0,
+            # crc32c on every inner chunk: a reader notices a flipped byte as it reads (blosc has no checksum)
+            compressors=(compressor, Crc32cCodec()), fill_value=0,
             dimension_names=("token", *(["hidden"] if name == "hidden" else ["k"] if tail else [])),
             attributes=attributes,
             # every shard file exists even when all-zero (e.g. an answer_mask shard without answers),
             # so the set of files is a function of T alone and a missing one is always a fault
             config={"write_empty_chunks": True})
         specs[name] = ArraySpec(dtype=logical, stored_dtype=dtype, shape_tail=list(tail), chunk_tokens=c,
-                                shard_tokens=S, codec=chain)
+                                shard_tokens=S, codec=describe_chain(arrays[name]))
     return arrays, specs
 
 
@@ -616,7 +615,7 @@ def estimate_cache_size(tokens: int, hidden_size: int, vocab_size: int, topk: in
         a.resize((n, *a.shape[1:]))
         a[:] = data
         key = f"{name}/c/0" + ("/0" if a.ndim == 2 else "")
-        measured[name] = (len(sync_get(store, key)) - 16 - 4) / n  # minus the shard index and its crc32c
+        measured[name] = (len(sync_get(store, key)) - 16 - 4 - 4) / n  # minus the index, its crc32c and the chunk's
         raw_rows[name] = codec.row_bytes(hidden_size) if name == "hidden" else data[0].nbytes
 
     S = layout.shard_tokens

@@ -27,7 +27,10 @@ from .manifest import (
     sha256_stream,
 )
 from . import safety
-from .reader import INDEX_COLUMNS, load_manifest, open_feature_arrays, open_fs, open_parquet, zarr_store
+from .fastread import NonFiniteError, ShardedArrayReader, read_ranges
+from .reader import (
+    INDEX_COLUMNS, load_head, load_manifest, open_feature_arrays, open_fs, open_parquet, zarr_store,
+)
 
 REFETCH = "re-download it or re-extract the cache"
 
@@ -44,7 +47,15 @@ def verify(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | Non
     faults, unsafe = _check_files(fs, root, manifest)
     if unsafe:  # links out of the cache, FIFOs, devices: nothing more is opened
         return faults
-    faults += _check_head(fs, root, manifest)
+    head_faults = _check_head(fs, root, manifest)
+    faults += head_faults
+    if not head_faults and HEAD_NAME in manifest.checksums:
+        try:  # values too: a NaN in the norm or lm_head makes every teacher logit NaN
+            load_head(fs, root, url, manifest)
+        except FileNotFoundError:
+            pass  # reported by the file checks
+        except CacheFormatError as e:
+            faults.append(_relative(str(e), url))
     store = zarr_store(fs, f"{root}/{FEATURES_NAME}", storage_options, f"{url}/{FEATURES_NAME}")
     try:
         try:
@@ -63,6 +74,7 @@ def verify(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | Non
         except (pa.ArrowException, OSError, ValueError) as e:
             return faults + [f"{SAMPLES_NAME}: unreadable ({e}): the file is truncated or corrupt; {REFETCH}"]
         faults += _check_index(table, arrays, manifest) + _check_row_json(table)
+        faults += _check_hidden_values(fs, root, arrays["hidden"], manifest, {f.split(":")[0] for f in faults})
         try:
             stored = _stored_feature_bytes(fs, root, manifest) if isinstance(fs, LocalFileSystem) else None
             safety.check_read_budget(manifest, table.column("id").to_pylist(), table.column("num_tokens").to_numpy(),
@@ -303,6 +315,32 @@ def _check_row_json(table: pa.Table) -> list[str]:
                 faults.append(f"{SAMPLES_NAME}: more rows with malformed messages/extra not listed")
                 break
     return faults
+
+
+def _check_hidden_values(fs: fsspec.AbstractFileSystem, root: str, a: Any, m: Manifest, reported: set[str]
+                         ) -> list[str]:
+    """Every value of `hidden` decodes and is finite (the chunks' crc32c checked on the way), one shard at
+    a time, so memory stays bounded. Shards already `reported` (e.g. a sha256 mismatch) are skipped."""
+    codec = hidden_codec(m.hidden_codec)
+    reader = (ShardedArrayReader.for_array(a, f"{root}/{FEATURES_NAME}/hidden", check_finite=True)
+              if type(fs) is LocalFileSystem else None)
+    S, T = m.arrays["hidden"]["shard_tokens"], m.counts["tokens"]
+    for lo in range(0, T, S):
+        hi = min(lo + S, T)
+        rel = f"{FEATURES_NAME}/hidden/c/{lo // S}/0"
+        if rel in reported:
+            continue
+        try:
+            if reader is not None:
+                read_ranges([(reader, lo, hi, codec.name == "bf16")])
+            elif not codec.finite(np.asarray(a[lo:hi])):
+                return [f"{rel}: hidden holds NaN or inf in tokens [{lo}, {hi}); the teacher's forward pass was broken "
+                        f"or the file was altered; re-extract the cache"]
+        except NonFiniteError as e:
+            return [f"{rel}: {str(e).split(': ', 1)[-1]}"]
+        except Exception as e:  # noqa: BLE001 - a corrupt shard fails its crc32c or decompression
+            return [f"{rel}: unreadable ({type(e).__name__}: {str(e)[:200]}): the file is corrupt; {REFETCH}"]
+    return []
 
 
 def _check_answer_mask(mask: Any, starts: np.ndarray, ends: np.ndarray, m: Manifest) -> list[str]:
