@@ -7,7 +7,6 @@ drains results on a background thread, so the run goes at the speed of the teach
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 import sys
 import time
@@ -17,14 +16,14 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
+from genrecal_cache.backends import DTYPES
 from genrecal_cache.codecs import DEFAULT_HIDDEN_CODEC, hidden_codec as get_hidden_codec
 from genrecal_cache.data import ImageError, Sample, decode_image, read_samples
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter_for
-from genrecal_cache.manifest import Manifest
+from genrecal_cache.manifest import Manifest, identity, identity_diff, sha256_text
 from genrecal_cache.prefetch import prefetch
 from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -53,10 +52,6 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         self.hidden_codec = get_hidden_codec(self.hidden_codec or DEFAULT_HIDDEN_CODEC).name
-
-
-def _sha256(text: str | None) -> str:
-    return hashlib.sha256((text or "").encode()).hexdigest()
 
 
 def pick_backend(name: str) -> str:
@@ -147,10 +142,10 @@ def extract(cfg: ExtractConfig) -> Manifest:
         topk=cfg.topk,
         hidden_codec=cfg.hidden_codec,
         teacher={"id": cfg.teacher, "revision": getattr(config, "_commit_hash", None) or "local",
-                 "config_sha256": _sha256(config.to_json_string()), "model_type": config.model_type,
+                 "config_sha256": sha256_text(config.to_json_string()), "model_type": config.model_type,
                  "backend": backend.name},
-        tokenizer_sha256=_sha256(tokenizer.backend_tokenizer.to_str()),
-        chat_template_sha256=_sha256(getattr(processor, "chat_template", None) or tokenizer.chat_template),
+        tokenizer_sha256=sha256_text(tokenizer.backend_tokenizer.to_str()),
+        chat_template_sha256=sha256_text(getattr(processor, "chat_template", None) or tokenizer.chat_template),
         head=head,
         command=" ".join(shlex.quote(a) for a in sys.argv),
         extra={"extract": {"max_len": cfg.max_len, "num_shards": cfg.num_shards, "shard_index": cfg.shard_index}},
@@ -255,12 +250,11 @@ def _complete_cache(out, cfg: ExtractConfig, config, tokenizer) -> Manifest | No
     if not path.exists():
         return None
     m = Manifest.from_json(path.read_bytes(), source=str(path))
-    want = {"teacher.config_sha256": _sha256(config.to_json_string()),
-            "tokenizer_sha256": _sha256(tokenizer.backend_tokenizer.to_str()), "topk": cfg.topk,
+    want = {"teacher.config_sha256": sha256_text(config.to_json_string()),
+            "tokenizer_sha256": sha256_text(tokenizer.backend_tokenizer.to_str()), "topk": cfg.topk,
             "hidden_codec": cfg.hidden_codec}
-    got = {"teacher.config_sha256": m.teacher["config_sha256"], "tokenizer_sha256": m.tokenizer_sha256,
-           "topk": m.topk, "hidden_codec": m.hidden_codec}
-    diff = [f"{k}: cache has {got[k]!r}, this run {want[k]!r}" for k in want if got[k] != want[k]]
+    got = {k: v for k, v in identity(m).items() if k in want}
+    diff = [f"{k}: cache has {a!r}, this run {b!r}" for k, a, b in identity_diff(got, want)]
     if diff:
         raise ValueError(f"{out} already holds a complete cache made differently ({'; '.join(diff)}); choose a new "
                          f"output directory")

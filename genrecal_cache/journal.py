@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .io.durable import fsync_path, rename_durable, write_synced
+
 PROGRESS_NAME = "_progress.json"
 COMMITS_DIR = "_commits"
 JOURNAL_NAMES = (PROGRESS_NAME, PROGRESS_NAME + ".tmp", COMMITS_DIR)
@@ -61,21 +63,9 @@ def kill_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fsync_path(path: str | os.PathLike) -> None:
-    """fsync a file or a directory (a directory: so that the names created in it survive a crash)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_durable(path: Path, data: bytes) -> str:
     """Write a new file, fsync it and its directory; returns its sha256."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(path, data)
     fsync_path(path.parent)
     return hashlib.sha256(data).hexdigest()
 
@@ -84,13 +74,9 @@ def write_progress(out_dir: Path, progress: dict[str, Any]) -> None:
     """Replace `_progress.json` atomically: this rename is the commit point."""
     path, tmp = out_dir / PROGRESS_NAME, out_dir / (PROGRESS_NAME + ".tmp")
     data = json.dumps(progress, indent=1, sort_keys=True).encode()
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(tmp, data)
     kill_point("progress-tmp")
-    os.replace(tmp, path)
-    fsync_path(out_dir)
+    rename_durable(tmp, path)
 
 
 def read_progress(out_dir: Path) -> dict[str, Any] | None:
@@ -126,12 +112,6 @@ def load_pending(path: Path, sha256: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def identity_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between the identity a run was started with and the current one."""
-    return [f"{k}: was {stored.get(k)!r:.120}, now {current.get(k)!r:.120}"
-            for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
-
-
 def is_journal(rel: str) -> bool:
     """Whether a path relative to the cache root belongs to the journal (not to the cache)."""
     return rel.split("/", 1)[0] in JOURNAL_NAMES
@@ -151,7 +131,7 @@ class JournalMixin:
     def _journal_open(self, head: Any, resume: bool) -> dict[str, Any] | None:
         """Create the directory (fresh) or check that it can be resumed; saves the head. Returns the
         last commit when resuming, else None."""
-        from .manifest import HEAD_NAME, MANIFEST_NAME, sha256_file
+        from .manifest import HEAD_NAME, MANIFEST_NAME, identity_diff, sha256_file
         from .store import CacheWriteError
 
         out = self.out_dir
@@ -193,14 +173,14 @@ class JournalMixin:
         if progress is None:
             write_progress(out, self._progress())
         else:
-            diff = identity_diff(progress["identity"], self._identity)
+            diff = [f"{k}: was {was!r:.120}, now {now!r:.120}"
+                    for k, was, now in identity_diff(progress["identity"], self._identity)]
             if diff:
                 tmp.unlink()
                 raise CacheWriteError(f"{out}: cannot resume: this run differs from the one that started the cache "
                                       f"({'; '.join(diff)}). Use the same teacher, tokenizer, hidden codec, top-k and "
                                       f"extraction settings, or a new output directory")
-        os.replace(tmp, out / HEAD_NAME)
-        fsync_path(out)
+        rename_durable(tmp, out / HEAD_NAME)
         return progress
 
     def _journal_reopen_features(self, progress: dict[str, Any]) -> None:
@@ -383,8 +363,7 @@ class JournalMixin:
             writer.write_table(pa.Table.from_pylist(group, schema=SAMPLES_SCHEMA), row_group_size=len(group))
         writer.close()
         fsync_path(tmp)
-        os.replace(tmp, out / SAMPLES_NAME)
-        fsync_path(out)
+        rename_durable(tmp, out / SAMPLES_NAME)
         kill_point("consolidated")
 
     def _journal_remove(self) -> None:

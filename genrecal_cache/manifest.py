@@ -19,6 +19,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import IO, Any, TypedDict
 
+import numpy as np
+
 from .codecs import HIDDEN_CODECS
 
 FORMAT_VERSION = 2               # what this genrecal writes
@@ -49,6 +51,11 @@ def sha256_stream(f: IO[bytes], block_size: int = 8 << 20) -> str:
 def sha256_file(path: str) -> str:
     with open(path, "rb") as f:
         return sha256_stream(f)
+
+
+def sha256_text(text: str | None) -> str:
+    """How a teacher's config, tokenizer and chat template are fingerprinted (None hashes as "")."""
+    return hashlib.sha256((text or "").encode()).hexdigest()
 
 
 class TeacherInfo(TypedDict):
@@ -156,6 +163,28 @@ _ARRAY = {"dtype": "str", "stored_dtype": "str", "shape_tail": "ints", "chunk_to
           "codec": "str"}
 _COUNTS = {k: "int" for k in Counts.__annotations__}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def answer_spans(mask: Any) -> list[tuple[int, int]]:
+    """[start, end) runs of True in a 1-D answer mask (numpy, torch or list): the `answer_spans` of samples.parquet."""
+    m = np.asarray(mask, dtype=bool).reshape(-1)
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], m, [False]]).astype(np.int8)))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def identity(m: Manifest) -> dict[str, Any]:
+    """What decides whether two caches hold the same teacher's features in the same form: the one
+    "same teacher and settings?" question (parts of one cache, a re-run over a finished cache)."""
+    return {"teacher.id": m.teacher["id"], "teacher.config_sha256": m.teacher["config_sha256"],
+            "teacher.model_type": m.teacher["model_type"], "tokenizer_sha256": m.tokenizer_sha256,
+            "chat_template_sha256": m.chat_template_sha256, "hidden_codec": m.hidden_codec,
+            "hidden_size": m.hidden_size, "vocab_size": m.vocab_size, "topk": m.topk,
+            "head sha256": m.checksums.get(HEAD_NAME)}
+
+
+def identity_diff(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, a's value, b's value) for every key on which two identities differ, in key order."""
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def _fail(source: str, name: str, problem: str) -> CacheFormatError:

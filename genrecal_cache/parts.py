@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .manifest import HEAD_NAME, CacheFormatError, Manifest
+from .manifest import CacheFormatError, Manifest, identity, identity_diff
 
 PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})$")
 
@@ -65,18 +65,10 @@ def find_parts(fs: fsspec.AbstractFileSystem, root: str, url: str) -> list[str] 
     return parts
 
 
-def identity(m: Manifest) -> dict[str, Any]:
-    return {"teacher.id": m.teacher["id"], "teacher.config_sha256": m.teacher["config_sha256"],
-            "teacher.model_type": m.teacher["model_type"], "tokenizer_sha256": m.tokenizer_sha256,
-            "chat_template_sha256": m.chat_template_sha256, "hidden_codec": m.hidden_codec,
-            "hidden_size": m.hidden_size, "vocab_size": m.vocab_size, "topk": m.topk,
-            "head sha256": m.checksums.get(HEAD_NAME)}
-
-
 def check_same_identity(url: str, names: list[str], manifests: list[Manifest]) -> None:
     ref = identity(manifests[0])
     for name, m in zip(names[1:], manifests[1:]):
-        diff = [f"{k}: {v!r:.80} vs {ref[k]!r:.80}" for k, v in identity(m).items() if v != ref[k]]
+        diff = [f"{k}: {v!r:.80} vs {r!r:.80}" for k, r, v in identity_diff(ref, identity(m))]
         if diff:
             raise CacheFormatError(f"{url}/{name}: written with a different teacher/tokenizer/codec/top-k than "
                                    f"{names[0]} ({'; '.join(diff)}); all parts must come from the same extraction "

@@ -35,6 +35,7 @@ import fsspec
 from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
 
+from .io.durable import atomic_write, rename_durable
 from .manifest import MANIFEST_NAME, CacheFormatError, Manifest, relpath_problem, sha256_bytes
 
 log = logging.getLogger("genrecal.remote")
@@ -387,7 +388,7 @@ def download(fs: fsspec.AbstractFileSystem, rpath: str, path: str, sha256: str, 
         os.remove(part)
         raise CacheFormatError(f"{where}: downloaded file has sha256 {digest}, the manifest says {sha256}: the remote "
                                f"copy is corrupt or changed during the download; run `genrecal-cache verify` on it")
-    os.replace(part, path)
+    rename_durable(part, path)
     return got
 
 
@@ -485,12 +486,7 @@ def complete_mirror(mirror: Mirror) -> bool:
     if not all(mirror.present(rel) for rel in mirror.manifest.checksums):
         return False
     path = os.path.join(mirror.local_dir, MANIFEST_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(mirror.manifest.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, mirror.manifest.to_json().encode())
     return True
 
 

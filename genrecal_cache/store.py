@@ -40,10 +40,11 @@ from zarr.storage import LocalStore
 from . import __version__
 from .codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, describe_chain, hidden_codec as get_hidden_codec
 from .head import TeacherHead
+from .io.durable import atomic_write
 from .journal import JournalMixin, is_journal, kill_point
 from .manifest import (
     ARRAY_NAMES, FEATURES_NAME, FORMAT_VERSION, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, ArraySpec, CacheFormatError,
-    Counts, Manifest, TeacherInfo, sha256_file,
+    Counts, Manifest, TeacherInfo, answer_spans, sha256_file,
 )
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -324,7 +325,7 @@ class CacheWriter(JournalMixin):
             self._flush_shards(final=True)
             self._journal_consolidate()
             manifest = self._manifest(arrays=self._specs, checksums=self._checksums())
-            _atomic_write(self.out_dir / MANIFEST_NAME, manifest.to_json().encode())
+            atomic_write(self.out_dir / MANIFEST_NAME, manifest.to_json().encode())
             self._journal_remove()
         except Exception as e:
             raise CacheWriteError(f"{self.out_dir}: finishing the cache failed ({type(e).__name__}: {e}); "
@@ -413,7 +414,7 @@ class CacheWriter(JournalMixin):
             self._maybe_commit()
             return
         L = arrays["token_ids"].shape[0]
-        self._add_row(row, offset=c["tokens"], length=L, spans=_spans(arrays["answer_mask"]))
+        self._add_row(row, offset=c["tokens"], length=L, spans=[list(s) for s in answer_spans(arrays["answer_mask"])])
         c["ok"] += 1
         c["tokens"] += L
         c["answer_tokens"] += int(arrays["answer_mask"].sum())
@@ -464,11 +465,6 @@ SAMPLES_SCHEMA = pa.schema(
     metadata={"genrecal_format_version": str(FORMAT_VERSION)})
 
 
-def _spans(mask: np.ndarray) -> list[list[int]]:
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
-    return [[int(s), int(e)] for s, e in zip(edges[::2], edges[1::2])]
-
-
 def _to_numpy(x: ArrayLike) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
@@ -483,20 +479,6 @@ def _as_int32(x: ArrayLike, sid: str, name: str, vocab_size: int) -> np.ndarray:
     if a.size and (a.min() < 0 or a.max() >= vocab_size):
         raise ValueError(f"sample {sid!r}: {name} outside [0, vocab_size={vocab_size}): min {a.min()}, max {a.max()}")
     return a.astype(np.int32, copy=False)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must survive a crash, or the cache looks incomplete
-    finally:
-        os.close(dir_fd)
 
 
 # ---- size planning ---------------------------------------------------------------------------------------

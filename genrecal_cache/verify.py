@@ -111,7 +111,7 @@ def _local_files(root: str) -> tuple[set[str], list[str]]:
     return files - {MANIFEST_NAME}, faults
 
 
-def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+def _file_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
     if isinstance(fs, LocalFileSystem):  # never a link or FIFO (refused before), read without following one
         with os.fdopen(safety.open_regular(path, path), "rb") as f:
             return sha256_stream(f)
@@ -146,7 +146,7 @@ def _check_files(fs: fsspec.AbstractFileSystem, root: str, m: Manifest) -> tuple
             faults.append(f"{rel}: listed in the manifest but missing: the cache is incomplete; {REFETCH}")
             continue
         try:
-            got = _sha256(fs, f"{root}/{rel}")
+            got = _file_sha256(fs, f"{root}/{rel}")
         except FileNotFoundError:
             faults.append(f"{rel}: listed in the manifest but missing: the cache is incomplete; {REFETCH}")
             continue

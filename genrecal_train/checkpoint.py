@@ -7,7 +7,6 @@ A checkpoint holds the student and Recalibrator weights (safetensors), the optim
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from genrecal_cache.io.durable import atomic_write, fsync_path, rename_durable
 
 
 def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -42,14 +35,11 @@ def save_checkpoint(run_dir: Path, name: str, *, student: torch.nn.Module, recal
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_path(f)
+    fsync_path(tmp)
     shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    latest_tmp = ckpt_root / ".latest.tmp"
-    latest_tmp.write_text(name)
-    os.replace(latest_tmp, ckpt_root / "latest")
-    _fsync_dir(ckpt_root)
+    rename_durable(tmp, final)
+    atomic_write(ckpt_root / "latest", name.encode())
     # prune older checkpoints of this run, never the one just written
     others = sorted((p for p in ckpt_root.iterdir() if p.is_dir() and not p.name.startswith(".") and p != final),
                     key=lambda p: p.stat().st_mtime)

@@ -18,15 +18,9 @@ import torch
 from genrecal_cache.backends.hf import collate as collate_inputs
 from genrecal_cache.data import Sample, decode_image
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter
+from genrecal_cache.manifest import answer_spans
 from genrecal_cache.prefetch import prefetch
 from genrecal_cache.reader import CachedSample, TeacherCache
-
-
-def spans(mask: np.ndarray | torch.Tensor) -> list[tuple[int, int]]:
-    """[start, end) runs of True in a 1-D mask."""
-    m = np.asarray(mask, dtype=bool)
-    edges = np.flatnonzero(np.diff(np.concatenate([[False], m, [False]]).astype(np.int8)))
-    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
 @dataclass
@@ -56,7 +50,7 @@ def make_example(s: CachedSample, adapter: FamilyAdapter, processor, max_len: in
     """Encode one cached sample for the student. Raises EncodeError/ValueError for unusable samples."""
     sample = Sample(id=s.id, messages=s.messages, images=s.images, image_refs=[])
     enc = adapter.encode(processor, sample, [decode_image(b) for b in s.images], max_len)
-    s_spans, t_spans = spans(enc.answer_mask), spans(s.answer_mask)
+    s_spans, t_spans = answer_spans(enc.answer_mask), answer_spans(s.answer_mask)
     if len(s_spans) != len(t_spans):
         raise EncodeError(f"sample {s.id!r}: {len(t_spans)} answer turns in the teacher tokens but "
                           f"{len(s_spans)} in the student's: the chat templates disagree on the answers")

@@ -20,7 +20,6 @@ Multi-turn samples put all question tokens before all answer tokens (the paper h
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +29,12 @@ from torch.nn.utils.rnn import pad_sequence
 
 from genrecal_cache.families import FamilyAdapter
 from genrecal_cache.head import TeacherHead
+from genrecal_cache.manifest import sha256_text
 from genrecal_train.config import TrainConfig
 from genrecal_train.data import Batch, Example
 from genrecal_train.losses import answer_losses, chunked_ce
 from genrecal_train.recalibrator import Recalibrator
 from genrecal_train.uld import uld_loss
-
-
-def _sha256(text: str | None) -> str:
-    return hashlib.sha256((text or "").encode()).hexdigest()
 
 
 def check_cache_matches(cache, head: TeacherHead, cfg: TrainConfig) -> None:
@@ -63,7 +59,7 @@ def check_cache_matches(cache, head: TeacherHead, cfg: TrainConfig) -> None:
     tcfg = AutoConfig.from_pretrained(cfg.expect_teacher)
     t_adapter = adapter_for(tcfg)
     tok = t_adapter.load_processor(cfg.expect_teacher).tokenizer
-    if _sha256(tok.backend_tokenizer.to_str()) != m.tokenizer_sha256:
+    if sha256_text(tok.backend_tokenizer.to_str()) != m.tokenizer_sha256:
         raise ValueError(f"{where}: its teacher tokenizer differs from {cfg.expect_teacher}'s (sha256 mismatch): "
                          "the token ids in the cache would mean other words; use the cache made with this teacher")
     text = tcfg.get_text_config()
@@ -209,7 +205,7 @@ def load_teacher_tokenizer(cfg: TrainConfig) -> Any:
         raise ValueError(f"main_pass_answer='student_aligned' aligns answers by their text and needs the teacher's "
                          f"tokenizer, which could not be loaded from {src!r} ({e}); pass --teacher-tokenizer "
                          "(a folder or hub id with the teacher's tokenizer), or --main-pass-answer teacher") from e
-    if _sha256(tok.backend_tokenizer.to_str()) != m.tokenizer_sha256:
+    if sha256_text(tok.backend_tokenizer.to_str()) != m.tokenizer_sha256:
         raise ValueError(f"cache {cfg.cache}: the tokenizer at {src!r} is not the one its teacher used (sha256 "
                          "mismatch), so answer tokens would be aligned wrongly; pass --teacher-tokenizer with the "
                          "teacher's own tokenizer")

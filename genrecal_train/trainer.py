@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from genrecal_cache.families import adapter_for
+from genrecal_cache.io.durable import atomic_write
 from genrecal_cache.reader import TeacherCache
 from genrecal_train import checkpoint as ckpt
 from genrecal_train.config import TrainConfig
@@ -55,9 +56,7 @@ class MetricsLog:
         lines = path.read_text().splitlines(keepends=True) if enabled and path.exists() else []
         if truncate_to is not None and len(lines) > truncate_to:
             lines = lines[:truncate_to]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(lines))
-            os.replace(tmp, path)
+            atomic_write(path, "".join(lines).encode())
         self.lines = len(lines)  # records in the file: checkpoints store it for the above
         self.file = open(path, "a") if enabled else None
         self.tb = None

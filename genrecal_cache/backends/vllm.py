@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
+from genrecal_cache.backends import DTYPES
 from genrecal_cache.families import Encoded, FamilyAdapter
-from genrecal_cache.head import HeadConfig, TeacherHead
+from genrecal_cache.head import TeacherHead
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 def read_tensors(path: str | Path, names: Mapping[str, Sequence[str]]) -> dict[str, torch.Tensor]:
     """Read a few tensors from a safetensors checkpoint (folder or hub id) without loading the rest.

@@ -30,6 +30,7 @@ import torch
 
 from ..data import IMAGE_MARKER, Sample
 from ..head import HeadConfig, TeacherHead
+from ..manifest import answer_spans
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -304,7 +305,7 @@ class FamilyAdapter:
                           where: str) -> None:
         """Each run of masked tokens must decode to its answer text (whitespace aside). Raises
         `AnswerMaskError`: a mismatch means the adapter misreads the processor, for every sample."""
-        runs = _runs(mask)
+        runs = answer_spans(mask)
         decoded = [processor.tokenizer.decode(input_ids[a:b].tolist(), skip_special_tokens=False) for a, b in runs]
         squeeze = lambda t: "".join(t.split())  # noqa: E731 - tokenizers may move or drop whitespace
         if len(runs) != len(answers) or any(squeeze(d) != squeeze(t) for d, t in zip(decoded, answers)):
@@ -398,19 +399,6 @@ def _expansion_shift(replacements: list[dict]) -> Callable[[int], int]:
     return shift
 
 
-
-
-def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
-    """[start, end) runs of True in a 1-D bool mask."""
-    m = mask.tolist()
-    runs, start = [], None
-    for i, v in enumerate(m + [False]):
-        if v and start is None:
-            start = i
-        elif not v and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
 
 
 def _float_head(head: TeacherHead) -> TeacherHead:
