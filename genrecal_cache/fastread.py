@@ -15,6 +15,7 @@ goes through zarr; tests compare both paths.
 
 from __future__ import annotations
 
+import copy
 import os
 import struct
 import sys
@@ -223,6 +224,33 @@ def blosc_sizes(frame: Any) -> tuple[int, int]:
         return -1, -1
     nbytes, _blocksize, cbytes = struct.unpack_from("<III", frame, 4)
     return nbytes, cbytes
+
+
+class _ExactSizeBlosc(BloscCodec):
+    """zarr's blosc codec refusing, before it allocates, a frame that does not declare exactly one chunk."""
+
+    _expected: int = -1
+
+    def _decode_sync(self, chunk_bytes: Any, chunk_spec: Any) -> Any:
+        declared = blosc_sizes(chunk_bytes.as_numpy_array())[0]
+        if declared != self._expected:
+            raise ValueError(f"a chunk declares {declared} decoded bytes, not the {self._expected} of one chunk: "
+                             f"the shard is corrupt or hostile")
+        return super()._decode_sync(chunk_bytes, chunk_spec)
+
+
+def bound_zarr_decoding(array: zarr.Array, reader: ShardedArrayReader) -> None:
+    """Make zarr's own decoding of `array` (remote caches) refuse blosc frames of any size but one chunk's,
+    as `ShardedArrayReader` does; `reader` is the one `for_array` made for it (so the chain is genrecal's)."""
+    sh = array.metadata.codecs[0]
+    codecs = []
+    for c in sh.codecs:
+        if isinstance(c, BloscCodec):
+            c = copy.copy(c)
+            object.__setattr__(c, "__class__", _ExactSizeBlosc)  # frozen dataclass: same fields, one more check
+            object.__setattr__(c, "_expected", reader.encoded_nbytes)
+        codecs.append(c)
+    object.__setattr__(sh, "codecs", tuple(codecs))  # zarr builds the inner pipeline from this on every read
 
 
 class NonFiniteError(ValueError):

@@ -32,8 +32,8 @@ from zarr.core import sync as zarr_sync
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from .codecs import bf16_bits_to_float32, hidden_codec  # noqa: F401 - bf16_bits_to_float32 re-exported
-from .fastread import BufferPool, NonFiniteError, ShardedArrayReader, read_ranges
+from .codecs import bf16_bits_to_float32, describe_chain, hidden_codec  # noqa: F401 - bf16_bits_to_float32 re-exported
+from .fastread import BufferPool, NonFiniteError, ShardedArrayReader, bound_zarr_decoding, read_ranges
 from .head import TeacherHead
 from .manifest import (
     ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
@@ -127,16 +127,25 @@ def local_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
     """ParquetFile reading only the column chunks it needs (by byte range when remote). A server
     that ignores HTTP Range makes fsspec refuse reads past the file's start: then download it whole."""
-    if isinstance(fs, LocalFileSystem):
-        return pq.ParquetFile(local_file(fs, path))  # arrow's native reader: no Python file object in the loop
+    try:
+        return _open_parquet(fs, path)
+    except KeyError as e:  # a column read_dictionary names is not there
+        raise CacheFormatError(f"{path}: column {e.args[0]!r} is missing; the file is not a genrecal index; "
+                               f"{safety.REFETCH}") from None
+
+
+def _open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
+    dictionaries = {"read_dictionary": safety.DICTIONARY_COLUMNS}  # sizes are checked before values are decoded
+    if isinstance(fs, LocalFileSystem):  # arrow's native reader: no Python file object in the loop
+        return pq.ParquetFile(local_file(fs, path), **dictionaries)
     f = fs.open(path, "rb")
     try:
-        return pq.ParquetFile(f)
+        return pq.ParquetFile(f, **dictionaries)
     except ValueError as e:
         f.close()
         if "range" not in str(e).lower():
             raise
-    return pq.ParquetFile(pa.BufferReader(fs.cat_file(path)))
+    return pq.ParquetFile(pa.BufferReader(fs.cat_file(path)), **dictionaries)
 
 
 def zarr_store(fs: fsspec.AbstractFileSystem, path: str, storage_options: dict[str, Any] | None,
@@ -249,17 +258,19 @@ class TeacherCache:
     def _load_index(self) -> None:
         where = f"{self.url}/{SAMPLES_NAME}"
         try:
-            table = self._parquet().read(columns=INDEX_COLUMNS)
+            if self._parquet().metadata.num_rows != self.manifest.counts["samples"]:
+                raise CacheFormatError(f"{where}: {self._parquet().metadata.num_rows} rows but the manifest counts "
+                                       f"{self.manifest.counts['samples']} samples; the cache is inconsistent, run "
+                                       f"`genrecal-cache verify` and re-download or re-extract it")
+            safety.check_schema(self._parquet().schema_arrow, where)  # before any value is used (safe loading)
+            table = safety.read_index(self._parquet(), INDEX_COLUMNS, where)
         except FileNotFoundError as e:
             raise CacheFormatError(f"{where}: missing; the cache is incomplete, re-download or re-extract it") from e
+        except CacheFormatError:
+            raise
         except (pa.ArrowException, OSError, ValueError) as e:  # ValueError: e.g. undecodable metadata
             raise CacheFormatError(f"{where}: unreadable ({e}); the file is truncated or corrupt, re-download or "
                                    f"re-extract it") from e
-        if table.num_rows != self.manifest.counts["samples"]:
-            raise CacheFormatError(f"{where}: {table.num_rows} rows but the manifest counts "
-                                   f"{self.manifest.counts['samples']} samples; the cache is inconsistent, run "
-                                   f"`genrecal-cache verify` and re-download or re-extract it")
-        safety.check_schema(self._parquet().schema_arrow, where)  # before any value is used (safe loading)
         safety.check_index(table, self.manifest, where)
         stored = None if self._file_sizes is None else sum(
             n for rel, n in self._file_sizes.items() if rel.startswith(f"{FEATURES_NAME}/"))
@@ -459,9 +470,10 @@ class TeacherCache:
             cached = self._images_rg  # one read of the attribute: the read-ahead thread may replace it
             if cached is None or cached[0] != g:
                 where = f"{self.url}/{SAMPLES_NAME}"
-                safety.check_row_group_size(self._parquet().metadata, g, where)
                 try:
-                    col = self._parquet().read_row_group(g, columns=["images"]).column("images").to_pylist()
+                    col = safety.read_images(self._parquet(), g, where)
+                except CacheFormatError:
+                    raise
                 except (pa.ArrowException, OSError, ValueError) as e:
                     raise CacheFormatError(f"{where}: images of row group {g} unreadable ({str(e)[:200]}); the file "
                                            f"is corrupt, re-download or re-extract it") from e
@@ -556,6 +568,17 @@ def open_feature_arrays(store: zarr.abc.store.Store, manifest: Manifest, url: st
             raise CacheFormatError(f"{where}: stored as {a.dtype} {list(a.shape)} but the manifest says "
                                    f"{spec['stored_dtype']} {[T, *spec['shape_tail']]}; the cache is "
                                    f"inconsistent, re-download or re-extract it")
+        chain = describe_chain(a)  # before any chunk is decoded: e.g. a chain switched to gzip (no size bound)
+        if chain != spec["codec"]:
+            raise CacheFormatError(f"{where}/zarr.json: codec chain {chain!r:.300} differs from the manifest's "
+                                   f"{spec['codec']!r:.300}; the metadata was altered, re-download or re-extract "
+                                   f"the cache")
+        reader = ShardedArrayReader.for_array(a, where)
+        if reader is None:
+            raise CacheFormatError(f"{where}/zarr.json: codec chain {chain!r:.300} is not one genrecal writes "
+                                   f"(sharding_indexed[serializer, blosc(...), crc32c] with an index [bytes, crc32c] "
+                                   f"at the end); readers decode only those, whose sizes they can bound. Re-extract "
+                                   f"the cache with genrecal")
         if (a.shards or a.chunks)[0] // a.chunks[0] > MAX_CHUNKS_PER_SHARD:  # its index alone would be huge
             raise CacheFormatError(f"{where}/zarr.json: {(a.shards or a.chunks)[0] // a.chunks[0]} inner chunks per "
                                    f"shard, above {MAX_CHUNKS_PER_SHARD}; the metadata is corrupt or hostile, "
@@ -565,5 +588,6 @@ def open_feature_arrays(store: zarr.abc.store.Store, manifest: Manifest, url: st
             raise CacheFormatError(f"{where}/zarr.json: shards/chunks of {(a.shards or a.chunks)[0]}/{a.chunks[0]} "
                                    f"tokens exceed {MAX_CHUNK_BYTES >> 30} GiB; the metadata is corrupt or hostile, "
                                    f"re-download or re-extract the cache")
+        bound_zarr_decoding(a, reader)  # remote reads decode through zarr: same exact-size check as fastread
         arrays[name] = a
     return arrays

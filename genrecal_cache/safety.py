@@ -180,7 +180,13 @@ def read_regular(path: str, limit: int, where: str) -> bytes:
         raise CacheFormatError(f"{where}: grew past {limit} bytes while being read; {REFETCH}")
     return data
 
+def _value(t: pa.DataType) -> pa.DataType:
+    """The type a column decodes to (readers keep string/binary columns dictionary-encoded until checked)."""
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
 def _str(t: pa.DataType) -> bool:
+    t = _value(t)
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
@@ -192,7 +198,7 @@ _INDEX_TYPES = {
     "index": pa.types.is_integer, "id": _str, "status": _str, "error": _str,
     "token_offset": pa.types.is_integer, "num_tokens": pa.types.is_integer,
     "answer_spans": _list_of(_list_of(pa.types.is_integer)), "messages": _str, "image_refs": _list_of(_str),
-    "extra": _str, "images": _list_of(lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)),
+    "extra": _str, "images": _list_of(lambda t: pa.types.is_binary(_value(t)) or pa.types.is_large_binary(_value(t))),
 }
 
 
@@ -256,6 +262,88 @@ def parse_extra(text: Any, where: str) -> dict:
     if not isinstance(extra, dict):
         raise CacheFormatError(f"{where}: 'extra' must be a JSON object; {REFETCH}")
     return extra
+
+
+# ---- samples.parquet: sizes before values ---------------------------------------------------------------
+# Parquet can store one value once and reference it from every row (dictionary pages), and compress
+# runs almost without bound: an 11 KB file can decode to gigabytes. Readers open it with every
+# string/binary column kept dictionary-encoded (`DICTIONARY_COLUMNS`), add up what the rows would
+# decode to, and refuse before decoding.
+
+DICTIONARY_COLUMNS = ["id", "status", "error", "messages", "extra", "image_refs.list.element", "images.list.element"]
+MAX_INDEX_EXPANSION = 1024       # decoded index / its stored bytes (real caches: under 30)
+INDEX_FLOOR = 256 << 20          # ... or this much, whichever is more
+
+
+def decoded_nbytes(col: pa.ChunkedArray | pa.Array) -> int:
+    """Bytes `col` takes once its dictionaries are decoded, computed without decoding them."""
+    import pyarrow.compute as pc
+
+    if isinstance(col, pa.ChunkedArray):
+        return sum(decoded_nbytes(c) for c in col.chunks)
+    if pa.types.is_dictionary(col.type) and (pa.types.is_string(col.type.value_type)
+                                              or pa.types.is_binary(col.type.value_type)):
+        total = pc.sum(pc.take(pc.binary_length(col.dictionary), col.indices)).as_py() or 0
+        return int(total) + 4 * len(col)
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        return decoded_nbytes(col.flatten()) + 8 * len(col)
+    return col.nbytes
+
+
+def _decoded(table: pa.Table) -> pa.Table:
+    def plain(t: pa.DataType) -> pa.DataType:
+        if pa.types.is_dictionary(t):
+            return t.value_type
+        if pa.types.is_list(t):
+            return pa.list_(plain(t.value_type))
+        return t
+    return table.cast(pa.schema([pa.field(f.name, plain(f.type)) for f in table.schema]))
+
+
+def read_index(pf: Any, columns: list[str], where: str) -> pa.Table:
+    """`columns` of every row of a samples.parquet opened with `read_dictionary=DICTIONARY_COLUMNS`, refused
+    (CacheFormatError) if the rows would decode to more than `MAX_INDEX_EXPANSION` x their stored bytes."""
+    md = pf.metadata
+    stored = uncompressed = 0
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        for j in range(rg.num_columns):
+            c = rg.column(j)
+            if c.path_in_schema.split(".")[0] in columns:
+                stored += c.total_compressed_size
+                uncompressed += c.total_uncompressed_size
+    limit = max(INDEX_FLOOR, MAX_INDEX_EXPANSION * stored)
+    claimed = uncompressed + 8 * len(columns) * md.num_rows  # before reading: pages and rows as declared
+    if claimed > limit:
+        raise CacheFormatError(f"{where}: {md.num_rows} rows declaring {claimed} bytes in {stored} stored bytes, "
+                               f"above the {limit}-byte limit; the file is corrupt or hostile, {REFETCH}")
+    table = pf.read(columns=columns)
+    n = sum(decoded_nbytes(table.column(c)) for c in columns)
+    if n > limit:
+        raise CacheFormatError(f"{where}: the index decodes to {n} bytes from {stored} stored bytes (a value stored "
+                               f"once and repeated in many rows), above the {limit}-byte limit; the file is corrupt "
+                               f"or hostile, {REFETCH}")
+    return _decoded(table)
+
+
+def read_images(pf: Any, group: int, where: str) -> list[list[bytes]]:
+    """The `images` of one row group, refused before decoding if they exceed the limits."""
+    from .data import MAX_IMAGE_BYTES
+
+    check_row_group_size(pf.metadata, group, where)
+    col = pf.read_row_group(group, columns=["images"]).column("images")
+    n = decoded_nbytes(col)
+    if n > MAX_ROW_GROUP_IMAGE_BYTES:
+        raise CacheFormatError(f"{where}: row group {group} holds {n} bytes of images once decoded, above the "
+                               f"{MAX_ROW_GROUP_IMAGE_BYTES} limit (writers cut row groups at 16 MiB); the file is "
+                               f"corrupt or hostile; {REFETCH}")
+    images = _decoded(pa.table({"images": col})).column("images").to_pylist()
+    for r, row in enumerate(images):
+        for img in row or []:
+            if len(img) > MAX_IMAGE_BYTES:
+                raise CacheFormatError(f"{where}: row {r} of row group {group} has an image of {len(img)} bytes, above the "
+                                       f"{MAX_IMAGE_BYTES}-byte limit extraction accepts; {REFETCH}")
+    return images
 
 
 def check_row_group_size(md: Any, group: int, where: str) -> None:

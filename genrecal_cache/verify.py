@@ -66,14 +66,15 @@ def verify(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | Non
         try:
             pf = open_parquet(fs, f"{root}/{SAMPLES_NAME}")
             safety.check_schema(pf.schema_arrow, SAMPLES_NAME)  # column types first: the checks below index with them
-            table = pf.read(columns=INDEX_COLUMNS)
+            table = safety.read_index(pf, INDEX_COLUMNS, SAMPLES_NAME)  # sizes before values
+            image_faults = _check_images(pf)
         except FileNotFoundError:
             return faults  # already reported as a missing file
         except CacheFormatError as e:
             return faults + [str(e)]
         except (pa.ArrowException, OSError, ValueError) as e:
             return faults + [f"{SAMPLES_NAME}: unreadable ({e}): the file is truncated or corrupt; {REFETCH}"]
-        faults += _check_index(table, arrays, manifest) + _check_row_json(table)
+        faults += image_faults + _check_index(table, arrays, manifest) + _check_row_json(table)
         faults += _check_hidden_values(fs, root, arrays["hidden"], manifest, {f.split(":")[0] for f in faults})
         try:
             stored = _stored_feature_bytes(fs, root, manifest) if isinstance(fs, LocalFileSystem) else None
@@ -297,6 +298,16 @@ def _check_index(table: pa.Table, arrays: dict[str, Any], m: Manifest) -> list[s
                       f"{P} has {n_ok}, {n_err}, {answer_tokens}; {REFETCH}")
     faults += _check_answer_mask(arrays["answer_mask"], np.asarray(starts, np.int64), np.asarray(ends, np.int64), m)
     return faults
+
+
+def _check_images(pf: Any) -> list[str]:
+    """Every row group's images within the limits readers apply (sizes computed before decoding)."""
+    for g in range(pf.metadata.num_row_groups):
+        try:
+            safety.read_images(pf, g, SAMPLES_NAME)
+        except CacheFormatError as e:
+            return [str(e)]
+    return []
 
 
 def _check_row_json(table: pa.Table) -> list[str]:

@@ -9,6 +9,7 @@ decides whether a hang is reported, never whether a working reader passes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -198,3 +199,106 @@ def test_the_read_limit_is_a_setting(cache, monkeypatch):
     with TeacherCache.open(cache) as c:
         assert len(list(c.iter_samples())) > 0
     assert verify(cache) == []
+
+
+# ---- codec chains and decoded sizes ---------------------------------------------------------------------
+
+def _reencode_hidden(root: Path, compressors) -> None:
+    """Rewrite `hidden` with other inner compressors (data, shapes and serializer kept) and rehash it."""
+    import zarr
+
+    group = zarr.open_group(root / "features.zarr", mode="r+")
+    a = group["hidden"]
+    data, sh = a[...], a.metadata.codecs[0]
+    shutil.rmtree(root / "features.zarr" / "hidden")
+    b = group.create_array("hidden", shape=a.shape, dtype=a.dtype, chunks=a.chunks, shards=a.shards,
+                           serializer=sh.codecs[0], compressors=compressors, fill_value=0,
+                           dimension_names=a.metadata.dimension_names, attributes=dict(a.attrs),
+                           config={"write_empty_chunks": True})
+    b[...] = data
+    m = _manifest(root)
+    m["checksums"] = {k: v for k, v in m["checksums"].items() if not k.startswith("features.zarr/hidden/")}
+    _rehash(root, m, *(p.relative_to(root).as_posix() for p in (root / "features.zarr" / "hidden").rglob("*")
+                       if p.is_file()))
+    _write_manifest(root, m)
+
+
+def test_codec_chain_switched_to_gzip_is_refused(cache):
+    """gzip has no declared size a reader could check (1 MB can inflate to 1 GiB per chunk)."""
+    from zarr.codecs import GzipCodec
+
+    _reencode_hidden(cache, (GzipCodec(level=1),))
+    _refused(cache, "features.zarr/hidden/zarr.json", "gzip", "differs from the manifest")
+    faults = verify(cache)
+    assert len(faults) == 1 and "gzip" in faults[0], faults
+    m = _manifest(cache)  # the manifest changed to match: still not a chain genrecal writes
+    from genrecal_cache.codecs import describe_chain
+    import zarr
+    m["arrays"]["hidden"]["codec"] = describe_chain(zarr.open_array(cache / "features.zarr", path="hidden"))
+    _write_manifest(cache, m)
+    _refused(cache, "features.zarr/hidden/zarr.json", "not one genrecal writes")
+
+
+def _declare_blosc_size(root: Path, rel: str, nbytes: int) -> None:
+    """Make the first inner chunk of shard `rel` declare `nbytes` decoded bytes (crc32c and sha256 fixed)."""
+    import google_crc32c
+    import struct
+
+    path = root / rel
+    data = bytearray(path.read_bytes())
+    m = _manifest(root)
+    name = rel.split("/")[1]
+    chunks = m["arrays"][name]["shard_tokens"] // m["arrays"][name]["chunk_tokens"]
+    off, n = np.frombuffer(bytes(data[-(16 * chunks + 4):-4]), "<u8").reshape(chunks, 2)[0]
+    off, n = int(off), int(n)
+    struct.pack_into("<I", data, off + 4, nbytes)
+    data[off + n - 4:off + n] = np.uint32(google_crc32c.value(bytes(data[off:off + n - 4]))).tobytes()
+    path.write_bytes(bytes(data))
+    _rehash(root, m, rel)
+    _write_manifest(root, m)
+
+
+def test_blosc_header_declaring_2_gib_is_refused_before_allocating(cache):
+    from _http import serve
+
+    _declare_blosc_size(cache, "features.zarr/hidden/c/0/0", (2 << 30) - 64)
+    for served in (contextlib.nullcontext((cache, None)), serve(cache)):  # local (fastread), then HTTP (zarr)
+        with served as (url, _), pytest.raises(CacheFormatError, match=r"declares 2147483584 decoded bytes"):
+            with TeacherCache.open(url) as c:
+                c[0]
+    assert any("declares 2147483584" in f for f in verify(cache))
+
+
+def _rewrite_parquet(root: Path, **columns) -> None:
+    import pyarrow as pa
+
+    table = pq.read_table(root / "samples.parquet")
+    for name, values in columns.items():
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, table.schema.field(name).type))
+    pq.write_table(table, root / "samples.parquet", compression="zstd", use_dictionary=True)
+    m = _manifest(root)
+    _rehash(root, m, "samples.parquet")
+    _write_manifest(root, m)
+
+
+def test_parquet_dictionary_bomb_is_refused_before_decoding(cache):
+    """One 30 MB value stored once and referenced by every row: a few KB of file, 360 MB of strings."""
+    n = pq.read_metadata(cache / "samples.parquet").num_rows
+    big = json.dumps([{"role": "user", "content": "x" * (30 << 20)}])
+    _rewrite_parquet(cache, messages=[big] * n)
+    assert (cache / "samples.parquet").stat().st_size < 200_000
+    _refused(cache, "samples.parquet", "stored once and repeated", "hostile")
+    faults = verify(cache)
+    assert len(faults) == 1 and "samples.parquet" in faults[0], faults
+
+
+def test_images_repeated_from_one_stored_copy_are_refused_before_decoding(cache):
+    """A 96 MiB image stored once and referenced by all 12 rows of the row group: 1.1 GiB once decoded."""
+    n = pq.read_metadata(cache / "samples.parquet").num_rows
+    image = bytes(96 << 20)
+    _rewrite_parquet(cache, images=[[image]] * n)
+    del image
+    with TeacherCache.open(cache) as c, pytest.raises(CacheFormatError, match="bytes of images once decoded"):
+        c[0]
+    faults = verify(cache)
+    assert any("bytes of images once decoded" in f for f in faults), faults
