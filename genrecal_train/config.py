@@ -9,48 +9,65 @@ from pathlib import Path
 from typing import Any
 
 
+def opt(default: Any, help: str, *, flag: str | None = None) -> Any:
+    """A TrainConfig field with its default and its help: the one place both live (the CLI flags,
+    `--help` and the config file's option names are generated from the fields, as TRL's configs do).
+    `flag` renames the CLI flag (a bool defaulting to True gets a flag that turns it off)."""
+    meta = {"help": help, **({"flag": flag} if flag else {})}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
-    cache: str = ""  # cache folder or fsspec URL
-    local_cache: str | None = None  # folder keeping verified copies of a remote cache's files (read once)
-    student: str = ""  # student model folder or hub id
-    out: str = ""  # run folder: checkpoints/, metrics.jsonl, final/
-    stages: list[int] = field(default_factory=lambda: [1, 2, 3])
-    max_steps: int = 100  # optimizer steps per stage (ignored when epochs or stage_steps is set)
-    stage_steps: list[int] | None = None  # optimizer steps of each stage in --stages order (overrides the rest)
-    total_steps: int | None = None  # optimizer steps of all --stages together, shared out by stage_split
-    stage_split: list[float] = field(default_factory=lambda: [0.04, 0.76, 0.2])  # shares of stages 1, 2, 3
-    epochs: float | None = None  # passes over the cache per stage, instead of max_steps
-    batch_size: int = 4  # samples per micro-batch (per rank)
-    grad_accum: int = 1
-    lr: float = 1e-4  # each stage decays linearly from lr to lr_end
-    lr_end: float = 1e-5
-    warmup: float = 0.0  # fraction of each stage's steps over which the LR first rises linearly from 0 to lr
-    weight_decay: float = 0.0
-    recal_layers: int = 2
-    freeze_recalibrator_in_stage2: bool = False
-    use_reg_pass: bool = True  # the regularization pass Rec([Proj-pre(z_ql), Proj-pre(z_al)])
-    # Main pass answer rows: "student_aligned" = the student's own answer states, aligned to the teacher's
-    # answer tokens by character offsets; "teacher" = the paper's Proj-pre(teacher states) (docs/method.md)
-    main_pass_answer: str = "teacher"
-    teacher_tokenizer: str | None = None  # for student_aligned; default: the teacher the cache was made from
-    w_ar: float = 1.0
-    w_kl: float = 1.0
-    w_student: float = 1.0
-    w_uld: float = 0.0  # stage 3: + w_uld * ULD (sorted-Wasserstein logit KD, genrecal_train/uld.py), a baseline
-    temperature: float = 1.0
-    max_len: int = 2048  # student tokens; longer samples are skipped with a warning
-    gradient_checkpointing: bool = False
-    train_vision: bool = False  # also train the vision encoder in stages 2-3 (e.g. a from-scratch model)
-    checkpoint_every: int = 50  # optimizer steps; a checkpoint is also written at the end of each stage
-    seed: int = 0
-    prefetch: int = 8  # batches prepared ahead by the background thread
-    loss_chunk: int = 512  # tokens per chunk of full-vocabulary logits
-    resume: bool = False
-    expect_teacher: str | None = None  # teacher folder/id the cache must have been extracted from
-    device: str = "auto"
-    log_every: int = 1
-
+    cache: str = opt("", "Cache folder or fsspec URL (https://, s3://, gs://).")
+    local_cache: str | None = opt(None, "Folder keeping a verified local copy of each file of a remote --cache as it "
+                                        "is first read (later epochs/runs read it from disk).")
+    student: str = opt("", "Student model folder or hub id.")
+    out: str = opt("", "Run folder: checkpoints/, metrics.jsonl, final/.")
+    stages: list[int] = opt([1, 2, 3], "Comma-separated stages to run, in order.")
+    max_steps: int = opt(100, "Optimizer steps per stage (ignored when --epochs or --stage-steps is set).")
+    stage_steps: list[int] | None = opt(None, "Steps of each stage, comma-separated in --stages order "
+                                              "(e.g. 200,400,200); overrides --max-steps/--epochs.")
+    total_steps: int | None = opt(None, "Steps of all --stages together, shared out by --stage-split "
+                                        "(instead of --max-steps per stage).")
+    stage_split: list[float] = opt([0.04, 0.76, 0.2], "Shares of stages 1,2,3 in --total-steps.")
+    epochs: float | None = opt(None, "Passes over the cache per stage (instead of --max-steps).")
+    batch_size: int = opt(4, "Samples per micro-batch per rank.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    lr: float = opt(1e-4, "Start LR of each stage; decays linearly to --lr-end.")
+    lr_end: float = opt(1e-5, "End LR of each stage.")
+    warmup: float = opt(0.0, "Fraction of each stage's steps over which the LR first rises linearly from 0 to --lr.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    recal_layers: int = opt(2, "Decoder blocks in the Recalibrator.")
+    freeze_recalibrator_in_stage2: bool = opt(False, "Keep the Recalibrator fixed in stage 2.")
+    use_reg_pass: bool = opt(True, "Drop the regularization pass Rec([Proj-pre(z_ql), Proj-pre(z_al)]) (ablation).",
+                             flag="--no-reg-pass")
+    main_pass_answer: str = opt("teacher", "Main-pass answer rows: teacher (the paper's Proj-pre(teacher states)) or "
+                                           "student_aligned (the student's own answer states, aligned to the teacher's "
+                                           "answer tokens by text); docs/method.md.")
+    teacher_tokenizer: str | None = opt(None, "Teacher tokenizer folder/hub id for student_aligned [default: the "
+                                              "teacher the cache was extracted from].")
+    w_ar: float = opt(1.0, "Weight of L_ar (main and regularization pass): CE of the recalibrated answer states "
+                                   "through the teacher head.")
+    w_kl: float = opt(1.0, "Weight of L_kl (main and regularization pass): KL(teacher || recalibrated) on the "
+                                   "answer tokens.")
+    w_student: float = opt(1.0, "Weight of L_s, the student's own CE in its tokenizer (stages 2-3).")
+    w_uld: float = opt(0.0, "Stage 3: + w_uld x ULD (sorted-Wasserstein logit KD, genrecal_train/uld.py), a baseline.")
+    temperature: float = opt(1.0, "Temperature of the KL (and ULD) terms.")
+    max_len: int = opt(2048, "Student tokens; longer samples are skipped with a warning.")
+    gradient_checkpointing: bool = opt(False, "Recompute student activations in backward.")
+    train_vision: bool = opt(False, "Also train the vision encoder in stages 2-3 (e.g. a from-scratch model).")
+    checkpoint_every: int = opt(50, "Checkpoint every N optimizer steps (and at the end of each stage).")
+    seed: int = opt(0, "Seed for data order and initialisation.")
+    prefetch: int = opt(8, "Batches prepared ahead by the background thread.")
+    loss_chunk: int = opt(512, "Tokens per chunk of full-vocabulary logits in the losses.")
+    resume: bool = opt(False, "Continue from the latest checkpoint in --out.")
+    expect_teacher: str | None = opt(None, "Teacher folder/id the cache must come from (tokenizer, shapes and head "
+                                           "rows are compared).")
+    device: str = opt("auto", "auto, cpu, cuda ...")
+    log_every: int = opt(1, "Log metrics every N optimizer steps.")
 
     def __post_init__(self) -> None:
         if self.total_steps is not None and self.stage_steps is None:
