@@ -20,7 +20,6 @@ Multi-turn samples put all question tokens before all answer tokens (the paper h
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,118 +28,22 @@ from torch.nn.utils.rnn import pad_sequence
 
 from genrecal_cache.families import FamilyAdapter
 from genrecal_cache.head import TeacherHead
-from genrecal_cache.manifest import sha256_text
 from genrecal_train.config import TrainConfig
 from genrecal_train.data import Batch, Example
 from genrecal_train.losses import answer_losses, chunked_ce
+from genrecal_train.preflight import load_teacher_tokenizer
 from genrecal_train.recalibrator import Recalibrator
 from genrecal_train.uld import uld_loss
 
 
-def check_cache_matches(cache, head: TeacherHead, cfg: TrainConfig) -> None:
-    """Refuse, before any step, a cache whose head or teacher does not match what we are told."""
-    m = cache.manifest
-    where = f"cache {cfg.cache}"
-    if (head.hidden_size, head.vocab_size) != (m.hidden_size, m.vocab_size):
-        raise ValueError(f"{where}: teacher_head.safetensors is [{head.vocab_size} x {head.hidden_size}] but the "
-                         f"manifest says vocab {m.vocab_size}, hidden {m.hidden_size}: the head belongs to another "
-                         "teacher; re-extract or restore the right teacher_head.safetensors")
-    check_head_reproduces_topk(cache, head, where)
-    if not cfg.expect_teacher:
-        return
-    if not Path(cfg.expect_teacher).is_dir():
-        if cfg.expect_teacher != m.teacher.get("id"):
-            raise ValueError(f"{where} was extracted from teacher {m.teacher.get('id')!r}, not {cfg.expect_teacher!r}")
-        return
-    from transformers import AutoConfig
-
-    from genrecal_cache.families import adapter_for
-
-    tcfg = AutoConfig.from_pretrained(cfg.expect_teacher)
-    t_adapter = adapter_for(tcfg)
-    tok = t_adapter.load_processor(cfg.expect_teacher).tokenizer
-    if sha256_text(tok.backend_tokenizer.to_str()) != m.tokenizer_sha256:
-        raise ValueError(f"{where}: its teacher tokenizer differs from {cfg.expect_teacher}'s (sha256 mismatch): "
-                         "the token ids in the cache would mean other words; use the cache made with this teacher")
-    text = tcfg.get_text_config()
-    if (text.hidden_size, text.vocab_size) != (head.hidden_size, head.vocab_size):
-        raise ValueError(f"{where}: teacher head is [{head.vocab_size} x {head.hidden_size}] but "
-                         f"{cfg.expect_teacher} has vocab {text.vocab_size}, hidden {text.hidden_size}")
-    # Same tokenizer and shapes can still be another checkpoint (another seed, size or fine-tune):
-    # compare a few rows of its lm_head with the cached head (read by slice, not the whole matrix).
-    names = t_adapter.head_tensor_names["embed_tokens.weight" if t_adapter.tied_head(tcfg) else "lm_head.weight"]
-    rows = _checkpoint_lm_head_rows(Path(cfg.expect_teacher), head.vocab_size, names)
-    if rows is not None:
-        idx, got = rows
-        ref = head.lm_head_weight[idx].detach().float().cpu()
-        rel = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
-        if rel > 2e-2:  # bf16 rounding is ~4e-3; another checkpoint is ~1
-            raise ValueError(f"{where}: its teacher head is not {cfg.expect_teacher}'s lm_head (relative difference "
-                             f"{rel:.3g} on {len(idx)} rows): the cache was extracted from another checkpoint of "
-                             "this architecture; use the cache made with this teacher")
-
-
-def check_head_reproduces_topk(cache, head: TeacherHead, where: str, max_tokens: int = 16) -> None:
-    """The head must give back the top-k stored with the first usable sample (cheap: a few tokens).
-
-    Catches a teacher_head.safetensors of the right shape from another teacher (or a corrupted one)."""
-    first = next((i for group in cache.plan() for i in group), None)
-    if first is None:
-        return
-    s = cache[first]
-    n = min(max_tokens, s.hidden.shape[0])
-    if n == 0:
-        return
-    k = s.topk_ids.shape[1]
-    dev = head.lm_head_weight.device
-    ids, _ = head.topk_logprobs(torch.from_numpy(s.hidden[:n]).to(dev), k)
-    cached = torch.from_numpy(s.topk_ids[:n].astype("int64"))
-    ids = ids.long().cpu()
-    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, cached)) / (n * k)
-    if overlap < 0.5:  # the right head agrees up to near-ties (~1.0); another head agrees by chance (~k/V)
-        raise ValueError(f"{where}: teacher_head.safetensors does not reproduce the cached top-{k} of sample "
-                         f"{s.id!r} (overlap {overlap:.2f}): the head belongs to another teacher or is corrupt; "
-                         "run `genrecal-cache verify`, re-download or re-extract the cache")
-
-
-def _checkpoint_lm_head_rows(folder: Path, vocab: int, names: tuple[str, ...]) -> tuple[Tensor, Tensor] | None:
-    """(row indices, float32 rows) of the lm_head in a safetensors checkpoint folder, under the first of the
-    family's tensor `names` present (genrecal_cache/families); None if not found."""
-    import json
-
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-        weight_map = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as fh:
-                weight_map.update({k: f.name for k in fh.keys()})
-    name = next((n for n in names if n in weight_map), None)
-    if name is None:
-        return None
-    n = min(32, vocab)
-    with safe_open(str(folder / weight_map[name]), framework="pt") as fh:
-        sl = fh.get_slice(name)
-        if sl.get_shape()[0] != vocab:
-            return None  # shapes were compared above; a differently laid-out checkpoint is not judged here
-        mid = vocab // 2
-        parts = [sl[0:n], sl[mid:min(vocab, mid + n)]]
-    idx = torch.cat([torch.arange(0, n), torch.arange(mid, min(vocab, mid + n))])
-    return idx, torch.cat(parts).float()
-
-
-def _gather(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
+def _pad_rows(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Pad a ragged list of [L_i, d] into [B, L, d] plus its bool validity mask."""
     x = pad_sequence(rows, batch_first=True)
     mask = pad_sequence([torch.ones(r.shape[0], dtype=torch.bool, device=r.device) for r in rows], batch_first=True)
     return x, mask
 
 
-def teacher_parts(e: Example) -> tuple[Tensor, Tensor, Tensor]:
+def teacher_rows(e: Example) -> tuple[Tensor, Tensor, Tensor]:
     """(question-state index, answer-state index, answer target ids) in the teacher's tokens."""
     ans = torch.cat([torch.arange(a - 1, b - 1) for a, b in e.teacher_spans])
     keep = torch.ones(int(ans.max()) + 1, dtype=torch.bool)
@@ -187,29 +90,6 @@ def student_answer_rows(e: Example, student_tokenizer: Any, teacher_tokenizer: A
         s_ends = torch.tensor(answer_char_ends(student_tokenizer, e.student.input_ids[sa:sb]))
         rows += [sa - 1 + int((s_ends <= c).sum()) for c in [0] + t_ends[:-1]]
     return torch.tensor(rows, dtype=torch.long)
-
-
-def load_teacher_tokenizer(cfg: TrainConfig) -> Any:
-    """The teacher's tokenizer (for `student_answer_rows`): `cfg.teacher_tokenizer`, else `expect_teacher`,
-    else the teacher the cache was extracted from; it must be the one the cache was made with."""
-    from transformers import AutoTokenizer
-
-    from genrecal_cache.reader import TeacherCache
-
-    with TeacherCache.open(cfg.cache, local_cache=cfg.local_cache) as cache:
-        m = cache.manifest
-    src = cfg.teacher_tokenizer or cfg.expect_teacher or m.teacher.get("id")
-    try:
-        tok = AutoTokenizer.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"main_pass_answer='student_aligned' aligns answers by their text and needs the teacher's "
-                         f"tokenizer, which could not be loaded from {src!r} ({e}); pass --teacher-tokenizer "
-                         "(a folder or hub id with the teacher's tokenizer), or --main-pass-answer teacher") from e
-    if sha256_text(tok.backend_tokenizer.to_str()) != m.tokenizer_sha256:
-        raise ValueError(f"cache {cfg.cache}: the tokenizer at {src!r} is not the one its teacher used (sha256 "
-                         "mismatch), so answer tokens would be aligned wrongly; pass --teacher-tokenizer with the "
-                         "teacher's own tokenizer")
-    return tok
 
 
 def student_question_index(e: Example) -> Tensor:
@@ -278,7 +158,7 @@ class GenRecal(nn.Module):
         if stage in (1, 2):
             z_qs, z_al, z_ql, targets, s_al, s_rows = [], [], [], [], [], []
             for i, e in enumerate(batch.examples):
-                q_idx, a_idx, tgt = teacher_parts(e)
+                q_idx, a_idx, tgt = teacher_rows(e)
                 th = e.teacher_hidden.to(dev)
                 z_qs.append(hs[i, student_question_index(e).to(dev)])
                 z_al.append(th[a_idx.to(dev)])
@@ -287,11 +167,11 @@ class GenRecal(nn.Module):
                 s, sm = self._student_answer_rows(e, hs[i], len(tgt))
                 s_al.append(s)
                 s_rows.append(sm)
-            za, a_mask = _gather(z_al)
-            zq, q_mask = _gather(z_qs)
-            sa, _ = _gather(s_al)
-            sm, _ = _gather(s_rows)
-            zl, l_mask = _gather(z_ql) if self.cfg.use_reg_pass else (None, None)
+            za, a_mask = _pad_rows(z_al)
+            zq, q_mask = _pad_rows(z_qs)
+            sa, _ = _pad_rows(s_al)
+            sm, _ = _pad_rows(s_rows)
+            zl, l_mask = _pad_rows(z_ql) if self.cfg.use_reg_pass else (None, None)
             r_main, r_reg = self.recalibrator(za, a_mask, z_qs=zq, qs_mask=q_mask, z_ql=zl, ql_mask=l_mask,
                                               s_al=sa, s_mask=sm)
             tgt = torch.cat(targets)

@@ -29,7 +29,8 @@ from genrecal_cache.reader import TeacherCache
 from genrecal_train import checkpoint as ckpt
 from genrecal_train.config import TrainConfig
 from genrecal_train.data import CacheStream
-from genrecal_train.model import GenRecal, check_cache_matches
+from genrecal_train.model import GenRecal
+from genrecal_train.preflight import check_cache_matches
 
 
 def _dist_setup(device: str) -> tuple[int, int, torch.device]:

@@ -357,7 +357,7 @@ def test_mismatched_cache_is_refused_before_any_step(case: str, tmp_path: Path, 
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
     # the real teacher passes the same checks
     if expect is not None:
-        from genrecal_train.model import check_cache_matches
+        from genrecal_train.preflight import check_cache_matches
 
         c = TeacherCache.open(cache)
         check_cache_matches(c, c.head(), _cfg(cache, student_dir, out, expect_teacher=str(teacher_dir)))
