@@ -88,3 +88,10 @@ def test_answer_mask_must_decode_to_the_answer(teacher) -> None:
 def test_unknown_family_is_refused_with_how_to_add_one() -> None:
     with pytest.raises(ValueError, match=r"unsupported model type 'llama'.*docs/families.md"):
         adapter_for(LlamaConfig())
+
+
+
+def test_a_refused_family_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(families.REFUSED, "llama", "it is a text-only model")
+    with pytest.raises(ValueError, match=r"model type 'llama' is not supported: it is a text-only model.*Supported"):
+        adapter_for(LlamaConfig())

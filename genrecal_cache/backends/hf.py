@@ -12,7 +12,12 @@ from genrecal_cache.families import Encoded, FamilyAdapter
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad ids to one length; per-token kwargs ([1, L] tensors) are padded the same way,
-    per-image kwargs (pixel_values, image_grid_thw, ...) are concatenated along dim 0."""
+    per-image kwargs (pixel_values, image_grid_thw, image_sizes, ...) are concatenated along dim 0.
+
+    Images of different sizes give per-image tensors of different shapes (Pixtral's native-resolution
+    pixels, LLaVA-OneVision's number of crops, SmolVLM's number of tiles): they are zero-padded at the
+    end of every other dim to the largest, as each family's processor pads a batch itself; the models
+    crop the padding off by `image_sizes` (Pixtral, LLaVA-OneVision) or drop all-zero tiles (SmolVLM)."""
     longest = max(int(e.input_ids.shape[0]) for e in batch)
     ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), longest), dtype=torch.long)
@@ -29,7 +34,23 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
                 padded[i, : v.shape[1]] = v[0]
             out[key] = padded
         else:
-            out[key] = torch.cat(values, dim=0)
+            out[key] = torch.cat(_pad_to_largest(values), dim=0)
+    return out
+
+
+def _pad_to_largest(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zero-pad tensors of one rank at the end of every dim but the first to the largest size."""
+    if len({v.shape[1:] for v in values}) <= 1:
+        return values
+    if len({v.dim() for v in values}) != 1:
+        raise ValueError(f"cannot batch model inputs of ranks {sorted({v.dim() for v in values})}")
+    size = [max(v.shape[d] for v in values) for d in range(1, values[0].dim())]
+    out = []
+    for v in values:
+        pad = []
+        for d in reversed(range(1, v.dim())):
+            pad += [0, size[d - 1] - v.shape[d]]
+        out.append(torch.nn.functional.pad(v, pad))
     return out
 
 

@@ -12,8 +12,10 @@ for every ``transformers.models.*`` module, this shim:
   Pixtral's -- which vLLM's LLaVA imports -- and so on) as an alias of that twin, with the
   torchvision class names bound to the PIL classes (``Qwen2VLImageProcessor`` ->
   ``Qwen2VLImageProcessorPil``; module functions such as ``smart_resize`` come along);
-* drops the ``video_processor`` argument from Qwen2-VL's processor (and from every processor
-  whose __init__ has the same shape: Qwen2.5-VL, Qwen3-VL, ...), leaving a stand-in that has the
+* lets transformers' lazy modules hand out processors that are marked torchvision-only by a
+  decorator but run on PIL images (Pixtral's, used by Mistral 3), instead of a placeholder;
+* drops the ``video_processor`` argument from every processor that takes one (Qwen2-VL,
+  Qwen2.5-VL, Qwen3-VL, InternVL, SmolVLM, LLaVA-OneVision, ...), leaving a stand-in that has the
   ``valid_kwargs`` vLLM reads and raises a clear error if a video is actually processed.
 
 Video inputs are therefore not supported under the shim. GPU machines have a working torchvision
@@ -47,6 +49,9 @@ class VideoProcessorUnavailable:
     """Stands in for a torchvision-only video processor: images keep working, videos fail clearly."""
 
     valid_kwargs = _NoVideoKwargs  # vLLM reads `processor.video_processor.valid_kwargs.__annotations__`
+    # SmolVLM's apply_chat_template reads these defaults for video loading even when there is no video
+    num_frames = None
+    fps = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(_VIDEO_UNSUPPORTED)
@@ -76,35 +81,55 @@ def _pil_twin(fullname: str) -> str | None:
     return f"transformers.models.{found[0]}.image_processing_pil_{found[1]}"
 
 
-# The __init__ shape of Qwen2-VL's processor and of most of its successors (Qwen2.5-VL, Qwen3-VL...).
-_QWEN_STYLE_INIT = ("self", "image_processor", "tokenizer", "video_processor", "chat_template", "kwargs")
-
-
 def _drop_video_processors(module: Any) -> None:
-    """Give each Qwen-style processor class of `module` an __init__ without `video_processor`.
+    """Give each processor class of `module` that takes a `video_processor` an __init__ without it.
 
     transformers derives a processor's sub-processors from its __init__ signature (and its
     accepted keyword arguments from the code object's names), so the video processor is then
-    neither loaded, checked against its torchvision-only class, nor saved. Processors with other
-    __init__ shapes are left alone.
+    neither loaded, checked against its torchvision-only class, nor saved. Works for every
+    __init__ shape (Qwen2-VL's, InternVL's, SmolVLM's, LLaVA-OneVision's, ...).
     """
     import inspect
 
     for cls in list(vars(module).values()):
         if (isinstance(cls, type) and cls.__module__ == module.__name__ and "__init__" in cls.__dict__
-                and tuple(inspect.signature(cls.__init__).parameters) == _QWEN_STYLE_INIT):
+                and "video_processor" in inspect.signature(cls.__init__).parameters
+                and not getattr(cls.__init__, "_genrecal_without_video", False)):
             cls.__init__ = _init_without_video(cls.__init__)
 
 
 def _init_without_video(original: Any) -> Any:
-    def __init__(self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None,
-                 **kwargs: Any) -> None:
-        kwargs.pop("video_processor", None)
-        original(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-        self.video_processor = VideoProcessorUnavailable()
+    """`original` with its `video_processor` parameter removed: a real function with the same other
+    parameters (names, defaults, order), so both `inspect.signature` and `__code__.co_varnames` agree."""
+    import inspect
 
-    __init__.__doc__ = original.__doc__
-    return __init__
+    params = [p for p in inspect.signature(original).parameters.values() if p.name != "video_processor"]
+    defaults = {}
+    text, call = [], []
+    for p in params:
+        if p.kind is p.VAR_KEYWORD:
+            text.append(f"**{p.name}")
+            call.append(f"**{p.name}")
+            continue
+        if p.kind is p.VAR_POSITIONAL:
+            raise TypeError(f"{original.__qualname__}: *args processors are not supported by the compat shim")
+        if p.name == "self":
+            text.append("self")
+            continue
+        defaults[f"_d_{p.name}"] = None if p.default is p.empty else p.default  # all optional: as for loading
+        text.append(f"{p.name}=_d_{p.name}")
+        call.append(f"{p.name}={p.name}")
+    kw = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
+    pop = f"    {kw}.pop('video_processor', None)\n" if kw else ""
+    source = (f"def __init__({', '.join(text)}):\n{pop}"
+              f"    _original(self, video_processor=None, {', '.join(call)})\n"
+              f"    self.video_processor = _Unavailable()\n")
+    namespace = {"_original": original, "_Unavailable": VideoProcessorUnavailable, **defaults}
+    exec(compile(source, f"<genrecal compat: {original.__qualname__}>", "exec"), namespace)  # noqa: S102
+    init = namespace["__init__"]
+    init.__doc__, init.__qualname__ = original.__doc__, original.__qualname__
+    init._genrecal_without_video = True
+    return init
 
 
 _torchvision_missing: bool | None = None
@@ -140,18 +165,49 @@ class _AliasLoader:
         module.__dict__.update(namespace)
 
 
-class _PatchingLoader:
-    """Runs the real loader, then drops the video processors of the fresh module."""
+def _unblock_processors(lazy: Any) -> None:
+    """Let a transformers lazy module hand out processors marked torchvision-only by a decorator alone.
 
-    def __init__(self, loader: Any):
+    Pixtral's processor is declared `@requires(backends=("torchvision", "torch"))` but runs on PIL
+    images; without torchvision the lazy module would return a placeholder that raises on use.
+    Image and video processors stay as they are (their PIL twins are served by `_AliasLoader`)."""
+    missing = vars(lazy).get("_object_missing_backend")  # never getattr: a lazy module imports on a miss
+    if not isinstance(missing, dict):
+        return
+    for name, backends in list(missing.items()):
+        plain_processor = name.endswith("Processor") and not name.endswith(("ImageProcessor", "VideoProcessor"))
+        if list(backends) == ["torchvision"] and (plain_processor or name.startswith("processing_")):
+            del missing[name]
+
+
+def _patch_lazy_module_class(import_utils: Any) -> None:
+    """Every `_LazyModule` built from now on unblocks its processors (see `_unblock_processors`)."""
+    cls = import_utils._LazyModule
+    if getattr(cls.__init__, "_genrecal_compat", False):
+        return
+    original = cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        _unblock_processors(self)
+
+    __init__._genrecal_compat = True
+    cls.__init__ = __init__
+
+
+class _PatchingLoader:
+    """Runs the real loader, then patches the fresh module (`patch(module)`)."""
+
+    def __init__(self, loader: Any, patch: Any = None):
         self.loader = loader
+        self.patch = patch or _drop_video_processors
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: Any) -> None:
         self.loader.exec_module(module)
-        _drop_video_processors(module)
+        self.patch(module)
 
     def __getattr__(self, name: str) -> Any:  # get_source, is_package, ...: as the real loader
         return getattr(self.loader, name)
@@ -163,6 +219,11 @@ class _Finder:
     _genrecal_compat = True
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname == "transformers.utils.import_utils" and torchvision_missing():
+            spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _PatchingLoader(spec.loader, _patch_lazy_module_class)
+            return spec
         twin = _pil_twin(fullname)
         is_processor = twin is None and _model_module(fullname, "processing_") is not None
         if (twin is None and not is_processor) or not torchvision_missing():
@@ -185,6 +246,12 @@ def install() -> None:
     if imported and torchvision_missing():
         for module in imported:
             _drop_video_processors(module)
+    import_utils = sys.modules.get("transformers.utils.import_utils")
+    if import_utils is not None and torchvision_missing():
+        _patch_lazy_module_class(import_utils)
+        for name, module in list(sys.modules.items()):
+            if name == "transformers" or name.startswith("transformers.models."):
+                _unblock_processors(module)
 
 
 def _run_shadowed_sitecustomize() -> None:

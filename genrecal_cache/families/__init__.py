@@ -13,13 +13,28 @@ from typing import TYPE_CHECKING
 
 from .base import (HEAD_TENSOR_NAMES, NORM_FORMULAS, AnswerMaskError, EncodeError, Encoded, FamilyAdapter,
                    HeadCheckError)
+from .gemma3 import Gemma3Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
+from .llava_onevision import LlavaOnevisionAdapter
+from .mistral3 import Mistral3Adapter
+from .paligemma import PaliGemmaAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
+from .smolvlm import Idefics3Adapter, SmolVLMAdapter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig
 
-ADAPTERS: dict[str, type[FamilyAdapter]] = {a.model_type: a for a in (Qwen2VLAdapter, LlavaAdapter)}
+ADAPTERS: dict[str, type[FamilyAdapter]] = {a.model_type: a for a in (
+    Qwen2VLAdapter, LlavaAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter, InternVLAdapter, Gemma3Adapter, SmolVLMAdapter,
+    Idefics3Adapter, LlavaOnevisionAdapter, Mistral3Adapter, PaliGemmaAdapter)}
+
+
+# Families looked at and refused, with why: a half-supported family would write wrong caches silently.
+# (None at present; an entry here makes `adapter_for` raise with its reason.)
+REFUSED: dict[str, str] = {}
 
 
 def adapter_for(config: PreTrainedConfig | str | os.PathLike) -> FamilyAdapter:
@@ -29,6 +44,9 @@ def adapter_for(config: PreTrainedConfig | str | os.PathLike) -> FamilyAdapter:
 
         config = AutoConfig.from_pretrained(config)
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        raise ValueError(f"model type {model_type!r} is not supported: {REFUSED[model_type]}. Supported: "
+                         f"{', '.join(sorted(ADAPTERS))} (docs/families.md)")
     if model_type not in ADAPTERS:
         raise ValueError(f"unsupported model type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}. "
                          f"A family is supported only when its head and answer masks are known to be exact: "
@@ -37,5 +55,7 @@ def adapter_for(config: PreTrainedConfig | str | os.PathLike) -> FamilyAdapter:
     return ADAPTERS[model_type]()
 
 
-__all__ = ["ADAPTERS", "HEAD_TENSOR_NAMES", "NORM_FORMULAS", "AnswerMaskError", "EncodeError", "Encoded",
-           "FamilyAdapter", "HeadCheckError", "LlavaAdapter", "Qwen2VLAdapter", "adapter_for"]
+__all__ = ["ADAPTERS", "REFUSED", "HEAD_TENSOR_NAMES", "NORM_FORMULAS", "AnswerMaskError", "EncodeError", "Encoded",
+           "FamilyAdapter", "Gemma3Adapter", "HeadCheckError", "Idefics3Adapter", "InternVLAdapter", "LlavaAdapter",
+           "LlavaOnevisionAdapter", "Mistral3Adapter", "PaliGemmaAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter",
+           "SmolVLMAdapter", "adapter_for"]

@@ -359,9 +359,12 @@ class FamilyAdapter:
         if not content.strip():
             raise EncodeError(f"{where}: answer of turn {k} is empty; there is nothing to distil")
         # Templates may trim the answer (Llama 3's does): accept the content as rendered, nothing else.
+        # Spaces a template writes between the generation prompt and the answer (SmolVLM's "Assistant:"
+        # + " red") belong to the answer's first token in byte-level tokenizers: they join the span.
+        gap = len(full) - start - len(full[start:].lstrip(" "))
         for candidate in (content, content.strip(), content.lstrip(), content.rstrip()):
-            if candidate and full.startswith(candidate, start):
-                return start, start + len(candidate)
+            if candidate and full.startswith(candidate, start + gap):
+                return start, start + gap + len(candidate)
         raise EncodeError(f"{where}: answer of turn {k} is empty or altered by the chat template "
                           f"(expected {content[:40]!r} at character {start})")
 
