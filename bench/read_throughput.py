@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 
 from genrecal_cache.fidelity import synthetic_post_norm_states
-from genrecal_cache.head import HeadConfig, TeacherHead
+from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.reader import TeacherCache
 from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord
 
@@ -158,7 +158,7 @@ def stage_costs(x: np.ndarray, codecs: list[str], repeats: int = 20) -> None:
     float32 output: blosc decompression into a reused buffer, then the codec's decode into the output."""
     import numcodecs
 
-    from genrecal_cache.codecs import decode_payload, hidden_codec
+    from genrecal_cache.format.codecs import decode_payload, hidden_codec
     from genrecal_cache.fastread import _SHUFFLE, bf16_into
 
     print(f"\none inner chunk of {x.shape[0]} tokens, one thread, best of {repeats}: GB/s of float32 output")

@@ -37,9 +37,9 @@ import numcodecs
 import numpy as np
 import torch
 
-from genrecal_cache import codecs as C
+from genrecal_cache.format import codecs as C
 from genrecal_cache.fidelity import ExactReference, SyntheticTeacher, topk_fidelity
-from genrecal_cache.head import TeacherHead
+from genrecal_cache.format.head import TeacherHead
 from genrecal_cache.info import summarize
 from genrecal_cache.reader import TeacherCache
 from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord

@@ -50,7 +50,7 @@ def extract(
     Re-running the same command on the same OUT after a crash resumes from the last commit."""
     from genrecal_cache.extract import ExtractConfig
     from genrecal_cache.extract import extract as run_extract
-    from genrecal_cache.codecs import resolve_hidden_codec
+    from genrecal_cache.format.codecs import resolve_hidden_codec
 
     if not 0 <= shard_index < num_shards:
         raise typer.BadParameter(f"must be in [0, --num-shards={num_shards})", param_hint="--shard-index")
@@ -164,7 +164,7 @@ def pull(url: str = typer.Argument(..., help="Cache URL (https://, s3://, gs://,
 @contextlib.contextmanager
 def _clean_errors(where: str):
     """Known failures (a bad cache, an unreachable server, a missing fsspec backend) end with one clear line."""
-    from genrecal_cache.manifest import CacheFormatError
+    from genrecal_cache.format.manifest import CacheFormatError
     from genrecal_cache.remote import RemoteReadError
 
     try:

@@ -5,6 +5,6 @@ __version__ = "0.1.0"
 # The hidden-state codecs (fp8, ecq) are Zarr v3 codecs: registering them here means any zarr reader
 # in a process that imported genrecal_cache decodes a cache's `hidden` array (zarr also finds them
 # through the `zarr.codecs` entry point of an installed genrecal, without this import).
-from . import codecs as _codecs  # noqa: E402
+from .format import codecs as _codecs  # noqa: E402
 
 _codecs.register()

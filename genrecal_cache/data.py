@@ -46,11 +46,11 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from .format.safety import MAX_IMAGE_BYTES
+
 IMAGE_MARKER = "<image>"
 # 64 MP: far above any VLM's input resolution, far below what can exhaust a worker's memory.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
-# 256 MiB per encoded image file: checked before an image file is read or decoded.
-MAX_IMAGE_BYTES = 256 << 20
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _JSONL_SUFFIXES = {".jsonl", ".ndjson"}

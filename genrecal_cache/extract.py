@@ -17,10 +17,10 @@ import torch
 from tqdm import tqdm
 
 from genrecal_cache.backends import DTYPES
-from genrecal_cache.codecs import DEFAULT_HIDDEN_CODEC, hidden_codec as get_hidden_codec
+from genrecal_cache.format.codecs import DEFAULT_HIDDEN_CODEC, hidden_codec as get_hidden_codec
 from genrecal_cache.data import ImageError, Sample, decode_image, read_samples
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter_for
-from genrecal_cache.manifest import Manifest, identity, identity_diff, sha256_text
+from genrecal_cache.format.manifest import Manifest, identity, identity_diff, sha256_text
 from genrecal_cache.prefetch import prefetch
 from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord
 
@@ -36,7 +36,7 @@ class ExtractConfig:
     max_len: int = 4096
     batch_tokens: int = 8192
     limit: int | None = None
-    # storage of hidden states: "bf16" (default, lossless) | "fp8" | "ecq" | "fp32" (genrecal_cache/codecs.py)
+    # storage of hidden states: "bf16" (default, lossless) | "fp8" | "ecq" | "fp32" (genrecal_cache/format/codecs.py)
     hidden_codec: str | None = None
     dtype: str = "auto"  # compute dtype: "auto" = bfloat16 on GPU, float32 on CPU
     device: str = "auto"
@@ -244,7 +244,7 @@ def _complete_cache(out, cfg: ExtractConfig, config, tokenizer) -> Manifest | No
     from pathlib import Path
 
     from genrecal_cache.journal import COMMITS_DIR, PROGRESS_NAME
-    from genrecal_cache.manifest import MANIFEST_NAME
+    from genrecal_cache.format.manifest import MANIFEST_NAME
 
     path = Path(out) / MANIFEST_NAME
     if not path.exists():

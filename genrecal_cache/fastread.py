@@ -31,8 +31,8 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-from .codecs import _HiddenArrayBytesCodec, decode_payload
-from .safety import open_regular
+from .format.codecs import _HiddenArrayBytesCodec, decode_payload
+from .format.safety import open_regular
 
 EMPTY = np.uint64(2**64 - 1)
 _SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,

@@ -28,8 +28,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .codecs import HiddenCodec, hidden_codec
-from .head import HeadConfig, TeacherHead
+from .format.codecs import HiddenCodec, hidden_codec
+from .format.head import HeadConfig, TeacherHead
 
 
 @dataclass

@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from genrecal_cache.codecs import hidden_codec
+from genrecal_cache.format.codecs import hidden_codec
 from genrecal_cache.reader import TeacherCache
 
 

@@ -131,7 +131,7 @@ class JournalMixin:
     def _journal_open(self, head: Any, resume: bool) -> dict[str, Any] | None:
         """Create the directory (fresh) or check that it can be resumed; saves the head. Returns the
         last commit when resuming, else None."""
-        from .manifest import HEAD_NAME, MANIFEST_NAME, identity_diff, sha256_file
+        from .format.manifest import HEAD_NAME, MANIFEST_NAME, identity_diff, sha256_file
         from .store import CacheWriteError
 
         out = self.out_dir
@@ -192,7 +192,7 @@ class JournalMixin:
 
         import zarr
 
-        from .manifest import FEATURES_NAME
+        from .format.manifest import FEATURES_NAME
         from .store import create_feature_arrays
 
         shards: dict[str, str] = {}
@@ -223,7 +223,7 @@ class JournalMixin:
         """Resume: writer state as of the last commit; delete uncommitted journal files."""
         import pyarrow.parquet as pq
 
-        from .manifest import MANIFEST_NAME, SAMPLES_NAME
+        from .format.manifest import MANIFEST_NAME, SAMPLES_NAME
 
         out = self.out_dir
         self._seq = progress["seq"]
@@ -293,7 +293,7 @@ class JournalMixin:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from .manifest import FEATURES_NAME
+        from .format.manifest import FEATURES_NAME
         from .store import SAMPLES_SCHEMA
 
         out, seq = self.out_dir, self._seq + 1
@@ -337,7 +337,7 @@ class JournalMixin:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from .manifest import SAMPLES_NAME
+        from .format.manifest import SAMPLES_NAME
         from .store import ROW_GROUP_IMAGE_BYTES, ROW_GROUP_ROWS, SAMPLES_SCHEMA
 
         out = self.out_dir

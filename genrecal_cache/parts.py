@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .manifest import CacheFormatError, Manifest, identity, identity_diff
+from .format.manifest import CacheFormatError, Manifest, identity, identity_diff
 
 PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})$")
 
@@ -263,7 +263,7 @@ def verify_parts(fs: fsspec.AbstractFileSystem, root: str, url: str, storage_opt
     except Exception:  # noqa: BLE001
         pass
     from .reader import INDEX_COLUMNS, open_parquet  # noqa: F401
-    from .manifest import SAMPLES_NAME
+    from .format.manifest import SAMPLES_NAME
     ids: Counter[str] = Counter()
     for n in names:
         try:

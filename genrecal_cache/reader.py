@@ -32,13 +32,13 @@ from zarr.core import sync as zarr_sync
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from .codecs import bf16_bits_to_float32, describe_chain, hidden_codec  # noqa: F401 - bf16_bits_to_float32 re-exported
+from .format.codecs import bf16_bits_to_float32, describe_chain, hidden_codec  # noqa: F401 - bf16_bits_to_float32 re-exported
 from .fastread import BufferPool, NonFiniteError, ShardedArrayReader, bound_zarr_decoding, read_ranges
-from .head import TeacherHead
-from .manifest import (
+from .format.head import TeacherHead
+from .format.manifest import (
     ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
 )
-from . import safety
+from .format import safety
 from .remote import RemoteReadError, read_through
 from .remote import url_to_fs as remote_url_to_fs
 

@@ -36,7 +36,7 @@ from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
 
 from .io.durable import atomic_write, rename_durable
-from .manifest import MANIFEST_NAME, CacheFormatError, Manifest, relpath_problem, sha256_bytes
+from .format.manifest import MANIFEST_NAME, CacheFormatError, Manifest, relpath_problem, sha256_bytes
 
 log = logging.getLogger("genrecal.remote")
 

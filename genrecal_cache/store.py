@@ -38,11 +38,11 @@ from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
 from . import __version__
-from .codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, describe_chain, hidden_codec as get_hidden_codec
-from .head import TeacherHead
+from .format.codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, describe_chain, hidden_codec as get_hidden_codec
+from .format.head import TeacherHead
 from .io.durable import atomic_write
 from .journal import JournalMixin, is_journal, kill_point
-from .manifest import (
+from .format.manifest import (
     ARRAY_NAMES, FEATURES_NAME, FORMAT_VERSION, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, ArraySpec, CacheFormatError,
     Counts, Manifest, TeacherInfo, answer_spans, sha256_file,
 )
@@ -61,7 +61,7 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 #   topk_logprobs f32:   zstd-1 1.20x, blosc-zstd-1 shuffle 1.35x, bitshuffle 1.41-1.45x  <- chosen
 # Byte shuffle isolates the bf16 sign/exponent byte (compressible) from the mantissa byte (noise);
 # bigger blosc blocks give zstd's entropy coder enough of that byte stream to pay off.
-# The chain of `hidden` comes from its codec (genrecal_cache/codecs.py; bf16: the one above).
+# The chain of `hidden` comes from its codec (genrecal_cache/format/codecs.py; bf16: the one above).
 SMALL_CODEC = dict(cname="zstd", clevel=1, shuffle="bitshuffle", blocksize=1 << 20)
 
 TARGET_CHUNK_BYTES = 4 << 20     # inner chunk: the unit of decompression and of partial reads
@@ -208,7 +208,7 @@ class CacheWriter(JournalMixin):
                  shard_tokens: int | None = None, chunk_tokens: int | None = None, embed_images: bool = True,
                  queue_size: int = 16, extra: dict[str, Any] | None = None, resume: bool = False,
                  commit_seconds: float | None = None) -> None:
-        """`hidden_codec`: "bf16" (default, lossless), "fp8", "ecq" or "fp32" (genrecal_cache/codecs.py)."""
+        """`hidden_codec`: "bf16" (default, lossless), "fp8", "ecq" or "fp32" (genrecal_cache/format/codecs.py)."""
         self.out_dir = Path(out_dir)
         self.codec: HiddenCodec = get_hidden_codec(hidden_codec or DEFAULT_HIDDEN_CODEC)
         if topk < 1 or hidden_size < 1 or vocab_size < 1:

@@ -21,12 +21,12 @@ import numpy as np
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from .codecs import hidden_codec
-from .manifest import (
+from .format.codecs import hidden_codec
+from .format.manifest import (
     ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
     sha256_stream,
 )
-from . import safety
+from .format import safety
 from .fastread import NonFiniteError, ShardedArrayReader, read_ranges
 from .reader import (
     INDEX_COLUMNS, load_head, load_manifest, open_feature_arrays, open_fs, open_parquet, zarr_store,

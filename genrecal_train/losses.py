@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from genrecal_cache.head import TeacherHead
+from genrecal_cache.format.head import TeacherHead
 
 DEFAULT_CHUNK = 1024  # tokens per chunk: 1024 x 152k fp32 logits ~ 0.6 GB
 

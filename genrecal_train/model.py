@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 from genrecal_cache.families import FamilyAdapter
-from genrecal_cache.head import TeacherHead
+from genrecal_cache.format.head import TeacherHead
 from genrecal_train.config import TrainConfig
 from genrecal_train.data import Batch, Example
 from genrecal_train.losses import answer_losses, chunked_ce

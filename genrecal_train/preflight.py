@@ -13,8 +13,8 @@ from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer
 
 from genrecal_cache.families import adapter_for
-from genrecal_cache.head import TeacherHead
-from genrecal_cache.manifest import sha256_text
+from genrecal_cache.format.head import TeacherHead
+from genrecal_cache.format.manifest import sha256_text
 from genrecal_cache.reader import TeacherCache
 from genrecal_train.config import TrainConfig
 

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from genrecal_cache.head import HeadConfig, TeacherHead
-from genrecal_cache.manifest import CacheFormatError, Manifest, sha256_bytes
+from genrecal_cache.format.head import HeadConfig, TeacherHead
+from genrecal_cache.format.manifest import CacheFormatError, Manifest, sha256_bytes
 from genrecal_cache.reader import TeacherCache
 from genrecal_cache.store import CacheWriteError, CacheWriter, SampleArrays, SampleRecord, plan_layout
 from genrecal_cache.verify import verify

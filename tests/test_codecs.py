@@ -15,11 +15,11 @@ import pytest
 import torch
 import zarr
 
-from genrecal_cache import codecs as C
+from genrecal_cache.format import codecs as C
 from genrecal_cache.fidelity import SyntheticTeacher, codec_fidelity, fidelity, synthetic_post_norm_states, topk_fidelity
-from genrecal_cache.head import HeadConfig, TeacherHead
+from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.info import summarize
-from genrecal_cache.manifest import CacheFormatError, Manifest, sha256_bytes
+from genrecal_cache.format.manifest import CacheFormatError, Manifest, sha256_bytes
 from genrecal_cache.reader import TeacherCache
 from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord, estimate_cache_size, plan_layout
 from genrecal_cache.verify import verify

@@ -15,7 +15,7 @@ from genrecal_cache.backends.hf import collate
 from genrecal_cache.data import Sample
 from genrecal_cache.extract import ExtractConfig, extract
 from genrecal_cache.families import AnswerMaskError, HeadCheckError, Qwen2VLAdapter, adapter_for
-from genrecal_cache.head import TeacherHead
+from genrecal_cache.format.head import TeacherHead
 
 
 class GemmaNormQwen(Qwen2VLAdapter):  # what generic code got wrong for Gemma, the other way round

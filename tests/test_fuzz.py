@@ -34,8 +34,8 @@ import torch
 from PIL import Image
 
 from genrecal_cache.data import decode_image, read_samples
-from genrecal_cache.head import HeadConfig, TeacherHead
-from genrecal_cache.manifest import CacheFormatError, sha256_bytes
+from genrecal_cache.format.head import HeadConfig, TeacherHead
+from genrecal_cache.format.manifest import CacheFormatError, sha256_bytes
 from genrecal_cache.reader import TeacherCache
 from genrecal_cache.verify import verify
 from test_cache_format import D, V, make_samples, write_cache

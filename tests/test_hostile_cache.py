@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from genrecal_cache.head import HeadConfig, TeacherHead
-from genrecal_cache.manifest import CacheFormatError, sha256_bytes
+from genrecal_cache.format.head import HeadConfig, TeacherHead
+from genrecal_cache.format.manifest import CacheFormatError, sha256_bytes
 from genrecal_cache.reader import TeacherCache
 from genrecal_cache.verify import verify
 from test_cache_format import D, V, make_samples, write_cache
@@ -232,7 +232,7 @@ def test_codec_chain_switched_to_gzip_is_refused(cache):
     faults = verify(cache)
     assert len(faults) == 1 and "gzip" in faults[0], faults
     m = _manifest(cache)  # the manifest changed to match: still not a chain genrecal writes
-    from genrecal_cache.codecs import describe_chain
+    from genrecal_cache.format.codecs import describe_chain
     import zarr
     m["arrays"]["hidden"]["codec"] = describe_chain(zarr.open_array(cache / "features.zarr", path="hidden"))
     _write_manifest(cache, m)

@@ -18,9 +18,9 @@ import zarr
 from safetensors.torch import load_file, save_file
 
 from _http import serve
-from genrecal_cache.codecs import describe_chain
-from genrecal_cache.head import HeadConfig, TeacherHead
-from genrecal_cache.manifest import CacheFormatError, sha256_bytes
+from genrecal_cache.format.codecs import describe_chain
+from genrecal_cache.format.head import HeadConfig, TeacherHead
+from genrecal_cache.format.manifest import CacheFormatError, sha256_bytes
 from genrecal_cache.reader import TeacherCache
 from genrecal_cache.verify import verify
 from test_cache_format import D, V, make_samples, write_cache

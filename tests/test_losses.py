@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genrecal_cache.head import HeadConfig, TeacherHead
+from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_train.config import TrainConfig
 from genrecal_train.losses import answer_ce, answer_losses, chunked_ce, teacher_kl
 

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from _http import FaultPlan, serve
 from cli.cache_cli import app as cache_app
-from genrecal_cache.head import HeadConfig, TeacherHead
-from genrecal_cache.manifest import CacheFormatError
+from genrecal_cache.format.head import HeadConfig, TeacherHead
+from genrecal_cache.format.manifest import CacheFormatError
 from genrecal_cache.reader import TeacherCache
 from genrecal_cache.remote import RemoteReadError, RetryPolicy, is_transient, pull, url_to_fs
 from genrecal_cache.verify import verify

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from genrecal_cache.journal import KILL_POINTS
-from genrecal_cache.manifest import CacheFormatError
+from genrecal_cache.format.manifest import CacheFormatError
 from genrecal_cache.reader import TeacherCache
 from genrecal_cache.verify import verify
 

@@ -334,7 +334,7 @@ def _swap_head(cache: Path, tmp_path: Path, head) -> Path:
 def test_mismatched_cache_is_refused_before_any_step(case: str, tmp_path: Path, train_cache: Path,
                                                      teacher_dir: Path, student_dir: Path,
                                                      other_teachers: dict[str, Path]) -> None:
-    from genrecal_cache.head import HeadConfig, TeacherHead
+    from genrecal_cache.format.head import HeadConfig, TeacherHead
 
     cache, expect = train_cache, None
     if case == "teacher-other-seed":

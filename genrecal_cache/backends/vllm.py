@@ -26,7 +26,7 @@ import torch
 
 from genrecal_cache.backends import DTYPES
 from genrecal_cache.families import Encoded, FamilyAdapter
-from genrecal_cache.head import TeacherHead
+from genrecal_cache.format.head import TeacherHead
 
 
 def read_tensors(path: str | Path, names: Mapping[str, Sequence[str]]) -> dict[str, torch.Tensor]:

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..data import IMAGE_MARKER, Sample
-from ..head import HeadConfig, TeacherHead
-from ..manifest import answer_spans
+from ..format.head import HeadConfig, TeacherHead
+from ..format.manifest import answer_spans
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -30,7 +30,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .manifest import CacheFormatError, Manifest
+from .manifest import FEATURES_NAME, CacheFormatError, Manifest
+
+# 256 MiB per encoded image file: extraction checks it before an image file is read or decoded,
+# a reader of an untrusted cache before an image is handed to PIL.
+MAX_IMAGE_BYTES = 256 << 20
 
 # Bytes of images one parquet row group may hold (writers cut row groups at 16 MiB of images).
 MAX_ROW_GROUP_IMAGE_BYTES = 1 << 30
@@ -100,8 +104,6 @@ def shard_files(m: Manifest, where: str) -> list[tuple[str, str, int]]:
     must list. Refused at once
     when there are more than the manifest lists files (a hostile `counts.tokens` of 2^40 would otherwise
     make this a loop over billions of names)."""
-    from .manifest import FEATURES_NAME
-
     T = m.counts["tokens"]
     n = sum(-(-T // spec["shard_tokens"]) for spec in m.arrays.values())
     if n > len(m.checksums):
@@ -328,7 +330,6 @@ def read_index(pf: Any, columns: list[str], where: str) -> pa.Table:
 
 def read_images(pf: Any, group: int, where: str) -> list[list[bytes]]:
     """The `images` of one row group, refused before decoding if they exceed the limits."""
-    from .data import MAX_IMAGE_BYTES
 
     check_row_group_size(pf.metadata, group, where)
     col = pf.read_row_group(group, columns=["images"]).column("images")

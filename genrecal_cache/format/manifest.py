@@ -7,7 +7,7 @@ silently misread field would poison a training run. Additions within a format ve
 `extra`; `teacher` may carry extra provenance keys (e.g. the extraction backend).
 
 Version 2 added `hidden_codec` (how `hidden` is stored: bf16, fp8, ecq or fp32; see
-genrecal_cache/codecs.py). Version 1 manifests are still read: their codec follows from
+genrecal_cache/format/codecs.py). Version 1 manifests are still read: their codec follows from
 `arrays.hidden.dtype` (bfloat16 -> bf16, float32 -> fp32).
 """
 
@@ -21,7 +21,7 @@ from typing import IO, Any, TypedDict
 
 import numpy as np
 
-from .codecs import HIDDEN_CODECS
+from .codecs import HIDDEN_CODECS, hidden_codec
 
 FORMAT_VERSION = 2               # what this genrecal writes
 READABLE_VERSIONS = (1, 2)       # what it reads
@@ -215,8 +215,6 @@ def relpath_problem(rel: Any) -> str | None:
 
 def _check_array_values(arrays: dict[str, Any], source: str) -> None:
     """Values the reader computes with: known dtypes, shard/chunk lengths >= 1, at most 4 trailing dims."""
-    from .codecs import hidden_codec
-
     codecs = [hidden_codec(name) for name in HIDDEN_CODECS]
     logical = {"int32", "bool", "float32", "bfloat16", *(c.logical_dtype for c in codecs)}
     stored = {"int32", "bool", "uint16", "float32", *(c.stored_dtype for c in codecs)}
