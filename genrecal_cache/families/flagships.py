@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..format.head import TeacherHead
 from .base import FamilyAdapter
 
 _QWEN2_VL_TOKENS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
@@ -110,8 +111,6 @@ def check_adapter_on_meta(adapter: FamilyAdapter, config: Any) -> dict[str, Any]
         raise ValueError(f"{adapter.model_type}: the config ties the head but lm_head is a separate matrix")
     vision = adapter.vision_parameter_prefixes(model)
     # the norm formula against the family's own norm module, with random weights of the real width
-    from ..head import TeacherHead
-
     g = torch.Generator().manual_seed(0)
     probe = TeacherHead(hc, 0.1 * torch.randn(hc.hidden_size, generator=g),
                         torch.empty(hc.vocab_size, hc.hidden_size, device="meta"))
