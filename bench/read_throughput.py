@@ -159,7 +159,7 @@ def stage_costs(x: np.ndarray, codecs: list[str], repeats: int = 20) -> None:
     import numcodecs
 
     from genrecal_cache.format.codecs import decode_payload, hidden_codec
-    from genrecal_cache.fastread import _SHUFFLE, bf16_into
+    from genrecal_cache.io.fastread import _SHUFFLE, bf16_into
 
     print(f"\none inner chunk of {x.shape[0]} tokens, one thread, best of {repeats}: GB/s of float32 output")
     out = np.empty_like(x)

@@ -149,7 +149,7 @@ def pull(url: str = typer.Argument(..., help="Cache URL (https://, s3://, gs://,
          quiet: bool = typer.Option(False, "--quiet", help="Do not list the files as they arrive.")) -> None:
     """Download a cache: every file its manifest lists, each verified by sha256, the manifest last.
     Run it again after an interruption to continue; files already verified are kept."""
-    from genrecal_cache.remote import pull as run_pull
+    from genrecal_cache.io.remote import pull as run_pull
 
     def progress(rel: str, nbytes: int) -> None:
         if not quiet:
@@ -165,7 +165,7 @@ def pull(url: str = typer.Argument(..., help="Cache URL (https://, s3://, gs://,
 def _clean_errors(where: str):
     """Known failures (a bad cache, an unreachable server, a missing fsspec backend) end with one clear line."""
     from genrecal_cache.format.manifest import CacheFormatError
-    from genrecal_cache.remote import RemoteReadError
+    from genrecal_cache.io.remote import RemoteReadError
 
     try:
         yield

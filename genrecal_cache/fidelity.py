@@ -31,6 +31,9 @@ import torch
 from .format.codecs import HiddenCodec, hidden_codec
 from .format.head import HeadConfig, TeacherHead
 
+__all__ = ["ExactReference", "Fidelity", "StateModel", "SyntheticTeacher", "TeacherStats", "codec_fidelity",
+           "fidelity", "synthetic_post_norm_states", "synthetic_topk", "teacher_stats", "topk_fidelity"]
+
 
 @dataclass
 class Fidelity:

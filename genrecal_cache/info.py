@@ -9,6 +9,8 @@ import numpy as np
 from genrecal_cache.format.codecs import hidden_codec
 from genrecal_cache.reader import TeacherCache
 
+__all__ = ["format_summary", "summarize"]
+
 
 def _counts(m) -> dict:
     c = m.counts

@@ -31,6 +31,9 @@ import torch
 
 from .format.manifest import CacheFormatError, Manifest, identity, identity_diff
 
+__all__ = ["MultiPartCache", "PART_RE", "check_same_identity", "combined_manifest", "find_parts", "merge",
+           "open_parts", "part_dir", "part_name", "split_plan", "verify_parts"]
+
 PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})$")
 
 

@@ -33,14 +33,17 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from .format.codecs import bf16_bits_to_float32, describe_chain, hidden_codec  # noqa: F401 - bf16_bits_to_float32 re-exported
-from .fastread import BufferPool, NonFiniteError, ShardedArrayReader, bound_zarr_decoding, read_ranges
+from .io.fastread import BufferPool, NonFiniteError, ShardedArrayReader, bound_zarr_decoding, read_ranges
 from .format.head import TeacherHead
 from .format.manifest import (
     ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
 )
 from .format import safety
-from .remote import RemoteReadError, read_through
-from .remote import url_to_fs as remote_url_to_fs
+from .io.remote import RemoteReadError, read_through
+from .io.remote import url_to_fs as remote_url_to_fs
+
+__all__ = ["CachedSample", "INDEX_COLUMNS", "MAX_CHUNKS_PER_SHARD", "MAX_CHUNK_BYTES", "TeacherCache", "load_head",
+           "load_manifest", "local_file", "open_feature_arrays", "open_fs", "open_parquet", "zarr_store"]
 
 MAX_CHUNK_BYTES = 4 << 30  # one shard (file) of one array; the writer's default is 128 MiB
 MAX_CHUNKS_PER_SHARD = 1 << 16  # the writer's default is at most 64
@@ -119,7 +122,7 @@ def open_fs(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | No
 
 
 def local_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """`path` on a local filesystem, fetched first when it is a read-through mirror (genrecal_cache.remote)."""
+    """`path` on a local filesystem, fetched first when it is a read-through mirror (genrecal_cache.io.remote)."""
     fetch = getattr(fs, "local_path", None)
     return fetch(path) if fetch is not None else path
 
@@ -186,7 +189,7 @@ class TeacherCache:
     def open(cls, path_or_url: str | os.PathLike, storage_options: dict[str, Any] | None = None,
              local_cache: str | os.PathLike | None = None) -> TeacherCache:
         """`storage_options` go to fsspec (credentials, client settings; genrecal_retries...: see
-        genrecal_cache.remote). `local_cache`: a folder that keeps a verified copy of every remote
+        genrecal_cache.io.remote). `local_cache`: a folder that keeps a verified copy of every remote
         file read, so later epochs and runs read it from disk (ignored for local caches)."""
         fs, root, url = open_fs(path_or_url, storage_options)
         try:

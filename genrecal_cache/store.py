@@ -47,6 +47,11 @@ from .format.manifest import (
     Counts, Manifest, TeacherInfo, answer_spans, sha256_file,
 )
 
+__all__ = ["CacheWriteError", "CacheWriter", "Layout", "MAX_SHARD_DECODED_BYTES", "ROW_GROUP_IMAGE_BYTES",
+           "ROW_GROUP_ROWS", "SAMPLES_SCHEMA", "SMALL_CODEC", "SampleArrays", "SampleRecord", "SizeEstimate",
+           "TARGET_CHUNK_BYTES", "TARGET_SHARD_BYTES", "create_feature_arrays", "estimate_cache_size", "plan_layout",
+           "sync_get"]
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 # Codec choice, measured on synthetic post-final-norm states (student-t per channel, lognormal

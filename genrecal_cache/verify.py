@@ -27,10 +27,12 @@ from .format.manifest import (
     sha256_stream,
 )
 from .format import safety
-from .fastread import NonFiniteError, ShardedArrayReader, read_ranges
+from .io.fastread import NonFiniteError, ShardedArrayReader, read_ranges
 from .reader import (
     INDEX_COLUMNS, load_head, load_manifest, open_feature_arrays, open_fs, open_parquet, zarr_store,
 )
+
+__all__ = ["REFETCH", "verify"]
 
 REFETCH = "re-download it or re-extract the cache"
 

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from genrecal_cache.io.durable import atomic_write, fsync_path, rename_durable
 
+__all__ = ["latest_checkpoint", "load_optimizer", "load_state", "load_weights", "save_checkpoint"]
+
 
 def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     # clone: tied weights share storage and safetensors refuses shared tensors

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+__all__ = ["TrainConfig", "load_config", "opt", "split_steps"]
+
 
 def opt(default: Any, help: str, *, flag: str | None = None) -> Any:
     """A TrainConfig field with its default and its help: the one place both live (the CLI flags,

@@ -19,8 +19,10 @@ from genrecal_cache.backends.hf import collate as collate_inputs
 from genrecal_cache.data import Sample, decode_image
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter
 from genrecal_cache.format.manifest import answer_spans
-from genrecal_cache.prefetch import prefetch
+from genrecal_cache.io.prefetch import prefetch
 from genrecal_cache.reader import CachedSample, TeacherCache
+
+__all__ = ["Batch", "CacheStream", "Example", "collate", "make_example"]
 
 
 @dataclass

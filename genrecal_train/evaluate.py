@@ -17,6 +17,8 @@ from tqdm import tqdm
 from genrecal_cache.data import decode_image, read_samples
 from genrecal_cache.families import EncodeError, adapter_for
 
+__all__ = ["EvalReport", "evaluate", "normalize"]
+
 
 def normalize(text: str) -> str:
     """Lower-case, drop punctuation and surrounding space: 'Red.' == 'red'."""

@@ -21,6 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from genrecal_cache.format.head import TeacherHead
 
+__all__ = ["DEFAULT_CHUNK", "answer_ce", "answer_losses", "chunked_ce", "teacher_kl"]
+
 DEFAULT_CHUNK = 1024  # tokens per chunk: 1024 x 152k fp32 logits ~ 0.6 GB
 
 

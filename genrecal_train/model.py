@@ -35,6 +35,9 @@ from genrecal_train.preflight import load_teacher_tokenizer
 from genrecal_train.recalibrator import Recalibrator
 from genrecal_train.uld import uld_loss
 
+__all__ = ["GenRecal", "answer_char_ends", "answer_start_rows", "student_answer_rows", "student_question_index",
+           "teacher_rows"]
+
 
 def _pad_rows(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Pad a ragged list of [L_i, d] into [B, L, d] plus its bool validity mask."""

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask
 
+__all__ = ["Recalibrator", "student_block_classes"]
+
 RotaryFactory = Callable[[PretrainedConfig], nn.Module]  # a rotary class is one: cls(config)
 
 

@@ -32,6 +32,8 @@ from genrecal_train.data import CacheStream
 from genrecal_train.model import GenRecal
 from genrecal_train.preflight import check_cache_matches
 
+__all__ = ["MetricsLog", "run_stage", "stage_steps", "train"]
+
 
 def _dist_setup(device: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+__all__ = ["sorted_wasserstein", "uld_loss", "uld_rows"]
+
 
 def sorted_wasserstein(p_student: Tensor, p_teacher: Tensor) -> Tensor:
     """Per-row ULD distance between two probability matrices [n, Vs], [n, Vt] (any vocab sizes) -> [n]."""

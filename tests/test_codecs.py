@@ -381,7 +381,7 @@ def test_lossy_cache_from_extract_trains(tmp_path, teacher_dir, student_dir, dem
 
 @pytest.mark.parametrize("name", C.HIDDEN_CODECS)
 def test_direct_local_reads_equal_zarr_reads(caches, name, tmp_path):
-    """TeacherCache reads local shards itself (genrecal_cache/fastread.py); zarr must see the same."""
+    """TeacherCache reads local shards itself (genrecal_cache/io/fastread.py); zarr must see the same."""
     import shutil
 
     path = caches[1][name][0]
@@ -442,7 +442,7 @@ def test_reused_read_buffers_never_change_a_sample_still_in_use(caches):
             np.testing.assert_array_equal(h, want[sid])
         for sid, t in derived:
             np.testing.assert_array_equal(t.numpy(), want[sid][1:])
-    from genrecal_cache.fastread import BufferPool
+    from genrecal_cache.io.fastread import BufferPool
 
     pool = BufferPool(max_buffers=2, min_bytes=0)
     a = pool.empty((4, 4), np.float32)

@@ -9,6 +9,8 @@ import torch
 
 from genrecal_cache.families import Encoded, FamilyAdapter
 
+__all__ = ["HFBackend", "collate"]
+
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad ids to one length; per-token kwargs ([1, L] tensors) are padded the same way,

@@ -28,6 +28,8 @@ from genrecal_cache.backends import DTYPES
 from genrecal_cache.families import Encoded, FamilyAdapter
 from genrecal_cache.format.head import TeacherHead
 
+__all__ = ["VLLMBackend", "cpu_kv_cache_bytes", "head_from_checkpoint", "read_tensors"]
+
 
 def read_tensors(path: str | Path, names: Mapping[str, Sequence[str]]) -> dict[str, torch.Tensor]:
     """Read a few tensors from a safetensors checkpoint (folder or hub id) without loading the rest.

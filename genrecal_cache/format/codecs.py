@@ -53,6 +53,13 @@ from numcodecs.compat import ensure_contiguous_ndarray, ndarray_copy
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.common import parse_named_configuration
 
+__all__ = ["CodecError", "DEFAULT_HIDDEN_CODEC", "E4M3_PAIR_TABLE", "E4M3_TABLE", "ECQ_NAME", "ECQ_OUTLIERS",
+           "ECQ_QMAX", "ECQ_STEP", "EcqCodec", "FP8_FLUSH", "FP8_MAX", "FP8_NAME", "Fp8E4M3Codec", "HEADER",
+           "HIDDEN_CODECS", "HiddenCodec", "LEGACY_NAMES", "MAGIC", "NumcodecsEcq", "NumcodecsFp8E4M3", "VERSION",
+           "bf16_bits_to_float32", "decode_payload", "describe_chain", "ecq_encode", "ecq_error_bound", "ecq_variant",
+           "float32_to_bf16_bits", "float32_to_e4m3", "fp8_encode", "fp8_error_bound", "hidden_codec", "register",
+           "resolve_hidden_codec"]
+
 FP8_NAME = "genrecal.fp8_e4m3"
 ECQ_NAME = "genrecal.ecq"
 

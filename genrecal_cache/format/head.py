@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+__all__ = ["HeadConfig", "TeacherHead", "all_finite"]
+
 
 @dataclass
 class HeadConfig:

@@ -23,6 +23,11 @@ import numpy as np
 
 from .codecs import HIDDEN_CODECS, hidden_codec
 
+__all__ = ["ARRAY_NAMES", "ArraySpec", "CacheFormatError", "Counts", "FEATURES_NAME", "FORMAT_VERSION", "HEAD_NAME",
+           "MANIFEST_NAME", "MAX_INT", "Manifest", "READABLE_VERSIONS", "SAMPLES_NAME", "TeacherInfo", "answer_spans",
+           "identity", "identity_diff", "relpath_problem", "sha256_bytes", "sha256_file", "sha256_stream",
+           "sha256_text"]
+
 FORMAT_VERSION = 2               # what this genrecal writes
 READABLE_VERSIONS = (1, 2)       # what it reads
 MANIFEST_NAME = "manifest.json"

@@ -32,6 +32,13 @@ import pyarrow as pa
 
 from .manifest import FEATURES_NAME, CacheFormatError, Manifest
 
+__all__ = ["DECODED_FLOOR", "DECODED_PER_STORED", "DICTIONARY_COLUMNS", "ENV_MAX_READ_BYTES", "INDEX_FLOOR",
+           "MAX_IMAGE_BYTES", "MAX_INDEX_EXPANSION", "MAX_MANIFEST_BYTES", "MAX_METADATA_BYTES", "MAX_READ_BYTES",
+           "MAX_ROW_GROUP_IMAGE_BYTES", "REFETCH", "check_index", "check_local_files", "check_read_budget",
+           "check_row_group_size", "check_schema", "decoded_bytes_per_token", "decoded_nbytes", "local_file_problem",
+           "max_read_bytes", "open_regular", "parse_extra", "parse_messages", "read_images", "read_index",
+           "read_regular", "shard_files"]
+
 # 256 MiB per encoded image file: extraction checks it before an image file is read or decoded,
 # a reader of an untrusted cache before an image is handed to PIL.
 MAX_IMAGE_BYTES = 256 << 20

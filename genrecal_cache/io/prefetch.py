@@ -6,6 +6,8 @@ import queue
 import threading
 from typing import Iterator, TypeVar
 
+__all__ = ["prefetch"]
+
 T = TypeVar("T")
 
 

@@ -35,8 +35,12 @@ import fsspec
 from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
 
-from .io.durable import atomic_write, rename_durable
-from .format.manifest import MANIFEST_NAME, CacheFormatError, Manifest, relpath_problem, sha256_bytes
+from .durable import atomic_write, rename_durable
+from ..format.manifest import MANIFEST_NAME, CacheFormatError, Manifest, relpath_problem, sha256_bytes
+
+__all__ = ["DOWNLOAD_BLOCK", "Mirror", "MirrorFileSystem", "PullReport", "RemoteReadError", "RetryPolicy",
+           "complete_mirror", "download", "is_transient", "mirror_key", "pull", "read_through", "retry_async",
+           "retry_call", "retrying_class", "safe_relpath", "url_to_fs"]
 
 log = logging.getLogger("genrecal.remote")
 
@@ -503,14 +507,14 @@ def pull(url: str | os.PathLike, out: str | os.PathLike, storage_options: dict[s
     """Download the cache at `url` into the folder `out`: every file the manifest lists, each verified
     against its sha256, the manifest last. Re-running resumes: verified files are kept, partial ones
     continued. A folder holding another cache is refused."""
-    from .reader import load_manifest, open_fs
+    from ..reader import load_manifest, open_fs
 
     fs, root, name = open_fs(url, storage_options)
     out = os.path.abspath(os.fspath(out))
     try:
         manifest = load_manifest(fs, root, name)
     except CacheFormatError:  # a cache written in parts (genrecal_cache/parts.py): pull each part
-        from .parts import find_parts
+        from ..parts import find_parts
 
         names = find_parts(fs, root, name)
         if not names:

@@ -31,8 +31,11 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-from .format.codecs import _HiddenArrayBytesCodec, decode_payload
-from .format.safety import open_regular
+from ..format.codecs import _HiddenArrayBytesCodec, decode_payload
+from ..format.safety import open_regular
+
+__all__ = ["BufferPool", "EMPTY", "NonFiniteError", "ShardedArrayReader", "bf16_into", "blosc_sizes",
+           "bound_zarr_decoding", "decode_pool", "read_ranges"]
 
 EMPTY = np.uint64(2**64 - 1)
 _SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
