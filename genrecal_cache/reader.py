@@ -39,7 +39,9 @@ from .format.manifest import (
     ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
 )
 from .format import safety
-from .io.remote import RemoteReadError, read_through
+from .io.remote import (
+    RemoteReadError, changed_error, download_capped, etag_of, is_http, read_capped, read_capped_async, read_through,
+)
 from .io.remote import url_to_fs as remote_url_to_fs
 
 __all__ = ["CachedSample", "INDEX_COLUMNS", "MAX_CHUNKS_PER_SHARD", "MAX_CHUNK_BYTES", "TeacherCache", "load_head",
@@ -71,10 +73,25 @@ class _RangeTolerantFsspecStore(FsspecStore):
     """FsspecStore that survives servers which ignore HTTP Range (Python's http.server, some static
     hosts): they answer 200 with the whole file, and fsspec's `_cat_file` hands that body back as
     if it were the range. Zarr's sharding codec reads a shard index with a suffix range and inner
-    chunks with byte ranges, so without this a partial shard read fails its crc32c check."""
+    chunks with byte ranges, so without this a partial shard read fails its crc32c check.
+
+    Over HTTP it also bounds metadata reads (an endless zarr.json answer) and sends every data
+    request with `If-Match` (the ETag first seen), so a file replaced mid-run is an error."""
+
+    _etags: dict[str, str | None]
 
     async def get(self, key, prototype, byte_range=None):
-        buf = await super().get(key, prototype, byte_range)
+        path = f"{self.path}/{key}"
+        if byte_range is None and key.endswith("zarr.json"):  # metadata: read whole, but bounded
+            try:
+                data = await read_capped_async(self.fs, path, safety.MAX_METADATA_BYTES, self.fs.unstrip_protocol(path))
+            except FileNotFoundError:
+                return None
+            return prototype.buffer.from_bytes(data)
+        if is_http(self.fs):
+            buf = await self._get_if_unchanged(path, prototype, byte_range)
+        else:
+            buf = await super().get(key, prototype, byte_range)
         if buf is None or byte_range is None:
             return buf
         if isinstance(byte_range, RangeByteRequest) and len(buf) > byte_range.end - byte_range.start:
@@ -84,6 +101,36 @@ class _RangeTolerantFsspecStore(FsspecStore):
         if isinstance(byte_range, OffsetByteRequest) and byte_range.offset and len(buf) == await self.getsize(key):
             return buf[byte_range.offset:]
         return buf
+
+    async def _get_if_unchanged(self, path: str, prototype: Any, byte_range: Any) -> Any:
+        """GET with `If-Match: <the ETag this store first saw>`: a file replaced mid-run is an error
+        (HTTP 412), not a silent mix of two versions."""
+        if not hasattr(self, "_etags"):
+            self._etags = {}
+        if path not in self._etags:
+            try:
+                self._etags[path] = etag_of(await self.fs._info(path))
+            except FileNotFoundError:
+                return None
+        tag = self._etags[path]
+        start = end = None
+        if isinstance(byte_range, RangeByteRequest):
+            start, end = byte_range.start, byte_range.end
+        elif isinstance(byte_range, OffsetByteRequest):
+            start = byte_range.offset
+        elif isinstance(byte_range, SuffixByteRequest):
+            start = -byte_range.suffix
+        try:
+            data = await self.fs._cat_file(path, start=start, end=end,
+                                           **({"headers": {"If-Match": tag}} if tag else {}))
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            changed = changed_error(e, self.fs.unstrip_protocol(path))
+            if changed is not None:
+                raise changed from None
+            raise
+        return prototype.buffer.from_bytes(data)
 
     async def get_partial_values(self, prototype, key_ranges):
         key_ranges = list(key_ranges)
@@ -141,12 +188,17 @@ def _open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
     dictionaries = {"read_dictionary": safety.DICTIONARY_COLUMNS}  # sizes are checked before values are decoded
     if isinstance(fs, LocalFileSystem):  # arrow's native reader: no Python file object in the loop
         return pq.ParquetFile(local_file(fs, path), **dictionaries)
-    f = fs.open(path, "rb")
+    if is_http(fs):  # every block read carries If-Match: a file replaced mid-run is an error (changed_error)
+        info = fs.info(path)
+        tag = etag_of(info)
+        f = fs.open(path, "rb", size=info.get("size"), **({"headers": {"If-Match": tag}} if tag else {}))
+    else:
+        f = fs.open(path, "rb")
     try:
         return pq.ParquetFile(f, **dictionaries)
-    except ValueError as e:
-        f.close()
-        if "range" not in str(e).lower():
+    except ValueError as e:  # fsspec: "...doesn't appear to support range requests", or for a server that
+        f.close()             # says `Accept-Ranges: none`, "Cannot seek streaming HTTP file"
+        if "range" not in str(e).lower() and "seek" not in str(e).lower():
             raise
     return pq.ParquetFile(pa.BufferReader(fs.cat_file(path)), **dictionaries)
 
@@ -477,7 +529,12 @@ class TeacherCache:
                     col = safety.read_images(self._parquet(), g, where)
                 except CacheFormatError:
                     raise
-                except (pa.ArrowException, OSError, ValueError) as e:
+                except Exception as e:  # noqa: BLE001 - arrow's, or the server's (a changed file, an outage)
+                    changed = changed_error(e, where)
+                    if changed is not None:
+                        raise changed from None
+                    if isinstance(e, RemoteReadError) or not isinstance(e, (pa.ArrowException, OSError, ValueError)):
+                        raise
                     raise CacheFormatError(f"{where}: images of row group {g} unreadable ({str(e)[:200]}); the file "
                                            f"is corrupt, re-download or re-extract it") from e
                 cached = self._images_rg = (g, col)
@@ -504,7 +561,8 @@ def load_head(fs: fsspec.AbstractFileSystem, root: str, url: str, manifest: Mani
         else:  # safetensors needs a local file: copy, load into memory, delete
             with tempfile.TemporaryDirectory(prefix="genrecal-head-") as tmp:
                 local = os.path.join(tmp, HEAD_NAME)
-                fs.get_file(path, local)  # streamed: a 152k x 8192 head is 2.5 GB
+                # streamed (a 152k x 8192 head is 2.5 GB), and bounded: a server may send an endless body
+                download_capped(fs, path, local, safety.file_limit(HEAD_NAME, manifest), f"{url}/{HEAD_NAME}")
                 head = TeacherHead.load(local, device=device)
     except FileNotFoundError as e:
         raise CacheFormatError(f"{url}/{HEAD_NAME}: missing; the cache is incomplete, re-download or "
@@ -527,8 +585,8 @@ def load_manifest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> Manifes
     try:
         if isinstance(fs, LocalFileSystem):
             text = safety.read_regular(f"{root}/{MANIFEST_NAME}", safety.MAX_MANIFEST_BYTES, where)
-        else:
-            text = fs.cat_file(f"{root}/{MANIFEST_NAME}")
+        else:  # bounded: a server may answer with an endless body
+            text = read_capped(fs, f"{root}/{MANIFEST_NAME}", safety.MAX_MANIFEST_BYTES, where)
     except FileNotFoundError as e:
         if not _exists(fs, root):
             raise CacheFormatError(f"{url}: no cache here (the directory does not exist)") from e
@@ -564,6 +622,8 @@ def open_feature_arrays(store: zarr.abc.store.Store, manifest: Manifest, url: st
             raise CacheFormatError(f"{where}/zarr.json: uses codec {e.args[0]!r}, which this installation cannot "
                                    f"decode; genrecal's hidden codecs need `import genrecal_cache` (or genrecal "
                                    f"installed, for its zarr entry points); a newer codec needs a newer genrecal") from e
+        except CacheFormatError:
+            raise
         except (ValueError, TypeError) as e:  # e.g. truncated JSON
             raise CacheFormatError(f"{where}/zarr.json: unreadable array metadata ({type(e).__name__}: {e}); "
                                    f"the file is corrupt, re-download or re-extract it") from e

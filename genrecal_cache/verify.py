@@ -28,6 +28,7 @@ from .format.manifest import (
 )
 from .format import safety
 from .io.fastread import NonFiniteError, ShardedArrayReader, read_ranges
+from .io.remote import read_capped
 from .reader import (
     INDEX_COLUMNS, load_head, load_manifest, open_feature_arrays, open_fs, open_parquet, zarr_store,
 )
@@ -114,17 +115,26 @@ def _local_files(root: str) -> tuple[set[str], list[str]]:
     return files - {MANIFEST_NAME}, faults
 
 
-def _file_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+def _file_sha256(fs: fsspec.AbstractFileSystem, path: str, limit: int, where: str) -> str:
+    """sha256 of a cache file, refused (CacheFormatError) past `limit` bytes: a server's endless answer
+    is read only that far."""
     if isinstance(fs, LocalFileSystem):  # never a link or FIFO (refused before), read without following one
         with os.fdopen(safety.open_regular(path, path), "rb") as f:
             return sha256_stream(f)
     try:
+        h, n = hashlib.sha256(), 0
         with fs.open(path, "rb") as f:
-            return sha256_stream(f)
+            while block := f.read(8 << 20):
+                h.update(block)
+                n += len(block)
+                if n > limit:
+                    raise CacheFormatError(f"{where}: larger than the {limit}-byte limit for this file (an endless "
+                                           f"or hostile answer); {REFETCH}")
+        return h.hexdigest()
     except ValueError as e:  # an HTTP server without Range support: fetch the file in one request
-        if "range" not in str(e).lower():
+        if isinstance(e, CacheFormatError) or ("range" not in str(e).lower() and "seek" not in str(e).lower()):
             raise
-        return hashlib.sha256(fs.cat_file(path)).hexdigest()
+        return hashlib.sha256(read_capped(fs, path, limit, where)).hexdigest()
 
 
 def _check_files(fs: fsspec.AbstractFileSystem, root: str, m: Manifest) -> tuple[list[str], bool]:
@@ -149,9 +159,12 @@ def _check_files(fs: fsspec.AbstractFileSystem, root: str, m: Manifest) -> tuple
             faults.append(f"{rel}: listed in the manifest but missing: the cache is incomplete; {REFETCH}")
             continue
         try:
-            got = _file_sha256(fs, f"{root}/{rel}")
+            got = _file_sha256(fs, f"{root}/{rel}", safety.file_limit(rel, m), rel)
         except FileNotFoundError:
             faults.append(f"{rel}: listed in the manifest but missing: the cache is incomplete; {REFETCH}")
+            continue
+        except CacheFormatError as e:
+            faults.append(str(e))
             continue
         if got != expected:
             faults.append(f"{rel}: sha256 mismatch (expected {expected}, got {got}): the file is corrupt; "

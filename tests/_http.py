@@ -6,7 +6,11 @@
   drop      close the connection without answering
   reset     close it with a TCP RST (SO_LINGER 0), as a crashed proxy does
   truncate  send the headers (full Content-Length) and half the body, then close
-Every request is logged as (method, path, Range header) in `server.requests`.
+  stall     send the headers (full Content-Length), then nothing until the server stops
+  endless   send 200 without a Content-Length and an endless body (until the client hangs up)
+Files are served with an `ETag` (from size and mtime, as nginx does) and `If-Match` is honoured (412
+when it differs). `serve(..., accept_ranges="none")` makes the server say `Accept-Ranges: none`
+and ignore Range. Every request is logged as (method, path, Range header) in `server.requests`.
 """
 
 from __future__ import annotations
@@ -48,9 +52,28 @@ class FaultPlan:
 
 class Handler(http.server.SimpleHTTPRequestHandler):
     ranges = True
+    accept_ranges: str | None = None
     plan: FaultPlan | None = None
     requests: list = []
     lock = threading.Lock()
+    stopping: threading.Event = threading.Event()
+
+    def end_headers(self) -> None:
+        path = self.translate_path(self.path)
+        if os.path.isfile(path):
+            st = os.stat(path)
+            self.send_header("ETag", f'"{st.st_mtime_ns:x}-{st.st_size:x}"')
+        if self.accept_ranges:
+            self.send_header("Accept-Ranges", self.accept_ranges)
+        super().end_headers()
+
+    def _etag_mismatch(self) -> bool:
+        want = self.headers.get("If-Match")
+        path = self.translate_path(self.path)
+        if want is None or not os.path.isfile(path):
+            return False
+        st = os.stat(path)
+        return want != f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
 
     def log_message(self, *args) -> None:
         pass
@@ -72,10 +95,29 @@ class Handler(http.server.SimpleHTTPRequestHandler):
                 data = f.read()
                 f.close()
                 self.wfile.write(data[: len(data) // 2])
+        elif kind == "stall":
+            f = self.send_head()
+            if f is not None:
+                f.close()
+            self.wfile.flush()
+            self.stopping.wait()
+        elif kind == "endless" and self.command == "GET":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            try:
+                while not self.stopping.is_set():
+                    self.wfile.write(b" " * 65536)
+            except OSError:
+                pass  # the client hung up
         return True  # "drop" (and truncate of a HEAD): answer nothing
 
     def do_GET(self) -> None:
-        if not self._fault():
+        if self._etag_mismatch():
+            with self.lock:
+                self.requests.append((self.command, self.path, self.headers.get("Range")))
+            self.send_error(412, "Precondition Failed")
+        elif not self._fault():
             super().do_GET()
 
     def do_HEAD(self) -> None:
@@ -110,15 +152,20 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve(directory: Path, ranges: bool = True, plan: FaultPlan | None = None) -> Iterator[tuple[str, type]]:
+def serve(directory: Path, ranges: bool = True, plan: FaultPlan | None = None, accept_ranges: str | None = None
+          ) -> Iterator[tuple[str, type]]:
     """Serve `directory` on a free port in a thread; yields (base URL, handler class with .requests/.plan)."""
-    handler = type("H", (Handler,), {"ranges": ranges, "plan": plan, "requests": [], "lock": threading.Lock()})
+    if accept_ranges == "none":
+        ranges = False
+    handler = type("H", (Handler,), {"ranges": ranges, "plan": plan, "requests": [], "lock": threading.Lock(),
+                                     "accept_ranges": accept_ranges, "stopping": threading.Event()})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", handler
     finally:
+        handler.stopping.set()  # releases stalled and endless answers
         server.shutdown()
         server.server_close()
         thread.join()

@@ -39,14 +39,15 @@ from .durable import atomic_write, rename_durable
 from ..format.manifest import MANIFEST_NAME, CacheFormatError, Manifest, relpath_problem, sha256_bytes
 
 __all__ = ["DOWNLOAD_BLOCK", "Mirror", "MirrorFileSystem", "PullReport", "RemoteReadError", "RetryPolicy",
-           "complete_mirror", "download", "is_transient", "mirror_key", "pull", "read_through", "retry_async",
-           "retry_call", "retrying_class", "safe_relpath", "url_to_fs"]
+           "changed_error", "complete_mirror", "download", "download_capped", "etag_of", "is_http", "is_transient",
+           "mirror_key", "pull", "read_capped", "read_capped_async", "read_through", "retry_async", "retry_call",
+           "retrying_class", "safe_relpath", "url_to_fs"]
 
 log = logging.getLogger("genrecal.remote")
 
-ENV_RETRIES, ENV_BACKOFF = "GENRECAL_RETRIES", "GENRECAL_RETRY_BACKOFF"
+ENV_RETRIES, ENV_BACKOFF, ENV_READ_TIMEOUT = "GENRECAL_RETRIES", "GENRECAL_RETRY_BACKOFF", "GENRECAL_READ_TIMEOUT"
 _OPTIONS = {"genrecal_retries": "retries", "genrecal_retry_backoff": "backoff",
-            "genrecal_retry_max_backoff": "max_backoff"}
+            "genrecal_retry_max_backoff": "max_backoff", "genrecal_read_timeout": "read_timeout"}
 # packages fsspec needs per protocol (its own message does not say how credentials are found)
 _PACKAGES = {"s3": ("s3fs", "credentials: AWS_PROFILE / AWS_ACCESS_KEY_ID, or storage_options={'anon': True} "
                             "for public buckets"),
@@ -69,6 +70,7 @@ class RetryPolicy:
     retries: int = 5             # attempts after the first one
     backoff: float = 0.5         # seconds before the first retry; doubles after each
     max_backoff: float = 20.0    # ceiling of one wait
+    read_timeout: float = 30.0   # HTTP(S): seconds to connect, and between two reads of an answer (0: none)
 
     def delays(self) -> list[float]:
         return [min(self.max_backoff, self.backoff * 2 ** k) * random.uniform(0.8, 1.2) for k in range(self.retries)]
@@ -82,17 +84,20 @@ class RetryPolicy:
             values["retries"] = os.environ[ENV_RETRIES]
         if os.environ.get(ENV_BACKOFF):
             values["backoff"] = os.environ[ENV_BACKOFF]
+        if os.environ.get(ENV_READ_TIMEOUT):
+            values["read_timeout"] = os.environ[ENV_READ_TIMEOUT]
         for key, name in _OPTIONS.items():
             if key in options:
                 values[name] = options.pop(key)
         try:
             policy = cls(retries=int(values.get("retries", cls.retries)),
                          backoff=float(values.get("backoff", cls.backoff)),
-                         max_backoff=float(values.get("max_backoff", cls.max_backoff)))
+                         max_backoff=float(values.get("max_backoff", cls.max_backoff)),
+                         read_timeout=float(values.get("read_timeout", cls.read_timeout)))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"invalid retry setting {values} ({ENV_RETRIES}/{ENV_BACKOFF} or "
+            raise ValueError(f"invalid retry setting {values} ({ENV_RETRIES}/{ENV_BACKOFF}/{ENV_READ_TIMEOUT} or "
                              f"storage_options {sorted(_OPTIONS)}): {e}") from None
-        if policy.retries < 0 or policy.backoff < 0 or policy.max_backoff < 0:
+        if min(policy.retries, policy.backoff, policy.max_backoff, policy.read_timeout) < 0:
             raise ValueError(f"retry settings must be >= 0, got {policy}")
         return policy, options
 
@@ -265,7 +270,114 @@ def url_to_fs(url: str, storage_options: dict[str, Any] | None = None, **kwargs:
     if issubclass(cls, LocalFileSystem):
         return fsspec.core.url_to_fs(url, **options, **kwargs)
     options = {**cls._get_kwargs_from_urls(url), **options, **kwargs}
+    if is_http(cls) and policy.read_timeout and "timeout" not in options.get("client_kwargs", {}):
+        # aiohttp's default is 5 minutes for a whole answer, so a server that sends headers and then
+        # nothing held a reader ~30 minutes over the retries; a stall now fails (and is retried) in seconds
+        import aiohttp
+
+        t = policy.read_timeout
+        options["client_kwargs"] = {**options.get("client_kwargs", {}),
+                                    "timeout": aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)}
     return retrying_class(cls)(genrecal_retry=policy, **options), cls._strip_protocol(url)
+
+
+def is_http(fs_or_cls: Any) -> bool:
+    from fsspec.implementations.http import HTTPFileSystem
+
+    cls = fs_or_cls if isinstance(fs_or_cls, type) else type(fs_or_cls)
+    return issubclass(cls, HTTPFileSystem)
+
+
+def etag_of(info: dict[str, Any]) -> str | None:
+    """The version tag a server gave a file (HTTP `ETag`, as nginx, Apache, S3 and GCS send it)."""
+    tag = info.get("ETag") or info.get("etag")
+    return tag if isinstance(tag, str) and tag else None
+
+
+def changed_error(e: BaseException, where: str) -> CacheFormatError | None:
+    """CacheFormatError if `e` (or its cause) is an HTTP 412: the file no longer has the ETag this run
+    first saw (requests carry `If-Match`), i.e. it was replaced on the server during the run."""
+    for _ in range(4):
+        if e is None:
+            return None
+        if getattr(e, "status", None) == 412:
+            return CacheFormatError(f"{where}: changed on the server since this run first read it (its ETag no "
+                                    f"longer matches); the cache was replaced while in use, and a run must not mix "
+                                    f"two versions. Restart the run (publish new versions under a new name)")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _too_big(where: str, limit: int) -> CacheFormatError:
+    return CacheFormatError(f"{where}: larger than the {limit}-byte limit for this file (an endless or hostile "
+                            f"answer); the server or the cache is broken, re-download or re-extract the cache")
+
+
+def read_capped(fs: fsspec.AbstractFileSystem, path: str, limit: int, where: str) -> bytes:
+    """The whole file, refused past `limit` bytes without reading further (retried like every read). Over
+    HTTP the body is streamed, so a server sending an endless answer costs `limit` bytes, not all memory;
+    object stores (s3, gs) report a true size, checked first."""
+    policy = getattr(fs, "genrecal_retry", RetryPolicy())
+    if not is_http(fs):
+        size = fs.size(path)
+        if size is not None and size > limit:
+            raise _too_big(where, limit)
+        return fs.cat_file(path)
+
+    def stream() -> bytes:
+        chunks, n = [], 0
+        with fs.open(path, "rb", block_size=0, size=limit) as f:  # a stream: no size probe, no Range
+            while block := f.read(min(1 << 20, limit + 1 - n)):
+                chunks.append(block)
+                n += len(block)
+                if n > limit:
+                    raise _too_big(where, limit)
+        return b"".join(chunks)
+    return retry_call(policy, where, stream)
+
+
+def download_capped(fs: fsspec.AbstractFileSystem, path: str, local: str, limit: int, where: str) -> None:
+    """Copy the file to `local`, refused past `limit` bytes (streamed over HTTP; retried)."""
+    if not is_http(fs):
+        size = fs.size(path)
+        if size is not None and size > limit:
+            raise _too_big(where, limit)
+        fs.get_file(path, local)
+        return
+
+    def stream() -> None:
+        n = 0
+        with fs.open(path, "rb", block_size=0, size=limit) as f, open(local, "wb") as out:
+            while block := f.read(8 << 20):
+                n += len(block)
+                if n > limit:
+                    raise _too_big(where, limit)
+                out.write(block)
+    retry_call(getattr(fs, "genrecal_retry", RetryPolicy()), where, stream)
+
+
+async def read_capped_async(afs: fsspec.AbstractFileSystem, path: str, limit: int, where: str) -> bytes:
+    """`read_capped` for an asynchronous filesystem (zarr's store)."""
+    policy = getattr(afs, "genrecal_retry", RetryPolicy())
+    if not is_http(afs):
+        size = await afs._size(path)
+        if size is not None and size > limit:
+            raise _too_big(where, limit)
+        return await afs._cat_file(path)
+
+    async def stream() -> bytes:
+        chunks, n = [], 0
+        f = await afs.open_async(path, "rb", size=limit)  # size given: no probe first
+        try:
+            while block := await f.read(min(1 << 20, limit + 1 - n)):
+                chunks.append(block)
+                n += len(block)
+                if n > limit:
+                    raise _too_big(where, limit)
+        finally:
+            await f.close()
+        return b"".join(chunks)
+    return await retry_async(policy, where, stream)
 
 
 # ---- mirrors: local read-through cache and pull ----------------------------------------------------

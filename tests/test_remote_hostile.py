@@ -1,0 +1,127 @@
+"""Hostile or broken servers (issue 14), against a real HTTP server on 127.0.0.1 (tests/_http.py): a
+server that stalls after its headers, one that sends an endless body, one that refuses ranges, and a
+cache whose files change while a run reads it. Each ends in a clear error (or a working fallback)
+within bounded time and memory.
+
+Cases that hang today's code run in a daemon thread with a generous deadline: the deadline only
+decides whether a hang is reported, never whether a working reader passes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _http import FaultPlan, serve
+from genrecal_cache.format.head import HeadConfig, TeacherHead
+from genrecal_cache.format.manifest import CacheFormatError
+from genrecal_cache.reader import TeacherCache
+from genrecal_cache.io.remote import RemoteReadError, RetryPolicy
+from genrecal_cache.verify import verify
+from test_cache_format import D, V, make_samples, write_cache
+from test_hostile_cache import finishes
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> Path:
+    g = torch.Generator().manual_seed(0)
+    head = TeacherHead(HeadConfig(D, V), 1 + 0.1 * torch.randn(D, generator=g), torch.randn(V, D, generator=g) * 0.2)
+    path = tmp_path_factory.mktemp("remote-hostile") / "cache"
+    write_cache(path, head, make_samples(head, n=16), shard_tokens=64, chunk_tokens=16)
+    return path
+
+
+@pytest.fixture()
+def cache(made, tmp_path) -> Path:
+    root = tmp_path / "cache"
+    shutil.copytree(made, root)
+    return root
+
+
+@pytest.fixture()
+def fast_failures(monkeypatch):
+    """One retry, short waits, a 1 s read timeout: a stall must fail fast, not after minutes."""
+    monkeypatch.setenv("GENRECAL_RETRIES", "1")
+    monkeypatch.setenv("GENRECAL_RETRY_BACKOFF", "0.01")
+    monkeypatch.setenv("GENRECAL_READ_TIMEOUT", "1")
+
+
+def _hidden(url) -> list[np.ndarray]:
+    with TeacherCache.open(url) as c:
+        return [s.hidden.copy() for s in c.iter_samples(readahead=0)]
+
+
+def test_the_default_read_timeout_is_seconds_not_minutes():
+    assert 0 < RetryPolicy().read_timeout <= 60
+
+
+@pytest.mark.parametrize("target", [r"/manifest\.json$", r"/features\.zarr/hidden/zarr\.json$",
+                                    r"/features\.zarr/hidden/c/1/0$"])
+def test_a_server_that_stalls_after_its_headers_fails_in_seconds(cache, fast_failures, target):
+    plan = FaultPlan().add(target, "stall", count=1000)
+    with serve(cache, plan=plan) as (url, _):
+        with pytest.raises(RemoteReadError, match="still failing after 2 attempts"):
+            finishes(lambda: _hidden(url))
+
+
+def test_stalls_that_clear_are_retried(cache, monkeypatch, made):
+    monkeypatch.setenv("GENRECAL_RETRY_BACKOFF", "0.01")
+    monkeypatch.setenv("GENRECAL_READ_TIMEOUT", "1")
+    plan = FaultPlan().add(r"/manifest\.json$", "stall").add(r"/hidden/c/0/0$", "stall")
+    with serve(cache, plan=plan) as (url, _):
+        got = finishes(lambda: _hidden(url))
+    assert plan.pending() == 0
+    assert all(np.array_equal(a, b) for a, b in zip(got, _hidden(made)))
+
+
+@pytest.mark.parametrize("target,limit", [(r"/manifest\.json$", "67108864"),
+                                          (r"/features\.zarr/hidden/zarr\.json$", "1048576")])
+def test_an_endless_body_is_cut_at_the_files_limit(cache, fast_failures, target, limit):
+    plan = FaultPlan().add(target, "endless", count=1000)
+    with serve(cache, plan=plan) as (url, _):
+        with pytest.raises(CacheFormatError, match=f"larger than the {limit}-byte limit"):
+            finishes(lambda: TeacherCache.open(url))
+        faults = finishes(lambda: verify(url))
+        assert faults and all(f"{limit}-byte limit" in f for f in faults), faults
+
+
+def test_a_server_without_range_support_still_reads(cache, made):
+    """`Accept-Ranges: none` (and Range ignored): whole files instead, never 'corrupt parquet'."""
+    with serve(cache, accept_ranges="none") as (url, _):
+        got = finishes(lambda: _hidden(url))
+        with TeacherCache.open(url) as c:
+            assert c[3].images == TeacherCache.open(made)[3].images
+        assert finishes(lambda: verify(url)) == []
+    assert all(np.array_equal(a, b) for a, b in zip(got, _hidden(made)))
+
+
+def test_a_file_changed_during_a_run_stops_it(cache):
+    """A shard replaced on the server while a run reads the cache (same size, valid chunks: another
+    cache's bytes): the run stops with an error instead of training on them."""
+    other = cache.parent / "other"
+    shutil.copytree(cache, other)
+    with serve(cache) as (url, _), TeacherCache.open(url) as c:
+        it = c.iter_samples(readahead=0)
+        next(it)  # shard 0 of every array read: its identity (ETag) is now known
+        for rel in ("features.zarr/hidden/c/0/0", "samples.parquet"):
+            src = cache / rel
+            data = bytearray(src.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            src.write_bytes(bytes(data))  # a new version of the file
+            st = src.stat()
+            os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        with pytest.raises(CacheFormatError, match="changed on the server"):
+            for _ in range(3):
+                c[0]
+
+
+def test_an_endless_head_download_is_cut_at_its_size_limit(cache, fast_failures):
+    plan = FaultPlan().add(r"/teacher_head\.safetensors$", "endless", count=1000)
+    with serve(cache, plan=plan) as (url, _), TeacherCache.open(url) as c:
+        with pytest.raises(CacheFormatError, match="teacher_head.safetensors: larger than the"):
+            finishes(lambda: c.head())
