@@ -77,8 +77,43 @@ app.command(help="Distil a student VLM from a teacher cache with GenRecal (stage
                  "only its head, from the cache.")(train)
 
 
+plan_app = typer.Typer(add_completion=False, rich_markup_mode=None)
+
+
+@plan_app.command(help="Per-GPU memory of weights, gradients, AdamW state, teacher head and activations for DDP "
+                       "and FSDP (with/without activation checkpointing and CPU offload), from a student config "
+                       "alone (meta device, nothing downloaded), and what to change when it does not fit.")
+def plan(
+    student: str = typer.Option(..., help="Student model folder, its config.json, or a builtin: qwen2-vl-7b."),
+    cache: str = typer.Option(..., help="Teacher cache folder (its head's size is read), HIDDENxVOCAB "
+                                        "(e.g. 8192x152064), or a builtin teacher: qwen2-vl-72b, qwen2-vl-7b."),
+    gpus: int = typer.Option(1, help="Number of GPUs (FSDP shards over all of them)."),
+    gpu_memory: float = typer.Option(80.0, help="Memory per GPU, GB (GiB)."),
+    batch_size: int = typer.Option(1, help="Samples per micro-batch per GPU."),
+    max_len: int = typer.Option(2048, help="Tokens per sample."),
+    recal_layers: int = typer.Option(2, help="Decoder blocks in the Recalibrator."),
+    param_dtype: str = typer.Option("bfloat16", help="FSDP compute dtype."),
+) -> None:
+    from genrecal_train.plan import PlanConfig, format_plan
+    from genrecal_train.plan import plan as make_plan
+
+    cfg = PlanConfig(student=student, teacher=cache, gpus=gpus, gpu_memory_gb=gpu_memory, batch_size=batch_size,
+                     max_len=max_len, recal_layers=recal_layers, param_dtype=param_dtype)
+    try:
+        sizes, info = make_plan(cfg)
+    except ValueError as e:
+        raise typer.BadParameter(str(e))
+    typer.echo(format_plan(sizes, info, cfg))
+
+
 def main() -> None:
-    app()
+    """`genrecal-train [flags]` trains; `genrecal-train plan [flags]` sizes a run."""
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "plan":
+        plan_app(sys.argv[2:], prog_name="genrecal-train plan")
+    else:
+        app()
 
 
 if __name__ == "__main__":

@@ -35,6 +35,14 @@ def save_checkpoint(run_dir: Path, name: str, *, student: torch.nn.Module, recal
     if recalibrator is not None:
         save_file(_state_dict(recalibrator), str(tmp / "recalibrator.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    return publish(tmp, name, state, keep)
+
+
+def publish(tmp: Path, name: str, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write state.json into the filled temp folder `tmp`, fsync it all, rename it to `name`, move
+    `latest`, prune older checkpoints (shared by the safetensors and the sharded DCP formats)."""
+    ckpt_root = tmp.parent
+    final = ckpt_root / name
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for f in tmp.iterdir():
         fsync_path(f)

@@ -70,6 +70,12 @@ class TrainConfig:
                                            "rows are compared).")
     device: str = opt("auto", "auto, cpu, cuda ...")
     log_every: int = opt(1, "Log metrics every N optimizer steps.")
+    # Scale (genrecal_train/distributed.py, docs/training.md; `genrecal-train plan` sizes a run):
+    strategy: str = opt("auto", "auto (ddp with >1 process, else single), single, ddp, or fsdp (weights, grads and "
+                                "AdamW state sharded over the ranks; see `genrecal-train plan`).")
+    param_dtype: str = opt("bfloat16", "fsdp: compute dtype of the weights, the teacher head and the saved student; "
+                                       "gradients reduce and AdamW runs in fp32.")
+    cpu_offload: bool = opt(False, "fsdp: keep the sharded weights, gradients and AdamW state in host memory.")
 
     def __post_init__(self) -> None:
         if self.total_steps is not None and self.stage_steps is None:

@@ -27,6 +27,8 @@ from genrecal_cache.families import adapter_for
 from genrecal_cache.io.durable import atomic_write
 from genrecal_cache.reader import TeacherCache
 from genrecal_train import checkpoint as ckpt
+from genrecal_train import distributed
+from genrecal_train import sharded_checkpoint as sharded
 from genrecal_train.config import TrainConfig
 from genrecal_train.data import CacheStream
 from genrecal_train.model import GenRecal
@@ -107,20 +109,28 @@ def train(cfg: TrainConfig) -> Path:
     if not 0 <= cfg.warmup < 1:
         raise ValueError(f"warmup={cfg.warmup}: it is the fraction of each stage spent warming up, in [0, 1)")
     rank, world, device = _dist_setup(cfg.device)
+    strategy = distributed.resolve_strategy(cfg.strategy, world)
+    if strategy == "fsdp":
+        distributed.init_single_process_group(device)  # no-op under torchrun
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
     cache = TeacherCache.open(cfg.cache, local_cache=cfg.local_cache)
-    head = cache.head(device=device)
+    # FSDP places (and casts) the head and the student itself: load them in host memory first
+    load_device = torch.device("cpu") if strategy == "fsdp" else device
+    head = cache.head(device=load_device)
     from transformers import AutoConfig
 
     adapter = adapter_for(AutoConfig.from_pretrained(cfg.student))
     processor = adapter.load_processor(cfg.student)
     check_cache_matches(cache, head, cfg)
-    student = adapter.load_model(cfg.student, dtype=torch.float32, device=str(device))
+    student = adapter.load_model(cfg.student, dtype=torch.float32, device=str(load_device))
     torch.manual_seed(cfg.seed)  # the Recalibrator's init depends on the seed only (same on every rank, every run)
-    model = GenRecal(student, adapter, head, cfg).to(device)
+    model = GenRecal(student, adapter, head, cfg).to(load_device)
+    if strategy == "fsdp":
+        distributed.shard_model(model, distributed.param_dtype(cfg.param_dtype), device, cfg.cpu_offload,
+                                checkpoint_recalibrator=cfg.gradient_checkpointing)
 
     start_stage_pos, step0, position0, resume_from, metrics_lines = 0, 0, 0, None, None
     if cfg.resume:
@@ -130,10 +140,19 @@ def train(cfg: TrainConfig) -> Path:
             if st["stage"] not in cfg.stages and not st.get("stage_done"):
                 raise ValueError(f"{resume_from} is an unfinished stage {st['stage']}, which --stages "
                                  f"{','.join(map(str, cfg.stages))} does not run; include it to finish it")
-            ckpt.load_weights(resume_from, student=model.student, recalibrator=model.recalibrator)
+            if sharded.is_sharded(resume_from) != (strategy == "fsdp"):
+                raise ValueError(f"{resume_from} was written by a run with strategy "
+                                 f"{'fsdp' if sharded.is_sharded(resume_from) else 'single/ddp'}; resume it with "
+                                 f"the same strategy (this run: {strategy})")
+            if strategy == "fsdp":
+                sharded.load_model(resume_from, model)
+            else:
+                ckpt.load_weights(resume_from, student=model.student, recalibrator=model.recalibrator)
             metrics_lines = st.get("metrics_lines")
             # Every rank resumes at its own position: ranks skip different unusable samples.
             positions = st.get("positions", [st["position"]])
+            if len(positions) != world and strategy == "fsdp":  # DCP re-shards the weights; the data cannot be
+                positions = distributed.remap_positions(positions, world)  # replayed exactly: see there
             if len(positions) != world:
                 raise ValueError(f"{resume_from} was written by a run with {len(positions)} rank(s); resume it "
                                  f"with the same number of processes (this run has {world})")
@@ -157,10 +176,14 @@ def train(cfg: TrainConfig) -> Path:
 
     log.close()
     final = run_dir / "final"
-    if rank == 0:
+    if strategy == "fsdp":  # gather the shards (a collective); rank 0 saves them in the compute dtype
+        distributed.save_pretrained(model.student, final, distributed.param_dtype(cfg.param_dtype))
+        if rank == 0:
+            processor.save_pretrained(final)
+    elif rank == 0:
         model.student.save_pretrained(final)
         processor.save_pretrained(final)
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()
         # an undestroyed gloo group can abort the process at interpreter exit ("terminate called ...")
         dist.destroy_process_group()
@@ -176,8 +199,14 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
     rec_ids = {id(p) for p in model.recalibrator.parameters()}
     clip_groups = [g for g in ([p for p in params if id(p) not in rec_ids], [p for p in params if id(p) in rec_ids]) if g]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    strategy = distributed.resolve_strategy(cfg.strategy, world)
+    if strategy == "fsdp":
+        distributed.refresh_trainable(model)
     if resume_from is not None:
-        ckpt.load_optimizer(resume_from, opt)
+        if strategy == "fsdp":
+            sharded.load_optimizer(resume_from, model, opt)
+        else:
+            ckpt.load_optimizer(resume_from, opt)
     total = stage_steps(cfg, stream, world, stage)
     # Linear warm-up 0 -> lr over the first `warmup` of the stage (a fresh AdamW's first steps move every
     # weight by ~lr whatever its gradient), then linear decay lr -> lr_end to the stage's last step.
@@ -187,14 +216,16 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
         if s < n_warm:
             return cfg.lr * (s + 1) / n_warm
         return cfg.lr + (cfg.lr_end - cfg.lr) * ((s - n_warm) / max(1, total - 1 - n_warm))
-    ddp = model
-    if world > 1:
+    ddp = model  # under FSDP the model itself is the (sharded) root module
+    if strategy == "ddp":
         # No buffer broadcast per forward: the frozen teacher head (152k x d) is a buffer, identical on all ranks.
         no_sync = ({"forward_sync_buffers": False}  # torch >= 2.13 renamed broadcast_buffers
                    if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
                    else {"broadcast_buffers": False})
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True, **no_sync)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    # FSDP computes in its param_dtype already (MixedPrecisionPolicy); DDP keeps fp32 weights under autocast
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and strategy != "fsdp"
+                else contextlib.nullcontext())
     model.train()
     bar = tqdm(total=total, initial=step0, desc=f"stage {stage}", disable=rank != 0, dynamic_ncols=True)
     batches = stream.batches(position0)
@@ -212,37 +243,48 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
             batch = next(batches)
             position, tokens = batch.position, tokens + batch.num_tokens
             indices += [e.index for e in batch.examples]
-            sync = micro == cfg.grad_accum - 1 or world == 1
+            # FSDP reduce-scatters every micro-batch (sharded grads accumulate; no unsharded copies held)
+            sync = micro == cfg.grad_accum - 1 or strategy != "ddp"
             with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
                 losses = ddp(batch, stage)
                 (losses["loss"] / cfg.grad_accum).backward()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
         for group in clip_groups:
-            torch.nn.utils.clip_grad_norm_(group, 1.0)
+            distributed.clip_grad_norm_(group, 1.0)
         opt.step()
+        # what each rank holds (weights, grads, AdamW state, head), logged on a stage's first step
+        state_bytes = distributed.local_state_bytes(model, opt) if step == step0 else None
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        positions, rank_indices = [position], [indices]
+        positions, rank_indices, rank_bytes = [position], [indices], [state_bytes]
         if world > 1:  # every rank's stream position (for resume) and samples (for the log)
             gathered: list = [None] * world
-            dist.all_gather_object(gathered, (position, indices))
-            positions, rank_indices = [g[0] for g in gathered], [g[1] for g in gathered]
+            dist.all_gather_object(gathered, (position, indices, state_bytes))
+            positions, rank_indices, rank_bytes = ([g[0] for g in gathered], [g[1] for g in gathered],
+                                                   [g[2] for g in gathered])
         record = {"stage": stage, "step": step + 1, "lr": lr_at(step), **sums, "tokens_per_s": tokens * world / dt,
                   "data_wait_frac": (stream.wait_s - wait0) / dt, "position": position, "sample_indices": indices}
         if world > 1:
             record |= {"rank_positions": positions, "rank_sample_indices": rank_indices}
+        if state_bytes is not None:
+            record["rank_state_bytes"] = rank_bytes
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             log.log(record)
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()} | {"tok/s": f"{record['tokens_per_s']:.0f}"})
         done = step + 1 == total
-        if rank == 0 and (done or (step + 1) % cfg.checkpoint_every == 0):
-            ckpt.save_checkpoint(run_dir, f"stage{stage}-step{step + 1:07d}", student=model.student,
-                                 recalibrator=model.recalibrator if stage in (1, 2) else None, optimizer=opt,
-                                 state={"stage": stage, "step": step + 1, "position": position, "positions": positions,
-                                        "world_size": world, "stage_done": done, "metrics_lines": log.lines,
-                                        "elapsed_s": time.perf_counter() - t_stage})
+        if done or (step + 1) % cfg.checkpoint_every == 0:
+            name = f"stage{stage}-step{step + 1:07d}"
+            state = {"stage": stage, "step": step + 1, "position": position, "positions": positions,
+                     "world_size": world, "stage_done": done, "metrics_lines": log.lines,
+                     "elapsed_s": time.perf_counter() - t_stage}
+            if strategy == "fsdp":  # every rank writes its shards
+                sharded.save(run_dir, name, model=model, optimizer=opt, state=state)
+            elif rank == 0:
+                ckpt.save_checkpoint(run_dir, name, student=model.student,
+                                     recalibrator=model.recalibrator if stage in (1, 2) else None, optimizer=opt,
+                                     state=state)
         if world > 1:
             dist.barrier()
     bar.close()

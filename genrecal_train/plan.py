@@ -1,0 +1,286 @@
+"""Memory plan: what one GPU holds while training GenRecal, per strategy, before buying anything.
+
+Built from a student config alone: the student and the Recalibrator are instantiated on the meta
+device (shapes, no memory) and the stage-2 trainable set (the largest: student body +
+Recalibrator) is taken from `GenRecal.set_stage`, as the trainer does. Per GPU:
+
+    weights     ddp: every parameter, fp32.  fsdp: rank 0's shard of every parameter, fp32
+                (FSDP pads every rank's shard to rank 0's size: rows = ceil(rows / world)).
+    grads       the trainable parameters, as the weights (ddp also keeps a bucket copy).
+    optimizer   AdamW exp_avg + exp_avg_sq (fp32, the unpadded local shard) + a 4-byte step each.
+    head        the frozen teacher head [vocab x d_teacher] + its norm: fp32 (ddp) or param dtype (fsdp).
+    gathered    fsdp only: the root unit (embeddings, lm_head, projections) and two decoder layers
+                (one prefetched) all-gathered in the param dtype, with their unsharded grads.
+    activations an estimate of what the forward keeps for backward plus the largest transient
+                (see `activation_bytes`).
+
+weights/grads/optimizer/head are exact: tests/test_plan.py compares them with the local shards
+of a real FSDP run. With --cpu-offload the first three live in host memory instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Qwen2-VL-7B-Instruct's config (Hugging Face hub, config.json), written out so a plan needs no download.
+QWEN2_VL_7B = {
+    "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "image_token_id": 151655,
+    "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "tie_word_embeddings": False,
+    "text_config": {"model_type": "qwen2_vl_text", "hidden_size": 3584, "intermediate_size": 18944,
+                    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                    "vocab_size": 152064, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+                    "max_position_embeddings": 32768, "tie_word_embeddings": False,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                        "mrope_section": [16, 24, 24]}},
+    "vision_config": {"model_type": "qwen2_vl_vision", "depth": 32, "embed_dim": 1280, "hidden_size": 3584,
+                      "num_heads": 16, "mlp_ratio": 4, "patch_size": 14, "spatial_merge_size": 2,
+                      "temporal_patch_size": 2, "in_channels": 3, "hidden_act": "quick_gelu"},
+}
+BUILTIN_STUDENTS = {"qwen2-vl-7b": QWEN2_VL_7B}
+BUILTIN_TEACHERS = {"qwen2-vl-72b": (8192, 152064), "qwen2-vl-7b": (3584, 152064), "qwen2-vl-2b": (1536, 151936)}
+GiB = 1024 ** 3
+HEADROOM = 0.9  # of a GPU's memory usable for tensors (CUDA context, allocator fragmentation)
+
+
+@dataclass
+class PlanConfig:
+    student: str  # model folder, config.json, or a builtin name (qwen2-vl-7b)
+    teacher: str  # cache folder, "HIDDENxVOCAB", or a builtin name (qwen2-vl-72b)
+    gpus: int = 1
+    gpu_memory_gb: float = 80.0
+    batch_size: int = 1  # per GPU
+    max_len: int = 2048  # student tokens per sample (the teacher's are taken as the same)
+    answer_frac: float = 0.25  # share of the tokens that are answer tokens (teacher-head losses)
+    recal_layers: int = 2
+    loss_chunk: int = 512
+    param_dtype: str = "bfloat16"
+
+
+@dataclass
+class Sizes:
+    """Per-GPU bytes of one configuration."""
+    name: str
+    weights: int
+    grads: int
+    optimizer: int
+    head: int
+    gathered: int
+    activations: int
+    offloaded: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gpu_total(self) -> int:
+        on_gpu = self.head + self.gathered + self.activations
+        return on_gpu if self.offloaded else on_gpu + self.weights + self.grads + self.optimizer
+
+    @property
+    def host_total(self) -> int:
+        return self.weights + self.grads + self.optimizer if self.offloaded else 0
+
+
+# ---- the model, on the meta device ----------------------------------------------------------------
+
+def student_config(spec: str):
+    from transformers import AutoConfig, PretrainedConfig
+
+    if spec.lower() in BUILTIN_STUDENTS:
+        data = copy.deepcopy(BUILTIN_STUDENTS[spec.lower()])
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            return AutoConfig.from_pretrained(path)
+        if not path.is_file():
+            raise ValueError(f"--student {spec}: not a model folder, config.json or builtin "
+                             f"({', '.join(BUILTIN_STUDENTS)})")
+        data = json.loads(path.read_text())
+    cls = AutoConfig.for_model(data["model_type"]).__class__
+    cfg: PretrainedConfig = cls(**{k: v for k, v in data.items() if k != "model_type"})
+    return cfg
+
+
+def teacher_dims(spec: str) -> tuple[int, int]:
+    """(hidden, vocab) of the teacher head: from a cache's manifest, 'HIDDENxVOCAB' or a builtin."""
+    if spec.lower() in BUILTIN_TEACHERS:
+        return BUILTIN_TEACHERS[spec.lower()]
+    if "x" in spec and all(p.isdigit() for p in spec.lower().split("x")):
+        h, v = spec.lower().split("x")
+        return int(h), int(v)
+    from genrecal_cache.reader import TeacherCache
+
+    m = TeacherCache.open(spec).manifest
+    return m.hidden_size, m.vocab_size
+
+
+def meta_model(student_cfg, d_teacher: int, vocab: int, recal_layers: int):
+    """GenRecal on the meta device (no memory), stage-2 trainable set applied."""
+    import transformers
+
+    from genrecal_cache.families import adapter_for
+    from genrecal_cache.head import HeadConfig, TeacherHead
+    from genrecal_train.config import TrainConfig
+    from genrecal_train.model import GenRecal
+
+    adapter = adapter_for(student_cfg)
+    with torch.device("meta"):
+        student = getattr(transformers, adapter.model_class_name)._from_config(student_cfg)
+        head = TeacherHead(HeadConfig(hidden_size=d_teacher, vocab_size=vocab), torch.empty(d_teacher),
+                           torch.empty(vocab, d_teacher))
+        model = GenRecal(student, adapter, head, TrainConfig(recal_layers=recal_layers))
+    model.set_stage(2)
+    return model
+
+
+# ---- exact state sizes ----------------------------------------------------------------------------
+
+def _rows(n: int, world: int, rank: int) -> tuple[int, int]:
+    """(rows held, rows allocated) of a dim-0 size-n parameter on `rank`: torch.chunk's split, each
+    rank's storage padded to rank 0's chunk (FSDP2's layout)."""
+    chunk = math.ceil(n / world) if n else 0
+    return max(0, min(chunk, n - rank * chunk)), min(chunk, n)
+
+
+def state_bytes(model: nn.Module, strategy: str, world: int, rank: int = 0,
+                param_dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Exact per-rank bytes of weights, grads, optimizer state and teacher head (fp32 master weights)."""
+    w = g = o = 0
+    for p in model.parameters():
+        rest = p[0].numel() if p.dim() else 1
+        if strategy == "fsdp":
+            held, alloc = _rows(p.shape[0] if p.dim() else 1, world, rank)
+        else:
+            held = alloc = p.shape[0] if p.dim() else 1
+        w += alloc * rest * 4
+        if p.requires_grad:
+            g += alloc * rest * 4
+            o += held * rest * 8 + 4  # exp_avg, exp_avg_sq, step
+    head_dtype = param_dtype if strategy == "fsdp" else torch.float32
+    head = sum(b.numel() for b in model.head.buffers()) * head_dtype.itemsize
+    return {"params": w, "grads": g, "optimizer": o, "head": head}
+
+
+# ---- activations ----------------------------------------------------------------------------------
+
+def _layer_token_bytes(text_cfg, b: int) -> int:
+    """Bytes a Llama/Qwen2-style decoder layer keeps for backward per token: input + norm outputs
+    (~6 x d), q and attention output (2 x d), k and v (2 x kv), the MLP's gate, up, act and product
+    (4 x ffn); attention itself with a fused kernel (flash / memory-efficient) keeps O(L), not O(L^2)."""
+    d, ff = text_cfg.hidden_size, text_cfg.intermediate_size
+    heads = text_cfg.num_attention_heads
+    head_dim = getattr(text_cfg, "head_dim", None) or d // heads
+    kv = text_cfg.num_key_value_heads * head_dim
+    return (8 * d + 2 * kv + 4 * ff) * b
+
+
+def activation_bytes(model: nn.Module, tokens: int, rec_tokens: int, answer_tokens: int, loss_chunk: int,
+                     checkpointing: bool, b: int) -> int:
+    """Stage 2, one micro-batch: what the student's and the Recalibrator's layers keep for backward
+    (all of it, or with checkpointing only each layer's input plus one layer recomputed), plus the
+    largest transient: one loss chunk's fp32 logits, log-probabilities and their gradient (student
+    vocabulary for L_s; the teacher head, twice, for the answer losses).
+
+    `tokens`: the student's padded batch x length; `rec_tokens`: the Recalibrator's, both passes
+    (padded batch x (question + answer) length, twice); `answer_tokens`: answer tokens of the batch."""
+    text = model.adapter.text_config(model.student)
+    n_layers, d = text.num_hidden_layers, text.hidden_size
+    per_tok = _layer_token_bytes(text, b)
+    if checkpointing:
+        kept = (n_layers * tokens + model.cfg.recal_layers * rec_tokens) * d * b + max(tokens, rec_tokens) * per_tok
+    else:
+        kept = (n_layers * tokens + model.cfg.recal_layers * rec_tokens) * per_tok
+    v_s = model.adapter.lm_head(model.student).weight.shape[0]
+    transient = max(min(loss_chunk, tokens) * v_s * 4 * 3,
+                    min(loss_chunk, answer_tokens) * model.head.vocab_size * 4 * 6)
+    return kept + transient
+
+
+def plan_activation_bytes(model: nn.Module, cfg: PlanConfig, checkpointing: bool, b: int) -> int:
+    """`activation_bytes` for batches of `cfg.batch_size` samples of `cfg.max_len` tokens (teacher
+    sequences taken as long as the student's; `answer_frac` of them answer)."""
+    tokens = cfg.batch_size * cfg.max_len
+    return activation_bytes(model, tokens, 2 * tokens, max(1, int(tokens * cfg.answer_frac)), cfg.loss_chunk,
+                            checkpointing, b)
+
+
+def _gathered_bytes(model: nn.Module, b: int) -> int:
+    from genrecal_train.distributed import fsdp_units
+
+    units = fsdp_units(model)
+    in_units = {id(p) for u in units for p in u.parameters()}
+    root = sum(p.numel() for p in model.parameters() if id(p) not in in_units)
+    largest = max(sum(p.numel() for p in u.parameters()) for u in units)
+    return (root + 2 * largest) * b + (root + largest) * (b + 4)
+
+
+# ---- the plan -------------------------------------------------------------------------------------
+
+def plan(cfg: PlanConfig) -> tuple[list[Sizes], dict]:
+    from genrecal_train.distributed import param_dtype as to_dtype
+
+    d_t, vocab = teacher_dims(cfg.teacher)
+    model = meta_model(student_config(cfg.student), d_t, vocab, cfg.recal_layers)
+    pdt = to_dtype(cfg.param_dtype)
+    info = {"params": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "teacher_head": [vocab, d_t]}
+    out = []
+    ddp = state_bytes(model, "ddp", cfg.gpus)
+    out.append(Sizes("ddp fp32", ddp["params"], 2 * ddp["grads"], ddp["optimizer"], ddp["head"], 0,
+                     plan_activation_bytes(model, cfg, False, 4), notes=["grads x2: DDP's bucket copy"]))
+    fs = state_bytes(model, "fsdp", cfg.gpus, 0, pdt)
+    gathered = _gathered_bytes(model, pdt.itemsize)
+    for offload in (False, True):  # in order of preference: offload costs more time than recomputation
+        for ckpt in (False, True):
+            act = plan_activation_bytes(model, cfg, ckpt, pdt.itemsize)
+            name = f"fsdp {cfg.param_dtype}" + (" +ckpt" if ckpt else "") + (" +offload" if offload else "")
+            out.append(Sizes(name, fs["params"], fs["grads"], fs["optimizer"], fs["head"], gathered, act,
+                             offloaded=offload))
+    return out, info
+
+
+def advice(sizes: list[Sizes], cfg: PlanConfig) -> list[str]:
+    budget = cfg.gpu_memory_gb * GiB * HEADROOM
+    fits = [s for s in sizes if s.gpu_total <= budget]
+    if fits:
+        best = fits[0]
+        flags = {"ddp fp32": "--strategy ddp"}.get(best.name, "--strategy fsdp" + (
+            " --gradient-checkpointing" if "ckpt" in best.name else "") + (" --cpu-offload" if "offload" in best.name
+                                                                          else ""))
+        return [f"fits: {best.name} ({flags}), {best.gpu_total / GiB:.1f} of {cfg.gpu_memory_gb:g} GB per GPU"]
+    tips = ["does not fit in any configuration; what to change:"]
+    tightest = min(sizes, key=lambda s: s.gpu_total)
+    if tightest.activations > 0.3 * budget:
+        tips.append(f"- activations are {tightest.activations / GiB:.1f} GB: lower --batch-size (keep the global "
+                    "batch with --grad-accum) or --max-len")
+    if tightest.head > 0.3 * budget:
+        tips.append(f"- the teacher head alone is {tightest.head / GiB:.1f} GB")
+    state = sizes[1].weights + sizes[1].grads + sizes[1].optimizer
+    tips.append(f"- more GPUs: fsdp state is {state / GiB:.1f} GB per GPU at {cfg.gpus}, ~{state * cfg.gpus / GiB:.0f} GB "
+                "in total, divided by the number of GPUs")
+    tips.append("- bigger GPUs, or --cpu-offload with enough host memory")
+    return tips
+
+
+def format_plan(sizes: list[Sizes], info: dict, cfg: PlanConfig) -> str:
+    gb = lambda x: f"{x / GiB:8.2f}"  # noqa: E731
+    lines = [f"student {cfg.student}: {info['params'] / 1e9:.2f}B parameters, {info['trainable'] / 1e9:.2f}B trained "
+             f"in stage 2 (with the Recalibrator); teacher head {info['teacher_head'][0]} x {info['teacher_head'][1]}",
+             f"{cfg.gpus} GPU(s) x {cfg.gpu_memory_gb:g} GB, batch {cfg.batch_size} per GPU x {cfg.max_len} tokens; "
+             f"GB per GPU (usable: {HEADROOM:.0%}):",
+             f"{'configuration':32s}{'weights':>9s}{'grads':>9s}{'optim':>9s}{'head':>9s}{'gather':>9s}"
+             f"{'activ':>9s}{'GPU':>9s}{'host':>9s}  fits"]
+    budget = cfg.gpu_memory_gb * GiB * HEADROOM
+    for s in sizes:
+        lines.append(f"{s.name:32s}{gb(s.weights)} {gb(s.grads)} {gb(s.optimizer)} {gb(s.head)} {gb(s.gathered)} "
+                     f"{gb(s.activations)} {gb(s.gpu_total)} {gb(s.host_total)}  "
+                     f"{'yes' if s.gpu_total <= budget else 'no'}")
+    lines += advice(sizes, cfg)
+    return "\n".join(lines)
