@@ -125,7 +125,7 @@ def meta_model(student_cfg, d_teacher: int, vocab: int, recal_layers: int):
     import transformers
 
     from genrecal_cache.families import adapter_for
-    from genrecal_cache.head import HeadConfig, TeacherHead
+    from genrecal_cache.format.head import HeadConfig, TeacherHead
     from genrecal_train.config import TrainConfig
     from genrecal_train.model import GenRecal
 
