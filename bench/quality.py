@@ -112,7 +112,7 @@ class Setup:
     w_uld: float = 1.0
     max_new_tokens: int = 40  # greedy answer length limit at evaluation (the clause answers are long)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    arms: list[str] = field(default_factory=lambda: ["sft", "sft_warmup", "genrecal", "genrecal_noreg"])
+    arms: list[str] = field(default_factory=lambda: ["sft", "sft_warmup", "genrecal", "genrecal_noreg", "genrecal_paper"])
 
 
 # Knobs of the arm runs only: a finished run is redone when they change (its settings are compared).
