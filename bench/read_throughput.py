@@ -40,7 +40,7 @@ import torch
 from genrecal_cache.fidelity import synthetic_post_norm_states
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.reader import TeacherCache
-from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord
+from genrecal_cache.writer import CacheWriter, SampleArrays, SampleRecord
 
 
 def machine() -> str:

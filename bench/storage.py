@@ -42,7 +42,7 @@ from genrecal_cache.fidelity import ExactReference, SyntheticTeacher, topk_fidel
 from genrecal_cache.format.head import TeacherHead
 from genrecal_cache.info import summarize
 from genrecal_cache.reader import TeacherCache
-from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord
+from genrecal_cache.writer import CacheWriter, SampleArrays, SampleRecord
 from genrecal_cache.verify import verify
 
 CODECS = ("bf16", "fp8", "ecq")

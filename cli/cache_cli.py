@@ -104,7 +104,7 @@ def plan(tokens: int = typer.Option(..., help="Teacher tokens the cache will hol
     """Estimate the size of a cache before extracting it (same layout and codecs as the writer)."""
     import json as _json
 
-    from genrecal_cache.store import estimate_cache_size
+    from genrecal_cache.plan import estimate_cache_size
 
     try:
         est = estimate_cache_size(tokens, hidden_size, vocab, topk, codec, samples, text_bytes_per_sample=text_bytes,

@@ -22,7 +22,7 @@ from genrecal_cache.data import ImageError, Sample, decode_image, read_samples
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter_for
 from genrecal_cache.format.manifest import Manifest, identity, identity_diff, sha256_text
 from genrecal_cache.io.prefetch import prefetch
-from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord
+from genrecal_cache.writer import CacheWriter, SampleArrays, SampleRecord
 
 __all__ = ["ExtractConfig", "count_samples", "extract", "make_backend", "pick_backend"]
 

@@ -26,11 +26,20 @@ import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import MemoryStore
 
+from .format.layout import ROW_GROUP_IMAGE_BYTES, ROW_GROUP_ROWS, SAMPLES_SCHEMA, create_feature_arrays
+from .format.manifest import FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, identity_diff, sha256_file
 from .io.durable import fsync_path, rename_durable, write_synced
 
 PROGRESS_NAME = "_progress.json"
@@ -117,9 +126,13 @@ def is_journal(rel: str) -> bool:
     return rel.split("/", 1)[0] in JOURNAL_NAMES
 
 
+class CacheWriteError(RuntimeError):
+    """Writing the cache failed (raised in the caller, also for failures in the writer thread)."""
+
+
 class JournalMixin:
-    """The commit protocol of `CacheWriter` (store.py): opening/resuming a directory, commits, and
-    consolidating the committed rows at close. Kept here so store.py holds the format, this the protocol.
+    """The commit protocol of `CacheWriter` (writer.py): opening/resuming a directory, commits, and
+    consolidating the committed rows at close. Kept here so writer.py holds the writing, this the protocol.
 
     Expects from the writer: out_dir, layout, codec, hidden_size, topk, embed_images, _teacher, _meta,
     _counts, _store, _arrays, _buf, _filled, _written, _rows, _row_image_bytes, _ids, _n_rows.
@@ -131,9 +144,6 @@ class JournalMixin:
     def _journal_open(self, head: Any, resume: bool) -> dict[str, Any] | None:
         """Create the directory (fresh) or check that it can be resumed; saves the head. Returns the
         last commit when resuming, else None."""
-        from .format.manifest import HEAD_NAME, MANIFEST_NAME, identity_diff, sha256_file
-        from .store import CacheWriteError
-
         out = self.out_dir
         if (out / MANIFEST_NAME).exists():
             if resume:  # a crash right after the manifest: the cache is complete, the journal is a leftover
@@ -186,15 +196,6 @@ class JournalMixin:
     def _journal_reopen_features(self, progress: dict[str, Any]) -> None:
         """Resume: drop everything in features.zarr the last commit does not hold (shards written after
         it, zarr's temporary files), rewrite the array metadata for the committed length, reopen."""
-        from zarr.core.buffer import default_buffer_prototype
-        from zarr.core.sync import sync
-        from zarr.storage import MemoryStore
-
-        import zarr
-
-        from .format.manifest import FEATURES_NAME
-        from .store import create_feature_arrays
-
         shards: dict[str, str] = {}
         for seq in range(1, progress["seq"] + 1):
             shards.update(self._record(seq)["shards"])
@@ -221,10 +222,6 @@ class JournalMixin:
 
     def _journal_restore(self, progress: dict[str, Any]) -> None:
         """Resume: writer state as of the last commit; delete uncommitted journal files."""
-        import pyarrow.parquet as pq
-
-        from .format.manifest import MANIFEST_NAME, SAMPLES_NAME
-
         out = self.out_dir
         self._seq = progress["seq"]
         self._counts = dict(progress["counts"])  # type: ignore[assignment]
@@ -278,23 +275,12 @@ class JournalMixin:
     def _maybe_commit(self) -> None:
         """After a sample is written: commit when a shard was written since the last commit (and
         `commit_seconds` have passed), or when many rows wait (long runs of error rows)."""
-        import time
-
-        from .store import ROW_GROUP_IMAGE_BYTES, ROW_GROUP_ROWS
-
         shard_done = self._written > getattr(self, "_committed_written", 0)  # a shard file since the last commit
         many_rows = len(self._rows) >= 16 * ROW_GROUP_ROWS or self._row_image_bytes >= 4 * ROW_GROUP_IMAGE_BYTES
         if (shard_done and time.monotonic() - self._last_commit >= self.commit_seconds) or many_rows:
             self._commit()
 
     def _commit(self) -> None:
-        import time
-
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from .format.manifest import FEATURES_NAME
-        from .store import SAMPLES_SCHEMA
 
         out, seq = self.out_dir, self._seq + 1
         feat = out / FEATURES_NAME
@@ -334,12 +320,6 @@ class JournalMixin:
         """samples.parquet from the committed parts + the rows not committed yet, in row groups of up to
         ROW_GROUP_ROWS rows (cut early at ROW_GROUP_IMAGE_BYTES of images): the same file whether or
         not the run was interrupted. Written to a temporary name, fsynced, renamed."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from .format.manifest import SAMPLES_NAME
-        from .store import ROW_GROUP_IMAGE_BYTES, ROW_GROUP_ROWS, SAMPLES_SCHEMA
-
         out = self.out_dir
         tmp = out / (SAMPLES_NAME + ".tmp")
         writer = pq.ParquetWriter(str(tmp), SAMPLES_SCHEMA, compression="zstd")
@@ -368,8 +348,6 @@ class JournalMixin:
 
     def _journal_remove(self) -> None:
         """After the manifest is in place: the journal is no longer needed."""
-        import shutil
-
         kill_point("manifest-written")
         (self.out_dir / PROGRESS_NAME).unlink(missing_ok=True)
         shutil.rmtree(self.out_dir / COMMITS_DIR, ignore_errors=True)

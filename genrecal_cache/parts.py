@@ -286,7 +286,7 @@ def merge(src: str | os.PathLike, out: str | os.PathLike, storage_options: dict[
     the same order (the global index), the same features. Hidden states are re-encoded with the same
     codec: bit-exact for bf16 and fp32 (their decoded values are exactly representable)."""
     from .reader import TeacherCache
-    from .store import CacheWriter, SampleArrays, SampleRecord
+    from .writer import CacheWriter, SampleArrays, SampleRecord
 
     cache = TeacherCache.open(src, storage_options)
     m = cache.manifest

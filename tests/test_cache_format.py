@@ -25,7 +25,8 @@ import torch
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError, Manifest, sha256_bytes
 from genrecal_cache.reader import TeacherCache
-from genrecal_cache.store import CacheWriteError, CacheWriter, SampleArrays, SampleRecord, plan_layout
+from genrecal_cache.format.layout import plan_layout
+from genrecal_cache.writer import CacheWriteError, CacheWriter, SampleArrays, SampleRecord
 from genrecal_cache.verify import verify
 
 D, V, K = 32, 300, 4

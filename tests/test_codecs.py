@@ -21,7 +21,9 @@ from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.info import summarize
 from genrecal_cache.format.manifest import CacheFormatError, Manifest, sha256_bytes
 from genrecal_cache.reader import TeacherCache
-from genrecal_cache.store import CacheWriter, SampleArrays, SampleRecord, estimate_cache_size, plan_layout
+from genrecal_cache.format.layout import plan_layout
+from genrecal_cache.plan import estimate_cache_size
+from genrecal_cache.writer import CacheWriter, SampleArrays, SampleRecord
 from genrecal_cache.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]

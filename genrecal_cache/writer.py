@@ -21,7 +21,6 @@ import asyncio
 import datetime as _dt
 import hashlib
 import json
-import math
 import os
 import queue
 import threading
@@ -30,58 +29,25 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import numpy as np
-import pyarrow as pa
 import torch
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
 from . import __version__
-from .format.codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, describe_chain, hidden_codec as get_hidden_codec
+from .format.codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, hidden_codec as get_hidden_codec
 from .format.head import TeacherHead
-from .io.durable import atomic_write
-from .journal import JournalMixin, is_journal, kill_point
+from .format.layout import create_feature_arrays, plan_layout
 from .format.manifest import (
-    ARRAY_NAMES, FEATURES_NAME, FORMAT_VERSION, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, ArraySpec, CacheFormatError,
-    Counts, Manifest, TeacherInfo, answer_spans, sha256_file,
+    FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, ArraySpec, CacheFormatError, Counts, Manifest, TeacherInfo,
+    answer_spans, sha256_file,
 )
+from .io.durable import atomic_write
+from .journal import CacheWriteError, JournalMixin, is_journal, kill_point
 
-__all__ = ["CacheWriteError", "CacheWriter", "Layout", "MAX_SHARD_DECODED_BYTES", "ROW_GROUP_IMAGE_BYTES",
-           "ROW_GROUP_ROWS", "SAMPLES_SCHEMA", "SMALL_CODEC", "SampleArrays", "SampleRecord", "SizeEstimate",
-           "TARGET_CHUNK_BYTES", "TARGET_SHARD_BYTES", "create_feature_arrays", "estimate_cache_size", "plan_layout",
-           "sync_get"]
+__all__ = ["CacheWriteError", "CacheWriter", "SampleArrays", "SampleRecord"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
-
-# Codec choice, measured on synthetic post-final-norm states (student-t per channel, lognormal
-# norm weights, 6 outlier channels; bf16), one 4 MiB chunk, one core, numcodecs 0.16 (numbers
-# and method in docs/cache-format.md):
-#   d=8192 bf16:  zstd-1 1.25x (165 MB/s enc, 285 dec) | zstd-9 1.25x (47 enc)
-#                 blosc-lz4 shuffle 1.05x | blosc-zstd-1 bitshuffle 1M 1.27x (346 enc, 754 dec)
-#                 blosc-zstd-1 shuffle auto-block 1.25x | 256 KiB blocks 1.41x (184 enc, 743 dec)
-#                 blosc-zstd-1 shuffle 1 MiB blocks 1.43x (206 enc, 1018 dec)  <- chosen
-#                 blosc-zstd-5 shuffle 1.38x but 20 MB/s enc (too slow for extraction)
-#   topk_ids int32:      zstd-1 1.44x, blosc-zstd-1 shuffle 1.69x, bitshuffle 1.76-1.80x  <- chosen
-#   topk_logprobs f32:   zstd-1 1.20x, blosc-zstd-1 shuffle 1.35x, bitshuffle 1.41-1.45x  <- chosen
-# Byte shuffle isolates the bf16 sign/exponent byte (compressible) from the mantissa byte (noise);
-# bigger blosc blocks give zstd's entropy coder enough of that byte stream to pay off.
-# The chain of `hidden` comes from its codec (genrecal_cache/format/codecs.py; bf16: the one above).
-SMALL_CODEC = dict(cname="zstd", clevel=1, shuffle="bitshuffle", blocksize=1 << 20)
-
-TARGET_CHUNK_BYTES = 4 << 20     # inner chunk: the unit of decompression and of partial reads
-TARGET_SHARD_BYTES = 128 << 20   # shard: one file; large enough to keep file counts low
-# A reader decodes a shard's worth of `hidden` per read group (float32 for fp8/ecq: 4x their stored
-# size): cap that so the trainer's prefetch stays within a few hundred MB.
-MAX_SHARD_DECODED_BYTES = 256 << 20
-ROW_GROUP_ROWS = 256
-# Readers fetch images a row group at a time; with big images, cutting groups at 16 MiB keeps a
-# shuffled read of one shard's ~10-30 samples from pulling in far more image bytes than it uses.
-ROW_GROUP_IMAGE_BYTES = 16 << 20
-
-
-class CacheWriteError(RuntimeError):
-    """Writing the cache failed (raised in the caller, also for failures in the writer thread)."""
 
 
 @dataclass
@@ -106,79 +72,6 @@ class SampleArrays:
     topk_logprobs: ArrayLike   # [L, k] float
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Token-axis chunking of every array. All arrays share `shard_tokens`, so shard s holds
-    tokens [s*S, (s+1)*S) in every array and a reader needs one shard per array per range."""
-    shard_tokens: int
-    chunk_tokens: dict[str, int]
-
-
-def plan_layout(hidden_size: int, topk: int, hidden_codec: str = DEFAULT_HIDDEN_CODEC, *,
-                shard_tokens: int | None = None, chunk_tokens: int | None = None) -> Layout:
-    """Shard/chunk lengths (tokens) from the bytes per token of `hidden`, which dominates the cache.
-
-    Default: powers of two with hidden inner chunks <= 4 MiB (as encoded, before compression),
-    shards <= 128 MiB, and at most 256 MiB of decoded `hidden` per shard (d=8192 bf16: 256-token
-    chunks, 8192-token shards; d=3584 bf16: 512 / 16384; d=8192 fp8 or ecq: 256 / 8192).
-    Smaller arrays get the largest inner chunk <= 4 MiB that divides the shard (often the whole
-    shard). `hidden_codec` also takes the old names 'bfloat16' and 'float32'.
-    """
-    codec = get_hidden_codec(hidden_codec)
-    row = {"token_ids": 4, "answer_mask": 1, "hidden": max(1, math.ceil(codec.row_bytes(hidden_size))),
-           "topk_ids": 4 * topk, "topk_logprobs": 4 * topk}
-    decoded_row = hidden_size * np.dtype(codec.stored_dtype).itemsize
-    pow2_floor = lambda n: 1 << max(0, int(n).bit_length() - 1)  # noqa: E731
-    if chunk_tokens is None:
-        chunk_tokens = pow2_floor(max(1, TARGET_CHUNK_BYTES // row["hidden"]))
-        if shard_tokens is not None:  # must divide the requested shard: largest divisor not above it
-            chunk_tokens = max(c for c in range(1, min(chunk_tokens, shard_tokens) + 1) if shard_tokens % c == 0)
-    if shard_tokens is None:
-        per_shard = min(TARGET_SHARD_BYTES // (chunk_tokens * row["hidden"]),
-                        MAX_SHARD_DECODED_BYTES // (chunk_tokens * decoded_row))
-        shard_tokens = chunk_tokens * pow2_floor(max(1, per_shard))
-    if chunk_tokens < 1 or shard_tokens < 1 or shard_tokens % chunk_tokens:
-        raise ValueError(f"shard_tokens ({shard_tokens}) must be a positive multiple of chunk_tokens ({chunk_tokens})")
-    chunks = {}
-    for name in ARRAY_NAMES:
-        n = shard_tokens // chunk_tokens
-        # multiples of the hidden chunk that divide the shard, largest within the byte budget
-        fits = [chunk_tokens * j for j in range(1, n + 1) if n % j == 0 and chunk_tokens * j * row[name] <= TARGET_CHUNK_BYTES]
-        chunks[name] = chunk_tokens if name == "hidden" else max(fits, default=chunk_tokens)
-    return Layout(shard_tokens, chunks)
-
-
-def create_feature_arrays(group: zarr.Group, layout: Layout, codec: HiddenCodec, hidden_size: int, topk: int
-                          ) -> tuple[dict[str, zarr.Array], dict[str, ArraySpec]]:
-    """The five empty feature arrays (token axis first, sharded, compressed) and their manifest specs.
-    Used by the writer and by `estimate_cache_size`, so an estimate compresses exactly as a cache does."""
-    stored = {"token_ids": ("int32", []), "answer_mask": ("bool", []), "hidden": (codec.stored_dtype, [hidden_size]),
-              "topk_ids": ("int32", [topk]), "topk_logprobs": ("float32", [topk])}
-    arrays, specs = {}, {}
-    S = layout.shard_tokens
-    for name in ARRAY_NAMES:
-        dtype, tail = stored[name]
-        c = layout.chunk_tokens[name]
-        if name == "hidden":
-            serializer, compressor, attributes = codec.serializer(), codec.compressor(), codec.attributes
-            logical = codec.logical_dtype
-        else:
-            serializer, compressor, attributes = "auto", BloscCodec(typesize=np.dtype(dtype).itemsize, **SMALL_CODEC), {}
-            logical = dtype
-        arrays[name] = group.create_array(
-            name, shape=(0, *tail), dtype=dtype, chunks=(c, *tail), shards=(S, *tail), serializer=serializer,
-            # crc32c on every inner chunk: a reader notices a flipped byte as it reads (blosc has no checksum)
-            compressors=(compressor, Crc32cCodec()), fill_value=0,
-            dimension_names=("token", *(["hidden"] if name == "hidden" else ["k"] if tail else [])),
-            attributes=attributes,
-            # every shard file exists even when all-zero (e.g. an answer_mask shard without answers),
-            # so the set of files is a function of T alone and a missing one is always a fault
-            config={"write_empty_chunks": True})
-        specs[name] = ArraySpec(dtype=logical, stored_dtype=dtype, shape_tail=list(tail), chunk_tokens=c,
-                                shard_tokens=S, codec=describe_chain(arrays[name]))
-    return arrays, specs
-
-
 class _HashingLocalStore(LocalStore):
     """LocalStore that records the sha256 of every value it writes (zarr writes atomically, so the
     last recorded digest is the file's) and refuses to write any shard file twice."""
@@ -190,7 +83,7 @@ class _HashingLocalStore(LocalStore):
     async def _set(self, key: str, value: Buffer, exclusive: bool = False) -> None:
         if key in self.digests and not key.endswith("zarr.json"):
             raise CacheWriteError(f"{FEATURES_NAME}/{key} would be rewritten; shard writes must be "
-                                  f"shard-aligned (this is a bug in genrecal_cache.store)")
+                                  f"shard-aligned (this is a bug in genrecal_cache.writer)")
         digest = await asyncio.to_thread(lambda: hashlib.sha256(value.as_buffer_like()).hexdigest())
         await super()._set(key, value, exclusive=exclusive)
         self.digests[key] = digest
@@ -461,15 +354,6 @@ class CacheWriter(JournalMixin):
         return dict(sorted(sums.items()))
 
 
-SAMPLES_SCHEMA = pa.schema(
-    [("index", pa.int64()), ("id", pa.string()), ("status", pa.string()), ("error", pa.string()),
-     ("token_offset", pa.int64()), ("num_tokens", pa.int64()),
-     ("answer_spans", pa.list_(pa.list_(pa.int64()))),  # [[start, end), ...] relative to the sample
-     ("messages", pa.string()), ("images", pa.list_(pa.binary())), ("image_refs", pa.list_(pa.string())),
-     ("extra", pa.string())],
-    metadata={"genrecal_format_version": str(FORMAT_VERSION)})
-
-
 def _to_numpy(x: ArrayLike) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
@@ -486,149 +370,3 @@ def _as_int32(x: ArrayLike, sid: str, name: str, vocab_size: int) -> np.ndarray:
     return a.astype(np.int32, copy=False)
 
 
-# ---- size planning ---------------------------------------------------------------------------------------
-
-@dataclass
-class SizeEstimate:
-    """What a cache of `tokens` tokens would take on disk (see `estimate_cache_size`)."""
-    tokens: int
-    samples: int
-    hidden_size: int
-    vocab_size: int
-    topk: int
-    hidden_codec: str
-    layout: Layout
-    arrays: dict[str, dict[str, float]]  # per array: raw/stored bytes per token, ratio, bytes, shards
-    head_bytes: int
-    samples_bytes: int                   # samples.parquet
-    metadata_bytes: int                  # zarr.json files + manifest
-    files: int
-
-    @property
-    def features_bytes(self) -> int:
-        return int(sum(a["bytes"] for a in self.arrays.values()))
-
-    @property
-    def total_bytes(self) -> int:
-        return self.features_bytes + self.head_bytes + self.samples_bytes + self.metadata_bytes
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "samples": self.samples, "hidden_size": self.hidden_size,
-                "vocab_size": self.vocab_size, "topk": self.topk, "hidden_codec": self.hidden_codec,
-                "shard_tokens": self.layout.shard_tokens, "chunk_tokens": self.layout.chunk_tokens,
-                "arrays": self.arrays, "features_bytes": self.features_bytes, "head_bytes": self.head_bytes,
-                "samples_bytes": self.samples_bytes, "metadata_bytes": self.metadata_bytes, "files": self.files,
-                "total_bytes": self.total_bytes}
-
-    def format(self) -> str:
-        def gib(n: float) -> str:
-            for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
-                if n >= scale:
-                    return f"{n / scale:,.2f} {unit}"
-            return f"{n / 2**10:,.2f} KiB"
-        codec = get_hidden_codec(self.hidden_codec)
-        h = self.arrays["hidden"]
-        lines = [
-            f"plan         {self.tokens:,} tokens, {self.samples:,} samples; hidden {self.hidden_size}, vocab "
-            f"{self.vocab_size:,}, top-k {self.topk}",
-            f"hidden codec {codec.name}: {codec.description}",
-            f"layout       shards of {self.layout.shard_tokens} tokens, hidden chunks of "
-            f"{self.layout.chunk_tokens['hidden']}; {self.files:,} files",
-            "arrays       name            raw B/tok  est. ratio  est. B/tok  est. size",
-        ]
-        for name, a in self.arrays.items():
-            lines.append(f"             {name:<15} {a['raw_bytes_per_token']:>9,.1f}  {a['ratio']:>9.2f}x  "
-                         f"{a['bytes_per_token']:>10,.1f}  {gib(a['bytes'])}")
-        per_tok = self.features_bytes / max(self.tokens, 1)
-        lines += [
-            f"hidden       {h['bytes_per_token'] / (2 * self.hidden_size):.3f}x of raw bf16 "
-            f"({2 * self.hidden_size:,} B/token)",
-            f"features     {gib(self.features_bytes)} ({per_tok:,.1f} B/token)",
-            f"head         {gib(self.head_bytes)} (lm_head {self.vocab_size:,} x {self.hidden_size} + norm)",
-            f"samples      {gib(self.samples_bytes)} (samples.parquet: text and embedded images as given)",
-            f"total        {gib(self.total_bytes)}",
-            "note         compression ratios were measured just now on synthetic LLM-like data (heavy-tailed "
-            "post-norm states with outlier channels, Gaussian-logit top-k, uniform token ids); real "
-            "activations compress differently (bf16 typically 1.3-1.5x), so treat sizes as +-15%.",
-        ]
-        return "\n".join(lines)
-
-
-def estimate_cache_size(tokens: int, hidden_size: int, vocab_size: int, topk: int,
-                        hidden_codec: str = DEFAULT_HIDDEN_CODEC, samples: int | None = None, *,
-                        text_bytes_per_sample: int = 600, image_bytes_per_sample: int = 0,
-                        head_dtype: str = "bfloat16", shard_tokens: int | None = None,
-                        chunk_tokens: int | None = None, seed: int = 0) -> SizeEstimate:
-    """Size of a cache before extracting it: the writer's layout (`plan_layout`), its arrays and
-    codec chains (`create_feature_arrays`), and compression ratios measured by writing one chunk
-    of synthetic LLM-like features through those very arrays (in memory). `samples` defaults to
-    tokens / 512; samples.parquet is estimated from the text and image bytes per sample."""
-    from zarr.storage import MemoryStore
-
-    from .fidelity import synthetic_post_norm_states, synthetic_topk
-
-    if min(tokens, hidden_size, vocab_size, topk) < 1:
-        raise ValueError(f"tokens, hidden_size, vocab_size and topk must be >= 1 (got {tokens}, {hidden_size}, "
-                         f"{vocab_size}, {topk})")
-    if topk > vocab_size:
-        raise ValueError(f"topk ({topk}) cannot exceed vocab_size ({vocab_size})")
-    codec = get_hidden_codec(hidden_codec)
-    samples = max(1, tokens // 512) if samples is None else samples
-    layout = plan_layout(hidden_size, topk, codec.name, shard_tokens=shard_tokens, chunk_tokens=chunk_tokens)
-
-    # measure: one full inner chunk of each array, of synthetic LLM-like data, written through the
-    # writer's own array definitions (in memory): blosc/zstd ratios depend on the chunk size too
-    def synthetic(name: str, n: int) -> np.ndarray:
-        rng = np.random.default_rng(seed)
-        if name == "token_ids":
-            return rng.integers(0, vocab_size, n).astype(np.int32)
-        if name == "answer_mask":  # alternating question/answer spans of random lengths (mean 96 / 32 tokens)
-            lengths = np.stack([rng.geometric(1 / 96, n), rng.geometric(1 / 32, n)], axis=1).reshape(-1)
-            return (np.repeat(np.arange(lengths.size) % 2, lengths)[:n]).astype(bool)
-        if name == "hidden":
-            return codec.to_stored(synthetic_post_norm_states(n, hidden_size, seed=seed))
-        ids, lps = synthetic_topk(n, vocab_size, topk, seed=seed)
-        return ids if name == "topk_ids" else lps
-
-    measured: dict[str, float] = {}
-    raw_rows: dict[str, float] = {}
-    for name in ARRAY_NAMES:
-        n = max(1, min(layout.chunk_tokens[name], 1 << 16))
-        store = MemoryStore()
-        probe = Layout(shard_tokens=n, chunk_tokens={a: n for a in ARRAY_NAMES})
-        a = create_feature_arrays(zarr.open_group(store, mode="w", zarr_format=3), probe, codec, hidden_size,
-                                  topk)[0][name]
-        data = synthetic(name, n)
-        a.resize((n, *a.shape[1:]))
-        a[:] = data
-        key = f"{name}/c/0" + ("/0" if a.ndim == 2 else "")
-        measured[name] = (len(sync_get(store, key)) - 16 - 4 - 4) / n  # minus the index, its crc32c and the chunk's
-        raw_rows[name] = codec.row_bytes(hidden_size) if name == "hidden" else data[0].nbytes
-
-    S = layout.shard_tokens
-    shards = -(-tokens // S)
-    out: dict[str, dict[str, float]] = {}
-    for name in ARRAY_NAMES:
-        index = shards * (16 * (S // layout.chunk_tokens[name]) + 4)
-        nbytes = measured[name] * tokens + index
-        out[name] = {"raw_bytes_per_token": float(raw_rows[name]), "ratio": raw_rows[name] / measured[name],
-                     "bytes_per_token": nbytes / tokens, "bytes": float(nbytes), "shards": shards}
-    itemsize = 2 if head_dtype in ("bfloat16", "float16") else 4
-    head_bytes = (vocab_size + 1) * hidden_size * itemsize + 512
-    samples_bytes = samples * (text_bytes_per_sample + image_bytes_per_sample + 64) + 4096
-    metadata_bytes = len(ARRAY_NAMES) * 1200 + 600 + 100 * (len(ARRAY_NAMES) * shards + 3)
-    files = len(ARRAY_NAMES) * (shards + 1) + 4  # shards + zarr.json per array, group zarr.json, 3 files
-    return SizeEstimate(tokens=tokens, samples=samples, hidden_size=hidden_size, vocab_size=vocab_size, topk=topk,
-                        hidden_codec=codec.name, layout=layout, arrays=out, head_bytes=head_bytes,
-                        samples_bytes=samples_bytes, metadata_bytes=metadata_bytes, files=files)
-
-
-def sync_get(store: Any, key: str) -> bytes:
-    """Bytes of `key` in a zarr store (synchronously)."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    buf = sync(store.get(key, prototype=default_buffer_prototype()))
-    if buf is None:
-        raise KeyError(key)
-    return buf.to_bytes()
