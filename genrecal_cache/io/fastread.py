@@ -5,12 +5,14 @@ zarr-python reads a token range of a sharded array correctly but slowly for this
 it fetches the shard, decodes every inner chunk into a fresh buffer, copies it into a fresh output,
 and the reader then converts bf16 bits to float32 in another pass. Here, for arrays whose layout is
 the one genrecal writes (token-axis shards, index at the end with crc32c, inner chain of `bytes` or
-a genrecal hidden codec, then blosc, then crc32c in caches since issue 14), each inner chunk is read with one `pread`, decompressed
-and decoded on a small thread pool (blosc and numpy release the GIL) and written straight into the
-output, converting bf16 to float32 on the way while the chunk is still in cache. The shard index
-and its crc32c, and each inner chunk's crc32c, are checked exactly as zarr checks them; a blosc frame
-must declare exactly one chunk's bytes, and `hidden` must decode to finite values. Anything else (remote stores, other codecs)
-goes through zarr; tests compare both paths.
+a genrecal hidden codec, then blosc, then crc32c in caches written since the inner crc32c was
+added), each inner chunk is read with one `pread`, decompressed and decoded on a small thread pool
+(blosc and numpy release the GIL) and written straight into the output, converting bf16 to float32
+on the way while the chunk is still in cache. The shard index and its crc32c and each inner chunk's
+crc32c are checked exactly as zarr checks them; a blosc frame must declare exactly one chunk's
+bytes (checked before decoding), and `hidden` must decode to finite values. Remote stores go
+through zarr, with the same frame-size check (`bound_zarr_decoding`); readers refuse other chains
+when a cache is opened. Tests compare both paths.
 """
 
 from __future__ import annotations
