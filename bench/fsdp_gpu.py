@@ -35,7 +35,7 @@ def tiny_inputs(root: Path) -> tuple[Path, Path]:
     teacher, student = tiny_pair(root / "models")
     data = write_demo_dataset(root / "data", n=64, seed=1)
     extract(ExtractConfig(teacher=str(teacher), data=str(data), out=str(root / "cache"), backend="transformers",
-                          hidden_dtype="bfloat16", progress=False))
+                          hidden_codec="bf16", progress=False))
     return student, root / "cache"
 
 

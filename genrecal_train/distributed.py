@@ -63,7 +63,8 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     student, adapter = model.student, model.adapter
     units = list(adapter.text_model(student).layers) + list(model.recalibrator.layers)
     for tower in vision_towers(model):
-        units += [m for lst in tower.modules() if isinstance(lst, nn.ModuleList) for m in lst]
+        # reversed: a list nested in a listed block is sharded before that block (fully_shard goes bottom-up)
+        units += reversed([m for lst in tower.modules() if isinstance(lst, nn.ModuleList) for m in lst])
     return units
 
 

@@ -263,3 +263,27 @@ def test_plan_state_bytes_equal_the_local_shards_of_the_fsdp_run(fsdp_run: Path,
         for rank in (0, 1):
             want = plan.state_bytes(meta, "fsdp", 2, rank, torch.float32)
             assert logged[rank] == want, (stage, rank, logged[rank], want)
+
+
+def test_one_process_fsdp_with_offload_and_checkpointing_trains_a_qwen2_vl_student(tmp_path: Path, train_cache: Path,
+                                                                                  teacher_dir: Path) -> None:
+    """The 1 x 24 GB recipe on CPU: FSDP in one process (a world of one), --cpu-offload,
+    --gradient-checkpointing, bf16; the student is a Qwen2-VL (the tiny teacher's architecture, the
+    paper's student family). Its per-rank bytes are the plan's, for this architecture too."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from genrecal_train import plan
+    from genrecal_train.trainer import train
+
+    out = tmp_path / "run"
+    train(TrainConfig(cache=str(train_cache), student=str(teacher_dir), out=str(out), device="cpu", prefetch=2,
+                      stages=[2], max_steps=2, batch_size=2, checkpoint_every=1, strategy="fsdp", cpu_offload=True,
+                      gradient_checkpointing=True))
+    recs = _records(out)
+    assert sorted(recs) == [(2, 1), (2, 2)] and all(torch.isfinite(torch.tensor(r["loss"])) for r in recs.values())
+    m = TeacherCache.open(train_cache).manifest
+    meta = plan.meta_model(AutoConfig.from_pretrained(teacher_dir), m.hidden_size, m.vocab_size, 2)
+    assert recs[(2, 1)]["rank_state_bytes"] == [plan.state_bytes(meta, "fsdp", 1, 0, torch.bfloat16)]
+    assert (out / "checkpoints" / "stage2-step0000002" / ".metadata").exists()
+    model = AutoModelForImageTextToText.from_pretrained(out / "final", dtype="auto")
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and model.dtype == torch.bfloat16
