@@ -485,7 +485,9 @@ def _llava_onevision(out_dir: Path, seed: int) -> Path:
     processor = transformers.LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tok,
                                                      num_image_tokens=16, vision_feature_select_strategy="full",
                                                      chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE)
-    return _save(out_dir, seed, lambda: transformers.LlavaOnevisionForConditionalGeneration(config), processor)
+    out_dir = _save(out_dir, seed, lambda: transformers.LlavaOnevisionForConditionalGeneration(config), processor)
+    _use_hub_vision_tower_names(out_dir / "model.safetensors")  # as hub checkpoints (and vLLM) have them
+    return out_dir
 
 
 MISTRAL3_CHAT_TEMPLATE = (

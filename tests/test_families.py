@@ -107,7 +107,7 @@ def test_family_as_teacher_cache_equals_its_own_forward(family: str, family_root
         assert ["".join(r.split()) for r in runs] == ["".join(a.split()) for a in answers]
         with torch.no_grad():
             out_ = model(input_ids=enc.input_ids[None], **enc.model_inputs, use_cache=False)
-            h = adapter.final_hidden_states(model, enc)
+            h = model.model(input_ids=enc.input_ids[None], **enc.model_inputs, use_cache=False).last_hidden_state[0]
         torch.testing.assert_close(torch.from_numpy(c.hidden), h, atol=2e-5, rtol=1e-4)
         ref = torch.log_softmax(out_.logits[0].float(), -1).topk(8, -1)
         torch.testing.assert_close(torch.from_numpy(c.topk_logprobs), ref.values, atol=1e-4, rtol=1e-4)
