@@ -1,4 +1,5 @@
-"""`genrecal-eval`: exact-match accuracy of a teacher or student checkpoint on a held-out set."""
+"""`genrecal-eval`: exact-match accuracy of a teacher or student checkpoint on a held-out set, or a
+comparison of several evaluated runs (`--compare`)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,26 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 
 @app.command(help="Generate answers for a held-out JSONL/Parquet set and report exact-match accuracy "
-                  "(overall and per question type); --out writes the JSON report with every prediction.")
-def run(model: str = typer.Option(..., help="Model folder (teacher or student)."),
-        data: str = typer.Option(..., help="LLaVA-style JSONL or Parquet; the last answer is the reference."),
-        out: Optional[Path] = typer.Option(None, help="Write the JSON report here."),
+                  "(overall and per question type); --out writes the JSON report with every prediction. "
+                  "With --compare RUN... (eval JSONs or run folders): a table and a PNG (--out, default "
+                  "accuracy_by_type.png in the folder of the first) of accuracy per question type.")
+def run(runs: Optional[list[str]] = typer.Argument(None, help="With --compare: eval JSON files (--out of this "
+                                                                "command) or run folders (their eval.json).",
+                                                   show_default=False),
+        compare: bool = typer.Option(False, "--compare", help="Compare the RUNS given as arguments."),
+        model: Optional[str] = typer.Option(None, help="Model folder (teacher or student)."),
+        data: Optional[str] = typer.Option(None, help="LLaVA-style JSONL or Parquet; the last answer is the reference. "
+                                                      "With --compare: evaluates run folders that have no eval.json."),
+        out: Optional[Path] = typer.Option(None, help="Write the JSON report here (with --compare: the PNG)."),
         limit: Optional[int] = typer.Option(None, help="Only the first N samples."),
         max_new_tokens: int = typer.Option(8, help="Generation length limit."),
         device: str = typer.Option("cpu", help="cpu, cuda, ...")) -> None:
+    if compare:
+        return _compare(runs or [], data, out, device)
+    if runs:
+        raise typer.BadParameter(f"unexpected argument(s) {runs}: runs are compared with --compare")
+    if model is None or data is None:
+        raise typer.BadParameter("--model and --data are required (or --compare RUN...)")
     from genrecal_train.evaluate import evaluate
 
     d = evaluate(model, data, limit=limit, max_new_tokens=max_new_tokens, device=device).to_dict()
@@ -28,6 +42,28 @@ def run(model: str = typer.Option(..., help="Model folder (teacher or student)."
     typer.echo(f"accuracy {d['accuracy']:.3f} ({d['correct']}/{d['n']}, skipped {d['skipped']})")
     for t, v in sorted(d["per_type"].items()):
         typer.echo(f"  {t:>10}: {v['accuracy']:.3f} ({v['correct']}/{v['n']})")
+
+
+def _compare(runs: list[str], data: Optional[str], out: Optional[Path], device: str) -> None:
+    from genrecal_train.evaluate import compare_table, load_report, run_label
+    from genrecal_train.plots import plot_accuracy
+
+    if len(runs) < 1:
+        raise typer.BadParameter("--compare needs eval JSON files or run folders as arguments")
+    reports: dict[str, dict] = {}
+    for path in runs:
+        label = run_label(path)
+        try:
+            reports[label if label not in reports else path] = load_report(path, data, device)
+        except (FileNotFoundError, ValueError) as e:
+            raise typer.BadParameter(str(e))
+    typer.echo(compare_table(reports))
+    sets = {str(Path(r["data"]).resolve()) for r in reports.values() if r.get("data")}
+    if len(sets) > 1:
+        typer.echo(f"note: these runs were evaluated on different data ({', '.join(sorted(sets))})")
+    png = plot_accuracy(reports, out or Path(runs[0]).parent / "accuracy_by_type.png")
+    if png:
+        typer.echo(f"plot: {png}")
 
 
 def main() -> None:

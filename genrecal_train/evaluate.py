@@ -6,10 +6,12 @@ of each sample is the reference; everything before it is the prompt.
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -87,3 +89,49 @@ def evaluate(model_path: str, data: str, *, limit: int | None = None, max_new_to
                                    "correct": bool(ok)})
     report.per_type = dict(per_type)
     return report
+
+
+# --- comparing runs (`genrecal-eval --compare`) --------------------------------------------------
+
+def run_label(path: str | Path) -> str:
+    """What a compared run is called: the file's stem, or its folder's name for RUN/eval.json and run folders."""
+    p = Path(path)
+    return p.parent.name if p.suffix == ".json" and p.stem == "eval" else (p.stem if p.suffix == ".json" else p.name)
+
+
+def load_report(path: str | Path, data: str | None = None, device: str = "cpu") -> dict:
+    """An eval report: an eval JSON (`genrecal-eval --out`), or a run folder's eval.json. A run folder
+    without one (or with one on other data) is evaluated on `data` when given, into RUN/eval.json."""
+    p = Path(path)
+    if p.is_dir():
+        run, p = p, p / "eval.json"
+        stale = data is not None and p.is_file() and Path(json.loads(p.read_text()).get("data", "")).resolve() != Path(data).resolve()
+        if not p.is_file() or stale:
+            model = run / "final" if (run / "final" / "config.json").is_file() else run
+            if data is None or not (model / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"{run}: no eval.json in this folder; evaluate it first (genrecal-eval --model {model} "
+                    f"--data HELDOUT --out {p}) or pass --data HELDOUT to --compare")
+            p.write_text(json.dumps(evaluate(str(model), data, device=device).to_dict(), indent=1))
+    elif not p.is_file():
+        raise FileNotFoundError(f"{path}: neither an eval JSON nor a run folder")
+    try:
+        rep = json.loads(p.read_text())
+        rep["accuracy"], rep["n"], rep["per_type"]  # noqa: B018  (the keys a comparison reads)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{p}: not a genrecal-eval report ({type(e).__name__}: {e}); write one with "
+                         "genrecal-eval --model MODEL --data HELDOUT --out FILE.json") from e
+    return rep
+
+
+def compare_table(reports: dict[str, dict]) -> str:
+    """Markdown table of accuracy (%) overall and per question type, one row per run."""
+    qtypes = sorted({q for r in reports.values() for q in r["per_type"]})
+    first = next(iter(reports.values()))
+    count = lambda q: next((r["per_type"][q]["n"] for r in reports.values() if q in r["per_type"]), 0)  # noqa: E731
+    header = ["run", f"all (n={first['n']})", *[f"{q} ({count(q)})" for q in qtypes]]
+    rows = [[label, f"{100 * r['accuracy']:.1f}",
+             *[f"{100 * r['per_type'][q]['accuracy']:.1f}" if q in r["per_type"] else "-" for q in qtypes]]
+            for label, r in reports.items()]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

@@ -32,6 +32,7 @@ from genrecal_train import sharded_checkpoint as sharded
 from genrecal_train.config import TrainConfig
 from genrecal_train.data import CacheStream
 from genrecal_train.model import GenRecal
+from genrecal_train.plots import plot_curves
 from genrecal_train.preflight import check_cache_matches
 
 __all__ = ["MetricsLog", "run_stage", "stage_steps", "train"]
@@ -173,6 +174,8 @@ def train(cfg: TrainConfig) -> Path:
         run_stage(stage, model, stream, cfg, run_dir, log, device, rank, world,
                   step0=step0, position0=position0, resume_from=resume_from)
         step0, position0, resume_from = 0, 0, None
+        if rank == 0:  # the loss curves so far, beside metrics.jsonl (skipped, said once, without matplotlib)
+            plot_curves(run_dir / "metrics.jsonl")
 
     log.close()
     final = run_dir / "final"
