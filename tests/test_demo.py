@@ -1,0 +1,38 @@
+"""The demo's quick path end to end (scripts/demo.sh --quick): every step runs and it ends with the
+comparison table and the PNGs (the accuracies of a 6-step run mean nothing and are not checked)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_quick_path_ends_with_the_table_and_the_plots(tmp_path: Path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, GENRECAL_BIN=str(Path(sys.executable).parent),  # this interpreter's genrecal-*, no set-up
+               GENRECAL_DEMO_BACKEND="transformers",  # vLLM's engine start is tests/test_vllm_backend.py's job
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), TQDM_DISABLE="1")
+    r = subprocess.run(["bash", "scripts/demo.sh", str(out), "--quick"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    lines = r.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| run |"))
+    assert header == "| run | all (n=18) | colour (2) | compare (2) | count (2) | digit (6) | multi (2) | shape (2) | side (2) |"
+    rows = [line.split(" | ")[0] for line in lines[lines.index(header) + 2:] if line.startswith("| ")]
+    assert rows == ["| teacher", "| sft", "| genrecal"]
+    pngs = [out / "runs" / "genrecal" / "curves.png", out / "runs" / "sft" / "curves.png",
+            out / "teacher" / "curves.png", out / "accuracy_by_type.png"]
+    for png in pngs:
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.width > 400, png
+        assert str(png.relative_to(tmp_path)) in r.stdout.replace(str(tmp_path) + "/", "")  # the demo says where
+    # same budget: both students ran 10 optimizer steps of 4 samples
+    for run, stages in (("genrecal", {1, 2, 3}), ("sft", {3})):
+        metrics = (out / "runs" / run / "metrics.jsonl").read_text().splitlines()
+        assert len(metrics) == 10 and {int(m.split('"stage": ')[1].split(",")[0]) for m in metrics} == stages
