@@ -112,6 +112,7 @@ def train(cfg: TrainConfig) -> Path:
     rank, world, device = _dist_setup(cfg.device)
     strategy = distributed.resolve_strategy(cfg.strategy, world)
     if strategy == "fsdp":
+        distributed.param_dtype(cfg.param_dtype)  # an unknown dtype fails here, before anything is loaded
         distributed.init_single_process_group(device)  # no-op under torchrun
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)

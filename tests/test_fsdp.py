@@ -287,3 +287,15 @@ def test_one_process_fsdp_with_offload_and_checkpointing_trains_a_qwen2_vl_stude
     assert (out / "checkpoints" / "stage2-step0000002" / ".metadata").exists()
     model = AutoModelForImageTextToText.from_pretrained(out / "final", dtype="auto")
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and model.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("flags,match", [({"strategy": "zero3"}, "strategy 'zero3'"),
+                                         ({"strategy": "fsdp", "param_dtype": "int8"}, "param dtype 'int8'")])
+def test_unknown_strategy_or_param_dtype_is_refused_before_loading(flags: dict, match: str, tmp_path: Path,
+                                                                   train_cache: Path, student_dir: Path) -> None:
+    from genrecal_train.trainer import train
+
+    with pytest.raises(ValueError, match=match):
+        train(TrainConfig(cache=str(train_cache), student=str(student_dir), out=str(tmp_path / "run"), device="cpu",
+                          **flags))
+    assert not (tmp_path / "run").exists()
