@@ -136,7 +136,7 @@ def merge(cache: str = typer.Argument(..., help="Cache written in parts (folder 
     import shlex
     import sys
 
-    from genrecal_cache.parts import merge as run_merge
+    from genrecal_cache.merge import merge as run_merge
 
     m = run_merge(cache, out, command=" ".join(shlex.quote(a) for a in sys.argv))
     c = m.counts
@@ -149,7 +149,7 @@ def pull(url: str = typer.Argument(..., help="Cache URL (https://, s3://, gs://,
          quiet: bool = typer.Option(False, "--quiet", help="Do not list the files as they arrive.")) -> None:
     """Download a cache: every file its manifest lists, each verified by sha256, the manifest last.
     Run it again after an interruption to continue; files already verified are kept."""
-    from genrecal_cache.io.remote import pull as run_pull
+    from genrecal_cache.io.pull import pull as run_pull
 
     def progress(rel: str, nbytes: int) -> None:
         if not quiet:

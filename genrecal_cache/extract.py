@@ -8,19 +8,25 @@ drains results on a background thread, so the run goes at the speed of the teach
 from __future__ import annotations
 
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
 from genrecal_cache.backends import DTYPES
+from genrecal_cache.backends.hf import HFBackend
 from genrecal_cache.format.codecs import DEFAULT_HIDDEN_CODEC, hidden_codec as get_hidden_codec
 from genrecal_cache.data import ImageError, Sample, decode_image, read_samples
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter_for
-from genrecal_cache.format.manifest import Manifest, identity, identity_diff, sha256_text
+from genrecal_cache.format.manifest import (
+    COMMITS_DIR, MANIFEST_NAME, PROGRESS_NAME, Manifest, identity, identity_diff, sha256_text,
+)
+from genrecal_cache.io.locate import part_dir
 from genrecal_cache.io.prefetch import prefetch
 from genrecal_cache.writer import CacheWriter, SampleArrays, SampleRecord
 
@@ -71,11 +77,9 @@ def make_backend(cfg: ExtractConfig, adapter: FamilyAdapter, pad_id: int):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     backend = pick_backend(cfg.backend)
     if backend == "transformers":
-        from genrecal_cache.backends.hf import HFBackend
-
         return HFBackend(adapter, cfg.teacher, DTYPES[dtype], device, pad_id)
     if backend == "vllm":
-        from genrecal_cache.backends.vllm import VLLMBackend
+        from genrecal_cache.backends.vllm import VLLMBackend  # vLLM is optional: imported only when chosen
 
         opts = dict(cfg.vllm)
         # the engine's context may be longer than --max-len (which only marks samples as too long)
@@ -121,8 +125,6 @@ def extract(cfg: ExtractConfig) -> Manifest:
     `cfg.out/part-<i>-of-<n>` with `num_shards`). An interrupted run in the same place is resumed from
     its last commit; a complete one is returned as it is."""
     from transformers import AutoConfig
-
-    from genrecal_cache.parts import part_dir
 
     if not 0 <= cfg.shard_index < cfg.num_shards:
         raise ValueError(f"shard_index must be in [0, num_shards={cfg.num_shards}), got {cfg.shard_index}")
@@ -242,12 +244,6 @@ def _my_samples(samples: Iterator[Sample], cfg: ExtractConfig, skip: list[str], 
 def _complete_cache(out, cfg: ExtractConfig, config, tokenizer) -> Manifest | None:
     """The manifest when `out` already holds a complete cache of this teacher (a re-run after success,
     or after a crash between the manifest and the journal's removal), else None."""
-    import shutil
-    from pathlib import Path
-
-    from genrecal_cache.journal import COMMITS_DIR, PROGRESS_NAME
-    from genrecal_cache.format.manifest import MANIFEST_NAME
-
     path = Path(out) / MANIFEST_NAME
     if not path.exists():
         return None

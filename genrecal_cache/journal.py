@@ -39,11 +39,11 @@ from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
 from .format.layout import ROW_GROUP_IMAGE_BYTES, ROW_GROUP_ROWS, SAMPLES_SCHEMA, create_feature_arrays
-from .format.manifest import FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, identity_diff, sha256_file
+from .format.manifest import (
+    COMMITS_DIR, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, identity_diff, sha256_file,
+)
 from .io.durable import fsync_path, rename_durable, write_synced
 
-PROGRESS_NAME = "_progress.json"
-COMMITS_DIR = "_commits"
 JOURNAL_NAMES = (PROGRESS_NAME, PROGRESS_NAME + ".tmp", COMMITS_DIR)
 PROGRESS_VERSION = 1
 

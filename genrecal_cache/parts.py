@@ -10,62 +10,25 @@ Job i takes the input samples with index % N == i (index = position in the data 
 has no manifest. `TeacherCache.open(OUT)` returns a `MultiPartCache`: the parts, opened in place (no
 copy), as one dataset whose global index is the concatenation of the parts in part order. Parts must
 come from the same teacher (config, head), tokenizer, chat template, hidden codec and top-k; a part
-that differs is refused, naming it. `merge` writes a single-part cache with the same rows in the same
-order (`genrecal-cache merge`).
+that differs is refused, naming it. Finding the parts: io/locate.py; checking them: verify.py;
+`genrecal-cache merge` (one single-part cache with the same rows in the same order): merge.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
-from collections import Counter
+from collections import deque
 from collections.abc import Iterator
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
 
 from .format.manifest import CacheFormatError, Manifest, identity, identity_diff
 
-__all__ = ["MultiPartCache", "PART_RE", "check_same_identity", "combined_manifest", "find_parts", "merge",
-           "open_parts", "part_dir", "part_name", "split_plan", "verify_parts"]
-
-PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})$")
-
-
-def part_name(index: int, count: int) -> str:
-    return f"part-{index:05d}-of-{count:05d}"
-
-
-def part_dir(out: str | os.PathLike, index: int, count: int) -> str:
-    return os.path.join(os.fspath(out), part_name(index, count))
-
-
-def find_parts(fs: fsspec.AbstractFileSystem, root: str, url: str) -> list[str] | None:
-    """Names of the part directories under `root`, in part order; None when there are none. Raises when
-    the set is incomplete or mixes part counts."""
-    try:
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-    except Exception:  # noqa: BLE001 - not a directory, or a server without listings
-        return None
-    found = {n: PART_RE.match(n) for n in names}
-    parts = sorted(n for n, m in found.items() if m)
-    if not parts:
-        return None
-    counts = {int(found[n].group(2)) for n in parts}  # type: ignore[union-attr]
-    if len(counts) != 1:
-        raise CacheFormatError(f"{url}: parts of different part counts ({', '.join(parts)}); a cache's parts come "
-                               f"from one `--num-shards` value: move the others away")
-    n = counts.pop()
-    missing = [part_name(i, n) for i in range(n) if part_name(i, n) not in parts]
-    if missing:
-        raise CacheFormatError(f"{url}: {len(missing)} of {n} parts missing ({', '.join(missing[:5])}); run their "
-                               f"extraction jobs (`--num-shards {n} --shard-index i`) before reading the cache")
-    return parts
+__all__ = ["MultiPartCache", "check_same_identity", "combined_manifest", "split_plan"]
 
 
 def check_same_identity(url: str, names: list[str], manifests: list[Manifest]) -> None:
@@ -85,31 +48,6 @@ def combined_manifest(names: list[str], manifests: list[Manifest]) -> Manifest:
     return dataclasses.replace(manifests[0], counts=counts, checksums=checksums,  # type: ignore[arg-type]
                                created=max(m.created for m in manifests),
                                extra={**manifests[0].extra, "parts": list(names)})
-
-
-def open_parts(fs: fsspec.AbstractFileSystem, root: str, url: str, storage_options: dict[str, Any] | None,
-               local_cache: str | os.PathLike | None = None) -> MultiPartCache | None:
-    """A MultiPartCache when `root` holds parts; None when it holds none. A directory with an extraction
-    journal (still running, or interrupted) is refused with a message saying so."""
-    from .journal import PROGRESS_NAME
-    from .reader import TeacherCache
-
-    names = find_parts(fs, root, url)
-    if names is None:
-        try:
-            in_progress = fs.exists(f"{root}/{PROGRESS_NAME}")
-        except Exception:  # noqa: BLE001
-            in_progress = False
-        if in_progress:
-            raise CacheFormatError(
-                f"{url}: an extraction is running here or was interrupted ({PROGRESS_NAME}, no manifest.json yet). "
-                f"Readers only open complete caches: wait for it to finish, or run the same `genrecal-cache extract` "
-                f"again to resume it")
-        return None
-    parts = [TeacherCache.open(f"{url}/{n}", storage_options,
-                               None if local_cache is None else os.path.join(os.fspath(local_cache), n)) for n in names]
-    check_same_identity(url, names, [p.manifest for p in parts])
-    return MultiPartCache(url, names, parts)
 
 
 class MultiPartCache:
@@ -169,10 +107,7 @@ class MultiPartCache:
         return self.parts[0].head(device)  # identical in every part (checked by its sha256 at open)
 
     def teacher_logits(self, i: int) -> torch.Tensor:
-        if self._head is None:
-            self._head = self.head("cpu")
-        with torch.no_grad():
-            return self._head.logits(torch.from_numpy(self[i].hidden), post_norm=True)
+        return self.parts[0].sample_logits(self[i])  # one head in memory: it is the same in every part
 
     def plan(self, order: Literal["ordered", "shuffled"] = "ordered", seed: int = 0, rank: int = 0,
              world_size: int = 1, start: int = 0, status: Literal["ok", "error", "all"] = "ok") -> list[list[int]]:
@@ -189,9 +124,6 @@ class MultiPartCache:
                      readahead: int = 1) -> Iterator[Any]:
         """As TeacherCache.iter_samples: each read group lies in one part and is read by that part (the
         next `readahead` groups on a background thread)."""
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
-
         pieces = []
         for piece in self.plan(order, seed, rank, world_size, start, status):
             p, _ = self._locate(piece[0])
@@ -239,76 +171,3 @@ def split_plan(groups: list[list[int]], order: str, seed: int, rank: int, world_
     return pieces
 
 
-def verify_parts(fs: fsspec.AbstractFileSystem, root: str, url: str, storage_options: dict[str, Any] | None
-                 ) -> list[str] | None:
-    """Faults of a multi-part cache (each part verified, plus cross-part checks); None when not one."""
-    from .reader import load_manifest
-    from .verify import verify
-
-    try:
-        names = find_parts(fs, root, url)
-    except CacheFormatError as e:
-        return [str(e)]
-    if names is None:
-        return None
-    faults = [f"{n}/{f}" for n in names for f in verify(f"{url}/{n}", storage_options)]
-    try:
-        manifests = [load_manifest(fs, f"{root}/{n}", f"{url}/{n}") for n in names]
-        check_same_identity(url, names, manifests)
-    except CacheFormatError as e:
-        return faults + [str(e)]
-    try:
-        stray = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) 
-        for s in stray:
-            if s not in names:
-                faults.append(f"{s}: stored next to the parts but not a part (a stray file, or a part of another "
-                              f"--num-shards): delete or move it")
-    except Exception:  # noqa: BLE001
-        pass
-    from .reader import INDEX_COLUMNS, open_parquet  # noqa: F401
-    from .format.manifest import SAMPLES_NAME
-    ids: Counter[str] = Counter()
-    for n in names:
-        try:
-            ids.update(open_parquet(fs, f"{root}/{n}/{SAMPLES_NAME}").read(columns=["id"]).column("id").to_pylist())
-        except Exception:  # noqa: BLE001 - reported by the part's own verify
-            pass
-    dup = [k for k, c in ids.items() if c > 1]
-    if dup:
-        faults.append(f"sample id {dup[0]!r} (and {len(dup) - 1} more) is in more than one part; ids must be unique "
-                      f"across parts (was a part extracted with another --num-shards?); re-extract the parts")
-    return faults
-
-
-def merge(src: str | os.PathLike, out: str | os.PathLike, storage_options: dict[str, Any] | None = None,
-          command: str = "genrecal-cache merge") -> Manifest:
-    """Write the cache at `src` (multi-part, or single) as one single-part cache at `out`: the same rows in
-    the same order (the global index), the same features. Hidden states are re-encoded with the same
-    codec: bit-exact for bf16 and fp32 (their decoded values are exactly representable)."""
-    from .reader import TeacherCache
-    from .writer import CacheWriter, SampleArrays, SampleRecord
-
-    cache = TeacherCache.open(src, storage_options)
-    m = cache.manifest
-    spec = m.arrays["hidden"]
-    extra = {k: v for k, v in m.extra.items() if k not in ("parts", "extract")}
-    extra["merged_from"] = list(getattr(cache, "names", [os.fspath(src)]))
-    refs = cache.index.column("image_refs").to_pylist()
-    w = CacheWriter(Path(out), hidden_size=m.hidden_size, vocab_size=m.vocab_size, topk=m.topk,
-                    hidden_codec=m.hidden_codec, teacher=dict(m.teacher), tokenizer_sha256=m.tokenizer_sha256,
-                    chat_template_sha256=m.chat_template_sha256, head=cache.head("cpu"), command=command,
-                    shard_tokens=spec["shard_tokens"], chunk_tokens=spec["chunk_tokens"], extra=extra)
-    try:
-        for s in cache.iter_samples("ordered", status="all"):
-            row = SampleRecord(id=s.id, messages=s.messages, images=s.images, image_refs=refs[s.index],
-                               status=s.status, error=s.error, extra=s.extra)  # type: ignore[arg-type]
-            arrays = None if s.status == "error" else SampleArrays(
-                token_ids=s.token_ids, answer_mask=s.answer_mask, hidden=s.hidden, topk_ids=s.topk_ids,
-                topk_logprobs=s.topk_logprobs)
-            w.add(row, arrays)
-        return w.close()
-    except BaseException:
-        w.abort()
-        raise
-    finally:
-        cache.close()

@@ -5,6 +5,9 @@ parquet index, head) and a Zarr store on top of it for the feature arrays (zarr'
 the filesystem is local, its FsspecStore otherwise). Iteration reads whole token ranges: one read
 per array for each group of samples that start in the same shard, so a remote cache is fetched
 shard by shard, not sample by sample.
+
+Long because `TeacherCache` is one class (open, index, read plan, grouped and fast local reads,
+images, head); finding a cache and opening its files is io/locate.py, many parts are parts.py.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import asyncio
 import json
 import os
 import tempfile
-import weakref
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,25 +29,21 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 from fsspec.implementations.local import LocalFileSystem
-from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-from zarr.core import sync as zarr_sync
 from zarr.core.sync import sync
-from zarr.storage import FsspecStore, LocalStore
 
+from .format import safety
 from .format.codecs import bf16_bits_to_float32, describe_chain, hidden_codec  # noqa: F401 - bf16_bits_to_float32 re-exported
-from .io.fastread import BufferPool, NonFiniteError, ShardedArrayReader, bound_zarr_decoding, read_ranges
 from .format.head import TeacherHead
 from .format.manifest import (
-    ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
+    ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
 )
-from .format import safety
-from .io.remote import (
-    RemoteReadError, changed_error, download_capped, etag_of, is_http, read_capped, read_capped_async, read_through,
-)
-from .io.remote import url_to_fs as remote_url_to_fs
+from .io.fastread import BufferPool, NonFiniteError, ShardedArrayReader, bound_zarr_decoding, read_ranges
+from .io.locate import local_file, locate, open_fs, open_parquet, zarr_store
+from .io.remote import RemoteReadError, download_capped, read_through
+from .parts import MultiPartCache, check_same_identity, split_plan
 
 __all__ = ["CachedSample", "INDEX_COLUMNS", "MAX_CHUNKS_PER_SHARD", "MAX_CHUNK_BYTES", "TeacherCache", "load_head",
-           "load_manifest", "local_file", "open_feature_arrays", "open_fs", "open_parquet", "zarr_store"]
+           "open_feature_arrays"]
 
 MAX_CHUNK_BYTES = 4 << 30  # one shard (file) of one array; the writer's default is 128 MiB
 MAX_CHUNKS_PER_SHARD = 1 << 16  # the writer's default is at most 64
@@ -67,158 +65,6 @@ class CachedSample:
     hidden: np.ndarray           # [L, d] float32, post-final-norm, decoded (any hidden codec); position t predicts t+1
     topk_ids: np.ndarray         # [L, k] int32
     topk_logprobs: np.ndarray    # [L, k] float32
-
-
-class _RangeTolerantFsspecStore(FsspecStore):
-    """FsspecStore that survives servers which ignore HTTP Range (Python's http.server, some static
-    hosts): they answer 200 with the whole file, and fsspec's `_cat_file` hands that body back as
-    if it were the range. Zarr's sharding codec reads a shard index with a suffix range and inner
-    chunks with byte ranges, so without this a partial shard read fails its crc32c check.
-
-    Over HTTP it also bounds metadata reads (an endless zarr.json answer) and sends every data
-    request with `If-Match` (the ETag first seen), so a file replaced mid-run is an error."""
-
-    _etags: dict[str, str | None]
-
-    async def get(self, key, prototype, byte_range=None):
-        path = f"{self.path}/{key}"
-        if byte_range is None and key.endswith("zarr.json"):  # metadata: read whole, but bounded
-            try:
-                data = await read_capped_async(self.fs, path, safety.MAX_METADATA_BYTES, self.fs.unstrip_protocol(path))
-            except FileNotFoundError:
-                return None
-            return prototype.buffer.from_bytes(data)
-        if is_http(self.fs):
-            buf = await self._get_if_unchanged(path, prototype, byte_range)
-        else:
-            buf = await super().get(key, prototype, byte_range)
-        if buf is None or byte_range is None:
-            return buf
-        if isinstance(byte_range, RangeByteRequest) and len(buf) > byte_range.end - byte_range.start:
-            return buf[byte_range.start:byte_range.end]
-        if isinstance(byte_range, SuffixByteRequest) and len(buf) > byte_range.suffix:
-            return buf[len(buf) - byte_range.suffix:]
-        if isinstance(byte_range, OffsetByteRequest) and byte_range.offset and len(buf) == await self.getsize(key):
-            return buf[byte_range.offset:]
-        return buf
-
-    async def _get_if_unchanged(self, path: str, prototype: Any, byte_range: Any) -> Any:
-        """GET with `If-Match: <the ETag this store first saw>`: a file replaced mid-run is an error
-        (HTTP 412), not a silent mix of two versions."""
-        if not hasattr(self, "_etags"):
-            self._etags = {}
-        if path not in self._etags:
-            try:
-                self._etags[path] = etag_of(await self.fs._info(path))
-            except FileNotFoundError:
-                return None
-        tag = self._etags[path]
-        start = end = None
-        if isinstance(byte_range, RangeByteRequest):
-            start, end = byte_range.start, byte_range.end
-        elif isinstance(byte_range, OffsetByteRequest):
-            start = byte_range.offset
-        elif isinstance(byte_range, SuffixByteRequest):
-            start = -byte_range.suffix
-        try:
-            data = await self.fs._cat_file(path, start=start, end=end,
-                                           **({"headers": {"If-Match": tag}} if tag else {}))
-        except FileNotFoundError:
-            return None
-        except Exception as e:
-            changed = changed_error(e, self.fs.unstrip_protocol(path))
-            if changed is not None:
-                raise changed from None
-            raise
-        return prototype.buffer.from_bytes(data)
-
-    async def get_partial_values(self, prototype, key_ranges):
-        key_ranges = list(key_ranges)
-        return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
-
-    def close(self) -> None:
-        super().close()
-        _close_session(self.fs)
-
-
-def _close_session(afs: fsspec.AbstractFileSystem) -> None:
-    """Close the aiohttp session of an asynchronous fsspec instance (fsspec only does that for
-    synchronous ones); it lives in zarr's event loop. If that loop is gone (interpreter exit),
-    drop the connector directly, as fsspec itself does."""
-    session = getattr(afs, "_session", None)
-    if session is None or session.closed:
-        return
-    zarr_loop = zarr_sync.loop[0]
-    if zarr_loop is not None and zarr_loop.is_running():
-        try:
-            sync(session.close(), timeout=5)
-            return
-        except Exception:  # noqa: BLE001 - fall through to the forced close
-            pass
-    connector = getattr(session, "_connector", None)
-    if connector is not None:
-        connector._close()
-
-
-def open_fs(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | None = None
-            ) -> tuple[fsspec.AbstractFileSystem, str, str]:
-    """(filesystem, root path inside it, display name) for a local path or fsspec URL."""
-    url = os.fspath(path_or_url)
-    fs, root = remote_url_to_fs(url, storage_options)  # remote filesystems retry transient errors
-    return fs, root.rstrip("/") or "/", url.rstrip("/")
-
-
-def local_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """`path` on a local filesystem, fetched first when it is a read-through mirror (genrecal_cache.io.remote)."""
-    fetch = getattr(fs, "local_path", None)
-    return fetch(path) if fetch is not None else path
-
-
-def open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
-    """ParquetFile reading only the column chunks it needs (by byte range when remote). A server
-    that ignores HTTP Range makes fsspec refuse reads past the file's start: then download it whole."""
-    try:
-        return _open_parquet(fs, path)
-    except KeyError as e:  # a column read_dictionary names is not there
-        raise CacheFormatError(f"{path}: column {e.args[0]!r} is missing; the file is not a genrecal index; "
-                               f"{safety.REFETCH}") from None
-
-
-def _open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
-    dictionaries = {"read_dictionary": safety.DICTIONARY_COLUMNS}  # sizes are checked before values are decoded
-    if isinstance(fs, LocalFileSystem):  # arrow's native reader: no Python file object in the loop
-        return pq.ParquetFile(local_file(fs, path), **dictionaries)
-    if is_http(fs):  # every block read carries If-Match: a file replaced mid-run is an error (changed_error)
-        info = fs.info(path)
-        tag = etag_of(info)
-        f = fs.open(path, "rb", size=info.get("size"), **({"headers": {"If-Match": tag}} if tag else {}))
-    else:
-        f = fs.open(path, "rb")
-    try:
-        return pq.ParquetFile(f, **dictionaries)
-    except ValueError as e:  # fsspec: "...doesn't appear to support range requests", or for a server that
-        f.close()             # says `Accept-Ranges: none`, "Cannot seek streaming HTTP file"
-        if "range" not in str(e).lower() and "seek" not in str(e).lower():
-            raise
-    return pq.ParquetFile(pa.BufferReader(fs.cat_file(path)), **dictionaries)
-
-
-def zarr_store(fs: fsspec.AbstractFileSystem, path: str, storage_options: dict[str, Any] | None,
-               url: str) -> zarr.abc.store.Store:
-    if hasattr(fs, "zarr_store"):  # a read-through mirror fetches files as zarr asks for them
-        return fs.zarr_store(path)
-    if isinstance(fs, LocalFileSystem):
-        return LocalStore(path, read_only=True)
-    if fs.async_impl:
-        # zarr drives the store from its own event loop and needs an asynchronous instance; a
-        # separate one also keeps its aiohttp session away from the synchronous `fs`.
-        afs, _ = remote_url_to_fs(url, storage_options, asynchronous=True, skip_instance_cache=True)
-    else:
-        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
-        afs = AsyncFileSystemWrapper(fs, asynchronous=True)
-    store = _RangeTolerantFsspecStore(afs, read_only=True, path=path)
-    weakref.finalize(store, _close_session, afs)  # also when the caller never calls close()
-    return store
 
 
 class TeacherCache:
@@ -245,13 +91,16 @@ class TeacherCache:
         file read, so later epochs and runs read it from disk (ignored for local caches)."""
         fs, root, url = open_fs(path_or_url, storage_options)
         try:
-            manifest = load_manifest(fs, root, url)
-        except CacheFormatError:  # no manifest: a cache written in parts (parts.py), or refused with why
-            from .parts import open_parts
-            multi = open_parts(fs, root, url, storage_options, local_cache)
-            if multi is not None:
-                return multi  # type: ignore[return-value]  # same API (MultiPartCache)
+            found = locate(fs, root, url)
+        except CacheFormatError:
+            _refuse_if_in_progress(fs, root, url)
             raise
+        if isinstance(found, list):  # a cache written in parts (parts.py): the parts, opened in place
+            parts = [cls.open(f"{url}/{n}", storage_options,
+                              None if local_cache is None else os.path.join(os.fspath(local_cache), n)) for n in found]
+            check_same_identity(url, found, [p.manifest for p in parts])
+            return MultiPartCache(url, found, parts)  # type: ignore[return-value]  # same API
+        manifest = found
         if local_cache is not None:
             fs, root = read_through(fs, root, url, manifest, local_cache)
         cache = cls(fs, root, url, manifest, storage_options)
@@ -365,10 +214,14 @@ class TeacherCache:
 
     def teacher_logits(self, i: int) -> torch.Tensor:
         """Full-vocabulary teacher logits [L, V] for sample i: lm_head of the cached post-norm states."""
+        return self.sample_logits(self[i])
+
+    def sample_logits(self, s: CachedSample) -> torch.Tensor:
+        """Teacher logits [L, V] of a sample read from this cache (or from a part with the same head)."""
         if self._head is None:
             self._head = self.head("cpu")
         with torch.no_grad():
-            return self._head.logits(torch.from_numpy(self[i].hidden), post_norm=True)
+            return self._head.logits(torch.from_numpy(s.hidden), post_norm=True)
 
     # ---- streaming -----------------------------------------------------------------------------
     def plan(self, order: Literal["ordered", "shuffled"] = "ordered", seed: int = 0, rank: int = 0,
@@ -399,8 +252,6 @@ class TeacherCache:
                 groups.append([])
                 group_key = key
             groups[-1].append(i)
-        from .parts import split_plan  # the one shuffle/rank split, shared with multi-part caches
-
         return split_plan(groups, order, seed, rank, world_size, start)
 
     def iter_samples(self, order: Literal["ordered", "shuffled"] = "ordered", seed: int = 0, rank: int = 0,
@@ -548,6 +399,19 @@ class TeacherCache:
                 f"(ok {c['ok']}, error {c['error']}), tokens={c['tokens']})")
 
 
+def _refuse_if_in_progress(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+    """No cache here: say so plainly when it is an extraction still running (or interrupted)."""
+    try:
+        in_progress = fs.exists(f"{root}/{PROGRESS_NAME}")
+    except Exception:  # noqa: BLE001 - some servers refuse probes: then the manifest's error stands
+        in_progress = False
+    if in_progress:
+        raise CacheFormatError(
+            f"{url}: an extraction is running here or was interrupted ({PROGRESS_NAME}, no manifest.json yet). "
+            f"Readers only open complete caches: wait for it to finish, or run the same `genrecal-cache extract` "
+            f"again to resume it")
+
+
 def load_head(fs: fsspec.AbstractFileSystem, root: str, url: str, manifest: Manifest,
               device: str | torch.device = "cpu") -> TeacherHead:
     """The cache's TeacherHead, checked: a regular file (local), a readable safetensors file whose
@@ -578,29 +442,6 @@ def load_head(fs: fsspec.AbstractFileSystem, root: str, url: str, manifest: Mani
                                f"but the manifest says [{m.vocab_size}, {m.hidden_size}]; the head belongs to "
                                f"another teacher, re-download or re-extract it")
     return head
-
-
-def load_manifest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> Manifest:
-    where = f"{url}/{MANIFEST_NAME}"
-    try:
-        if isinstance(fs, LocalFileSystem):
-            text = safety.read_regular(f"{root}/{MANIFEST_NAME}", safety.MAX_MANIFEST_BYTES, where)
-        else:  # bounded: a server may answer with an endless body
-            text = read_capped(fs, f"{root}/{MANIFEST_NAME}", safety.MAX_MANIFEST_BYTES, where)
-    except FileNotFoundError as e:
-        if not _exists(fs, root):
-            raise CacheFormatError(f"{url}: no cache here (the directory does not exist)") from e
-        raise CacheFormatError(
-            f"{where}: missing, so the cache is incomplete (manifest.json is written last: the extraction did "
-            f"not finish, or the copy/upload is partial). Finish or re-run the extraction, or copy the cache again") from e
-    return Manifest.from_json(text, source=where)
-
-
-def _exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
-    try:
-        return fs.exists(path)
-    except Exception:  # noqa: BLE001 - some servers refuse directory probes; assume it exists
-        return True
 
 
 def open_feature_arrays(store: zarr.abc.store.Store, manifest: Manifest, url: str) -> dict[str, zarr.Array]:

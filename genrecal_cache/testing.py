@@ -21,6 +21,9 @@ head               untied lm_head; config vocab        untied lm_head, vocab = t
 =================  ==================================  ==================================
 
 Text head_dim is 64 (teacher) / 32 (student): vLLM's CPU attention needs at least 32.
+
+Long because each supported family gets a real tiny model and a locally trained tokenizer here,
+so that tests and benchmarks need no network.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from .demo_data import COLOURS, SHAPES
+from .demo_data import COLOURS, SHAPES, write_demo_dataset
 
 if TYPE_CHECKING:
     import torch
@@ -576,8 +579,6 @@ def write_mixed_size_dataset(out_dir: str | Path, n: int = 8, seed: int = 0) -> 
     32 to 96 pixels), so a batch holds images of different sizes; returns the JSONL path."""
     import json
     import random
-
-    from .demo_data import write_demo_dataset
 
     out_dir = Path(out_dir)
     path = write_demo_dataset(out_dir, n=n, seed=seed, image_size=56)

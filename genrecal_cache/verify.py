@@ -3,6 +3,8 @@
 `verify` returns a list of faults, one line each, naming the file, the problem and the fix; an
 empty list means the cache is sound. It reads every byte once (checksums) and the small arrays
 (answer_mask) shard by shard, so memory stays bounded for large caches.
+
+Long as a list of short checks, one per kind of fault, that share one walk over the files and the index.
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ from .format.manifest import (
 from .format import safety
 from .io.fastread import NonFiniteError, ShardedArrayReader, read_ranges
 from .io.remote import read_capped
-from .reader import (
-    INDEX_COLUMNS, load_head, load_manifest, open_feature_arrays, open_fs, open_parquet, zarr_store,
-)
+from .io.locate import load_manifest, locate, open_fs, open_parquet, zarr_store
+from .parts import check_same_identity
+from .reader import INDEX_COLUMNS, load_head, open_feature_arrays
 
-__all__ = ["REFETCH", "verify"]
+__all__ = ["REFETCH", "verify", "verify_parts"]
 
 REFETCH = "re-download it or re-extract the cache"
 
@@ -42,11 +44,12 @@ def verify(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | Non
     """Faults of the cache at a local path or fsspec URL, each naming the file and the fix; [] = sound."""
     fs, root, url = open_fs(path_or_url, storage_options)
     try:
-        manifest = load_manifest(fs, root, url)
+        found = locate(fs, root, url)
     except CacheFormatError as e:
-        from .parts import verify_parts  # a cache written in parts: verify each, and them together
-        multi = verify_parts(fs, root, url, storage_options)
-        return multi if multi is not None else [str(e)]
+        return [str(e)]
+    if isinstance(found, list):  # a cache written in parts: verify each, and them together
+        return verify_parts(fs, root, url, found, storage_options)
+    manifest = found
     faults, unsafe = _check_files(fs, root, manifest)
     if unsafe:  # links out of the cache, FIFOs, devices: nothing more is opened
         return faults
@@ -391,3 +394,33 @@ def _check_answer_mask(mask: Any, starts: np.ndarray, ends: np.ndarray, m: Manif
             return [f"{rel}: answer_mask disagrees with samples.parquet answer_spans (first at token {bad}); "
                     f"one of the two is corrupt; {REFETCH}"]
     return []
+
+
+def verify_parts(fs: fsspec.AbstractFileSystem, root: str, url: str, names: list[str],
+                 storage_options: dict[str, Any] | None) -> list[str]:
+    """Faults of a cache written in parts `names` (each part verified, plus cross-part checks)."""
+    faults = [f"{n}/{f}" for n in names for f in verify(f"{url}/{n}", storage_options)]
+    try:
+        manifests = [load_manifest(fs, f"{root}/{n}", f"{url}/{n}") for n in names]
+        check_same_identity(url, names, manifests)
+    except CacheFormatError as e:
+        return faults + [str(e)]
+    try:
+        stray = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) 
+        for s in stray:
+            if s not in names:
+                faults.append(f"{s}: stored next to the parts but not a part (a stray file, or a part of another "
+                              f"--num-shards): delete or move it")
+    except Exception:  # noqa: BLE001
+        pass
+    ids: Counter[str] = Counter()
+    for n in names:
+        try:
+            ids.update(open_parquet(fs, f"{root}/{n}/{SAMPLES_NAME}").read(columns=["id"]).column("id").to_pylist())
+        except Exception:  # noqa: BLE001 - reported by the part's own verify
+            pass
+    dup = [k for k, c in ids.items() if c > 1]
+    if dup:
+        faults.append(f"sample id {dup[0]!r} (and {len(dup) - 1} more) is in more than one part; ids must be unique "
+                      f"across parts (was a part extracted with another --num-shards?); re-extract the parts")
+    return faults

@@ -27,7 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
+
+from genrecal_cache.families import adapter_for
+from genrecal_cache.format.head import HeadConfig, TeacherHead
+from genrecal_cache.reader import TeacherCache
+from genrecal_train.config import TrainConfig
+from genrecal_train.distributed import fsdp_units
+from genrecal_train.distributed import param_dtype as to_dtype
+from genrecal_train.model import GenRecal
 
 # Qwen2-VL-7B-Instruct's config (Hugging Face hub, config.json), written out so a plan needs no download.
 QWEN2_VL_7B = {
@@ -114,21 +123,12 @@ def teacher_dims(spec: str) -> tuple[int, int]:
     if "x" in spec and all(p.isdigit() for p in spec.lower().split("x")):
         h, v = spec.lower().split("x")
         return int(h), int(v)
-    from genrecal_cache.reader import TeacherCache
-
     m = TeacherCache.open(spec).manifest
     return m.hidden_size, m.vocab_size
 
 
 def meta_model(student_cfg, d_teacher: int, vocab: int, recal_layers: int):
     """GenRecal on the meta device (no memory), stage-2 trainable set applied."""
-    import transformers
-
-    from genrecal_cache.families import adapter_for
-    from genrecal_cache.format.head import HeadConfig, TeacherHead
-    from genrecal_train.config import TrainConfig
-    from genrecal_train.model import GenRecal
-
     adapter = adapter_for(student_cfg)
     with torch.device("meta"):
         student = getattr(transformers, adapter.model_class_name)._from_config(student_cfg)
@@ -211,8 +211,6 @@ def plan_activation_bytes(model: nn.Module, cfg: PlanConfig, checkpointing: bool
 
 
 def _gathered_bytes(model: nn.Module, b: int) -> int:
-    from genrecal_train.distributed import fsdp_units
-
     units = fsdp_units(model)
     in_units = {id(p) for u in units for p in u.parameters()}
     root = sum(p.numel() for p in model.parameters() if id(p) not in in_units)
@@ -223,8 +221,6 @@ def _gathered_bytes(model: nn.Module, b: int) -> int:
 # ---- the plan -------------------------------------------------------------------------------------
 
 def plan(cfg: PlanConfig) -> tuple[list[Sizes], dict]:
-    from genrecal_train.distributed import param_dtype as to_dtype
-
     d_t, vocab = teacher_dims(cfg.teacher)
     model = meta_model(student_config(cfg.student), d_t, vocab, cfg.recal_layers)
     pdt = to_dtype(cfg.param_dtype)

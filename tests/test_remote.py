@@ -20,7 +20,8 @@ from cli.cache_cli import app as cache_app
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError
 from genrecal_cache.reader import TeacherCache
-from genrecal_cache.io.remote import RemoteReadError, RetryPolicy, is_transient, pull, url_to_fs
+from genrecal_cache.io.pull import pull
+from genrecal_cache.io.remote import RemoteReadError, RetryPolicy, is_transient, url_to_fs
 from genrecal_cache.verify import verify
 from genrecal_train.config import TrainConfig
 from genrecal_train.trainer import train

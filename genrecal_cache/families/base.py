@@ -17,6 +17,9 @@ silently (`AnswerMaskError`, which stops an extraction or a training run).
 
 Nothing is guessed about the head either: `check_head` runs the model's own forward and compares
 its logits and its final norm with the exported `TeacherHead` (`HeadCheckError` on a mismatch).
+
+Long because it is the one shared implementation of every family hook (the family modules only
+set attributes and override what differs).
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class FamilyAdapter:
     model_class_name: ClassVar[str]  # the full VLM class in `transformers`
     vision_prefixes: ClassVar[tuple[str, ...]]  # parameter-name prefixes of the frozen vision encoder
     text_model_path: ClassVar[str] = "model.language_model"  # attribute path of the text decoder
+    softcap_field: ClassVar[str | None] = None  # text-config field holding the final logit soft-cap, if any
     norm_formula: ClassVar[str] = "rms"  # one of NORM_FORMULAS: what the final norm computes
     head_tensor_names: ClassVar[dict[str, tuple[str, ...]]] = HEAD_TENSOR_NAMES
     # Templates that read only typed content parts ({"type": "text", ...}) render a plain-string
@@ -152,8 +156,9 @@ class FamilyAdapter:
         return 1.0
 
     def logit_softcap(self, text_config: Any) -> float | None:
-        """tanh soft-cap of the final logits (Gemma 2 style); None for most families."""
-        return None
+        """tanh soft-cap of the final logits (Gemma 2 style), from the config field `softcap_field`;
+        None for most families."""
+        return (getattr(text_config, self.softcap_field, None) or None) if self.softcap_field else None
 
     def norm_eps(self, text_config: Any) -> float:
         eps = getattr(text_config, "rms_norm_eps", None) if self.norm_formula != "layer" else None

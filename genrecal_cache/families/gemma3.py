@@ -6,8 +6,6 @@ for all layer types whose `forward` takes the layer type (sliding or full attent
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from .base import FamilyAdapter
@@ -18,9 +16,7 @@ class Gemma3Adapter(FamilyAdapter):
     model_class_name = "Gemma3ForConditionalGeneration"
     vision_prefixes = ("model.vision_tower.",)
     norm_formula = "rms_1p"
-
-    def logit_softcap(self, text_config: Any) -> float | None:
-        return getattr(text_config, "final_logit_softcapping", None) or None
+    softcap_field = "final_logit_softcapping"
 
     def rotary_factory(self, model: torch.nn.Module):
         rotary_cls = type(self.text_model(model).rotary_emb)

@@ -23,9 +23,7 @@ class PaliGemmaAdapter(FamilyAdapter):
     model_class_name = "PaliGemmaForConditionalGeneration"
     vision_prefixes = ("model.vision_tower.",)
     norm_formula = "rms_1p"
-
-    def logit_softcap(self, text_config: Any) -> float | None:
-        return getattr(text_config, "final_logit_softcapping", None) or None
+    softcap_field = "final_logit_softcapping"
 
     def _prefix(self, processor: Any, sample: Sample, n_images: int, where: str) -> tuple[str, str | None]:
         """(processor text: one image token per image + the question, the answer or None)."""

@@ -36,6 +36,9 @@ scales and the 8 largest values kept (0.25x of bf16 after zstd) leave 8.7% relat
 flip 5% of the teacher's top-1 tokens, while `ecq` at 0.30x leaves 3.4% and flips 1.4%, close to
 fp8's 2.5% and 1.1% at 0.44x. Keeping each token's few largest values exactly stops the "massive
 activation" channels of real LLMs from inflating every other value's step.
+
+One file although long: the four codecs share the payload header, `HiddenCodec` and the decode
+routines that io/fastread.py calls directly; apart, each piece would import the others.
 """
 
 from __future__ import annotations

@@ -23,15 +23,17 @@ import numpy as np
 
 from .codecs import HIDDEN_CODECS, hidden_codec
 
-__all__ = ["ARRAY_NAMES", "ArraySpec", "CacheFormatError", "Counts", "FEATURES_NAME", "FORMAT_VERSION", "HEAD_NAME",
-           "MANIFEST_NAME", "MAX_INT", "Manifest", "READABLE_VERSIONS", "SAMPLES_NAME", "TeacherInfo", "answer_spans",
-           "identity", "identity_diff", "relpath_problem", "sha256_bytes", "sha256_file", "sha256_stream",
-           "sha256_text"]
+__all__ = ["ARRAY_NAMES", "ArraySpec", "COMMITS_DIR", "CacheFormatError", "Counts", "FEATURES_NAME", "FORMAT_VERSION",
+           "HEAD_NAME", "MANIFEST_NAME", "MAX_INT", "Manifest", "PROGRESS_NAME", "READABLE_VERSIONS", "SAMPLES_NAME",
+           "TeacherInfo", "answer_spans", "identity", "identity_diff", "relpath_problem", "sha256_bytes",
+           "sha256_file", "sha256_stream", "sha256_text"]
 
 FORMAT_VERSION = 2               # what this genrecal writes
 READABLE_VERSIONS = (1, 2)       # what it reads
 MANIFEST_NAME = "manifest.json"
 HEAD_NAME = "teacher_head.safetensors"
+PROGRESS_NAME = "_progress.json"  # the journal of an extraction in progress (journal.py); no manifest yet
+COMMITS_DIR = "_commits"
 FEATURES_NAME = "features.zarr"
 SAMPLES_NAME = "samples.parquet"
 ARRAY_NAMES = ("token_ids", "answer_mask", "hidden", "topk_ids", "topk_logprobs")

@@ -15,6 +15,9 @@ doubling, at most 20 s apart.
 sha256 before it becomes visible (written to `<file>.part`, renamed when complete); partial files
 are resumed. `TeacherCache.open(url, local_cache=DIR)` reads through a mirror under DIR, so every
 file is downloaded once, on first use; `pull(url, DIR)` mirrors a whole cache eagerly.
+
+Long because retries, the retrying filesystem classes, capped/If-Match reads and mirrors share
+`RetryPolicy` and `RemoteReadError`; finding a cache is io/locate.py, `pull` io/pull.py.
 """
 
 from __future__ import annotations
@@ -38,10 +41,10 @@ from fsspec.implementations.local import LocalFileSystem
 from .durable import atomic_write, rename_durable
 from ..format.manifest import MANIFEST_NAME, CacheFormatError, Manifest, relpath_problem, sha256_bytes
 
-__all__ = ["DOWNLOAD_BLOCK", "Mirror", "MirrorFileSystem", "PullReport", "RemoteReadError", "RetryPolicy",
-           "changed_error", "complete_mirror", "download", "download_capped", "etag_of", "is_http", "is_transient",
-           "mirror_key", "pull", "read_capped", "read_capped_async", "read_through", "retry_async", "retry_call",
-           "retrying_class", "safe_relpath", "url_to_fs"]
+__all__ = ["DOWNLOAD_BLOCK", "Mirror", "MirrorFileSystem", "RemoteReadError", "RetryPolicy", "changed_error",
+           "complete_mirror", "download", "download_capped", "etag_of", "is_http", "is_transient", "mirror_key",
+           "read_capped", "read_capped_async", "read_through", "retry_async", "retry_call", "retrying_class",
+           "safe_relpath", "url_to_fs"]
 
 log = logging.getLogger("genrecal.remote")
 
@@ -141,36 +144,35 @@ def _give_up(where: str, attempts: int, started: float, last: BaseException) -> 
                            f"or raise {ENV_RETRIES} / storage_options genrecal_retries")
 
 
+def _retry_delay(e: Exception, where: str, attempt: int, delays: list[float], started: float) -> float:
+    """Seconds to wait before retrying after failure number `attempt` (0-based); raises `e` when it is not
+    transient, and RemoteReadError when the retries are spent."""
+    if not is_transient(e):
+        raise e
+    if attempt == len(delays):
+        raise _give_up(where, attempt + 1, started, e) from e
+    log.warning("%s: %s; retry %d/%d in %.1fs", where, _describe(e), attempt + 1, len(delays), delays[attempt])
+    return delays[attempt]
+
+
 def retry_call(policy: RetryPolicy, where: str, fn: Callable[[], Any]) -> Any:
     """`fn()` with retries on transient errors (synchronous callers)."""
-    started = time.monotonic()
-    delays = policy.delays()
+    started, delays = time.monotonic(), policy.delays()
     for attempt in range(len(delays) + 1):
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - classified below
-            if not is_transient(e):
-                raise
-            if attempt == len(delays):
-                raise _give_up(where, attempt + 1, started, e) from e
-            log.warning("%s: %s; retry %d/%d in %.1fs", where, _describe(e), attempt + 1, len(delays), delays[attempt])
-            time.sleep(delays[attempt])
+        except Exception as e:  # noqa: BLE001 - classified by _retry_delay
+            time.sleep(_retry_delay(e, where, attempt, delays, started))
 
 
 async def retry_async(policy: RetryPolicy, where: str, fn: Callable[[], Any]) -> Any:
     """`await fn()` with retries on transient errors."""
-    started = time.monotonic()
-    delays = policy.delays()
+    started, delays = time.monotonic(), policy.delays()
     for attempt in range(len(delays) + 1):
         try:
             return await fn()
-        except Exception as e:  # noqa: BLE001 - classified below
-            if not is_transient(e):
-                raise
-            if attempt == len(delays):
-                raise _give_up(where, attempt + 1, started, e) from e
-            log.warning("%s: %s; retry %d/%d in %.1fs", where, _describe(e), attempt + 1, len(delays), delays[attempt])
-            await asyncio.sleep(delays[attempt])
+        except Exception as e:  # noqa: BLE001 - classified by _retry_delay
+            await asyncio.sleep(_retry_delay(e, where, attempt, delays, started))
 
 
 # ---- retrying filesystems ------------------------------------------------------------------------
@@ -604,53 +606,3 @@ def complete_mirror(mirror: Mirror) -> bool:
     path = os.path.join(mirror.local_dir, MANIFEST_NAME)
     atomic_write(path, mirror.manifest.to_json().encode())
     return True
-
-
-@dataclass
-class PullReport:
-    files: int          # files the manifest lists
-    fetched: int        # of those, downloaded by this call (the rest were already there)
-    bytes: int          # bytes transferred by this call
-    path: str
-
-
-def pull(url: str | os.PathLike, out: str | os.PathLike, storage_options: dict[str, Any] | None = None,
-         progress: Callable[[str, int], None] | None = None) -> PullReport:
-    """Download the cache at `url` into the folder `out`: every file the manifest lists, each verified
-    against its sha256, the manifest last. Re-running resumes: verified files are kept, partial ones
-    continued. A folder holding another cache is refused."""
-    from ..reader import load_manifest, open_fs
-
-    fs, root, name = open_fs(url, storage_options)
-    out = os.path.abspath(os.fspath(out))
-    try:
-        manifest = load_manifest(fs, root, name)
-    except CacheFormatError:  # a cache written in parts (genrecal_cache/parts.py): pull each part
-        from ..parts import find_parts
-
-        names = find_parts(fs, root, name)
-        if not names:
-            raise
-        reports = [pull(f"{name}/{n}", os.path.join(out, n), storage_options, progress) for n in names]
-        return PullReport(files=sum(r.files for r in reports), fetched=sum(r.fetched for r in reports),
-                          bytes=sum(r.bytes for r in reports), path=out)
-    existing = os.path.join(out, MANIFEST_NAME)
-    if os.path.isfile(existing):
-        with open(existing, "rb") as f:
-            old = f.read()
-        if mirror_key(old) != mirror_key(manifest.to_json()):
-            raise CacheFormatError(f"{out} already holds another cache (its manifest differs from {name}'s); "
-                                   f"pull into an empty folder")
-    mirror = Mirror(fs, root, name, manifest, out)
-    fetched = nbytes = 0
-    for rel in sorted(manifest.checksums):
-        if mirror.present(rel):
-            continue
-        path = mirror.local(rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        nbytes += download(fs, f"{mirror.root}/{rel}", path, manifest.checksums[rel], f"{name}/{rel}")
-        fetched += 1
-        if progress is not None:
-            progress(rel, nbytes)
-    complete_mirror(mirror)
-    return PullReport(files=len(manifest.checksums), fetched=fetched, bytes=nbytes, path=out)

@@ -1,0 +1,44 @@
+"""`genrecal-cache merge`: a cache written in parts (or any cache) rewritten as one single-part cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .format.manifest import Manifest
+from .reader import TeacherCache
+from .writer import CacheWriter, SampleArrays, SampleRecord
+
+__all__ = ["merge"]
+
+
+def merge(src: str | os.PathLike, out: str | os.PathLike, storage_options: dict[str, Any] | None = None,
+          command: str = "genrecal-cache merge") -> Manifest:
+    """Write the cache at `src` (multi-part, or single) as one single-part cache at `out`: the same rows in
+    the same order (the global index), the same features. Hidden states are re-encoded with the same
+    codec: bit-exact for bf16 and fp32 (their decoded values are exactly representable)."""
+    cache = TeacherCache.open(src, storage_options)
+    m = cache.manifest
+    spec = m.arrays["hidden"]
+    extra = {k: v for k, v in m.extra.items() if k not in ("parts", "extract")}
+    extra["merged_from"] = list(getattr(cache, "names", [os.fspath(src)]))
+    refs = cache.index.column("image_refs").to_pylist()
+    w = CacheWriter(Path(out), hidden_size=m.hidden_size, vocab_size=m.vocab_size, topk=m.topk,
+                    hidden_codec=m.hidden_codec, teacher=dict(m.teacher), tokenizer_sha256=m.tokenizer_sha256,
+                    chat_template_sha256=m.chat_template_sha256, head=cache.head("cpu"), command=command,
+                    shard_tokens=spec["shard_tokens"], chunk_tokens=spec["chunk_tokens"], extra=extra)
+    try:
+        for s in cache.iter_samples("ordered", status="all"):
+            row = SampleRecord(id=s.id, messages=s.messages, images=s.images, image_refs=refs[s.index],
+                               status=s.status, error=s.error, extra=s.extra)  # type: ignore[arg-type]
+            arrays = None if s.status == "error" else SampleArrays(
+                token_ids=s.token_ids, answer_mask=s.answer_mask, hidden=s.hidden, topk_ids=s.topk_ids,
+                topk_logprobs=s.topk_logprobs)
+            w.add(row, arrays)
+        return w.close()
+    except BaseException:
+        w.abort()
+        raise
+    finally:
+        cache.close()
