@@ -371,7 +371,7 @@ def plots(results: dict, out: Path) -> list[Path]:
     fig.suptitle(f"Same budget ({results['setup']['steps']} steps x {results['setup']['batch_size']}), "
                  f"{len(results['setup']['seeds'])} seed(s)", fontsize=10)
     fig.tight_layout()
-    png = out / "quality_accuracy.png"
+    png = out / "quality_suite_accuracy.png"
     fig.savefig(png, dpi=120)
     plt.close(fig)
     return [png]

@@ -107,13 +107,13 @@ class GenRecal(nn.Module):
     def __init__(self, student: nn.Module, adapter: FamilyAdapter, head: TeacherHead, cfg: TrainConfig,
                  tokenizers: tuple[Any, Any] | None = None):
         """`tokenizers`: (student's, teacher's), used by main_pass_answer='student_aligned'; loaded from
-        cfg.student and the cache's teacher (`load_teacher_tokenizer`) when not given."""
+        cfg.student and the cache's teacher (`load_teacher_tokenizer`) when not given and stage 1 or 2 runs."""
         super().__init__()
         self.student, self.adapter, self.head, self.cfg = student, adapter, head.requires_grad_(False), cfg
         if cfg.main_pass_answer not in ("teacher", "student_aligned"):
             raise ValueError(f"main_pass_answer={cfg.main_pass_answer!r}: use 'student_aligned' or 'teacher'")
         self.tokenizers = tokenizers
-        if cfg.main_pass_answer == "student_aligned" and tokenizers is None:
+        if cfg.main_pass_answer == "student_aligned" and tokenizers is None and {1, 2} & set(cfg.stages):
             self.tokenizers = (adapter.load_processor(cfg.student).tokenizer, load_teacher_tokenizer(cfg))
         self.recalibrator = Recalibrator.from_student(
             student, d_teacher=head.hidden_size, num_layers=cfg.recal_layers,

@@ -83,7 +83,7 @@ def phrase_cache(tmp_path_factory, teacher_dir: Path) -> Path:
         lines.append(json.dumps(rec))
     data.write_text("\n".join(lines) + "\n")
     extract(ExtractConfig(teacher=str(teacher_dir), data=str(data), out=str(root / "cache"), backend="transformers",
-                          hidden_dtype="float32", progress=False))
+                          hidden_codec="float32", progress=False))
     return root / "cache"
 
 
