@@ -17,9 +17,7 @@ that differs is refused, naming it. Finding the parts: io/locate.py; checking th
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
@@ -27,6 +25,7 @@ import pyarrow as pa
 import torch
 
 from .format.manifest import CacheFormatError, Manifest, identity, identity_diff
+from .io.prefetch import read_ahead
 
 __all__ = ["MultiPartCache", "check_same_identity", "combined_manifest", "split_plan"]
 
@@ -130,22 +129,10 @@ class MultiPartCache:
             off = int(self.starts[p])
             pieces.append((self.parts[p], off, [i - off for i in piece]))
 
-        def read(item: tuple[Any, int, list[int]]) -> Any:
-            return item[0]._read_group(item[2])
-
-        pool = ThreadPoolExecutor(1, thread_name_prefix="genrecal-readahead") if readahead >= 1 else None
-        try:
-            pending = deque(pool.submit(read, it) for it in pieces[:readahead]) if pool else deque()
-            for j, (part, off, local) in enumerate(pieces):
-                group = pending.popleft().result() if pool else read(pieces[j])
-                if pool and j + readahead < len(pieces):
-                    pending.append(pool.submit(read, pieces[j + readahead]))
-                for s in part._group_samples(local, group):
-                    s.index += off
-                    yield s
-        finally:
-            if pool:
-                pool.shutdown(wait=True, cancel_futures=True)
+        for (part, off, local), group in read_ahead(lambda it: it[0]._read_group(it[2]), pieces, readahead):
+            for s in part._group_samples(local, group):
+                s.index += off
+                yield s
 
     def __repr__(self) -> str:
         c = self.manifest.counts

@@ -16,9 +16,7 @@ import asyncio
 import json
 import os
 import tempfile
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,6 +37,7 @@ from .format.manifest import (
 )
 from .io.fastread import BufferPool, NonFiniteError, ShardedArrayReader, bound_zarr_decoding, read_ranges
 from .io.locate import local_file, locate, open_fs, open_parquet, zarr_store
+from .io.prefetch import read_ahead
 from .io.remote import RemoteReadError, download_capped, read_through
 from .parts import MultiPartCache, check_same_identity, split_plan
 
@@ -264,21 +263,9 @@ class TeacherCache:
         decoded buffer (no per-sample copy); copy it if you keep it far longer than the group."""
         pieces = self.plan(order, seed, rank, world_size, start, status)
         buffers = BufferPool(max_buffers=readahead + 3)  # group buffers reused once no sample uses them
-        if readahead < 1 or len(pieces) < 2:
-            for piece in pieces:
-                yield from self._group_samples(piece, self._read_group(piece, buffers))
-            return
-        pool = ThreadPoolExecutor(1, thread_name_prefix="genrecal-readahead")
-        try:
-            pending = deque(pool.submit(self._read_group, p, buffers) for p in pieces[:readahead])
-            for j, piece in enumerate(pieces):
-                group = pending.popleft().result()
-                if j + readahead < len(pieces):
-                    pending.append(pool.submit(self._read_group, pieces[j + readahead], buffers))
-                yield from self._group_samples(piece, group)
-                del group
-        finally:  # also when the consumer stops early: drop reads not started, wait for the running one
-            pool.shutdown(wait=True, cancel_futures=True)
+        for piece, group in read_ahead(lambda p: self._read_group(p, buffers), pieces, readahead):
+            yield from self._group_samples(piece, group)
+            del group
 
     def _read_group(self, piece: list[int], buffers: BufferPool | None = None
                     ) -> tuple[int, dict[str, np.ndarray], dict[int, list[bytes]]]:

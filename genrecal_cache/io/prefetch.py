@@ -1,14 +1,41 @@
-"""A bounded background iterator: the producer's work overlaps the consumer's."""
+"""Work done ahead on a background thread while the consumer works: `prefetch` runs a whole iterator
+ahead (extraction input, training batches); `read_ahead` runs the next reads of a known list (a
+cache's read groups)."""
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, TypeVar
 
-__all__ = ["prefetch"]
+__all__ = ["prefetch", "read_ahead"]
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+
+def read_ahead(read: Callable[[T], R], items: list[T], n: int) -> Iterator[tuple[T, R]]:
+    """(item, read(item)) in order, the next `n` reads running on one background thread while the
+    caller consumes the current result (n < 1: each read on demand). Stopping early drops the reads
+    not started and waits for the running one."""
+    if n < 1 or len(items) < 2:
+        for item in items:
+            yield item, read(item)
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="genrecal-readahead")
+    try:
+        pending = deque(pool.submit(read, item) for item in items[:n])
+        for j, item in enumerate(items):
+            result = pending.popleft().result()
+            if j + n < len(items):
+                pending.append(pool.submit(read, items[j + n]))
+            yield item, result
+            del result  # the caller's buffers become reusable as soon as it lets go of them
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def prefetch(items: Iterator[T], size: int) -> Iterator[T]:
