@@ -338,13 +338,15 @@ def read_index(pf: Any, columns: list[str], where: str) -> pa.Table:
     if claimed > limit:
         raise CacheFormatError(f"{where}: {md.num_rows} rows declaring {claimed} bytes in {stored} stored bytes, "
                                f"above the {limit}-byte limit; the file is corrupt or hostile, {REFETCH}")
-    table = pf.read(columns=columns)
-    n = sum(decoded_nbytes(table.column(c)) for c in columns)
+    # One row group at a time: pyarrow cannot read nested dictionary columns (image_refs) of several row
+    # groups into one table ("Nested data conversions not implemented for chunked array outputs").
+    groups = [pf.read_row_group(g, columns=columns) for g in range(md.num_row_groups)] or [pf.read(columns=columns)]
+    n = sum(decoded_nbytes(t.column(c)) for t in groups for c in columns)
     if n > limit:
         raise CacheFormatError(f"{where}: the index decodes to {n} bytes from {stored} stored bytes (a value stored "
                                f"once and repeated in many rows), above the {limit}-byte limit; the file is corrupt "
                                f"or hostile, {REFETCH}")
-    return _decoded(table)
+    return pa.concat_tables([_decoded(t) for t in groups])
 
 
 def read_images(pf: Any, group: int, where: str) -> list[list[bytes]]:
