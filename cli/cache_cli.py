@@ -19,7 +19,8 @@ def extract(
     out: Path = typer.Option(..., help="Cache folder to create."),
     backend: str = typer.Option("auto", help="'vllm' (default where installed), 'transformers' (reference) or 'auto'."),
     topk: int = typer.Option(64, help="Top-k teacher logprobs stored per token."),
-    max_len: int = typer.Option(4096, help="Samples longer than this (teacher tokens) are recorded as errors."),
+    max_len: Optional[int] = typer.Option(None, help="Samples longer than this (teacher tokens) are recorded as "
+                                                     "errors [default: 4096, or the teacher's context if shorter]."),
     batch_tokens: int = typer.Option(8192, help="Padded tokens per teacher forward (transformers backend)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N samples."),
     hidden_codec: Optional[str] = typer.Option(
@@ -35,6 +36,9 @@ def extract(
     max_model_len: Optional[int] = typer.Option(None, help="[vllm] Engine context length [default: --max-len]."),
     gpu_memory_utilization: Optional[float] = typer.Option(None, help="[vllm] Fraction of GPU memory [0.9 GPU, 0.1 CPU]."),
     max_num_batched_tokens: Optional[int] = typer.Option(None, help="[vllm] Tokens per engine step."),
+    kv_cache_gib: Optional[float] = typer.Option(None, help="[vllm] KV-cache size in GiB [GPU: from "
+                                                           "--gpu-memory-utilization; CPU: 4 sequences of the "
+                                                           "engine context, or VLLM_CPU_KVCACHE_SPACE]."),
     limit_mm_per_prompt: Optional[int] = typer.Option(None, help="[vllm] Max images per prompt."),
     trust_remote_code: bool = typer.Option(False, help="[vllm] Allow the model folder's own code to run."),
     num_shards: int = typer.Option(1, help="Split the input among N independent jobs: this job takes the samples "
@@ -67,9 +71,11 @@ def extract(
                                   pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size,
                                   gpu_memory_utilization=gpu_memory_utilization,
                                   max_num_batched_tokens=max_num_batched_tokens,
+                                  kv_cache_memory_bytes=None if kv_cache_gib is None else int(kv_cache_gib * 2**30),
                                   limit_mm_per_prompt=None if limit_mm_per_prompt is None else {"image": limit_mm_per_prompt},
                                   trust_remote_code=trust_remote_code, **({"max_model_len": max_model_len} if max_model_len else {})))
-    m = run_extract(cfg)
+    with clean_errors(str(out)):
+        m = run_extract(cfg)
     c = m.counts
     typer.echo(f"wrote {out}: {c['samples']} samples ({c['ok']} ok, {c['error']} error), {c['tokens']} tokens")
 
@@ -85,7 +91,7 @@ def info(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."),
     from genrecal_cache.info import format_summary, summarize
     from genrecal_cache.reader import TeacherCache
 
-    with _clean_errors(cache), TeacherCache.open(cache, local_cache=local_cache) as tc:
+    with clean_errors(cache), TeacherCache.open(cache, local_cache=local_cache) as tc:
         s = summarize(tc, max_errors=errors)
     typer.echo(_json.dumps(s, indent=1, default=str) if as_json else format_summary(s))
 
@@ -119,7 +125,7 @@ def verify(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."))
     """Check every checksum and the structure of a cache; exit 1 with the faults if any."""
     from genrecal_cache.verify import verify as run_verify
 
-    with _clean_errors(cache):
+    with clean_errors(cache):
         faults = run_verify(cache)
     if faults:
         for f in faults:
@@ -155,21 +161,24 @@ def pull(url: str = typer.Argument(..., help="Cache URL (https://, s3://, gs://,
         if not quiet:
             typer.echo(f"  {rel} ({nbytes / 2**20:.1f} MiB so far)")
 
-    with _clean_errors(url):
+    with clean_errors(url):
         r = run_pull(url, out, progress=progress)
     typer.echo(f"{url} -> {r.path}: {r.files} files, {r.fetched} downloaded ({r.bytes / 2**20:.1f} MiB), "
                f"{r.files - r.fetched} already there; all verified")
 
 
 @contextlib.contextmanager
-def _clean_errors(where: str):
-    """Known failures (a bad cache, an unreachable server, a missing fsspec backend) end with one clear line."""
+def clean_errors(where: str):
+    """Known failures (a bad cache, an unreachable server, a missing fsspec backend, an extraction that is refused
+    or made nothing usable) end with one clear line and status 2."""
+    from genrecal_cache.extract import ExtractError
     from genrecal_cache.format.manifest import CacheFormatError
     from genrecal_cache.io.remote import RemoteReadError
+    from genrecal_cache.journal import CacheWriteError, DirLockedError
 
     try:
         yield
-    except (CacheFormatError, RemoteReadError, ImportError) as e:
+    except (CacheFormatError, RemoteReadError, ImportError, ExtractError, DirLockedError, CacheWriteError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
 

@@ -29,9 +29,12 @@ Roles are normalised: ``human``/``user`` -> ``user``, ``gpt``/``assistant`` -> `
 ``system`` -> ``system``; both ``from``/``value`` and ``role``/``content`` keys are accepted.
 
 Bad input never raises out of the iterator: a malformed line, wrong field types, a missing,
-escaping or undecodable image, an empty answer, or a marker/image count mismatch yields a
-``Sample`` whose ``error`` names the sample, the file and the problem, so an extraction run can
-record it and go on. Problems with the file itself (missing, unknown format) raise at once.
+escaping or undecodable image, an empty answer, a marker/image count mismatch, text that is not
+valid Unicode (a lone surrogate such as ``"\\ud800"`` is valid JSON but cannot be stored as UTF-8)
+or an ``id`` used before yields a ``Sample`` whose ``error`` names the sample, the file and the
+problem, so an extraction run can record it and go on. A repeated id's row is renamed
+``<id>@<line-n>`` (ids are unique within a cache). Problems with the file itself (missing, unknown
+format) raise at once.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class Sample:
     image_refs: list[str]  # where they came from (paths), for provenance; [] when embedded
     error: str | None = None  # set when the input itself is bad (missing/corrupt image, empty answer...)
     extra: dict = field(default_factory=dict)  # other top-level JSONL fields (e.g. "qtype"), kept in the cache
+    where: str = ""  # position in the input file ("line-7", "row-3", "item-2"), for messages
 
 
 class ImageError(ValueError):
@@ -131,7 +135,23 @@ def read_samples(path: str | Path, limit: int | None = None, image_root: str | P
         samples = _parquet_samples(path, max_image_pixels)
     else:
         raise ValueError(f"{path}: unknown dataset format {suffix!r}; use .jsonl, .ndjson, .json or .parquet")
-    return _take(samples, limit)
+    return _take(_unique_ids(samples, path), limit)
+
+
+def _unique_ids(samples: Iterable[Sample], path: Path) -> Iterator[Sample]:
+    """A repeated id becomes an error row under a new id: the cache's ids must be unique, and one
+    careless line must not stop a run (nor lose the first sample with that id)."""
+    first: dict[str, str] = {}
+    for s in samples:
+        if s.id in first:
+            new_id, k = f"{s.id}@{s.where}", 1
+            while new_id in first:
+                new_id, k = f"{s.id}@{s.where}#{k}", k + 1
+            s = Sample(new_id, [], [], [], where=s.where,
+                       error=f"sample {s.id!r} ({path}, {s.where}): duplicate id: {first[s.id]} has the same id; "
+                             f"ids must be unique, give this sample its own (recorded as {new_id!r})")
+        first[s.id] = s.where
+        yield s
 
 
 def _take(samples: Iterable[Sample], limit: int | None) -> Iterator[Sample]:
@@ -184,12 +204,20 @@ def _sample_from_record(rec: Any, where: str, path: Path, root: Path, max_pixels
         images = [_read_image_file(ref, root) for ref in refs]
         sample = _build(sid, rec.get("conversations"), images, refs, max_pixels)
         sample.extra = {k: v for k, v in rec.items() if k not in _RECORD_KEYS}
+        _check_unicode(sample.extra, "a field")
+        sample.where = where
         return sample
     except _BadSample as e:
-        return Sample(sid, [], [], refs, error=f"sample {sid!r} ({path}, {where}): {e}")
+        return _error_sample(sid, refs, f"sample {sid!r} ({path}, {where}): {e}", where)
     except Exception as e:  # the contract is "never raise per sample": report anything unforeseen too
-        return Sample(sid, [], [], refs, error=f"sample {sid!r} ({path}, {where}): unexpected "
-                                               f"{type(e).__name__}: {e}")
+        return _error_sample(sid, refs, f"sample {sid!r} ({path}, {where}): unexpected {type(e).__name__}: {e}",
+                             where)
+
+
+def _error_sample(sid: str, refs: list[str], error: str, where: str) -> Sample:
+    """An error row that can always be stored: text that is not valid UTF-8 is escaped (`\\udXXX`)."""
+    safe = lambda t: t.encode("utf-8", "backslashreplace").decode("utf-8")  # noqa: E731
+    return Sample(sid, [], [], [safe(r) for r in refs], error=safe(error), where=where)
 
 
 def _image_refs(value: Any) -> list[str]:
@@ -255,12 +283,14 @@ def _parquet_rows(path: Path, pf: Any, columns: list[str], max_pixels: int) -> I
                     except (json.JSONDecodeError, UnicodeDecodeError) as e:
                         raise _BadSample(f"'conversations' is not valid JSON: {e}") from None
                 images, refs = _embedded_images(row.get("images"))
-                yield _build(sid, convs, images, refs, max_pixels)
+                sample = _build(sid, convs, images, refs, max_pixels)
+                sample.where = where
+                yield sample
             except _BadSample as e:
-                yield Sample(sid, [], [], [], error=f"sample {sid!r} ({path}, {where}): {e}")
+                yield _error_sample(sid, [], f"sample {sid!r} ({path}, {where}): {e}", where)
             except Exception as e:  # never raise per sample (see the JSONL reader)
-                yield Sample(sid, [], [], [], error=f"sample {sid!r} ({path}, {where}): unexpected "
-                                                   f"{type(e).__name__}: {e}")
+                yield _error_sample(sid, [], f"sample {sid!r} ({path}, {where}): unexpected {type(e).__name__}: {e}",
+                                    where)
 
 
 def _embedded_images(value: Any) -> tuple[list[bytes], list[str]]:
@@ -289,7 +319,17 @@ def _sample_id(value: Any, where: str) -> str:
         return where
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise _BadSample(f"'id' must be a string or an integer, got {_describe(value)}")
+    _check_unicode(str(value), "'id'")
     return str(value)
+
+
+def _check_unicode(value: Any, what: str) -> None:
+    """Raise `_BadSample` when some text in `value` cannot be written as UTF-8 (a lone surrogate)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _BadSample(f"{what} is not valid Unicode: {e.reason} {e.object[e.start:e.end]!r} (a lone surrogate, "
+                         f"e.g. '\\ud800' in the JSON, is not a character); fix or drop the text") from None
 
 
 def _build(sid: str, conversations: Any, images: list[bytes], refs: list[str], max_pixels: int) -> Sample:
@@ -327,6 +367,7 @@ def _messages(conversations: Any) -> list[dict]:
             raise _BadSample(f"turn {i} has speaker {who!r}; expected one of {sorted(_ROLES)}")
         if not isinstance(text, str):
             raise _BadSample(f"turn {i} ({role}) text must be a string, got {_describe(text)}")
+        _check_unicode(text, f"turn {i} ({role}) text")
         if role == "assistant" and not text.strip():
             raise _BadSample(f"turn {i} is an empty assistant answer; there is nothing to learn from it")
         messages.append({"role": role, "content": text})

@@ -7,13 +7,14 @@ drains results on a background thread, so the run goes at the speed of the teach
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
@@ -24,14 +25,21 @@ from genrecal_cache.format.codecs import DEFAULT_HIDDEN_CODEC, hidden_codec as g
 from genrecal_cache.data import ImageError, Sample, decode_image, read_samples
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter_for
 from genrecal_cache.format.manifest import (
-    COMMITS_DIR, MANIFEST_NAME, PROGRESS_NAME, Manifest, identity, identity_diff, sha256_text,
+    COMMITS_DIR, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, Manifest, identity, identity_diff, sha256_text,
 )
 from genrecal_cache.io.locate import part_dir
 from genrecal_cache.io.prefetch import prefetch
+from genrecal_cache.journal import DirLock
 from genrecal_cache.writer import CacheWriter, SampleArrays, SampleRecord
 
-__all__ = ["ExtractConfig", "count_samples", "extract", "make_backend", "pick_backend"]
+__all__ = ["DEFAULT_MAX_LEN", "ExtractConfig", "ExtractError", "count_samples", "extract", "make_backend",
+           "pick_backend", "resolve_max_len"]
 
+DEFAULT_MAX_LEN = 4096  # the default --max-len, lowered to the teacher's context when that is shorter
+
+
+class ExtractError(ValueError):
+    """An extraction that cannot go on, or that made nothing usable; the message says what to do."""
 
 
 @dataclass
@@ -41,7 +49,7 @@ class ExtractConfig:
     out: str
     backend: str = "auto"  # "auto" | "transformers" | "vllm"
     topk: int = 64
-    max_len: int = 4096
+    max_len: int | None = None  # teacher tokens per sample; None: DEFAULT_MAX_LEN or the teacher's context if shorter
     batch_tokens: int = 8192
     limit: int | None = None
     # storage of hidden states: "bf16" (default, lossless) | "fp8" | "ecq" | "fp32" (genrecal_cache/format/codecs.py)
@@ -88,6 +96,15 @@ def make_backend(cfg: ExtractConfig, adapter: FamilyAdapter, pad_id: int):
     raise ValueError(f"unknown backend {cfg.backend!r}: use 'transformers', 'vllm' or 'auto'")
 
 
+def resolve_max_len(max_len: int | None, config: Any) -> int:
+    """`max_len`, or by default 4096 capped at the teacher's context (`max_position_embeddings`): the
+    vLLM engine refuses a `max_model_len` beyond it, and no sample that long could be run anyway."""
+    if max_len is not None:
+        return max_len
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return min(DEFAULT_MAX_LEN, context) if isinstance(context, int) and context > 0 else DEFAULT_MAX_LEN
+
+
 def _record(s: Sample, status: str = "ok", error: str | None = None) -> SampleRecord:
     return SampleRecord(id=s.id, messages=s.messages, images=s.images, image_refs=s.image_refs,
                         status=status, error=error, extra=getattr(s, "extra", {}) or {})
@@ -109,15 +126,24 @@ def count_samples(path: str, limit: int | None) -> int | None:
 
 def _encode_all(samples: Iterator[Sample], adapter: FamilyAdapter, processor, max_len: int
                 ) -> Iterator[tuple[Sample, Encoded | None, str | None]]:
+    """(sample, its teacher encoding, None) or (sample, None, why it cannot be used), in input order.
+
+    Queued encodings hold no decoded images: a sample keeps its encoded files (`Sample.images`) and the
+    processor's output, so memory is bounded by what the processor uses, not by the images' resolution
+    (12 images of 8192x8192 were 4.4 GB). A backend that needs the images decodes them per batch."""
     for s in samples:
         if s.error:
             yield s, None, s.error
             continue
         try:
-            images = [decode_image(b) for b in s.images]
-            yield s, adapter.encode(processor, s, images, max_len), None
+            enc = adapter.encode(processor, s, [decode_image(b) for b in s.images], max_len)
         except (ImageError, EncodeError) as e:
             yield s, None, f"sample {s.id!r}: {e}"
+            continue
+        except Exception as e:  # noqa: BLE001 - a processor failing on one sample must not stop the run
+            yield s, None, f"sample {s.id!r} ({s.where}): the processor failed: {type(e).__name__}: {e}"
+            continue
+        yield s, dataclasses.replace(enc, images=[]), None
 
 
 def extract(cfg: ExtractConfig) -> Manifest:
@@ -130,6 +156,26 @@ def extract(cfg: ExtractConfig) -> Manifest:
         raise ValueError(f"shard_index must be in [0, num_shards={cfg.num_shards}), got {cfg.shard_index}")
     out = part_dir(cfg.out, cfg.shard_index, cfg.num_shards) if cfg.num_shards > 1 else cfg.out
     config = AutoConfig.from_pretrained(cfg.teacher)
+    cfg = dataclasses.replace(cfg, max_len=resolve_max_len(cfg.max_len, config))
+    with DirLock(out):  # one writer per directory: a second run would delete the first one's shards
+        manifest = _extract_locked(cfg, out, config)
+    c = manifest.counts
+    if c["ok"] == 0 and (cfg.num_shards == 1 or c["samples"] > 0):  # an empty part of a tiny input is fine
+        raise ExtractError(f"{out}: no usable sample: {c['samples']} sample(s) read from {cfg.data}, "
+                           f"{c['error']} recorded as errors{_first_errors(out)}. The cache holds no teacher "
+                           f"features; fix the input (`genrecal-cache info {out}` lists the errors), delete {out} "
+                           f"and extract again")
+    return manifest
+
+
+def _first_errors(out: str | Path, n: int = 2) -> str:
+    import pyarrow.parquet as pq
+
+    errors = pq.read_table(Path(out) / SAMPLES_NAME, columns=["error"]).column("error").drop_null().to_pylist()
+    return f" (first: {'; '.join(e[:300] for e in errors[:n])})" if errors else ""
+
+
+def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any) -> Manifest:
     adapter = adapter_for(config)
     processor = adapter.load_processor(cfg.teacher)
     tokenizer = processor.tokenizer
@@ -162,7 +208,9 @@ def extract(cfg: ExtractConfig) -> Manifest:
                dynamic_ncols=True)
 
     def run(batch: list[tuple[Sample, Encoded]]) -> None:
-        nonlocal n_ok, n_tok
+        nonlocal n_ok, n_err, n_tok
+        if getattr(backend, "needs_images", False):  # decoded for this batch only (see _encode_all)
+            batch = [(s, dataclasses.replace(e, images=[decode_image(b) for b in s.images])) for s, e in batch]
         if n_ok == 0:  # before anything is cached: the exported head must reproduce the teacher's own forward
             backend.check_head([e for _, e in batch])
         hidden = backend.hidden_states([e for _, e in batch])
@@ -170,26 +218,33 @@ def extract(cfg: ExtractConfig) -> Manifest:
         lengths = [int(h.shape[0]) for h in hidden]
         all_ids, all_lps = head.topk_logprobs(torch.cat(hidden) if len(hidden) > 1 else hidden[0], cfg.topk)
         for (s, e), h, ids, lps in zip(batch, hidden, all_ids.split(lengths), all_lps.split(lengths)):
-            writer.add(_record(s), SampleArrays(
-                token_ids=e.input_ids.to(torch.int32).numpy(),
-                answer_mask=e.answer_mask.numpy(),
-                hidden=h,  # the writer casts on h's device: a bf16 GPU batch crosses to the host at half size
-                topk_ids=ids.cpu().numpy(),
-                topk_logprobs=lps.cpu().numpy(),
-            ))
+            try:
+                writer.add(_record(s), SampleArrays(
+                    token_ids=e.input_ids.to(torch.int32).numpy(),
+                    answer_mask=e.answer_mask.numpy(),
+                    hidden=h,  # the writer casts on h's device: a bf16 GPU batch crosses to the host at half size
+                    topk_ids=ids.cpu().numpy(),
+                    topk_logprobs=lps.cpu().numpy(),
+                ))
+            except ValueError as err:  # refused by the writer's checks (e.g. NaN states): an error row
+                writer.add(_record(s, "error", str(err)), None)
+                n_err += 1
+                continue
             n_ok += 1
             n_tok += int(e.input_ids.shape[0])
         elapsed = time.perf_counter() - t0
         bar.update(len(batch))
         bar.set_postfix(ok=n_ok, err=n_err, tok_s=f"{n_tok / max(elapsed, 1e-9):.0f}")
 
+    queued = None
     try:
         batch: list[tuple[Sample, Encoded]] = []
         deferred: list[tuple[Sample, str]] = []  # error rows after the batch: rows go in input order
         longest = 0
         samples = _my_samples(read_samples(cfg.data, limit=cfg.limit, image_root=cfg.image_root), cfg, skip, str(out))
         bar.update(len(skip))
-        for s, enc, err in prefetch(_encode_all(samples, adapter, processor, cfg.max_len), 256):
+        queued = prefetch(_encode_all(samples, adapter, processor, cfg.max_len), 256)
+        for s, enc, err in queued:
             if err is not None:
                 if batch:
                     deferred.append((s, err))
@@ -216,6 +271,8 @@ def extract(cfg: ExtractConfig) -> Manifest:
         writer.abort()
         raise
     finally:
+        if queued is not None:  # stops and joins the reader thread now, also after an error
+            queued.close()
         bar.close()
         backend.close()
     return manifest
@@ -230,14 +287,14 @@ def _my_samples(samples: Iterator[Sample], cfg: ExtractConfig, skip: list[str], 
             continue
         if j < len(skip):
             if s.id != skip[j]:
-                raise ValueError(f"{out}: cannot resume: input #{j} of this job is {s.id!r} but the interrupted run "
+                raise ExtractError(f"{out}: cannot resume: input #{j} of this job is {s.id!r} but the interrupted run "
                                  f"committed {skip[j]!r} there; the data file (or --limit/--num-shards) changed. "
                                  f"Use the same data, or a new output directory")
             j += 1
             continue
         yield s
     if j < len(skip):
-        raise ValueError(f"{out}: cannot resume: the interrupted run committed {len(skip)} samples but the data now "
+        raise ExtractError(f"{out}: cannot resume: the interrupted run committed {len(skip)} samples but the data now "
                          f"has only {j} for this job; the data file changed")
 
 

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ from .format.manifest import (
 )
 from .io.durable import fsync_path, rename_durable, write_synced
 
-JOURNAL_NAMES = (PROGRESS_NAME, PROGRESS_NAME + ".tmp", COMMITS_DIR)
+LOCK_NAME = "_lock"  # flock'ed by the extraction writing the directory (see DirLock)
+JOURNAL_NAMES = (PROGRESS_NAME, PROGRESS_NAME + ".tmp", COMMITS_DIR, LOCK_NAME)
 PROGRESS_VERSION = 1
 
 # Named points of the commit sequence where a test can kill the process (GENRECAL_KILL_AT).
@@ -121,6 +123,14 @@ def load_pending(path: Path, sha256: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def _same_spelling(teacher_id: Any) -> Any:
+    """A local teacher folder as its resolved path: `teacher`, `./teacher` and `/abs/teacher` are one
+    teacher to a resume (hub ids stay as they are; the config's sha256 is compared separately)."""
+    if isinstance(teacher_id, str) and Path(teacher_id).exists():
+        return str(Path(teacher_id).resolve())
+    return teacher_id
+
+
 def is_journal(rel: str) -> bool:
     """Whether a path relative to the cache root belongs to the journal (not to the cache)."""
     return rel.split("/", 1)[0] in JOURNAL_NAMES
@@ -128,6 +138,57 @@ def is_journal(rel: str) -> bool:
 
 class CacheWriteError(RuntimeError):
     """Writing the cache failed (raised in the caller, also for failures in the writer thread)."""
+
+
+class DirLockedError(RuntimeError):
+    """Another live process is writing the directory."""
+
+
+class DirLock:
+    """Exclusive use of a cache directory by one writer: `fcntl.flock` on `<dir>/_lock`.
+
+    Two extractions into one folder would delete each other's committed shards. The kernel drops a
+    flock when its holder dies, however it dies, so a lock left by a killed run is simply taken over;
+    the file's content (pid, host, start time) is only for the message. The file is removed on
+    release once the directory holds a complete cache (a manifest), so finished caches carry none.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.path = Path(out_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> DirLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise DirLockedError(f"{self.path.parent} is being written by another extraction ({holder}); wait for "
+                                 f"it to finish (re-running then resumes or returns the finished cache) or choose "
+                                 f"another output directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if (self.path.parent / MANIFEST_NAME).exists():  # complete: unlinked while still held, then unlocked
+            self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> DirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class JournalMixin:
@@ -154,7 +215,8 @@ class JournalMixin:
             progress = read_progress(out) if out.exists() else None
         except ValueError as e:
             raise CacheWriteError(str(e)) from e
-        leftovers = [p.name for p in out.iterdir() if p.name != PROGRESS_NAME + ".tmp"] if out.exists() else []
+        leftovers = [p.name for p in out.iterdir() if p.name not in (PROGRESS_NAME + ".tmp", LOCK_NAME)] \
+            if out.exists() else []
         if progress is None and set(leftovers) <= {COMMITS_DIR, HEAD_NAME + ".tmp"} \
                 and not any((out / COMMITS_DIR).glob("*")):
             # killed before the first progress file: nothing was committed, only our own start-up files exist
@@ -173,7 +235,7 @@ class JournalMixin:
         tmp = out / (HEAD_NAME + ".tmp")
         head.save(str(tmp))
         self._identity = {
-            "teacher": dict(self._teacher), "tokenizer_sha256": self._meta["tokenizer_sha256"],
+            "teacher": {**self._teacher, "id": _same_spelling(self._teacher.get("id"))}, "tokenizer_sha256": self._meta["tokenizer_sha256"],
             "chat_template_sha256": self._meta["chat_template_sha256"], "hidden_codec": self.codec.name,
             "hidden_size": self.hidden_size, "vocab_size": self.vocab_size, "topk": self.topk,
             "shard_tokens": self.layout.shard_tokens, "chunk_tokens": dict(self.layout.chunk_tokens),

@@ -199,6 +199,12 @@ class CacheWriter(JournalMixin):
             extra = json.dumps(row.extra, ensure_ascii=False)
         except (TypeError, ValueError) as e:
             raise ValueError(f"sample {sid!r}: messages/extra must be JSON-serialisable: {e}") from e
+        try:  # Parquet strings are UTF-8: a lone surrogate would fail a later commit, naming another sample
+            for text in (sid, row.error or "", messages, extra, *row.image_refs):
+                text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"sample {sid!r}: text that is not valid Unicode ({e.reason} "
+                             f"{e.object[e.start:e.end]!r}); fix the input text") from None
         self._ids.add(sid)
         parquet_row = dict(index=self._n_rows, id=sid, status=row.status, error=row.error, messages=messages,
                            images=[bytes(b) for b in row.images] if self.embed_images else [],

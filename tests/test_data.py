@@ -239,7 +239,8 @@ def test_file_level_problems_raise_at_once(tmp_path: Path) -> None:
 def test_sample_fields_match_the_documented_type() -> None:
     s = Sample("x", [{"role": "user", "content": "hi"}], [], [])
     assert s.error is None and s.extra == {}
-    assert list(Sample.__dataclass_fields__) == ["id", "messages", "images", "image_refs", "error", "extra"]
+    assert list(Sample.__dataclass_fields__) == ["id", "messages", "images", "image_refs", "error", "extra",
+                                                "where"]
 
 
 def test_extra_jsonl_fields_are_kept(tmp_path: Path) -> None:

@@ -60,6 +60,7 @@ class HFBackend:
     """Runs `model.model(...)` (the VLM body without lm_head) and returns post-norm final states."""
 
     name = "transformers"
+    needs_images = False  # the processor's outputs (Encoded.model_inputs) are all it needs
 
     def __init__(self, adapter: FamilyAdapter, path: str, dtype: torch.dtype, device: str, pad_id: int):
         self.device = torch.device(device)

@@ -259,10 +259,15 @@ class FamilyAdapter:
         if n_markers != len(images):
             raise EncodeError(f"{where}: {n_markers} '{IMAGE_MARKER}' marker(s) but {len(images)} image(s) given")
         placeholder = getattr(processor, "image_token", None) or IMAGE_MARKER
+        # the model's own placeholder typed as text would claim image features no image provides
+        literal = [t for t in {placeholder, getattr(processor, "video_token", None)} if t and t != IMAGE_MARKER]
         for m in sample.messages:
             if m["role"] == "assistant" and (IMAGE_MARKER in m["content"] or placeholder in m["content"]):
                 raise EncodeError(f"{where}: an assistant answer contains an image placeholder; images can "
                                   f"only be in user turns")
+            if found := next((t for t in literal if t in m["content"]), None):
+                raise EncodeError(f"{where}: a {m['role']} turn contains the literal text {found!r}, the model's "
+                                  f"own image placeholder; mark images with '{IMAGE_MARKER}' and remove {found!r}")
         messages = [self._chat_message(m) for m in sample.messages]
         full = self._render(processor, messages, add_generation_prompt=False)
         spans = [self._answer_span(processor, messages, k, full, where)

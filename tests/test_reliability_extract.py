@@ -1,0 +1,211 @@
+"""Issue 14, extraction: one writer per output folder, bad input lines become error rows (and a
+resume still works), an input with nothing usable fails, bounded memory for queued images, the
+engine context from the model, and resume with the teacher spelled another way."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from genrecal_cache.extract import ExtractConfig, ExtractError, extract
+from genrecal_cache.reader import TeacherCache
+from genrecal_cache.verify import verify
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "cli.cache_cli"]
+
+
+def _cfg(teacher: Path | str, data: Path, out: Path, **kw) -> ExtractConfig:
+    return ExtractConfig(teacher=str(teacher), data=str(data), out=str(out), backend="transformers", topk=4,
+                         progress=False, **{"hidden_codec": "bf16", "batch_tokens": 1, **kw})
+
+
+def _extract_cli(teacher: Path | str, data: Path, out: Path, env: dict | None = None, cwd: Path = REPO,
+                 extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "extract", "--teacher", str(teacher), "--data", str(data), "--out", str(out),
+                           "--backend", "transformers", "--topk", "4", "--batch-tokens", "1", "--commit-seconds", "0",
+                           "--hidden-codec", "bf16", "--shard-tokens", "64", *extra],
+                          capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})})
+
+
+def _error_line(r: subprocess.CompletedProcess) -> str:
+    """The CLI's one-line error (progress bars share stderr); never a traceback."""
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    [line] = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    return line
+
+
+def _lines(demo_jsonl: Path, n: int) -> list[dict]:
+    return [json.loads(line) for line in demo_jsonl.read_text().splitlines()[:n]]
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture()
+def data_dir(demo_jsonl: Path, tmp_path: Path) -> Path:
+    """A copy of the demo data folder (images/ + train.jsonl) to add bad lines to."""
+    shutil.copytree(demo_jsonl.parent, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def test_a_second_extraction_on_the_same_folder_is_refused_and_a_dead_holders_lock_is_taken_over(
+        teacher_dir, demo_jsonl, data_dir, tmp_path):
+    data = _write(data_dir / "few.jsonl", [json.dumps(r) for r in _lines(demo_jsonl, 3)])
+    out = tmp_path / "cache"
+    # another process holds the folder (as a running extraction does) until it is killed
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from genrecal_cache.journal import DirLock
+        DirLock({str(out)!r}).acquire()
+        print("locked", flush=True)
+        time.sleep(600)
+        """)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = _extract_cli(teacher_dir, data, out)
+        assert r.returncode == 2, r.stderr[-2000:]
+        line = _error_line(r)
+        assert "being written by another extraction" in line and f"pid {holder.pid}" in line and str(out) in line
+        assert sorted(p.name for p in out.iterdir()) == ["_lock"]  # nothing of the holder's was touched
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # the holder died without cleaning up: its lock file is still there, but no longer held
+    assert (out / "_lock").exists()
+    r = _extract_cli(teacher_dir, data, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3 samples (3 ok, 0 error)" in r.stdout
+    assert not (out / "_lock").exists() and verify(out) == []
+
+
+def test_a_killed_extraction_is_resumed_through_its_stale_lock(teacher_dir, demo_jsonl, data_dir, tmp_path):
+    data = _write(data_dir / "few.jsonl", [json.dumps(r) for r in _lines(demo_jsonl, 6)])
+    out = tmp_path / "cache"
+    r = _extract_cli(teacher_dir, data, out, env={"GENRECAL_KILL_AT": "committed:2"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert (out / "_lock").exists() and (out / "_progress.json").exists()
+    r = _extract_cli(teacher_dir, data, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (out / "_lock").exists() and verify(out) == []
+    assert TeacherCache.open(out).manifest.counts["ok"] == 6
+
+
+def _bad_lines(demo_jsonl: Path) -> tuple[list[str], dict[str, str]]:
+    """Good demo lines with bad ones among them; {row id: words its error must contain}."""
+    good = _lines(demo_jsonl, 6)
+    q = lambda text: [{"from": "human", "value": text}, {"from": "gpt", "value": "red"}]  # noqa: E731
+    dup = dict(good[1])
+    surrogate_text = json.dumps({"id": "lone-surrogate", "conversations": q("Which colour?")}).replace(
+        "Which colour?", "Which \\ud800 colour?")  # valid JSON, but not a Unicode string
+    surrogate_id = json.dumps({"id": "x", "conversations": q("Which colour?")}).replace('"x"', '"id\\udfff"')
+    lines = [json.dumps(good[0]), json.dumps(good[1]), surrogate_text, json.dumps(good[2]), json.dumps(dup),
+             json.dumps({"id": "placeholder", "conversations": q("What is <|image_pad|> here?")}),
+             json.dumps(good[3]), surrogate_id, json.dumps(good[4]), json.dumps(good[5])]
+    expected = {
+        "lone-surrogate": "turn 0 (user) text is not valid Unicode",
+        f"{dup['id']}@line-5": f"duplicate id: line-2 has the same id",
+        "placeholder": "literal text '<|image_pad|>'",
+        "line-8": "'id' is not valid Unicode",
+    }
+    return lines, expected
+
+
+def test_bad_lines_become_error_rows_named_by_their_sample_and_resume_works(teacher_dir, demo_jsonl, data_dir,
+                                                                            tmp_path):
+    lines, expected = _bad_lines(demo_jsonl)
+    data = _write(data_dir / "bad.jsonl", lines)
+    out = tmp_path / "cache"
+    r = _extract_cli(teacher_dir, data, out, env={"GENRECAL_KILL_AT": "committed:4"})  # killed mid-run
+    assert r.returncode == -9, r.stderr[-3000:]
+    r = _extract_cli(teacher_dir, data, out)  # resumed
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "10 samples (6 ok, 4 error)" in r.stdout
+    assert verify(out) == []
+    cache = TeacherCache.open(out)
+    rows = {row["id"]: row for row in cache.index.to_pylist()}
+    assert len(rows) == 10
+    for sid, words in expected.items():
+        assert rows[sid]["status"] == "error", (sid, rows[sid])
+        assert words in rows[sid]["error"], rows[sid]["error"]
+    assert "'lone-surrogate'" in rows["lone-surrogate"]["error"] and "line-3" in rows["lone-surrogate"]["error"]
+    assert sorted(sid for sid, row in rows.items() if row["status"] == "ok") == sorted(
+        json.loads(line)["id"] for line in [lines[i] for i in (0, 1, 3, 6, 8, 9)])
+    # the first sample of the repeated id kept its id and its features
+    first = json.loads(lines[1])["id"]
+    assert rows[first]["status"] == "ok" and cache.by_id(first).hidden.shape[0] > 0
+
+
+def test_an_input_with_no_usable_sample_fails_with_one_line(teacher_dir, demo_jsonl, data_dir, tmp_path):
+    rows = _lines(demo_jsonl, 2)
+    for r in rows:
+        r["image"] = "images/missing.png"
+    data = _write(data_dir / "none.jsonl", [json.dumps(r) for r in rows])
+    out = tmp_path / "cache"
+    r = _extract_cli(teacher_dir, data, out)
+    assert r.returncode == 2, (r.stdout, r.stderr[-3000:])
+    line = _error_line(r)
+    assert "no usable sample: 2 sample(s)" in line and "missing.png" in line, line
+    assert "wrote" not in r.stdout
+    with pytest.raises(ExtractError, match="no usable sample"):  # a re-run does not report success either
+        extract(_cfg(teacher_dir, data, out))
+
+
+def test_queued_samples_hold_encoded_images_not_decoded_ones(teacher, data_dir, tmp_path):
+    """A big image is decoded for the processor and dropped: what waits in the queue is the encoded file
+    plus the processor's (resized) pixels, whatever the image's resolution."""
+    import numpy as np
+    from PIL import Image
+
+    from genrecal_cache.data import read_samples
+    from genrecal_cache.extract import _encode_all
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (2048, 2048, 3), dtype=np.uint8)).save(
+        data_dir / "images" / "big.png")
+    rec = {"id": "big", "image": "images/big.png",
+           "conversations": [{"from": "human", "value": "<image>\nWhich colour?"}, {"from": "gpt", "value": "red"}]}
+    data = _write(data_dir / "big.jsonl", [json.dumps(rec)])
+    [(s, enc, err)] = list(_encode_all(read_samples(data), teacher.adapter, teacher.processor, 4096))
+    assert err is None and enc.images == []
+    assert not any(isinstance(v, Image.Image) for v in vars(enc).values())
+    pixels = enc.model_inputs["pixel_values"]
+    assert pixels.numel() * pixels.element_size() < 2048 * 2048 * 3  # the processor's size, not the image's
+    assert s.images and isinstance(s.images[0], bytes)
+
+
+def test_default_max_len_is_the_teachers_context_when_shorter(teacher_dir, demo_jsonl, tmp_path):
+    from transformers import AutoConfig
+
+    from genrecal_cache.extract import resolve_max_len
+
+    short = tmp_path / "teacher_1k"
+    shutil.copytree(teacher_dir, short)
+    config = json.loads((short / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 1024
+    (short / "config.json").write_text(json.dumps(config))
+    assert resolve_max_len(None, AutoConfig.from_pretrained(short)) == 1024
+    assert resolve_max_len(None, AutoConfig.from_pretrained(teacher_dir)) == 4096
+    assert resolve_max_len(300, AutoConfig.from_pretrained(short)) == 300
+    m = extract(_cfg(short, demo_jsonl, tmp_path / "cache", limit=2))
+    assert m.extra["extract"]["max_len"] == 1024
+
+
+def test_resume_accepts_the_teacher_spelled_relative_or_absolute(teacher_dir, demo_jsonl, data_dir, tmp_path):
+    data = _write(data_dir / "few.jsonl", [json.dumps(r) for r in _lines(demo_jsonl, 5)])
+    out = tmp_path / "cache"
+    r = _extract_cli(teacher_dir.resolve(), data, out, env={"GENRECAL_KILL_AT": "committed:2"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    r = _extract_cli(Path("./") / teacher_dir.name, data, out, env=env, cwd=teacher_dir.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert verify(out) == [] and TeacherCache.open(out).manifest.counts["ok"] == 5
