@@ -61,7 +61,15 @@ def train(config: Optional[Path] = None, **flags: Any) -> None:
         cfg = load_config(str(config) if config else None, _overrides(flags))
     except ValueError as e:
         raise typer.BadParameter(str(e))
-    final = run_train(cfg)
+    from cli.cache_cli import clean_errors
+    from genrecal_train.errors import TrainError
+
+    with clean_errors(cfg.cache):  # a refused cache: one line, status 2 (as genrecal-cache)
+        try:
+            final = run_train(cfg)
+        except TrainError as e:  # the run stopped for a reason it names: one line, status 1
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
     typer.echo(f"final student: {final}")
 
 

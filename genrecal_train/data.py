@@ -21,6 +21,7 @@ from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter
 from genrecal_cache.format.manifest import answer_spans
 from genrecal_cache.io.prefetch import prefetch
 from genrecal_cache.reader import CachedSample, TeacherCache
+from genrecal_train.errors import TrainError
 
 __all__ = ["Batch", "CacheStream", "Example", "collate", "make_example"]
 
@@ -53,6 +54,8 @@ def make_example(s: CachedSample, adapter: FamilyAdapter, processor, max_len: in
     sample = Sample(id=s.id, messages=s.messages, images=s.images, image_refs=[])
     enc = adapter.encode(processor, sample, [decode_image(b) for b in s.images], max_len)
     s_spans, t_spans = answer_spans(enc.answer_mask), answer_spans(s.answer_mask)
+    if not t_spans:
+        raise EncodeError(f"sample {s.id!r}: its cached answer mask is empty: no answer token to distil")
     if len(s_spans) != len(t_spans):
         raise EncodeError(f"sample {s.id!r}: {len(t_spans)} answer turns in the teacher tokens but "
                           f"{len(s_spans)} in the student's: the chat templates disagree on the answers")
@@ -96,21 +99,42 @@ class CacheStream:
             raise ValueError(f"cache {cache.url}: no usable ('ok') samples for rank {rank} of {world_size}")
         self.skipped = 0
         self.wait_s = 0.0  # time the consumer spent waiting for data
+        self._warned: set[int] = set()  # samples already reported as skipped (once per run, not per epoch)
+        self._open: list = []  # batch iterators handed out, closed by close()
 
     def _examples(self, position: int) -> Iterator[tuple[int, Example | None]]:
         epoch, offset = divmod(position, self.per_epoch)
+        n_unusable, reasons = 0, []  # samples skipped since the last usable one, why the first ones were
         while True:
             it = self.cache.iter_samples(order="shuffled", seed=self.seed + epoch, rank=self.rank,
                                          world_size=self.world_size, start=offset)
             for s in it:
                 position += 1
                 try:
-                    yield position, make_example(s, self.adapter, self.processor, self.max_len)
+                    example = make_example(s, self.adapter, self.processor, self.max_len)
                 except (EncodeError, ValueError) as e:
                     self.skipped += 1
-                    warnings.warn(f"skipping cached sample {s.index} ({s.id!r}): {e}", stacklevel=2)
+                    n_unusable += 1
+                    if len(reasons) < 3:
+                        reasons.append(f"{s.index} ({s.id!r}): {e}")
+                    if n_unusable >= self.per_epoch:  # a whole epoch without one: it would loop for ever
+                        raise self._no_usable_sample(reasons) from None
+                    if s.index not in self._warned:
+                        self._warned.add(s.index)
+                        warnings.warn(f"skipping cached sample {s.index} ({s.id!r}): {e}", stacklevel=2)
                     yield position, None
+                    continue
+                n_unusable, reasons = 0, []
+                yield position, example
             epoch, offset = epoch + 1, 0
+
+    def _no_usable_sample(self, reasons: list[str]) -> TrainError:
+        shown = "; ".join(r[:300] for r in reasons)
+        return TrainError(
+            f"cache {self.cache.url}: none of the {self.per_epoch} 'ok' samples of rank {self.rank} can be used for "
+            f"the student (max_len={self.max_len}); e.g. {shown}. Usual fixes: raise --max-len when the samples are "
+            f"longer, use a student whose chat template can render these conversations, or re-extract a cache "
+            f"whose answers are marked")
 
     def _collated(self, position: int) -> Iterator[Batch]:
         group: list[Example] = []
@@ -122,8 +146,18 @@ class CacheStream:
                 group = []
 
     def batches(self, position: int = 0) -> Iterator[Batch]:
-        """Endless batches starting at `position`, prepared `prefetch` ahead in a background thread."""
-        ready = prefetch(self._collated(position), self.prefetch)
+        """Endless batches starting at `position`, prepared `prefetch` ahead in a background thread
+        (stopped and joined by closing the iterator, or `close()`)."""
+        it = self._timed(prefetch(self._collated(position), self.prefetch))
+        self._open.append(it)
+        return it
+
+    def close(self) -> None:
+        """Stop every batch iterator of this stream and join their threads."""
+        while self._open:
+            self._open.pop().close()
+
+    def _timed(self, ready: Iterator[Batch]) -> Iterator[Batch]:
         try:
             while True:
                 t0 = time.perf_counter()

@@ -31,6 +31,7 @@ from genrecal_train import distributed
 from genrecal_train import sharded_checkpoint as sharded
 from genrecal_train.config import TrainConfig
 from genrecal_train.data import CacheStream
+from genrecal_train.errors import TrainError
 from genrecal_train.model import GenRecal
 from genrecal_train.plots import plot_curves
 from genrecal_train.preflight import check_cache_matches
@@ -135,8 +136,10 @@ def train(cfg: TrainConfig) -> Path:
                                 checkpoint_recalibrator=cfg.gradient_checkpointing)
 
     start_stage_pos, step0, position0, resume_from, metrics_lines = 0, 0, 0, None, None
+    from_checkpoint = False
     if cfg.resume:
         resume_from = ckpt.latest_checkpoint(run_dir)
+        from_checkpoint = resume_from is not None
         if resume_from is not None:
             st = ckpt.load_state(resume_from)
             if st["stage"] not in cfg.stages and not st.get("stage_done"):
@@ -159,6 +162,8 @@ def train(cfg: TrainConfig) -> Path:
                 raise ValueError(f"{resume_from} was written by a run with {len(positions)} rank(s); resume it "
                                  f"with the same number of processes (this run has {world})")
             step0, position0 = st["step"], positions[rank]
+            if not st.get("stage_done"):
+                _check_same_stream(resume_from, st, cfg)
             if st["stage"] in cfg.stages:
                 start_stage_pos = cfg.stages.index(st["stage"])
                 if st.get("stage_done"):
@@ -167,18 +172,23 @@ def train(cfg: TrainConfig) -> Path:
                 start_stage_pos, step0, position0, resume_from = 0, 0, 0, None
     if rank == 0:
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    log = MetricsLog(run_dir, enabled=rank == 0, truncate_to=metrics_lines)
-
-    for stage in cfg.stages[start_stage_pos:]:
-        stream = CacheStream(cache, adapter, processor, batch_size=cfg.batch_size, max_len=cfg.max_len,
-                             seed=cfg.seed + 1000 * stage, rank=rank, world_size=world, prefetch=cfg.prefetch)
-        run_stage(stage, model, stream, cfg, run_dir, log, device, rank, world,
-                  step0=step0, position0=position0, resume_from=resume_from)
-        step0, position0, resume_from = 0, 0, None
-        if rank == 0:  # the loss curves so far, beside metrics.jsonl (skipped, said once, without matplotlib)
-            plot_curves(run_dir / "metrics.jsonl")
-
-    log.close()
+    # no checkpoint to continue from: the run starts over, and so does its log (a run killed before its
+    # first checkpoint left records that the new one would log a second time)
+    log = MetricsLog(run_dir, enabled=rank == 0, truncate_to=metrics_lines if from_checkpoint else 0)
+    try:
+        for stage in cfg.stages[start_stage_pos:]:
+            stream = CacheStream(cache, adapter, processor, batch_size=cfg.batch_size, max_len=cfg.max_len,
+                                 seed=cfg.seed + 1000 * stage, rank=rank, world_size=world, prefetch=cfg.prefetch)
+            try:
+                run_stage(stage, model, stream, cfg, run_dir, log, device, rank, world,
+                          step0=step0, position0=position0, resume_from=resume_from)
+            finally:  # stops and joins the data thread, also after an error: none is left at interpreter exit
+                stream.close()
+            step0, position0, resume_from = 0, 0, None
+            if rank == 0:  # the loss curves so far, beside metrics.jsonl (skipped, said once, without matplotlib)
+                plot_curves(run_dir / "metrics.jsonl")
+    finally:
+        log.close()
     final = run_dir / "final"
     if strategy == "fsdp":  # gather the shards (a collective); rank 0 saves them in the compute dtype
         distributed.save_pretrained(model.student, final, distributed.param_dtype(cfg.param_dtype))
@@ -192,6 +202,24 @@ def train(cfg: TrainConfig) -> Path:
         # an undestroyed gloo group can abort the process at interpreter exit ("terminate called ...")
         dist.destroy_process_group()
     return final
+
+
+def _check_same_stream(path: Path, state: dict, cfg: TrainConfig) -> None:
+    """A stage resumed mid-way must draw the batches the interrupted run would have drawn: its position
+    counts samples of a stream whose order depends on the seed and whose steps on the batch size."""
+    diff = [f"--{k.replace('_', '-')} {state[k]} (this run: {getattr(cfg, k)})"
+            for k in ("batch_size", "grad_accum", "seed") if k in state and state[k] != getattr(cfg, k)]
+    if diff:
+        raise TrainError(f"{path} is stage {state['stage']} step {state['step']} of a run with {', '.join(diff)}; "
+                         f"resuming it differently would not continue that run (other samples, other steps). "
+                         f"Resume with the same settings, or start a new --out")
+
+
+def _non_finite(sums: dict[str, float], grad_norms: list[torch.Tensor]) -> str | None:
+    """What is not finite in this step (loss terms, gradient norms), or None."""
+    bad = [f"{k}={v}" for k, v in sums.items() if not math.isfinite(v)]
+    bad += [f"gradient norm {float(n)}" for n in grad_norms if not torch.isfinite(n)]
+    return ", ".join(bad) or None
 
 
 def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig, run_dir: Path, log: MetricsLog,
@@ -235,61 +263,75 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
     batches = stream.batches(position0)
     position = position0
     t_stage = time.perf_counter()
-    for step in range(step0, total):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        # Randomness (dropout) as a function of (seed, stage, step, rank): a resumed run draws the same.
-        torch.manual_seed(cfg.seed + 1_000_003 * stage + 1009 * step + rank)
-        t0, wait0, tokens = time.perf_counter(), stream.wait_s, 0
-        sums: dict[str, float] = {}
-        indices: list[int] = []
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            position, tokens = batch.position, tokens + batch.num_tokens
-            indices += [e.index for e in batch.examples]
-            # FSDP reduce-scatters every micro-batch (sharded grads accumulate; no unsharded copies held)
-            sync = micro == cfg.grad_accum - 1 or strategy != "ddp"
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
-                losses = ddp(batch, stage)
-                (losses["loss"] / cfg.grad_accum).backward()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-        for group in clip_groups:
-            distributed.clip_grad_norm_(group, 1.0)
-        opt.step()
-        # what each rank holds (weights, grads, AdamW state, head), logged on a stage's first step
-        state_bytes = distributed.local_state_bytes(model, opt) if step == step0 else None
-        opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        positions, rank_indices, rank_bytes = [position], [indices], [state_bytes]
-        if world > 1:  # every rank's stream position (for resume) and samples (for the log)
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, (position, indices, state_bytes))
-            positions, rank_indices, rank_bytes = ([g[0] for g in gathered], [g[1] for g in gathered],
-                                                   [g[2] for g in gathered])
-        record = {"stage": stage, "step": step + 1, "lr": lr_at(step), **sums, "tokens_per_s": tokens * world / dt,
-                  "data_wait_frac": (stream.wait_s - wait0) / dt, "position": position, "sample_indices": indices}
-        if world > 1:
-            record |= {"rank_positions": positions, "rank_sample_indices": rank_indices}
-        if state_bytes is not None:
-            record["rank_state_bytes"] = rank_bytes
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
-            log.log(record)
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()} | {"tok/s": f"{record['tokens_per_s']:.0f}"})
-        done = step + 1 == total
-        if done or (step + 1) % cfg.checkpoint_every == 0:
-            name = f"stage{stage}-step{step + 1:07d}"
-            state = {"stage": stage, "step": step + 1, "position": position, "positions": positions,
-                     "world_size": world, "stage_done": done, "metrics_lines": log.lines,
-                     "elapsed_s": time.perf_counter() - t_stage}
-            if strategy == "fsdp":  # every rank writes its shards
-                sharded.save(run_dir, name, model=model, optimizer=opt, state=state)
-            elif rank == 0:
-                ckpt.save_checkpoint(run_dir, name, student=model.student,
-                                     recalibrator=model.recalibrator if stage in (1, 2) else None, optimizer=opt,
-                                     state=state)
-        if world > 1:
-            dist.barrier()
-    bar.close()
-    batches.close()
+    try:
+        for step in range(step0, total):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            # Randomness (dropout) as a function of (seed, stage, step, rank): a resumed run draws the same.
+            torch.manual_seed(cfg.seed + 1_000_003 * stage + 1009 * step + rank)
+            t0, wait0, tokens = time.perf_counter(), stream.wait_s, 0
+            sums: dict[str, float] = {}
+            indices: list[int] = []
+            for micro in range(cfg.grad_accum):
+                batch = next(batches)
+                position, tokens = batch.position, tokens + batch.num_tokens
+                indices += [e.index for e in batch.examples]
+                # FSDP reduce-scatters every micro-batch (sharded grads accumulate; no unsharded copies held)
+                sync = micro == cfg.grad_accum - 1 or strategy != "ddp"
+                with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
+                    losses = ddp(batch, stage)
+                    (losses["loss"] / cfg.grad_accum).backward()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            norms = [distributed.clip_grad_norm_(group, 1.0) for group in clip_groups]
+            bad = _non_finite(sums, norms)
+            if world > 1:  # every rank stops together (a rank left in the next all-reduce would hang)
+                flag = torch.tensor([float(bad is not None)], device=device)
+                dist.all_reduce(flag)
+                bad = bad or ("on another rank" if flag.item() else None)
+            if bad is not None:
+                last = ckpt.latest_checkpoint(run_dir)
+                raise TrainError(
+                    f"stage {stage} step {step + 1}: not finite: {bad} (cache samples {indices} on rank {rank}); "
+                    f"stopped before the optimizer step, so nothing of it was applied or saved. Last good checkpoint: "
+                    f"{last or 'none yet'}. Usual causes: NaN/inf in the cache (`genrecal-cache verify`), or a too "
+                    f"high --lr; fix it and continue with --resume")
+            opt.step()
+            # what each rank holds (weights, grads, AdamW state, head), logged on a stage's first step
+            state_bytes = distributed.local_state_bytes(model, opt) if step == step0 else None
+            opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            positions, rank_indices, rank_bytes = [position], [indices], [state_bytes]
+            if world > 1:  # every rank's stream position (for resume) and samples (for the log)
+                gathered: list = [None] * world
+                dist.all_gather_object(gathered, (position, indices, state_bytes))
+                positions, rank_indices, rank_bytes = ([g[0] for g in gathered], [g[1] for g in gathered],
+                                                       [g[2] for g in gathered])
+            record = {"stage": stage, "step": step + 1, "lr": lr_at(step), **sums, "tokens_per_s": tokens * world / dt,
+                      "data_wait_frac": (stream.wait_s - wait0) / dt, "position": position, "sample_indices": indices}
+            if world > 1:
+                record |= {"rank_positions": positions, "rank_sample_indices": rank_indices}
+            if state_bytes is not None:
+                record["rank_state_bytes"] = rank_bytes
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+                log.log(record)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()} | {"tok/s": f"{record['tokens_per_s']:.0f}"})
+            done = step + 1 == total
+            if done or (step + 1) % cfg.checkpoint_every == 0:
+                name = f"stage{stage}-step{step + 1:07d}"
+                state = {"stage": stage, "step": step + 1, "position": position, "positions": positions,
+                         "world_size": world, "stage_done": done, "metrics_lines": log.lines,
+                         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
+                         "elapsed_s": time.perf_counter() - t_stage}
+                if strategy == "fsdp":  # every rank writes its shards
+                    sharded.save(run_dir, name, model=model, optimizer=opt, state=state)
+                elif rank == 0:
+                    ckpt.save_checkpoint(run_dir, name, student=model.student,
+                                         recalibrator=model.recalibrator if stage in (1, 2) else None, optimizer=opt,
+                                         state=state)
+            if world > 1:
+                dist.barrier()
+    finally:  # also on an error: the bar ends its line, the data thread is joined
+        bar.close()
+        batches.close()

@@ -40,24 +40,37 @@ def read_ahead(read: Callable[[T], R], items: list[T], n: int) -> Iterator[tuple
 
 def prefetch(items: Iterator[T], size: int) -> Iterator[T]:
     """Run `items` in a background thread, `size` ahead: reading, image decoding and tokenizing
-    overlap the teacher forward. Exceptions reach the consumer; stopping early stops the thread."""
+    overlap the teacher forward. Exceptions reach the consumer.
+
+    Stopping early (closing this generator) stops the producer, closes `items` in the producer's
+    thread (so its own `finally` blocks run: thread pools shut down, files close) and joins the
+    thread before returning. No producer is left running native code (torch, tokenizers) when the
+    interpreter exits, which aborted finished runs with "terminate called without an active exception"."""
     q: queue.Queue = queue.Queue(maxsize=size)
     done, stop = object(), threading.Event()
+
+    def put(item: object) -> bool:
+        """Queue `item` unless the consumer has stopped; False when it has."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(done)
+            put(done)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(e)
+            put(e)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
     t = threading.Thread(target=produce, daemon=True, name="genrecal-encode")
     t.start()
@@ -68,3 +81,4 @@ def prefetch(items: Iterator[T], size: int) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+        t.join()
