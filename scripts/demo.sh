@@ -9,7 +9,7 @@
 #   --quick (or GENRECAL_DEMO_QUICK=1)   tiny data and budget: checks that every step runs (numbers mean nothing)
 #   GENRECAL_DEMO_BACKEND=transformers   extract the cache without vLLM (default: vllm where installed)
 #   GENRECAL_DEMO_SEED=N                 the student's seed (initialisation and data order; default 0)
-#   GENRECAL_DEMO_STEPS=N                optimizer steps of each student (default 300)
+#   GENRECAL_DEMO_STEPS=N                optimizer steps of each student (default 600)
 #   GENRECAL_BIN=DIR                     use the python and genrecal-* commands in DIR; skip scripts/setup.sh
 set -euo pipefail
 
@@ -32,7 +32,7 @@ main() {  # one function, read whole before it runs: editing this file cannot de
   # The budget both students get: optimizer steps x samples per step. GenRecal shares its steps out over
   # stages 1/2/3 (--stage-split, default 4/76/20 %) with a 10 % LR warm-up per stage; SFT gets its better
   # schedule (no warm-up). Both: LR 1e-3 -> 1e-4, vision tower trained (the students start from random).
-  if [ "$QUICK" = 1 ]; then STEPS=10 BATCH=4 QFLAG=--quick; else STEPS=300 BATCH=16 QFLAG=; fi
+  if [ "$QUICK" = 1 ]; then STEPS=10 BATCH=4 QFLAG=--quick; else STEPS=600 BATCH=16 QFLAG=; fi
   STEPS=${GENRECAL_DEMO_STEPS:-$STEPS}
   T0=$SECONDS
   step() { printf '\n== [%3d s] %s\n' $((SECONDS - T0)) "$*"; }
