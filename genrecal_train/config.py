@@ -46,9 +46,10 @@ class TrainConfig:
     freeze_recalibrator_in_stage2: bool = opt(False, "Keep the Recalibrator fixed in stage 2.")
     use_reg_pass: bool = opt(True, "Drop the regularization pass Rec([Proj-pre(z_ql), Proj-pre(z_al)]) (ablation).",
                              flag="--no-reg-pass")
-    main_pass_answer: str = opt("teacher", "Main-pass answer rows: teacher (the paper's Proj-pre(teacher states)) or "
-                                           "student_aligned (the student's own answer states, aligned to the teacher's "
-                                           "answer tokens by text; better on the quality suite); docs/method.md.")
+    main_pass_answer: str = opt("student_aligned", "Main-pass answer rows: student_aligned (the student's own answer "
+                                                   "states, aligned to the teacher's answer tokens by text; better on "
+                                                   "the quality suite) or teacher (the paper's Proj-pre(teacher "
+                                                   "states)); docs/method.md.")
     teacher_tokenizer: str | None = opt(None, "Teacher tokenizer folder/hub id for student_aligned [default: the "
                                               "teacher the cache was extracted from].")
     w_ar: float = opt(1.0, "Weight of L_ar (main and regularization pass): CE of the recalibrated answer states "

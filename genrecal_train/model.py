@@ -6,11 +6,11 @@ Which features go where (per sample; spans are answer-content token ranges, one 
     student: z_qs = the student's states outside its answer spans, before the end of its last span.
     main pass  r_al  = Rec([z_qs, answer rows]),  regularization pass r_al' = Rec([Proj-pre(z_ql), Proj-pre(z_al)])
 The main pass's answer rows (`TrainConfig.main_pass_answer`):
-    "student_aligned" (better on the quality suite; not yet the default, docs/method.md): for each teacher answer token, the *student's* state that predicts the
+    "student_aligned" (the default; better on the quality suite, docs/method.md): for each teacher answer token, the *student's* state that predicts the
         same text: the state after the student's last answer token ending at or before where the teacher
         token starts (character offsets, `student_answer_rows`), in student space (no Proj-pre). Every
         answer token's loss then reaches the student through its own answer states.
-    "teacher" (the paper's formulation, the default): Proj-pre(z_al), except the row predicting each span's first token,
+    "teacher" (the paper's formulation): Proj-pre(z_al), except the row predicting each span's first token,
         which is the student's last question state (`answer_start_rows`): T[a-1] already predicts the answer.
         Every later row T[p] already predicts token p+1, so the Recalibrator can read the rest of the
         answer off the teacher; the student's answer states get no gradient from L_ar/L_kl at all

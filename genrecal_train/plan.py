@@ -134,7 +134,8 @@ def meta_model(student_cfg, d_teacher: int, vocab: int, recal_layers: int):
         student = getattr(transformers, adapter.model_class_name)._from_config(student_cfg)
         head = TeacherHead(HeadConfig(hidden_size=d_teacher, vocab_size=vocab), torch.empty(d_teacher),
                            torch.empty(vocab, d_teacher))
-        model = GenRecal(student, adapter, head, TrainConfig(recal_layers=recal_layers))
+        # the main-pass mode adds no parameters; 'teacher' needs no tokenizers, which a plan from a config has not
+        model = GenRecal(student, adapter, head, TrainConfig(recal_layers=recal_layers, main_pass_answer="teacher"))
     model.set_stage(2)
     return model
 

@@ -99,7 +99,7 @@ def test_fsdp_two_ranks_match_one_process_on_the_same_global_batch(fsdp_run: Pat
     random model at lr 1e-3 such differences grow ~10x per step (measured: the single-process
     trainer and this loop, the same arithmetic in another order, differ by 3e-7, 7e-6, 9e-4 in
     the loss at steps 2-4 and by ~2e-3 at step 8; their final weight changes differ by ~9%). So:
-    - the first steps tightly (1e-5): a rank's gradient left out of the reduction, a per-rank clip
+    - the first three steps tightly (1e-4; 1.2e-5 measured at step 3): a rank's gradient left out of the reduction, a per-rank clip
       factor or a wrong learning rate changes the update direction, i.e. those losses by >1e-3;
     - the whole curve within 5e-3, and the weights' total change within 25% of its size, which a
       lost step, a wrong stage's parameters or an unloaded shard exceed."""
@@ -127,7 +127,7 @@ def test_fsdp_two_ranks_match_one_process_on_the_same_global_batch(fsdp_run: Pat
                 losses = model(batch(idx), stage)
                 (losses["loss"] / 2).backward()
                 if rank == 0:  # the log holds rank 0's micro-batch losses
-                    tol = 1e-5 if (stage, step) < (1, 3) else 5e-3  # relative, and absolute for small terms
+                    tol = 1e-4 if (stage, step) < (1, 3) else 5e-3  # relative, and absolute for small terms
                     for k in ("loss", "l_ar", "reg_kl") + (("l_s",) if stage == 2 else ()):
                         assert r[k] == pytest.approx(float(losses[k].detach()), rel=tol, abs=tol), (stage, step + 1, k)
             for g in groups:
