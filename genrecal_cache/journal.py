@@ -217,11 +217,14 @@ class JournalMixin:
             raise CacheWriteError(str(e)) from e
         leftovers = [p.name for p in out.iterdir() if p.name not in (PROGRESS_NAME + ".tmp", LOCK_NAME)] \
             if out.exists() else []
-        if progress is None and set(leftovers) <= {COMMITS_DIR, HEAD_NAME + ".tmp"} \
+        # the head's temporary file, and the temporary file safetensors writes beside it (name + ".tmpXXXXXX")
+        head_tmps = [n for n in leftovers if n.startswith(HEAD_NAME + ".tmp")]
+        if progress is None and set(leftovers) <= {COMMITS_DIR, *head_tmps} \
                 and not any((out / COMMITS_DIR).glob("*")):
             # killed before the first progress file: nothing was committed, only our own start-up files exist
             shutil.rmtree(out / COMMITS_DIR, ignore_errors=True)
-            (out / (HEAD_NAME + ".tmp")).unlink(missing_ok=True)
+            for name in head_tmps:
+                (out / name).unlink(missing_ok=True)
             leftovers = []
         if progress is None and leftovers:
             raise CacheWriteError(f"{out} already holds files of an unfinished run ({', '.join(sorted(leftovers)[:4])}) "

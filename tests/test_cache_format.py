@@ -461,3 +461,15 @@ def test_big_parquet_over_a_server_without_ranges(tmp_path, head):
     with serve(tmp_path / "c", ranges=False) as url, TeacherCache.open(url) as cache:
         assert [s.images for s in cache.iter_samples(status="all")] == [r.images for r, _ in samples]
         assert verify(url) == []
+
+
+def test_a_kill_while_the_head_is_saved_leaves_nothing_that_blocks_the_rerun(tmp_path, head, samples):
+    """safetensors writes `<name>.tmpXXXXXX` beside the file it saves: a kill during the head save (before
+    anything is committed) leaves it, and the re-run must clear it as its own start-up file, not refuse."""
+    out = tmp_path / "cache"
+    (out / "_commits").mkdir(parents=True)
+    (out / "teacher_head.safetensors.tmp").write_bytes(b"partial")
+    (out / "teacher_head.safetensors.tmp.tmpk3x9q1").write_bytes(b"partial")
+    m = write_cache(out, head, samples)
+    assert m.counts["samples"] == len(samples)
+    assert not list(out.glob("teacher_head.safetensors.tmp*"))
