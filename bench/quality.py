@@ -158,7 +158,8 @@ def check_inputs(out: Path, s: Setup) -> None:
 # --- data ------------------------------------------------------------------------------------------
 
 def combine(path: Path, splits: list[Path]) -> Path:
-    """One JSONL over several splits' records, beside their folders (image paths and ids made unique)."""
+    """One JSONL over several splits' records, beside their folders (image paths and ids made unique;
+    a record may have several images)."""
     if path.is_file():
         return path
     lines = []
@@ -167,7 +168,8 @@ def combine(path: Path, splits: list[Path]) -> Path:
         for line in split.read_text().splitlines():
             rec = json.loads(line)
             rec["id"] = f"{folder}-{rec['id']}"
-            rec["image"] = f"{folder}/{rec['image']}"
+            images = [f"{folder}/{ref}" for ref in (rec["image"] if isinstance(rec["image"], list) else [rec["image"]])]
+            rec["image"] = images if len(images) > 1 else images[0]
             lines.append(json.dumps(rec))
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")

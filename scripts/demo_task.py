@@ -86,7 +86,7 @@ def prepare(out: Path, s: DemoTask, seed: int) -> dict[str, Path]:
     extra = make_split(out / "data" / "teacher_extra", s.n_shapes_teacher_extra, s.n_digits_teacher_extra,
                        s.teacher_data_seed, parts[0])
     test = make_split(out / "data" / "test", s.n_shapes_test, s.n_digits_test, s.test_seed, parts[2])
-    teacher_data = combine(out / "data" / "teacher.jsonl", [train, extra])
+    teacher_data = quality.combine(out / "data" / "teacher.jsonl", [train, extra])
 
     tdir, t_init = out / "teacher", out / "teacher_init"
     if not (t_init / "config.json").is_file():
@@ -122,26 +122,6 @@ def make_split(folder: Path, n_shapes: int, n_digits: int, seed: int, digits_par
     lines += write_digits_dataset(folder, n_digits, seed=seed, part=tuple(digits_part)).read_text().splitlines()
     (folder / "train.jsonl").unlink()
     tmp = folder / "data.jsonl.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def combine(path: Path, splits: list[Path]) -> Path:
-    """One JSONL over several splits' records, beside their folders (image paths and ids made unique;
-    a record may have several images)."""
-    if path.is_file():
-        return path
-    lines = []
-    for split in splits:
-        folder = split.parent.name
-        for line in split.read_text().splitlines():
-            rec = json.loads(line)
-            rec["id"] = f"{folder}-{rec['id']}"
-            images = [f"{folder}/{ref}" for ref in (rec["image"] if isinstance(rec["image"], list) else [rec["image"]])]
-            rec["image"] = images if len(images) > 1 else images[0]
-            lines.append(json.dumps(rec))
-    tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
     return path
