@@ -94,7 +94,9 @@ def split_steps(total: int, stages: list[int], split: list[float]) -> list[int]:
     if total < len(stages):
         raise ValueError(f"total_steps={total} is fewer than one step per stage of {stages}")
     steps = [max(1, round(total * x / sum(shares))) for x in shares[:-1]]
-    return steps + [max(1, total - sum(steps))]
+    while total - sum(steps) < 1:  # tiny totals: rounding up the first stages left the last none
+        steps[steps.index(max(steps))] -= 1
+    return steps + [total - sum(steps)]
 
 
 def _read_file(path: str) -> dict[str, Any]:

@@ -15,6 +15,14 @@ def test_total_steps_are_shared_by_the_split_of_the_stages_run():
     assert TrainConfig(total_steps=750, stage_steps=[1, 2, 3]).stage_steps == [1, 2, 3]  # explicit steps win
 
 
+@pytest.mark.parametrize("split", [[0.04, 0.76, 0.2], [0.05, 0.75, 0.2], [0.2, 0.2, 0.6], [0.49, 0.02, 0.49]])
+@pytest.mark.parametrize("stages", [[1, 2, 3], [1, 3], [2, 3]])
+def test_every_total_is_shared_exactly_with_a_step_per_stage(split, stages):
+    for total in range(len(stages), 300):  # tiny totals once gave 7 steps for --total-steps 6
+        steps = split_steps(total, stages, split)
+        assert sum(steps) == total and min(steps) >= 1, (total, steps)
+
+
 def test_split_from_flags_and_bad_splits():
     cfg = load_config(None, dict(cache="c", student="s", out="o", total_steps=100, stage_split="0.1,0.5,0.4"))
     assert cfg.stage_steps == [10, 50, 40]
