@@ -28,22 +28,23 @@ import shutil
 import signal
 import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import zarr
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
-from zarr.storage import MemoryStore
 
-from .format.layout import ROW_GROUP_IMAGE_BYTES, ROW_GROUP_ROWS, SAMPLES_SCHEMA, create_feature_arrays
+from .format.layout import ROW_GROUP_IMAGE_BYTES, ROW_GROUP_ROWS, SAMPLES_SCHEMA
 from .format.manifest import (
-    COMMITS_DIR, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, identity_diff, sha256_file,
+    COMMITS_DIR, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, Counts, identity_diff,
+    sha256_file,
 )
 from .io.durable import fsync_path, rename_durable, write_synced
+
+__all__ = ["KILL_POINTS", "CacheWriteError", "Committed", "DirLock", "DirLockedError", "Journal", "is_journal",
+           "kill_point"]
 
 LOCK_NAME = "_lock"  # flock'ed by the extraction writing the directory (see DirLock)
 JOURNAL_NAMES = (PROGRESS_NAME, PROGRESS_NAME + ".tmp", COMMITS_DIR, LOCK_NAME)
@@ -123,12 +124,14 @@ def load_pending(path: Path, sha256: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def _same_spelling(teacher_id: Any) -> Any:
-    """A local teacher folder as its resolved path: `teacher`, `./teacher` and `/abs/teacher` are one
-    teacher to a resume (hub ids stay as they are; the config's sha256 is compared separately)."""
-    if isinstance(teacher_id, str) and Path(teacher_id).exists():
-        return str(Path(teacher_id).resolve())
-    return teacher_id
+def _same_spelling(identity: dict[str, Any]) -> dict[str, Any]:
+    """`identity` with a local teacher folder as its resolved path: `teacher`, `./teacher` and `/abs/teacher`
+    are one teacher to a resume (hub ids stay as they are; the config's sha256 is compared separately).
+    Applied to both sides, so a journal written before this rule resumes too."""
+    teacher = dict(identity.get("teacher") or {})
+    if isinstance(teacher.get("id"), str) and Path(teacher["id"]).exists():
+        teacher["id"] = str(Path(teacher["id"]).resolve())
+    return {**identity, "teacher": teacher}
 
 
 def is_journal(rel: str) -> bool:
@@ -191,18 +194,44 @@ class DirLock:
         self.release()
 
 
-class JournalMixin:
-    """The commit protocol of `CacheWriter` (writer.py): opening/resuming a directory, commits, and
-    consolidating the committed rows at close. Kept here so writer.py holds the writing, this the protocol.
+@dataclass
+class Committed:
+    """The writer's state that a commit makes durable, and that a resume gives back."""
+    counts: Counts
+    written: int                    # tokens in shard files (a multiple of shard_tokens until close)
+    shards: dict[str, str]          # features.zarr key -> sha256 of every file written (zarr.json included)
+    pending: dict[str, np.ndarray] = field(default_factory=dict)  # committed tokens not in a shard file yet
 
-    Expects from the writer: out_dir, layout, codec, hidden_size, topk, embed_images, _teacher, _meta,
-    _counts, _store, _arrays, _buf, _filled, _written, _rows, _row_image_bytes, _ids, _n_rows.
+
+class Journal:
+    """The commit protocol of one `CacheWriter` (writer.py) in `out_dir`: opening or resuming the
+    directory, commits, and consolidating the committed rows at close. The writer hands it the rows
+    it writes (`add_row`) and, at each commit, its state (`Committed`); nothing else is shared.
+
+    Opening checks the directory (fresh, or an unfinished run with the same `identity`), saves `head`
+    and, when resuming, drops everything the last commit does not hold; `resumed` is then that commit.
     """
 
-    commit_seconds: float = 60.0
+    def __init__(self, out_dir: Path, identity: dict[str, Any], head: Any, *, resume: bool,
+                 commit_seconds: float | None = None) -> None:
+        self.out_dir = out_dir
+        self.commit_seconds = 60.0 if commit_seconds is None else commit_seconds
+        self.rows: list[dict[str, Any]] = []  # rows written since the last commit
+        self.row_image_bytes = 0
+        self.committed_ids: list[str] = []    # ids of the samples a resumed run already holds, in order
+        self.resumed: Committed | None = None
+        self._seq, self._pending_file, self._last_commit = 0, None, 0.0
+        self._committed_shards: set[str] = set()
+        self._committed_written = 0
+        progress = self._open(identity, head, resume)
+        if progress is not None:
+            try:
+                self.resumed = self._restore(progress)
+            except ValueError as e:
+                raise CacheWriteError(str(e)) from e
 
     # ---- start: fresh or resumed --------------------------------------------------------------
-    def _journal_open(self, head: Any, resume: bool) -> dict[str, Any] | None:
+    def _open(self, identity: dict[str, Any], head: Any, resume: bool) -> dict[str, Any] | None:
         """Create the directory (fresh) or check that it can be resumed; saves the head. Returns the
         last commit when resuming, else None."""
         out = self.out_dir
@@ -237,19 +266,12 @@ class JournalMixin:
         (out / COMMITS_DIR).mkdir(exist_ok=True)
         tmp = out / (HEAD_NAME + ".tmp")
         head.save(str(tmp))
-        self._identity = {
-            "teacher": {**self._teacher, "id": _same_spelling(self._teacher.get("id"))}, "tokenizer_sha256": self._meta["tokenizer_sha256"],
-            "chat_template_sha256": self._meta["chat_template_sha256"], "hidden_codec": self.codec.name,
-            "hidden_size": self.hidden_size, "vocab_size": self.vocab_size, "topk": self.topk,
-            "shard_tokens": self.layout.shard_tokens, "chunk_tokens": dict(self.layout.chunk_tokens),
-            "embed_images": self.embed_images, "extra": json.loads(json.dumps(self._meta["extra"], default=str)),
-            "head_sha256": sha256_file(str(tmp))}
-        self._seq, self._pending_file, self._last_commit = 0, None, 0.0
+        self._identity = {**_same_spelling(identity), "head_sha256": sha256_file(str(tmp))}
         if progress is None:
-            write_progress(out, self._progress())
+            write_progress(out, self._progress(Committed(dict.fromkeys(Counts.__annotations__, 0), 0, {})))
         else:
             diff = [f"{k}: was {was!r:.120}, now {now!r:.120}"
-                    for k, was, now in identity_diff(progress["identity"], self._identity)]
+                    for k, was, now in identity_diff(_same_spelling(progress["identity"]), self._identity)]
             if diff:
                 tmp.unlink()
                 raise CacheWriteError(f"{out}: cannot resume: this run differs from the one that started the cache "
@@ -258,44 +280,25 @@ class JournalMixin:
         rename_durable(tmp, out / HEAD_NAME)
         return progress
 
-    def _journal_reopen_features(self, progress: dict[str, Any]) -> None:
-        """Resume: drop everything in features.zarr the last commit does not hold (shards written after
-        it, zarr's temporary files), rewrite the array metadata for the committed length, reopen."""
-        shards: dict[str, str] = {}
-        for seq in range(1, progress["seq"] + 1):
-            shards.update(self._record(seq)["shards"])
-        feat = self.out_dir / FEATURES_NAME
-        if feat.exists():
-            for p in feat.rglob("*"):
-                if p.is_file() and p.relative_to(feat).as_posix() not in shards:
-                    p.unlink()
-        B = progress["written_tokens"]
-        mem = MemoryStore()
-        arrays, _ = create_feature_arrays(zarr.open_group(mem, mode="w", zarr_format=3), self.layout, self.codec,
-                                          self.hidden_size, self.topk)
-        for a in arrays.values():
-            a.resize((B, *a.shape[1:]))
-
-        async def keys() -> list[str]:
-            return [k async for k in mem.list()]
-        for key in sync(keys()):
-            sync(self._store.set(key, sync(mem.get(key, prototype=default_buffer_prototype()))))
-        self._store.digests.update(shards)
-        self._arrays = {name: zarr.open_array(self._store, path=name, mode="r+", zarr_format=3)
-                        .with_config({"write_empty_chunks": True}) for name in arrays}
-        self._committed_shards = set(shards)
-
-    def _journal_restore(self, progress: dict[str, Any]) -> None:
-        """Resume: writer state as of the last commit; delete uncommitted journal files."""
+    def _restore(self, progress: dict[str, Any]) -> Committed:
+        """Resume: keep what the last commit holds, delete the rest (shard files written after it, zarr's
+        and our temporary files, uncommitted journal files); the writer's state as of that commit.
+        The arrays' zarr.json files are kept: the writer rewrites them for the committed length."""
         out = self.out_dir
         self._seq = progress["seq"]
-        self._counts = dict(progress["counts"])  # type: ignore[assignment]
-        self._written = self._committed_written = progress["written_tokens"]
-        self._last_commit = 0.0
+        self._committed_written = progress["written_tokens"]
+        records = [self._record(seq) for seq in range(1, self._seq + 1)]
+        shards = {k: v for rec in records for k, v in rec["shards"].items()}
+        feat = out / FEATURES_NAME
+        if feat.exists():
+            for p in feat.rglob("*"):
+                rel = p.relative_to(feat).as_posix()
+                if p.is_file() and rel not in shards and p.name != "zarr.json":
+                    p.unlink()
+        self._committed_shards = set(shards)
         keep = {f"{seq:08d}.json" for seq in range(1, self._seq + 1)}
         ids: list[str] = []
-        for seq in range(1, self._seq + 1):
-            rec = self._record(seq)
+        for rec in records:
             if rec["rows"]:
                 keep.add(rec["rows"])
                 path = out / COMMITS_DIR / rec["rows"]
@@ -303,25 +306,22 @@ class JournalMixin:
                     raise ValueError(f"{path}: sha256 mismatch with its commit record; the journal is corrupt, "
                                      f"delete {out} and extract again")
                 ids += pq.read_table(path, columns=["id"]).column("id").to_pylist()
-        if len(ids) != self._counts["samples"]:
+        if len(ids) != progress["counts"]["samples"]:
             raise ValueError(f"{out}: the journal's parts hold {len(ids)} rows but {PROGRESS_NAME} counts "
-                             f"{self._counts['samples']}; delete {out} and extract again")
+                             f"{progress['counts']['samples']}; delete {out} and extract again")
         self.committed_ids = ids
-        self._ids, self._n_rows = set(ids), len(ids)
         self._pending_file = progress["pending"]
+        pending = {}
         if self._pending_file:
             keep.add(self._pending_file["file"])
-            pend = load_pending(out / COMMITS_DIR / self._pending_file["file"], self._pending_file["sha256"])
-            n = self._pending_file["tokens"]
-            for name, a in pend.items():
-                self._buf[name][:n] = a
-            self._filled = n
+            pending = load_pending(out / COMMITS_DIR / self._pending_file["file"], self._pending_file["sha256"])
         for p in (out / COMMITS_DIR).iterdir():
             if p.name not in keep:
                 p.unlink()
         for name in (SAMPLES_NAME, SAMPLES_NAME + ".tmp", MANIFEST_NAME + ".tmp", PROGRESS_NAME + ".tmp"):
             (out / name).unlink(missing_ok=True)
         fsync_path(out / COMMITS_DIR)
+        return Committed(dict(progress["counts"]), progress["written_tokens"], shards, pending)
 
     def _record(self, seq: int) -> dict[str, Any]:
         path = self.out_dir / COMMITS_DIR / f"{seq:08d}.json"
@@ -332,56 +332,59 @@ class JournalMixin:
                              f"{self.out_dir} and extract again") from e
 
     # ---- commits ------------------------------------------------------------------------------------
-    def _progress(self) -> dict[str, Any]:
-        return {"version": PROGRESS_VERSION, "identity": self._identity, "seq": self._seq,
-                "counts": dict(self._counts), "written_tokens": getattr(self, "_written", 0),
-                "pending": self._pending_file}
+    def add_row(self, row: dict[str, Any]) -> None:
+        """A samples.parquet row, committed by the next commit (or written at close)."""
+        self.rows.append(row)
+        self.row_image_bytes += sum(len(b) for b in row["images"])
 
-    def _maybe_commit(self) -> None:
+    def _progress(self, state: Committed) -> dict[str, Any]:
+        return {"version": PROGRESS_VERSION, "identity": self._identity, "seq": self._seq,
+                "counts": dict(state.counts), "written_tokens": state.written, "pending": self._pending_file}
+
+    def due(self, written: int) -> bool:
         """After a sample is written: commit when a shard was written since the last commit (and
         `commit_seconds` have passed), or when many rows wait (long runs of error rows)."""
-        shard_done = self._written > getattr(self, "_committed_written", 0)  # a shard file since the last commit
-        many_rows = len(self._rows) >= 16 * ROW_GROUP_ROWS or self._row_image_bytes >= 4 * ROW_GROUP_IMAGE_BYTES
-        if (shard_done and time.monotonic() - self._last_commit >= self.commit_seconds) or many_rows:
-            self._commit()
+        shard_done = written > self._committed_written
+        many_rows = len(self.rows) >= 16 * ROW_GROUP_ROWS or self.row_image_bytes >= 4 * ROW_GROUP_IMAGE_BYTES
+        return (shard_done and time.monotonic() - self._last_commit >= self.commit_seconds) or many_rows
 
-    def _commit(self) -> None:
-
+    def commit(self, state: Committed) -> None:
+        """Make durable, in order: the shard files written since the last commit, the rows since then,
+        the pending tokens, the commit record, then `_progress.json` (the commit point)."""
         out, seq = self.out_dir, self._seq + 1
         feat = out / FEATURES_NAME
-        new = {k: v for k, v in self._store.digests.items()
-               if not k.endswith("zarr.json") and k not in self._committed_shards}
+        new = {k: v for k, v in state.shards.items() if not k.endswith("zarr.json") and k not in self._committed_shards}
         for key in new:
             fsync_path(feat / key)
         for d in {(feat / key).parent for key in new}:
             fsync_path(d)
         kill_point("shards-synced")
-        rec: dict[str, Any] = {"rows": None, "rows_sha256": None, "n_rows": len(self._rows), "shards": new}
-        if self._rows:
+        rec: dict[str, Any] = {"rows": None, "rows_sha256": None, "n_rows": len(self.rows), "shards": new}
+        if self.rows:
             sink = pa.BufferOutputStream()
-            pq.write_table(pa.Table.from_pylist(self._rows, schema=SAMPLES_SCHEMA), sink, compression="zstd")
+            pq.write_table(pa.Table.from_pylist(self.rows, schema=SAMPLES_SCHEMA), sink, compression="zstd")
             rec["rows"] = f"rows-{seq:08d}.parquet"
             rec["rows_sha256"] = write_durable(out / COMMITS_DIR / rec["rows"], sink.getvalue().to_pybytes())
         kill_point("rows-written")
         old_pending, self._pending_file = self._pending_file, None
-        if self._filled:
+        if state.pending:
             name = f"pending-{seq:08d}.npz"
-            sha = save_pending(out / COMMITS_DIR / name, {k: b[:self._filled] for k, b in self._buf.items()})
-            self._pending_file = {"file": name, "tokens": self._filled, "sha256": sha}
+            sha = save_pending(out / COMMITS_DIR / name, state.pending)
+            self._pending_file = {"file": name, "tokens": len(next(iter(state.pending.values()))), "sha256": sha}
         kill_point("pending-written")
         write_durable(out / COMMITS_DIR / f"{seq:08d}.json", json.dumps(rec).encode())
         self._seq = seq
-        write_progress(out, self._progress())
+        write_progress(out, self._progress(state))
         kill_point("committed")
         if old_pending:
             (out / COMMITS_DIR / old_pending["file"]).unlink(missing_ok=True)
         self._committed_shards.update(new)
-        self._committed_written = self._written
-        self._rows, self._row_image_bytes = [], 0
+        self._committed_written = state.written
+        self.rows, self.row_image_bytes = [], 0
         self._last_commit = time.monotonic()
 
     # ---- close --------------------------------------------------------------------------------------
-    def _journal_consolidate(self) -> None:
+    def consolidate(self) -> None:
         """samples.parquet from the committed parts + the rows not committed yet, in row groups of up to
         ROW_GROUP_ROWS rows (cut early at ROW_GROUP_IMAGE_BYTES of images): the same file whether or
         not the run was interrupted. Written to a temporary name, fsynced, renamed."""
@@ -396,7 +399,7 @@ class JournalMixin:
                 rec = self._record(seq)
                 if rec["rows"]:
                     yield from pq.read_table(out / COMMITS_DIR / rec["rows"], schema=SAMPLES_SCHEMA).to_pylist()
-            yield from self._rows
+            yield from self.rows
 
         for row in rows():
             group.append(row)
@@ -411,7 +414,7 @@ class JournalMixin:
         rename_durable(tmp, out / SAMPLES_NAME)
         kill_point("consolidated")
 
-    def _journal_remove(self) -> None:
+    def remove(self) -> None:
         """After the manifest is in place: the journal is no longer needed."""
         kill_point("manifest-written")
         (self.out_dir / PROGRESS_NAME).unlink(missing_ok=True)

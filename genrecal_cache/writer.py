@@ -31,8 +31,9 @@ from typing import Any, Literal, Union
 import numpy as np
 import torch
 import zarr
-from zarr.core.buffer import Buffer
-from zarr.storage import LocalStore
+from zarr.core.buffer import Buffer, default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import LocalStore, MemoryStore
 
 from . import __version__
 from .format.codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, hidden_codec as get_hidden_codec
@@ -43,7 +44,7 @@ from .format.manifest import (
     answer_spans, sha256_file,
 )
 from .io.durable import atomic_write
-from .journal import CacheWriteError, JournalMixin, is_journal, kill_point
+from .journal import CacheWriteError, Committed, Journal, is_journal, kill_point
 
 __all__ = ["CacheWriteError", "CacheWriter", "SampleArrays", "SampleRecord"]
 
@@ -92,7 +93,7 @@ class _HashingLocalStore(LocalStore):
 _STOP = object()
 
 
-class CacheWriter(JournalMixin):
+class CacheWriter:
     """Streams samples into a new cache directory. Use `add` per sample, then `close`.
 
     `add` returns as soon as the sample is validated and queued; the writer thread compresses
@@ -123,46 +124,38 @@ class CacheWriter(JournalMixin):
             Manifest.from_json(self._manifest(arrays={}, checksums={}).to_json(), source="CacheWriter arguments")
         except (CacheFormatError, TypeError) as e:
             raise ValueError(f"invalid cache metadata: {e}") from e
-        # crash safety (journal.py, docs/cache-format.md "Commit protocol"): commits go to _progress.json +
-        # _commits/; `resume=True` continues an interrupted run in the same directory from its last commit
-        if commit_seconds is not None:
-            self.commit_seconds = commit_seconds
-        self.committed_ids: list[str] = []  # ids of the samples a resumed run already holds, in order
-
         self.embed_images = embed_images
         self.layout = plan_layout(hidden_size, topk, self.codec.name, shard_tokens=shard_tokens,
                                   chunk_tokens=chunk_tokens)
-        progress = self._journal_open(head, resume)
-
+        # crash safety (journal.py, docs/cache-format.md "Commit protocol"): commits go to _progress.json +
+        # _commits/; `resume=True` continues an interrupted run in the same directory from its last commit
+        self.journal = Journal(self.out_dir, self._identity(), head, resume=resume, commit_seconds=commit_seconds)
+        resumed = self.journal.resumed
         self._store = _HashingLocalStore(self.out_dir / FEATURES_NAME)
-        S = self.layout.shard_tokens
-        if progress is None:
+        if resumed is None:
             group = zarr.open_group(self._store, mode="w", zarr_format=3)
             self._arrays, self._specs = create_feature_arrays(group, self.layout, self.codec, hidden_size, topk)
-            self._committed_shards: set[str] = set()
         else:
-            self._specs = create_feature_arrays(zarr.open_group(zarr.storage.MemoryStore(), mode="w"), self.layout,
-                                                self.codec, hidden_size, topk)[1]
-            self._journal_reopen_features(progress)
+            self._store.digests.update(resumed.shards)
+            self._arrays, self._specs = self._reopen_arrays(resumed.written)
+        S = self.layout.shard_tokens
         self._buf = {name: np.zeros((S, *a.shape[1:]), dtype=a.dtype) for name, a in self._arrays.items()}
 
-        self._rows: list[dict[str, Any]] = []  # rows not committed yet (see JournalMixin._commit)
-        self._row_image_bytes = 0
-
         # caller-side state (add / close)
-        self._ids: set[str] = set()
-        self._n_rows = 0
+        self.committed_ids = self.journal.committed_ids  # a resumed run holds these samples already, in order
+        self._ids = set(self.committed_ids)
+        self._n_rows = len(self.committed_ids)
         self._closed = False
         # writer-thread state
         self._filled = 0        # tokens in the shard buffers
         self._written = 0       # tokens written to zarr (multiple of S until close)
+        if resumed is not None:
+            self._counts, self._written = resumed.counts, resumed.written
+            for name, a in resumed.pending.items():
+                self._buf[name][:len(a)] = a
+                self._filled = len(a)
         self._error: tuple[str | None, BaseException] | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
-        if progress is not None:
-            try:
-                self._journal_restore(progress)
-            except ValueError as e:
-                raise CacheWriteError(str(e)) from e
         self._thread = threading.Thread(target=self._run, name=f"CacheWriter({self.out_dir.name})", daemon=True)
         self._thread.start()
 
@@ -227,10 +220,10 @@ class CacheWriter(JournalMixin):
         self._raise_if_failed()
         try:
             self._flush_shards(final=True)
-            self._journal_consolidate()
+            self.journal.consolidate()
             manifest = self._manifest(arrays=self._specs, checksums=self._checksums())
             atomic_write(self.out_dir / MANIFEST_NAME, manifest.to_json().encode())
-            self._journal_remove()
+            self.journal.remove()
         except Exception as e:
             raise CacheWriteError(f"{self.out_dir}: finishing the cache failed ({type(e).__name__}: {e}); "
                                   f"it has no manifest and is incomplete") from e
@@ -241,6 +234,14 @@ class CacheWriter(JournalMixin):
                         tool_version=__version__, teacher=self._teacher, hidden_size=self.hidden_size,
                         vocab_size=self.vocab_size, topk=self.topk, arrays=arrays, counts=self._counts,
                         checksums=checksums, hidden_codec=self.codec.name, **self._meta)
+
+    def _identity(self) -> dict[str, Any]:
+        """What a resume must find unchanged: everything that decides the bytes written (Journal adds the head's sha256)."""
+        return {"teacher": self._teacher, "tokenizer_sha256": self._meta["tokenizer_sha256"],
+                "chat_template_sha256": self._meta["chat_template_sha256"], "hidden_codec": self.codec.name,
+                "hidden_size": self.hidden_size, "vocab_size": self.vocab_size, "topk": self.topk,
+                "shard_tokens": self.layout.shard_tokens, "chunk_tokens": dict(self.layout.chunk_tokens),
+                "embed_images": self.embed_images, "extra": json.loads(json.dumps(self._meta["extra"], default=str))}
 
     def abort(self) -> None:
         """Stop the writer thread and leave the directory without a manifest (incomplete)."""
@@ -298,6 +299,22 @@ class CacheWriter(JournalMixin):
                              f"status='error')")
         return out
 
+    def _reopen_arrays(self, written: int) -> tuple[dict[str, zarr.Array], dict[str, ArraySpec]]:
+        """Resume: the arrays' metadata rewritten for the committed length (the journal kept exactly the
+        committed shard files), then reopened for writing."""
+        mem = MemoryStore()
+        arrays, specs = create_feature_arrays(zarr.open_group(mem, mode="w", zarr_format=3), self.layout, self.codec,
+                                              self.hidden_size, self.topk)
+        for a in arrays.values():
+            a.resize((written, *a.shape[1:]))
+
+        async def keys() -> list[str]:
+            return [k async for k in mem.list()]
+        for key in sync(keys()):
+            sync(self._store.set(key, sync(mem.get(key, prototype=default_buffer_prototype()))))
+        return {name: zarr.open_array(self._store, path=name, mode="r+", zarr_format=3)
+                .with_config({"write_empty_chunks": True}) for name in arrays}, specs
+
     # ---- writer thread -----------------------------------------------------------------------
     def _run(self) -> None:
         while (item := self._queue.get()) is not _STOP:
@@ -345,8 +362,13 @@ class CacheWriter(JournalMixin):
         self._written, self._filled = end, 0
 
     def _add_row(self, row: dict[str, Any], offset: int, length: int, spans: list[list[int]]) -> None:
-        self._rows.append({**row, "token_offset": offset, "num_tokens": length, "answer_spans": spans})
-        self._row_image_bytes += sum(len(b) for b in row["images"])
+        self.journal.add_row({**row, "token_offset": offset, "num_tokens": length, "answer_spans": spans})
+
+    def _maybe_commit(self) -> None:
+        if self.journal.due(self._written):
+            n = self._filled
+            self.journal.commit(Committed(self._counts, self._written, self._store.digests,
+                                          {k: b[:n] for k, b in self._buf.items()} if n else {}))
 
     def _checksums(self) -> dict[str, str]:
         sums = {f"{FEATURES_NAME}/{k}": v for k, v in self._store.digests.items()}
