@@ -27,6 +27,7 @@ from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter
 from genrecal_cache.format.manifest import (
     COMMITS_DIR, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, Manifest, identity, identity_diff, sha256_text,
 )
+from genrecal_cache.format.tokenizer import tokenizer_files, tokenizer_sha256
 from genrecal_cache.io.locate import part_dir
 from genrecal_cache.io.prefetch import prefetch
 from genrecal_cache.journal import DirLock
@@ -185,6 +186,7 @@ def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any) -> Manifes
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     backend = make_backend(cfg, adapter, pad_id)
     head = backend.head
+    chat_template = getattr(processor, "chat_template", None) or tokenizer.chat_template
     writer = CacheWriter(
         out,
         hidden_size=head.hidden_size,
@@ -194,8 +196,9 @@ def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any) -> Manifes
         teacher={"id": cfg.teacher, "revision": getattr(config, "_commit_hash", None) or "local",
                  "config_sha256": sha256_text(config.to_json_string()), "model_type": config.model_type,
                  "backend": backend.name},
-        tokenizer_sha256=sha256_text(tokenizer.backend_tokenizer.to_str()),
-        chat_template_sha256=sha256_text(getattr(processor, "chat_template", None) or tokenizer.chat_template),
+        tokenizer_sha256=tokenizer_sha256(tokenizer),
+        chat_template_sha256=sha256_text(chat_template),
+        tokenizer_files=tokenizer_files(tokenizer, chat_template),  # trainers align answers by text without the teacher
         head=head,
         command=" ".join(shlex.quote(a) for a in sys.argv),
         extra={"extract": {"max_len": cfg.max_len, "num_shards": cfg.num_shards, "shard_index": cfg.shard_index}},
@@ -306,7 +309,7 @@ def _complete_cache(out, cfg: ExtractConfig, config, tokenizer) -> Manifest | No
         return None
     m = Manifest.from_json(path.read_bytes(), source=str(path))
     want = {"teacher.config_sha256": sha256_text(config.to_json_string()),
-            "tokenizer_sha256": sha256_text(tokenizer.backend_tokenizer.to_str()), "topk": cfg.topk,
+            "tokenizer_sha256": tokenizer_sha256(tokenizer), "topk": cfg.topk,
             "hidden_codec": cfg.hidden_codec}
     got = {k: v for k, v in identity(m).items() if k in want}
     diff = [f"{k}: cache has {a!r}, this run {b!r}" for k, a, b in identity_diff(got, want)]

@@ -27,7 +27,8 @@ def merge(src: str | os.PathLike, out: str | os.PathLike, storage_options: dict[
     w = CacheWriter(Path(out), hidden_size=m.hidden_size, vocab_size=m.vocab_size, topk=m.topk,
                     hidden_codec=m.hidden_codec, teacher=dict(m.teacher), tokenizer_sha256=m.tokenizer_sha256,
                     chat_template_sha256=m.chat_template_sha256, head=cache.head("cpu"), command=command,
-                    shard_tokens=spec["shard_tokens"], chunk_tokens=spec["chunk_tokens"], extra=extra)
+                    shard_tokens=spec["shard_tokens"], chunk_tokens=spec["chunk_tokens"], extra=extra,
+                    tokenizer_files=cache.tokenizer_files())
     try:
         for s in cache.iter_samples("ordered", status="all"):
             row = SampleRecord(id=s.id, messages=s.messages, images=s.images, image_refs=refs[s.index],

@@ -105,6 +105,13 @@ class MultiPartCache:
     def head(self, device: str | torch.device = "cpu") -> Any:
         return self.parts[0].head(device)  # identical in every part (checked by its sha256 at open)
 
+    def tokenizer_files(self) -> dict[str, bytes]:
+        # every part stores the same tokenizer (its hash is part of the identity checked at open)
+        return next((files for p in self.parts if (files := p.tokenizer_files())), {})
+
+    def teacher_tokenizer(self) -> Any | None:
+        return next((tok for p in self.parts if (tok := p.teacher_tokenizer()) is not None), None)
+
     def teacher_logits(self, i: int) -> torch.Tensor:
         return self.parts[0].sample_logits(self[i])  # one head in memory: it is the same in every part
 

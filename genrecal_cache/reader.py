@@ -33,16 +33,18 @@ from .format import safety
 from .format.codecs import bf16_bits_to_float32, describe_chain, hidden_codec  # noqa: F401 - bf16_bits_to_float32 re-exported
 from .format.head import TeacherHead
 from .format.manifest import (
-    ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
+    ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, TOKENIZER_DIR, CacheFormatError,
+    Manifest, sha256_bytes,
 )
+from .format.tokenizer import load_tokenizer
 from .io.fastread import BufferPool, NonFiniteError, ShardedArrayReader, bound_zarr_decoding, read_ranges
 from .io.locate import local_file, locate, open_fs, open_parquet, zarr_store
 from .io.prefetch import read_ahead
-from .io.remote import RemoteReadError, download_capped, read_through
+from .io.remote import RemoteReadError, download_capped, read_capped, read_through
 from .parts import MultiPartCache, check_same_identity, split_plan
 
 __all__ = ["CachedSample", "INDEX_COLUMNS", "MAX_CHUNKS_PER_SHARD", "MAX_CHUNK_BYTES", "TeacherCache", "load_head",
-           "open_feature_arrays"]
+           "load_tokenizer_files", "open_feature_arrays"]
 
 MAX_CHUNK_BYTES = 4 << 30  # one shard (file) of one array; the writer's default is 128 MiB
 MAX_CHUNKS_PER_SHARD = 1 << 16  # the writer's default is at most 64
@@ -210,6 +212,17 @@ class TeacherCache:
     def head(self, device: str | torch.device = "cpu") -> TeacherHead:
         """The teacher's final norm + lm_head (safetensors only, no code runs on load; finite values)."""
         return load_head(self.fs, self.root, self.url, self.manifest, device)
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The teacher tokenizer's files stored in the cache (name inside `teacher_tokenizer/` -> bytes, each
+        checked against its sha256); {} for a cache written before genrecal stored them."""
+        return load_tokenizer_files(self.fs, self.root, self.url, self.manifest)
+
+    def teacher_tokenizer(self) -> Any | None:
+        """The teacher's tokenizer from the cache's own files (checked against `tokenizer_sha256`), or None
+        when the cache has none (written before genrecal stored it)."""
+        files = self.tokenizer_files()
+        return load_tokenizer(files, self.manifest.tokenizer_sha256, f"{self.url}/{TOKENIZER_DIR}") if files else None
 
     def teacher_logits(self, i: int) -> torch.Tensor:
         """Full-vocabulary teacher logits [L, V] for sample i: lm_head of the cached post-norm states."""
@@ -429,6 +442,26 @@ def load_head(fs: fsspec.AbstractFileSystem, root: str, url: str, manifest: Mani
                                f"but the manifest says [{m.vocab_size}, {m.hidden_size}]; the head belongs to "
                                f"another teacher, re-download or re-extract it")
     return head
+
+
+def load_tokenizer_files(fs: fsspec.AbstractFileSystem, root: str, url: str, manifest: Manifest) -> dict[str, bytes]:
+    """The files under `teacher_tokenizer/` that the manifest lists (name inside the folder -> bytes), each
+    checked against its sha256. Read through the same filesystem as the head: a remote cache's read-through
+    mirror fetches and verifies them like every file."""
+    rels = sorted(rel for rel in manifest.checksums if rel.startswith(f"{TOKENIZER_DIR}/"))
+    if type(fs) is LocalFileSystem:
+        safety.check_local_files(root, rels, url)
+    files = {}
+    for rel in rels:
+        where = f"{url}/{rel}"
+        try:
+            data = read_capped(fs, f"{root}/{rel}", safety.file_limit(rel, manifest), where)
+        except FileNotFoundError as e:
+            raise CacheFormatError(f"{where}: missing; the cache is incomplete, re-download or re-extract it") from e
+        if sha256_bytes(data) != manifest.checksums[rel]:
+            raise CacheFormatError(f"{where}: sha256 mismatch: the file is corrupt; re-download or re-extract it")
+        files[rel[len(TOKENIZER_DIR) + 1:]] = data
+    return files
 
 
 def open_feature_arrays(store: zarr.abc.store.Store, manifest: Manifest, url: str) -> dict[str, zarr.Array]:

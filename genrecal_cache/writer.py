@@ -8,6 +8,7 @@ Layout (spec: docs/cache-format.md)::
                                 hidden codec: bf16 bits as uint16, fp8, ecq or float32; see codecs.py),
                                 topk_ids [T, k] int32, topk_logprobs [T, k] f32
     samples.parquet             one row per sample (offsets into the token axis, spans, inputs)
+    teacher_tokenizer/          the teacher's tokenizer files, when given (format/tokenizer.py)
 
 Extraction calls `add` per sample; a background thread does the compression and I/O behind a
 bounded queue so the teacher forward never waits on the disk. Feature arrays are written one
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import queue
+import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +42,8 @@ from .format.codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, hidden_codec as ge
 from .format.head import TeacherHead
 from .format.layout import create_feature_arrays, plan_layout
 from .format.manifest import (
-    FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, ArraySpec, CacheFormatError, Counts, Manifest, TeacherInfo,
-    answer_spans, sha256_file,
+    FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, TOKENIZER_DIR, ArraySpec, CacheFormatError, Counts, Manifest,
+    TeacherInfo, answer_spans, relpath_problem, sha256_bytes, sha256_file,
 )
 from .io.durable import atomic_write
 from .journal import CacheWriteError, Committed, Journal, is_journal, kill_point
@@ -106,8 +108,10 @@ class CacheWriter:
                  tokenizer_sha256: str, chat_template_sha256: str | None, head: TeacherHead, command: str,
                  shard_tokens: int | None = None, chunk_tokens: int | None = None, embed_images: bool = True,
                  queue_size: int = 16, extra: dict[str, Any] | None = None, resume: bool = False,
-                 commit_seconds: float | None = None) -> None:
-        """`hidden_codec`: "bf16" (default, lossless), "fp8", "ecq" or "fp32" (genrecal_cache/format/codecs.py)."""
+                 commit_seconds: float | None = None, tokenizer_files: dict[str, bytes] | None = None) -> None:
+        """`hidden_codec`: "bf16" (default, lossless), "fp8", "ecq" or "fp32" (genrecal_cache/format/codecs.py).
+        `tokenizer_files`: the teacher tokenizer's files (`format.tokenizer.tokenizer_files`), written to
+        `teacher_tokenizer/` at close so that the cache is trained from without the teacher."""
         self.out_dir = Path(out_dir)
         self.codec: HiddenCodec = get_hidden_codec(hidden_codec or DEFAULT_HIDDEN_CODEC)
         if topk < 1 or hidden_size < 1 or vocab_size < 1:
@@ -120,6 +124,10 @@ class CacheWriter:
         self._meta = dict(command=command, tokenizer_sha256=tokenizer_sha256,
                           chat_template_sha256=chat_template_sha256, extra=dict(extra or {}))
         self._counts: Counts = {"samples": 0, "ok": 0, "error": 0, "tokens": 0, "answer_tokens": 0}
+        self._tokenizer_files = {f"{TOKENIZER_DIR}/{name}": bytes(data) for name, data in (tokenizer_files or {}).items()}
+        bad = next((rel for rel in self._tokenizer_files if relpath_problem(rel)), None)
+        if bad is not None:
+            raise ValueError(f"tokenizer file {bad!r}: {relpath_problem(bad)}")
         try:  # fail now, not after hours of extraction, if these would make an unreadable manifest
             Manifest.from_json(self._manifest(arrays={}, checksums={}).to_json(), source="CacheWriter arguments")
         except (CacheFormatError, TypeError) as e:
@@ -221,6 +229,7 @@ class CacheWriter:
         try:
             self._flush_shards(final=True)
             self.journal.consolidate()
+            self._write_tokenizer()
             manifest = self._manifest(arrays=self._specs, checksums=self._checksums())
             atomic_write(self.out_dir / MANIFEST_NAME, manifest.to_json().encode())
             self.journal.remove()
@@ -370,8 +379,16 @@ class CacheWriter:
             self.journal.commit(Committed(self._counts, self._written, self._store.digests,
                                           {k: b[:n] for k, b in self._buf.items()} if n else {}))
 
+    def _write_tokenizer(self) -> None:
+        """The teacher tokenizer's files, written whole at close (a resumed run rewrites them)."""
+        shutil.rmtree(self.out_dir / TOKENIZER_DIR, ignore_errors=True)
+        for rel, data in self._tokenizer_files.items():
+            (self.out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.out_dir / rel, data)
+
     def _checksums(self) -> dict[str, str]:
         sums = {f"{FEATURES_NAME}/{k}": v for k, v in self._store.digests.items()}
+        sums.update({rel: sha256_bytes(data) for rel, data in self._tokenizer_files.items()})
         for name in (HEAD_NAME, SAMPLES_NAME):
             sums[name] = sha256_file(str(self.out_dir / name))
         on_disk = {p.relative_to(self.out_dir).as_posix() for p in self.out_dir.rglob("*") if p.is_file()}

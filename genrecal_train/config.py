@@ -51,7 +51,8 @@ class TrainConfig:
                                                    "the quality suite) or teacher (the paper's Proj-pre(teacher "
                                                    "states)); docs/method.md.")
     teacher_tokenizer: str | None = opt(None, "Teacher tokenizer folder/hub id for student_aligned [default: the "
-                                              "teacher the cache was extracted from].")
+                                              "one stored in the cache; for older caches, the teacher it was "
+                                              "extracted from].")
     w_ar: float = opt(1.0, "Weight of L_ar (main and regularization pass): CE of the recalibrated answer states "
                                    "through the teacher head.")
     w_kl: float = opt(1.0, "Weight of L_kl (main and regularization pass): KL(teacher || recalibrated) on the "

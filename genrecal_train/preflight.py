@@ -14,7 +14,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from genrecal_cache.families import adapter_for
 from genrecal_cache.format.head import TeacherHead
-from genrecal_cache.format.manifest import sha256_text
+from genrecal_cache.format.manifest import TOKENIZER_DIR
+from genrecal_cache.format.tokenizer import tokenizer_sha256
 from genrecal_cache.reader import TeacherCache
 from genrecal_train.config import TrainConfig
 
@@ -39,7 +40,7 @@ def check_cache_matches(cache, head: TeacherHead, cfg: TrainConfig) -> None:
     tcfg = AutoConfig.from_pretrained(cfg.expect_teacher)
     t_adapter = adapter_for(tcfg)
     tok = t_adapter.load_processor(cfg.expect_teacher).tokenizer
-    if sha256_text(tok.backend_tokenizer.to_str()) != m.tokenizer_sha256:
+    if tokenizer_sha256(tok) != m.tokenizer_sha256:
         raise ValueError(f"{where}: its teacher tokenizer differs from {cfg.expect_teacher}'s (sha256 mismatch): "
                          "the token ids in the cache would mean other words; use the cache made with this teacher")
     text = tcfg.get_text_config()
@@ -110,18 +111,28 @@ def _checkpoint_lm_head_rows(folder: Path, vocab: int, names: tuple[str, ...]) -
 
 
 def load_teacher_tokenizer(cfg: TrainConfig) -> Any:
-    """The teacher's tokenizer (for `student_answer_rows`): `cfg.teacher_tokenizer`, else `expect_teacher`,
-    else the teacher the cache was extracted from; it must be the one the cache was made with."""
+    """The teacher's tokenizer (for `student_answer_rows`), always the one the cache was made with (its hash):
+    `cfg.teacher_tokenizer` when given, else the copy stored in the cache (`teacher_tokenizer/`, fetched like
+    the head for a remote cache), else, for caches written before genrecal stored it, `cfg.expect_teacher`
+    or the teacher folder/hub id the manifest records."""
     with TeacherCache.open(cfg.cache, local_cache=cfg.local_cache) as cache:
         m = cache.manifest
+        stored = None if cfg.teacher_tokenizer else cache.teacher_tokenizer()
+    if stored is not None:
+        return stored
     src = cfg.teacher_tokenizer or cfg.expect_teacher or m.teacher.get("id")
     try:
         tok = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
-        raise ValueError(f"main_pass_answer='student_aligned' aligns answers by their text and needs the teacher's "
-                         f"tokenizer, which could not be loaded from {src!r} ({e}); pass --teacher-tokenizer "
-                         "(a folder or hub id with the teacher's tokenizer), or --main-pass-answer teacher") from e
-    if sha256_text(tok.backend_tokenizer.to_str()) != m.tokenizer_sha256:
+        where = (f"the tokenizer at --teacher-tokenizer {src!r} could not be loaded" if cfg.teacher_tokenizer else
+                 f"cache {cfg.cache} holds no teacher tokenizer (written before genrecal stored one in "
+                 f"{TOKENIZER_DIR}/) and the teacher it records, {src!r}, is not available")
+        raise ValueError(f"{where} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                         "main_pass_answer='student_aligned' (the default) aligns answers by their text and needs the "
+                         "teacher's tokenizer. Fix: pass --teacher-tokenizer with the teacher's tokenizer (a folder or "
+                         "hub id), or re-extract the cache with this genrecal (it stores the tokenizer), or train with "
+                         "--main-pass-answer teacher") from e
+    if tokenizer_sha256(tok) != m.tokenizer_sha256:
         raise ValueError(f"cache {cfg.cache}: the tokenizer at {src!r} is not the one its teacher used (sha256 "
                          "mismatch), so answer tokens would be aligned wrongly; pass --teacher-tokenizer with the "
                          "teacher's own tokenizer")

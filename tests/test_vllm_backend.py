@@ -122,6 +122,13 @@ def test_same_samples_token_ids_and_answer_masks(caches):
         assert ref.answer_mask.any()
 
 
+def test_both_backends_store_the_teacher_tokenizer(caches):
+    tv, th, _ = caches
+    files = tv.tokenizer_files()
+    assert "tokenizer.json" in files and files == th.tokenizer_files()
+    assert tv.teacher_tokenizer().backend_tokenizer.to_str() == th.teacher_tokenizer().backend_tokenizer.to_str()
+
+
 def test_hidden_states_match_reference(caches):
     worst = max(float(np.abs(got.hidden - ref.hidden).max()) for got, ref in _pairs(caches))
     assert worst < 1e-4, f"max |h_vllm - h_transformers| = {worst:.3g}"

@@ -25,7 +25,7 @@ from .codecs import HIDDEN_CODECS, hidden_codec
 
 __all__ = ["ARRAY_NAMES", "ArraySpec", "COMMITS_DIR", "CacheFormatError", "Counts", "FEATURES_NAME", "FORMAT_VERSION",
            "HEAD_NAME", "MANIFEST_NAME", "MAX_INT", "Manifest", "PROGRESS_NAME", "READABLE_VERSIONS", "SAMPLES_NAME",
-           "TeacherInfo", "answer_spans", "identity", "identity_diff", "relpath_problem", "sha256_bytes",
+           "TOKENIZER_DIR", "TeacherInfo", "answer_spans", "identity", "identity_diff", "relpath_problem", "sha256_bytes",
            "sha256_file", "sha256_stream", "sha256_text"]
 
 FORMAT_VERSION = 2               # what this genrecal writes
@@ -36,6 +36,9 @@ PROGRESS_NAME = "_progress.json"  # the journal of an extraction in progress (jo
 COMMITS_DIR = "_commits"
 FEATURES_NAME = "features.zarr"
 SAMPLES_NAME = "samples.parquet"
+# the teacher's tokenizer files (tokenizer.json, tokenizer_config.json, chat template, ...): optional, listed
+# in `checksums` like every file; caches written before it lack the folder (docs/cache-format.md)
+TOKENIZER_DIR = "teacher_tokenizer"
 ARRAY_NAMES = ("token_ids", "answer_mask", "hidden", "topk_ids", "topk_logprobs")
 
 

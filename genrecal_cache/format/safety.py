@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .manifest import FEATURES_NAME, HEAD_NAME, CacheFormatError, Manifest
+from .manifest import FEATURES_NAME, HEAD_NAME, TOKENIZER_DIR, CacheFormatError, Manifest
 
 __all__ = ["DECODED_FLOOR", "DECODED_PER_STORED", "DICTIONARY_COLUMNS", "ENV_MAX_READ_BYTES", "INDEX_FLOOR",
            "MAX_IMAGE_BYTES", "MAX_INDEX_EXPANSION", "MAX_MANIFEST_BYTES", "MAX_METADATA_BYTES", "MAX_READ_BYTES",
@@ -100,13 +100,16 @@ def check_local_files(root: str, rels: Iterable[str], where: str) -> dict[str, i
 
 def file_limit(rel: str, m: Manifest) -> int:
     """Most bytes a file of a cache can hold (what a reader reads of it before refusing it): metadata
-    1 MiB, a shard 5 GiB (readers refuse shards above 4 GiB decoded), the head its float32 size."""
+    1 MiB, a shard 5 GiB (readers refuse shards above 4 GiB decoded), the head its float32 size, a tokenizer
+    file 256 MiB."""
     if rel.endswith("zarr.json"):
         return MAX_METADATA_BYTES
     if rel.startswith(f"{FEATURES_NAME}/"):
         return 5 << 30
     if rel == HEAD_NAME:
         return 4 * (m.vocab_size + 2) * m.hidden_size + (64 << 20)
+    if rel.startswith(f"{TOKENIZER_DIR}/"):
+        return 256 << 20  # a large tokenizer.json is tens of MiB
     return 1 << 40  # samples.parquet: text and images as given
 
 
