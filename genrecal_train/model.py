@@ -69,15 +69,38 @@ def answer_start_rows(e: Example) -> tuple[Tensor, Tensor]:
 
 
 def answer_char_ends(tokenizer: Any, ids: Tensor) -> list[int]:
-    """Where each token of one answer span ends, in characters of the decoded span (leading space dropped).
+    """Where each token of one answer span ends, in characters of the decoded span (leading space dropped):
+    for token k, the length of the text that decoding ids[:k+1] gives, so exact for any tokenizer, including
+    byte-level BPE pieces of one character and tokenizers that glue a space onto the next word.
 
-    Decodes growing prefixes of the real token ids: exact for any tokenizer, including byte-level BPE
-    pieces of one character and tokenizers that glue a space onto the next word."""
+    Linear in the span: token k's text is read off the decoding of [token k-1, token k] past the decoding
+    of token k-1 alone (one token of context keeps first-token effects, such as a stripped leading space,
+    out of it), both decoded for the whole span in one batch. Decoders join bytes across tokens, so the
+    window reaches back while a character is incomplete (U+FFFD) or the token before decodes to part of
+    one: to the start of the character in byte-level BPE, of the run of byte tokens with byte fallback
+    (sentencepiece-style tokenizers decode such a run as one unit)."""
     ids = ids.tolist()
-    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    n = len(ids)
+    if n == 0:
+        return []
+    kw = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    alone = tokenizer.batch_decode([[i] for i in ids], **kw)
+    pairs = tokenizer.batch_decode([ids[k - 1:k + 1] for k in range(1, n)], **kw) if n > 1 else []
+    ends, done, start = [], 0, 0  # `done` characters end before token `start`, where the open window begins
+    for k in range(n):
+        ctx = alone[start - 1] if start > 0 else ""
+        if start == k:
+            text = pairs[k - 1] if k > 0 else alone[0]
+        else:
+            text = tokenizer.decode(ids[max(start - 1, 0):k + 1], **kw)
+        if not text.startswith(ctx):  # a decoder that rewrites the context: read the whole prefix instead
+            text, ctx, done, start = tokenizer.decode(ids[:k + 1], **kw), "", 0, 0
+        ends.append(done + len(text) - len(ctx))
+        if "\ufffd" not in alone[k] and not text.endswith("\ufffd"):  # nothing pending: close the window
+            done, start = ends[-1], k + 1
+    text = tokenizer.decode(ids, **kw)
     lead = len(text) - len(text.lstrip())
-    return [max(0, len(tokenizer.decode(ids[:k + 1], skip_special_tokens=False,
-                                        clean_up_tokenization_spaces=False)) - lead) for k in range(len(ids))]
+    return [max(0, e - lead) for e in ends]
 
 
 def student_answer_rows(e: Example, student_tokenizer: Any, teacher_tokenizer: Any) -> Tensor:
