@@ -34,11 +34,12 @@ import numpy as np
 import torch
 import zarr
 from zarr.core.buffer import Buffer, default_buffer_prototype
+from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
 from . import __version__
-from .format.codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, hidden_codec as get_hidden_codec
+from .format.codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, describe_chain, hidden_codec as get_hidden_codec
 from .format.head import TeacherHead
 from .format.layout import create_feature_arrays, plan_layout
 from .format.manifest import (
@@ -309,20 +310,37 @@ class CacheWriter:
         return out
 
     def _reopen_arrays(self, written: int) -> tuple[dict[str, zarr.Array], dict[str, ArraySpec]]:
-        """Resume: the arrays' metadata rewritten for the committed length (the journal kept exactly the
-        committed shard files), then reopened for writing."""
+        """Resume: the arrays as the interrupted run created them, cut to the committed length (the journal
+        kept exactly the committed shard files). Their zarr.json is kept but for the length: a run begun by
+        an older genrecal (e.g. before the inner crc32c) goes on with its own codec chain, so its shards and
+        ours decode alike, and the manifest records that chain. Missing metadata (a kill before the arrays
+        were created) is today's."""
         mem = MemoryStore()
-        arrays, specs = create_feature_arrays(zarr.open_group(mem, mode="w", zarr_format=3), self.layout, self.codec,
-                                              self.hidden_size, self.topk)
-        for a in arrays.values():
-            a.resize((written, *a.shape[1:]))
+        fresh, specs = create_feature_arrays(zarr.open_group(mem, mode="w", zarr_format=3), self.layout, self.codec,
+                                             self.hidden_size, self.topk)
 
         async def keys() -> list[str]:
             return [k async for k in mem.list()]
+        proto = default_buffer_prototype()
         for key in sync(keys()):
-            sync(self._store.set(key, sync(mem.get(key, prototype=default_buffer_prototype()))))
-        return {name: zarr.open_array(self._store, path=name, mode="r+", zarr_format=3)
-                .with_config({"write_empty_chunks": True}) for name in arrays}, specs
+            path = self.out_dir / FEATURES_NAME / key
+            value = proto.buffer.from_bytes(path.read_bytes()) if path.exists() else sync(mem.get(key, prototype=proto))
+            if key.endswith("/zarr.json"):  # an array's: zarr's own serialisation, so a resumed cache is byte-identical
+                try:
+                    meta = ArrayV3Metadata.from_dict(json.loads(value.to_bytes()))
+                except (ValueError, TypeError, KeyError) as e:  # zarr writes it atomically: a damaged disk
+                    raise CacheWriteError(f"{path}: unreadable ({e}); delete {self.out_dir} and extract again") from e
+                value = meta.update_shape((written, *meta.shape[1:])).to_buffer_dict(proto)["zarr.json"]
+            sync(self._store.set(key, value))
+        arrays = {name: zarr.open_array(self._store, path=name, mode="r+", zarr_format=3)
+                  .with_config({"write_empty_chunks": True}) for name in fresh}
+        for name, a in arrays.items():
+            f = fresh[name]
+            if (a.dtype, a.shape[1:], a.chunks, a.shards) != (f.dtype, f.shape[1:], f.chunks, f.shards):
+                raise CacheWriteError(f"{self.out_dir / FEATURES_NAME / name}/zarr.json: {a.dtype} chunks {a.chunks} "
+                                      f"shards {a.shards}, but this run writes {f.dtype} {f.chunks} {f.shards}; resume "
+                                      f"with the genrecal release that began it, or delete {self.out_dir}")
+        return arrays, {name: {**spec, "codec": describe_chain(arrays[name])} for name, spec in specs.items()}
 
     # ---- writer thread -----------------------------------------------------------------------
     def _run(self) -> None:

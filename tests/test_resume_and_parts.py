@@ -24,7 +24,8 @@ ARRAYS = ("token_ids", "answer_mask", "hidden", "topk_ids", "topk_logprobs")
 # One process imports torch/transformers once, then forks a child per run: each child runs `extract`
 # (transformers backend, tiny teacher, batches of one sample, 64-token shards, a commit after every
 # shard) and is SIGKILLed, either by itself at a named point of the commit sequence (GENRECAL_KILL_AT)
-# or by the parent after a random delay. Forking saves re-importing torch for every run.
+# or by the parent after a random delay. Forking saves re-importing torch for every run. With
+# `old_chain: n`, the first n runs write arrays as genrecal did before the inner crc32c.
 DRIVER = textwrap.dedent("""
     import json, os, random, signal, sys, time
     import torch
@@ -43,6 +44,13 @@ DRIVER = textwrap.dedent("""
     for kill in plan["kills"] + [None]:
         pid = os.fork()
         if pid == 0:
+            if len(log) < plan.get("old_chain", 0):  # this run is an older genrecal's: no inner crc32c
+                import zarr
+                create = zarr.Group.create_array
+                def create_array(self, name, **kw):
+                    kw["compressors"] = tuple(c for c in kw["compressors"] if type(c).__name__ != "Crc32cCodec")
+                    return create(self, name, **kw)
+                zarr.Group.create_array = create_array
             if isinstance(kill, str):
                 os.environ["GENRECAL_KILL_AT"] = kill
             try:
@@ -145,6 +153,25 @@ def test_sigkill_at_30_points_then_resume_gives_the_uninterrupted_cache(teacher_
     assert m_got["counts"] == m_ref["counts"]
     # bit-identical: every feature shard, the head and samples.parquet have the same sha256
     assert m_got["checksums"] == m_ref["checksums"]
+    _assert_same_samples(ref, got)
+
+
+def test_a_run_begun_before_the_chunk_crc32c_resumes_with_its_own_codec_chain(teacher_dir, small_data, reference,
+                                                                             tmp_path):
+    """Begun by a genrecal whose arrays had no inner crc32c, killed after 3 commits, finished by today's:
+    the new shards keep the arrays' chain, so old and new shards decode alike; the manifest records it."""
+    out = tmp_path / "cache"
+    log = _run_driver(teacher_dir, small_data, out, {"kills": ["committed:3"], "old_chain": 1})
+    assert log == [["committed:3", -9], [None, 0]], log
+    ref = TeacherCache.open(reference)
+    m_ref, m_got = json.loads((reference / "manifest.json").read_text()), json.loads((out / "manifest.json").read_text())
+    assert m_got["counts"]["tokens"] > 5 * 64  # the old run committed 3 shards, today's wrote the rest
+    for name in ARRAYS:
+        inner, _ = m_got["arrays"][name]["codec"].split("], index")
+        assert not inner.endswith(", crc32c") and m_ref["arrays"][name]["codec"] == f"{inner}, crc32c], index [bytes, crc32c]"
+    assert verify(out) == []
+    got = TeacherCache.open(out)
+    assert got.index.column("id").to_pylist() == ref.index.column("id").to_pylist()
     _assert_same_samples(ref, got)
 
 
