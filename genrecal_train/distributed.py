@@ -8,6 +8,8 @@
             Compute in `param_dtype` (bf16 by default), gradient reduce-scatter and the optimizer
             in fp32 (MixedPrecisionPolicy); optional CPU offload of the sharded state
             (CPUOffloadPolicy); the frozen teacher head is a replicated buffer in `param_dtype`.
+            Only rank 0 reads the student; the others build it on the meta device and receive
+            their shards from rank 0 (`load_from_rank0`).
 
 Everything here is PyTorch's own machinery; this module only decides what to wrap and how.
 """
@@ -105,6 +107,70 @@ def shard_model(model: nn.Module, dtype: torch.dtype, device: torch.device, cpu_
         tower.register_forward_pre_hook(_cast_floating_inputs(dtype), with_kwargs=True)
     fully_shard(model, **kw)
     return model
+
+
+def meta_student(adapter, path) -> nn.Module:
+    """The student `adapter.load_model(path)` gives (its class and config, fp32), on the meta device:
+    module tree and shapes, no memory. FSDP ranks other than 0 start from it (`load_from_rank0`)."""
+    from transformers import AutoConfig
+
+    with torch.device("meta"):
+        return adapter.model_class()._from_config(AutoConfig.from_pretrained(path), dtype=torch.float32).eval()
+
+
+def full_weights(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Rank 0's student and Recalibrator state dicts (references, no copy), taken before `shard_model`
+    replaces the parameters by shards; `load_from_rank0` sends them to the other ranks' shards."""
+    return {"student": model.student.state_dict(), "recalibrator": model.recalibrator.state_dict()}
+
+
+def load_from_rank0(model: nn.Module, full: dict[str, dict[str, torch.Tensor]], device: torch.device,
+                    cpu_offload: bool = False) -> None:
+    """Fill a sharded GenRecal from rank 0's weights (a collective; `full` is {} on the other ranks).
+
+    Rank 0 loaded the student (and initialised the Recalibrator) on the CPU; every other rank built
+    them on the meta device, so no rank but 0 ever holds the whole model: torch broadcasts one tensor
+    at a time and each rank keeps its shard (`set_model_state_dict(broadcast_from_rank0=True)`, as
+    torchtune loads a model). Buffers outside the state dict (RoPE `inv_freq`, position ids) are
+    computed at construction, which the meta device skips: rank 0's are broadcast as well. The
+    teacher head is not touched: every rank reads it from the cache. A key or buffer that rank 0's
+    model has and this rank's has not (or the reverse) is an error (strict loading)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if dist.get_rank() != 0:
+        _allocate_meta(model, device, cpu_offload)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    for name in ("student", "recalibrator"):
+        set_model_state_dict(getattr(model, name), full.get(name, {}), options=options)
+        _broadcast_non_persistent_buffers(getattr(model, name))
+
+
+def _allocate_meta(model: nn.Module, device: torch.device, cpu_offload: bool) -> None:
+    """Give every meta shard and buffer real (uninitialised) memory where FSDP keeps it, in place.
+
+    So that loading copies into the parameters instead of replacing them (`assign`), which would
+    untie tied ones (embed_tokens / lm_head of a tied student) on this rank only. FSDP's `_apply`
+    re-registers its padded shards afterwards, as it does for `to_empty`."""
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_meta:
+            return t
+        return torch.empty_like(t, device="cpu" if cpu_offload and isinstance(t, nn.Parameter) else device)
+
+    model._apply(empty)
+
+
+def _broadcast_non_persistent_buffers(module: nn.Module) -> None:
+    """Rank 0's non-persistent buffers of `module` into every rank's."""
+    bufs = [(m, n, b) for m in module.modules() for n, b in m._buffers.items()
+            if b is not None and n in m._non_persistent_buffers_set]
+    layout = [(type(m).__name__, n, tuple(b.shape), b.dtype) for m, n, b in bufs]
+    ref = [layout]
+    dist.broadcast_object_list(ref, src=0)
+    if ref[0] != layout:
+        raise RuntimeError(f"rank {dist.get_rank()}: the model's buffers differ from rank 0's (same --student on "
+                           f"every rank?): {layout} vs {ref[0]}")
+    for _, _, b in bufs:
+        dist.broadcast(b, src=0)
 
 
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -20,6 +20,7 @@ Multi-turn samples put all question tokens before all answer tokens (the paper h
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -138,10 +139,13 @@ class GenRecal(nn.Module):
         self.tokenizers = tokenizers
         if cfg.main_pass_answer == "student_aligned" and tokenizers is None and {1, 2} & set(cfg.stages):
             self.tokenizers = (adapter.load_processor(cfg.student).tokenizer, load_teacher_tokenizer(cfg))
-        self.recalibrator = Recalibrator.from_student(
-            student, d_teacher=head.hidden_size, num_layers=cfg.recal_layers,
-            decoder_layer_cls=adapter.decoder_layer_class(student), text_config=adapter.text_config(student),
-            rotary_factory=adapter.rotary_factory(student))
+        # Built where the student is: on the meta device too for an FSDP rank that gets its weights from rank 0
+        on_meta = next(student.parameters()).is_meta
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            self.recalibrator = Recalibrator.from_student(
+                student, d_teacher=head.hidden_size, num_layers=cfg.recal_layers,
+                decoder_layer_cls=adapter.decoder_layer_class(student), text_config=adapter.text_config(student),
+                rotary_factory=adapter.rotary_factory(student))
         if cfg.gradient_checkpointing:
             student.gradient_checkpointing_enable()
         self.stage = 1

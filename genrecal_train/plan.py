@@ -219,6 +219,15 @@ def _gathered_bytes(model: nn.Module, b: int) -> int:
     return (root + 2 * largest) * b + (root + largest) * (b + 4)
 
 
+def load_host_bytes(model: nn.Module) -> dict[str, int]:
+    """Host memory that building the model takes (trainer.build_model), before training starts:
+    "load_full": the fp32 student + Recalibrator, which every DDP rank and FSDP's rank 0 read;
+    "load_other": what another FSDP rank holds of them, one full tensor of rank 0's in flight
+    (the largest). The teacher head comes on top on every rank, as the cache stores it."""
+    sizes = [p.numel() * 4 for p in model.parameters()]
+    return {"load_full": sum(sizes), "load_other": max(sizes)}
+
+
 # ---- the plan -------------------------------------------------------------------------------------
 
 def plan(cfg: PlanConfig) -> tuple[list[Sizes], dict]:
@@ -227,7 +236,7 @@ def plan(cfg: PlanConfig) -> tuple[list[Sizes], dict]:
     pdt = to_dtype(cfg.param_dtype)
     info = {"params": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "teacher_head": [vocab, d_t]}
+            "teacher_head": [vocab, d_t], **load_host_bytes(model)}
     out = []
     ddp = state_bytes(model, "ddp", cfg.gpus)
     out.append(Sizes("ddp fp32", ddp["params"], 2 * ddp["grads"], ddp["optimizer"], ddp["head"], 0,
@@ -279,5 +288,8 @@ def format_plan(sizes: list[Sizes], info: dict, cfg: PlanConfig) -> str:
         lines.append(f"{s.name:32s}{gb(s.weights)} {gb(s.grads)} {gb(s.optimizer)} {gb(s.head)} {gb(s.gathered)} "
                      f"{gb(s.activations)} {gb(s.gpu_total)} {gb(s.host_total)}  "
                      f"{'yes' if s.gpu_total <= budget else 'no'}")
+    lines.append(f"loading, host GB: {info['load_full'] / GiB:.2f} on fsdp rank 0 and every ddp rank (fp32 student + "
+                 f"Recalibrator, until sharded); {info['load_other'] / GiB:.2f} on other fsdp ranks (one tensor in "
+                 f"flight, on the GPU if any); + the teacher head on every rank")
     lines += advice(sizes, cfg)
     return "\n".join(lines)

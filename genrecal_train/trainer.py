@@ -36,7 +36,7 @@ from genrecal_train.model import GenRecal
 from genrecal_train.plots import plot_curves
 from genrecal_train.preflight import check_cache_matches
 
-__all__ = ["MetricsLog", "run_stage", "stage_steps", "train"]
+__all__ = ["MetricsLog", "build_model", "run_stage", "stage_steps", "train"]
 
 
 def _dist_setup(device: str) -> tuple[int, int, torch.device]:
@@ -120,20 +120,14 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
 
     cache = TeacherCache.open(cfg.cache, local_cache=cfg.local_cache)
-    # FSDP places (and casts) the head and the student itself: load them in host memory first
-    load_device = torch.device("cpu") if strategy == "fsdp" else device
-    head = cache.head(device=load_device)
+    # FSDP places (and casts) the head itself: load it in host memory first
+    head = cache.head(device=torch.device("cpu") if strategy == "fsdp" else device)
     from transformers import AutoConfig
 
     adapter = adapter_for(AutoConfig.from_pretrained(cfg.student))
     processor = adapter.load_processor(cfg.student)
     check_cache_matches(cache, head, cfg)
-    student = adapter.load_model(cfg.student, dtype=torch.float32, device=str(load_device))
-    torch.manual_seed(cfg.seed)  # the Recalibrator's init depends on the seed only (same on every rank, every run)
-    model = GenRecal(student, adapter, head, cfg).to(load_device)
-    if strategy == "fsdp":
-        distributed.shard_model(model, distributed.param_dtype(cfg.param_dtype), device, cfg.cpu_offload,
-                                checkpoint_recalibrator=cfg.gradient_checkpointing)
+    model = build_model(cfg, adapter, head, strategy, device, rank)
 
     start_stage_pos, step0, position0, resume_from, metrics_lines = 0, 0, 0, None, None
     from_checkpoint = False
@@ -202,6 +196,30 @@ def train(cfg: TrainConfig) -> Path:
         # an undestroyed gloo group can abort the process at interpreter exit ("terminate called ...")
         dist.destroy_process_group()
     return final
+
+
+def build_model(cfg: TrainConfig, adapter, head, strategy: str, device: torch.device, rank: int) -> GenRecal:
+    """The student (pretrained, fp32) with a fresh Recalibrator, placed for `strategy`.
+
+    Under FSDP only rank 0 reads the student into host memory (and initialises the Recalibrator);
+    the other ranks build both on the meta device, every rank shards, then rank 0's weights are
+    broadcast into the shards (`distributed.load_from_rank0`): host memory per rank is the teacher
+    head plus one tensor in flight, not the whole fp32 model."""
+    on_meta = strategy == "fsdp" and rank != 0
+    if on_meta:
+        student = distributed.meta_student(adapter, cfg.student)
+    else:
+        student = adapter.load_model(cfg.student, dtype=torch.float32,
+                                     device="cpu" if strategy == "fsdp" else str(device))
+    torch.manual_seed(cfg.seed)  # the Recalibrator's init depends on the seed only (the same in every run)
+    model = GenRecal(student, adapter, head, cfg)
+    if strategy != "fsdp":
+        return model.to(device)
+    full = distributed.full_weights(model) if rank == 0 else {}
+    distributed.shard_model(model, distributed.param_dtype(cfg.param_dtype), device, cfg.cpu_offload,
+                            checkpoint_recalibrator=cfg.gradient_checkpointing)
+    distributed.load_from_rank0(model, full, device, cfg.cpu_offload)
+    return model
 
 
 def _check_same_stream(path: Path, state: dict, cfg: TrainConfig) -> None:

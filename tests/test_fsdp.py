@@ -299,3 +299,63 @@ def test_unknown_strategy_or_param_dtype_is_refused_before_loading(flags: dict, 
         train(TrainConfig(cache=str(train_cache), student=str(student_dir), out=str(tmp_path / "run"), device="cpu",
                           **flags))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(params=[False, True], ids=["untied", "tied"])
+def load_student(request: pytest.FixtureRequest, tmp_path: Path, student_dir: Path) -> tuple[Path, bool]:
+    """(folder, tied): the tiny student, and a copy with tied input/output embeddings (as Qwen2-VL-2B has)."""
+    if not request.param:
+        return student_dir, False
+    tied = tmp_path / "tied"
+    shutil.copytree(student_dir, tied)
+    model = adapter_for(student_dir).load_model(student_dir)
+    model.config.tie_word_embeddings = model.config.get_text_config().tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tied)
+    return tied, True
+
+
+def test_only_rank0_loads_the_full_student_the_others_get_their_shards(tmp_path: Path, train_cache: Path,
+                                                                       load_student: tuple[Path, bool]) -> None:
+    """`--strategy fsdp` loads the pretrained student (and initialises the Recalibrator) on rank 0 only:
+    rank 1 builds both on the meta device and holds no byte of their parameters when it shards (rank 0
+    holds all of them), then receives exactly its shards of rank 0's weights, and rank 0's RoPE
+    `inv_freq` / position-id buffers (which the meta device never computed); tied embeddings stay one
+    parameter on every rank. Byte counts, not process memory: exact and independent of what else runs
+    on the machine."""
+    from transformers import AutoConfig
+
+    from genrecal_train import plan
+
+    student_dir, tied = load_student
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "_fsdp_load_worker.py"), str(train_cache), str(student_dir), str(tmp_path)]
+    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["full"] == r1["full"] > 0
+    assert r0["before_shard"] == r0["full"] and r1["before_shard"] == 0
+
+    # the shards each rank holds are FSDP's (plan.state_bytes: dim-0 chunks, padded to rank 0's) ...
+    cfg = TrainConfig(cache=str(train_cache), student=str(student_dir), out=str(tmp_path), device="cpu")
+    m = TeacherCache.open(train_cache).manifest
+    meta = plan.meta_model(AutoConfig.from_pretrained(student_dir), m.hidden_size, m.vocab_size, cfg.recal_layers)
+    for rank, r in enumerate((r0, r1)):
+        assert r["local_params"] == plan.state_bytes(meta, "fsdp", 2, rank, torch.float32)["params"] < r["full"]
+        assert r["parameters"] == len(list(meta.parameters()))
+
+    # ... of the weights a single process starts from: the pretrained student and the seeded Recalibrator
+    adapter = adapter_for(student_dir)
+    student = adapter.load_model(student_dir)
+    torch.manual_seed(cfg.seed)
+    ref = GenRecal(student, adapter, TeacherCache.open(train_cache).head(), cfg)
+    assert r0["tied"] == r1["tied"] == tied == (adapter.lm_head(student).weight is
+                                                adapter.text_model(student).embed_tokens.weight)
+    for part in ("student", "recalibrator"):  # gathered from both ranks' shards
+        want, got = getattr(ref, part).state_dict(), r0["weights"][part]
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), part
+    buffers = {n: b for n, b in ref.named_buffers() if not n.startswith("head.")}
+    assert any(n.endswith("inv_freq") for n in buffers)
+    for r in (r0, r1):
+        assert r["buffers"].keys() == buffers.keys()
+        assert all(torch.equal(r["buffers"][n], buffers[n]) for n in buffers)

@@ -111,6 +111,8 @@ def test_qwen2_vl_7b_with_72b_head_fits_8x80gb_with_fsdp_bf16_not_with_fp32_ddp(
     assert 8.0e9 < info["params"] < 9.0e9 and info["teacher_head"] == [152064, 8192]
     assert by["fsdp bfloat16"].head == (152064 * 8192 + 8192) * 2
     assert by["ddp fp32"].weights == 4 * info["params"]
+    # host memory to build the model: FSDP's rank 0 reads it all, the other ranks one tensor at a time
+    assert info["load_full"] == 4 * info["params"] and info["load_other"] == 152064 * 3584 * 4  # an embedding
     assert by["fsdp bfloat16"].optimizer == pytest.approx(by["ddp fp32"].optimizer / 8, rel=1e-3)
     assert by["fsdp bfloat16 +ckpt"].activations < by["fsdp bfloat16"].activations / 3
     # one 24 GB GPU needs everything: sharding can't help, offload and checkpointing do
@@ -133,6 +135,8 @@ def test_plan_cli_from_a_builtin_config_and_from_a_cache(train_cache: Path, stud
     rows = {" ".join(ln.split()[:2]): ln for ln in out.stdout.splitlines() if ln.startswith(("ddp", "fsdp"))}
     assert rows["ddp fp32"].endswith("no") and rows["fsdp bfloat16"].endswith("yes")
     assert "fits: fsdp bfloat16 (--strategy fsdp)" in out.stdout
+    assert "loading, host GB: 32.84 on fsdp rank 0 and every ddp rank" in out.stdout
+    assert "2.03 on other fsdp ranks" in out.stdout
 
     run = lambda *a: CliRunner().invoke(plan_app, list(a))  # noqa: E731
     small = run("--student", "qwen2-vl-7b", "--cache", "qwen2-vl-72b", "--gpus", "8", "--gpu-memory", "8",
