@@ -173,7 +173,7 @@ def clean_errors(where: str):
     or made nothing usable) end with one clear line and status 2."""
     from genrecal_cache.extract import ExtractError
     from genrecal_cache.format.manifest import CacheFormatError
-    from genrecal_cache.io.remote import RemoteReadError
+    from genrecal_cache.io.retry import RemoteReadError
     from genrecal_cache.journal import CacheWriteError, DirLockedError
 
     try:

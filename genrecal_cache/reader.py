@@ -12,7 +12,6 @@ images, head); finding a cache and opening its files is io/locate.py, many parts
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import tempfile
@@ -40,7 +39,9 @@ from .format.tokenizer import load_tokenizer
 from .io.fastread import BufferPool, NonFiniteError, ShardedArrayReader, bound_zarr_decoding, read_ranges
 from .io.locate import local_file, locate, open_fs, open_parquet, zarr_store
 from .io.prefetch import read_ahead
-from .io.remote import RemoteReadError, download_capped, read_capped, read_through
+from .io.mirror import MirrorFileSystem, read_through
+from .io.remote import download_capped, read_capped
+from .io.retry import RemoteReadError, gather_cancelling
 from .parts import MultiPartCache, check_same_identity, split_plan
 
 __all__ = ["CachedSample", "INDEX_COLUMNS", "MAX_CHUNKS_PER_SHARD", "MAX_CHUNK_BYTES", "TeacherCache", "load_head",
@@ -88,7 +89,7 @@ class TeacherCache:
     def open(cls, path_or_url: str | os.PathLike, storage_options: dict[str, Any] | None = None,
              local_cache: str | os.PathLike | None = None) -> TeacherCache:
         """`storage_options` go to fsspec (credentials, client settings; genrecal_retries...: see
-        genrecal_cache.io.remote). `local_cache`: a folder that keeps a verified copy of every remote
+        genrecal_cache.io.retry). `local_cache`: a folder that keeps a verified copy of every remote
         file read, so later epochs and runs read it from disk (ignored for local caches)."""
         fs, root, url = open_fs(path_or_url, storage_options)
         try:
@@ -112,6 +113,8 @@ class TeacherCache:
         """Release network sessions and file handles (also done when the object is collected)."""
         if self._zarr is not None:
             next(iter(self._zarr.values())).store.close()
+        if isinstance(self.fs, MirrorFileSystem):  # downloads still running (a failed read's siblings) stop
+            self.fs.mirror.close()
         self._zarr, self._pf, self._images_rg = None, None, None
 
     def __enter__(self) -> TeacherCache:
@@ -150,7 +153,8 @@ class TeacherCache:
     def _features(self) -> dict[str, zarr.Array]:
         self._reset_if_forked()
         if self._zarr is None:
-            store = zarr_store(self.fs, self._path(FEATURES_NAME), self.storage_options, f"{self.url}/{FEATURES_NAME}")
+            store = zarr_store(self.fs, self._path(FEATURES_NAME), self.storage_options, f"{self.url}/{FEATURES_NAME}",
+                               self.manifest)
             self._zarr = open_feature_arrays(store, self.manifest, self.url)
         return self._zarr
 
@@ -330,7 +334,8 @@ class TeacherCache:
                                        f"re-download or re-extract the cache") from e
 
         async def read_all() -> list[Any]:
-            return await asyncio.gather(*(a.async_array.getitem(slice(lo, hi)) for a in feats.values()))
+            # the first failure cancels the other arrays' requests (no retries left running after it)
+            return await gather_cancelling(*(a.async_array.getitem(slice(lo, hi)) for a in feats.values()))
         try:
             out = dict(zip(feats, sync(read_all())))
         except (CacheFormatError, RemoteReadError, MemoryError, KeyboardInterrupt):

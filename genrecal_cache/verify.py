@@ -62,7 +62,7 @@ def verify(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | Non
             pass  # reported by the file checks
         except CacheFormatError as e:
             faults.append(_relative(str(e), url))
-    store = zarr_store(fs, f"{root}/{FEATURES_NAME}", storage_options, f"{url}/{FEATURES_NAME}")
+    store = zarr_store(fs, f"{root}/{FEATURES_NAME}", storage_options, f"{url}/{FEATURES_NAME}", manifest)
     try:
         try:
             arrays = open_feature_arrays(store, manifest, url)

@@ -7,7 +7,12 @@
   reset     close it with a TCP RST (SO_LINGER 0), as a crashed proxy does
   truncate  send the headers (full Content-Length) and half the body, then close
   stall     send the headers (full Content-Length), then nothing until the server stops
-  endless   send 200 without a Content-Length and an endless body (until the client hangs up)
+  endless   GET: send 200 without a Content-Length and an endless body, Range ignored (until the
+            client hangs up); HEAD: answered truly (the server declares the real size, then misbehaves)
+  endless206  GET: as endless, but as the answer to the Range asked (206, its Content-Range): a range
+            that never ends
+An endless body stops at ENDLESS_CAP bytes; `handler.sent[0]` counts the bytes they sent, an upper
+bound of what the client read (plus the kernel's socket buffers).
 Files are served with an `ETag` (from size and mtime, as nginx does) and `If-Match` is honoured (412
 when it differs). `serve(..., accept_ranges="none")` makes the server say `Accept-Ranges: none`
 and ignore Range. Every request is logged as (method, path, Range header) in `server.requests`.
@@ -27,6 +32,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+ENDLESS_CAP = 256 << 20  # bytes: a client that reads on without bound fails its test, it does not hang
 
 
 @dataclass
@@ -55,6 +62,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     accept_ranges: str | None = None
     plan: FaultPlan | None = None
     requests: list = []
+    sent: list = [0]
     lock = threading.Lock()
     stopping: threading.Event = threading.Event()
 
@@ -101,15 +109,24 @@ class Handler(http.server.SimpleHTTPRequestHandler):
                 f.close()
             self.wfile.flush()
             self.stopping.wait()
-        elif kind == "endless" and self.command == "GET":
-            self.send_response(200)
+        elif kind in ("endless", "endless206") and self.command == "GET":
+            ranged = kind == "endless206" and self.headers.get("Range")
+            self.send_response(206 if ranged else 200)
             self.send_header("Content-Type", "application/json")
+            if ranged:
+                a, _, b = self.headers["Range"].removeprefix("bytes=").partition("-")
+                self.send_header("Content-Range", f"bytes {a or 0}-{b or 0}/{2 ** 40}")
             self.end_headers()
             try:
-                while not self.stopping.is_set():
+                while not self.stopping.is_set() and self.sent[0] < ENDLESS_CAP:
                     self.wfile.write(b" " * 65536)
+                    with self.lock:
+                        self.sent[0] += 65536
             except OSError:
                 pass  # the client hung up
+        elif kind in ("endless", "endless206"):  # HEAD: the truth
+            self.close_connection = False
+            return False
         return True  # "drop" (and truncate of a HEAD): answer nothing
 
     def do_GET(self) -> None:
@@ -154,11 +171,11 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 @contextlib.contextmanager
 def serve(directory: Path, ranges: bool = True, plan: FaultPlan | None = None, accept_ranges: str | None = None
           ) -> Iterator[tuple[str, type]]:
-    """Serve `directory` on a free port in a thread; yields (base URL, handler class with .requests/.plan)."""
+    """Serve `directory` on a free port in a thread; yields (base URL, handler class with .requests/.plan/.sent)."""
     if accept_ranges == "none":
         ranges = False
     handler = type("H", (Handler,), {"ranges": ranges, "plan": plan, "requests": [], "lock": threading.Lock(),
-                                     "accept_ranges": accept_ranges, "stopping": threading.Event()})
+                                     "sent": [0], "accept_ranges": accept_ranges, "stopping": threading.Event()})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 import torch
@@ -21,7 +23,8 @@ from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError
 from genrecal_cache.reader import TeacherCache
 from genrecal_cache.io.pull import pull
-from genrecal_cache.io.remote import RemoteReadError, RetryPolicy, is_transient, url_to_fs
+from genrecal_cache.io.remote import url_to_fs
+from genrecal_cache.io.retry import RemoteReadError, RetryPolicy, is_transient
 from genrecal_cache.verify import verify
 from genrecal_train.config import TrainConfig
 from genrecal_train.trainer import train
@@ -141,6 +144,43 @@ def test_local_cache_reads_each_file_once_and_verifies_it(cache_dir, tmp_path):
             list(remote.iter_samples())
     # only the corrupt file is kept out: valid chunks fetched alongside it (read-ahead) may be stored
     assert not list((tmp_path / "lc2").rglob("hidden/c/1/0*"))
+
+
+@pytest.mark.parametrize("local_cache", [False, True], ids=["http", "local-cache"])
+def test_a_failed_read_cancels_its_other_requests_and_nothing_is_sent_after_close(cache_dir, tmp_path, local_cache):
+    """One shard is corrupt while other shards of the same read keep failing with 503 (a retry every
+    ~10 ms for seconds): the first error cancels the retrying siblings. Over plain HTTP
+    no request starts once the error is raised (the cancelled requests are awaited); through the
+    local cache (downloads on threads) none once `close()` has returned. Requests are counted where
+    the client starts them (aiohttp's trace hooks) and where the server receives them."""
+    bad = tmp_path / "bad"
+    shutil.copytree(cache_dir, bad)
+    shard = bad / "features.zarr" / "hidden" / "c" / "1" / "0"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    started: list[str] = []
+
+    async def on_request_start(session, ctx, params) -> None:
+        started.append(str(params.url))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_request_start)
+    options = {"genrecal_retries": 1000, "genrecal_retry_backoff": 0.01, "genrecal_retry_max_backoff": 0.01,
+               "client_kwargs": {"trace_configs": [trace]}}
+    # siblings of the same read: another shard of the same array (zarr's own fan-out) and another array
+    plan = FaultPlan().add(r"/features\.zarr/(hidden/c/0/0|token_ids/c/0)$", "503", 10**6)
+    with serve(bad, plan=plan) as (url, handler):
+        with TeacherCache.open(url, options, local_cache=tmp_path / "lc" if local_cache else None) as c:
+            with pytest.raises(CacheFormatError, match="downloaded file has sha256" if local_cache else "unreadable"):
+                list(c.iter_samples(readahead=0))
+            assert plan.injected  # the siblings were retrying when the error came
+            at_error = len(started)
+        at_close = len(started)
+        time.sleep(1.0)  # before the fix, retries kept arriving here every ~10 ms (and after the server was gone)
+        assert len(started) == (at_close if local_cache else at_error), started[at_error:]
+        assert len(handler.requests) <= len(started)  # the server saw nothing the client had not started by then
+    assert not list((tmp_path / "lc").rglob("hidden/c/1/0"))
 
 
 def test_pull_is_verified_and_resumable(cache_dir, tmp_path):

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from _http import FaultPlan, serve
+from _http import ENDLESS_CAP, FaultPlan, serve
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError
 from genrecal_cache.reader import TeacherCache
-from genrecal_cache.io.remote import RemoteReadError, RetryPolicy
+from genrecal_cache.io.pull import pull
+from genrecal_cache.io.retry import RemoteReadError, RetryPolicy
 from genrecal_cache.verify import verify
 from test_cache_format import D, V, make_samples, write_cache
 from test_hostile_cache import finishes
@@ -125,3 +126,58 @@ def test_an_endless_head_download_is_cut_at_its_size_limit(cache, fast_failures)
     with serve(cache, plan=plan) as (url, _), TeacherCache.open(url) as c:
         with pytest.raises(CacheFormatError, match="teacher_head.safetensors: larger than the"):
             finishes(lambda: c.head())
+
+
+# ---- bodies longer than asked: every read of a cache file is bounded ------------------------------------
+
+# What an endless answer may cost a reader: the bound of the file or range (kilobytes here) plus what
+# the kernel buffers on loopback (up to its tcp_rmem + tcp_wmem maxima, 36 MiB here); far below the
+# ENDLESS_CAP an unbounded reader takes before the server gives up.
+SENT_BOUND = 64 << 20
+CUT = r"larger than the \d+-byte limit for (this file|the range asked for)"
+
+
+@pytest.mark.parametrize("kind", ["endless", "endless206"])
+def test_an_endless_answer_to_a_shard_range_is_cut(cache, fast_failures, kind):
+    """A shard's range request answered with a body that never ends: 200 with Range ignored (cut at
+    the size the server declared, within what the manifest's layout allows), or 206 (cut at the range)."""
+    plan = FaultPlan().add(r"/features\.zarr/hidden/c/1/0$", kind, count=1000)
+    with serve(cache, plan=plan) as (url, handler):
+        with pytest.raises(CacheFormatError, match=r"hidden/c/1/0: " + CUT):
+            finishes(lambda: _hidden(url))
+        assert plan.injected and handler.sent[0] < SENT_BOUND < ENDLESS_CAP
+
+
+@pytest.mark.parametrize("kind,accept_ranges", [("endless", None), ("endless206", None), ("endless", "none")])
+def test_an_endless_answer_for_the_index_is_cut(cache, fast_failures, kind, accept_ranges):
+    """samples.parquet: its block reads (206 that never ends) and the whole-file fallback for servers
+    that ignore Range (cut at the size the server declared)."""
+    plan = FaultPlan().add(r"/samples\.parquet$", kind, count=1000)
+    with serve(cache, plan=plan, accept_ranges=accept_ranges) as (url, handler):
+        with pytest.raises(CacheFormatError, match=r"samples\.parquet: " + CUT):
+            finishes(lambda: TeacherCache.open(url))
+        assert plan.injected and handler.sent[0] < SENT_BOUND
+
+
+@pytest.mark.parametrize("target", [r"/features\.zarr/hidden/c/1/0$", r"/teacher_head\.safetensors$",
+                                    r"/samples\.parquet$"])
+@pytest.mark.parametrize("kind", ["endless", "endless206"])
+def test_mirror_and_pull_downloads_are_cut(cache, fast_failures, tmp_path, target, kind):
+    """`pull` and the read-through mirror (`local_cache=`): a download is refused past the size the
+    server declared / the range asked, and nothing of it is kept as a cache file."""
+    def read_through() -> None:
+        with TeacherCache.open(url, local_cache=tmp_path / "lc") as c:
+            c.head()
+            list(c.iter_samples(readahead=0))
+
+    rel = target.strip("/$").replace("\\", "")
+    name = rel.rsplit("/", 1)[-1]
+    plan = FaultPlan().add(target, kind, count=1000)
+    with serve(cache, plan=plan) as (url, handler):
+        for run in (lambda: pull(url, tmp_path / "pulled"), read_through):
+            handler.sent[0] = 0
+            with pytest.raises(CacheFormatError, match=rf"{name}: " + CUT):
+                finishes(run)
+            assert handler.sent[0] < SENT_BOUND
+    for folder in (tmp_path / "pulled", tmp_path / "lc"):
+        assert not list(folder.rglob(rel)) and not list(folder.rglob("manifest.json"))  # only ever a .part

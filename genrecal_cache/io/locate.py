@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import threading
 import weakref
 from typing import Any
 
@@ -23,9 +24,10 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from ..format import safety
-from ..format.manifest import MANIFEST_NAME, CacheFormatError, Manifest
+from ..format.manifest import FEATURES_NAME, MANIFEST_NAME, CacheFormatError, Manifest
 from .remote import changed_error, etag_of, is_http, read_capped, read_capped_async
 from .remote import url_to_fs as remote_url_to_fs
+from .retry import join_read
 
 __all__ = ["PART_RE", "find_parts", "load_manifest", "local_file", "locate", "open_fs", "open_parquet", "part_dir",
            "part_name", "zarr_store"]
@@ -40,14 +42,15 @@ def open_fs(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | No
 
 
 def local_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """`path` on a local filesystem, fetched first when it is a read-through mirror (genrecal_cache.io.remote)."""
+    """`path` on a local filesystem, fetched first when it is a read-through mirror (io/mirror.py)."""
     fetch = getattr(fs, "local_path", None)
     return fetch(path) if fetch is not None else path
 
 
 def open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
     """ParquetFile reading only the column chunks it needs (by byte range when remote). A server
-    that ignores HTTP Range makes fsspec refuse reads past the file's start: then download it whole."""
+    that ignores HTTP Range makes fsspec refuse reads past the file's start: then read it whole into
+    memory, bounded by the size the server declared (else `GENRECAL_MAX_READ_BYTES`)."""
     try:
         return _open_parquet(fs, path)
     except KeyError as e:  # a column read_dictionary names is not there
@@ -59,10 +62,12 @@ def _open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
     dictionaries = {"read_dictionary": safety.DICTIONARY_COLUMNS}  # sizes are checked before values are decoded
     if isinstance(fs, LocalFileSystem):  # arrow's native reader: no Python file object in the loop
         return pq.ParquetFile(local_file(fs, path), **dictionaries)
+    headers, size = {}, None
     if is_http(fs):  # every block read carries If-Match: a file replaced mid-run is an error (changed_error)
         info = fs.info(path)
-        tag = etag_of(info)
-        f = fs.open(path, "rb", size=info.get("size"), **({"headers": {"If-Match": tag}} if tag else {}))
+        tag, size = etag_of(info), info.get("size")
+        headers = {"If-Match": tag} if tag else {}
+        f = fs.open(path, "rb", size=size, **({"headers": headers} if headers else {}))
     else:
         f = fs.open(path, "rb")
     try:
@@ -71,11 +76,15 @@ def _open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
         f.close()             # says `Accept-Ranges: none`, "Cannot seek streaming HTTP file"
         if "range" not in str(e).lower() and "seek" not in str(e).lower():
             raise
-    return pq.ParquetFile(pa.BufferReader(fs.cat_file(path)), **dictionaries)
+    limit = size if isinstance(size, int) else safety.max_read_bytes()  # an endless answer is cut there
+    data = read_capped(fs, path, limit, fs.unstrip_protocol(path), headers=headers)
+    return pq.ParquetFile(pa.BufferReader(data), **dictionaries)
 
 
 def zarr_store(fs: fsspec.AbstractFileSystem, path: str, storage_options: dict[str, Any] | None,
-               url: str) -> zarr.abc.store.Store:
+               url: str, manifest: Manifest | None) -> zarr.abc.store.Store:
+    """The cache's `features.zarr` as a read-only zarr store. Over HTTP every file read is bounded by
+    what `manifest`'s layout allows that file (`safety.file_limit`), whatever the server sends."""
     if hasattr(fs, "zarr_store"):  # a read-through mirror fetches files as zarr asks for them
         return fs.zarr_store(path)
     if isinstance(fs, LocalFileSystem):
@@ -87,6 +96,7 @@ def zarr_store(fs: fsspec.AbstractFileSystem, path: str, storage_options: dict[s
     else:
         afs = AsyncFileSystemWrapper(fs, asynchronous=True)
     store = _RangeTolerantFsspecStore(afs, read_only=True, path=path)
+    store.manifest = manifest
     weakref.finalize(store, _close_session, afs)  # also when the caller never calls close()
     return store
 
@@ -97,13 +107,17 @@ class _RangeTolerantFsspecStore(FsspecStore):
     if it were the range. Zarr's sharding codec reads a shard index with a suffix range and inner
     chunks with byte ranges, so without this a partial shard read fails its crc32c check.
 
-    Over HTTP it also bounds metadata reads (an endless zarr.json answer) and sends every data
-    request with `If-Match` (the ETag first seen), so a file replaced mid-run is an error."""
+    Over HTTP every read is bounded (an endless zarr.json or shard answer is cut at what the file
+    may hold, a range answer at its length) and every data request carries `If-Match` (the ETag
+    first seen), so a file replaced mid-run is an error. Each request joins the read it serves
+    (io/retry.py `gather_cancelling`): a failed read cancels its other requests."""
 
-    _etags: dict[str, str | None]
+    manifest: Manifest | None = None
+    _etags: dict[str, tuple[str | None, int | None]]
 
     async def get(self, key, prototype, byte_range=None):
         path = f"{self.path}/{key}"
+        join_read(self.fs.unstrip_protocol(path))
         if byte_range is None and key.endswith("zarr.json"):  # metadata: read whole, but bounded
             try:
                 data = await read_capped_async(self.fs, path, safety.MAX_METADATA_BYTES, self.fs.unstrip_protocol(path))
@@ -111,7 +125,7 @@ class _RangeTolerantFsspecStore(FsspecStore):
                 return None
             return prototype.buffer.from_bytes(data)
         if is_http(self.fs):
-            buf = await self._get_if_unchanged(path, prototype, byte_range)
+            buf = await self._get_if_unchanged(key, path, prototype, byte_range)
         else:
             buf = await super().get(key, prototype, byte_range)
         if buf is None or byte_range is None:
@@ -124,17 +138,22 @@ class _RangeTolerantFsspecStore(FsspecStore):
             return buf[byte_range.offset:]
         return buf
 
-    async def _get_if_unchanged(self, path: str, prototype: Any, byte_range: Any) -> Any:
+    async def _get_if_unchanged(self, key: str, path: str, prototype: Any, byte_range: Any) -> Any:
         """GET with `If-Match: <the ETag this store first saw>`: a file replaced mid-run is an error
-        (HTTP 412), not a silent mix of two versions."""
+        (HTTP 412), not a silent mix of two versions. Bounded: a whole-file answer by the size the
+        server declared and what the manifest allows the file, a range answer by its length."""
         if not hasattr(self, "_etags"):
             self._etags = {}
         if path not in self._etags:
             try:
-                self._etags[path] = etag_of(await self.fs._info(path))
+                info = await self.fs._info(path)
             except FileNotFoundError:
                 return None
-        tag = self._etags[path]
+            self._etags[path] = etag_of(info), info.get("size")
+        tag, size = self._etags[path]
+        limit = safety.file_limit(f"{FEATURES_NAME}/{key}", self.manifest)
+        if isinstance(size, int):
+            limit = min(limit, size)
         start = end = None
         if isinstance(byte_range, RangeByteRequest):
             start, end = byte_range.start, byte_range.end
@@ -143,8 +162,8 @@ class _RangeTolerantFsspecStore(FsspecStore):
         elif isinstance(byte_range, SuffixByteRequest):
             start = -byte_range.suffix
         try:
-            data = await self.fs._cat_file(path, start=start, end=end,
-                                           **({"headers": {"If-Match": tag}} if tag else {}))
+            data = await read_capped_async(self.fs, path, limit, self.fs.unstrip_protocol(path), start=start, end=end,
+                                           headers={"If-Match": tag} if tag else None)
         except FileNotFoundError:
             return None
         except Exception as e:
@@ -171,7 +190,9 @@ def _close_session(afs: fsspec.AbstractFileSystem) -> None:
     if session is None or session.closed:
         return
     zarr_loop = zarr_sync.loop[0]
-    if zarr_loop is not None and zarr_loop.is_running():
+    # collected on zarr's own thread (a garbage collection there) it cannot wait for the loop: force it
+    io_thread = zarr_sync.iothread[0]
+    if zarr_loop is not None and zarr_loop.is_running() and threading.current_thread() is not io_thread:
         try:
             sync(session.close(), timeout=5)
             return

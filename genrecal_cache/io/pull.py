@@ -7,9 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..format import safety
 from ..format.manifest import MANIFEST_NAME, CacheFormatError
+from .download import download
 from .locate import locate, open_fs
-from .remote import Mirror, complete_mirror, download, mirror_key
+from .mirror import Mirror, complete_mirror, mirror_key
 
 __all__ = ["PullReport", "pull"]
 
@@ -25,8 +27,9 @@ class PullReport:
 def pull(url: str | os.PathLike, out: str | os.PathLike, storage_options: dict[str, Any] | None = None,
          progress: Callable[[str, int], None] | None = None) -> PullReport:
     """Download the cache at `url` into the folder `out`: every file the manifest lists, each verified
-    against its sha256, the manifest last. Re-running resumes: verified files are kept, partial ones
-    continued. A folder holding another cache is refused."""
+    against its sha256 and bounded by what the manifest allows it (io/download.py), the manifest last.
+    Re-running resumes: verified files are kept, partial ones continued. A folder holding another
+    cache is refused."""
     fs, root, name = open_fs(url, storage_options)
     out = os.path.abspath(os.fspath(out))
     manifest = locate(fs, root, name)
@@ -49,7 +52,8 @@ def pull(url: str | os.PathLike, out: str | os.PathLike, storage_options: dict[s
             continue
         path = mirror.local(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        nbytes += download(fs, f"{mirror.root}/{rel}", path, manifest.checksums[rel], f"{name}/{rel}")
+        nbytes += download(fs, f"{mirror.root}/{rel}", path, manifest.checksums[rel], f"{name}/{rel}",
+                           safety.file_limit(rel, manifest))
         fetched += 1
         if progress is not None:
             progress(rel, nbytes)
