@@ -40,7 +40,8 @@ class TrainConfig:
     grad_accum: int = opt(1, "Micro-batches per optimizer step.")
     lr: float = opt(1e-4, "Start LR of each stage; decays linearly to --lr-end.")
     lr_end: float = opt(1e-5, "End LR of each stage.")
-    warmup: float = opt(0.0, "Fraction of each stage's steps over which the LR first rises linearly from 0 to --lr.")
+    warmup: float = opt(0.1, "Fraction of each stage's steps over which the LR first rises linearly from 0 to --lr "
+                             "(0.1: the quality suite's GenRecal setting; 0 for none).")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     recal_layers: int = opt(2, "Decoder blocks in the Recalibrator.")
     freeze_recalibrator_in_stage2: bool = opt(False, "Keep the Recalibrator fixed in stage 2.")

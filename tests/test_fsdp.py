@@ -40,8 +40,8 @@ def _cmd(cache: Path, student: Path, out: Path, *extra: str, nproc: int = 2) -> 
               if nproc > 1 else [sys.executable])
     return [*launch, "-m", "cli.train_cli", "--cache", str(cache), "--student", str(student), "--out", str(out),
             "--stages", "1,2", "--max-steps", str(STEPS), "--batch-size", str(BATCH), "--checkpoint-every", "2",
-            "--lr", str(LR), "--lr-end", str(LR_END), "--device", "cpu", "--strategy", "fsdp",
-            "--param-dtype", "float32", *extra]
+            "--lr", str(LR), "--lr-end", str(LR_END), "--warmup", "0",  # the plain decay the parity loop replays
+            "--device", "cpu", "--strategy", "fsdp", "--param-dtype", "float32", *extra]
 
 
 def _kill_tree(pid: int) -> None:
