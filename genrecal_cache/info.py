@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 
 from genrecal_cache.format.codecs import hidden_codec
+from genrecal_cache.format.manifest import TOKENIZER_DIR
 from genrecal_cache.reader import TeacherCache
 
 __all__ = ["format_summary", "summarize"]
@@ -47,6 +48,9 @@ def summarize(cache: TeacherCache, max_errors: int = 10) -> dict:
         # the bf16 baseline: what a 16-bit teacher's states take uncompressed (2 bytes per value)
         "hidden_vs_raw_bf16": per_array.get("hidden", 0) / tokens / (2 * m.hidden_size) if m.hidden_size else 0.0,
         "tokenizer_sha256": m.tokenizer_sha256, "chat_template_sha256": m.chat_template_sha256,
+        # the teacher tokenizer's files in the cache (of the first part that has them); [] in older caches
+        "tokenizer_files": sorted({f.split(f"{TOKENIZER_DIR}/", 1)[1] for f in files
+                                   if f.startswith(f"{TOKENIZER_DIR}/") or f"/{TOKENIZER_DIR}/" in f}),
         "arrays": {name: {**dict(spec), "bytes": per_array[name], "bytes_per_token": per_array[name] / tokens,
                           "raw_bytes_per_token": raw[name]}
                    for name, spec in m.arrays.items()},
@@ -76,7 +80,9 @@ def format_summary(s: dict) -> str:
         f"of raw bf16 ({2 * s['hidden_size']} B/token)",
         f"samples      {c['samples']} ({c['ok']} ok, {c['error']} error)",
         f"tokens       {c['tokens']} ({c['answer_tokens']} answer tokens)",
-        f"tokenizer    sha256 {s['tokenizer_sha256'][:16]}, chat template sha256 {(s['chat_template_sha256'] or '-')[:16]}",
+        f"tokenizer    sha256 {s['tokenizer_sha256'][:16]}, chat template sha256 {(s['chat_template_sha256'] or '-')[:16]}; "
+        + (f"stored in {TOKENIZER_DIR}/ ({', '.join(s['tokenizer_files'])})" if s["tokenizer_files"] else
+           "not stored (an older cache: --main-pass-answer student_aligned needs the teacher or --teacher-tokenizer)"),
         f"stored       {s['bytes_total'] / 2**20:.2f} MiB in all, {s['bytes_per_token']:.1f} bytes/token of features "
         f"({raw / max(s['bytes_per_token'], 1e-9):.2f}x compression of {raw:g} raw)",
         "arrays       name            dtype          stored     raw B/tok  stored B/tok  chunk/shard tokens  codec",

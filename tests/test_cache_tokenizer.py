@@ -16,6 +16,7 @@ from genrecal_cache.demo_data import write_demo_dataset
 from genrecal_cache.extract import ExtractConfig, extract
 from genrecal_cache.format.manifest import MANIFEST_NAME, TOKENIZER_DIR, CacheFormatError, Manifest
 from genrecal_cache.format.tokenizer import tokenizer_sha256
+from genrecal_cache.info import format_summary, summarize
 from genrecal_cache.io.pull import pull
 from genrecal_cache.merge import merge
 from genrecal_cache.reader import TeacherCache
@@ -64,6 +65,7 @@ def test_extraction_stores_the_tokenizer_listed_with_checksums(made, teacher):
     assert listed == {p.relative_to(cache).as_posix() for p in (cache / TOKENIZER_DIR).rglob("*") if p.is_file()}
     assert verify(cache) == []
     with TeacherCache.open(cache) as tc:
+        assert f"stored in {TOKENIZER_DIR}/ (chat_template.jinja, tokenizer.json" in format_summary(summarize(tc))
         tok = tc.teacher_tokenizer()
         assert tokenizer_sha256(tok) == tc.manifest.tokenizer_sha256 == tokenizer_sha256(teacher.processor.tokenizer)
         assert tok.chat_template == teacher.processor.chat_template  # the template that rendered the cache
@@ -85,6 +87,7 @@ def test_old_cache_without_the_teacher_is_one_clear_error(made, student_dir, tmp
     assert verify(old) == []  # consistent: an older cache is a sound cache
     with TeacherCache.open(old) as tc:
         assert tc.tokenizer_files() == {} and tc.teacher_tokenizer() is None
+        assert "not stored (an older cache" in format_summary(summarize(tc))
     with pytest.raises(ValueError) as e:
         train(_cfg(old, student_dir, tmp_path / "run", stages=[1], max_steps=1))
     msg = str(e.value)
@@ -126,6 +129,7 @@ def test_parts_merge_pull_and_http_carry_the_tokenizer(made, tmp_path):
         want = tc.tokenizer_files()
     with TeacherCache.open(made["parts"]) as parts:
         assert len(parts.names) == 2 and parts.tokenizer_files() == want
+        assert summarize(parts)["tokenizer_files"] == sorted(want)
         assert tokenizer_sha256(parts.teacher_tokenizer()) == parts.manifest.tokenizer_sha256
     assert verify(made["parts"]) == []
     merged = tmp_path / "merged"
