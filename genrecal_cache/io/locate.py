@@ -72,6 +72,9 @@ def _open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
         f = fs.open(path, "rb")
     try:
         return pq.ParquetFile(f, **dictionaries)
+    except CacheFormatError:  # an answer longer than asked (io/remote.py): no second try
+        f.close()
+        raise
     except ValueError as e:  # fsspec: "...doesn't appear to support range requests", or for a server that
         f.close()             # says `Accept-Ranges: none`, "Cannot seek streaming HTTP file"
         if "range" not in str(e).lower() and "seek" not in str(e).lower():

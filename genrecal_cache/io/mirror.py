@@ -120,6 +120,14 @@ class Mirror:
                     complete_mirror(self)
         return path
 
+    def remote_size(self, rel: str) -> int | None:
+        """The size the server declares for `rel` (its retries stop when the mirror closes)."""
+        rpath = f"{self.root}/{rel}"
+        with self._running(f"{self.url}/{rel}"):
+            if hasattr(self.fs, "info_cancellable"):
+                return self.fs.info_cancellable(rpath, self._closing.is_set).get("size")
+            return self.fs.size(rpath)
+
     @contextlib.contextmanager
     def _running(self, where: str) -> Iterator[None]:
         with self._idle:
@@ -181,8 +189,7 @@ class MirrorFileSystem(LocalFileSystem):
     def info(self, path, **kwargs):
         rel = self.mirror.rel(path)
         if rel is not None and rel in self.mirror.manifest.checksums and not self.mirror.present(rel):
-            size = self.mirror.fs.size(f"{self.mirror.root}/{rel}")  # not fetched yet: ask the server
-            return {"name": path, "size": size, "type": "file"}
+            return {"name": path, "size": self.mirror.remote_size(rel), "type": "file"}  # not fetched yet
         return super().info(path, **kwargs)
 
     def zarr_store(self, path: str) -> Any:
