@@ -17,7 +17,8 @@ def extract(
     teacher: str = typer.Option(..., help="Teacher model folder or hub id (e.g. Qwen/Qwen2-VL-72B-Instruct)."),
     data: str = typer.Option(..., help="LLaVA-style JSONL or Parquet with embedded images."),
     out: Path = typer.Option(..., help="Cache folder to create."),
-    backend: str = typer.Option("auto", help="'vllm' (default where installed), 'transformers' (reference) or 'auto'."),
+    backend: str = typer.Option("auto", help="'auto': vllm where installed and exact for the teacher's family "
+                                            "here, else transformers; 'vllm'; 'transformers' (reference)."),
     topk: int = typer.Option(64, help="Top-k teacher logprobs stored per token."),
     max_len: Optional[int] = typer.Option(None, help="Samples longer than this (teacher tokens) are recorded as "
                                                      "errors [default: 4096, or the teacher's context if shorter]."),

@@ -85,6 +85,11 @@ def make_backend(cfg: ExtractConfig, adapter: FamilyAdapter, pad_id: int):
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     backend = pick_backend(cfg.backend)
+    if cfg.backend == "auto" and backend == "vllm":
+        from genrecal_cache.backends.vllm import vllm_refusal
+
+        if vllm_refusal(adapter, device.startswith("cuda")):  # `--backend vllm` says why; auto picks what works
+            backend = "transformers"
     if backend == "transformers":
         return HFBackend(adapter, cfg.teacher, DTYPES[dtype], device, pad_id)
     if backend == "vllm":

@@ -271,8 +271,9 @@ def build_tiny_student(out_dir: str | Path, seed: int = 0, hidden_size: int = 64
 def _use_hub_vision_tower_names(path: Path) -> None:
     """Rename `vision_tower.*` weights to the hub layout `vision_tower.vision_model.*`, in place.
 
-    transformers 5 saves a LLaVA model that was built from a config (never loaded) without the
-    `vision_model.` level of its SigLIP/CLIP tower, and vLLM cannot load that. Hub checkpoints
+    transformers 5 saves a model that was built from a config (never loaded) without the
+    `vision_model.` level of its SigLIP/CLIP tower (LLaVA, LLaVA-OneVision, Gemma 3, PaliGemma),
+    and vLLM cannot load that. Hub checkpoints
     have the level; transformers strips it on load and restores it on save, so after this rename
     the tiny student round-trips through both exactly like a hub model.
     """
@@ -315,6 +316,19 @@ def _family_tokenizer(special: Sequence[str], named: dict[str, str] | None = Non
                       **kw: Any) -> PreTrainedTokenizerFast:
     return train_tokenizer(tokenizer_corpus(), vocab_size, special, split_regex=QWEN2_SPLIT_REGEX,
                            named_tokens=named, **kw)
+
+
+# Gemma's SentencePiece vocabulary has runs of 1-4 newlines as single tokens, and vLLM's Gemma 3 and
+# PaliGemma processors look them up by their text ("\n"): a byte-level BPE only has them as "Ċ".
+GEMMA_NEWLINES = ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]
+
+
+def _with_gemma_newlines(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """Add Gemma's newline tokens (plain added tokens: the longest run wins, as in Gemma's vocabulary)."""
+    from tokenizers import AddedToken
+
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in GEMMA_NEWLINES])
+    return tok
 
 
 def _text(tok: PreTrainedTokenizerFast, hidden: int = 64, layers: int = 2, head_dim: int = 32, **kw: Any) -> dict:
@@ -413,8 +427,9 @@ def _gemma3(out_dir: Path, seed: int) -> Path:
     import transformers
 
     named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-    tok = _family_tokenizer(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", *named.values()], named,
-                            bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    tok = _with_gemma_newlines(_family_tokenizer(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>",
+                                                  *named.values()], named, bos_token="<bos>", eos_token="<eos>",
+                                                 pad_token="<pad>"))
     config = transformers.Gemma3Config(
         text_config=transformers.Gemma3TextConfig(**_text(
             tok, rms_norm_eps=1e-6, query_pre_attn_scalar=32, sliding_window=16, final_logit_softcapping=30.0,
@@ -426,7 +441,9 @@ def _gemma3(out_dir: Path, seed: int) -> Path:
     image_processor = transformers.Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
     processor = transformers.Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=4,
                                              chat_template=GEMMA3_CHAT_TEMPLATE)
-    return _save(out_dir, seed, lambda: transformers.Gemma3ForConditionalGeneration(config), processor)
+    out_dir = _save(out_dir, seed, lambda: transformers.Gemma3ForConditionalGeneration(config), processor)
+    _use_hub_vision_tower_names(out_dir / "model.safetensors")  # as hub checkpoints (and vLLM) have them
+    return out_dir
 
 
 # SmolVLM's own template: it reads only typed content parts (a plain-string answer renders as nothing)
@@ -528,8 +545,8 @@ def _paligemma(out_dir: Path, seed: int) -> Path:
     head); no chat template (the processor builds image tokens + BOS + question + newline + answer)."""
     import transformers
 
-    tok = _family_tokenizer(["<pad>", "<eos>", "<bos>", "<image>"], {"image_token": "<image>"}, bos_token="<bos>",
-                            eos_token="<eos>", pad_token="<pad>")
+    tok = _with_gemma_newlines(_family_tokenizer(["<pad>", "<eos>", "<bos>", "<image>"], {"image_token": "<image>"},
+                                                 bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"))
     image_processor = transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32})
     image_processor.image_seq_length = 16
     processor = transformers.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)  # adds <loc>/<seg>
@@ -541,7 +558,9 @@ def _paligemma(out_dir: Path, seed: int) -> Path:
                                                       projection_dim=64),
         text_config=text, image_token_index=tok.image_token_id, projection_dim=64, hidden_size=64,
         tie_word_embeddings=True)
-    return _save(out_dir, seed, lambda: transformers.PaliGemmaForConditionalGeneration(config), processor)
+    out_dir = _save(out_dir, seed, lambda: transformers.PaliGemmaForConditionalGeneration(config), processor)
+    _use_hub_vision_tower_names(out_dir / "model.safetensors")  # as hub checkpoints (and vLLM) have them
+    return out_dir
 
 
 def _qwen2_vl_small(out_dir: Path, seed: int) -> Path:

@@ -95,3 +95,28 @@ def test_a_refused_family_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(families.REFUSED, "llama", "it is a text-only model")
     with pytest.raises(ValueError, match=r"model type 'llama' is not supported: it is a text-only model.*Supported"):
         adapter_for(LlamaConfig())
+
+
+def test_check_head_logprobs_tolerance_and_nan(teacher) -> None:
+    """The comparison behind the vLLM backend's head check: the head's log-probabilities at the engine's
+    ids must be within `atol`; a scale the engine did not apply, or a NaN, is a `HeadCheckError`."""
+    head = teacher.adapter.export_head(teacher.model)
+    states = [torch.randn(5, head.hidden_size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def engine(h: TeacherHead, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v, i = torch.log_softmax(h.logits(x).float(), -1).topk(8, -1)
+        return i, v
+
+    ids, lps = zip(*(engine(head, h) for h in states))
+    worst = teacher.adapter.check_head_logprobs(head, states, list(ids), list(lps), atol=1e-3)
+    assert worst < 1e-5
+    scaled = TeacherHead(replace(head.config, logit_scale=4.0), head.norm_weight, head.lm_head_weight)
+    with pytest.raises(HeadCheckError, match=r"qwen2_vl: .*does not reproduce vLLM's own log-probabilities.*"
+                                             r"batch position \d, checked position \d.*Nothing was cached"):
+        teacher.adapter.check_head_logprobs(scaled, states, list(ids), list(lps), atol=1e-3)
+    nan = [lps[0], torch.full_like(lps[1], float("nan"))]
+    with pytest.raises(HeadCheckError, match=r"differ by up to inf nats \(batch position 1"):
+        teacher.adapter.check_head_logprobs(head, states, list(ids), nan, atol=1e-3)
+    with pytest.raises(HeadCheckError, match="no position"):
+        teacher.adapter.check_head_logprobs(head, [s[:0] for s in states], [i[:0] for i in ids],
+                                            [v[:0] for v in lps], atol=1e-3)

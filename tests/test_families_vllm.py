@@ -20,7 +20,8 @@ if importlib.util.find_spec("vllm") is None:  # installed but broken must fail, 
     pytest.skip("vllm is not installed (CPU: scripts/setup.sh; GPU: pip install 'genrecal[vllm]')",
                 allow_module_level=True)
 
-VLLM_FAMILIES = ["llava_onevision", "mistral3", "qwen2_5_vl", "smolvlm"]  # qwen2_vl, llava: test_vllm_backend.py
+# qwen2_vl, llava: test_vllm_backend.py; gemma3, paligemma, internvl are refused here (test_vllm_checks.py)
+VLLM_FAMILIES = ["llava_onevision", "mistral3", "qwen2_5_vl", "qwen3_vl", "smolvlm"]
 
 
 def _cfg(teacher: str, data: str, out: str, backend: str):

@@ -11,7 +11,13 @@ decoded images and expands the placeholders itself. The token ids it ends up wit
 ids the cache records (`Encoded.input_ids`); any difference is an error, never a silent shift.
 
 The head is read from the checkpoint's safetensors (final norm + lm_head only), so a 72B teacher
-is never loaded a second time outside the engine.
+is never loaded a second time outside the engine. Before anything is cached it is checked against
+vLLM's own logits: a short-lived generate engine returns the prompt log-probabilities of the first
+batch, and the head on the pooling engine's states must reproduce them at every answer position
+(`check_head`). The generate engine is shut down before the pooling engine starts, so the two
+never hold GPU memory at once; the price is one more engine start per run.
+
+Families whose attention vLLM cannot reproduce on this machine are refused (`vllm_refusal`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,42 @@ from genrecal_cache.backends import DTYPES
 from genrecal_cache.families import Encoded, FamilyAdapter
 from genrecal_cache.format.head import TeacherHead
 
-__all__ = ["VLLMBackend", "cpu_kv_cache_bytes", "head_from_checkpoint", "read_tensors"]
+__all__ = ["LOGPROB_ATOL", "LOGPROB_CHECK_K", "VLLMBackend", "cpu_kv_cache_bytes", "head_from_checkpoint",
+           "read_tensors", "vllm_refusal"]
+
+LOGPROB_CHECK_K = 8  # vLLM's top-k prompt log-probabilities compared with the exported head
+# Largest |head - vLLM| log-probability (nats) at a checked position. float32 agrees to ~1e-6 (measured,
+# tests/test_vllm_checks.py); a bf16 logit of 30 is rounded by up to 0.06 in each of the two
+# computations (vLLM's and the head's). A missed scale or soft-cap, a wrong norm or tensor is off by more.
+LOGPROB_ATOL = {"float32": 1e-3, "float16": 0.05, "bfloat16": 0.25}
+
+
+def vllm_refusal(adapter: FamilyAdapter, on_gpu: bool) -> str | None:
+    """Why the vLLM backend cannot extract `adapter`'s family exactly on this machine, or None."""
+    if adapter.attention == "prefix":
+        return ("its prefix (images and question) attends bidirectionally, and vLLM makes only the image "
+                "tokens bidirectional (and appends a newline to every prompt), so the cached states would "
+                "not be the model's")
+    if adapter.attention == "image" and not on_gpu:
+        return ("its image tokens attend to each other bidirectionally, which vLLM's CPU attention does not "
+                "support (it attends causally: states differ by ~0.3 at image tokens, measured on a tiny "
+                "Gemma 3); vLLM's GPU attention backends do support it")
+    if adapter.vllm_needs_torchvision and not _torchvision_works():
+        return ("vLLM's processor for this family imports torchvision, which is not installed here (the CPU "
+                "set-up removes it: the vLLM CPU wheel's torchvision breaks the CPU torch)")
+    return None
+
+
+def _torchvision_works() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - a torchvision built for another torch fails in many ways
+        return False
+    return True
 
 
 def read_tensors(path: str | Path, names: Mapping[str, Sequence[str]]) -> dict[str, torch.Tensor]:
@@ -103,7 +144,6 @@ class VLLMBackend:
                  limit_mm_per_prompt: dict[str, int] | None = None, trust_remote_code: bool = False,
                  enforce_eager: bool | None = None, **engine_kwargs: Any):
         from transformers import AutoConfig
-        from vllm import LLM
 
         if data_parallel_size != 1:
             raise ValueError(
@@ -111,36 +151,86 @@ class VLLMBackend:
                 f"process, so run {data_parallel_size} extraction workers instead, each on its own GPUs "
                 f"(CUDA_VISIBLE_DEVICES) and its own part of the data (--num-shards/--shard-index)")
         on_gpu = torch.cuda.is_available()
+        if refusal := vllm_refusal(adapter, on_gpu):
+            raise ValueError(f"{adapter.model_type}: the vLLM backend cannot extract this family exactly here: "
+                             f"{refusal}. Use --backend transformers (docs/families.md)")
         self.device = torch.device("cuda" if on_gpu else "cpu")
+        self.adapter, self.dtype = adapter, dtype
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         # the head first: a broken checkpoint fails in seconds, not after the engine start
-        head = head_from_checkpoint(path, config, DTYPES[dtype], adapter)
-        adapter.check_norm(config, head)  # the family's own norm module on the checkpoint's weights
-        overrides = {"head_dtype": "model", **engine_kwargs.pop("hf_overrides", {})}
+        self.head = head_from_checkpoint(path, config, DTYPES[dtype], adapter)  # to the device after the engines
+        adapter.check_norm(config, self.head)  # the family's own norm module on the checkpoint's weights
+        self._overrides = engine_kwargs.pop("hf_overrides", {})
         if not on_gpu and engine_kwargs.get("kv_cache_memory_bytes") is None \
                 and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # the env var, when set, is vLLM's to apply
             engine_kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(config, max_len, DTYPES[dtype])
-        self.llm = LLM(
-            model=str(path), runner="pooling", convert="embed", pooler_config={"task": "token_embed"},
-            dtype=dtype, max_model_len=max_len, seed=engine_kwargs.pop("seed", 0),
+        self._engine_args = dict(
+            model=str(path), dtype=dtype, max_model_len=max_len, seed=engine_kwargs.pop("seed", 0),
             tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization or (0.9 if on_gpu else 0.1),
             max_num_batched_tokens=max_num_batched_tokens,
             # images only: no video profiling or warm-up (and no video processor needed)
             limit_mm_per_prompt={"video": 0, **(limit_mm_per_prompt or {})},
-            trust_remote_code=trust_remote_code,
-            enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
-            # pooling heads upcast to fp32 by default; the states are model-dtype already: keep them so
-            hf_overrides=overrides, **engine_kwargs,
-        )
-        # after the engine: its start profiles free GPU memory, and must find CUDA untouched to fork workers
-        self.head = head.to(self.device)
-        tokenizer = self.llm.get_tokenizer()
-        self._bos = getattr(tokenizer, "bos_token", None)
+            trust_remote_code=trust_remote_code, **engine_kwargs)
+        self._enforce_eager = (not on_gpu) if enforce_eager is None else enforce_eager
+        self.llm: Any = None  # the pooling engine, started after the head check's engine has gone
+        self._bos: str | None = None
+        self.head_logprob_error: float | None = None  # what check_head measured
+
+    def _engine(self) -> Any:
+        """The pooling engine (started on first use)."""
+        from vllm import LLM
+
+        if self.llm is None:
+            self.llm = LLM(runner="pooling", convert="embed", pooler_config={"task": "token_embed"},
+                           enforce_eager=self._enforce_eager,
+                           # pooling heads upcast to fp32 by default; the states are model-dtype already: keep them so
+                           hf_overrides={"head_dtype": "model", **self._overrides}, **self._engine_args)
+            # after the engine: its start profiles free GPU memory, and must find CUDA untouched to fork workers
+            self.head.to(self.device)  # in place: callers holding `self.head` see it moved
+            self._bos = getattr(self.llm.get_tokenizer(), "bos_token", None)
+        return self.llm
 
     def check_head(self, batch: list[Encoded]) -> None:
-        """Nothing more to check per batch: the norm was checked against the family's own module at start;
-        the logit scale and soft-cap are the adapter's, checked against a transformers forward in the tests."""
+        """The exported head against vLLM's own logits, once, before anything is cached.
+
+        A generate engine (eager, started and shut down here) returns the top-k prompt log-probabilities
+        of `batch`; the head on the pooling engine's states must reproduce them (`LOGPROB_ATOL`) at every
+        position that predicts an answer token. This checks what `check_norm` cannot: the logit scale and
+        soft-cap the adapter declares against what vLLM's model computes, and the pooled states."""
+        if self.head_logprob_error is not None:
+            return
+        reference = self._prompt_logprobs(batch)
+        hidden = self.hidden_states(batch)
+        states, ids, lps = [], [], []
+        for e, h, ref in zip(batch, hidden, reference, strict=True):
+            pos = (e.answer_mask[1:].nonzero().flatten()).tolist()  # position t-1 predicts answer token t
+            entries = [sorted(ref[t + 1].items(), key=lambda kv: kv[1].rank)[:LOGPROB_CHECK_K] for t in pos]
+            states.append(h[pos])
+            ids.append(torch.tensor([[tok for tok, _ in en] for en in entries], dtype=torch.long).view(len(pos), -1))
+            lps.append(torch.tensor([[lp.logprob for _, lp in en] for en in entries]).view(len(pos), -1))
+        self.head_logprob_error = self.adapter.check_head_logprobs(self.head, states, ids, lps,
+                                                                   LOGPROB_ATOL[self.dtype])
+
+    def _prompt_logprobs(self, batch: list[Encoded]) -> list[list[Any]]:
+        """vLLM's top-k prompt log-probabilities of `batch` from a generate engine that lives only here."""
+        from vllm import LLM, SamplingParams
+
+        if self.llm is not None:
+            raise RuntimeError("the head check must run before the pooling engine starts (GPU memory)")
+        llm = LLM(runner="generate", max_logprobs=LOGPROB_CHECK_K, enforce_eager=True,  # one batch: no graphs
+                  hf_overrides=self._overrides, **self._engine_args)
+        try:
+            bos = getattr(llm.get_tokenizer(), "bos_token", None)
+            outs = llm.generate([self._request(e) for e in batch],
+                                SamplingParams(max_tokens=1, prompt_logprobs=LOGPROB_CHECK_K, detokenize=False),
+                                tokenization_kwargs={"add_special_tokens": self._add_special(batch, bos)},
+                                use_tqdm=False)
+        finally:
+            _shutdown(llm)
+        for i, (e, out) in enumerate(zip(batch, outs, strict=True)):
+            self._check_ids(i, e, out.prompt_token_ids)
+        return [out.prompt_logprobs for out in outs]
 
     @staticmethod
     def _request(e: Encoded) -> dict[str, Any]:
@@ -154,13 +244,17 @@ class VLLMBackend:
         """One `llm.encode` call for the whole batch (vLLM keeps its scheduler full from it)."""
         from vllm import PoolingParams
 
-        # as the adapters tokenize: the template writes BOS itself when the family wants one
-        add_special = self._bos is not None and not all(e.prompt.startswith(self._bos) for e in batch)
-        return self.llm.encode(
+        llm = self._engine()
+        return llm.encode(
             [self._request(e) for e in batch], pooling_task="token_embed",
             pooling_params=PoolingParams(use_activation=False),  # no L2 normalisation: raw states
-            tokenization_kwargs={"add_special_tokens": add_special}, use_tqdm=False,
+            tokenization_kwargs={"add_special_tokens": self._add_special(batch, self._bos)}, use_tqdm=False,
         )
+
+    @staticmethod
+    def _add_special(batch: list[Encoded], bos: str | None) -> bool:
+        """As the adapters tokenize: the template writes BOS itself when the family wants one."""
+        return bos is not None and not all(e.prompt.startswith(bos) for e in batch)
 
     def hidden_states(self, batch: list[Encoded]) -> list[torch.Tensor]:
         """[L_i, d] post-norm states per sample, checked against the recorded token ids."""
@@ -196,5 +290,13 @@ class VLLMBackend:
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
+            _shutdown(llm)
+
+
+def _shutdown(llm: Any) -> None:
+    """Stop an engine now (its GPU memory is freed with its engine-core process), not at garbage collection."""
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    import gc
+
+    gc.collect()

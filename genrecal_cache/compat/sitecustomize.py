@@ -46,19 +46,32 @@ class _NoVideoKwargs(TypedDict, total=False):
 
 
 class VideoProcessorUnavailable:
-    """Stands in for a torchvision-only video processor: images keep working, videos fail clearly."""
+    """Stands in for a torchvision-only video processor: images keep working, videos fail clearly.
+
+    vLLM's Qwen3-VL sizes its largest video item at engine start even when videos are disabled
+    (`limit_mm_per_prompt={"video": 0}`), reading the video processor's patch geometry, and then
+    discards the number (video is not an active modality: vllm/multimodal/encoder_budget.py). For
+    that read alone, the patch geometry (`GEOMETRY`) is the image processor's; nothing else is.
+    """
 
     valid_kwargs = _NoVideoKwargs  # vLLM reads `processor.video_processor.valid_kwargs.__annotations__`
     # SmolVLM's apply_chat_template reads these defaults for video loading even when there is no video
     num_frames = None
     fps = None
+    GEOMETRY = ("size", "patch_size", "merge_size", "temporal_patch_size")
+
+    def __init__(self, image_processor: Any = None):
+        self._image_processor = image_processor
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(_VIDEO_UNSUPPORTED)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):  # keep copy/pickle protocols working
+        if name.startswith("_"):  # keep copy/pickle protocols (and our own field) working
             raise AttributeError(name)
+        image = self.__dict__.get("_image_processor")
+        if name in self.GEOMETRY and getattr(image, name, None) is not None:
+            return getattr(image, name)
         raise AttributeError(f"video_processor.{name}: {_VIDEO_UNSUPPORTED}")
 
     def __repr__(self) -> str:
@@ -123,7 +136,7 @@ def _init_without_video(original: Any) -> Any:
     pop = f"    {kw}.pop('video_processor', None)\n" if kw else ""
     source = (f"def __init__({', '.join(text)}):\n{pop}"
               f"    _original(self, video_processor=None, {', '.join(call)})\n"
-              f"    self.video_processor = _Unavailable()\n")
+              f"    self.video_processor = _Unavailable(getattr(self, 'image_processor', None))\n")
     namespace = {"_original": original, "_Unavailable": VideoProcessorUnavailable, **defaults}
     exec(compile(source, f"<genrecal compat: {original.__qualname__}>", "exec"), namespace)  # noqa: S102
     init = namespace["__init__"]

@@ -91,6 +91,11 @@ class FamilyAdapter:
     # Templates that read only typed content parts ({"type": "text", ...}) render a plain-string
     # answer as nothing: those families get typed answers.
     typed_answers: ClassVar[bool] = False
+    # How tokens attend in the family's own forward: "causal" (most), "image" (bidirectionally within
+    # each image: Gemma 3), "prefix" (bidirectionally over images + question: PaliGemma's prefix-LM).
+    # Backends that cannot reproduce it refuse the family (backends/vllm.py: `vllm_refusal`).
+    attention: ClassVar[str] = "causal"
+    vllm_needs_torchvision: ClassVar[bool] = False  # vLLM's processor for this family imports torchvision
 
     # --- loading -------------------------------------------------------------------------------
 
@@ -242,6 +247,37 @@ class FamilyAdapter:
         rel = _rel(head.logits(y[:, -n:].to(head.lm_head_weight.dtype)), out.logits)
         if not rel <= rtol:
             raise HeadCheckError(f"{where}: logits differ by {rel:.3g} (relative); {fix}")
+
+    @torch.no_grad()
+    def check_head_logprobs(self, head: TeacherHead, states: list[torch.Tensor], ids: list[torch.Tensor],
+                            logprobs: list[torch.Tensor], atol: float, engine: str = "vLLM") -> float:
+        """The exported `head` on post-norm `states` against an engine's own log-probabilities.
+
+        Per sample: `states[i]` [P, d] are the states of P positions, `ids[i]` / `logprobs[i]` [P, m]
+        the token ids and log-probabilities the engine returned for them (its top-m). Returns the
+        largest |difference| in nats; above `atol` it raises `HeadCheckError`: a missed logit scale or
+        soft-cap, a wrong norm formula or wrong tensors, which would make every cached top-k wrong."""
+        if sum(h.shape[0] for h in states) == 0:
+            raise HeadCheckError(f"{self.model_type}: no position to check the exported head on")
+        worst, where = 0.0, (0, 0)
+        for i, (h, t, lp) in enumerate(zip(states, ids, logprobs, strict=True)):
+            if h.shape[0] == 0:
+                continue
+            ours = torch.log_softmax(head.logits(h.to(head.lm_head_weight.dtype)).float(), dim=-1)
+            diff = (ours.gather(1, t.to(ours.device).long()) - lp.to(ours.device).float()).abs().amax(dim=1)
+            diff = diff.nan_to_num(nan=float("inf"))  # a NaN anywhere fails the check
+            p = int(diff.argmax())
+            if float(diff[p]) > worst:
+                worst, where = float(diff[p]), (i, p)
+        if worst > atol:
+            raise HeadCheckError(
+                f"{self.model_type}: the exported teacher head does not reproduce {engine}'s own log-probabilities "
+                f"on the first batch: they differ by up to {worst:.3g} nats (batch position {where[0]}, checked "
+                f"position {where[1]}; tolerance {atol:g}); head config {head.config}. Nothing was cached. Fix the "
+                f"family adapter (genrecal_cache/families/, docs/families.md): its norm_formula, logit_scale/"
+                f"logit_softcap or head tensors; or the checkpoint's config sets a logit scale or soft-cap that "
+                f"{engine} applies and the adapter does not declare")
+        return worst
 
     # --- encoding ------------------------------------------------------------------------------
 

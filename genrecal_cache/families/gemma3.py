@@ -17,6 +17,7 @@ class Gemma3Adapter(FamilyAdapter):
     vision_prefixes = ("model.vision_tower.",)
     norm_formula = "rms_1p"
     softcap_field = "final_logit_softcapping"
+    attention = "image"  # image tokens attend to each other both ways (token_type_ids in its forward)
 
     def rotary_factory(self, model: torch.nn.Module):
         rotary_cls = type(self.text_model(model).rotary_emb)

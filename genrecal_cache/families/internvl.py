@@ -11,3 +11,4 @@ class InternVLAdapter(FamilyAdapter):
     model_type = "internvl"
     model_class_name = "InternVLForConditionalGeneration"
     vision_prefixes = ("model.vision_tower.",)  # the projector trains with the language model
+    vllm_needs_torchvision = True  # vLLM's InternVL (interns1.py) imports transformers' video processor

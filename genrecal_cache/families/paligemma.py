@@ -24,6 +24,7 @@ class PaliGemmaAdapter(FamilyAdapter):
     vision_prefixes = ("model.vision_tower.",)
     norm_formula = "rms_1p"
     softcap_field = "final_logit_softcapping"
+    attention = "prefix"  # images + question attend both ways, the answer causally (token_type_ids)
 
     def _prefix(self, processor: Any, sample: Sample, n_images: int, where: str) -> tuple[str, str | None]:
         """(processor text: one image token per image + the question, the answer or None)."""
