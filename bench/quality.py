@@ -369,10 +369,11 @@ def plots(results: dict, out: Path) -> list[Path]:
         ax.set_xticks(range(len(kinds)), kinds)
         ax.set_title(f"{student} student", fontsize=10)
     axes[0][0].set_ylabel("held-out exact match (%)")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    handles, labels = axes[0][0].get_legend_handles_labels()  # below the panels: never over a bar
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(labels), frameon=False)
     fig.suptitle(f"Same budget ({results['setup']['steps']} steps x {results['setup']['batch_size']}), "
                  f"{len(results['setup']['seeds'])} seed(s)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     png = out / "quality_suite_accuracy.png"
     fig.savefig(png, dpi=120)
     plt.close(fig)
