@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from genrecal_cache.families import adapter_for
-    from genrecal_cache.reader import TeacherCache
+    from genrecal_cache import open_cache
     from genrecal_cache.testing import install_compat_shim
     from genrecal_train.config import TrainConfig
     from genrecal_train.data import collate, make_example
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     install_compat_shim()
     torch.set_num_threads(1)
     out = Path(args.out)
-    cache = TeacherCache.open(out / "cache")
+    cache = open_cache(out / "cache")
     kinds: dict[str, list[int]] = {}
     for i in range(len(cache)):
         kind = str(cache[i].extra.get("qtype", "all")).split("/")[0]

@@ -39,7 +39,7 @@ import torch
 
 from genrecal_cache.fidelity import synthetic_post_norm_states
 from genrecal_cache.format.head import HeadConfig, TeacherHead
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_cache.writer import CacheWriter, SampleArrays, SampleRecord
 
 
@@ -129,7 +129,7 @@ def main() -> None:
     def read_cache(path: Path):
         def run() -> None:
             got = 0
-            with TeacherCache.open(path) as cache:
+            with open_cache(path) as cache:
                 for s in cache.iter_samples("ordered"):
                     assert s.hidden.dtype == np.float32
                     got += s.hidden.shape[0]

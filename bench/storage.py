@@ -41,7 +41,7 @@ from genrecal_cache.format import codecs as C
 from genrecal_cache.fidelity import ExactReference, SyntheticTeacher, topk_fidelity
 from genrecal_cache.format.head import TeacherHead
 from genrecal_cache.info import summarize
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_cache.writer import CacheWriter, SampleArrays, SampleRecord
 from genrecal_cache.verify import verify
 
@@ -88,7 +88,7 @@ def evaluate(label: str, head: TeacherHead, samples: list[dict], tmp: Path, code
         faults = verify(path)
         if faults:
             raise SystemExit(f"{path}: verify failed: {faults}")
-        cache = TeacherCache.open(path)
+        cache = open_cache(path)
         t0 = time.perf_counter()
         got = {s.id: s for s in cache.iter_samples()}
         t_read = time.perf_counter() - t0
@@ -131,7 +131,7 @@ def samples_from_states(head: TeacherHead, states: np.ndarray, topk: int, seed: 
 
 
 def samples_from_cache(path: str, max_tokens: int) -> tuple[TeacherHead, list[dict]]:
-    cache = TeacherCache.open(path)
+    cache = open_cache(path)
     if cache.manifest.hidden_codec not in ("bf16", "fp32"):
         raise SystemExit(f"{path}: hidden codec {cache.manifest.hidden_codec}; fidelity needs exact states "
                          f"(a bf16 or fp32 cache)")

@@ -90,9 +90,9 @@ def info(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."),
     import json as _json
 
     from genrecal_cache.info import format_summary, summarize
-    from genrecal_cache.reader import TeacherCache
+    from genrecal_cache import open_cache
 
-    with clean_errors(cache), TeacherCache.open(cache, local_cache=local_cache) as tc:
+    with clean_errors(cache), open_cache(cache, local_cache=local_cache) as tc:
         s = summarize(tc, max_errors=errors)
     typer.echo(_json.dumps(s, indent=1, default=str) if as_json else format_summary(s))
 

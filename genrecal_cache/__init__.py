@@ -8,3 +8,12 @@ __version__ = "0.1.0"
 from .format import codecs as _codecs  # noqa: E402
 
 _codecs.register()
+
+__all__ = ["__version__", "open_cache"]
+
+
+def __getattr__(name: str):
+    if name == "open_cache":
+        from .parts import open_cache  # on first use: zarr's codec entry points import this package, keep it light
+        return open_cache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

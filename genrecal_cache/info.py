@@ -8,6 +8,7 @@ import numpy as np
 
 from genrecal_cache.format.codecs import hidden_codec
 from genrecal_cache.format.manifest import TOKENIZER_DIR
+from genrecal_cache.parts import MultiPartCache
 from genrecal_cache.reader import TeacherCache
 
 __all__ = ["format_summary", "summarize"]
@@ -18,7 +19,7 @@ def _counts(m) -> dict:
     return dict(c) if isinstance(c, dict) else dict(vars(c))
 
 
-def summarize(cache: TeacherCache, max_errors: int = 10) -> dict:
+def summarize(cache: TeacherCache | MultiPartCache, max_errors: int = 10) -> dict:
     """A plain dict (JSON-able) describing `cache`; stored sizes come from the files themselves."""
     m = cache.manifest
     counts = _counts(m)

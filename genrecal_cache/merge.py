@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .format.manifest import Manifest
-from .reader import TeacherCache
+from .parts import open_cache
 from .writer import CacheWriter, SampleArrays, SampleRecord
 
 __all__ = ["merge"]
@@ -18,7 +18,7 @@ def merge(src: str | os.PathLike, out: str | os.PathLike, storage_options: dict[
     """Write the cache at `src` (multi-part, or single) as one single-part cache at `out`: the same rows in
     the same order (the global index), the same features. Hidden states are re-encoded with the same
     codec: bit-exact for bf16 and fp32 (their decoded values are exactly representable)."""
-    cache = TeacherCache.open(src, storage_options)
+    cache = open_cache(src, storage_options)
     m = cache.manifest
     spec = m.arrays["hidden"]
     extra = {k: v for k, v in m.extra.items() if k not in ("parts", "extract")}

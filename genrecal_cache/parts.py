@@ -7,7 +7,7 @@ Layout (docs/cache-format.md, "Parts")::
     ...
 
 Job i takes the input samples with index % N == i (index = position in the data file). `OUT` itself
-has no manifest. `TeacherCache.open(OUT)` returns a `MultiPartCache`: the parts, opened in place (no
+has no manifest. `open_cache(OUT)` returns a `MultiPartCache`: the parts, opened in place (no
 copy), as one dataset whose global index is the concatenation of the parts in part order. Parts must
 come from the same teacher (config, head), tokenizer, chat template, hidden codec and top-k; a part
 that differs is refused, naming it. Finding the parts: io/locate.py; checking them: verify.py;
@@ -17,6 +17,7 @@ that differs is refused, naming it. Finding the parts: io/locate.py; checking th
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -26,8 +27,24 @@ import torch
 
 from .format.manifest import CacheFormatError, Manifest, identity, identity_diff
 from .io.prefetch import read_ahead
+from .reader import TeacherCache, find_cache, split_plan
 
-__all__ = ["MultiPartCache", "check_same_identity", "combined_manifest", "split_plan"]
+__all__ = ["MultiPartCache", "check_same_identity", "combined_manifest", "open_cache"]
+
+
+def open_cache(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | None = None,
+               local_cache: str | os.PathLike | None = None) -> TeacherCache | MultiPartCache:
+    """Open a cache, local or remote (any fsspec URL): one cache -> `TeacherCache`; a folder of parts
+    (`extract --num-shards`) -> `MultiPartCache`, the same API over the parts as one dataset.
+    `storage_options` go to fsspec (genrecal_cache.io.retry); `local_cache` keeps a verified copy of
+    every remote file read (one sub-folder per part)."""
+    fs, root, url, found = find_cache(path_or_url, storage_options)
+    if not isinstance(found, list):
+        return TeacherCache.from_manifest(fs, root, url, found, storage_options, local_cache)
+    parts = [TeacherCache.open(f"{url}/{n}", storage_options,
+                               None if local_cache is None else os.path.join(os.fspath(local_cache), n)) for n in found]
+    check_same_identity(url, found, [p.manifest for p in parts])
+    return MultiPartCache(url, found, parts)
 
 
 def check_same_identity(url: str, names: list[str], manifests: list[Manifest]) -> None:
@@ -52,7 +69,7 @@ def combined_manifest(names: list[str], manifests: list[Manifest]) -> Manifest:
 class MultiPartCache:
     """Several part caches as one dataset (see the module doc). Same API as TeacherCache."""
 
-    def __init__(self, url: str, names: list[str], parts: list[Any]) -> None:
+    def __init__(self, url: str, names: list[str], parts: list[TeacherCache]) -> None:
         self.url, self.names, self.parts = url, names, parts
         self.fs, self.root = parts[0].fs, parts[0].root.rsplit("/", 1)[0]
         self.storage_options = parts[0].storage_options
@@ -145,23 +162,3 @@ class MultiPartCache:
         c = self.manifest.counts
         return (f"MultiPartCache({self.url!r}, parts={len(self.parts)}, teacher={self.manifest.teacher['id']!r}, "
                 f"samples={c['samples']} (ok {c['ok']}, error {c['error']}), tokens={c['tokens']})")
-
-
-def split_plan(groups: list[list[int]], order: str, seed: int, rank: int, world_size: int, start: int
-               ) -> list[list[int]]:
-    """Shuffle (groups, then samples within each group) and cut into rank slices, as TeacherCache.plan."""
-    if order == "shuffled":
-        rng = np.random.default_rng(seed)
-        groups = [groups[g] for g in rng.permutation(len(groups))]
-        groups = [[grp[j] for j in rng.permutation(len(grp))] for grp in groups]
-    flat = [(g, i) for g, grp in enumerate(groups) for i in grp]
-    n = len(flat)
-    mine = flat[rank * n // world_size:(rank + 1) * n // world_size][max(0, start):]
-    pieces: list[list[int]] = []
-    for j, (g, i) in enumerate(mine):
-        if j == 0 or g != mine[j - 1][0]:
-            pieces.append([])
-        pieces[-1].append(i)
-    return pieces
-
-

@@ -7,7 +7,8 @@ per array for each group of samples that start in the same shard, so a remote ca
 shard by shard, not sample by sample.
 
 Long because `TeacherCache` is one class (open, index, read plan, grouped and fast local reads,
-images, head); finding a cache and opening its files is io/locate.py, many parts are parts.py.
+images, head); finding a cache and opening its files is io/locate.py. `TeacherCache.open` opens one
+cache; `open_cache` (parts.py) opens anything: one cache, or a cache in parts as one dataset.
 """
 
 from __future__ import annotations
@@ -42,10 +43,9 @@ from .io.prefetch import read_ahead
 from .io.mirror import MirrorFileSystem, read_through
 from .io.remote import download_capped, read_capped
 from .io.retry import RemoteReadError, gather_cancelling
-from .parts import MultiPartCache, check_same_identity, split_plan
 
-__all__ = ["CachedSample", "INDEX_COLUMNS", "MAX_CHUNKS_PER_SHARD", "MAX_CHUNK_BYTES", "TeacherCache", "load_head",
-           "load_tokenizer_files", "open_feature_arrays"]
+__all__ = ["CachedSample", "INDEX_COLUMNS", "MAX_CHUNKS_PER_SHARD", "MAX_CHUNK_BYTES", "TeacherCache", "find_cache",
+           "load_head", "load_tokenizer_files", "open_feature_arrays", "split_plan"]
 
 MAX_CHUNK_BYTES = 4 << 30  # one shard (file) of one array; the writer's default is 128 MiB
 MAX_CHUNKS_PER_SHARD = 1 << 16  # the writer's default is at most 64
@@ -88,21 +88,22 @@ class TeacherCache:
     @classmethod
     def open(cls, path_or_url: str | os.PathLike, storage_options: dict[str, Any] | None = None,
              local_cache: str | os.PathLike | None = None) -> TeacherCache:
-        """`storage_options` go to fsspec (credentials, client settings; genrecal_retries...: see
-        genrecal_cache.io.retry). `local_cache`: a folder that keeps a verified copy of every remote
-        file read, so later epochs and runs read it from disk (ignored for local caches)."""
-        fs, root, url = open_fs(path_or_url, storage_options)
-        try:
-            found = locate(fs, root, url)
-        except CacheFormatError:
-            _refuse_if_in_progress(fs, root, url)
-            raise
-        if isinstance(found, list):  # a cache written in parts (parts.py): the parts, opened in place
-            parts = [cls.open(f"{url}/{n}", storage_options,
-                              None if local_cache is None else os.path.join(os.fspath(local_cache), n)) for n in found]
-            check_same_identity(url, found, [p.manifest for p in parts])
-            return MultiPartCache(url, found, parts)  # type: ignore[return-value]  # same API
-        manifest = found
+        """One cache (a folder with a manifest). `storage_options` go to fsspec (credentials, client
+        settings; genrecal_retries...: see genrecal_cache.io.retry). `local_cache`: a folder that keeps a
+        verified copy of every remote file read, so later epochs and runs read it from disk (ignored for
+        local caches). A cache written in parts is refused: `open_cache` opens either kind."""
+        fs, root, url, found = find_cache(path_or_url, storage_options)
+        if isinstance(found, list):
+            raise CacheFormatError(f"{url}: a cache written in parts ({len(found)} parts: {', '.join(found[:3])}"
+                                   f"{', ...' if len(found) > 3 else ''}); TeacherCache.open opens one cache: use "
+                                   f"genrecal_cache.open_cache, which reads the parts as one dataset")
+        return cls.from_manifest(fs, root, url, found, storage_options, local_cache)
+
+    @classmethod
+    def from_manifest(cls, fs: fsspec.AbstractFileSystem, root: str, url: str, manifest: Manifest,
+                      storage_options: dict[str, Any] | None = None,
+                      local_cache: str | os.PathLike | None = None) -> TeacherCache:
+        """The cache `find_cache` found at `url` (its manifest read and checked once)."""
         if local_cache is not None:
             fs, root = read_through(fs, root, url, manifest, local_cache)
         cache = cls(fs, root, url, manifest, storage_options)
@@ -402,6 +403,37 @@ class TeacherCache:
         c = self.manifest.counts
         return (f"TeacherCache({self.url!r}, teacher={self.manifest.teacher['id']!r}, samples={c['samples']} "
                 f"(ok {c['ok']}, error {c['error']}), tokens={c['tokens']})")
+
+
+def find_cache(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | None
+               ) -> tuple[fsspec.AbstractFileSystem, str, str, Manifest | list[str]]:
+    """(filesystem, root, url, what is there): the manifest of one cache, or the names of the parts of a
+    cache written in parts (io/locate.py). An extraction still running there is refused by name."""
+    fs, root, url = open_fs(path_or_url, storage_options)
+    try:
+        return fs, root, url, locate(fs, root, url)
+    except CacheFormatError:
+        _refuse_if_in_progress(fs, root, url)
+        raise
+
+
+def split_plan(groups: list[list[int]], order: str, seed: int, rank: int, world_size: int, start: int
+               ) -> list[list[int]]:
+    """Shuffle (groups, then samples within each group) and cut into rank slices, as TeacherCache.plan
+    (MultiPartCache.plan too, over the groups of all its parts)."""
+    if order == "shuffled":
+        rng = np.random.default_rng(seed)
+        groups = [groups[g] for g in rng.permutation(len(groups))]
+        groups = [[grp[j] for j in rng.permutation(len(grp))] for grp in groups]
+    flat = [(g, i) for g, grp in enumerate(groups) for i in grp]
+    n = len(flat)
+    mine = flat[rank * n // world_size:(rank + 1) * n // world_size][max(0, start):]
+    pieces: list[list[int]] = []
+    for j, (g, i) in enumerate(mine):
+        if j == 0 or g != mine[j - 1][0]:
+            pieces.append([])
+        pieces[-1].append(i)
+    return pieces
 
 
 def _refuse_if_in_progress(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:

@@ -20,6 +20,7 @@ from genrecal_cache.data import Sample, decode_image
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter
 from genrecal_cache.format.manifest import answer_spans
 from genrecal_cache.io.prefetch import prefetch
+from genrecal_cache.parts import MultiPartCache
 from genrecal_cache.reader import CachedSample, TeacherCache
 from genrecal_train.errors import TrainError
 
@@ -87,8 +88,8 @@ class CacheStream:
     sees exactly the batches an uninterrupted run would have seen.
     """
 
-    def __init__(self, cache: TeacherCache, adapter: FamilyAdapter, processor, *, batch_size: int, max_len: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, prefetch: int = 8):
+    def __init__(self, cache: TeacherCache | MultiPartCache, adapter: FamilyAdapter, processor, *, batch_size: int,
+                 max_len: int, seed: int = 0, rank: int = 0, world_size: int = 1, prefetch: int = 8):
         self.cache, self.adapter, self.processor = cache, adapter, processor
         self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch

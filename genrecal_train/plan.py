@@ -32,7 +32,7 @@ from torch import nn
 
 from genrecal_cache.families import adapter_for
 from genrecal_cache.format.head import HeadConfig, TeacherHead
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_train.config import TrainConfig
 from genrecal_train.distributed import fsdp_units
 from genrecal_train.distributed import param_dtype as to_dtype
@@ -123,7 +123,7 @@ def teacher_dims(spec: str) -> tuple[int, int]:
     if "x" in spec and all(p.isdigit() for p in spec.lower().split("x")):
         h, v = spec.lower().split("x")
         return int(h), int(v)
-    m = TeacherCache.open(spec).manifest
+    m = open_cache(spec).manifest
     return m.hidden_size, m.vocab_size
 
 

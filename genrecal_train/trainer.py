@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from genrecal_cache.families import adapter_for
 from genrecal_cache.io.durable import atomic_write
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_train import checkpoint as ckpt
 from genrecal_train import distributed
 from genrecal_train import sharded_checkpoint as sharded
@@ -119,7 +119,7 @@ def train(cfg: TrainConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    cache = TeacherCache.open(cfg.cache, local_cache=cfg.local_cache)
+    cache = open_cache(cfg.cache, local_cache=cfg.local_cache)
     # FSDP places (and casts) the head itself: load it in host memory first
     head = cache.head(device=torch.device("cpu") if strategy == "fsdp" else device)
     from transformers import AutoConfig

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from genrecal_cache.families import adapter_for
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_train import distributed
 from genrecal_train.config import TrainConfig
 from genrecal_train.trainer import build_model
@@ -44,7 +44,7 @@ def main(cache_dir: str, student_dir: str, out: str) -> None:
 
     distributed.shard_model = observed
     try:
-        model = build_model(cfg, adapter, TeacherCache.open(cache_dir).head(), "fsdp", device, rank)
+        model = build_model(cfg, adapter, open_cache(cache_dir).head(), "fsdp", device, rank)
     finally:
         distributed.shard_model = shard_model
     lm_head = adapter.lm_head(model.student).weight

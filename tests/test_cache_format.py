@@ -24,7 +24,7 @@ import torch
 
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError, Manifest, sha256_bytes
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_cache.format.layout import plan_layout
 from genrecal_cache.writer import CacheWriteError, CacheWriter, SampleArrays, SampleRecord
 from genrecal_cache.verify import verify
@@ -114,7 +114,7 @@ def check_sample(got, row: SampleRecord, arrays: SampleArrays | None, hidden_dty
 
 def test_float32_round_trip_is_bit_exact(tmp_path, head, samples):
     m = write_cache(tmp_path / "c", head, samples, "float32")
-    cache = TeacherCache.open(tmp_path / "c")
+    cache = open_cache(tmp_path / "c")
     assert len(cache) == len(samples) == m.counts["samples"]
     assert m.counts["ok"] == len(ok_ids(samples)) and m.counts["error"] == len(samples) - m.counts["ok"]
     assert m.counts["tokens"] == sum(len(a.token_ids) for _, a in samples if a is not None)
@@ -125,7 +125,7 @@ def test_float32_round_trip_is_bit_exact(tmp_path, head, samples):
 
 
 def test_bf16_round_trip_matches_torch_cast(bf16_cache, samples):
-    cache = TeacherCache.open(bf16_cache)
+    cache = open_cache(bf16_cache)
     assert cache.manifest.arrays["hidden"]["dtype"] == "bfloat16"
     for i, (row, arrays) in enumerate(samples):
         check_sample(cache[i], row, arrays, "bfloat16")
@@ -133,7 +133,7 @@ def test_bf16_round_trip_matches_torch_cast(bf16_cache, samples):
     with pytest.raises(KeyError, match="nope"):
         cache.by_id("nope")
     # file:// URLs and pickling (DataLoader workers) give the same samples
-    for other in (TeacherCache.open(f"file://{bf16_cache}"), pickle.loads(pickle.dumps(cache))):
+    for other in (open_cache(f"file://{bf16_cache}"), pickle.loads(pickle.dumps(cache))):
         assert len(other) == len(cache)
         np.testing.assert_array_equal(other[1].hidden, cache[1].hidden)
     with pytest.raises(IndexError):
@@ -145,12 +145,12 @@ def test_bf16_tensor_input_keeps_its_bits(tmp_path, head):
     ids, lps = head.topk_logprobs(h.float(), K)
     arrays = SampleArrays(torch.arange(7), torch.ones(7, dtype=torch.bool), h, ids, lps)
     write_cache(tmp_path / "c", head, [(SampleRecord(id="a", messages=[]), arrays)])
-    got = TeacherCache.open(tmp_path / "c")[0].hidden
+    got = open_cache(tmp_path / "c")[0].hidden
     np.testing.assert_array_equal(got, h.float().numpy())
 
 
 def test_multi_shard_layout(bf16_cache):
-    cache = TeacherCache.open(bf16_cache)
+    cache = open_cache(bf16_cache)
     m = cache.manifest
     S, T = m.arrays["hidden"]["shard_tokens"], m.counts["tokens"]
     assert (S, m.arrays["hidden"]["chunk_tokens"]) == (64, 16)
@@ -185,7 +185,7 @@ def test_default_layout_targets_few_megabyte_chunks_and_large_shards():
 # ---- iteration -----------------------------------------------------------------------------------
 
 def test_ordered_and_shuffled_cover_every_ok_sample_once(bf16_cache, samples):
-    cache = TeacherCache.open(bf16_cache)
+    cache = open_cache(bf16_cache)
     ordered = [s.id for s in cache.iter_samples("ordered")]
     assert ordered == ok_ids(samples)
     shuffled = [s.id for s in cache.iter_samples("shuffled", seed=1)]
@@ -203,7 +203,7 @@ def test_ordered_and_shuffled_cover_every_ok_sample_once(bf16_cache, samples):
 @pytest.mark.parametrize("order", ["ordered", "shuffled"])
 @pytest.mark.parametrize("world_size", [2, 3, 7])
 def test_rank_split_is_disjoint_covering_and_balanced(bf16_cache, samples, order, world_size):
-    cache = TeacherCache.open(bf16_cache)
+    cache = open_cache(bf16_cache)
     parts = [[i for piece in cache.plan(order, seed=5, rank=r, world_size=world_size) for i in piece]
              for r in range(world_size)]
     flat = [i for p in parts for i in p]
@@ -215,7 +215,7 @@ def test_rank_split_is_disjoint_covering_and_balanced(bf16_cache, samples, order
 
 
 def test_teacher_logits_is_lm_head_of_cached_hidden(bf16_cache, head):
-    cache = TeacherCache.open(bf16_cache)
+    cache = open_cache(bf16_cache)
     s = cache[0]
     logits = cache.teacher_logits(0)
     assert logits.shape == (len(s.token_ids), V)
@@ -255,7 +255,7 @@ def test_verify_detects_a_truncated_parquet(broken):
     assert any(f.startswith("samples.parquet: sha256 mismatch") for f in faults)
     assert any(f.startswith("samples.parquet: unreadable") for f in faults)
     with pytest.raises(CacheFormatError, match="samples.parquet: unreadable"):
-        TeacherCache.open(broken)
+        open_cache(broken)
 
 
 def test_verify_detects_deleted_and_stray_files(broken):
@@ -298,21 +298,21 @@ def test_verify_reports_unreadable_shards_and_metadata(broken):
 def test_missing_manifest_means_incomplete(broken):
     (broken / "manifest.json").unlink()
     with pytest.raises(CacheFormatError, match="incomplete"):
-        TeacherCache.open(broken)
+        open_cache(broken)
     assert "incomplete" in verify(broken)[0]
     with pytest.raises(CacheFormatError, match="does not exist"):
-        TeacherCache.open(broken / "nowhere")
+        open_cache(broken / "nowhere")
 
 
 def test_wrong_version_and_missing_array_are_named(broken):
     m = json.loads((broken / "manifest.json").read_text())
     (broken / "manifest.json").write_text(json.dumps({**m, "format_version": 3}))
     with pytest.raises(CacheFormatError, match=r"manifest.json: field 'format_version' is 3"):
-        TeacherCache.open(broken)
+        open_cache(broken)
     (broken / "manifest.json").write_text(json.dumps(m))
     shutil.rmtree(broken / "features.zarr" / "topk_logprobs")
     with pytest.raises(CacheFormatError, match=r"features.zarr/topk_logprobs: array missing"):
-        TeacherCache.open(broken)
+        open_cache(broken)
 
 
 def test_manifest_validation_is_strict(bf16_cache):
@@ -359,7 +359,7 @@ def test_writer_rejects_bad_samples_naming_them(tmp_path, head):
     with pytest.raises(ValueError, match="sample 'x': duplicate id"):
         w.add(SampleRecord(id="x", messages=[]), good)
     w.close()
-    assert TeacherCache.open(tmp_path / "c")[0].id == "x"
+    assert open_cache(tmp_path / "c")[0].id == "x"
     with pytest.raises(ValueError, match=r"invalid cache metadata: .*field 'teacher.model_type' is missing"):
         CacheWriter(tmp_path / "d", hidden_size=D, vocab_size=V, topk=K, teacher={"id": "t", "revision": None,
                     "config_sha256": "x"}, tokenizer_sha256="t", chat_template_sha256=None, head=head, command="")
@@ -436,7 +436,7 @@ def http_url(request, bf16_cache):
 
 
 def test_read_and_verify_over_http(request, http_url, bf16_cache, head):
-    local, remote = TeacherCache.open(bf16_cache), TeacherCache.open(http_url)
+    local, remote = open_cache(bf16_cache), open_cache(http_url)
     request.addfinalizer(remote.close)  # closes its aiohttp session
     assert remote.manifest == local.manifest and len(remote) == len(local)
     assert remote.index.equals(local.index)
@@ -458,7 +458,7 @@ def test_big_parquet_over_a_server_without_ranges(tmp_path, head):
     for row, _ in samples:
         row.images = [rng.bytes(2 << 20)]  # incompressible, 4 x 2 MiB
     write_cache(tmp_path / "c", head, samples)
-    with serve(tmp_path / "c", ranges=False) as url, TeacherCache.open(url) as cache:
+    with serve(tmp_path / "c", ranges=False) as url, open_cache(url) as cache:
         assert [s.images for s in cache.iter_samples(status="all")] == [r.images for r, _ in samples]
         assert verify(url) == []
 

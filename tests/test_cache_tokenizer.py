@@ -19,7 +19,7 @@ from genrecal_cache.format.tokenizer import tokenizer_sha256
 from genrecal_cache.info import format_summary, summarize
 from genrecal_cache.io.pull import pull
 from genrecal_cache.merge import merge
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_cache.verify import verify
 from genrecal_train.config import TrainConfig
 from genrecal_train.preflight import load_teacher_tokenizer
@@ -64,7 +64,7 @@ def test_extraction_stores_the_tokenizer_listed_with_checksums(made, teacher):
             f"{TOKENIZER_DIR}/chat_template.jinja"} <= listed
     assert listed == {p.relative_to(cache).as_posix() for p in (cache / TOKENIZER_DIR).rglob("*") if p.is_file()}
     assert verify(cache) == []
-    with TeacherCache.open(cache) as tc:
+    with open_cache(cache) as tc:
         assert f"stored in {TOKENIZER_DIR}/ (chat_template.jinja, tokenizer.json" in format_summary(summarize(tc))
         tok = tc.teacher_tokenizer()
         assert tokenizer_sha256(tok) == tc.manifest.tokenizer_sha256 == tokenizer_sha256(teacher.processor.tokenizer)
@@ -85,7 +85,7 @@ def test_student_aligned_trains_without_the_teacher_folder(made, student_dir, tm
 def test_old_cache_without_the_teacher_is_one_clear_error(made, student_dir, tmp_path):
     old = _old_style(made["cache"], tmp_path / "old")
     assert verify(old) == []  # consistent: an older cache is a sound cache
-    with TeacherCache.open(old) as tc:
+    with open_cache(old) as tc:
         assert tc.tokenizer_files() == {} and tc.teacher_tokenizer() is None
         assert "not stored (an older cache" in format_summary(summarize(tc))
     with pytest.raises(ValueError) as e:
@@ -125,9 +125,9 @@ def test_verify_and_the_trainer_refuse_a_tampered_tokenizer_file(made, student_d
 
 
 def test_parts_merge_pull_and_http_carry_the_tokenizer(made, tmp_path):
-    with TeacherCache.open(made["cache"]) as tc:
+    with open_cache(made["cache"]) as tc:
         want = tc.tokenizer_files()
-    with TeacherCache.open(made["parts"]) as parts:
+    with open_cache(made["parts"]) as parts:
         assert len(parts.names) == 2 and parts.tokenizer_files() == want
         assert summarize(parts)["tokenizer_files"] == sorted(want)
         assert tokenizer_sha256(parts.teacher_tokenizer()) == parts.manifest.tokenizer_sha256
@@ -135,15 +135,15 @@ def test_parts_merge_pull_and_http_carry_the_tokenizer(made, tmp_path):
     merged = tmp_path / "merged"
     merge(made["parts"], merged)
     assert verify(merged) == []
-    with TeacherCache.open(merged) as tc:
+    with open_cache(merged) as tc:
         assert tc.tokenizer_files() == want
     with serve(made["cache"]) as (url, _):
-        with TeacherCache.open(url, local_cache=tmp_path / "lc") as remote:  # the head's read-through mirror
+        with open_cache(url, local_cache=tmp_path / "lc") as remote:  # the head's read-through mirror
             assert remote.tokenizer_files() == want
             assert tokenizer_sha256(remote.teacher_tokenizer()) == remote.manifest.tokenizer_sha256
         mirrored = list((tmp_path / "lc").rglob(f"{TOKENIZER_DIR}/tokenizer.json"))
         assert len(mirrored) == 1 and mirrored[0].read_bytes() == want["tokenizer.json"]
-        with TeacherCache.open(url) as remote:  # no local copy: read over HTTP, checked by sha256
+        with open_cache(url) as remote:  # no local copy: read over HTTP, checked by sha256
             assert remote.tokenizer_files() == want
         report = pull(url, tmp_path / "pulled")
     assert (tmp_path / "pulled" / TOKENIZER_DIR / "tokenizer.json").read_bytes() == want["tokenizer.json"]

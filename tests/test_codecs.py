@@ -20,6 +20,7 @@ from genrecal_cache.fidelity import SyntheticTeacher, codec_fidelity, fidelity, 
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.info import summarize
 from genrecal_cache.format.manifest import CacheFormatError, Manifest, sha256_bytes
+from genrecal_cache import open_cache
 from genrecal_cache.reader import TeacherCache
 from genrecal_cache.format.layout import plan_layout
 from genrecal_cache.plan import estimate_cache_size
@@ -203,7 +204,7 @@ def test_cache_with_each_codec_verifies_and_reads_decoded_float32(caches, head, 
     assert json.loads((path / "manifest.json").read_text())["hidden_codec"] == name
     assert verify(path) == []
     originals = {row.id: arrays for row, arrays in samples if arrays is not None}
-    cache = TeacherCache.open(path)
+    cache = open_cache(path)
     seen = 0
     for s in cache.iter_samples("shuffled", seed=1):
         h = originals[s.id].hidden.numpy()
@@ -234,9 +235,9 @@ def s_range(cache: TeacherCache, i: int) -> slice:
 
 def test_lossy_caches_keep_the_teacher_close(caches, head):
     _, by_codec = caches
-    exact = TeacherCache.open(by_codec["fp32"][0])
+    exact = open_cache(by_codec["fp32"][0])
     for name in LOSSY:
-        cache = TeacherCache.open(by_codec[name][0])
+        cache = open_cache(by_codec[name][0])
         ref = np.concatenate([s.hidden for s in exact.iter_samples()])
         dec = np.concatenate([s.hidden for s in cache.iter_samples()])
         f = fidelity(head, ref, dec)
@@ -259,7 +260,7 @@ def test_a_plain_zarr_process_decodes_through_entry_points(caches):
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         subprocess.run([sys.executable, "-c", code, str(by_codec[name][0] / "features.zarr" / "hidden"), str(out)],
                        check=True, env=env, cwd="/")
-        cache = TeacherCache.open(by_codec[name][0])
+        cache = open_cache(by_codec[name][0])
         np.testing.assert_array_equal(np.load(out), np.concatenate([cache[i].hidden for i in range(len(cache))]))
 
 
@@ -278,7 +279,7 @@ def test_verify_catches_a_codec_mismatch(caches, tmp_path):
     m["hidden_codec"] = "int3"
     (path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(CacheFormatError, match="field 'hidden_codec' is 'int3'"):
-        TeacherCache.open(path)
+        open_cache(path)
 
 
 def test_version1_manifests_still_read(caches, tmp_path):
@@ -296,7 +297,7 @@ def test_version1_manifests_still_read(caches, tmp_path):
         parsed = Manifest.from_json(text)
         assert parsed.hidden_codec == name and parsed.to_json() == text  # stays version 1
         assert verify(path) == []
-        np.testing.assert_array_equal(TeacherCache.open(path)[0].hidden, TeacherCache.open(by_codec[name][0])[0].hidden)
+        np.testing.assert_array_equal(open_cache(path)[0].hidden, open_cache(by_codec[name][0])[0].hidden)
     m["hidden_codec"] = "bf16"  # not a version-1 field
     with pytest.raises(CacheFormatError, match="'hidden_codec' is unknown"):
         Manifest.from_json(json.dumps(m))
@@ -387,7 +388,7 @@ def test_direct_local_reads_equal_zarr_reads(caches, name, tmp_path):
     import shutil
 
     path = caches[1][name][0]
-    cache = TeacherCache.open(path)
+    cache = open_cache(path)
     feats = cache._features()
     assert cache._fast_readers(feats) is not None
     T = cache.manifest.counts["tokens"]
@@ -407,7 +408,7 @@ def test_direct_local_reads_equal_zarr_reads(caches, name, tmp_path):
     data[-10] ^= 0xFF  # inside the shard index
     shard.write_bytes(bytes(data))
     with pytest.raises(CacheFormatError, match="crc32c"):
-        TeacherCache.open(broken)[0]
+        open_cache(broken)[0]
 
 
 def test_plan_and_extract_cli_options():
@@ -431,7 +432,7 @@ def test_plan_and_extract_cli_options():
 def test_reused_read_buffers_never_change_a_sample_still_in_use(caches):
     """iter_samples reuses group buffers (fastread.BufferPool) only once no sample's view is alive."""
     for name in ("bf16", "ecq"):
-        cache = TeacherCache.open(caches[1][name][0])
+        cache = open_cache(caches[1][name][0])
         want = {s.id: s.hidden.copy() for s in cache.iter_samples(readahead=0)}
         kept, derived = {}, []
         for j, s in enumerate(cache.iter_samples("shuffled", seed=3)):

@@ -15,6 +15,7 @@ import torch
 
 from genrecal_cache.data import decode_image, read_samples
 from genrecal_cache.extract import ExtractConfig, extract
+from genrecal_cache import open_cache
 from genrecal_cache.reader import TeacherCache
 from genrecal_cache.verify import verify
 
@@ -25,7 +26,7 @@ def _extract(teacher_dir: Path, data: Path, out: Path, **kw) -> TeacherCache:
     cfg = ExtractConfig(teacher=str(teacher_dir), data=str(data), out=str(out), backend="transformers",
                         progress=False, **{"hidden_codec": "float32", "batch_tokens": 512, **kw})
     extract(cfg)
-    return TeacherCache.open(out)
+    return open_cache(out)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import torch
 
 from genrecal_cache.data import decode_image, read_samples
 from genrecal_cache.families import ADAPTERS, adapter_for
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_cache.testing import FAMILY_BUILDERS, build_tiny_family, write_mixed_size_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_family_as_teacher_cache_equals_its_own_forward(family: str, family_root
            "--batch-tokens", "100000"]
     run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    cache = TeacherCache.open(out)
+    cache = open_cache(out)
     assert cache.manifest.teacher["model_type"] == family
     adapter = adapter_for(path)
     processor, model = adapter.load_processor(path), adapter.load_model(path)

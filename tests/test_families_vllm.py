@@ -55,9 +55,9 @@ def vllm_caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
 
 @pytest.mark.parametrize("family", VLLM_FAMILIES)
 def test_vllm_cache_equals_transformers_cache(family: str, vllm_caches) -> None:
-    from genrecal_cache.reader import TeacherCache
+    from genrecal_cache import open_cache
 
-    tv, th = (TeacherCache.open(p) for p in vllm_caches[family])
+    tv, th = (open_cache(p) for p in vllm_caches[family])
     assert tv.manifest.teacher["backend"] == "vllm" and len(tv) == len(th) == 8
     for i in range(len(th)):
         a, b = tv[i], th[i]

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from genrecal_cache.families import adapter_for
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_train.config import TrainConfig
 from genrecal_train.data import collate, make_example
 from genrecal_train.model import GenRecal
@@ -105,7 +105,7 @@ def test_fsdp_two_ranks_match_one_process_on_the_same_global_batch(fsdp_run: Pat
       lost step, a wrong stage's parameters or an unloaded shard exceed."""
     recs = _records(fsdp_run)
     cfg = TrainConfig(cache=str(train_cache), student=str(student_dir), out=str(fsdp_run), device="cpu")
-    cache, adapter = TeacherCache.open(train_cache), adapter_for(student_dir)
+    cache, adapter = open_cache(train_cache), adapter_for(student_dir)
     processor = adapter.load_processor(student_dir)
     torch.manual_seed(cfg.seed)  # the trainer seeds, loads the student, then seeds again for the Recalibrator
     student = adapter.load_model(student_dir)
@@ -197,7 +197,7 @@ def test_sharded_checkpoint_loads_into_another_world_size(fsdp_run: Path, tmp_pa
     adapter = adapter_for(student_dir)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        model = GenRecal(adapter.load_model(student_dir), adapter, TeacherCache.open(train_cache).head(), cfg)
+        model = GenRecal(adapter.load_model(student_dir), adapter, open_cache(train_cache).head(), cfg)
         distributed.shard_model(model, torch.float32, torch.device("cpu"))
         sharded_checkpoint.load_model(fsdp_run / "checkpoints" / f"stage2-step{STEPS:07d}", model)
         loaded = distributed.full_state_dict(model.student)
@@ -253,7 +253,7 @@ def test_plan_state_bytes_equal_the_local_shards_of_the_fsdp_run(fsdp_run: Path,
 
     from genrecal_train import plan
 
-    m = TeacherCache.open(train_cache).manifest
+    m = open_cache(train_cache).manifest
     meta = plan.meta_model(AutoConfig.from_pretrained(student_dir), m.hidden_size, m.vocab_size, 2)
     recs = _records(fsdp_run)
     for stage in (1, 2):
@@ -281,7 +281,7 @@ def test_one_process_fsdp_with_offload_and_checkpointing_trains_a_qwen2_vl_stude
                       gradient_checkpointing=True))
     recs = _records(out)
     assert sorted(recs) == [(2, 1), (2, 2)] and all(torch.isfinite(torch.tensor(r["loss"])) for r in recs.values())
-    m = TeacherCache.open(train_cache).manifest
+    m = open_cache(train_cache).manifest
     meta = plan.meta_model(AutoConfig.from_pretrained(teacher_dir), m.hidden_size, m.vocab_size, 2)
     assert recs[(2, 1)]["rank_state_bytes"] == [plan.state_bytes(meta, "fsdp", 1, 0, torch.bfloat16)]
     assert (out / "checkpoints" / "stage2-step0000002" / ".metadata").exists()
@@ -338,7 +338,7 @@ def test_only_rank0_loads_the_full_student_the_others_get_their_shards(tmp_path:
 
     # the shards each rank holds are FSDP's (plan.state_bytes: dim-0 chunks, padded to rank 0's) ...
     cfg = TrainConfig(cache=str(train_cache), student=str(student_dir), out=str(tmp_path), device="cpu")
-    m = TeacherCache.open(train_cache).manifest
+    m = open_cache(train_cache).manifest
     meta = plan.meta_model(AutoConfig.from_pretrained(student_dir), m.hidden_size, m.vocab_size, cfg.recal_layers)
     for rank, r in enumerate((r0, r1)):
         assert r["local_params"] == plan.state_bytes(meta, "fsdp", 2, rank, torch.float32)["params"] < r["full"]
@@ -348,7 +348,7 @@ def test_only_rank0_loads_the_full_student_the_others_get_their_shards(tmp_path:
     adapter = adapter_for(student_dir)
     student = adapter.load_model(student_dir)
     torch.manual_seed(cfg.seed)
-    ref = GenRecal(student, adapter, TeacherCache.open(train_cache).head(), cfg)
+    ref = GenRecal(student, adapter, open_cache(train_cache).head(), cfg)
     assert r0["tied"] == r1["tied"] == tied == (adapter.lm_head(student).weight is
                                                 adapter.text_model(student).embed_tokens.weight)
     for part in ("student", "recalibrator"):  # gathered from both ranks' shards

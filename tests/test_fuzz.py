@@ -36,7 +36,7 @@ from PIL import Image
 from genrecal_cache.data import decode_image, read_samples
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError, sha256_bytes
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_cache.verify import verify
 from test_cache_format import D, V, make_samples, write_cache
 
@@ -255,7 +255,7 @@ def test_extraction_over_fuzzed_inputs_keeps_good_samples_intact(tmp_path, teach
     m = extract(ExtractConfig(data=str(mixed), out=str(tmp_path / "mixed"), **common))
     _count("extraction lines", len(lines))
     assert verify(tmp_path / "mixed") == []
-    clean, mix = TeacherCache.open(tmp_path / "clean"), TeacherCache.open(tmp_path / "mixed")
+    clean, mix = open_cache(tmp_path / "clean"), open_cache(tmp_path / "mixed")
     assert m.counts["samples"] == len(lines) and m.counts["error"] >= len(bad) - 2  # a few "bad" lines are fine
     assert all(s.error for s in mix.iter_samples(status="error"))
     by_id = {s.id: s for s in mix.iter_samples()}
@@ -280,7 +280,7 @@ def small_cache(tmp_path_factory) -> Path:
 def _load_all(path: Path) -> str:
     """Open, read every sample and the head; 'ok' or 'refused'. Other exception types propagate."""
     try:
-        with TeacherCache.open(path) as cache:
+        with open_cache(path) as cache:
             for s in cache.iter_samples(status="all"):
                 assert s.hidden.shape[0] == s.token_ids.shape[0]
             cache.head()
@@ -428,7 +428,7 @@ def test_fuzzed_manifests_are_refused_naming_the_field(small_cache, tmp_path):
         if label.startswith("checksums path"):  # refused outright, by the reader and by verify
             (root / "manifest.json").write_text(json.dumps(m))
             with pytest.raises(CacheFormatError, match="not a file of the cache"):
-                TeacherCache.open(root)
+                open_cache(root)
             assert "not a file of the cache" in verify(root)[0]
             (root / "manifest.json").write_bytes(text)
             _count("cache mutations")

@@ -24,7 +24,7 @@ import torch
 
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError, sha256_bytes
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_cache.verify import verify
 from test_cache_format import D, V, make_samples, write_cache
 
@@ -81,7 +81,7 @@ def _rehash(root: Path, m: dict, *rels: str) -> None:
 
 def _refused(root: Path, *needles: str) -> str:
     with pytest.raises(CacheFormatError) as e:
-        finishes(lambda: TeacherCache.open(root))
+        finishes(lambda: open_cache(root))
     msg = str(e.value)
     for needle in needles:
         assert needle in msg, msg
@@ -196,7 +196,7 @@ def test_the_read_limit_is_a_setting(cache, monkeypatch):
     monkeypatch.setenv("GENRECAL_MAX_READ_BYTES", "1000")
     _refused(cache, "GENRECAL_MAX_READ_BYTES")
     monkeypatch.setenv("GENRECAL_MAX_READ_BYTES", str(1 << 30))
-    with TeacherCache.open(cache) as c:
+    with open_cache(cache) as c:
         assert len(list(c.iter_samples())) > 0
     assert verify(cache) == []
 
@@ -264,7 +264,7 @@ def test_blosc_header_declaring_2_gib_is_refused_before_allocating(cache):
     _declare_blosc_size(cache, "features.zarr/hidden/c/0/0", (2 << 30) - 64)
     for served in (contextlib.nullcontext((cache, None)), serve(cache)):  # local (fastread), then HTTP (zarr)
         with served as (url, _), pytest.raises(CacheFormatError, match=r"declares 2147483584 decoded bytes"):
-            with TeacherCache.open(url) as c:
+            with open_cache(url) as c:
                 c[0]
     assert any("declares 2147483584" in f for f in verify(cache))
 
@@ -298,7 +298,7 @@ def test_images_repeated_from_one_stored_copy_are_refused_before_decoding(cache)
     image = bytes(96 << 20)
     _rewrite_parquet(cache, images=[[image]] * n)
     del image
-    with TeacherCache.open(cache) as c, pytest.raises(CacheFormatError, match="bytes of images once decoded"):
+    with open_cache(cache) as c, pytest.raises(CacheFormatError, match="bytes of images once decoded"):
         c[0]
     faults = verify(cache)
     assert any("bytes of images once decoded" in f for f in faults), faults

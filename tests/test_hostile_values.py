@@ -21,7 +21,7 @@ from _http import serve
 from genrecal_cache.format.codecs import describe_chain
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError, sha256_bytes
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_cache.verify import verify
 from test_cache_format import D, V, make_samples, write_cache
 
@@ -57,7 +57,7 @@ def _rehash(root: Path, prefix: str = "") -> None:
 
 
 def _read_all(root: Path | str) -> list:
-    with TeacherCache.open(root) as c:
+    with open_cache(root) as c:
         return [s.hidden.copy() for s in c.iter_samples()]
 
 
@@ -73,7 +73,7 @@ def test_non_finite_head_is_refused_when_loaded_and_by_verify(cache, tensor, val
     t[tensor].view(-1)[7] = value
     save_file(t, str(path), metadata=meta)
     _rehash(cache)
-    with TeacherCache.open(cache) as c, pytest.raises(CacheFormatError, match=rf"teacher_head.safetensors.*{tensor} holds NaN or inf"):
+    with open_cache(cache) as c, pytest.raises(CacheFormatError, match=rf"teacher_head.safetensors.*{tensor} holds NaN or inf"):
         c.head()
     faults = verify(cache)
     assert len(faults) == 1 and f"{tensor} holds NaN or inf" in faults[0], faults

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from genrecal_cache.families import adapter_for
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_train import plan as P
 from genrecal_train.config import TrainConfig
 from genrecal_train.data import collate, make_example
@@ -69,7 +69,7 @@ def test_activation_estimate_is_within_25_percent_of_the_measured_peak(batch: in
 
     cfg = TrainConfig(cache=str(train_cache), student=str(student_dir), out="", device="cpu",
                       gradient_checkpointing=checkpointing)
-    cache, adapter = TeacherCache.open(train_cache), adapter_for(student_dir)
+    cache, adapter = open_cache(train_cache), adapter_for(student_dir)
     processor = adapter.load_processor(student_dir)
     torch.manual_seed(0)
     model = GenRecal(adapter.load_model(student_dir), adapter, cache.head(), cfg)

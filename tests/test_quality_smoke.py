@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from genrecal_cache.families import adapter_for
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_train.config import TrainConfig
 from genrecal_train.data import collate, make_example
 from genrecal_train.model import GenRecal, student_answer_rows
@@ -39,7 +39,7 @@ def _setup(student_dir: Path, cache_dir: Path, cls, **kw):
     cfg = TrainConfig(cache=str(cache_dir), student=str(student_dir), out="unused", **kw)
     adapter = adapter_for(student_dir)
     processor = adapter.load_processor(student_dir)
-    cache = TeacherCache.open(cache_dir)
+    cache = open_cache(cache_dir)
     torch.manual_seed(0)
     model = cls(adapter.load_model(student_dir), adapter, cache.head(), cfg).eval()
     examples = [make_example(cache[i], adapter, processor, 2048) for i in range(4)]

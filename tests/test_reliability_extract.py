@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from genrecal_cache.extract import ExtractConfig, ExtractError, extract
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_cache.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def test_a_killed_extraction_is_resumed_through_its_stale_lock(teacher_dir, demo
     r = _extract_cli(teacher_dir, data, out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (out / "_lock").exists() and verify(out) == []
-    assert TeacherCache.open(out).manifest.counts["ok"] == 6
+    assert open_cache(out).manifest.counts["ok"] == 6
 
 
 def _bad_lines(demo_jsonl: Path) -> tuple[list[str], dict[str, str]]:
@@ -132,7 +132,7 @@ def test_bad_lines_become_error_rows_named_by_their_sample_and_resume_works(teac
     assert r.returncode == 0, r.stderr[-3000:]
     assert "10 samples (6 ok, 4 error)" in r.stdout
     assert verify(out) == []
-    cache = TeacherCache.open(out)
+    cache = open_cache(out)
     rows = {row["id"]: row for row in cache.index.to_pylist()}
     assert len(rows) == 10
     for sid, words in expected.items():
@@ -208,4 +208,4 @@ def test_resume_accepts_the_teacher_spelled_relative_or_absolute(teacher_dir, de
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     r = _extract_cli(Path("./") / teacher_dir.name, data, out, env=env, cwd=teacher_dir.parent)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert verify(out) == [] and TeacherCache.open(out).manifest.counts["ok"] == 5
+    assert verify(out) == [] and open_cache(out).manifest.counts["ok"] == 5

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from genrecal_cache.io.prefetch import prefetch
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_cache.writer import CacheWriter, SampleArrays, SampleRecord
 from genrecal_train.config import TrainConfig
 from genrecal_train.errors import TrainError
@@ -85,7 +85,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
 def _cache_without_answers(src: Path, out: Path) -> Path:
     """The same samples and features, every answer mask empty (as a careless converter might write)."""
-    cache = TeacherCache.open(src)
+    cache = open_cache(src)
     m = cache.manifest
     writer = CacheWriter(out, hidden_size=m.hidden_size, vocab_size=m.vocab_size, topk=m.topk,
                          hidden_codec=m.hidden_codec, teacher=m.teacher, tokenizer_sha256=m.tokenizer_sha256,

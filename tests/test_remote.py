@@ -21,6 +21,7 @@ from _http import FaultPlan, serve
 from cli.cache_cli import app as cache_app
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError
+from genrecal_cache import open_cache
 from genrecal_cache.reader import TeacherCache
 from genrecal_cache.io.pull import pull
 from genrecal_cache.io.remote import url_to_fs
@@ -68,8 +69,8 @@ def faults() -> FaultPlan:
 def test_transient_faults_are_retried_and_data_is_identical(cache_dir, ranges):
     plan = faults()
     total = plan.pending()
-    with serve(cache_dir, ranges=ranges, plan=plan) as (url, handler), TeacherCache.open(url, FAST) as remote:
-        assert_same(TeacherCache.open(cache_dir), remote)
+    with serve(cache_dir, ranges=ranges, plan=plan) as (url, handler), open_cache(url, FAST) as remote:
+        assert_same(open_cache(cache_dir), remote)
         assert plan.pending() == 0 and plan.injected == total  # every fault was hit, and survived
         assert verify(url, FAST) == []
 
@@ -78,20 +79,20 @@ def test_exhausted_retries_raise_a_clear_error_naming_the_url(cache_dir):
     plan = FaultPlan().add(r"samples\.parquet", "503", 1000)
     with serve(cache_dir, plan=plan) as (url, _):
         with pytest.raises(RemoteReadError, match=rf"{url}/samples\.parquet.*still failing after 3 attempts.*503"):
-            TeacherCache.open(url, {"genrecal_retries": 2, "genrecal_retry_backoff": 0.01})
+            open_cache(url, {"genrecal_retries": 2, "genrecal_retry_backoff": 0.01})
         result = CliRunner().invoke(cache_app, ["info", url], env={"GENRECAL_RETRIES": "1",
                                                                    "GENRECAL_RETRY_BACKOFF": "0.01"})
         assert result.exit_code == 2 and "still failing after 2 attempts" in result.output
     # nothing listening: connection refused is transient too, then a clear error
     with pytest.raises(RemoteReadError, match=rf"{url}/manifest\.json: still failing after 2 attempts"):
-        TeacherCache.open(url, {"genrecal_retries": 1, "genrecal_retry_backoff": 0.01})
+        open_cache(url, {"genrecal_retries": 1, "genrecal_retry_backoff": 0.01})
 
 
 def test_permanent_errors_are_not_retried(cache_dir):
     plan = FaultPlan().add(r"nothing-here", "503", 0)
     with serve(cache_dir, plan=plan) as (url, handler):
         with pytest.raises(CacheFormatError, match="does not exist|missing"):
-            TeacherCache.open(f"{url}/nothing-here", FAST)
+            open_cache(f"{url}/nothing-here", FAST)
         assert len([r for r in handler.requests if "nothing-here/manifest.json" in r[1]]) <= 2  # 404: no retries
     assert not is_transient(FileNotFoundError("x")) and is_transient(ConnectionResetError())
 
@@ -114,22 +115,22 @@ def test_cloud_urls_say_which_package_is_missing(url, package):
     except ImportError:
         pass
     with pytest.raises(ImportError, match=rf"needs the `{package}` package: pip install {package}"):
-        TeacherCache.open(url)
+        open_cache(url)
     with pytest.raises(ImportError, match=package):
         url_to_fs(url)
 
 
 def test_local_cache_reads_each_file_once_and_verifies_it(cache_dir, tmp_path):
-    local = TeacherCache.open(cache_dir)
+    local = open_cache(cache_dir)
     lc = tmp_path / "lc"
     with serve(cache_dir, plan=faults()) as (url, handler):
-        with TeacherCache.open(url, FAST, local_cache=lc) as remote:
+        with open_cache(url, FAST, local_cache=lc) as remote:
             assert_same(local, remote)
         files = {f"/{rel}" for rel in local.manifest.checksums}
         first = [r for r in handler.requests if r[1] != "/manifest.json"]
         assert {r[1] for r in first} <= files
         handler.requests.clear()
-        with TeacherCache.open(url, FAST, local_cache=lc) as again:  # second epoch / run: disk only
+        with open_cache(url, FAST, local_cache=lc) as again:  # second epoch / run: disk only
             assert_same(local, again)
         assert [r[1] for r in handler.requests] == ["/manifest.json"]
     # a remote file that does not match the manifest is refused, and never stored
@@ -139,7 +140,7 @@ def test_local_cache_reads_each_file_once_and_verifies_it(cache_dir, tmp_path):
     data = bytearray(shard.read_bytes())
     data[10] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with serve(bad) as (url, _), TeacherCache.open(url, FAST, local_cache=tmp_path / "lc2") as remote:
+    with serve(bad) as (url, _), open_cache(url, FAST, local_cache=tmp_path / "lc2") as remote:
         with pytest.raises(CacheFormatError, match=r"hidden/c/1/0: downloaded file has sha256 .* the manifest says"):
             list(remote.iter_samples())
     # only the corrupt file is kept out: valid chunks fetched alongside it (read-ahead) may be stored
@@ -171,7 +172,7 @@ def test_a_failed_read_cancels_its_other_requests_and_nothing_is_sent_after_clos
     # siblings of the same read: another shard of the same array (zarr's own fan-out) and another array
     plan = FaultPlan().add(r"/features\.zarr/(hidden/c/0/0|token_ids/c/0)$", "503", 10**6)
     with serve(bad, plan=plan) as (url, handler):
-        with TeacherCache.open(url, options, local_cache=tmp_path / "lc" if local_cache else None) as c:
+        with open_cache(url, options, local_cache=tmp_path / "lc" if local_cache else None) as c:
             with pytest.raises(CacheFormatError, match="downloaded file has sha256" if local_cache else "unreadable"):
                 list(c.iter_samples(readahead=0))
             assert plan.injected  # the siblings were retrying when the error came
@@ -206,7 +207,7 @@ def test_pull_is_verified_and_resumable(cache_dir, tmp_path):
                                                   + len(full) - len(full) // 2)
         assert ("GET", f"/{shard}", f"bytes={len(full) // 2}-{len(full) - 1}") in handler.requests
         assert verify(out) == []
-    assert_same(TeacherCache.open(cache_dir), TeacherCache.open(out))
+    assert_same(open_cache(cache_dir), open_cache(out))
 
 
 def test_info_and_verify_cli_over_http(cache_dir, tmp_path):
@@ -226,7 +227,7 @@ def test_info_and_verify_cli_over_http(cache_dir, tmp_path):
 # ---- acceptance: a full stage-1 run from a cache served on 127.0.0.1 ------------------------------
 
 def test_full_stage1_run_from_a_cache_served_over_http(train_cache, student_dir, tmp_path):
-    local = TeacherCache.open(train_cache)
+    local = open_cache(train_cache)
     n_ok = local.manifest.counts["ok"]
     plan = (FaultPlan().add(r"hidden/c/0", "503", 2).add(r"samples\.parquet", "drop").add(r"teacher_head", "truncate")
             .add(r"topk_logprobs/c/0", "reset"))

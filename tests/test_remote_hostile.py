@@ -20,7 +20,7 @@ import torch
 from _http import ENDLESS_CAP, FaultPlan, serve
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_cache.io.pull import pull
 from genrecal_cache.io.retry import RemoteReadError, RetryPolicy
 from genrecal_cache.verify import verify
@@ -53,7 +53,7 @@ def fast_failures(monkeypatch):
 
 
 def _hidden(url) -> list[np.ndarray]:
-    with TeacherCache.open(url) as c:
+    with open_cache(url) as c:
         return [s.hidden.copy() for s in c.iter_samples(readahead=0)]
 
 
@@ -86,7 +86,7 @@ def test_an_endless_body_is_cut_at_the_files_limit(cache, fast_failures, target,
     plan = FaultPlan().add(target, "endless", count=1000)
     with serve(cache, plan=plan) as (url, _):
         with pytest.raises(CacheFormatError, match=f"larger than the {limit}-byte limit"):
-            finishes(lambda: TeacherCache.open(url))
+            finishes(lambda: open_cache(url))
         faults = finishes(lambda: verify(url))
         assert faults and all(f"{limit}-byte limit" in f for f in faults), faults
 
@@ -95,8 +95,8 @@ def test_a_server_without_range_support_still_reads(cache, made):
     """`Accept-Ranges: none` (and Range ignored): whole files instead, never 'corrupt parquet'."""
     with serve(cache, accept_ranges="none") as (url, _):
         got = finishes(lambda: _hidden(url))
-        with TeacherCache.open(url) as c:
-            assert c[3].images == TeacherCache.open(made)[3].images
+        with open_cache(url) as c:
+            assert c[3].images == open_cache(made)[3].images
         assert finishes(lambda: verify(url)) == []
     assert all(np.array_equal(a, b) for a, b in zip(got, _hidden(made)))
 
@@ -106,7 +106,7 @@ def test_a_file_changed_during_a_run_stops_it(cache):
     cache's bytes): the run stops with an error instead of training on them."""
     other = cache.parent / "other"
     shutil.copytree(cache, other)
-    with serve(cache) as (url, _), TeacherCache.open(url) as c:
+    with serve(cache) as (url, _), open_cache(url) as c:
         it = c.iter_samples(readahead=0)
         next(it)  # shard 0 of every array read: its identity (ETag) is now known
         for rel in ("features.zarr/hidden/c/0/0", "samples.parquet"):
@@ -123,7 +123,7 @@ def test_a_file_changed_during_a_run_stops_it(cache):
 
 def test_an_endless_head_download_is_cut_at_its_size_limit(cache, fast_failures):
     plan = FaultPlan().add(r"/teacher_head\.safetensors$", "endless", count=1000)
-    with serve(cache, plan=plan) as (url, _), TeacherCache.open(url) as c:
+    with serve(cache, plan=plan) as (url, _), open_cache(url) as c:
         with pytest.raises(CacheFormatError, match="teacher_head.safetensors: larger than the"):
             finishes(lambda: c.head())
 
@@ -157,7 +157,7 @@ def test_an_endless_answer_for_the_index_is_cut(cache, fast_failures, kind, acce
     plan = FaultPlan().add(r"/samples\.parquet$", kind, count=1000)
     with serve(cache, plan=plan, accept_ranges=accept_ranges) as (url, handler):
         with pytest.raises(CacheFormatError, match=rf"samples\.parquet: larger than the \d+-byte limit for {what}"):
-            finishes(lambda: TeacherCache.open(url))
+            finishes(lambda: open_cache(url))
         assert plan.injected and handler.sent[0] < SENT_BOUND
 
 
@@ -168,7 +168,7 @@ def test_mirror_and_pull_downloads_are_cut(cache, fast_failures, tmp_path, targe
     """`pull` and the read-through mirror (`local_cache=`): a download is refused past the size the
     server declared / the range asked, and nothing of it is kept as a cache file."""
     def read_through() -> None:
-        with TeacherCache.open(url, local_cache=tmp_path / "lc") as c:
+        with open_cache(url, local_cache=tmp_path / "lc") as c:
             c.head()
             list(c.iter_samples(readahead=0))
 

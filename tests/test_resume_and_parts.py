@@ -15,6 +15,7 @@ import pytest
 
 from genrecal_cache.journal import KILL_POINTS
 from genrecal_cache.format.manifest import CacheFormatError
+from genrecal_cache import open_cache
 from genrecal_cache.reader import TeacherCache
 from genrecal_cache.verify import verify
 
@@ -132,7 +133,7 @@ def reference(teacher_dir, small_data, tmp_path_factory) -> Path:
 def test_sigkill_at_30_points_then_resume_gives_the_uninterrupted_cache(teacher_dir, small_data, reference,
                                                                        tmp_path):
     out = tmp_path / "cache"
-    ref = TeacherCache.open(reference)
+    ref = open_cache(reference)
     assert ref.manifest.arrays["hidden"]["shard_tokens"] == 64 and ref.manifest.counts["tokens"] > 5 * 64
     rng = np.random.default_rng(7)
     # every named point of the commit sequence (mid-flush included), three times, in random order; then
@@ -146,7 +147,7 @@ def test_sigkill_at_30_points_then_resume_gives_the_uninterrupted_cache(teacher_
     assert sum(code == -9 for _, code in log) >= 20, log
     assert not (out / "_progress.json").exists() and not (out / "_commits").exists()
     assert verify(out) == []
-    got = TeacherCache.open(out)
+    got = open_cache(out)
     ids = got.index.column("id").to_pylist()
     assert ids == ref.index.column("id").to_pylist() and len(set(ids)) == len(ids) == 12  # each input once
     m_ref, m_got = json.loads((reference / "manifest.json").read_text()), json.loads((out / "manifest.json").read_text())
@@ -163,14 +164,14 @@ def test_a_run_begun_before_the_chunk_crc32c_resumes_with_its_own_codec_chain(te
     out = tmp_path / "cache"
     log = _run_driver(teacher_dir, small_data, out, {"kills": ["committed:3"], "old_chain": 1})
     assert log == [["committed:3", -9], [None, 0]], log
-    ref = TeacherCache.open(reference)
+    ref = open_cache(reference)
     m_ref, m_got = json.loads((reference / "manifest.json").read_text()), json.loads((out / "manifest.json").read_text())
     assert m_got["counts"]["tokens"] > 5 * 64  # the old run committed 3 shards, today's wrote the rest
     for name in ARRAYS:
         inner, _ = m_got["arrays"][name]["codec"].split("], index")
         assert not inner.endswith(", crc32c") and m_ref["arrays"][name]["codec"] == f"{inner}, crc32c], index [bytes, crc32c]"
     assert verify(out) == []
-    got = TeacherCache.open(out)
+    got = open_cache(out)
     assert got.index.column("id").to_pylist() == ref.index.column("id").to_pylist()
     _assert_same_samples(ref, got)
 
@@ -187,7 +188,7 @@ def test_resume_refuses_other_settings_and_readers_refuse_a_running_extraction(t
     assert r.returncode == -9, r.stderr[-2000:]
     assert (out2 / "_progress.json").exists() and not (out2 / "manifest.json").exists()
     with pytest.raises(CacheFormatError, match="extraction is running here or was interrupted"):
-        TeacherCache.open(out2)
+        open_cache(out2)
     with pytest.raises(Exception, match=r"cannot resume: .*topk: was 4, now 5"):
         extract(ExtractConfig(teacher=str(teacher_dir), data=str(small_data), out=str(out2), backend="transformers",
                               topk=5, batch_tokens=1, hidden_codec="bf16", progress=False, shard_tokens=64))
@@ -198,9 +199,12 @@ def test_two_parts_from_separate_processes_read_and_merge_as_one_cache(teacher_d
     for i in range(2):  # two independent processes, one per part (each killed once on the way)
         _run_driver(teacher_dir, small_data, out, {"kills": ["committed:2"], "num_shards": 2, "shard_index": i})
     assert sorted(p.name for p in out.iterdir()) == ["part-00000-of-00002", "part-00001-of-00002"]
-    ref = TeacherCache.open(reference)
-    multi = TeacherCache.open(out)
+    ref = open_cache(reference)
+    multi = open_cache(out)
     assert len(multi) == len(ref) == 12
+    with pytest.raises(CacheFormatError, match=r"a cache written in parts \(2 parts: part-00000-of-00002, .*use "
+                                               r"genrecal_cache.open_cache"):
+        TeacherCache.open(out)  # opens one cache only
     # global index = part 0's rows, then part 1's; part i holds the inputs with index % 2 == i
     ref_ids = ref.index.column("id").to_pylist()
     assert multi.index.column("id").to_pylist() == ref_ids[0::2] + ref_ids[1::2]
@@ -225,7 +229,7 @@ def test_two_parts_from_separate_processes_read_and_merge_as_one_cache(teacher_d
     r = subprocess.run([*cli, "merge", str(out), "--out", str(merged)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert verify(merged) == []
-    mc = TeacherCache.open(merged)
+    mc = open_cache(merged)
     assert mc.index.column("id").to_pylist() == multi.index.column("id").to_pylist()
     _assert_same_samples(ref, mc)
 
@@ -243,8 +247,8 @@ def test_a_part_from_another_teacher_setting_is_refused_by_name(teacher_dir, sma
                           shard_tokens=64))
     shutil.move(str(other / "part-00001-of-00002"), str(out / "part-00001-of-00002"))
     with pytest.raises(CacheFormatError, match=r"part-00001-of-00002: written with a different .*topk: 3 vs 4"):
-        TeacherCache.open(out)
+        open_cache(out)
     assert any("part-00001-of-00002" in f and "topk" in f for f in verify(out))
     shutil.rmtree(out / "part-00001-of-00002")
     with pytest.raises(CacheFormatError, match=r"1 of 2 parts missing \(part-00001-of-00002\)"):
-        TeacherCache.open(out)
+        open_cache(out)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from genrecal_cache.families import adapter_for
-from genrecal_cache.reader import TeacherCache
+from genrecal_cache import open_cache
 from genrecal_train.config import TrainConfig, load_config
 from genrecal_train.data import collate, make_example
 from genrecal_train.model import GenRecal
@@ -50,7 +50,7 @@ def _train_cmd(*args: str) -> list[str]:
 
 def _batches(cache_dir: Path, student_dir: Path, batch_size: int = 4):
     """Every sample of a cache, encoded for the student, in fixed batches (cache order)."""
-    cache = TeacherCache.open(cache_dir)
+    cache = open_cache(cache_dir)
     adapter = adapter_for(student_dir)
     processor = adapter.load_processor(student_dir)
     examples = [make_example(cache[i], adapter, processor, 2048) for i in range(len(cache))]
@@ -63,7 +63,7 @@ def _genrecal(student_dir: Path, cache_dir: Path, cfg: TrainConfig, student_path
     adapter = adapter_for(student_dir)
     student = adapter.load_model(student_path or student_dir)
     torch.manual_seed(cfg.seed)
-    return GenRecal(student, adapter, TeacherCache.open(cache_dir).head(), cfg)
+    return GenRecal(student, adapter, open_cache(cache_dir).head(), cfg)
 
 
 @torch.no_grad()
@@ -94,7 +94,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 # ---- 1. the teacher head from the cache ----------------------------------------------------------
 
 def test_cache_head_reproduces_cached_topk(train_cache: Path) -> None:
-    cache = TeacherCache.open(train_cache)
+    cache = open_cache(train_cache)
     head = cache.head()
     n_tok = agree = 0
     for s in cache.iter_samples():
@@ -360,7 +360,7 @@ def test_mismatched_cache_is_refused_before_any_step(case: str, tmp_path: Path, 
     if expect is not None:
         from genrecal_train.preflight import check_cache_matches
 
-        c = TeacherCache.open(cache)
+        c = open_cache(cache)
         check_cache_matches(c, c.head(), _cfg(cache, student_dir, out, expect_teacher=str(teacher_dir)))
 
 
@@ -386,7 +386,7 @@ def test_torchrun_two_ranks_read_disjoint_data_and_resume(tmp_path: Path, train_
             assert len(idx) == 2
             seen[rank] += idx
     assert not set(seen[0]) & set(seen[1]), seen  # disjoint shards
-    cache = TeacherCache.open(train_cache)
+    cache = open_cache(train_cache)
     for rank in (0, 1):  # each rank reads its own slice of the stage's shuffled order
         plan = [i for g in cache.plan(order="shuffled", seed=2000, rank=rank, world_size=2) for i in g]
         assert seen[rank] == [i for i in plan if cache[i].extra["qtype"] != "multi"][:8]
@@ -415,7 +415,7 @@ def test_epoch_based_step_count_is_the_same_on_every_rank(train_cache: Path, stu
     from genrecal_train.data import CacheStream
     from genrecal_train.trainer import stage_steps
 
-    cache, adapter = TeacherCache.open(train_cache), adapter_for(student_dir)
+    cache, adapter = open_cache(train_cache), adapter_for(student_dir)
     processor = adapter.load_processor(student_dir)
     cfg = _cfg(train_cache, student_dir, student_dir, epochs=1.0, batch_size=2)
     streams = [CacheStream(cache, adapter, processor, batch_size=2, max_len=2048, rank=r, world_size=3)

@@ -79,7 +79,7 @@ def _vllm_side(teacher: str, data: str, out: str, logprobs_json: str) -> None:
 def caches(teacher_dir: Path, demo_jsonl: Path, tmp_path_factory: pytest.TempPathFactory):
     """(vLLM cache, transformers cache, generate-runner prompt logprobs) for the same teacher and data."""
     from genrecal_cache.extract import extract
-    from genrecal_cache.reader import TeacherCache
+    from genrecal_cache import open_cache
 
     root = tmp_path_factory.mktemp("vllm_parity")
     out_vllm, out_hf, lp_json = root / "vllm", root / "hf", root / "prompt_logprobs.json"
@@ -90,7 +90,7 @@ def caches(teacher_dir: Path, demo_jsonl: Path, tmp_path_factory: pytest.TempPat
         pytest.fail(f"vLLM subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     print(next((line for line in proc.stdout.splitlines() if line.startswith("TIMING")), ""))
     extract(_cfg(str(teacher_dir), str(demo_jsonl), str(out_hf), "transformers"))
-    tv, th = TeacherCache.open(out_vllm), TeacherCache.open(out_hf)
+    tv, th = open_cache(out_vllm), open_cache(out_hf)
     yield tv, th, json.loads(lp_json.read_text())
     tv.close()
     th.close()

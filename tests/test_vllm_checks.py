@@ -92,13 +92,13 @@ def head_check(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 
 
 def test_undeclared_logit_scale_stops_extraction_before_anything_is_cached(head_check) -> None:
-    from genrecal_cache.reader import TeacherCache
+    from genrecal_cache import open_cache
 
     report, out = head_check
     assert "llava: the exported teacher head does not reproduce vLLM's own log-probabilities" in report["stock"]
     assert "Nothing was cached" in report["stock"] and "logit_scale" in report["stock"]
     with pytest.raises(Exception):  # noqa: B017 - any refusal: there is no manifest, so no cache
-        TeacherCache.open(out)
+        open_cache(out)
 
 
 def test_declared_logit_scale_reproduces_vllm_logprobs(head_check) -> None:
@@ -128,7 +128,7 @@ if __name__ == "__main__":  # the vLLM subprocess of the `head_check` fixture
 
 def test_extract_refuses_gemma3_on_cpu_before_writing_and_auto_picks_transformers(tmp_path: Path) -> None:
     from genrecal_cache.extract import ExtractConfig, extract
-    from genrecal_cache.reader import TeacherCache
+    from genrecal_cache import open_cache
     from genrecal_cache.testing import build_tiny_family, write_mixed_size_dataset
 
     model, data = build_tiny_family("gemma3", tmp_path / "gemma3", seed=3), write_mixed_size_dataset(tmp_path / "d", n=2)
@@ -142,4 +142,4 @@ def test_extract_refuses_gemma3_on_cpu_before_writing_and_auto_picks_transformer
     assert [p.name for p in (tmp_path / "refused").iterdir()] == ["_lock"]  # refused before the writer existed
     manifest = extract(cfg("auto", "auto"))  # vLLM is installed here, but not exact for Gemma 3 on CPU
     assert manifest.teacher["backend"] == "transformers" and manifest.counts["ok"] == 2
-    assert TeacherCache.open(tmp_path / "auto").manifest.teacher["model_type"] == "gemma3"
+    assert open_cache(tmp_path / "auto").manifest.teacher["model_type"] == "gemma3"

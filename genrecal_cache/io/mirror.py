@@ -1,4 +1,4 @@
-"""Local copies of a remote cache: the read-through mirror behind `TeacherCache.open(url,
+"""Local copies of a remote cache: the read-through mirror behind `open_cache(url,
 local_cache=DIR)` and the folder `pull` fills.
 
 `Mirror` copies the files a manifest lists into a local folder, each one verified against its
