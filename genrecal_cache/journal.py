@@ -16,6 +16,9 @@ parts become `samples.parquet`, the manifest is written (last, atomically), and 
 
 Tests inject crashes with the environment variable `GENRECAL_KILL_AT="<point>:<n>"`: the process
 SIGKILLs itself the n-th time (1-based) it reaches the named point (see `KILL_POINTS`).
+
+Long because the protocol is one piece (open/resume, commits, consolidation at close, the directory
+lock): split, its ordering rules would be spread over several files.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ Extraction calls `add` per sample; a background thread does the compression and 
 bounded queue so the teacher forward never waits on the disk. Feature arrays are written one
 whole shard at a time (a shard-sized buffer per array), so no shard file is ever rewritten and
 each shard's sha256 is taken from the bytes as they are written, not by re-reading the cache.
+
+Long because `CacheWriter` is one class: a sample's checks (`add`, `_prepare`) name the sample in the
+caller's thread, the writer thread fills and flushes shards, and resume reopens the arrays; the commit
+protocol is journal.py.
 """
 
 from __future__ import annotations
