@@ -86,7 +86,7 @@ def make_backend(cfg: ExtractConfig, adapter: FamilyAdapter, pad_id: int):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     backend = pick_backend(cfg.backend)
     if cfg.backend == "auto" and backend == "vllm":
-        from genrecal_cache.backends.vllm import vllm_refusal
+        from genrecal_cache.backends.vllm import vllm_refusal  # here: vLLM is optional, imported only when it may run
 
         if vllm_refusal(adapter, device.startswith("cuda")):  # `--backend vllm` says why; auto picks what works
             backend = "transformers"
