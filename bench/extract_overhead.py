@@ -63,6 +63,7 @@ def main() -> None:
     import genrecal_cache.backends.hf as hf
     from genrecal_cache.data import decode_image, read_samples
     from genrecal_cache.demo_data import write_demo_dataset
+    import genrecal_cache.extract as ex
     from genrecal_cache.extract import ExtractConfig, extract
     from genrecal_cache.families import adapter_for
     from genrecal_cache.testing import build_tiny_teacher
@@ -118,14 +119,14 @@ def main() -> None:
             return out
 
     def run_extract(codec: str, round_: int) -> float:
-        original, hf.HFBackend = hf.HFBackend, Timed
+        original, ex.HFBackend = ex.HFBackend, Timed  # where extract looks the backend class up
         try:
             m = extract(ExtractConfig(teacher=teacher, data=data, out=str(tmp / f"cache-{codec}-{round_}"),
                                       backend="transformers", topk=args.topk, batch_tokens=args.batch_tokens,
                                       hidden_codec=codec, dtype="float32", device="cpu", progress=False,
                                       shard_tokens=args.shard_tokens))
         finally:
-            hf.HFBackend = original
+            ex.HFBackend = original
         done = time.perf_counter()
         assert m.counts["tokens"] == tokens, (m.counts, tokens)
         shares[codec].append(marks["forward"] / (done - marks["ready"]))

@@ -258,10 +258,10 @@ async def get_capped_async(afs: fsspec.AbstractFileSystem, url: str, limit: int,
         cap, what = ((_asked(start, end, limit), f"the range asked for ({hdrs['Range']})") if ranged
                      else (limit, "this file"))
         declared = r.content_length if "Content-Encoding" not in r.headers else None
+        if begin is not None:  # first: it may turn a whole-file answer into "no Range support" (a fallback)
+            begin(ranged, _total_size(r.headers.get("Content-Range")) if ranged else declared)
         if declared is not None and declared > cap:  # refused before a byte of the body is read
             raise too_big(where, cap, what)
-        if begin is not None:
-            begin(ranged, _total_size(r.headers.get("Content-Range")) if ranged else declared)
         n = 0
         async for block in r.content.iter_chunked(_BLOCK):
             n += len(block)
