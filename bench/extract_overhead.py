@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import datetime as dt
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -40,11 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _machine import machine
 
-def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), torch "
-            f"{torch.__version__} ({torch.get_num_threads()} threads), no GPU; {dt.date.today().isoformat()}; "
-            f"load average {os.getloadavg()[0]:.1f}")
 
 
 def main() -> None:

@@ -25,9 +25,7 @@ Dropping the page cache needs root, so every reader runs once to warm the cache 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -37,15 +35,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from _machine import machine
+
 from genrecal_cache.fidelity import synthetic_post_norm_states
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache import open_cache
 from genrecal_cache.writer import CacheWriter, SampleArrays, SampleRecord
 
-
-def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), torch "
-            f"{torch.__version__}, no GPU; {dt.date.today().isoformat()}; load average {os.getloadavg()[0]:.1f}")
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:

@@ -26,9 +26,6 @@ predictions: it says little about fidelity); (3) `--cache`: a real cache. Fideli
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +33,8 @@ from pathlib import Path
 import numcodecs
 import numpy as np
 import torch
+
+from _machine import machine
 
 from genrecal_cache.format import codecs as C
 from genrecal_cache.fidelity import ExactReference, SyntheticTeacher, topk_fidelity
@@ -48,10 +47,6 @@ from genrecal_cache.verify import verify
 CODECS = ("bf16", "fp8", "ecq")
 TARGETS = {"fp8": "<= 0.52x, KL <= 1e-3", "ecq": "<= 0.30x, top-1 >= 99%"}
 
-
-def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), torch "
-            f"{torch.__version__} ({torch.get_num_threads()} threads), no GPU; {dt.date.today().isoformat()}")
 
 
 def write_cache(path: Path, codec: str, head: TeacherHead, samples: list[dict], teacher_id: str) -> None:

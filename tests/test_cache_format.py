@@ -6,22 +6,19 @@ Synthetic features (random numbers, a random TeacherHead): no model is needed.
 from __future__ import annotations
 
 import contextlib
-import functools
-import http.server
-import io
 import json
 import math
 import os
 import pickle
 import re
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import _http
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError, Manifest, sha256_bytes
 from genrecal_cache import open_cache
@@ -383,50 +380,11 @@ def test_writer_thread_failure_reaches_the_caller(tmp_path, head, samples):
 
 # ---- HTTP ----------------------------------------------------------------------------------------
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
-class _RangeHandler(_QuietHandler):
-    """Adds single `Range: bytes=a-b` / `bytes=-n` support, as S3, GCS and nginx have (Python's
-    SimpleHTTPRequestHandler ignores Range and always sends the whole file)."""
-
-    def send_head(self):
-        path = self.translate_path(self.path)
-        m = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").strip())
-        if m is None or os.path.isdir(path):
-            return super().send_head()
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError:
-            self.send_error(404)
-            return None
-        a, b = m.groups()
-        start, end = (len(data) - int(b), len(data)) if a == "" else (int(a), min(len(data), int(b) + 1 if b else len(data)))
-        start = max(0, start)
-        self.send_response(206)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
-        self.send_header("Content-Length", str(end - start))
-        self.end_headers()
-        return io.BytesIO(data[start:end])
-
-
 @contextlib.contextmanager
 def serve(directory: Path, ranges: bool):
-    """A real HTTP server on a free local port, in a thread; yields its base URL."""
-    handler = _RangeHandler if ranges else _QuietHandler
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    """A real HTTP server on a free local port (tests/_http.py), with or without Range support; yields its URL."""
+    with _http.serve(directory, ranges=ranges) as (url, _):
+        yield url
 
 
 @pytest.fixture(params=["ranges", "no-ranges"])
