@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .format.manifest import CacheFormatError, Manifest, identity, identity_diff
+from .format.manifest import SIZES_KEY, CacheFormatError, Manifest, identity, identity_diff
 from .io.prefetch import read_ahead
 from .reader import TeacherCache, find_cache, split_plan
 
@@ -58,12 +58,15 @@ def check_same_identity(url: str, names: list[str], manifests: list[Manifest]) -
 
 
 def combined_manifest(names: list[str], manifests: list[Manifest]) -> Manifest:
-    """One manifest describing all parts: counts summed, checksums with the part directory prefixed."""
+    """One manifest describing all parts: counts summed, checksums and sizes with the part directory prefixed."""
     counts = {k: sum(m.counts[k] for m in manifests) for k in manifests[0].counts}  # type: ignore[literal-required]
     checksums = {f"{n}/{rel}": d for n, m in zip(names, manifests) for rel, d in m.checksums.items()}
+    sizes = {f"{n}/{rel}": b for n, m in zip(names, manifests) for rel, b in m.sizes.items()}
+    extra = {**{k: v for k, v in manifests[0].extra.items() if k != SIZES_KEY}, "parts": list(names)}
+    if sizes:
+        extra[SIZES_KEY] = sizes
     return dataclasses.replace(manifests[0], counts=counts, checksums=checksums,  # type: ignore[arg-type]
-                               created=max(m.created for m in manifests),
-                               extra={**manifests[0].extra, "parts": list(names)})
+                               created=max(m.created for m in manifests), extra=extra)
 
 
 class MultiPartCache:

@@ -162,7 +162,7 @@ class TeacherCache:
     def _parquet(self) -> pq.ParquetFile:
         self._reset_if_forked()
         if self._pf is None:
-            self._pf = open_parquet(self.fs, self._path(SAMPLES_NAME))
+            self._pf = open_parquet(self.fs, self._path(SAMPLES_NAME), self.manifest.sizes.get(SAMPLES_NAME))
         return self._pf
 
     def _load_index(self) -> None:
@@ -182,7 +182,7 @@ class TeacherCache:
             raise CacheFormatError(f"{where}: unreadable ({e}); the file is truncated or corrupt, re-download or "
                                    f"re-extract it") from e
         safety.check_index(table, self.manifest, where)
-        stored = None if self._file_sizes is None else sum(
+        stored = safety.listed_feature_bytes(self.manifest) if self._file_sizes is None else sum(
             n for rel, n in self._file_sizes.items() if rel.startswith(f"{FEATURES_NAME}/"))
         safety.check_read_budget(self.manifest, table.column("id").to_pylist(),
                                  table.column("num_tokens").to_numpy(), stored, where)
@@ -463,7 +463,8 @@ def load_head(fs: fsspec.AbstractFileSystem, root: str, url: str, manifest: Mani
             with tempfile.TemporaryDirectory(prefix="genrecal-head-") as tmp:
                 local = os.path.join(tmp, HEAD_NAME)
                 # streamed (a 152k x 8192 head is 2.5 GB), and bounded: a server may send an endless body
-                download_capped(fs, path, local, safety.file_limit(HEAD_NAME, manifest), f"{url}/{HEAD_NAME}")
+                download_capped(fs, path, local, safety.file_limit(HEAD_NAME, manifest), f"{url}/{HEAD_NAME}",
+                                size=manifest.sizes.get(HEAD_NAME))
                 head = TeacherHead.load(local, device=device)
     except FileNotFoundError as e:
         raise CacheFormatError(f"{url}/{HEAD_NAME}: missing; the cache is incomplete, re-download or "
@@ -492,7 +493,8 @@ def load_tokenizer_files(fs: fsspec.AbstractFileSystem, root: str, url: str, man
     for rel in rels:
         where = f"{url}/{rel}"
         try:
-            data = read_capped(fs, f"{root}/{rel}", safety.file_limit(rel, manifest), where)
+            data = read_capped(fs, f"{root}/{rel}", safety.file_limit(rel, manifest), where,
+                               size=manifest.sizes.get(rel))
         except FileNotFoundError as e:
             raise CacheFormatError(f"{where}: missing; the cache is incomplete, re-download or re-extract it") from e
         if sha256_bytes(data) != manifest.checksums[rel]:

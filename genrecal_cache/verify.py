@@ -1,4 +1,4 @@
-"""Check a cache (local or remote) against its manifest: checksums, file set and structure.
+"""Check a cache (local or remote) against its manifest: sizes, checksums, file set and structure.
 
 `verify` returns a list of faults, one line each, naming the file, the problem and the fix; an
 empty list means the cache is sound. It reads every byte once (checksums) and the small arrays
@@ -30,7 +30,7 @@ from .format.manifest import (
 )
 from .format import safety
 from .io.fastread import NonFiniteError, ShardedArrayReader, read_ranges
-from .io.remote import read_capped
+from .io.remote import is_http, read_capped, size_mismatch
 from .io.locate import load_manifest, locate, open_fs, open_parquet, zarr_store
 from .parts import check_same_identity
 from .reader import INDEX_COLUMNS, load_head, open_feature_arrays
@@ -70,7 +70,7 @@ def verify(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | Non
             return faults + [_relative(str(e), url)]
         faults += _check_array_specs(arrays, manifest)
         try:
-            pf = open_parquet(fs, f"{root}/{SAMPLES_NAME}")
+            pf = open_parquet(fs, f"{root}/{SAMPLES_NAME}", manifest.sizes.get(SAMPLES_NAME))
             safety.check_schema(pf.schema_arrow, SAMPLES_NAME)  # column types first: the checks below index with them
             table = safety.read_index(pf, INDEX_COLUMNS, SAMPLES_NAME)  # sizes before values
             image_faults = _check_images(pf)
@@ -83,7 +83,8 @@ def verify(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | Non
         faults += image_faults + _check_index(table, arrays, manifest) + _check_row_json(table)
         faults += _check_hidden_values(fs, root, arrays["hidden"], manifest, {f.split(":")[0] for f in faults})
         try:
-            stored = _stored_feature_bytes(fs, root, manifest) if isinstance(fs, LocalFileSystem) else None
+            stored = (_stored_feature_bytes(fs, root, manifest) if isinstance(fs, LocalFileSystem)
+                      else safety.listed_feature_bytes(manifest))
             safety.check_read_budget(manifest, table.column("id").to_pylist(), table.column("num_tokens").to_numpy(),
                                      stored, SAMPLES_NAME)
         except CacheFormatError as e:
@@ -118,26 +119,35 @@ def _local_files(root: str) -> tuple[set[str], list[str]]:
     return files - {MANIFEST_NAME}, faults
 
 
-def _file_sha256(fs: fsspec.AbstractFileSystem, path: str, limit: int, where: str) -> str:
+def _file_sha256(fs: fsspec.AbstractFileSystem, path: str, limit: int, where: str, size: int | None) -> str:
     """sha256 of a cache file, refused (CacheFormatError) past `limit` bytes: a server's endless answer
-    is read only that far."""
+    is read only that far. With `size` (the manifest lists one), a file of another size is refused
+    before it is hashed (its size on disk, or the one a server states) and after (the bytes read)."""
     if isinstance(fs, LocalFileSystem):  # never a link or FIFO (refused before), read without following one
         with os.fdopen(safety.open_regular(path, path), "rb") as f:
+            got = os.fstat(f.fileno()).st_size
+            if size is not None and got != size:
+                raise size_mismatch(where, got, size, "the file has")
             return sha256_stream(f)
     try:
         h, n = hashlib.sha256(), 0
-        with fs.open(path, "rb") as f:
+        with fs.open(path, "rb", **({"size": size} if is_http(fs) and size is not None else {})) as f:
+            stated = fs.size(path) if size is not None else None
+            if size is not None and stated is not None and stated != size:
+                raise size_mismatch(where, stated, size, "the server says the file has")
             while block := f.read(8 << 20):
                 h.update(block)
                 n += len(block)
                 if n > limit:
                     raise CacheFormatError(f"{where}: larger than the {limit}-byte limit for this file (an endless "
                                            f"or hostile answer); {REFETCH}")
+        if size is not None and n != size:
+            raise size_mismatch(where, n, size, "the server sent")
         return h.hexdigest()
     except ValueError as e:  # an HTTP server without Range support: fetch the file in one request
         if isinstance(e, CacheFormatError) or ("range" not in str(e).lower() and "seek" not in str(e).lower()):
             raise
-        return hashlib.sha256(read_capped(fs, path, limit, where)).hexdigest()
+        return hashlib.sha256(read_capped(fs, path, limit, where, size=size)).hexdigest()
 
 
 def _check_files(fs: fsspec.AbstractFileSystem, root: str, m: Manifest) -> tuple[list[str], bool]:
@@ -162,7 +172,7 @@ def _check_files(fs: fsspec.AbstractFileSystem, root: str, m: Manifest) -> tuple
             faults.append(f"{rel}: listed in the manifest but missing: the cache is incomplete; {REFETCH}")
             continue
         try:
-            got = _file_sha256(fs, f"{root}/{rel}", safety.file_limit(rel, m), rel)
+            got = _file_sha256(fs, f"{root}/{rel}", safety.file_limit(rel, m), rel, m.sizes.get(rel))
         except FileNotFoundError:
             faults.append(f"{rel}: listed in the manifest but missing: the cache is incomplete; {REFETCH}")
             continue

@@ -47,8 +47,8 @@ from .format.codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, describe_chain, hi
 from .format.head import TeacherHead
 from .format.layout import create_feature_arrays, plan_layout
 from .format.manifest import (
-    FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, TOKENIZER_DIR, ArraySpec, CacheFormatError, Counts, Manifest,
-    TeacherInfo, answer_spans, relpath_problem, sha256_bytes, sha256_file,
+    FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, SIZES_KEY, TOKENIZER_DIR, ArraySpec, CacheFormatError,
+    Counts, Manifest, TeacherInfo, answer_spans, relpath_problem, sha256_bytes, sha256_file,
 )
 from .io.durable import atomic_write
 from .journal import CacheWriteError, Committed, Journal, is_journal, kill_point
@@ -127,7 +127,8 @@ class CacheWriter:
         self.hidden_size, self.vocab_size, self.topk = hidden_size, vocab_size, topk
         self._teacher: TeacherInfo = dict(teacher)  # type: ignore[assignment]  # extra provenance keys are kept
         self._meta = dict(command=command, tokenizer_sha256=tokenizer_sha256,
-                          chat_template_sha256=chat_template_sha256, extra=dict(extra or {}))
+                          chat_template_sha256=chat_template_sha256,  # sizes: the files', at close
+                          extra={k: v for k, v in (extra or {}).items() if k != SIZES_KEY})
         self._counts: Counts = {"samples": 0, "ok": 0, "error": 0, "tokens": 0, "answer_tokens": 0}
         self._tokenizer_files = {f"{TOKENIZER_DIR}/{name}": bytes(data) for name, data in (tokenizer_files or {}).items()}
         bad = next((rel for rel in self._tokenizer_files if relpath_problem(rel)), None)
@@ -235,7 +236,9 @@ class CacheWriter:
             self._flush_shards(final=True)
             self.journal.consolidate()
             self._write_tokenizer()
-            manifest = self._manifest(arrays=self._specs, checksums=self._checksums())
+            checksums = self._checksums()
+            sizes = {rel: (self.out_dir / rel).stat().st_size for rel in checksums}
+            manifest = self._manifest(arrays=self._specs, checksums=checksums, sizes=sizes)
             atomic_write(self.out_dir / MANIFEST_NAME, manifest.to_json().encode())
             self.journal.remove()
         except Exception as e:
@@ -243,11 +246,15 @@ class CacheWriter:
                                   f"it has no manifest and is incomplete") from e
         return manifest
 
-    def _manifest(self, arrays: dict[str, ArraySpec], checksums: dict[str, str]) -> Manifest:
+    def _manifest(self, arrays: dict[str, ArraySpec], checksums: dict[str, str],
+                  sizes: dict[str, int] | None = None) -> Manifest:
+        meta = dict(self._meta)
+        if sizes is not None:  # extra.sizes: each file's exact size next to its sha256 (format/manifest.py)
+            meta["extra"] = {**meta["extra"], SIZES_KEY: sizes}
         return Manifest(created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                         tool_version=__version__, teacher=self._teacher, hidden_size=self.hidden_size,
                         vocab_size=self.vocab_size, topk=self.topk, arrays=arrays, counts=self._counts,
-                        checksums=checksums, hidden_codec=self.codec.name, **self._meta)
+                        checksums=checksums, hidden_codec=self.codec.name, **meta)
 
     def _identity(self) -> dict[str, Any]:
         """What a resume must find unchanged: everything that decides the bytes written (Journal adds the head's sha256)."""

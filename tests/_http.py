@@ -11,6 +11,8 @@
             client hangs up); HEAD: answered truly (the server declares the real size, then misbehaves)
   endless206  GET: as endless, but as the answer to the Range asked (206, its Content-Range): a range
             that never ends
+  undeclared  GET: as endless; HEAD: 200 without a Content-Length (the server declares no size at all)
+  undeclared-whole  GET: the whole file, 200 without a Content-Length, Range ignored; HEAD: as undeclared
 An endless body stops at ENDLESS_CAP bytes; `handler.sent[0]` counts the bytes they sent, an upper
 bound of what the client read (plus the kernel's socket buffers).
 Files are served with an `ETag` (from size and mtime, as nginx does) and `If-Match` is honoured (412
@@ -109,7 +111,17 @@ class Handler(http.server.SimpleHTTPRequestHandler):
                 f.close()
             self.wfile.flush()
             self.stopping.wait()
-        elif kind in ("endless", "endless206") and self.command == "GET":
+        elif kind.startswith("undeclared") and self.command == "HEAD":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+        elif kind == "undeclared-whole":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            with open(self.translate_path(self.path), "rb") as f:
+                self.wfile.write(f.read())
+        elif kind in ("endless", "endless206", "undeclared") and self.command == "GET":
             ranged = kind == "endless206" and self.headers.get("Range")
             self.send_response(206 if ranged else 200)
             self.send_header("Content-Type", "application/json")

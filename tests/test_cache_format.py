@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import _http
+from genrecal_cache.format import safety
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError, Manifest, sha256_bytes
 from genrecal_cache import open_cache
@@ -163,6 +164,7 @@ def test_multi_shard_layout(bf16_cache):
         assert len([f for f in files if f.is_file()]) == math.ceil(T / S)
     assert set(m.checksums) == {p.relative_to(bf16_cache).as_posix() for p in bf16_cache.rglob("*")
                                 if p.is_file() and p.name != "manifest.json"}
+    assert m.sizes == {rel: (bf16_cache / rel).stat().st_size for rel in m.checksums}  # each file's exact size
     rows = idx.to_pylist()
     assert rows[0]["answer_spans"] and all(e > s for r in rows for s, e in r["answer_spans"])
     assert all(r["num_tokens"] == 0 and r["token_offset"] == 0 for r in rows if r["status"] == "error")
@@ -245,11 +247,22 @@ def test_verify_detects_a_flipped_byte(broken):
     assert "corrupt" in faults[0]
 
 
-def test_verify_detects_a_truncated_parquet(broken):
+@pytest.mark.parametrize("sizes", [True, False], ids=["sizes", "older-cache-without-sizes"])
+def test_verify_detects_a_truncated_parquet(broken, sizes):
+    """The manifest's size is checked before the file is hashed; a cache written before sizes were
+    recorded gets the sha256 check alone."""
+    if not sizes:
+        m = json.loads((broken / "manifest.json").read_text())
+        del m["extra"]["sizes"]
+        (broken / "manifest.json").write_text(json.dumps(m))
     p = broken / "samples.parquet"
+    n = p.stat().st_size
     p.write_bytes(p.read_bytes()[:-100])
     faults = verify(broken)
-    assert any(f.startswith("samples.parquet: sha256 mismatch") for f in faults)
+    want = (f"samples.parquet: size mismatch (the file has {n - 100} bytes, the manifest lists {n})" if sizes
+            else "samples.parquet: sha256 mismatch")
+    assert [f for f in faults if f.startswith("samples.parquet: ") and "mismatch" in f] == [
+        next(f for f in faults if f.startswith(want))]
     assert any(f.startswith("samples.parquet: unreadable") for f in faults)
     with pytest.raises(CacheFormatError, match="samples.parquet: unreadable"):
         open_cache(broken)
@@ -273,7 +286,9 @@ def test_verify_detects_mask_span_disagreement(broken):
     block[5] = not block[5]
     arr[:S] = block
     m = json.loads((broken / "manifest.json").read_text())
-    m["checksums"]["features.zarr/answer_mask/c/0"] = sha256_bytes((broken / "features.zarr/answer_mask/c/0").read_bytes())
+    shard = broken / "features.zarr/answer_mask/c/0"
+    m["checksums"]["features.zarr/answer_mask/c/0"] = sha256_bytes(shard.read_bytes())
+    m["extra"]["sizes"]["features.zarr/answer_mask/c/0"] = shard.stat().st_size
     (broken / "manifest.json").write_text(json.dumps(m))
     faults = verify(broken)
     assert len(faults) == 1 and "answer_mask disagrees with samples.parquet answer_spans (first at token 5)" in faults[0]
@@ -288,7 +303,7 @@ def test_verify_reports_unreadable_shards_and_metadata(broken):
     meta = broken / "features.zarr" / "topk_ids" / "zarr.json"
     meta.write_text(meta.read_text()[:40])
     faults = verify(broken)
-    assert any(f.startswith("features.zarr/topk_ids/zarr.json: sha256 mismatch") for f in faults)
+    assert any(f.startswith("features.zarr/topk_ids/zarr.json: size mismatch") for f in faults)
     assert faults[-1].startswith("features.zarr/topk_ids/zarr.json: unreadable array metadata")
 
 
@@ -310,6 +325,50 @@ def test_wrong_version_and_missing_array_are_named(broken):
     shutil.rmtree(broken / "features.zarr" / "topk_logprobs")
     with pytest.raises(CacheFormatError, match=r"features.zarr/topk_logprobs: array missing"):
         open_cache(broken)
+
+
+# the top-level keys genrecal releases before file sizes accept (they refuse any other): sizes live in `extra`
+VERSION_2_KEYS = {"format_version", "created", "tool_version", "command", "teacher", "tokenizer_sha256",
+                  "chat_template_sha256", "hidden_size", "vocab_size", "topk", "arrays", "counts", "checksums",
+                  "hidden_codec", "extra"}
+
+
+def test_file_sizes_stay_readable_by_older_genrecal(bf16_cache):
+    raw = json.loads((bf16_cache / "manifest.json").read_text())
+    assert set(raw) == VERSION_2_KEYS and raw["format_version"] == 2 and raw["extra"]["sizes"]
+    del raw["extra"]["sizes"]  # and a cache written before sizes reads as one without them
+    old = Manifest.from_json(json.dumps(raw))
+    assert old.sizes == {} and safety.file_limit("samples.parquet", old) == safety.layout_limit("samples.parquet", old)
+
+
+@pytest.mark.parametrize("value,problem", [
+    (-1, r"must be an integer number of bytes >= 0, got int -1"),
+    (1.5, r"must be an integer number of bytes >= 0, got float 1.5"),
+    ("1024", r"must be an integer number of bytes >= 0, got str '1024'"),
+    (True, r"must be an integer number of bytes >= 0, got bool True"),
+    (None, r"must be an integer number of bytes >= 0, got NoneType None"),
+    (2 ** 70, r"is 1180591620717411303424 bytes, beyond the 1048576 bytes this cache's layout allows that file"),
+    ((1 << 20) + 1, r"is 1048577 bytes, beyond the 1048576 bytes"),
+])
+def test_a_hostile_file_size_is_refused_by_the_manifest_parser(bf16_cache, value, problem):
+    """A size is the bound every read of the file gets: a hostile one must not lift the layout's bound
+    (here a zarr.json, at most 1 MiB) nor be anything but a count of bytes."""
+    raw = json.loads((bf16_cache / "manifest.json").read_text())
+    raw["extra"]["sizes"]["features.zarr/hidden/zarr.json"] = value
+    with pytest.raises(CacheFormatError, match=r"^x/manifest.json: field 'extra.sizes.features.zarr/hidden/zarr.json' "
+                       + problem + ".*re-download or re-extract the cache"):
+        Manifest.from_json(json.dumps(raw), source="x/manifest.json")
+
+
+def test_sizes_must_be_an_object_of_listed_files(bf16_cache):
+    raw = json.loads((bf16_cache / "manifest.json").read_text())
+    raw["extra"]["sizes"]["../../etc/passwd"] = 10
+    with pytest.raises(CacheFormatError, match=r"field 'extra.sizes.../../etc/passwd' names a file that 'checksums' "
+                                               r"does not list"):
+        Manifest.from_json(json.dumps(raw))
+    raw["extra"]["sizes"] = [1, 2]
+    with pytest.raises(CacheFormatError, match=r"field 'extra.sizes' must be an object \(path -> bytes\), got list"):
+        Manifest.from_json(json.dumps(raw))
 
 
 def test_manifest_validation_is_strict(bf16_cache):

@@ -472,6 +472,7 @@ def test_structurally_wrong_index_rows_are_refused(small_cache, tmp_path):
         pq.write_table(t, buf)
         m = json.loads(text)
         m["checksums"]["samples.parquet"] = sha256_bytes(buf.getvalue())
+        m["extra"]["sizes"]["samples.parquet"] = len(buf.getvalue())
         (root / "manifest.json").write_text(json.dumps(m))
         before = len(f.failures)
         f.case(label, "samples.parquet", buf.getvalue(), checksummed=True)

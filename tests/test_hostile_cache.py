@@ -75,8 +75,10 @@ def _write_manifest(root: Path, m: dict) -> None:
 
 
 def _rehash(root: Path, m: dict, *rels: str) -> None:
+    """Checksums and sizes of `rels` recomputed, as the maker of a hostile cache would."""
     for rel in rels:
         m["checksums"][rel] = sha256_bytes((root / rel).read_bytes())
+        m["extra"]["sizes"][rel] = (root / rel).stat().st_size
 
 
 def _refused(root: Path, *needles: str) -> str:
@@ -218,6 +220,7 @@ def _reencode_hidden(root: Path, compressors) -> None:
     b[...] = data
     m = _manifest(root)
     m["checksums"] = {k: v for k, v in m["checksums"].items() if not k.startswith("features.zarr/hidden/")}
+    m["extra"]["sizes"] = {k: v for k, v in m["extra"]["sizes"].items() if k in m["checksums"]}
     _rehash(root, m, *(p.relative_to(root).as_posix() for p in (root / "features.zarr" / "hidden").rglob("*")
                        if p.is_file()))
     _write_manifest(root, m)

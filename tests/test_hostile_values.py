@@ -53,6 +53,7 @@ def _rehash(root: Path, prefix: str = "") -> None:
         rel = p.relative_to(root).as_posix()
         if p.is_file() and rel != "manifest.json":
             m["checksums"][rel] = sha256_bytes(p.read_bytes())
+            m["extra"]["sizes"][rel] = p.stat().st_size
     (root / "manifest.json").write_text(json.dumps(m))
 
 

@@ -9,6 +9,7 @@ decides whether a hang is reported, never whether a working reader passes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -80,9 +81,25 @@ def test_stalls_that_clear_are_retried(cache, monkeypatch, made):
     assert all(np.array_equal(a, b) for a, b in zip(got, _hidden(made)))
 
 
-@pytest.mark.parametrize("target,limit", [(r"/manifest\.json$", "67108864"),
-                                          (r"/features\.zarr/hidden/zarr\.json$", "1048576")])
-def test_an_endless_body_is_cut_at_the_files_limit(cache, fast_failures, target, limit):
+def _without_sizes(root: Path) -> None:
+    """Make `root` a cache as genrecal wrote them before manifests listed file sizes."""
+    m = json.loads((root / "manifest.json").read_text())
+    del m["extra"]["sizes"]
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+def _listed_size(root: Path, rel: str) -> int:
+    return json.loads((root / "manifest.json").read_text())["extra"]["sizes"][rel]
+
+
+@pytest.mark.parametrize("target,rel", [(r"/manifest\.json$", None),
+                                        (r"/features\.zarr/hidden/zarr\.json$", "features.zarr/hidden/zarr.json")])
+@pytest.mark.parametrize("sizes", [True, False], ids=["sizes", "no-sizes"])
+def test_an_endless_body_is_cut_at_the_files_limit(cache, fast_failures, target, rel, sizes):
+    """manifest.json at 64 MiB; a zarr.json at its size in the manifest, or at 1 MiB in an older cache."""
+    limit = 64 << 20 if rel is None else _listed_size(cache, rel) if sizes else 1 << 20
+    if not sizes:
+        _without_sizes(cache)
     plan = FaultPlan().add(target, "endless", count=1000)
     with serve(cache, plan=plan) as (url, _):
         with pytest.raises(CacheFormatError, match=f"larger than the {limit}-byte limit"):
@@ -135,15 +152,23 @@ def test_an_endless_head_download_is_cut_at_its_size_limit(cache, fast_failures)
 # ENDLESS_CAP an unbounded reader takes before the server gives up.
 SENT_BOUND = 64 << 20
 CUT = r"larger than the \d+-byte limit for (this file|the range asked for)"
+# a range answer whose Content-Range states another file size than the manifest lists is refused before its body
+STATED = r"size mismatch \(the server says the file has 1099511627776 bytes, the manifest lists \d+\)"
 
 
 @pytest.mark.parametrize("kind", ["endless", "endless206"])
-def test_an_endless_answer_to_a_shard_range_is_cut(cache, fast_failures, kind):
+@pytest.mark.parametrize("sizes", [True, False], ids=["sizes", "no-sizes"])
+def test_an_endless_answer_to_a_shard_range_is_cut(cache, fast_failures, kind, sizes):
     """A shard's range request answered with a body that never ends: 200 with Range ignored (cut at
-    the size the server declared, within what the manifest's layout allows), or 206 (cut at the range)."""
+    the size the manifest lists, else the one the server declared, within what the manifest's layout
+    allows), or 206 (refused for the file size it states when the manifest lists another, else cut at
+    the range)."""
+    if not sizes:
+        _without_sizes(cache)
     plan = FaultPlan().add(r"/features\.zarr/hidden/c/1/0$", kind, count=1000)
     with serve(cache, plan=plan) as (url, handler):
-        with pytest.raises(CacheFormatError, match=r"hidden/c/1/0: " + CUT):
+        cut = STATED if sizes and kind == "endless206" else CUT
+        with pytest.raises(CacheFormatError, match=r"hidden/c/1/0: " + cut):
             finishes(lambda: _hidden(url))
         assert plan.injected and handler.sent[0] < SENT_BOUND < ENDLESS_CAP
 
@@ -178,8 +203,71 @@ def test_mirror_and_pull_downloads_are_cut(cache, fast_failures, tmp_path, targe
     with serve(cache, plan=plan) as (url, handler):
         for run in (lambda: pull(url, tmp_path / "pulled"), read_through):
             handler.sent[0] = 0
-            with pytest.raises(CacheFormatError, match=rf"{name}: " + CUT):
+            with pytest.raises(CacheFormatError, match=rf"{name}: " + (CUT if kind == "endless" else STATED)):
                 finishes(run)
             assert handler.sent[0] < SENT_BOUND
     for folder in (tmp_path / "pulled", tmp_path / "lc"):
         assert not list(folder.rglob(rel)) and not list(folder.rglob("manifest.json"))  # only ever a .part
+
+
+# ---- sizes in the manifest: every file read or downloaded at exactly its listed size ---------------------
+
+def test_an_endless_index_without_a_declared_size_is_cut_at_its_listed_size(cache, fast_failures, tmp_path):
+    """The case layout bounds could not cover (docs/security.md): a server that declares no size for
+    samples.parquet and streams it without end. `pull`, the read-through mirror and a direct read stop at
+    the size the manifest lists; what reaches the disk is at most that many bytes, and nothing becomes a
+    cache file."""
+    n = _listed_size(cache, "samples.parquet")
+    pulled, mirror = tmp_path / "pulled", tmp_path / "lc"
+    plan = FaultPlan().add(r"/samples\.parquet$", "undeclared", count=1000)
+    cut = rf"samples\.parquet: larger than the {n}-byte limit for this file, its size in the manifest"
+    with serve(cache, plan=plan) as (url, handler):
+        for run in (lambda: pull(url, pulled), lambda: TeacherCache.open(url, local_cache=mirror),
+                    lambda: TeacherCache.open(url)):
+            handler.sent[0] = 0
+            with pytest.raises(CacheFormatError, match=cut):
+                finishes(run)
+            assert handler.sent[0] < SENT_BOUND  # (kernel buffers; an unbounded reader takes ENDLESS_CAP)
+    assert plan.injected
+    for folder in (pulled, mirror):
+        written = [p.stat().st_size for p in folder.rglob("samples.parquet*")]
+        assert all(size <= n for size in written), (written, n)  # bytes on disk: never more than listed
+        assert not list(folder.rglob("samples.parquet")) and not list(folder.rglob("manifest.json"))
+
+
+def test_a_server_stating_or_sending_another_size_is_refused(cache, fast_failures, tmp_path):
+    """A manifest listing one size and a server holding a file of another (a stale or tampered copy): every
+    path names the URL, both sizes and the fix, before the file is hashed or parsed."""
+    n = _listed_size(cache, "samples.parquet")
+    m = json.loads((cache / "manifest.json").read_text())
+    m["extra"]["sizes"]["samples.parquet"] = n + 7  # the server's copy is 7 bytes shorter than listed
+    (cache / "manifest.json").write_text(json.dumps(m))
+    stated = rf"/samples\.parquet: size mismatch \(the server says the file has {n} bytes, the manifest lists {n + 7}\)"
+    with serve(cache) as (url, _):
+        with pytest.raises(CacheFormatError, match=stated + ".*re-download the cache"):
+            finishes(lambda: pull(url, tmp_path / "pulled"))
+        with pytest.raises(CacheFormatError, match=stated):
+            finishes(lambda: TeacherCache.open(url))
+        faults = finishes(lambda: verify(url))
+        assert any(f.startswith(f"samples.parquet: size mismatch (the server says the file has {n} bytes")
+                   for f in faults), faults
+    # a server that declares no size and sends the whole (short) file: refused for what it sent
+    plan = FaultPlan().add(r"/samples\.parquet$", "undeclared-whole", count=1000)
+    with serve(cache, plan=plan) as (url, _):
+        with pytest.raises(CacheFormatError, match=rf"samples\.parquet: size mismatch \(the server sent {n} bytes, "
+                                                   rf"the manifest lists {n + 7}\)"):
+            finishes(lambda: pull(url, tmp_path / "pulled2"))
+    pulled = tmp_path / "pulled2"
+    assert not list(pulled.rglob("samples.parquet")) and not list(pulled.rglob("manifest.json"))
+
+
+def test_an_older_cache_without_sizes_still_opens_verifies_and_pulls(cache, made, fast_failures, tmp_path):
+    _without_sizes(cache)
+    with serve(cache) as (url, _):
+        with TeacherCache.open(url) as c:
+            assert "sizes" not in c.manifest.extra and c.manifest.sizes == {}
+            got = [s.hidden.copy() for s in c.iter_samples(readahead=0)]
+        assert finishes(lambda: verify(url)) == []
+        report = finishes(lambda: pull(url, tmp_path / "pulled"))
+    assert report.fetched == report.files and verify(tmp_path / "pulled") == []
+    assert all(np.array_equal(a, b) for a, b in zip(got, _hidden(made)))

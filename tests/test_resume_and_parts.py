@@ -154,6 +154,8 @@ def test_sigkill_at_30_points_then_resume_gives_the_uninterrupted_cache(teacher_
     assert m_got["counts"] == m_ref["counts"]
     # bit-identical: every feature shard, the head and samples.parquet have the same sha256
     assert m_got["checksums"] == m_ref["checksums"]
+    assert m_got["extra"]["sizes"] == m_ref["extra"]["sizes"] == {rel: (out / rel).stat().st_size
+                                                                  for rel in m_got["checksums"]}
     _assert_same_samples(ref, got)
 
 
@@ -219,6 +221,8 @@ def test_two_parts_from_separate_processes_read_and_merge_as_one_cache(teacher_d
     got = [s.index for s in multi.iter_samples("shuffled", seed=3, rank=1, world_size=2)]
     assert got == plans[1]
     assert multi.head().vocab_size == ref.manifest.vocab_size
+    # each file's size, listed like its checksum (part directory first)
+    assert multi.manifest.sizes == {rel: (out / rel).stat().st_size for rel in multi.manifest.checksums}
     assert verify(out) == []
     # CLI: info and verify on the multi-part cache, then merge
     cli = [sys.executable, "-m", "cli.cache_cli"]
@@ -230,6 +234,7 @@ def test_two_parts_from_separate_processes_read_and_merge_as_one_cache(teacher_d
     assert r.returncode == 0, r.stderr
     assert verify(merged) == []
     mc = open_cache(merged)
+    assert mc.manifest.sizes == {rel: (merged / rel).stat().st_size for rel in mc.manifest.checksums}
     assert mc.index.column("id").to_pylist() == multi.index.column("id").to_pylist()
     _assert_same_samples(ref, mc)
 

@@ -6,6 +6,11 @@ strict (unknown version, missing keys, wrong types and unknown top-level keys al
 silently misread field would poison a training run. Additions within a format version go into
 `extra`; `teacher` may carry extra provenance keys (e.g. the extraction backend).
 
+`extra.sizes` (optional, within version 2) gives each listed file's exact size in bytes next to its
+sha256, so a reader caps every download or read of a file at that size. It lives in `extra` so that
+older genrecal (which refuses unknown top-level keys) still reads the cache; caches without it are
+read with the bounds their layout allows (format/safety.py `file_limit`).
+
 Version 2 added `hidden_codec` (how `hidden` is stored: bf16, fp8, ecq or fp32; see
 genrecal_cache/format/codecs.py). Version 1 manifests are still read: their codec follows from
 `arrays.hidden.dtype` (bfloat16 -> bf16, float32 -> fp32).
@@ -25,6 +30,7 @@ from .codecs import HIDDEN_CODECS, hidden_codec
 
 __all__ = ["ARRAY_NAMES", "ArraySpec", "COMMITS_DIR", "CacheFormatError", "Counts", "FEATURES_NAME", "FORMAT_VERSION",
            "HEAD_NAME", "MANIFEST_NAME", "MAX_INT", "Manifest", "PROGRESS_NAME", "READABLE_VERSIONS", "SAMPLES_NAME",
+           "SIZES_KEY",
            "TOKENIZER_DIR", "TeacherInfo", "answer_spans", "identity", "identity_diff", "relpath_problem", "sha256_bytes",
            "sha256_file", "sha256_stream", "sha256_text"]
 
@@ -111,6 +117,12 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Path -> exact size in bytes of the files `checksums` lists, from `extra.sizes` (validated by
+        `from_json`); empty for caches written before sizes were recorded, partial never by genrecal."""
+        return self.extra.get(SIZES_KEY) or {}
+
     def to_json(self) -> str:
         d = asdict(self)
         d = {"format_version": d.pop("format_version"), **d}  # version first: readers look there first
@@ -156,7 +168,9 @@ class Manifest:
         if raw["hidden_codec"] not in HIDDEN_CODECS:
             raise _fail(source, "hidden_codec", f"is {raw['hidden_codec']!r}, this genrecal knows "
                         f"{', '.join(HIDDEN_CODECS)}; upgrade genrecal or re-extract the cache")
-        return cls(**raw)
+        m = cls(**raw)
+        _check_sizes(m, source)
+        return m
 
 
 # -- strict validation -----------------------------------------------------------------------------
@@ -173,6 +187,34 @@ _ARRAY = {"dtype": "str", "stored_dtype": "str", "shape_tail": "ints", "chunk_to
           "codec": "str"}
 _COUNTS = {k: "int" for k in Counts.__annotations__}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+SIZES_KEY = "sizes"  # extra.sizes: path -> exact size in bytes (see the module doc)
+
+
+def _check_sizes(m: Manifest, source: str) -> None:
+    """`extra.sizes`, when present: an object naming only files `checksums` lists, each an integer number
+    of bytes within what the cache's layout allows that file (`safety.layout_limit`). A reader caps every
+    read of a file at its listed size, so a hostile size must not raise a bound it would otherwise have."""
+    from .safety import layout_limit  # safety imports this module
+
+    sizes = m.extra.get(SIZES_KEY)
+    if sizes is None:
+        return
+    if not isinstance(sizes, dict):
+        raise _fail(source, f"extra.{SIZES_KEY}", f"must be an object (path -> bytes), got {type(sizes).__name__}")
+    for rel, n in sizes.items():
+        name = f"extra.{SIZES_KEY}.{rel:.200}"
+        if rel not in m.checksums:
+            raise _fail(source, name, "names a file that 'checksums' does not list; the manifest is corrupt or "
+                        "hostile: re-download or re-extract the cache")
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+            raise _fail(source, name, f"must be an integer number of bytes >= 0, got {type(n).__name__} {n!r:.80}; "
+                        f"the manifest is corrupt or hostile: re-download or re-extract the cache")
+        limit = layout_limit(rel, m)
+        if n > limit:
+            raise _fail(source, name, f"is {n!r:.40} bytes, beyond the {limit} bytes this cache's layout allows "
+                        f"that file; the manifest is corrupt or hostile: re-download or re-extract the cache")
 
 
 def answer_spans(mask: Any) -> list[tuple[int, int]]:

@@ -36,9 +36,10 @@ from .manifest import FEATURES_NAME, HEAD_NAME, TOKENIZER_DIR, CacheFormatError,
 __all__ = ["BLOSC_MAX_OVERHEAD", "DECODED_FLOOR", "DECODED_PER_STORED", "DICTIONARY_COLUMNS", "ENV_MAX_READ_BYTES",
            "INDEX_FLOOR", "MAX_IMAGE_BYTES", "MAX_INDEX_EXPANSION", "MAX_MANIFEST_BYTES", "MAX_METADATA_BYTES",
            "MAX_READ_BYTES", "MAX_ROW_GROUP_IMAGE_BYTES", "MAX_SHARD_FILE_BYTES", "REFETCH", "check_index",
-           "check_local_files", "check_read_budget", "check_row_group_size", "check_schema", "decoded_bytes_per_token",
-           "decoded_nbytes", "file_limit", "local_file_problem", "max_read_bytes", "max_shard_bytes", "open_regular",
-           "parse_extra", "parse_messages", "read_images", "read_index", "read_regular", "shard_files"]
+           "check_local_files", "check_read_budget", "check_row_group_size", "check_schema",
+           "decoded_bytes_per_token", "decoded_nbytes", "file_limit", "layout_limit", "listed_feature_bytes",
+           "local_file_problem", "max_read_bytes", "max_shard_bytes", "open_regular", "parse_extra", "parse_messages",
+           "read_images", "read_index", "read_regular", "shard_files"]
 
 # 256 MiB per encoded image file: extraction checks it before an image file is read or decoded,
 # a reader of an untrusted cache before an image is handed to PIL.
@@ -102,9 +103,16 @@ def check_local_files(root: str, rels: Iterable[str], where: str) -> dict[str, i
 
 
 def file_limit(rel: str, m: Manifest | None) -> int:
-    """Most bytes a file of a cache can hold (what a reader reads or downloads of it before refusing
-    it): metadata 1 MiB, a shard what the manifest's layout allows (`max_shard_bytes`, at most 5 GiB:
-    readers refuse shards above 4 GiB decoded), the head its float32 size, a tokenizer file 256 MiB."""
+    """Most bytes a reader reads or downloads of a cache file before refusing it: its exact size when the
+    manifest lists one (`extra.sizes`, checked against `layout_limit` when parsed), else `layout_limit`."""
+    listed = m.sizes.get(rel) if m is not None else None
+    return listed if listed is not None else layout_limit(rel, m)
+
+
+def layout_limit(rel: str, m: Manifest | None) -> int:
+    """Most bytes a file of a cache can hold whatever its manifest says of its size: metadata 1 MiB, a
+    shard what the manifest's layout allows (`max_shard_bytes`, at most 5 GiB: readers refuse shards above
+    4 GiB decoded), the head its float32 size, a tokenizer file 256 MiB, samples.parquet 1 TiB."""
     if rel.endswith("zarr.json"):
         return MAX_METADATA_BYTES
     if rel.startswith(f"{FEATURES_NAME}/"):
@@ -152,6 +160,15 @@ def shard_files(m: Manifest, where: str) -> list[tuple[str, str, int]]:
             for name, spec in m.arrays.items() for s in range(-(-T // spec["shard_tokens"]))]
 
 
+def listed_feature_bytes(m: Manifest) -> int | None:
+    """Bytes of the feature files by the sizes the manifest lists (None unless it lists every one's): what
+    `check_read_budget` compares the token count with for a remote cache, whose reads are capped at them."""
+    rels = [rel for rel in m.checksums if rel.startswith(f"{FEATURES_NAME}/")]
+    if not rels or any(rel not in m.sizes for rel in rels):
+        return None
+    return sum(m.sizes[rel] for rel in rels)
+
+
 def decoded_bytes_per_token(m: Manifest) -> int:
     """Bytes a reader holds per token once decoded (hidden float32, int32 ids, bool mask, top-k)."""
     return 4 * m.hidden_size + 4 + 1 + 8 * m.topk
@@ -170,8 +187,9 @@ def check_read_budget(m: Manifest, ids: list[str], lengths: np.ndarray, stored_b
 
     - one read decodes the samples starting in one shard: at most (shard + longest sample) tokens, which
       must fit `GENRECAL_MAX_READ_BYTES` (default 4 GiB: a 100k-token sample at d=8192 is 3.3 GiB);
-    - when the feature files' sizes are known (local caches, verify), the decoded size of all T tokens
-      must be within 64x of them (real caches: under 8x), so a small cache cannot claim 2^24 tokens."""
+    - when the feature files' sizes are known (local caches; remote ones whose manifest lists sizes, to
+      which every read is held), the decoded size of all T tokens must be within 64x of them (real
+      caches: under 8x), so a small cache cannot claim 2^24 tokens."""
     per_token = decoded_bytes_per_token(m)
     limit = max_read_bytes()
     T = m.counts["tokens"]

@@ -4,8 +4,10 @@ mirror's and `pull`'s).
 The file is written to `<file>.part` and renamed when complete and its sha256 matches the manifest,
 so it is never visible half-written or wrong; a `.part` left by an earlier try is continued. Over
 HTTP each request asks for the next DOWNLOAD_BLOCK bytes and is bounded (io/remote.py): a range by
-its length; a whole-file answer (a server that ignores Range) by the size the server declares, else
-by the caller's limit (`safety.file_limit`: what the manifest's layout allows). `cancelled` is
+its length; a whole-file answer (a server that ignores Range) by the file's size in the manifest when
+it lists one (a server that states or sends another size is refused, `remote.size_mismatch`), else by
+the size the server declares, else by the caller's limit (`safety.file_limit`: what the manifest's
+layout allows). `cancelled` is
 looked at before every request (the size probe included) and during every wait to retry: a reader
 that closes, or whose batch failed, sends nothing more.
 """
@@ -21,7 +23,7 @@ from fsspec.asyn import sync
 
 from ..format.manifest import CacheFormatError, sha256_file
 from .durable import rename_durable
-from .remote import download_capped, get_capped_async, is_http, too_big
+from .remote import download_capped, get_capped_async, is_http, size_mismatch, too_big
 from .retry import ReadCancelled, RemoteReadError, RetryPolicy, retry_call
 
 __all__ = ["DOWNLOAD_BLOCK", "download"]
@@ -30,11 +32,18 @@ DOWNLOAD_BLOCK = 16 << 20  # bytes per ranged request
 
 
 def download(fs: fsspec.AbstractFileSystem, rpath: str, path: str, sha256: str, where: str, limit: int,
-             cancelled: Callable[[], bool] | None = None) -> int:
-    """Copy `rpath` to `path` if its sha256 matches, refusing more than `limit` bytes. Returns the
-    bytes transferred by this call. The file appears under `path` only once verified."""
+             cancelled: Callable[[], bool] | None = None, size: int | None = None) -> int:
+    """Copy `rpath` to `path` if its sha256 matches, refusing more than `limit` bytes, and unless it has
+    exactly `size` bytes when the manifest lists its size (then `limit` is `size`). Returns the bytes
+    transferred by this call. The file appears under `path` only once verified."""
     part = path + ".part"
-    got = (_fetch_http if is_http(fs) else _fetch_ranges)(fs, rpath, part, limit, where, cancelled)
+    if size is not None:
+        limit = size
+    got = (_fetch_http if is_http(fs) else _fetch_ranges)(fs, rpath, part, limit, where, cancelled, size)
+    if size is not None and os.path.getsize(part) != size:  # cheap, before the hash
+        n = os.path.getsize(part)
+        os.remove(part)
+        raise size_mismatch(where, n, size, "the download has")
     digest = sha256_file(part)
     if digest != sha256:
         os.remove(part)
@@ -45,14 +54,17 @@ def download(fs: fsspec.AbstractFileSystem, rpath: str, path: str, sha256: str, 
 
 
 def _fetch_http(fs: fsspec.AbstractFileSystem, rpath: str, part: str, limit: int, where: str,
-                cancelled: Callable[[], bool] | None) -> int:
+                cancelled: Callable[[], bool] | None, listed: int | None) -> int:
     """Append the rest of `rpath` to `part`, one retried request per block; a retry resumes from
     what arrived. Returns the bytes received."""
     policy = getattr(fs, "genrecal_retry", RetryPolicy())
     info = fs.info_cancellable(rpath, cancelled) if hasattr(fs, "info_cancellable") else fs.info(rpath)
     size: int | None = info.get("size")  # what the server declares (else: once an answer says it)
+    if listed is not None and size is not None and size != listed:
+        raise size_mismatch(where, size, listed, "the server says the file has")
     if size is not None and size > limit:
         raise too_big(where, limit)
+    size = listed if listed is not None else size
     got, ranged = 0, True
     with open(part, "ab") as out:
         def restart() -> None:
@@ -80,7 +92,7 @@ def _fetch_http(fs: fsspec.AbstractFileSystem, rpath: str, part: str, limit: int
             end = have + DOWNLOAD_BLOCK if size is None else min(size, have + DOWNLOAD_BLOCK)
             try:
                 n = sync(fs.loop, get_capped_async, fs, rpath, limit if size is None else size, where, write,
-                         start=have, end=end, begin=begin)
+                         start=have, end=end, begin=begin, size=listed)
             except ClientResponseError as e:
                 if e.status != 416:
                     raise
@@ -100,12 +112,14 @@ def _fetch_http(fs: fsspec.AbstractFileSystem, rpath: str, part: str, limit: int
 
 
 def _fetch_ranges(fs: fsspec.AbstractFileSystem, rpath: str, part: str, limit: int, where: str,
-                  cancelled: Callable[[], bool] | None) -> int:
+                  cancelled: Callable[[], bool] | None, listed: int | None) -> int:
     """Object stores and local paths: they report a true size and honour ranges."""
     size = fs.size(rpath)
     if size is None:  # not said: one whole, bounded download
-        download_capped(fs, rpath, part, limit, where)
+        download_capped(fs, rpath, part, limit, where, size=listed)
         return os.path.getsize(part)
+    if listed is not None and size != listed:
+        raise size_mismatch(where, size, listed, "the store says the file has")
     if size > limit:
         raise too_big(where, limit)
     got = 0

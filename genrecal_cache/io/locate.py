@@ -25,7 +25,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from ..format import safety
 from ..format.manifest import FEATURES_NAME, MANIFEST_NAME, CacheFormatError, Manifest
-from .remote import changed_error, etag_of, is_http, read_capped, read_capped_async
+from .remote import changed_error, etag_of, is_http, read_capped, read_capped_async, size_mismatch
 from .remote import url_to_fs as remote_url_to_fs
 from .retry import join_read
 
@@ -47,18 +47,19 @@ def local_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fetch(path) if fetch is not None else path
 
 
-def open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
+def open_parquet(fs: fsspec.AbstractFileSystem, path: str, size: int | None = None) -> pq.ParquetFile:
     """ParquetFile reading only the column chunks it needs (by byte range when remote). A server
     that ignores HTTP Range makes fsspec refuse reads past the file's start: then read it whole into
-    memory, bounded by the size the server declared (else `GENRECAL_MAX_READ_BYTES`)."""
+    memory, bounded by `size` (the file's size in the manifest, when it lists one; a server stating or
+    sending another size is refused), else the size the server declared, else `GENRECAL_MAX_READ_BYTES`."""
     try:
-        return _open_parquet(fs, path)
+        return _open_parquet(fs, path, size)
     except KeyError as e:  # a column read_dictionary names is not there
         raise CacheFormatError(f"{path}: column {e.args[0]!r} is missing; the file is not a genrecal index; "
                                f"{safety.REFETCH}") from None
 
 
-def _open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
+def _open_parquet(fs: fsspec.AbstractFileSystem, path: str, listed: int | None) -> pq.ParquetFile:
     dictionaries = {"read_dictionary": safety.DICTIONARY_COLUMNS}  # sizes are checked before values are decoded
     if isinstance(fs, LocalFileSystem):  # arrow's native reader: no Python file object in the loop
         return pq.ParquetFile(local_file(fs, path), **dictionaries)
@@ -66,6 +67,9 @@ def _open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
     if is_http(fs):  # every block read carries If-Match: a file replaced mid-run is an error (changed_error)
         info = fs.info(path)
         tag, size = etag_of(info), info.get("size")
+        if listed is not None and size is not None and size != listed:
+            raise size_mismatch(fs.unstrip_protocol(path), size, listed, "the server says the file has")
+        size = listed if listed is not None else size  # a server that declares none is read by ranges too
         headers = {"If-Match": tag} if tag else {}
         f = fs.open(path, "rb", size=size, **({"headers": headers} if headers else {}))
     else:
@@ -80,7 +84,7 @@ def _open_parquet(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
         if "range" not in str(e).lower() and "seek" not in str(e).lower():
             raise
     limit = size if isinstance(size, int) else safety.max_read_bytes()  # an endless answer is cut there
-    data = read_capped(fs, path, limit, fs.unstrip_protocol(path), headers=headers)
+    data = read_capped(fs, path, limit, fs.unstrip_protocol(path), headers=headers, size=listed)
     return pq.ParquetFile(pa.BufferReader(data), **dictionaries)
 
 
@@ -122,8 +126,11 @@ class _RangeTolerantFsspecStore(FsspecStore):
         path = f"{self.path}/{key}"
         join_read(self.fs.unstrip_protocol(path))
         if byte_range is None and key.endswith("zarr.json"):  # metadata: read whole, but bounded
+            rel = f"{FEATURES_NAME}/{key}"
             try:
-                data = await read_capped_async(self.fs, path, safety.MAX_METADATA_BYTES, self.fs.unstrip_protocol(path))
+                data = await read_capped_async(self.fs, path, safety.file_limit(rel, self.manifest),
+                                               self.fs.unstrip_protocol(path),
+                                               size=self.manifest.sizes.get(rel) if self.manifest else None)
             except FileNotFoundError:
                 return None
             return prototype.buffer.from_bytes(data)
@@ -154,7 +161,11 @@ class _RangeTolerantFsspecStore(FsspecStore):
                 return None
             self._etags[path] = etag_of(info), info.get("size")
         tag, size = self._etags[path]
-        limit = safety.file_limit(f"{FEATURES_NAME}/{key}", self.manifest)
+        rel = f"{FEATURES_NAME}/{key}"
+        limit = safety.file_limit(rel, self.manifest)
+        listed = self.manifest.sizes.get(rel) if self.manifest is not None else None
+        if listed is not None and isinstance(size, int) and size != listed:
+            raise size_mismatch(self.fs.unstrip_protocol(path), size, listed, "the server says the file has")
         if isinstance(size, int):
             limit = min(limit, size)
         start = end = None
@@ -166,7 +177,7 @@ class _RangeTolerantFsspecStore(FsspecStore):
             start = -byte_range.suffix
         try:
             data = await read_capped_async(self.fs, path, limit, self.fs.unstrip_protocol(path), start=start, end=end,
-                                           headers={"If-Match": tag} if tag else None)
+                                           headers={"If-Match": tag} if tag else None, size=listed)
         except FileNotFoundError:
             return None
         except Exception as e:

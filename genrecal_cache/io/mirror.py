@@ -2,9 +2,9 @@
 local_cache=DIR)` and the folder `pull` fills.
 
 `Mirror` copies the files a manifest lists into a local folder, each one verified against its
-sha256 before it becomes visible (io/download.py); partial files are resumed. Read through a
-`MirrorFileSystem`, every file is downloaded once, on first use, and the folder becomes a plain
-local cache (manifest written last) once all files are there. Downloads run on threads (zarr asks
+size (when the manifest lists sizes) and sha256 before it becomes visible (io/download.py); partial
+files are resumed. Read through a `MirrorFileSystem`, every file is downloaded once, on first use,
+and the folder becomes a plain local cache (manifest written last) once all files are there. Downloads run on threads (zarr asks
 for files from its event loop); a batch whose read failed stops its other downloads, and
 `Mirror.close` stops every one still running and waits for them, so nothing is sent after it.
 """
@@ -114,14 +114,18 @@ class Mirror:
             if not os.path.isfile(path):  # another process may have finished it while we waited
                 download(self.fs, f"{self.root}/{rel}", path, expected, f"{self.url}/{rel}",
                          safety.file_limit(rel, self.manifest),
-                         lambda: self._closing.is_set() or (stop is not None and stop.is_set()))
+                         lambda: self._closing.is_set() or (stop is not None and stop.is_set()),
+                         size=self.manifest.sizes.get(rel))
                 self._missing -= 1
                 if self._missing == 0:  # the last file: the folder is now a complete local cache
                     complete_mirror(self)
         return path
 
     def remote_size(self, rel: str) -> int | None:
-        """The size the server declares for `rel` (its retries stop when the mirror closes)."""
+        """The size of `rel`: the manifest's when it lists one (no request), else the one the server
+        declares (its retries stop when the mirror closes)."""
+        if rel in self.manifest.sizes:
+            return self.manifest.sizes[rel]
         rpath = f"{self.root}/{rel}"
         with self._running(f"{self.url}/{rel}"):
             if hasattr(self.fs, "info_cancellable"):

@@ -27,7 +27,8 @@ class PullReport:
 def pull(url: str | os.PathLike, out: str | os.PathLike, storage_options: dict[str, Any] | None = None,
          progress: Callable[[str, int], None] | None = None) -> PullReport:
     """Download the cache at `url` into the folder `out`: every file the manifest lists, each verified
-    against its sha256 and bounded by what the manifest allows it (io/download.py), the manifest last.
+    against its sha256 and its size (exactly the size the manifest lists, else what its layout allows the
+file: io/download.py), the manifest last.
     Re-running resumes: verified files are kept, partial ones continued. A folder holding another
     cache is refused."""
     fs, root, name = open_fs(url, storage_options)
@@ -53,7 +54,7 @@ def pull(url: str | os.PathLike, out: str | os.PathLike, storage_options: dict[s
         path = mirror.local(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         nbytes += download(fs, f"{mirror.root}/{rel}", path, manifest.checksums[rel], f"{name}/{rel}",
-                           safety.file_limit(rel, manifest))
+                           safety.file_limit(rel, manifest), size=manifest.sizes.get(rel))
         fetched += 1
         if progress is not None:
             progress(rel, nbytes)

@@ -11,12 +11,15 @@ untrusted body, streamed and refused past its bound (a range's length when the s
 range, the file's limit when it ignores Range and sends the whole file with 200), so an endless or
 oversized answer costs at most the bound plus one block. Every whole-file or ranged read of a cache
 file over HTTP (`read_capped*`, `download_capped`, the zarr store's shard reads, mirror downloads)
-goes through it.
+goes through it. When the manifest lists the file's size (`extra.sizes`), that size is the bound,
+and a file size the server states or a whole-file body that differs from it is refused
+(`size_mismatch`): an endless answer then costs at most the file's listed size plus one block.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +32,7 @@ from ..format.manifest import CacheFormatError
 from .retry import RetryPolicy, retry_async, retry_call
 
 __all__ = ["changed_error", "download_capped", "etag_of", "get_capped_async", "is_http", "read_capped",
-           "read_capped_async", "retrying_class", "too_big", "url_to_fs"]
+           "read_capped_async", "retrying_class", "size_mismatch", "too_big", "url_to_fs"]
 
 # packages fsspec needs per protocol (its own message does not say how credentials are found)
 _PACKAGES = {"s3": ("s3fs", "credentials: AWS_PROFILE / AWS_ACCESS_KEY_ID, or storage_options={'anon': True} "
@@ -215,6 +218,13 @@ def too_big(where: str, limit: int, what: str = "this file") -> CacheFormatError
                             f"cache, or read it from another server")
 
 
+def size_mismatch(where: str, got: int, size: int, how: str) -> CacheFormatError:
+    """A file whose size, as `how` states it ("the server sent", "the file has"), is not the manifest's."""
+    return CacheFormatError(f"{where}: size mismatch ({how} {got} bytes, the manifest lists {size}): this copy is "
+                            f"truncated, corrupt or from another version of the cache; re-download the cache (or "
+                            f"read it from another server; its publisher must upload it again), or re-extract it")
+
+
 def _range_header(start: int | None, end: int | None) -> str:
     if start is not None and start < 0:  # a suffix: the last -start bytes
         return f"bytes={start}"
@@ -237,13 +247,15 @@ def _asked(start: int | None, end: int | None, limit: int) -> int:
 async def get_capped_async(afs: fsspec.AbstractFileSystem, url: str, limit: int, where: str,
                            write: Callable[[bytes], None], *, start: int | None = None, end: int | None = None,
                            headers: dict[str, str] | None = None,
-                           begin: Callable[[bool, int | None], None] | None = None) -> int:
+                           begin: Callable[[bool, int | None], None] | None = None, size: int | None = None) -> int:
     """One HTTP GET of `url` (bytes [start, end) when either is given; a negative start is a suffix),
     its body handed to `write` block by block and refused past what was asked: the range's length
     when the server answers it (206), `limit` when it sends the whole file instead (200, Range
-    ignored). `begin(ranged, the file's size if the answer says it)` is called before the first
-    block. Returns the bytes received. 404 is FileNotFoundError; other statuses raise aiohttp's
-    ClientResponseError (retried by the caller)."""
+    ignored). `size`: the file's exact size when the manifest lists it (then `limit` is that size): a
+    file size the answer states (Content-Length of a whole file, Content-Range's total) or a whole
+    file's body that differs from it is refused (`size_mismatch`). `begin(ranged, the file's size if
+    the answer says it)` is called before the first block. Returns the bytes received. 404 is
+    FileNotFoundError; other statuses raise aiohttp's ClientResponseError (retried by the caller)."""
     kw = dict(afs.kwargs)
     hdrs = {**kw.pop("headers", {}), **(headers or {})}
     ranged_request = start is not None or end is not None
@@ -256,11 +268,14 @@ async def get_capped_async(afs: fsspec.AbstractFileSystem, url: str, limit: int,
         r.raise_for_status()
         ranged = ranged_request and r.status == 206
         cap, what = ((_asked(start, end, limit), f"the range asked for ({hdrs['Range']})") if ranged
-                     else (limit, "this file"))
+                     else (limit, "this file" + (", its size in the manifest" if size is not None else "")))
         declared = r.content_length if "Content-Encoding" not in r.headers else None
-        if begin is not None:  # first: it may turn a whole-file answer into "no Range support" (a fallback)
-            begin(ranged, _total_size(r.headers.get("Content-Range")) if ranged else declared)
-        if declared is not None and declared > cap:  # refused before a byte of the body is read
+        total = _total_size(r.headers.get("Content-Range")) if ranged else declared
+        if size is not None and total is not None and total != size:  # before a byte of the body is read
+            raise size_mismatch(where, total, size, "the server says the file has")
+        if begin is not None:  # first: it may turn a whole-file answer into a fallback (`_fetch_block`)
+            begin(ranged, total)
+        if declared is not None and declared > cap:
             raise too_big(where, cap, what)
         n = 0
         async for block in r.content.iter_chunked(_BLOCK):
@@ -268,52 +283,70 @@ async def get_capped_async(afs: fsspec.AbstractFileSystem, url: str, limit: int,
             if n > cap:
                 raise too_big(where, cap, what)
             write(block)
+    if size is not None and not ranged and n != size:  # the whole file, ended early
+        raise size_mismatch(where, n, size, "the server sent")
     return n
 
 
 async def read_capped_async(afs: fsspec.AbstractFileSystem, path: str, limit: int, where: str, *,
                             start: int | None = None, end: int | None = None, headers: dict[str, str] | None = None,
-                            cancelled: Callable[[], bool] | None = None) -> bytes:
+                            cancelled: Callable[[], bool] | None = None, size: int | None = None) -> bytes:
     """The file, or its bytes [start, end), refused past `limit` bytes (a whole file; a range: its
     length) without reading further; retried like every read. Over HTTP a server that ignores Range
     answers with the whole file (up to `limit`): callers slice it. Object stores (s3, gs) report a
-    true size, checked first."""
+    true size, checked first. `size`: the exact size the manifest lists (`get_capped_async`)."""
     if not is_http(afs):
-        if start is None and end is None:
-            size = await afs._size(path)
-            if size is not None and size > limit:
-                raise too_big(where, limit)
-        return await afs._cat_file(path, start=start, end=end, **({"headers": headers} if headers else {}))
+        whole = start is None and end is None
+        if whole:
+            _check_stated_size(await afs._size(path), limit, size, where)
+        data = await afs._cat_file(path, start=start, end=end, **({"headers": headers} if headers else {}))
+        if whole and size is not None and len(data) != size:
+            raise size_mismatch(where, len(data), size, "the file has")
+        return data
 
     async def get() -> bytes:
         chunks: list[bytes] = []
-        await get_capped_async(afs, path, limit, where, chunks.append, start=start, end=end, headers=headers)
+        await get_capped_async(afs, path, limit, where, chunks.append, start=start, end=end, headers=headers, size=size)
         return b"".join(chunks)
     return await retry_async(getattr(afs, "genrecal_retry", RetryPolicy()), where, get, cancelled)
 
 
-def read_capped(fs: fsspec.AbstractFileSystem, path: str, limit: int, where: str, *,
-                start: int | None = None, end: int | None = None, headers: dict[str, str] | None = None) -> bytes:
+def _check_stated_size(stated: int | None, limit: int, size: int | None, where: str) -> None:
+    """A size an object store or local filesystem reports: the listed `size` when known, within `limit`."""
+    if stated is None:
+        return
+    if size is not None and stated != size:
+        raise size_mismatch(where, stated, size, "the file has")
+    if stated > limit:
+        raise too_big(where, limit)
+
+
+def read_capped(fs: fsspec.AbstractFileSystem, path: str, limit: int, where: str, *, start: int | None = None,
+                end: int | None = None, headers: dict[str, str] | None = None, size: int | None = None) -> bytes:
     """`read_capped_async` for a synchronous filesystem."""
     if not is_http(fs):
-        if start is None and end is None:
-            size = fs.size(path)
-            if size is not None and size > limit:
-                raise too_big(where, limit)
-        return fs.cat_file(path, start=start, end=end)
-    return sync(fs.loop, read_capped_async, fs, path, limit, where, start=start, end=end, headers=headers)
+        whole = start is None and end is None
+        if whole:
+            _check_stated_size(fs.size(path), limit, size, where)
+        data = fs.cat_file(path, start=start, end=end)
+        if whole and size is not None and len(data) != size:
+            raise size_mismatch(where, len(data), size, "the file has")
+        return data
+    return sync(fs.loop, read_capped_async, fs, path, limit, where, start=start, end=end, headers=headers, size=size)
 
 
-def download_capped(fs: fsspec.AbstractFileSystem, path: str, local: str, limit: int, where: str) -> None:
-    """Copy the file to `local`, refused past `limit` bytes (streamed to disk over HTTP; retried)."""
+def download_capped(fs: fsspec.AbstractFileSystem, path: str, local: str, limit: int, where: str,
+                    size: int | None = None) -> None:
+    """Copy the file to `local`, refused past `limit` bytes (streamed to disk over HTTP; retried), and
+    unless it has exactly `size` bytes when the manifest lists its size."""
     if not is_http(fs):
-        size = fs.size(path)
-        if size is not None and size > limit:
-            raise too_big(where, limit)
+        _check_stated_size(fs.size(path), limit, size, where)
         fs.get_file(path, local)
+        if size is not None and os.path.getsize(local) != size:
+            raise size_mismatch(where, os.path.getsize(local), size, "the file has")
         return
 
     async def get() -> None:
         with open(local, "wb") as out:  # a retry starts the file again
-            await get_capped_async(fs, path, limit, where, out.write)
+            await get_capped_async(fs, path, limit, where, out.write, size=size)
     sync(fs.loop, retry_async, getattr(fs, "genrecal_retry", RetryPolicy()), where, get)
