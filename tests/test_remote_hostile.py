@@ -222,8 +222,8 @@ def test_an_endless_index_without_a_declared_size_is_cut_at_its_listed_size(cach
     plan = FaultPlan().add(r"/samples\.parquet$", "undeclared", count=1000)
     cut = rf"samples\.parquet: larger than the {n}-byte limit for this file, its size in the manifest"
     with serve(cache, plan=plan) as (url, handler):
-        for run in (lambda: pull(url, pulled), lambda: TeacherCache.open(url, local_cache=mirror),
-                    lambda: TeacherCache.open(url)):
+        for run in (lambda: pull(url, pulled), lambda: open_cache(url, local_cache=mirror),
+                    lambda: open_cache(url)):
             handler.sent[0] = 0
             with pytest.raises(CacheFormatError, match=cut):
                 finishes(run)
@@ -247,7 +247,7 @@ def test_a_server_stating_or_sending_another_size_is_refused(cache, fast_failure
         with pytest.raises(CacheFormatError, match=stated + ".*re-download the cache"):
             finishes(lambda: pull(url, tmp_path / "pulled"))
         with pytest.raises(CacheFormatError, match=stated):
-            finishes(lambda: TeacherCache.open(url))
+            finishes(lambda: open_cache(url))
         faults = finishes(lambda: verify(url))
         assert any(f.startswith(f"samples.parquet: size mismatch (the server says the file has {n} bytes")
                    for f in faults), faults
@@ -264,7 +264,7 @@ def test_a_server_stating_or_sending_another_size_is_refused(cache, fast_failure
 def test_an_older_cache_without_sizes_still_opens_verifies_and_pulls(cache, made, fast_failures, tmp_path):
     _without_sizes(cache)
     with serve(cache) as (url, _):
-        with TeacherCache.open(url) as c:
+        with open_cache(url) as c:
             assert "sizes" not in c.manifest.extra and c.manifest.sizes == {}
             got = [s.hidden.copy() for s in c.iter_samples(readahead=0)]
         assert finishes(lambda: verify(url)) == []
