@@ -424,9 +424,10 @@ def verify_parts(fs: fsspec.AbstractFileSystem, root: str, url: str, names: list
     except Exception:  # noqa: BLE001
         pass
     ids: Counter[str] = Counter()
-    for n in names:
+    for n, m in zip(names, manifests):
         try:
-            ids.update(open_parquet(fs, f"{root}/{n}/{SAMPLES_NAME}").read(columns=["id"]).column("id").to_pylist())
+            pf = open_parquet(fs, f"{root}/{n}/{SAMPLES_NAME}", m.sizes.get(SAMPLES_NAME))
+            ids.update(pf.read(columns=["id"]).column("id").to_pylist())
         except Exception:  # noqa: BLE001 - reported by the part's own verify
             pass
     dup = [k for k, c in ids.items() if c > 1]

@@ -1,12 +1,13 @@
 """Local copies of a remote cache: the read-through mirror behind `open_cache(url,
 local_cache=DIR)` and the folder `pull` fills.
 
-`Mirror` copies the files a manifest lists into a local folder, each one verified against its
-size (when the manifest lists sizes) and sha256 before it becomes visible (io/download.py); partial
-files are resumed. Read through a `MirrorFileSystem`, every file is downloaded once, on first use,
-and the folder becomes a plain local cache (manifest written last) once all files are there. Downloads run on threads (zarr asks
-for files from its event loop); a batch whose read failed stops its other downloads, and
-`Mirror.close` stops every one still running and waits for them, so nothing is sent after it.
+`Mirror` copies the files a manifest lists into a local folder, each one verified against its size
+(when the manifest lists sizes) and sha256 before it becomes visible (io/download.py); partial files
+are resumed. Read through a `MirrorFileSystem`, every file is downloaded once, on first use, and the
+folder becomes a plain local cache (manifest written last) once all files are there. Downloads run
+on threads (zarr asks for files from its event loop); a batch whose read failed stops its other
+downloads, and `Mirror.close` stops every one still running and waits for them, so nothing is sent
+after it.
 """
 
 from __future__ import annotations

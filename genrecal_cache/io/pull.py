@@ -27,8 +27,8 @@ class PullReport:
 def pull(url: str | os.PathLike, out: str | os.PathLike, storage_options: dict[str, Any] | None = None,
          progress: Callable[[str, int], None] | None = None) -> PullReport:
     """Download the cache at `url` into the folder `out`: every file the manifest lists, each verified
-    against its sha256 and its size (exactly the size the manifest lists, else what its layout allows the
-file: io/download.py), the manifest last.
+    against its size (exactly the one the manifest lists, else what its layout allows the file) and its
+    sha256 (io/download.py), the manifest last.
     Re-running resumes: verified files are kept, partial ones continued. A folder holding another
     cache is refused."""
     fs, root, name = open_fs(url, storage_options)
