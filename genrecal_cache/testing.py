@@ -263,9 +263,7 @@ def build_tiny_student(out_dir: str | Path, seed: int = 0, hidden_size: int = 64
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                vision_feature_select_strategy="full", chat_template=STUDENT_CHAT_TEMPLATE,
                                image_token="<image>", num_additional_image_tokens=0)
-    out_dir = _save(out_dir, seed, lambda: LlavaForConditionalGeneration(config), processor)
-    _use_hub_vision_tower_names(out_dir / "model.safetensors")
-    return out_dir
+    return _save(out_dir, seed, lambda: LlavaForConditionalGeneration(config), processor, hub_vision_names=True)
 
 
 def _use_hub_vision_tower_names(path: Path) -> None:
@@ -441,9 +439,8 @@ def _gemma3(out_dir: Path, seed: int) -> Path:
     image_processor = transformers.Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
     processor = transformers.Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=4,
                                              chat_template=GEMMA3_CHAT_TEMPLATE)
-    out_dir = _save(out_dir, seed, lambda: transformers.Gemma3ForConditionalGeneration(config), processor)
-    _use_hub_vision_tower_names(out_dir / "model.safetensors")  # as hub checkpoints (and vLLM) have them
-    return out_dir
+    return _save(out_dir, seed, lambda: transformers.Gemma3ForConditionalGeneration(config), processor,
+                 hub_vision_names=True)
 
 
 # SmolVLM's own template: it reads only typed content parts (a plain-string answer renders as nothing)
@@ -505,9 +502,8 @@ def _llava_onevision(out_dir: Path, seed: int) -> Path:
     processor = transformers.LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tok,
                                                      num_image_tokens=16, vision_feature_select_strategy="full",
                                                      chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE)
-    out_dir = _save(out_dir, seed, lambda: transformers.LlavaOnevisionForConditionalGeneration(config), processor)
-    _use_hub_vision_tower_names(out_dir / "model.safetensors")  # as hub checkpoints (and vLLM) have them
-    return out_dir
+    return _save(out_dir, seed, lambda: transformers.LlavaOnevisionForConditionalGeneration(config), processor,
+                 hub_vision_names=True)
 
 
 MISTRAL3_CHAT_TEMPLATE = (
@@ -558,9 +554,8 @@ def _paligemma(out_dir: Path, seed: int) -> Path:
                                                       projection_dim=64),
         text_config=text, image_token_index=tok.image_token_id, projection_dim=64, hidden_size=64,
         tie_word_embeddings=True)
-    out_dir = _save(out_dir, seed, lambda: transformers.PaliGemmaForConditionalGeneration(config), processor)
-    _use_hub_vision_tower_names(out_dir / "model.safetensors")  # as hub checkpoints (and vLLM) have them
-    return out_dir
+    return _save(out_dir, seed, lambda: transformers.PaliGemmaForConditionalGeneration(config), processor,
+                 hub_vision_names=True)
 
 
 def _qwen2_vl_small(out_dir: Path, seed: int) -> Path:
@@ -627,8 +622,10 @@ def _qwen2_vl_processor(processor_cls: type, image_processor: Any, tokenizer: Pr
                          chat_template=QWEN2_VL_CHAT_TEMPLATE)
 
 
-def _save(out_dir: str | Path, seed: int, make_model: Callable[[], torch.nn.Module], processor: Any) -> Path:
-    """Build the model under `seed` and save model + processor; the folder appears complete or not at all."""
+def _save(out_dir: str | Path, seed: int, make_model: Callable[[], torch.nn.Module], processor: Any,
+          hub_vision_names: bool = False) -> Path:
+    """Build the model under `seed` and save model + processor; the folder appears complete or not at all.
+    `hub_vision_names`: rename the vision tower's tensors as hub checkpoints (and vLLM) have them."""
     import torch
 
     out_dir = Path(out_dir)
@@ -640,6 +637,8 @@ def _save(out_dir: str | Path, seed: int, make_model: Callable[[], torch.nn.Modu
             model = make_model()
         model.eval().save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        if hub_vision_names:
+            _use_hub_vision_tower_names(tmp / "model.safetensors")
         if out_dir.exists():  # rebuilding over an old folder
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
