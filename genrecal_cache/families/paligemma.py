@@ -16,14 +16,16 @@ import torch
 
 from ..data import IMAGE_MARKER, Sample
 from .base import EncodeError, Encoded, FamilyAdapter
+from .gemma3 import Gemma3Adapter
 
 
 class PaliGemmaAdapter(FamilyAdapter):
     model_type = "paligemma"
     model_class_name = "PaliGemmaForConditionalGeneration"
-    vision_prefixes = ("model.vision_tower.",)
-    norm_formula = "rms_1p"
-    softcap_field = "final_logit_softcapping"
+    # a Gemma text decoder behind the same SigLIP tower layout: Gemma's head (norm x*(1+w), soft-cap field)
+    vision_prefixes = Gemma3Adapter.vision_prefixes
+    norm_formula = Gemma3Adapter.norm_formula
+    softcap_field = Gemma3Adapter.softcap_field
     attention = "prefix"  # images + question attend both ways, the answer causally (token_type_ids)
 
     def _prefix(self, processor: Any, sample: Sample, n_images: int, where: str) -> tuple[str, str | None]:
