@@ -20,11 +20,15 @@ def _counts(m) -> dict:
 
 
 def summarize(cache: TeacherCache | MultiPartCache, max_errors: int = 10) -> dict:
-    """A plain dict (JSON-able) describing `cache`; stored sizes come from the files themselves."""
+    """A plain dict (JSON-able) describing `cache`. Stored sizes are the manifest's (`verify` checks them
+    against the files; a remote cache of thousands of shards then needs no request per file), or, for
+    caches written before sizes were recorded, the files' own."""
     m = cache.manifest
     counts = _counts(m)
     files = list(m.checksums)
-    sizes = dict(zip(files, cache.fs.sizes([f"{cache.root}/{f}" for f in files])))
+    listed = m.sizes
+    sizes = ({f: listed[f] for f in files} if set(files) <= set(listed)
+             else dict(zip(files, cache.fs.sizes([f"{cache.root}/{f}" for f in files]))))
     per_array = {name: sum(s for f, s in sizes.items() if f"/{f}".split("/features.zarr/")[-1].startswith(f"{name}/"))
                  for name in m.arrays}
     tokens = max(counts["tokens"], 1)

@@ -224,6 +224,17 @@ def test_info_and_verify_cli_over_http(cache_dir, tmp_path):
         assert result.exit_code == 0 and result.output.strip().endswith(f"{url}: OK")
 
 
+def test_info_takes_stored_sizes_from_the_manifest_not_a_request_per_file(cache_dir):
+    from genrecal_cache.info import summarize
+
+    files = open_cache(cache_dir).manifest.checksums
+    on_disk = sum((cache_dir / rel).stat().st_size for rel in files)
+    with serve(cache_dir) as (url, handler), open_cache(url) as remote:
+        handler.requests.clear()
+        assert summarize(remote)["bytes_total"] == on_disk
+        assert not [r for r in handler.requests if "/c/" in r[1]]  # no request to any shard file
+
+
 # ---- acceptance: a full stage-1 run from a cache served on 127.0.0.1 ------------------------------
 
 def test_full_stage1_run_from_a_cache_served_over_http(train_cache, student_dir, tmp_path):
