@@ -22,17 +22,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def grad_norms(model, batch, stage_losses: tuple[str, ...]) -> tuple[float, float]:
-    """(mean grad norm on the states before each answer, mean over the answer states but the last) of the
-    sum of `stage_losses`, w.r.t. the student's final hidden states."""
+def forward_with_student_states(model, batch, stage: int):
+    """(the model's losses for `stage`, the student's final hidden states): a backward fills their .grad."""
     seen = {}
     hook = model.student.model.register_forward_hook(lambda m, i, o: seen.update(h=o.last_hidden_state))
     try:
-        losses = model(batch, 2)
+        losses = model(batch, stage)
     finally:
         hook.remove()
-    h = seen["h"]
-    h.retain_grad()
+    seen["h"].retain_grad()
+    return losses, seen["h"]
+
+
+def grad_norms(model, batch, stage_losses: tuple[str, ...]) -> tuple[float, float]:
+    """(mean grad norm on the states before each answer, mean over the answer states but the last) of the
+    sum of `stage_losses`, w.r.t. the student's final hidden states."""
+    losses, h = forward_with_student_states(model, batch, 2)
     sum(losses[k] for k in stage_losses).backward()
     g = h.grad.norm(dim=-1)
     first, later = [], []

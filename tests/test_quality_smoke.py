@@ -121,17 +121,10 @@ def test_student_gets_a_distillation_gradient_after_the_first_answer_token(stude
     model.train()
     model.set_stage(2)
     batch = collate(examples, pad, 0)
-    seen = {}
-    hook = model.student.model.register_forward_hook(lambda m, i, o: seen.update(h=o.last_hidden_state))
-    try:
-        losses = model(batch, 2)
-    finally:
-        hook.remove()
+    losses, h = _bench_module("quality_signal").forward_with_student_states(model, batch, 2)
     parts = {k: float(v.detach()) for k, v in losses.items()}
     assert parts["l_ar"] > 0  # the loss is the distillation terms alone:
     assert parts["loss"] == pytest.approx(parts["l_ar"] + parts["l_kl"] + parts["reg_ar"] + parts["reg_kl"], abs=1e-5)
-    h = seen["h"]
-    h.retain_grad()
     losses["loss"].backward()
     grad = h.grad.norm(dim=-1)
     for i, e in enumerate(examples):
@@ -155,14 +148,19 @@ def test_uld_stage3_adds_its_term(student_dir, train_cache):
     assert set(model(collate(examples, pad, 0), 3)) == {"l_s", "loss"}
 
 
-def _quality_module():
-    """bench/quality.py, imported from its file (bench/ is not a package)."""
-    if "quality_bench" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("quality_bench", REPO / "bench" / "quality.py")
+def _bench_module(name: str):
+    """bench/<name>.py, imported from its file (bench/ is not a package)."""
+    key = f"{name}_bench"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO / "bench" / f"{name}.py")
         q = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = q  # dataclasses look their module up while the class is built
         spec.loader.exec_module(q)
-    return sys.modules["quality_bench"]
+    return sys.modules[key]
+
+
+def _quality_module():
+    return _bench_module("quality")
 
 
 def test_report_from_run_results(tmp_path):

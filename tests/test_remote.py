@@ -57,6 +57,16 @@ def assert_same(local: TeacherCache, remote: TeacherCache) -> None:
     torch.testing.assert_close(remote.head().lm_head_weight, local.head().lm_head_weight, rtol=0, atol=0)
 
 
+def corrupt_copy(cache_dir: Path, out: Path) -> Path:
+    """A copy of the cache with one byte of the shard hidden/c/1/0 flipped (its manifest unchanged)."""
+    shutil.copytree(cache_dir, out)
+    shard = out / "features.zarr" / "hidden" / "c" / "1" / "0"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return out
+
+
 def faults() -> FaultPlan:
     """Every kind of read the reader makes fails at first: manifest, parquet, zarr metadata, shards, head."""
     return (FaultPlan().add(r"/manifest\.json$", "503", 2).add(r"samples\.parquet", "drop").add(r"samples\.parquet", "truncate")
@@ -134,12 +144,7 @@ def test_local_cache_reads_each_file_once_and_verifies_it(cache_dir, tmp_path):
             assert_same(local, again)
         assert [r[1] for r in handler.requests] == ["/manifest.json"]
     # a remote file that does not match the manifest is refused, and never stored
-    bad = tmp_path / "bad"
-    shutil.copytree(cache_dir, bad)
-    shard = bad / "features.zarr" / "hidden" / "c" / "1" / "0"
-    data = bytearray(shard.read_bytes())
-    data[10] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    bad = corrupt_copy(cache_dir, tmp_path / "bad")
     with serve(bad) as (url, _), open_cache(url, FAST, local_cache=tmp_path / "lc2") as remote:
         with pytest.raises(CacheFormatError, match=r"hidden/c/1/0: downloaded file has sha256 .* the manifest says"):
             list(remote.iter_samples())
@@ -154,12 +159,7 @@ def test_a_failed_read_cancels_its_other_requests_and_nothing_is_sent_after_clos
     no request starts once the error is raised (the cancelled requests are awaited); through the
     local cache (downloads on threads) none once `close()` has returned. Requests are counted where
     the client starts them (aiohttp's trace hooks) and where the server receives them."""
-    bad = tmp_path / "bad"
-    shutil.copytree(cache_dir, bad)
-    shard = bad / "features.zarr" / "hidden" / "c" / "1" / "0"
-    data = bytearray(shard.read_bytes())
-    data[10] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    bad = corrupt_copy(cache_dir, tmp_path / "bad")
     started: list[str] = []
 
     async def on_request_start(session, ctx, params) -> None:
