@@ -52,6 +52,9 @@ class DemoTask:
     teacher_batch: int = 16
     teacher_lr: float = 1e-3
     teacher_lr_end: float = 1e-4
+    # The teacher's vision tower stays at its random init: trained from scratch it washes colour out of the
+    # image tokens and the teacher learns no colour (docs/benchmarks.md, quality suite, bench/vision_probe.py).
+    teacher_train_vision: bool = False
     student_hidden: int = 64
     student_layers: int = 2
 
@@ -92,7 +95,7 @@ def prepare(out: Path, s: DemoTask, seed: int) -> dict[str, Path]:
         build_tiny_teacher(t_init, seed=1234, hidden_size=s.teacher_hidden, layers=s.teacher_layers,
                            vision_width=s.teacher_vision_width)
     t_kw = dict(stages=[3], stage_steps=[s.teacher_steps], batch_size=s.teacher_batch, lr=s.teacher_lr,
-                lr_end=s.teacher_lr_end, train_vision=True, seed=0)
+                lr_end=s.teacher_lr_end, train_vision=s.teacher_train_vision, seed=0)
     data_cache = out / "teacher_data_cache"  # the teacher's data in cache form (the trainer reads caches)
     if not quality._finished(tdir, t_kw):
         quality.log(f"teacher: a tiny Qwen2-VL trained from scratch, {s.teacher_steps} steps x {s.teacher_batch} "
