@@ -28,7 +28,6 @@ import torch
 from _machine import machine
 
 
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden-size", type=int, default=2048)

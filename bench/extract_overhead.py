@@ -41,7 +41,6 @@ import torch
 from _machine import machine
 
 
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden-size", type=int, default=4096)
@@ -59,7 +58,6 @@ def main() -> None:
     from genrecal_cache.data import decode_image, read_samples
     from genrecal_cache.demo_data import write_demo_dataset
     import genrecal_cache.extract as ex
-    from genrecal_cache.extract import ExtractConfig, extract
     from genrecal_cache.families import adapter_for
     from genrecal_cache.testing import build_tiny_teacher
 
@@ -113,7 +111,7 @@ def main() -> None:
             marks["forward"] = marks.get("forward", 0.0) + time.perf_counter() - t0
             return out
 
-        def check_head(self, batch):  # noqa: ANN001, ANN201 - the one-off head check on the first batch
+        def check_head(self, batch):  # noqa: ANN001, ANN201 - the one-off head check on the first sample
             t0 = time.perf_counter()
             super().check_head(batch)
             marks["check"] += time.perf_counter() - t0
@@ -121,7 +119,7 @@ def main() -> None:
     def run_extract(codec: str, round_: int) -> float:
         original, ex.HFBackend = ex.HFBackend, Timed  # where extract looks the backend class up
         try:
-            m = extract(ExtractConfig(teacher=teacher, data=data, out=str(tmp / f"cache-{codec}-{round_}"),
+            m = ex.extract(ex.ExtractConfig(teacher=teacher, data=data, out=str(tmp / f"cache-{codec}-{round_}"),
                                       backend="transformers", topk=args.topk, batch_tokens=args.batch_tokens,
                                       hidden_codec=codec, dtype="float32", device="cpu", progress=False,
                                       shard_tokens=args.shard_tokens))

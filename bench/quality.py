@@ -89,11 +89,9 @@ class Setup:
     teacher_batch: int = 16
     teacher_lr: float = 1e-3
     teacher_lr_end: float = 1e-4
-    # The teacher's vision tower stays at its random init: random patch features already carry colour and
-    # shape linearly (a probe reads them at 85% / 97%), while training the tower from scratch at 1e-3 first
-    # washes colour out (its share of the image tokens fell from 30% to 1% in 300 steps) and the teacher
-    # then learnt no colour in 1200 steps (53% overall; frozen: 88%, bench/quality.py history in
-    # docs/benchmarks.md). Real teachers come with a trained tower; a frozen random one is the nearer stand-in.
+    # The teacher's vision tower stays at its random init: trained from scratch at 1e-3 it washes colour out of
+    # the image tokens and the teacher learns no colour (53% overall instead of 88%); bench/colour_only.py and
+    # bench/vision_probe.py measure it (docs/benchmarks.md). Real teachers come with a trained tower.
     teacher_train_vision: bool = False
     # students, built per seed
     students: list[str] = field(default_factory=lambda: list(STUDENTS))

@@ -89,8 +89,9 @@ def _question(kind: str, fact: str, rng: random.Random, digit: tuple[Image.Image
     return img, q + " Answer with a short sentence.", phrase
 
 
-def write_tasks(folder: Path, kinds: list[str], n_per_kind: int, seed: int, digits_part: tuple[int, int]) -> Path:
-    """`n_per_kind` questions of each kind (facts in turn) into `folder`/data.jsonl + images/; returns the JSONL."""
+def write_tasks(folder: Path, kinds: list[str], n_per_kind: int, seed: int, digits_part: tuple[int, int],
+                facts: dict[str, tuple[str, ...]] = FACTS) -> Path:
+    """`n_per_kind` questions of each kind (its `facts` in turn) into `folder`/data.jsonl + images/; returns the JSONL."""
     path = folder / "data.jsonl"
     if path.is_file():
         return path
@@ -104,7 +105,7 @@ def write_tasks(folder: Path, kinds: list[str], n_per_kind: int, seed: int, digi
     lines = []
     for kind in kinds:
         for i in range(n_per_kind):
-            fact = FACTS[kind][i % len(FACTS[kind])]
+            fact = facts[kind][i % len(facts[kind])]
             digit = None
             if fact == "digit":
                 if not order:  # shuffled passes over the part: each image used evenly

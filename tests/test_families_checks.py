@@ -112,10 +112,10 @@ def test_check_head_logprobs_tolerance_and_nan(teacher) -> None:
     assert worst < 1e-5
     scaled = TeacherHead(replace(head.config, logit_scale=4.0), head.norm_weight, head.lm_head_weight)
     with pytest.raises(HeadCheckError, match=r"qwen2_vl: .*does not reproduce vLLM's own log-probabilities.*"
-                                             r"batch position \d, checked position \d.*Nothing was cached"):
+                                             r"sample \d, checked position \d.*Nothing was cached"):
         teacher.adapter.check_head_logprobs(scaled, states, list(ids), list(lps), atol=1e-3)
     nan = [lps[0], torch.full_like(lps[1], float("nan"))]
-    with pytest.raises(HeadCheckError, match=r"differ by up to inf nats \(batch position 1"):
+    with pytest.raises(HeadCheckError, match=r"differ by up to inf nats \(sample 1"):
         teacher.adapter.check_head_logprobs(head, states, list(ids), nan, atol=1e-3)
     with pytest.raises(HeadCheckError, match="no position"):
         teacher.adapter.check_head_logprobs(head, [s[:0] for s in states], [i[:0] for i in ids],

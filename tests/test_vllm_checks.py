@@ -93,11 +93,13 @@ def head_check(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 
 def test_undeclared_logit_scale_stops_extraction_before_anything_is_cached(head_check) -> None:
     from genrecal_cache import open_cache
+    from genrecal_cache.format.manifest import CacheFormatError
 
     report, out = head_check
     assert "llava: the exported teacher head does not reproduce vLLM's own log-probabilities" in report["stock"]
     assert "Nothing was cached" in report["stock"] and "logit_scale" in report["stock"]
-    with pytest.raises(Exception):  # noqa: B017 - any refusal: there is no manifest, so no cache
+    assert not (out / "manifest.json").exists()  # written last: the head check stopped the run before it
+    with pytest.raises(CacheFormatError, match="an extraction is running here or was interrupted"):
         open_cache(out)
 
 

@@ -195,11 +195,14 @@ class VLLMBackend:
         """The exported head against vLLM's own logits, once, before anything is cached.
 
         A generate engine (eager, started and shut down here) returns the top-k prompt log-probabilities
-        of `batch`; the head on the pooling engine's states must reproduce them (`LOGPROB_ATOL`) at every
-        position that predicts an answer token. This checks what `check_norm` cannot: the logit scale and
+        of the batch's first sample (as the transformers backend checks one: the whole batch would run
+        through the pooling engine twice and return its every prompt position's top-k); the head on the
+        pooling engine's states must reproduce them (`LOGPROB_ATOL`) at every position that predicts an
+        answer token. This checks what `check_norm` cannot: the logit scale and
         soft-cap the adapter declares against what vLLM's model computes, and the pooled states."""
         if self.head_logprob_error is not None:
             return
+        batch = batch[:1]
         reference = self._prompt_logprobs(batch)
         hidden = self.hidden_states(batch)
         states, ids, lps = [], [], []
@@ -296,7 +299,3 @@ class VLLMBackend:
 def _shutdown(llm: Any) -> None:
     """Stop an engine now (its GPU memory is freed with its engine-core process), not at garbage collection."""
     llm.llm_engine.engine_core.shutdown()
-    del llm
-    import gc
-
-    gc.collect()

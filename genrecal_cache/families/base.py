@@ -250,7 +250,7 @@ class FamilyAdapter:
 
     @torch.no_grad()
     def check_head_logprobs(self, head: TeacherHead, states: list[torch.Tensor], ids: list[torch.Tensor],
-                            logprobs: list[torch.Tensor], atol: float, engine: str = "vLLM") -> float:
+                            logprobs: list[torch.Tensor], atol: float) -> float:
         """The exported `head` on post-norm `states` against an engine's own log-probabilities.
 
         Per sample: `states[i]` [P, d] are the states of P positions, `ids[i]` / `logprobs[i]` [P, m]
@@ -271,12 +271,12 @@ class FamilyAdapter:
                 worst, where = float(diff[p]), (i, p)
         if worst > atol:
             raise HeadCheckError(
-                f"{self.model_type}: the exported teacher head does not reproduce {engine}'s own log-probabilities "
-                f"on the first batch: they differ by up to {worst:.3g} nats (batch position {where[0]}, checked "
+                f"{self.model_type}: the exported teacher head does not reproduce vLLM's own log-probabilities "
+                f"on the checked sample(s): they differ by up to {worst:.3g} nats (sample {where[0]}, checked "
                 f"position {where[1]}; tolerance {atol:g}); head config {head.config}. Nothing was cached. Fix the "
                 f"family adapter (genrecal_cache/families/, docs/families.md): its norm_formula, logit_scale/"
                 f"logit_softcap or head tensors; or the checkpoint's config sets a logit scale or soft-cap that "
-                f"{engine} applies and the adapter does not declare")
+                f"vLLM applies and the adapter does not declare")
         return worst
 
     # --- encoding ------------------------------------------------------------------------------

@@ -40,8 +40,7 @@ def download(fs: fsspec.AbstractFileSystem, rpath: str, path: str, sha256: str, 
     if size is not None:
         limit = size
     got = (_fetch_http if is_http(fs) else _fetch_ranges)(fs, rpath, part, limit, where, cancelled, size)
-    if size is not None and os.path.getsize(part) != size:  # cheap, before the hash
-        n = os.path.getsize(part)
+    if size is not None and (n := os.path.getsize(part)) != size:  # cheap, before the hash
         os.remove(part)
         raise size_mismatch(where, n, size, "the download has")
     digest = sha256_file(part)
