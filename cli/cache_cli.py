@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from cli.errors import clean_errors  # the one home of the CLIs' one-line errors (also imported from here)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run a teacher VLM once and store what GenRecal distillation needs in a shareable cache.")
@@ -166,22 +167,6 @@ def pull(url: str = typer.Argument(..., help="Cache URL (https://, s3://, gs://,
         r = run_pull(url, out, progress=progress)
     typer.echo(f"{url} -> {r.path}: {r.files} files, {r.fetched} downloaded ({r.bytes / 2**20:.1f} MiB), "
                f"{r.files - r.fetched} already there; all verified")
-
-
-@contextlib.contextmanager
-def clean_errors(where: str):
-    """Known failures (a bad cache, an unreachable server, a missing fsspec backend, an extraction that is refused
-    or made nothing usable) end with one clear line and status 2."""
-    from genrecal_cache.extract import ExtractError
-    from genrecal_cache.format.manifest import CacheFormatError
-    from genrecal_cache.io.retry import RemoteReadError
-    from genrecal_cache.journal import CacheWriteError, DirLockedError
-
-    try:
-        yield
-    except (CacheFormatError, RemoteReadError, ImportError, ExtractError, DirLockedError, CacheWriteError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
 
 
 @app.command("demo-data")

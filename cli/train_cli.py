@@ -61,7 +61,7 @@ def train(config: Optional[Path] = None, **flags: Any) -> None:
         cfg = load_config(str(config) if config else None, _overrides(flags))
     except ValueError as e:
         raise typer.BadParameter(str(e))
-    from cli.cache_cli import clean_errors
+    from cli.errors import clean_errors
     from genrecal_train.errors import TrainError
 
     with clean_errors(cfg.cache):  # a refused cache: one line, status 2 (as genrecal-cache)

@@ -151,7 +151,8 @@ class DirLockedError(RuntimeError):
 
 
 class DirLock:
-    """Exclusive use of a cache directory by one writer: `fcntl.flock` on `<dir>/_lock`.
+    """Exclusive use of a directory by one writer (a cache's extraction, a training run): `fcntl.flock` on
+    `<dir>/_lock`.
 
     Two extractions into one folder would delete each other's committed shards. The kernel drops a
     flock when its holder dies, however it dies, so a lock left by a killed run is simply taken over;
@@ -159,8 +160,13 @@ class DirLock:
     release once the directory holds a complete cache (a manifest), so finished caches carry none.
     """
 
-    def __init__(self, out_dir: str | os.PathLike):
+    def __init__(self, out_dir: str | os.PathLike, what: str = "extraction",
+                 advice: str = "wait for it to finish (re-running then resumes or returns the finished cache) or "
+                               "choose another output directory", done_marker: str | None = MANIFEST_NAME):
+        """`what` writes the directory and `advice` is what to do instead (both for the refusal's message);
+        the lock file is removed on release once `done_marker` exists there (None: it is kept)."""
         self.path = Path(out_dir) / LOCK_NAME
+        self.what, self.advice, self.done_marker = what, advice, done_marker
         self._fd: int | None = None
 
     def acquire(self) -> DirLock:
@@ -173,9 +179,8 @@ class DirLock:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
-            raise DirLockedError(f"{self.path.parent} is being written by another extraction ({holder}); wait for "
-                                 f"it to finish (re-running then resumes or returns the finished cache) or choose "
-                                 f"another output directory") from None
+            raise DirLockedError(f"{self.path.parent} is being written by another {self.what} ({holder}); "
+                                 f"{self.advice}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
@@ -185,7 +190,7 @@ class DirLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        if (self.path.parent / MANIFEST_NAME).exists():  # complete: unlinked while still held, then unlocked
+        if self.done_marker and (self.path.parent / self.done_marker).exists():  # complete: unlinked while held
             self.path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
