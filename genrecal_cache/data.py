@@ -55,6 +55,11 @@ IMAGE_MARKER = "<image>"
 # 64 MP: far above any VLM's input resolution, far below what can exhaust a worker's memory.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
+# One JSONL line is one sample with image paths: 8 MiB is far above any real one (a 50 MB line once took
+# 14 GB to tokenize); longer lines become error rows without being read into memory.
+MAX_LINE_BYTES = 8 * 1024 * 1024
+SNIFF_BYTES, SNIFF_LINES = 64 * 1024, 16  # what check_data_file reads of a JSONL file before refusing it
+
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 
@@ -120,22 +125,44 @@ def read_samples(path: str | Path, limit: int | None = None, image_root: str | P
     Raises `FileNotFoundError` / `ValueError` right away for a missing file or unknown format.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
+    check_data_file(path, image_root)
     suffix = path.suffix.lower()
     if suffix in _JSONL_SUFFIXES or suffix == ".json":
         root = Path(image_root) if image_root is not None else path.parent
-        if not root.is_dir():
-            raise FileNotFoundError(f"image_root {root} is not a directory (needed to resolve the image "
-                                    f"paths in {path}; pass image_root=...)")
         records = _jsonl_records(path) if suffix in _JSONL_SUFFIXES else _json_array_records(path)
         samples = (_sample_from_record(rec, where, path, root.resolve(), max_image_pixels)
                    for where, rec in records)
-    elif suffix == ".parquet":
-        samples = _parquet_samples(path, max_image_pixels)
     else:
-        raise ValueError(f"{path}: unknown dataset format {suffix!r}; use .jsonl, .ndjson, .json or .parquet")
+        samples = _parquet_samples(path, max_image_pixels)
     return _take(_unique_ids(samples, path), limit)
+
+
+def check_data_file(path: str | Path, image_root: str | Path | None = None) -> None:
+    """Refuse, before anything is written, a dataset that cannot be read at all: a missing file, an
+    unknown format, a missing image root, or a JSONL file that is not JSONL (binary data, or none of its
+    first `SNIFF_LINES` lines a JSON object). Raises `FileNotFoundError` / `ValueError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in (*_JSONL_SUFFIXES, ".json", ".parquet"):
+        raise ValueError(f"{path}: unknown dataset format {suffix!r}; use .jsonl, .ndjson, .json or .parquet")
+    if suffix == ".parquet":
+        return
+    root = Path(image_root) if image_root is not None else path.parent
+    if not root.is_dir():
+        raise FileNotFoundError(f"image root {root} is not a directory (needed to resolve the image paths in "
+                                f"{path}; pass --image-root, or image_root=... in Python)")
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    if b"\0" in head:
+        raise ValueError(f"{path}: binary data (NUL bytes in its first {len(head)} bytes), not a text dataset; "
+                         f"pass a {suffix} file (see genrecal_cache.data for the format)")
+    if suffix in _JSONL_SUFFIXES:
+        first = [rec for _, (_, rec) in zip(range(SNIFF_LINES), _jsonl_records(path))]
+        if first and not any(isinstance(rec, dict) for rec in first):
+            raise ValueError(f"{path}: not JSONL: none of its first {len(first)} non-blank lines is a JSON object "
+                             f"(first: {first[0]}); pass a file with one sample object per line")
 
 
 def _unique_ids(samples: Iterable[Sample], path: Path) -> Iterator[Sample]:
@@ -164,9 +191,15 @@ def _take(samples: Iterable[Sample], limit: int | None) -> Iterator[Sample]:
 # --- JSON / JSONL ------------------------------------------------------------------------------
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, parsed object or the parse error) per non-blank line; `where` is `line-<n>`."""
+    """(where, parsed object or the parse error) per non-blank line; `where` is `line-<n>`. A line longer
+    than MAX_LINE_BYTES is an error record, skipped without being held in memory."""
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                size = len(raw) + _skip_line(f)
+                yield f"line-{n}", _BadSample(f"the line is {size} bytes, above the limit of {MAX_LINE_BYTES} bytes "
+                                              f"for one sample; shorten or drop it")
+                continue
             if not raw.strip():
                 continue
             try:
@@ -175,6 +208,16 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"line-{n}", _BadSample(f"malformed JSON: {e}")
             except RecursionError:  # valid JSON nested deeper than the parser's stack
                 yield f"line-{n}", _BadSample("malformed JSON: nested too deeply")
+
+
+def _skip_line(f: Any) -> int:
+    """Read past the rest of the current line, a chunk at a time; returns the bytes skipped."""
+    skipped = 0
+    while chunk := f.readline(1 << 20):
+        skipped += len(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return skipped
 
 
 def _json_array_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -237,10 +280,10 @@ def _read_image_file(ref: str, root: Path) -> bytes:
         raise _BadSample(f"invalid image path {ref!r}: {e}") from None
     if not target.is_relative_to(root):
         raise _BadSample(f"image path {ref!r} points outside the image root {root}; "
-                         f"keep images under the image root or pass a wider image_root")
+                         f"keep images under the image root or pass a wider --image-root (image_root=... in Python)")
     if not target.is_file():
         raise _BadSample(f"image file not found: {target} (from {ref!r}, resolved against image_root={root}; "
-                         f"fix the path or pass image_root=...)")
+                         f"fix the path or pass --image-root)")
     try:
         size = target.stat().st_size
         if size > MAX_IMAGE_BYTES:  # checked before reading: a huge file must not fill the memory
@@ -383,4 +426,5 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_MARKER", "ImageError", "Sample", "decode_image", "read_samples"]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_MARKER", "MAX_LINE_BYTES", "ImageError", "Sample", "check_data_file",
+           "decode_image", "read_samples"]

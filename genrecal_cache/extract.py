@@ -22,7 +22,7 @@ from tqdm import tqdm
 from genrecal_cache.backends import DTYPES
 from genrecal_cache.backends.hf import HFBackend
 from genrecal_cache.format.codecs import DEFAULT_HIDDEN_CODEC, hidden_codec as get_hidden_codec
-from genrecal_cache.data import ImageError, Sample, decode_image, read_samples
+from genrecal_cache.data import ImageError, Sample, check_data_file, decode_image, read_samples
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter_for
 from genrecal_cache.format.manifest import (
     COMMITS_DIR, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, Manifest, identity, identity_diff, sha256_text,
@@ -130,26 +130,46 @@ def count_samples(path: str, limit: int | None) -> int | None:
     return n if limit is None else min(n, limit)
 
 
-def _encode_all(samples: Iterator[Sample], adapter: FamilyAdapter, processor, max_len: int
+def _encode_all(samples: Iterator[Sample], adapter: FamilyAdapter, processor, max_len: int, data: str
                 ) -> Iterator[tuple[Sample, Encoded | None, str | None]]:
     """(sample, its teacher encoding, None) or (sample, None, why it cannot be used), in input order.
 
     Queued encodings hold no decoded images: a sample keeps its encoded files (`Sample.images`) and the
     processor's output, so memory is bounded by what the processor uses, not by the images' resolution
-    (12 images of 8192x8192 were 4.4 GB). A backend that needs the images decodes them per batch."""
+    (12 images of 8192x8192 were 4.4 GB). A backend that needs the images decodes them per batch.
+    A text too long for `max_len` tokens by its characters alone is refused before it is tokenized."""
+    max_chars = max_len * 2 * longest_token_chars(processor.tokenizer)
     for s in samples:
+        where = f"sample {s.id!r} ({data}, {s.where})"
         if s.error:
             yield s, None, s.error
             continue
+        chars = sum(len(m["content"]) for m in s.messages)
+        if chars > max_chars:
+            yield s, None, (f"{where}: {chars} characters of text cannot fit in max_len={max_len} tokens (at most "
+                            f"{max_chars}); shorten or drop the sample, or raise --max-len")
+            continue
         try:
             enc = adapter.encode(processor, s, [decode_image(b) for b in s.images], max_len)
-        except (ImageError, EncodeError) as e:
-            yield s, None, f"sample {s.id!r}: {e}"
+        except ImageError as e:
+            yield s, None, f"{where}: {e}"
+            continue
+        except EncodeError as e:  # its message begins "sample 'id' (family): "
+            own = f"sample {s.id!r} ("
+            text = str(e)
+            yield s, None, text.replace(own, f"{where[:-1]}, ", 1) if text.startswith(own) else f"{where}: {text}"
             continue
         except Exception as e:  # noqa: BLE001 - a processor failing on one sample must not stop the run
-            yield s, None, f"sample {s.id!r} ({s.where}): the processor failed: {type(e).__name__}: {e}"
+            yield s, None, f"{where}: the processor failed: {type(e).__name__}: {e}"
             continue
         yield s, dataclasses.replace(enc, images=[]), None
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of `tokenizer` stands for (byte-level tokens: bytes, at least one per
+    character), so that a text of more than `max_len` times this many characters (twice, for
+    normalisation) cannot fit in `max_len` tokens."""
+    return max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
 
 
 def extract(cfg: ExtractConfig) -> Manifest:
@@ -160,6 +180,10 @@ def extract(cfg: ExtractConfig) -> Manifest:
 
     if not 0 <= cfg.shard_index < cfg.num_shards:
         raise ValueError(f"shard_index must be in [0, num_shards={cfg.num_shards}), got {cfg.shard_index}")
+    try:  # before the output folder is made: an unreadable input leaves nothing behind
+        check_data_file(cfg.data, cfg.image_root)
+    except (OSError, ValueError) as e:
+        raise ExtractError(f"{e}; nothing was written to {cfg.out}") from e
     out = part_dir(cfg.out, cfg.shard_index, cfg.num_shards) if cfg.num_shards > 1 else cfg.out
     config = AutoConfig.from_pretrained(cfg.teacher)
     cfg = dataclasses.replace(cfg, max_len=resolve_max_len(cfg.max_len, config))
@@ -251,7 +275,7 @@ def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any) -> Manifes
         longest = 0
         samples = _my_samples(read_samples(cfg.data, limit=cfg.limit, image_root=cfg.image_root), cfg, skip, str(out))
         bar.update(len(skip))
-        queued = prefetch(_encode_all(samples, adapter, processor, cfg.max_len), 256)
+        queued = prefetch(_encode_all(samples, adapter, processor, cfg.max_len, cfg.data), 256)
         for s, enc, err in queued:
             if err is not None:
                 if batch:

@@ -175,7 +175,7 @@ def test_queued_samples_hold_encoded_images_not_decoded_ones(teacher, data_dir, 
     rec = {"id": "big", "image": "images/big.png",
            "conversations": [{"from": "human", "value": "<image>\nWhich colour?"}, {"from": "gpt", "value": "red"}]}
     data = _write(data_dir / "big.jsonl", [json.dumps(rec)])
-    [(s, enc, err)] = list(_encode_all(read_samples(data), teacher.adapter, teacher.processor, 4096))
+    [(s, enc, err)] = list(_encode_all(read_samples(data), teacher.adapter, teacher.processor, 4096, str(data)))
     assert err is None and enc.images == []
     assert not any(isinstance(v, Image.Image) for v in vars(enc).values())
     pixels = enc.model_inputs["pixel_values"]
@@ -209,3 +209,78 @@ def test_resume_accepts_the_teacher_spelled_relative_or_absolute(teacher_dir, de
     r = _extract_cli(Path("./") / teacher_dir.name, data, out, env=env, cwd=teacher_dir.parent)
     assert r.returncode == 0, r.stderr[-3000:]
     assert verify(out) == [] and open_cache(out).manifest.counts["ok"] == 5
+
+
+# --- issue 23: bounded input, early refusal of what is not a dataset ----------------------------------
+
+def _cli_peak_mib(args: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `genrecal-cache ARGS` in a fresh process; its result and its peak resident memory (MiB)."""
+    code = textwrap.dedent("""
+        import atexit, resource, sys
+        atexit.register(lambda: print(f"peak-rss-kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}",
+                                      file=sys.stderr))
+        from cli.cache_cli import main
+        sys.argv = ["genrecal-cache", *sys.argv[1:]]
+        main()
+        """)
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, **(env or {})}, timeout=300)
+    [peak] = [int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith("peak-rss-kib ")]
+    return r, peak / 1024
+
+
+def test_a_huge_line_is_an_error_row_in_seconds_without_tokenizing_it(teacher_dir, demo_jsonl, data_dir, tmp_path):
+    """A line above the line cap is skipped unread; a text too long for --max-len by its characters alone
+    is refused before tokenizing. Both rows name the file and the line; the run stays small and fast."""
+    import time
+
+    from genrecal_cache.data import MAX_LINE_BYTES
+
+    good = [json.dumps(r) for r in _lines(demo_jsonl, 3)]
+    q = lambda text: json.dumps({"id": "long", "conversations": [  # noqa: E731
+        {"from": "human", "value": text}, {"from": "gpt", "value": "red"}]})
+    long_text = "What colour is it? " * (2 * 2**20 // 19)  # 2 MB: under the line cap, far above max_len
+    huge_text = "x" * (MAX_LINE_BYTES + 2**20)
+    data = _write(data_dir / "huge.jsonl", [good[0], q(long_text), good[1],
+                                            q(huge_text).replace('"long"', '"huge"'), good[2]])
+    out = tmp_path / "cache"
+    t0 = time.monotonic()
+    r, peak = _cli_peak_mib(["extract", "--teacher", str(teacher_dir), "--data", str(data), "--out", str(out),
+                             "--backend", "transformers", "--topk", "4", "--hidden-codec", "bf16"])
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "5 samples (3 ok, 2 error)" in r.stdout
+    rows = {row["id"]: row for row in open_cache(out).index.to_pylist()}
+    long_err = rows["long"]["error"]
+    assert f"({data}, line-2)" in long_err and "characters of text cannot fit in max_len=4096" in long_err, long_err
+    huge_err = rows["line-4"]["error"]  # its id is never read: the line is skipped unread
+    assert f"({data}, line-4)" in huge_err and f"above the limit of {MAX_LINE_BYTES} bytes" in huge_err, huge_err
+    assert elapsed < 60 and peak < 2048, (elapsed, peak)  # was: 14 GB and 3.5 min for a 50 MB line
+
+
+def test_an_input_that_is_not_a_dataset_is_refused_before_anything_is_written(teacher_dir, data_dir, tmp_path):
+    junk = data_dir / "junk.jsonl"
+    junk.write_bytes(os.urandom(256 * 1024))
+    out = tmp_path / "cache"
+    r = _extract_cli(teacher_dir, junk, out)
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = _error_line(r)
+    assert str(junk) in line and "not a text dataset" in line, line
+    assert not out.exists()
+    text = data_dir / "notes.jsonl"  # text, but no line is a JSON object
+    text.write_text("".join(f"note {i}: not json\n" for i in range(200)))
+    r = _extract_cli(teacher_dir, text, out)
+    assert r.returncode == 2 and "not JSONL: none of its first 16 non-blank lines is a JSON object" in _error_line(r)
+    assert not out.exists()
+
+
+def test_the_image_root_advice_names_the_flag(teacher_dir, demo_jsonl, data_dir, tmp_path):
+    rec = _lines(demo_jsonl, 1)[0]
+    data = _write(data_dir / "escape.jsonl", [json.dumps({**rec, "id": "esc", "image": "../outside.png"}),
+                                              *[json.dumps(r) for r in _lines(demo_jsonl, 2)]])
+    r = _extract_cli(teacher_dir, data, tmp_path / "cache")
+    assert r.returncode == 0, r.stderr[-3000:]
+    err = open_cache(tmp_path / "cache").by_id("esc").error
+    assert "pass a wider --image-root" in err, err
+    r = _extract_cli(teacher_dir, data, tmp_path / "cache2", extra=("--image-root", str(tmp_path / "nowhere")))
+    assert r.returncode == 2 and "pass --image-root" in _error_line(r)
