@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from cli.errors import clean_errors  # the one home of the CLIs' one-line errors (also imported from here)
+from cli.errors import clean_errors, debugging, fail  # the one home of the CLIs' one-line errors (clean_errors
+# is also imported from here)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run a teacher VLM once and store what GenRecal distillation needs in a shareable cache.")
@@ -76,7 +79,7 @@ def extract(
                                   kv_cache_memory_bytes=None if kv_cache_gib is None else int(kv_cache_gib * 2**30),
                                   limit_mm_per_prompt=None if limit_mm_per_prompt is None else {"image": limit_mm_per_prompt},
                                   trust_remote_code=trust_remote_code, **({"max_model_len": max_model_len} if max_model_len else {})))
-    with clean_errors(str(out)):
+    with stoppable(str(out)):
         m = run_extract(cfg)
     c = m.counts
     typer.echo(f"wrote {out}: {c['samples']} samples ({c['ok']} ok, {c['error']} error), {c['tokens']} tokens")
@@ -140,13 +143,13 @@ def verify(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."))
 @app.command()
 def merge(cache: str = typer.Argument(..., help="Cache written in parts (folder with part-*-of-*/) or fsspec URL."),
           out: Path = typer.Option(..., help="Folder for the single-part cache (must not exist or be empty).")) -> None:
-    """Consolidate a cache written in parts into one single-part cache (same rows, same order, same features)."""
-    import shlex
-    import sys
+    """Consolidate a cache written in parts into one single-part cache (same rows, same order, same features).
 
+    Re-running the same command after a crash or an interrupt resumes from the last commit."""
     from genrecal_cache.merge import merge as run_merge
 
-    m = run_merge(cache, out, command=" ".join(shlex.quote(a) for a in sys.argv))
+    with stoppable(str(out)):
+        m = run_merge(cache, out)
     c = m.counts
     typer.echo(f"wrote {out}: {c['samples']} samples ({c['ok']} ok, {c['error']} error), {c['tokens']} tokens")
 
@@ -167,6 +170,22 @@ def pull(url: str = typer.Argument(..., help="Cache URL (https://, s3://, gs://,
         r = run_pull(url, out, progress=progress)
     typer.echo(f"{url} -> {r.path}: {r.files} files, {r.fetched} downloaded ({r.bytes / 2**20:.1f} MiB), "
                f"{r.files - r.fetched} already there; all verified")
+
+
+@contextlib.contextmanager
+def stoppable(where: str) -> Iterator[None]:
+    """A long run writing a folder (extract, merge): SIGINT and SIGTERM stop it cleanly, and a stop (an interrupt,
+    a full disk) ends with one line saying what is kept and the command that resumes; exit status 130/143
+    for an interrupt, 2 for a full disk. Other known failures as `clean_errors`."""
+    from genrecal_cache.stops import RunStopped, raise_on_signals
+
+    try:
+        with raise_on_signals(), clean_errors(where):
+            yield
+    except RunStopped as e:
+        if debugging():
+            raise
+        fail(str(e), e.exit_code)
 
 
 @app.command("demo-data")

@@ -8,9 +8,7 @@ drains results on a background thread, so the run goes at the speed of the teach
 from __future__ import annotations
 
 import dataclasses
-import shlex
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from genrecal_cache.format.tokenizer import tokenizer_files, tokenizer_sha256
 from genrecal_cache.io.locate import part_dir
 from genrecal_cache.io.prefetch import prefetch
 from genrecal_cache.journal import DirLock
+from genrecal_cache.stops import Position, command_line, stopped_runs
 from genrecal_cache.writer import CacheWriter, SampleArrays, SampleRecord
 
 __all__ = ["DEFAULT_MAX_LEN", "ExtractConfig", "ExtractError", "count_samples", "extract", "make_backend",
@@ -187,8 +186,10 @@ def extract(cfg: ExtractConfig) -> Manifest:
     out = part_dir(cfg.out, cfg.shard_index, cfg.num_shards) if cfg.num_shards > 1 else cfg.out
     config = AutoConfig.from_pretrained(cfg.teacher)
     cfg = dataclasses.replace(cfg, max_len=resolve_max_len(cfg.max_len, config))
-    with DirLock(out):  # one writer per directory: a second run would delete the first one's shards
-        manifest = _extract_locked(cfg, out, config)
+    # one writer per directory (a second run would delete the first one's shards); a full disk or an
+    # interrupt ends in one line saying what is kept and how to resume (stops.py)
+    with stopped_runs(out, "extraction") as position, DirLock(out):
+        manifest = _extract_locked(cfg, out, config, position)
     c = manifest.counts
     if c["ok"] == 0 and (cfg.num_shards == 1 or c["samples"] > 0):  # an empty part of a tiny input is fine
         raise ExtractError(f"{out}: no usable sample: {c['samples']} sample(s) read from {cfg.data}, "
@@ -205,7 +206,7 @@ def _first_errors(out: str | Path, n: int = 2) -> str:
     return f" (first: {'; '.join(e[:300] for e in errors[:n])})" if errors else ""
 
 
-def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any) -> Manifest:
+def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any, position: Position) -> Manifest:
     adapter = adapter_for(config)
     processor = adapter.load_processor(cfg.teacher)
     tokenizer = processor.tokenizer
@@ -229,11 +230,12 @@ def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any) -> Manifes
         chat_template_sha256=sha256_text(chat_template),
         tokenizer_files=tokenizer_files(tokenizer, chat_template),  # trainers align answers by text without the teacher
         head=head,
-        command=" ".join(shlex.quote(a) for a in sys.argv),
+        command=command_line(),
         extra={"extract": {"max_len": cfg.max_len, "num_shards": cfg.num_shards, "shard_index": cfg.shard_index}},
         resume=True, commit_seconds=cfg.commit_seconds, shard_tokens=cfg.shard_tokens,
     )
     skip = list(writer.committed_ids)  # a resumed run: these inputs are in the cache already
+    position.samples = len(skip)
     n_ok = n_err = n_tok = 0
     t0 = time.perf_counter()
     bar = tqdm(desc="extract", unit="sample", total=count_samples(cfg.data, cfg.limit), disable=not cfg.progress,
@@ -257,9 +259,9 @@ def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any) -> Manifes
                     hidden=h,  # the writer casts on h's device: a bf16 GPU batch crosses to the host at half size
                     topk_ids=ids.cpu().numpy(),
                     topk_logprobs=lps.cpu().numpy(),
-                ))
+                ), commit=False)  # commits between batches only (see below)
             except ValueError as err:  # refused by the writer's checks (e.g. NaN states): an error row
-                writer.add(_record(s, "error", str(err)), None)
+                writer.add(_record(s, "error", str(err)), None, commit=False)
                 n_err += 1
                 continue
             n_ok += 1
@@ -276,7 +278,11 @@ def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any) -> Manifes
         samples = _my_samples(read_samples(cfg.data, limit=cfg.limit, image_root=cfg.image_root), cfg, skip, str(out))
         bar.update(len(skip))
         queued = prefetch(_encode_all(samples, adapter, processor, cfg.max_len, cfg.data), 256)
+        # Commits happen between batches only (`commit=False` inside, `commit_point()` after each), so a
+        # resumed run starts at a batch boundary and cuts the same batches as an uninterrupted one: batch
+        # composition changes the numerics, and a resumed cache must be bit-identical.
         for s, enc, err in queued:
+            position.samples += 1
             if err is not None:
                 if batch:
                     deferred.append((s, err))
@@ -290,7 +296,8 @@ def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any) -> Manifes
             if batch and (deferred or (len(batch) + 1) * max(longest, n) > cfg.batch_tokens):
                 run(batch)
                 for d, derr in deferred:
-                    writer.add(_record(d, "error", derr), None)
+                    writer.add(_record(d, "error", derr), None, commit=False)
+                writer.commit_point()
                 batch, deferred, longest = [], [], 0
             batch.append((s, enc))
             longest = max(longest, n)

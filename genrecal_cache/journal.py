@@ -47,7 +47,7 @@ from .format.manifest import (
 from .io.durable import fsync_path, rename_durable, write_synced
 
 __all__ = ["KILL_POINTS", "CacheWriteError", "Committed", "DirLock", "DirLockedError", "Journal", "is_journal",
-           "kill_point"]
+           "kill_point", "rerun_advice"]
 
 LOCK_NAME = "_lock"  # flock'ed by the extraction writing the directory (see DirLock)
 JOURNAL_NAMES = (PROGRESS_NAME, PROGRESS_NAME + ".tmp", COMMITS_DIR, LOCK_NAME)
@@ -137,6 +137,15 @@ def _same_spelling(identity: dict[str, Any]) -> dict[str, Any]:
     return {**identity, "teacher": teacher}
 
 
+def rerun_advice(progress: dict[str, Any]) -> str:
+    """How to finish the unfinished cache `progress` describes: re-run the command that began it (a merge's
+    or an extraction's; journals written before the command was kept were extractions)."""
+    command = progress.get("command")
+    if isinstance(command, str) and command:
+        return f"run the same command again: {command}"
+    return "CacheWriter(resume=True); CLI: run the same `genrecal-cache extract` again"
+
+
 def is_journal(rel: str) -> bool:
     """Whether a path relative to the cache root belongs to the journal (not to the cache)."""
     return rel.split("/", 1)[0] in JOURNAL_NAMES
@@ -221,8 +230,11 @@ class Journal:
     """
 
     def __init__(self, out_dir: Path, identity: dict[str, Any], head: Any, *, resume: bool,
-                 commit_seconds: float | None = None) -> None:
+                 commit_seconds: float | None = None, command: str = "") -> None:
+        """`command`: what writes the cache (`genrecal-cache extract ...`, `... merge ...`), kept in the journal
+        so that messages about an unfinished cache name the command that finishes it."""
         self.out_dir = out_dir
+        self.command = command
         self.commit_seconds = 60.0 if commit_seconds is None else commit_seconds
         self.rows: list[dict[str, Any]] = []  # rows written since the last commit
         self.row_image_bytes = 0
@@ -268,8 +280,7 @@ class Journal:
                                   f"but no {PROGRESS_NAME} to resume from; choose a new directory or delete it first")
         if progress is not None and not resume:
             raise CacheWriteError(f"{out} already holds files of an unfinished run ({progress['counts']['samples']} "
-                                  f"samples committed); resume it (CacheWriter(resume=True); CLI: run the same "
-                                  f"`genrecal-cache extract` again) or delete the directory")
+                                  f"samples committed); resume it ({rerun_advice(progress)}) or delete the directory")
         out.mkdir(parents=True, exist_ok=True)
         (out / COMMITS_DIR).mkdir(exist_ok=True)
         tmp = out / (HEAD_NAME + ".tmp")
@@ -346,7 +357,7 @@ class Journal:
         self.row_image_bytes += sum(len(b) for b in row["images"])
 
     def _progress(self, state: Committed) -> dict[str, Any]:
-        return {"version": PROGRESS_VERSION, "identity": self._identity, "seq": self._seq,
+        return {"version": PROGRESS_VERSION, "identity": self._identity, "seq": self._seq, "command": self.command,
                 "counts": dict(state.counts), "written_tokens": state.written, "pending": self._pending_file}
 
     def due(self, written: int) -> bool:

@@ -442,11 +442,17 @@ def _refuse_if_in_progress(fs: fsspec.AbstractFileSystem, root: str, url: str) -
         in_progress = fs.exists(f"{root}/{PROGRESS_NAME}")
     except Exception:  # noqa: BLE001 - some servers refuse probes: then the manifest's error stands
         in_progress = False
-    if in_progress:
-        raise CacheFormatError(
-            f"{url}: an extraction is running here or was interrupted ({PROGRESS_NAME}, no manifest.json yet). "
-            f"Readers only open complete caches: wait for it to finish, or run the same `genrecal-cache extract` "
-            f"again to resume it")
+    if not in_progress:
+        return
+    try:  # the command that writes it (journal.py keeps it): an extraction's, or a merge's
+        command = json.loads(fs.cat_file(f"{root}/{PROGRESS_NAME}")).get("command") or ""
+    except Exception:  # noqa: BLE001 - unreadable: the advice below stays general
+        command = ""
+    what = "a merge" if command.split()[1:2] == ["merge"] else "an extraction"
+    rerun = f"run `{command}` again" if command else "run the same `genrecal-cache extract` again"
+    raise CacheFormatError(
+        f"{url}: {what} is running here or was interrupted ({PROGRESS_NAME}, no manifest.json yet). "
+        f"Readers only open complete caches: wait for it to finish, or {rerun} to resume it")
 
 
 def load_head(fs: fsspec.AbstractFileSystem, root: str, url: str, manifest: Manifest,

@@ -98,6 +98,7 @@ class _HashingLocalStore(LocalStore):
 
 
 _STOP = object()
+_COMMIT_POINT = object()  # queued by commit_point()
 
 
 class CacheWriter:
@@ -143,7 +144,8 @@ class CacheWriter:
                                   chunk_tokens=chunk_tokens)
         # crash safety (journal.py, docs/cache-format.md "Commit protocol"): commits go to _progress.json +
         # _commits/; `resume=True` continues an interrupted run in the same directory from its last commit
-        self.journal = Journal(self.out_dir, self._identity(), head, resume=resume, commit_seconds=commit_seconds)
+        self.journal = Journal(self.out_dir, self._identity(), head, resume=resume, commit_seconds=commit_seconds,
+                               command=command)
         resumed = self.journal.resumed
         self._store = _HashingLocalStore(self.out_dir / FEATURES_NAME)
         if resumed is None:
@@ -174,8 +176,10 @@ class CacheWriter:
         self._thread.start()
 
     # ---- caller side -------------------------------------------------------------------------
-    def add(self, row: SampleRecord, arrays: SampleArrays | None) -> None:
-        """Validate and queue one sample. Blocks only while the queue is full."""
+    def add(self, row: SampleRecord, arrays: SampleArrays | None, commit: bool = True) -> None:
+        """Validate and queue one sample. Blocks only while the queue is full. `commit=False`: no commit right
+        after this sample; the caller marks where commits may happen with `commit_point()` (extraction
+        commits between batches only, so that a resumed run batches the rest as an uninterrupted one)."""
         self._raise_if_failed()
         if self._closed:
             raise CacheWriteError(f"{self.out_dir}: add() after close()")
@@ -217,9 +221,17 @@ class CacheWriter:
                            images=[bytes(b) for b in row.images] if self.embed_images else [],
                            image_refs=list(row.image_refs), extra=extra)
         self._n_rows += 1
+        self._put((parquet_row, prepared, commit))
+
+    def commit_point(self) -> None:
+        """Let the writer commit here if a commit is due (after samples added with `commit=False`)."""
+        self._raise_if_failed()
+        self._put(_COMMIT_POINT)
+
+    def _put(self, item: object) -> None:
         while True:  # a bounded put that still notices a writer that died while we wait
             try:
-                self._queue.put((parquet_row, prepared), timeout=0.5)
+                self._queue.put(item, timeout=0.5)
                 return
             except queue.Full:
                 self._raise_if_failed()
@@ -283,7 +295,7 @@ class CacheWriter:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             sid, e = self._error
-            where = f"sample {sid!r}" if sid is not None else "finishing"
+            where = f"sample {sid!r}" if sid is not None else "a commit"
             raise CacheWriteError(f"{self.out_dir}: the writer thread failed at {where}: {type(e).__name__}: {e}") from e
 
     def _prepare(self, sid: str, a: SampleArrays) -> dict[str, np.ndarray]:
@@ -358,9 +370,17 @@ class CacheWriter:
         while (item := self._queue.get()) is not _STOP:
             if self._error is not None:
                 continue  # keep draining so a blocked add() wakes up and sees the error
-            row, arrays = item
+            if item is _COMMIT_POINT:
+                try:
+                    self._maybe_commit()
+                except BaseException as e:  # noqa: BLE001 - handed to the caller thread
+                    self._error = (None, e)
+                continue
+            row, arrays, commit = item
             try:
                 self._write(row, arrays)
+                if commit:
+                    self._maybe_commit()
             except BaseException as e:  # noqa: BLE001 - handed to the caller thread
                 self._error = (row["id"], e)
 
@@ -370,7 +390,6 @@ class CacheWriter:
         if arrays is None:
             c["error"] += 1
             self._add_row(row, offset=0, length=0, spans=[])
-            self._maybe_commit()
             return
         L = arrays["token_ids"].shape[0]
         self._add_row(row, offset=c["tokens"], length=L, spans=[list(s) for s in answer_spans(arrays["answer_mask"])])
@@ -386,7 +405,6 @@ class CacheWriter:
             pos += n
             if self._filled == S:
                 self._flush_shards(final=False)
-        self._maybe_commit()
 
     def _flush_shards(self, final: bool) -> None:
         n = self._filled

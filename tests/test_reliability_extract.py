@@ -126,7 +126,7 @@ def test_bad_lines_become_error_rows_named_by_their_sample_and_resume_works(teac
     lines, expected = _bad_lines(demo_jsonl)
     data = _write(data_dir / "bad.jsonl", lines)
     out = tmp_path / "cache"
-    r = _extract_cli(teacher_dir, data, out, env={"GENRECAL_KILL_AT": "committed:4"})  # killed mid-run
+    r = _extract_cli(teacher_dir, data, out, env={"GENRECAL_KILL_AT": "committed:2"})  # killed mid-run
     assert r.returncode == -9, r.stderr[-3000:]
     r = _extract_cli(teacher_dir, data, out)  # resumed
     assert r.returncode == 0, r.stderr[-3000:]
