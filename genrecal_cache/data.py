@@ -33,8 +33,10 @@ escaping or undecodable image, an empty answer, a marker/image count mismatch, t
 valid Unicode (a lone surrogate such as ``"\\ud800"`` is valid JSON but cannot be stored as UTF-8)
 or an ``id`` used before yields a ``Sample`` whose ``error`` names the sample, the file and the
 problem, so an extraction run can record it and go on. A repeated id's row is renamed
-``<id>@<line-n>`` (ids are unique within a cache). Problems with the file itself (missing, unknown
-format) raise at once.
+``<id>@<line-n>`` (ids are unique within a cache). A JSONL line longer than ``MAX_LINE_BYTES`` (8 MiB)
+is such an error row too, skipped without being read into memory. Problems with the file itself
+(missing, unknown format, binary data, no JSON object in the first lines of a JSONL file) raise at once
+(`check_data_file`, which extraction calls before it creates its output folder).
 """
 
 from __future__ import annotations

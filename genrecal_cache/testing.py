@@ -28,10 +28,8 @@ so that tests and benchmarks need no network.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from .cpu_compat import install_compat_shim  # re-exported: tests and benches load the shim from here
 from .demo_data import COLOURS, SHAPES, write_demo_dataset
 
 if TYPE_CHECKING:
@@ -114,28 +113,6 @@ brightness; engineers design engines, circuits, buildings, software, networks an
 Questions about charts ask for maxima, minima, averages, trends, percentages or comparisons between
 groups; questions about documents ask for dates, names, totals, addresses, signatures or titles.
 """
-
-
-COMPAT_DIR = Path(__file__).parent / "compat"
-
-
-def install_compat_shim() -> bool:
-    """Load the CPU compatibility shim (`compat/sitecustomize.py`) into this process if needed.
-
-    Subprocesses get it from PYTHONPATH (see tests/conftest.py); this covers the current process
-    when it was started without. Idempotent; returns True when torchvision is missing (shim active).
-    """
-    name = "genrecal_compat_sitecustomize"
-    module = sys.modules.get("sitecustomize")
-    if module is None or not hasattr(module, "torchvision_missing"):  # ours was not loaded at startup
-        module = sys.modules.get(name)
-        if module is None:
-            spec = importlib.util.spec_from_file_location(name, COMPAT_DIR / "sitecustomize.py")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-    module.install()
-    return module.torchvision_missing()
 
 
 def tokenizer_corpus() -> list[str]:

@@ -284,3 +284,17 @@ def test_the_image_root_advice_names_the_flag(teacher_dir, demo_jsonl, data_dir,
     assert "pass a wider --image-root" in err, err
     r = _extract_cli(teacher_dir, data, tmp_path / "cache2", extra=("--image-root", str(tmp_path / "nowhere")))
     assert r.returncode == 2 and "pass --image-root" in _error_line(r)
+
+
+def test_the_installed_command_extracts_without_pythonpath(teacher_dir, demo_jsonl, tmp_path):
+    """`genrecal-cache extract` as installed, with a clean environment: no PYTHONPATH (so no compat
+    `sitecustomize` at start-up) on this CPU machine without torchvision. The console script's own
+    code (`from cli.cache_cli import main; main()`) is run from this checkout."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = "import sys; from cli.cache_cli import main; sys.argv[0] = 'genrecal-cache'; sys.exit(main())"
+    out = tmp_path / "cache"
+    r = subprocess.run([sys.executable, "-c", script, "extract", "--teacher", str(teacher_dir), "--data",
+                        str(demo_jsonl), "--out", str(out), "--backend", "transformers", "--topk", "4", "--limit", "3"],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]  # was: rc 1, "OSError: Can't load video processor"
+    assert "3 samples (3 ok, 0 error)" in r.stdout and verify(out) == []
