@@ -190,6 +190,11 @@ def test_a_merge_killed_half_way_is_finished_by_running_it_again(parts, tmp_path
                     chat_template_sha256=m.chat_template_sha256, head=src.head("cpu"), command="x")
     assert f"run the same command again: genrecal-cache merge {parts} --out {out}" in str(e.value), str(e.value)
     assert "extract" not in str(e.value).replace(str(out), "")
+    r = _run(cmd, fsize=300_000)  # a full disk (the head does not fit): one line, the half output kept
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = _one_line(r)
+    assert f"{out}: the disk is full (File too large) while writing the merge" in line, line
+    assert f"run the same command again to resume: genrecal-cache merge {parts} --out {out}" in line, line
     r = _run(cmd)  # the same merge again: finishes the cache
     assert r.returncode == 0, r.stderr[-3000:]
     assert "40 samples (40 ok, 0 error)" in r.stdout and verify(out) == []
