@@ -20,7 +20,7 @@ from tqdm import tqdm
 from genrecal_cache.backends import DTYPES
 from genrecal_cache.backends.hf import HFBackend
 from genrecal_cache.format.codecs import DEFAULT_HIDDEN_CODEC, hidden_codec as get_hidden_codec
-from genrecal_cache.data import ImageError, Sample, check_data_file, decode_image, read_samples
+from genrecal_cache.data import ImageError, Sample, decode_image, read_samples
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter_for
 from genrecal_cache.format.manifest import (
     COMMITS_DIR, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, Manifest, identity, identity_diff, sha256_text,
@@ -180,7 +180,7 @@ def extract(cfg: ExtractConfig) -> Manifest:
     if not 0 <= cfg.shard_index < cfg.num_shards:
         raise ValueError(f"shard_index must be in [0, num_shards={cfg.num_shards}), got {cfg.shard_index}")
     try:  # before the output folder is made: an unreadable input leaves nothing behind
-        check_data_file(cfg.data, cfg.image_root)
+        inputs = read_samples(cfg.data, limit=cfg.limit, image_root=cfg.image_root)  # lazy but for these checks
     except (OSError, ValueError) as e:
         raise ExtractError(f"{e}; nothing was written to {cfg.out}") from e
     out = part_dir(cfg.out, cfg.shard_index, cfg.num_shards) if cfg.num_shards > 1 else cfg.out
@@ -189,7 +189,7 @@ def extract(cfg: ExtractConfig) -> Manifest:
     # one writer per directory (a second run would delete the first one's shards); a full disk or an
     # interrupt ends in one line saying what is kept and how to resume (stops.py)
     with stopped_runs(out, "extraction") as position, DirLock(out):
-        manifest = _extract_locked(cfg, out, config, position)
+        manifest = _extract_locked(cfg, out, config, inputs, position)
     c = manifest.counts
     if c["ok"] == 0 and (cfg.num_shards == 1 or c["samples"] > 0):  # an empty part of a tiny input is fine
         raise ExtractError(f"{out}: no usable sample: {c['samples']} sample(s) read from {cfg.data}, "
@@ -206,7 +206,8 @@ def _first_errors(out: str | Path, n: int = 2) -> str:
     return f" (first: {'; '.join(e[:300] for e in errors[:n])})" if errors else ""
 
 
-def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any, position: Position) -> Manifest:
+def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any, inputs: Iterator[Sample],
+                    position: Position) -> Manifest:
     adapter = adapter_for(config)
     processor = adapter.load_processor(cfg.teacher)
     tokenizer = processor.tokenizer
@@ -275,7 +276,7 @@ def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any, position: 
         batch: list[tuple[Sample, Encoded]] = []
         deferred: list[tuple[Sample, str]] = []  # error rows after the batch: rows go in input order
         longest = 0
-        samples = _my_samples(read_samples(cfg.data, limit=cfg.limit, image_root=cfg.image_root), cfg, skip, str(out))
+        samples = _my_samples(inputs, cfg, skip, str(out))
         bar.update(len(skip))
         queued = prefetch(_encode_all(samples, adapter, processor, cfg.max_len, cfg.data), 256)
         # Commits happen between batches only (`commit=False` inside, `commit_point()` after each), so a

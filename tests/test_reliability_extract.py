@@ -298,3 +298,11 @@ def test_the_installed_command_extracts_without_pythonpath(teacher_dir, demo_jso
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]  # was: rc 1, "OSError: Can't load video processor"
     assert "3 samples (3 ok, 0 error)" in r.stdout and verify(out) == []
+
+
+def test_a_json_array_that_is_not_json_is_refused_before_anything_is_written(teacher_dir, data_dir, tmp_path):
+    bad = data_dir / "broken.json"
+    bad.write_text('[{"id": "a", "conversations": [')
+    out = tmp_path / "cache"
+    r = _extract_cli(teacher_dir, bad, out)
+    assert r.returncode == 2 and "not valid JSON" in _error_line(r) and not out.exists()
