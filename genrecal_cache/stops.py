@@ -78,15 +78,16 @@ def command_line() -> str:
 def disk_full(e: BaseException) -> str | None:
     """Why `e` (or an exception it was raised from) is a full disk ("No space left on device", ...), else None.
     Libraries that wrap the OS error in their own (safetensors, pyarrow) keep its text, so that is matched too."""
-    texts = {os.strerror(n): os.strerror(n) for n in DISK_FULL_ERRNOS}
     seen: set[int] = set()
     cur: BaseException | None = e
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         if isinstance(cur, OSError) and cur.errno in DISK_FULL_ERRNOS:
             return os.strerror(cur.errno)
-        if found := next((t for t in texts if t.lower() in str(cur).lower()), None):
-            return found
+        text = str(cur).lower()  # Rust's io::Error (safetensors) reads "File too large (os error 27)"
+        if found := next((n for n in DISK_FULL_ERRNOS
+                          if os.strerror(n).lower() in text or f"os error {n})" in text), None):
+            return os.strerror(found)
         cur = cur.__cause__ or cur.__context__
     return None
 
