@@ -137,7 +137,7 @@ def _encode_all(samples: Iterator[Sample], adapter: FamilyAdapter, processor, ma
     processor's output, so memory is bounded by what the processor uses, not by the images' resolution
     (12 images of 8192x8192 were 4.4 GB). A backend that needs the images decodes them per batch.
     A text too long for `max_len` tokens by its characters alone is refused before it is tokenized."""
-    max_chars = max_len * 2 * longest_token_chars(processor.tokenizer)
+    max_chars = max_len * 2 * _longest_token_chars(processor.tokenizer)
     for s in samples:
         where = f"sample {s.id!r} ({data}, {s.where})"
         if s.error:
@@ -164,7 +164,7 @@ def _encode_all(samples: Iterator[Sample], adapter: FamilyAdapter, processor, ma
         yield s, dataclasses.replace(enc, images=[]), None
 
 
-def longest_token_chars(tokenizer: Any) -> int:
+def _longest_token_chars(tokenizer: Any) -> int:
     """The most characters one token of `tokenizer` stands for (byte-level tokens: bytes, at least one per
     character), so that a text of more than `max_len` times this many characters (twice, for
     normalisation) cannot fit in `max_len` tokens."""
