@@ -35,7 +35,7 @@ or an ``id`` used before yields a ``Sample`` whose ``error`` names the sample, t
 problem, so an extraction run can record it and go on. A repeated id's row is renamed
 ``<id>@<line-n>`` (ids are unique within a cache). A JSONL line longer than ``MAX_LINE_BYTES`` (8 MiB)
 is such an error row too, skipped without being read into memory. Problems with the file itself
-(missing, unknown format, binary data, no JSON object in the first lines of a JSONL file) raise at once
+(missing, unknown format, no JSON object in the first lines of a JSONL file) raise at once
 (`check_data_file`, which extraction calls before it creates its output folder).
 """
 
@@ -60,7 +60,7 @@ DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 # One JSONL line is one sample with image paths: 8 MiB is far above any real one (a 50 MB line once took
 # 14 GB to tokenize); longer lines become error rows without being read into memory.
 MAX_LINE_BYTES = 8 * 1024 * 1024
-SNIFF_BYTES, SNIFF_LINES = 64 * 1024, 16  # what check_data_file reads of a JSONL file before refusing it
+SNIFF_BYTES, SNIFF_LINES = 64 * 1024, 16  # what check_data_file reads of a JSONL file to refuse it
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _JSONL_SUFFIXES = {".jsonl", ".ndjson"}
@@ -141,8 +141,8 @@ def read_samples(path: str | Path, limit: int | None = None, image_root: str | P
 
 def check_data_file(path: str | Path, image_root: str | Path | None = None) -> None:
     """Refuse, before anything is written, a dataset that cannot be read at all: a missing file, an
-    unknown format, a missing image root, or a JSONL file that is not JSONL (binary data, or none of its
-    first `SNIFF_LINES` lines a JSON object). Raises `FileNotFoundError` / `ValueError`."""
+    unknown format, a missing image root, or a JSONL file that is not JSONL (none of its first
+    `SNIFF_LINES` lines a JSON object: random bytes, a text file). Raises `FileNotFoundError` / `ValueError`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
@@ -155,16 +155,14 @@ def check_data_file(path: str | Path, image_root: str | Path | None = None) -> N
     if not root.is_dir():
         raise FileNotFoundError(f"image root {root} is not a directory (needed to resolve the image paths in "
                                 f"{path}; pass --image-root, or image_root=... in Python)")
-    with open(path, "rb") as f:
-        head = f.read(SNIFF_BYTES)
-    if b"\0" in head:
-        raise ValueError(f"{path}: binary data (NUL bytes in its first {len(head)} bytes), not a text dataset; "
-                         f"pass a {suffix} file (see genrecal_cache.data for the format)")
-    if suffix in _JSONL_SUFFIXES:
+    if suffix in _JSONL_SUFFIXES:  # (bad lines among good ones are error rows: only a file of none is refused)
         first = [rec for _, (_, rec) in zip(range(SNIFF_LINES), _jsonl_records(path))]
         if first and not any(isinstance(rec, dict) for rec in first):
-            raise ValueError(f"{path}: not JSONL: none of its first {len(first)} non-blank lines is a JSON object "
-                             f"(first: {first[0]}); pass a file with one sample object per line")
+            with open(path, "rb") as f:
+                binary = b"\0" in f.read(SNIFF_BYTES)
+            raise ValueError(f"{path}: not JSONL: {'binary data, and ' if binary else ''}none of its first "
+                             f"{len(first)} non-blank lines is a JSON object (first: {first[0]}); pass a file "
+                             f"with one sample object per line (see genrecal_cache.data for the format)")
 
 
 def _unique_ids(samples: Iterable[Sample], path: Path) -> Iterator[Sample]:

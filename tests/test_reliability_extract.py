@@ -265,7 +265,7 @@ def test_an_input_that_is_not_a_dataset_is_refused_before_anything_is_written(te
     r = _extract_cli(teacher_dir, junk, out)
     assert r.returncode == 2, r.stderr[-3000:]
     line = _error_line(r)
-    assert str(junk) in line and "not a text dataset" in line, line
+    assert str(junk) in line and "not JSONL: binary data, and none of its first 16 non-blank lines" in line, line
     assert not out.exists()
     text = data_dir / "notes.jsonl"  # text, but no line is a JSON object
     text.write_text("".join(f"note {i}: not json\n" for i in range(200)))
