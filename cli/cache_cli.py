@@ -172,6 +172,34 @@ def pull(url: str = typer.Argument(..., help="Cache URL (https://, s3://, gs://,
                f"{r.files - r.fetched} already there; all verified")
 
 
+@app.command()
+def push(cache: Path = typer.Argument(..., help="Complete local cache folder (single or in parts)."),
+         url: str = typer.Argument(..., help="Where to publish it: s3://, gs://, hf://, a local or mounted path ..."),
+         replace: bool = typer.Option(False, "--replace", "--force", help="Take down a different cache already at "
+                                      "URL (its manifests first, then its files) and publish this one instead."),
+         workers: int = typer.Option(8, help="Files uploaded in parallel."),
+         read_back: bool = typer.Option(True, help="Check each uploaded file by the sha256 of its bytes read back "
+                                                   "(--no-read-back: by size only, where reading back costs egress)."),
+         quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")) -> None:
+    """Upload a cache to any fsspec URL: its files first (parallel, each checked), the manifest last, then
+    verify it there. Run it again after an interruption to continue; files already there and intact are kept."""
+    from tqdm import tqdm
+
+    from genrecal_cache.io.push import PushError
+    from genrecal_cache.io.push import push as run_push
+
+    with clean_errors(url, also=(PushError,)), tqdm(unit="B", unit_scale=True, desc="push", disable=quiet) as bar:
+        r = run_push(cache, url, replace=replace, workers=workers, read_back=read_back, progress=bar.update,
+                     total=lambda n: setattr(bar, "total", n))
+    for f in r.faults:
+        typer.echo(f"FAULT: {f}", err=True)
+    if r.faults:
+        typer.echo(f"{url}: pushed, but verify found {len(r.faults)} fault(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{cache} -> {r.url}: {r.files} files, {r.uploaded} uploaded ({r.bytes / 2**20:.1f} MiB), "
+               f"{r.files - r.uploaded} already there; verified at {r.url}: OK")
+
+
 @contextlib.contextmanager
 def stoppable(where: str) -> Iterator[None]:
     """A long run writing a folder (extract, merge): SIGINT and SIGTERM stop it cleanly, and a stop (an interrupt,

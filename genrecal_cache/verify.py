@@ -35,7 +35,7 @@ from .io.locate import load_manifest, locate, open_fs, open_parquet, zarr_store
 from .parts import check_same_identity
 from .reader import INDEX_COLUMNS, load_head, open_feature_arrays
 
-__all__ = ["REFETCH", "verify", "verify_parts"]
+__all__ = ["REFETCH", "file_sha256", "verify", "verify_parts"]
 
 REFETCH = "re-download it or re-extract the cache"
 
@@ -119,7 +119,7 @@ def _local_files(root: str) -> tuple[set[str], list[str]]:
     return files - {MANIFEST_NAME}, faults
 
 
-def _file_sha256(fs: fsspec.AbstractFileSystem, path: str, limit: int, where: str, size: int | None) -> str:
+def file_sha256(fs: fsspec.AbstractFileSystem, path: str, limit: int, where: str, size: int | None) -> str:
     """sha256 of a cache file, refused (CacheFormatError) past `limit` bytes: a server's endless answer
     is read only that far. With `size` (the manifest lists one), a file of another size is refused
     before it is hashed (its size on disk, or the one a server states) and after (the bytes read)."""
@@ -172,7 +172,7 @@ def _check_files(fs: fsspec.AbstractFileSystem, root: str, m: Manifest) -> tuple
             faults.append(f"{rel}: listed in the manifest but missing: the cache is incomplete; {REFETCH}")
             continue
         try:
-            got = _file_sha256(fs, f"{root}/{rel}", safety.file_limit(rel, m), rel, m.sizes.get(rel))
+            got = file_sha256(fs, f"{root}/{rel}", safety.file_limit(rel, m), rel, m.sizes.get(rel))
         except FileNotFoundError:
             faults.append(f"{rel}: listed in the manifest but missing: the cache is incomplete; {REFETCH}")
             continue

@@ -25,7 +25,8 @@ from zarr.storage import FsspecStore, LocalStore
 
 from ..format import safety
 from ..format.manifest import FEATURES_NAME, MANIFEST_NAME, CacheFormatError, Manifest
-from .remote import changed_error, etag_of, is_http, read_capped, read_capped_async, size_mismatch
+from .remote import (changed_error, etag_of, is_http, is_s3, read_capped, read_capped_async, read_s3_if_match,
+                     size_mismatch)
 from .remote import url_to_fs as remote_url_to_fs
 from .retry import join_read
 
@@ -116,7 +117,7 @@ class _RangeTolerantFsspecStore(FsspecStore):
 
     Over HTTP every read is bounded (an endless zarr.json or shard answer is cut at what the file
     may hold, a range answer at its length) and every data request carries `If-Match` (the ETag
-    first seen), so a file replaced mid-run is an error. Each request joins the read it serves
+    first seen; over S3 GetObject's `IfMatch`), so a file replaced mid-run is an error. Each request joins the read it serves
     (io/retry.py `gather_cancelling`): a failed read cancels its other requests."""
 
     manifest: Manifest | None = None
@@ -134,7 +135,7 @@ class _RangeTolerantFsspecStore(FsspecStore):
             except FileNotFoundError:
                 return None
             return prototype.buffer.from_bytes(data)
-        if is_http(self.fs):
+        if is_http(self.fs) or is_s3(self.fs):
             buf = await self._get_if_unchanged(key, path, prototype, byte_range)
         else:
             buf = await super().get(key, prototype, byte_range)
@@ -175,9 +176,13 @@ class _RangeTolerantFsspecStore(FsspecStore):
             start = byte_range.offset
         elif isinstance(byte_range, SuffixByteRequest):
             start = -byte_range.suffix
+        where = self.fs.unstrip_protocol(path)
         try:
-            data = await read_capped_async(self.fs, path, limit, self.fs.unstrip_protocol(path), start=start, end=end,
-                                           headers={"If-Match": tag} if tag else None, size=listed)
+            if is_s3(self.fs):
+                data = await read_s3_if_match(self.fs, path, tag, limit, where, start=start, end=end)
+            else:
+                data = await read_capped_async(self.fs, path, limit, where, start=start, end=end,
+                                               headers={"If-Match": tag} if tag else None, size=listed)
         except FileNotFoundError:
             return None
         except Exception as e:

@@ -31,8 +31,8 @@ from fsspec.implementations.local import LocalFileSystem
 from ..format.manifest import CacheFormatError
 from .retry import RetryPolicy, retry_async, retry_call
 
-__all__ = ["changed_error", "download_capped", "etag_of", "get_capped_async", "is_http", "read_capped",
-           "read_capped_async", "retrying_class", "size_mismatch", "too_big", "url_to_fs"]
+__all__ = ["changed_error", "download_capped", "etag_of", "get_capped_async", "is_http", "is_s3", "read_capped",
+           "read_capped_async", "read_s3_if_match", "retrying_class", "size_mismatch", "too_big", "url_to_fs"]
 
 # packages fsspec needs per protocol (its own message does not say how credentials are found)
 _PACKAGES = {"s3": ("s3fs", "credentials: AWS_PROFILE / AWS_ACCESS_KEY_ID, or storage_options={'anon': True} "
@@ -144,7 +144,8 @@ class _SyncRetrying(_RetryingMixin):
 @functools.lru_cache(maxsize=None)
 def retrying_class(base: type) -> type:
     mixin = _AsyncRetrying if getattr(base, "async_impl", False) else _SyncRetrying
-    return type(f"Retrying{base.__name__}", (mixin, base), {"_genrecal_base": base, "__module__": __name__})
+    own = {"retries": 1} if is_s3(base) else {}  # s3fs: one try per request, retried by the genrecal layer
+    return type(f"Retrying{base.__name__}", (mixin, base), {"_genrecal_base": base, "__module__": __name__, **own})
 
 
 def _make_retrying(base: type, args: tuple, kwargs: dict) -> fsspec.AbstractFileSystem:
@@ -180,7 +181,27 @@ def url_to_fs(url: str, storage_options: dict[str, Any] | None = None, **kwargs:
         t = policy.read_timeout
         options["client_kwargs"] = {**options.get("client_kwargs", {}),
                                     "timeout": aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)}
+    if is_s3(cls):
+        options = _s3_options(options, policy)
     return retrying_class(cls)(genrecal_retry=policy, **options), cls._strip_protocol(url)
+
+
+def _s3_options(options: dict[str, Any], policy: RetryPolicy) -> dict[str, Any]:
+    """s3fs: botocore gets the same read timeout as HTTP (its default of 60 s per attempt, times its own
+    retries and s3fs's, held a reader over an hour on a stalled connection), and few retries of its own:
+    the genrecal retry layer retries on top (unless storage_options set `config_kwargs`); s3fs's own retry
+    loop is off in `retrying_class`."""
+    config = dict(options.get("config_kwargs") or {})
+    if policy.read_timeout:
+        config.setdefault("connect_timeout", policy.read_timeout)
+        config.setdefault("read_timeout", policy.read_timeout)
+    config.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
+    return {**options, "config_kwargs": config}
+
+
+def is_s3(fs_or_cls: Any) -> bool:
+    cls = fs_or_cls if isinstance(fs_or_cls, type) else type(fs_or_cls)
+    return "s3" in (cls.protocol if isinstance(cls.protocol, (tuple, list)) else (cls.protocol,))
 
 
 def is_http(fs_or_cls: Any) -> bool:
@@ -198,11 +219,14 @@ def etag_of(info: dict[str, Any]) -> str | None:
 
 def changed_error(e: BaseException, where: str) -> CacheFormatError | None:
     """CacheFormatError if `e` (or its cause) is an HTTP 412: the file no longer has the ETag this run
-    first saw (requests carry `If-Match`), i.e. it was replaced on the server during the run."""
+    first saw (requests carry `If-Match`; S3: GetObject `IfMatch`), i.e. it was replaced on the server
+    during the run."""
     for _ in range(4):
         if e is None:
             return None
-        if getattr(e, "status", None) == 412:
+        response = getattr(e, "response", None)  # botocore ClientError (s3fs): GetObject with IfMatch
+        s3_status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
+        if 412 in (getattr(e, "status", None), s3_status):
             return CacheFormatError(f"{where}: changed on the server since this run first read it (its ETag no "
                                     f"longer matches); the cache was replaced while in use, and a run must not mix "
                                     f"two versions. Restart the run (publish new versions under a new name)")
@@ -319,6 +343,27 @@ def _check_stated_size(stated: int | None, limit: int, size: int | None, where: 
         raise size_mismatch(where, stated, size, "the file has")
     if stated > limit:
         raise too_big(where, limit)
+
+
+async def read_s3_if_match(afs: fsspec.AbstractFileSystem, path: str, tag: str | None, limit: int, where: str, *,
+                           start: int | None = None, end: int | None = None) -> bytes:
+    """Bytes [start, end) (start < 0: the last -start bytes) of an S3 object while it still has the ETag
+    `tag` (a replaced object answers 412, `changed_error`), refused past `limit` bytes; retried."""
+    bucket, key, _ = afs.split_path(path)
+    kw: dict[str, Any] = {"IfMatch": tag} if tag else {}
+    if start is not None or end is not None:
+        kw["Range"] = f"bytes=-{-start}" if start is not None and start < 0 else f"bytes={start or 0}-" + (
+            "" if end is None else str(end - 1))
+
+    async def get() -> bytes:
+        answer = await afs._call_s3("get_object", Bucket=bucket, Key=key, **kw)
+        try:
+            if (answer.get("ContentLength") or 0) > limit:
+                raise too_big(where, limit)
+            return await answer["Body"].read()
+        finally:
+            answer["Body"].close()
+    return await retry_async(getattr(afs, "genrecal_retry", RetryPolicy()), where, get)
 
 
 def read_capped(fs: fsspec.AbstractFileSystem, path: str, limit: int, where: str, *, start: int | None = None,

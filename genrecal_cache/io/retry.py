@@ -20,6 +20,7 @@ import contextvars
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,6 +95,9 @@ def is_transient(exc: BaseException) -> bool:
         status = getattr(e, "status", None)
         if not isinstance(status, int):
             status = getattr(e, "code", None)  # gcsfs HttpError, urllib HTTPError
+        if not isinstance(status, int):  # botocore ClientError (s3fs): the answer's status
+            response = getattr(e, "response", None)
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
         if isinstance(status, int) and not isinstance(status, bool) and (status in (408, 425, 429)
                                                                           or 500 <= status < 600):
             return True
@@ -102,8 +106,15 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if isinstance(e, aiohttp.ClientResponseError):
             return False
+        if _botocore_transport_error(e):  # s3fs: a connection refused, dropped or timed out
+            return True
         e = e.__cause__
     return False
+
+
+def _botocore_transport_error(e: BaseException) -> bool:
+    boto = sys.modules.get("botocore.exceptions")  # loaded by s3fs when it is in use
+    return boto is not None and isinstance(e, (boto.HTTPClientError, boto.ConnectionError))
 
 
 def _describe(e: BaseException) -> str:
