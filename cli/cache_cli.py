@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -46,9 +47,13 @@ def extract(
                                                            "engine context, or VLLM_CPU_KVCACHE_SPACE]."),
     limit_mm_per_prompt: Optional[int] = typer.Option(None, help="[vllm] Max images per prompt."),
     trust_remote_code: bool = typer.Option(False, help="[vllm] Allow the model folder's own code to run."),
-    num_shards: int = typer.Option(1, help="Split the input among N independent jobs: this job takes the samples "
-                                           "with index % N == --shard-index and writes OUT/part-<i>-of-<N>/."),
-    shard_index: int = typer.Option(0, help="This job's share of the input (0 .. N-1); see --num-shards."),
+    num_shards: Optional[int] = typer.Option(
+        None, help="Split the input among N independent jobs: this job takes the samples with index % N == "
+                   "--shard-index and writes OUT/part-<i>-of-<N>/ [default: from a SLURM job array "
+                   "(SLURM_ARRAY_TASK_COUNT) or torchrun-style WORLD_SIZE, else 1]."),
+    shard_index: Optional[int] = typer.Option(
+        None, help="This job's share of the input (0 .. N-1); see --num-shards [default: SLURM_ARRAY_TASK_ID - "
+                   "SLURM_ARRAY_TASK_MIN, or RANK, else 0]."),
     shard_tokens: Optional[int] = typer.Option(None, help="Tokens per feature shard file [default: from the hidden "
                                                           "size, ~128 MiB files]."),
     commit_seconds: Optional[float] = typer.Option(None, help="Commit finished samples at most this often "
@@ -61,6 +66,11 @@ def extract(
     from genrecal_cache.extract import extract as run_extract
     from genrecal_cache.format.codecs import resolve_hidden_codec
 
+    if num_shards is None and shard_index is None:
+        num_shards, shard_index, source = shard_from_env(os.environ)
+        if source:
+            typer.echo(f"shard {shard_index} of {num_shards} (from {source})", err=True)
+    num_shards, shard_index = num_shards or 1, shard_index or 0
     if not 0 <= shard_index < num_shards:
         raise typer.BadParameter(f"must be in [0, --num-shards={num_shards})", param_hint="--shard-index")
     try:
@@ -83,6 +93,26 @@ def extract(
         m = run_extract(cfg)
     c = m.counts
     typer.echo(f"wrote {out}: {c['samples']} samples ({c['ok']} ok, {c['error']} error), {c['tokens']} tokens")
+
+
+def shard_from_env(env: Mapping[str, str]) -> tuple[int, int, str]:
+    """(num_shards, shard_index, where they came from) for a job started by a launcher: a SLURM job array
+    (task ID minus the array's first ID, over its step; SLURM_ARRAY_TASK_COUNT tasks), else torchrun-style
+    RANK / WORLD_SIZE; (1, 0, "") when neither is set."""
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        names = ["SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"]
+        task, count = int(env[names[0]]), int(env[names[1]])
+        index = (task - int(env.get(names[2], "0"))) // int(env.get(names[3], "1"))
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        names = ["RANK", "WORLD_SIZE"]
+        index, count = int(env["RANK"]), int(env["WORLD_SIZE"])
+    else:
+        return 1, 0, ""
+    source = " ".join(f"{n}={env[n]}" for n in names if n in env)
+    if not 0 <= index < count:
+        raise typer.BadParameter(f"{source} gives shard {index} of {count}: use a contiguous array (e.g. "
+                                 f"--array=0-{count - 1}) or pass --num-shards/--shard-index", param_hint="--shard-index")
+    return count, index, source
 
 
 @app.command()
