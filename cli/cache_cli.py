@@ -203,6 +203,30 @@ def pull(url: str = typer.Argument(..., help="Cache URL (https://, s3://, gs://,
 
 
 @app.command()
+def audit(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."),
+          teacher: str = typer.Option(..., help="The teacher the cache says it comes from (folder or hub id)."),
+          samples: int = typer.Option(8, help="Random ok samples to recompute."),
+          seed: int = typer.Option(0, help="Which samples."),
+          device: str = typer.Option("cpu", help="cpu, cuda, cuda:1 ..."),
+          dtype: str = typer.Option("float32", help="Recompute dtype: float32, bfloat16 (match the extraction's "
+                                                    "to keep the recomputation noise small)."),
+          tolerance: float = typer.Option(0.05, help="Recomputation noise allowed on top of the codec's bound, "
+                                                     "as a fraction of each token's RMS."),
+          min_top1: Optional[float] = typer.Option(None, help="Least top-1 agreement [0.99 lossless codecs, "
+                                                              "0.95 fp8/ecq].")) -> None:
+    """Recompute N samples with the transformers backend and compare them with the cache (token ids, masks,
+    hidden states against the codec's bound, head, top-1): PASS, or FAIL naming what differs (exit 1)."""
+    from genrecal_cache.audit import audit as run_audit
+
+    with clean_errors(cache):
+        report = run_audit(cache, teacher, samples=samples, seed=seed, device=device, dtype=dtype,
+                           tolerance=tolerance, min_top1=min_top1)
+    typer.echo(report.format())
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def push(cache: Path = typer.Argument(..., help="Complete local cache folder (single or in parts)."),
          url: str = typer.Argument(..., help="Where to publish it: s3://, gs://, hf://, a local or mounted path ..."),
          replace: bool = typer.Option(False, "--replace", "--force", help="Take down a different cache already at "
