@@ -174,6 +174,14 @@ def test_generate_runner_prompt_logprobs_agree_with_cache(caches):
     assert checked > 500
 
 
+def test_audit_passes_on_the_vllm_cache(caches, teacher_dir):
+    """The vLLM cache, recomputed with the transformers backend (the reference) by `audit`, is faithful."""
+    from genrecal_cache.audit import audit
+
+    report = audit(caches[0].url, str(teacher_dir), samples=4)
+    assert report.passed, report.format()
+
+
 def test_token_mismatch_is_a_clear_error():
     """The id check names the batch position and the first differing index; it never shifts."""
     from genrecal_cache.backends.vllm import VLLMBackend

@@ -203,20 +203,25 @@ class _RangeTolerantFsspecStore(FsspecStore):
 
 def _close_session(afs: fsspec.AbstractFileSystem) -> None:
     """Close the aiohttp session of an asynchronous fsspec instance (fsspec only does that for
-    synchronous ones); it lives in zarr's event loop. If that loop is gone (interpreter exit),
+    synchronous ones; s3fs: its client's); it lives in zarr's event loop. If that loop is gone (interpreter exit),
     drop the connector directly, as fsspec itself does."""
+    client = getattr(afs, "_s3", None)  # s3fs: its aiobotocore client holds the aiohttp session
     session = getattr(afs, "_session", None)
-    if session is None or session.closed:
+    if client is None and (session is None or session.closed):
         return
     zarr_loop = zarr_sync.loop[0]
     # collected on zarr's own thread (a garbage collection there) it cannot wait for the loop: force it
     io_thread = zarr_sync.iothread[0]
     if zarr_loop is not None and zarr_loop.is_running() and threading.current_thread() is not io_thread:
         try:
-            sync(session.close(), timeout=5)
+            sync(client.close() if client is not None else session.close(), timeout=5)
+            if client is not None:
+                afs._s3 = None
             return
         except Exception:  # noqa: BLE001 - fall through to the forced close
             pass
+    if session is None:
+        return
     connector = getattr(session, "_connector", None)
     if connector is not None:
         connector._close()

@@ -26,6 +26,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..format import safety
 from ..format.manifest import MANIFEST_NAME, CacheFormatError, Manifest, sha256_file
+from ..reader import find_cache
+from ..verify import file_sha256, verify
 from .durable import atomic_write, rename_durable
 from .locate import open_fs
 from .remote import read_capped
@@ -60,10 +62,7 @@ def push(cache: str | os.PathLike, url: str, storage_options: dict[str, Any] | N
          progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None) -> PushReport:
     """Upload the complete local cache `cache` to `url` (see the module doc). `progress(n)` is called with
     the bytes of each file as it is done (uploaded or found there), `total(n)` once with the bytes of all."""
-    from ..reader import find_cache
-    from ..verify import verify
-
-    files, manifests = _local_cache(cache, find_cache)
+    files, manifests = _local_cache(cache)
     fs, root, name = open_fs(url, storage_options)
     policy = getattr(fs, "genrecal_retry", None) or RetryPolicy.from_options(storage_options)[0]
     if total is not None:
@@ -96,7 +95,7 @@ def push(cache: str | os.PathLike, url: str, storage_options: dict[str, Any] | N
                       bytes=sum(sent), faults=verify(url, storage_options))
 
 
-def _local_cache(cache: str | os.PathLike, find_cache: Callable) -> tuple[list[_File], dict[str, bytes]]:
+def _local_cache(cache: str | os.PathLike) -> tuple[list[_File], dict[str, bytes]]:
     """(the files to upload, {manifest path under the URL: its bytes}) of a complete local cache."""
     fs, root, name, found = find_cache(cache, None)
     if not isinstance(fs, LocalFileSystem):
@@ -193,8 +192,6 @@ def _same_manifest(fs: fsspec.AbstractFileSystem, path: str, text: bytes) -> boo
 
 def _arrived(fs: fsspec.AbstractFileSystem, root: str, f: _File, read_back: bool) -> bool:
     """`f` is at the URL with its size (and, read back, its sha256)."""
-    from ..verify import file_sha256
-
     path = f"{root}/{f.rel}"
     try:
         if fs.info(path).get("size") != f.size:
