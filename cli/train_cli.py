@@ -6,15 +6,22 @@ default: the flags are generated from the dataclass, so a new option needs no CL
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import os
+import shlex
+import signal
+import sys
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
+from cli.errors import clean_errors, debugging, fail
 from genrecal_train.config import TrainConfig
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
@@ -55,22 +62,64 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
 
 def train(config: Optional[Path] = None, **flags: Any) -> None:
     from genrecal_train.config import load_config
-    from genrecal_train.trainer import train as run_train  # torch/transformers: imported only to run
 
     try:
         cfg = load_config(str(config) if config else None, _overrides(flags))
-    except ValueError as e:
-        raise typer.BadParameter(str(e))
-    from cli.errors import clean_errors
-    from genrecal_train.errors import TrainError
+    except ValueError as e:  # a bad value, file or flag: one line, status 2, before anything is written
+        if debugging():
+            raise
+        fail(str(e))
+    from genrecal_train import checkpoint as ckpt
+    from genrecal_train.errors import Interrupted, OutOfSpace, RunRefused, TrainError
+    from genrecal_train.trainer import train as run_train  # torch/transformers: imported only to run
 
-    with clean_errors(cfg.cache):  # a refused cache: one line, status 2 (as genrecal-cache)
+    # a refused cache, a locked --out, a resume that does not fit its checkpoint: one line, status 2
+    with clean_errors(cfg.cache, also=(RunRefused,)), _sigterm_as_interrupt() as signals:
         try:
             final = run_train(cfg)
+        except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (made one above): where, what was saved, how to go on
+            sig = signals[-1] if signals else signal.SIGINT
+            where = "before training began" if not isinstance(e, Interrupted) or e.stage is None else \
+                f"at stage {e.stage} step {e.step}"
+            saved = e.saved if isinstance(e, Interrupted) else None
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so
+                typer.echo(f"interrupted by {sig.name} {where}; saved: {ckpt.describe(saved)}; resume with: "
+                           f"{_resume_command()}", err=True)
+            raise typer.Exit(128 + sig) from None
+        except OutOfSpace as e:
+            if debugging():
+                raise
+            fail(f"{e}; free some space (or give another --out), then resume with: {_resume_command()}", 1)
         except TrainError as e:  # the run stopped for a reason it names: one line, status 1
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
+            if debugging() or isinstance(e, RunRefused):
+                raise
+            fail(str(e), 1)
     typer.echo(f"final student: {final}")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[signal.Signals]]:
+    """SIGTERM (a scheduler's stop, `kill`) ends the run as Ctrl-C does: a KeyboardInterrupt that unwinds it
+    (data threads joined, a half-written checkpoint removed). The list gets the signals received."""
+    received: list[signal.Signals] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signal.Signals(signum))
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+
+
+def _resume_command() -> str:
+    """The command line that continues this run: the one given, with --resume."""
+    args = sys.argv[1:]
+    return shlex.join(["genrecal-train", *args, *([] if "--resume" in args else ["--resume"])])
 
 
 _hints = typing.get_type_hints(TrainConfig)
@@ -116,8 +165,6 @@ def plan(
 
 def main() -> None:
     """`genrecal-train [flags]` trains; `genrecal-train plan [flags]` sizes a run."""
-    import sys
-
     if len(sys.argv) > 1 and sys.argv[1] == "plan":
         plan_app(sys.argv[2:], prog_name="genrecal-train plan")
     else:

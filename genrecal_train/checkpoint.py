@@ -6,6 +6,7 @@ A checkpoint holds the student and Recalibrator weights (safetensors), the optim
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -14,9 +15,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from genrecal_cache.format.manifest import Manifest, identity
 from genrecal_cache.io.durable import atomic_write, fsync_path, rename_durable
 
-__all__ = ["latest_checkpoint", "load_optimizer", "load_state", "load_weights", "save_checkpoint"]
+__all__ = ["cache_identity", "describe", "latest_checkpoint", "load_optimizer", "load_state", "load_weights", "save_checkpoint"]
 
 
 def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -28,14 +30,19 @@ def save_checkpoint(run_dir: Path, name: str, *, student: torch.nn.Module, recal
                     optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2) -> Path:
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final, tmp = ckpt_root / name, ckpt_root / f".{name}.tmp"
+    tmp = ckpt_root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_state_dict(student), str(tmp / "student.safetensors"))
-    if recalibrator is not None:
-        save_file(_state_dict(recalibrator), str(tmp / "recalibrator.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    return publish(tmp, name, state, keep)
+    try:
+        save_file(_state_dict(student), str(tmp / "student.safetensors"))
+        if recalibrator is not None:
+            save_file(_state_dict(recalibrator), str(tmp / "recalibrator.safetensors"))
+        with open(tmp / "optimizer.pt", "wb") as f:  # a Python file: a failed write keeps its OSError (errno)
+            torch.save(optimizer.state_dict(), f)
+        return publish(tmp, name, state, keep)
+    except BaseException:  # a full disk, an interrupt: the partial checkpoint goes (its space with it)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def publish(tmp: Path, name: str, state: dict[str, Any], keep: int = 2) -> Path:
@@ -56,6 +63,25 @@ def publish(tmp: Path, name: str, state: dict[str, Any], keep: int = 2) -> Path:
     for old in others[: max(0, len(others) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def cache_identity(m: Manifest) -> dict[str, Any]:
+    """What a checkpoint records of the cache it trained on, to refuse a resume on another one: its teacher,
+    tokenizer, codec, top-k and head (`manifest.identity`), its counts, and a digest of every file's sha256
+    (the features and the samples themselves)."""
+    files = hashlib.sha256(json.dumps(sorted(m.checksums.items())).encode()).hexdigest()
+    return {**identity(m), **{f"counts.{k}": v for k, v in m.counts.items()}, "files sha256": files}
+
+
+def describe(path: Path | None) -> str:
+    """A checkpoint for a message: "checkpoint RUN/checkpoints/stage2-step0000004 (stage 2 step 4)"."""
+    if path is None:
+        return "no checkpoint yet"
+    try:
+        st = load_state(path)
+        return f"checkpoint {path} (stage {st['stage']} step {st['step']})"
+    except (OSError, ValueError, KeyError):
+        return f"checkpoint {path}"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

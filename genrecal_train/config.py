@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "load_config", "opt", "split_steps"]
+__all__ = ["ConfigError", "TrainConfig", "check_values", "load_config", "opt", "split_steps"]
 
 
-def opt(default: Any, help: str, *, flag: str | None = None) -> Any:
-    """A TrainConfig field with its default and its help: the one place both live (the CLI flags,
-    `--help` and the config file's option names are generated from the fields, as TRL's configs do).
-    `flag` renames the CLI flag (a bool defaulting to True gets a flag that turns it off)."""
-    meta = {"help": help, **({"flag": flag} if flag else {})}
+def opt(default: Any, help: str, *, flag: str | None = None, at_least: float | None = None,
+        above: float | None = None, below: float | None = None, choices: tuple[Any, ...] | None = None,
+        same_on_resume: bool = False) -> Any:
+    """A TrainConfig field with its default, its help and its valid values: the one place they live (the CLI
+    flags, `--help` and the config file's option names are generated from the fields, as TRL's configs do,
+    and every value is checked against them, `check_values`).
+    `flag` renames the CLI flag (a bool defaulting to True gets a flag that turns it off). `at_least`,
+    `above`, `below` and `choices` bound a number (each item of a list); `same_on_resume`: a stage resumed
+    part way must keep the value (it decides which samples, steps or updates the stage makes)."""
+    meta = {"help": help, **({"flag": flag} if flag else {}), "same_on_resume": same_on_resume,
+            "bounds": {k: v for k, v in dict(at_least=at_least, above=above, below=below, choices=choices).items()
+                       if v is not None}}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -28,61 +39,161 @@ class TrainConfig:
                                         "is first read (later epochs/runs read it from disk).")
     student: str = opt("", "Student model folder or hub id.")
     out: str = opt("", "Run folder: checkpoints/, metrics.jsonl, final/.")
-    stages: list[int] = opt([1, 2, 3], "Comma-separated stages to run, in order.")
-    max_steps: int = opt(100, "Optimizer steps per stage (ignored when --epochs or --stage-steps is set).")
+    stages: list[int] = opt([1, 2, 3], "Comma-separated stages to run, in order.", choices=(1, 2, 3))
+    max_steps: int = opt(100, "Optimizer steps per stage (ignored when --epochs or --stage-steps is set).",
+                         at_least=1)
     stage_steps: list[int] | None = opt(None, "Steps of each stage, comma-separated in --stages order "
-                                              "(e.g. 200,400,200); overrides --max-steps/--epochs.")
+                                              "(e.g. 200,400,200); overrides --max-steps/--epochs.", at_least=1)
     total_steps: int | None = opt(None, "Steps of all --stages together, shared out by --stage-split "
-                                        "(instead of --max-steps per stage).")
-    stage_split: list[float] = opt([0.04, 0.76, 0.2], "Shares of stages 1,2,3 in --total-steps.")
-    epochs: float | None = opt(None, "Passes over the cache per stage (instead of --max-steps).")
-    batch_size: int = opt(4, "Samples per micro-batch per rank.")
-    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
-    lr: float = opt(1e-4, "Start LR of each stage; decays linearly to --lr-end.")
-    lr_end: float = opt(1e-5, "End LR of each stage.")
+                                        "(instead of --max-steps per stage).", at_least=1)
+    stage_split: list[float] = opt([0.04, 0.76, 0.2], "Shares of stages 1,2,3 in --total-steps.", at_least=0)
+    epochs: float | None = opt(None, "Passes over the cache per stage (instead of --max-steps).", above=0)
+    batch_size: int = opt(4, "Samples per micro-batch per rank.", at_least=1, same_on_resume=True)
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.", at_least=1, same_on_resume=True)
+    lr: float = opt(1e-4, "Start LR of each stage; decays linearly to --lr-end.", above=0, same_on_resume=True)
+    lr_end: float = opt(1e-5, "End LR of each stage.", at_least=0, same_on_resume=True)
     warmup: float = opt(0.1, "Fraction of each stage's steps over which the LR first rises linearly from 0 to --lr "
-                             "(0.1: the quality suite's GenRecal setting; 0 for none).")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
-    recal_layers: int = opt(2, "Decoder blocks in the Recalibrator.")
-    freeze_recalibrator_in_stage2: bool = opt(False, "Keep the Recalibrator fixed in stage 2.")
+                             "(0.1: the quality suite's GenRecal setting; 0 for none).", at_least=0, below=1,
+                    same_on_resume=True)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", at_least=0, same_on_resume=True)
+    recal_layers: int = opt(2, "Decoder blocks in the Recalibrator.", at_least=1, same_on_resume=True)
+    freeze_recalibrator_in_stage2: bool = opt(False, "Keep the Recalibrator fixed in stage 2.", same_on_resume=True)
     use_reg_pass: bool = opt(True, "Drop the regularization pass Rec([Proj-pre(z_ql), Proj-pre(z_al)]) (ablation).",
-                             flag="--no-reg-pass")
+                             flag="--no-reg-pass", same_on_resume=True)
     main_pass_answer: str = opt("student_aligned", "Main-pass answer rows: student_aligned (the student's own answer "
                                                    "states, aligned to the teacher's answer tokens by text; better on "
                                                    "the quality suite) or teacher (the paper's Proj-pre(teacher "
-                                                   "states)); docs/method.md.")
+                                                   "states)); docs/method.md.",
+                                 choices=("student_aligned", "teacher"), same_on_resume=True)
     teacher_tokenizer: str | None = opt(None, "Teacher tokenizer folder/hub id for student_aligned [default: the "
                                               "one stored in the cache; for older caches, the teacher it was "
-                                              "extracted from].")
+                                              "extracted from].", same_on_resume=True)
     w_ar: float = opt(1.0, "Weight of L_ar (main and regularization pass): CE of the recalibrated answer states "
-                                   "through the teacher head.")
+                           "through the teacher head.", at_least=0, same_on_resume=True)
     w_kl: float = opt(1.0, "Weight of L_kl (main and regularization pass): KL(teacher || recalibrated) on the "
-                                   "answer tokens.")
-    w_student: float = opt(1.0, "Weight of L_s, the student's own CE in its tokenizer (stages 2-3).")
-    w_uld: float = opt(0.0, "Stage 3: + w_uld x ULD (sorted-Wasserstein logit KD, genrecal_train/uld.py), a baseline.")
-    temperature: float = opt(1.0, "Temperature of the KL (and ULD) terms.")
-    max_len: int = opt(2048, "Student tokens; longer samples are skipped with a warning.")
+                           "answer tokens.", at_least=0, same_on_resume=True)
+    w_student: float = opt(1.0, "Weight of L_s, the student's own CE in its tokenizer (stages 2-3).",
+                           at_least=0, same_on_resume=True)
+    w_uld: float = opt(0.0, "Stage 3: + w_uld x ULD (sorted-Wasserstein logit KD, genrecal_train/uld.py), a baseline.",
+                       at_least=0, same_on_resume=True)
+    temperature: float = opt(1.0, "Temperature of the KL (and ULD) terms.", above=0, same_on_resume=True)
+    max_len: int = opt(2048, "Student tokens; longer samples are skipped with a warning.", at_least=1,
+                       same_on_resume=True)
     gradient_checkpointing: bool = opt(False, "Recompute student activations in backward.")
-    train_vision: bool = opt(False, "Also train the vision encoder in stages 2-3 (e.g. a from-scratch model).")
-    checkpoint_every: int = opt(50, "Checkpoint every N optimizer steps (and at the end of each stage).")
-    seed: int = opt(0, "Seed for data order and initialisation.")
-    prefetch: int = opt(8, "Batches prepared ahead by the background thread.")
-    loss_chunk: int = opt(512, "Tokens per chunk of full-vocabulary logits in the losses.")
+    train_vision: bool = opt(False, "Also train the vision encoder in stages 2-3 (e.g. a from-scratch model).",
+                              same_on_resume=True)
+    checkpoint_every: int = opt(50, "Checkpoint every N optimizer steps (and at the end of each stage).", at_least=1)
+    seed: int = opt(0, "Seed for data order and initialisation.", at_least=0, same_on_resume=True)
+    prefetch: int = opt(8, "Batches prepared ahead by the background thread.", at_least=1)
+    loss_chunk: int = opt(512, "Tokens per chunk of full-vocabulary logits in the losses.", at_least=1)
     resume: bool = opt(False, "Continue from the latest checkpoint in --out.")
     expect_teacher: str | None = opt(None, "Teacher folder/id the cache must come from (tokenizer, shapes and head "
                                            "rows are compared).")
     device: str = opt("auto", "auto, cpu, cuda ...")
-    log_every: int = opt(1, "Log metrics every N optimizer steps.")
+    log_every: int = opt(1, "Log metrics every N optimizer steps.", at_least=1)
     # Scale (genrecal_train/distributed.py, docs/training.md; `genrecal-train plan` sizes a run):
     strategy: str = opt("auto", "auto (ddp with >1 process, else single), single, ddp, or fsdp (weights, grads and "
-                                "AdamW state sharded over the ranks; see `genrecal-train plan`).")
+                                "AdamW state sharded over the ranks; see `genrecal-train plan`).",
+                                choices=("auto", "single", "ddp", "fsdp"))
     param_dtype: str = opt("bfloat16", "fsdp: compute dtype of the weights, the teacher head and the saved student; "
-                                       "gradients reduce and AdamW runs in fp32.")
+                                       "gradients reduce and AdamW runs in fp32.",
+                                       choices=("bfloat16", "bf16", "float16", "fp16", "float32", "fp32"))
     cpu_offload: bool = opt(False, "fsdp: keep the sharded weights, gradients and AdamW state in host memory.")
 
     def __post_init__(self) -> None:
+        check_values(self)
+        if not self.stages:
+            raise ConfigError("stages", "must name at least one of the stages 1, 2, 3 (e.g. 1,2,3)")
         if self.total_steps is not None and self.stage_steps is None:
             self.stage_steps = split_steps(self.total_steps, self.stages, self.stage_split)
+        if self.stage_steps is not None and len(self.stage_steps) != len(self.stages):
+            raise ConfigError("stage_steps", f"{self.stage_steps} must give one step count per stage of "
+                                             f"{self.stages}")
+
+    def resume_settings(self) -> dict[str, Any]:
+        """The values a stage resumed part way must keep (the fields marked `same_on_resume`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("same_on_resume")}
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used: `field` is its name, the message what is wrong with it."""
+
+    def __init__(self, name: str, problem: str, where: str | None = None):
+        """`where`: how the user gave it (a flag, a file's option) when not the field's name."""
+        super().__init__(f"{where or name}: {problem}")
+        self.field, self.problem = name, problem
+
+
+def check_values(cfg: TrainConfig) -> None:
+    """Check (and convert: "3" or 3.0 to 3, 1 to 1.0, "1,2" to [1, 2]) every field's value against its type and
+    its bounds (`opt`): the one place config files, flags and Python callers are checked. Raises ConfigError."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        try:
+            setattr(cfg, f.name, _valid(hints[f.name], value, f.metadata.get("bounds", {})))
+        except _Invalid as e:
+            raise ConfigError(f.name, f"got {value!r}, must be {e}") from None
+
+
+class _Invalid(ValueError):
+    """What a valid value would be (for ConfigError's message)."""
+
+
+def _valid(hint: Any, value: Any, bounds: dict[str, Any]) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
+        inner = next(a for a in typing.get_args(hint) if a is not type(None))
+        return None if value is None else _valid(inner, value, bounds)
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        try:
+            return [_valid(item, v, bounds) for v in value]
+        except _Invalid as e:
+            raise _Invalid(f"a comma-separated list, each {e}") from None
+    converted = _scalar(hint, value)
+    if converted is None or not _in_bounds(converted, bounds):
+        raise _Invalid(_describe(hint, bounds))
+    return converted
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    """`value` as a `kind` (bool, int, float or str), None if it is none; strings of numbers count (YAML reads
+    `1e-4` as text, and flags arrive as text in lists)."""
+    if kind is str:
+        return value if isinstance(value, str) else None
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        return value if isinstance(value, bool) else None
+    number = value
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = int(value) if kind is int and value.strip().lstrip("+-").isdigit() else float(value)
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+        return None
+    if kind is int:
+        return int(number) if float(number).is_integer() else None
+    return float(number)
+
+
+def _in_bounds(value: Any, bounds: dict[str, Any]) -> bool:
+    lo, above, below, choices = (bounds.get(k) for k in ("at_least", "above", "below", "choices"))
+    return not ((choices is not None and value not in choices) or (lo is not None and value < lo)
+                or (above is not None and value <= above) or (below is not None and value >= below))
+
+
+def _describe(kind: type, bounds: dict[str, Any]) -> str:
+    """What a valid value is, in words: "a whole number >= 1", "one of auto, single", "true or false"."""
+    if "choices" in bounds:
+        return f"one of {', '.join(map(str, bounds['choices']))}"
+    if kind in (str, bool):
+        return "text" if kind is str else "true or false"
+    limits = [f"{op} {bounds[k]}" for k, op in (("at_least", ">="), ("above", ">"), ("below", "<")) if k in bounds]
+    return ("a whole number" if kind is int else "a number") + (" " + " and ".join(limits) if limits else "")
 
 
 def split_steps(total: int, stages: list[int], split: list[float]) -> list[int]:
@@ -101,28 +212,56 @@ def split_steps(total: int, stages: list[int], split: list[float]) -> list[int]:
     return steps + [total - sum(steps)]
 
 
+_FORMATS = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".json": "JSON"}
+
+
 def _read_file(path: str) -> dict[str, Any]:
+    """The option names and values of a YAML, TOML or JSON config file; one-line ValueErrors for a file that
+    is missing, unreadable, malformed or not a mapping."""
     p = Path(path)
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    elif p.suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(text)
-    elif p.suffix == ".json":
-        data = json.loads(text)
-    else:
+    kind = _FORMATS.get(p.suffix)
+    if kind is None:
         raise ValueError(f"config file {path}: unknown extension {p.suffix!r} (use .yaml, .yml, .toml or .json)")
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"config file {path}: not found; check the path given to --config") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {path}: cannot be read ({getattr(e, 'strerror', None) or e}); give a "
+                         f"readable UTF-8 text file to --config") from None
+    try:
+        data = _parse(kind, text)
+    except ValueError as e:
+        raise ValueError(f"config file {path}: not valid {kind} ({e}); fix its syntax") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: top level must be a mapping of option names to values")
     return data
 
 
+def _parse(kind: str, text: str) -> Any:
+    """Parse a config file's text; a syntax error is a ValueError saying what and where, on one line."""
+    if kind == "YAML":
+        import yaml
+
+        try:
+            return yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"{getattr(e, 'problem', None) or e}{where}") from None
+    try:
+        if kind == "TOML":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except ValueError as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(" ".join(str(e).split())) from None
+
+
 def load_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults <- config file <- explicit overrides (flags given on the command line)."""
+    """Defaults <- config file <- explicit overrides (flags given on the command line). Every problem is a
+    one-line ValueError naming the file or flag and the value."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     values: dict[str, Any] = {}
     if path:
@@ -131,16 +270,19 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
         if unknown:
             raise ValueError(f"config file {path}: unknown option(s) {unknown}; known: {sorted(known)}")
         values.update(data)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    for key, kind in (("stages", int), ("stage_steps", int), ("stage_split", float)):
-        if isinstance(values.get(key), str):
-            values[key] = [kind(s) for s in values[key].split(",") if s.strip()]
-    cfg = TrainConfig(**values)
-    if cfg.stage_steps is not None and len(cfg.stage_steps) != len(cfg.stages):
-        raise ValueError(f"stage_steps {cfg.stage_steps} must give one step count per stage of {cfg.stages}")
-    bad = [s for s in cfg.stages if s not in (1, 2, 3)]
-    if bad or not cfg.stages:
-        raise ValueError(f"stages must be a comma-separated subset of 1,2,3 (got {cfg.stages})")
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    values.update(flags)
+    try:
+        cfg = TrainConfig(**values)
+    except ConfigError as e:
+        meta = next(f.metadata for f in dataclasses.fields(TrainConfig) if f.name == e.field)
+        flag = meta.get("flag", "--" + e.field.replace("_", "-"))
+        if e.field in flags:
+            raise ConfigError(e.field, e.problem, flag) from None
+        if path and e.field in values:
+            raise ConfigError(e.field, f"{e.problem} (fix it in the file, or give {flag})",
+                              f"config file {path}: {e.field}") from None
+        raise
     for name in ("cache", "student", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"--{name} is required (flag or config file)")

@@ -15,28 +15,32 @@ import inspect
 import json
 import math
 import os
+import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from genrecal_cache.families import adapter_for
+from genrecal_cache.format.manifest import identity_diff
 from genrecal_cache.io.durable import atomic_write
+from genrecal_cache.journal import DirLock, DirLockedError
 from genrecal_cache import open_cache
 from genrecal_train import checkpoint as ckpt
 from genrecal_train import distributed
 from genrecal_train import sharded_checkpoint as sharded
 from genrecal_train.config import TrainConfig
 from genrecal_train.data import CacheStream
-from genrecal_train.errors import TrainError
+from genrecal_train.errors import Interrupted, OutOfSpace, RunRefused, TrainError, out_of_space
 from genrecal_train.model import GenRecal
 from genrecal_train.plots import plot_curves
 from genrecal_train.preflight import check_cache_matches
 
-__all__ = ["MetricsLog", "build_model", "run_stage", "stage_steps", "train"]
+__all__ = ["MetricsLog", "Progress", "build_model", "run_stage", "stage_steps", "train"]
 
 
 def _dist_setup(device: str) -> tuple[int, int, torch.device]:
@@ -106,17 +110,84 @@ def stage_steps(cfg: TrainConfig, stream: CacheStream, world: int, stage: int) -
     return max(1, math.ceil(cfg.epochs * total / per_step))
 
 
+@dataclass
+class Progress:
+    """Where a run is (for the message when it stops): the stage it runs (None: not training yet) and the
+    optimizer steps done in it."""
+    stage: int | None = None
+    step: int = 0
+
+
 def train(cfg: TrainConfig) -> Path:
-    """Run the configured stages; returns the folder holding the final student (save_pretrained)."""
-    if not 0 <= cfg.warmup < 1:
-        raise ValueError(f"warmup={cfg.warmup}: it is the fraction of each stage spent warming up, in [0, 1)")
+    """Run the configured stages; returns the folder holding the final student (save_pretrained).
+
+    The run folder is locked for the run (`DirLock`: a second run on it is refused, naming the holder).
+    An interrupt (KeyboardInterrupt, which `genrecal-train` also makes of SIGTERM) becomes `Interrupted`,
+    a full disk `OutOfSpace`; both say where the run stopped and what it saved."""
     rank, world, device = _dist_setup(cfg.device)
     strategy = distributed.resolve_strategy(cfg.strategy, world)
     if strategy == "fsdp":
-        distributed.param_dtype(cfg.param_dtype)  # an unknown dtype fails here, before anything is loaded
         distributed.init_single_process_group(device)  # no-op under torchrun
     run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_run_dir(run_dir, rank, world)
+    progress = Progress()
+    try:
+        return _train(cfg, rank, world, device, strategy, run_dir, progress)
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted):
+            raise
+        raise Interrupted(progress.stage, progress.step, _last_checkpoint(run_dir)) from None
+    except Exception as e:
+        full = out_of_space(e)
+        if full is None:
+            raise
+        raise OutOfSpace(_out_of_space_message(full, run_dir, progress), _last_checkpoint(run_dir)) from e
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_dir(run_dir: Path, rank: int, world: int) -> DirLock | None:
+    """Rank 0 locks the run folder before anything is written there (it alone writes config.json, the
+    metrics and the published checkpoints); every rank gets its refusal, so all stop together."""
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            lock = DirLock(run_dir, what="training run", done_marker=None,
+                           advice="wait for it to end or stop it (then --resume continues it), or give another "
+                                  "--out").acquire()
+        except DirLockedError as e:
+            refusal = str(e)
+    if world > 1:
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal is not None:
+        raise DirLockedError(refusal)
+    return lock
+
+
+def _last_checkpoint(run_dir: Path) -> Path | None:
+    """The latest complete checkpoint, or None (none, or `latest` names one that is gone)."""
+    try:
+        return ckpt.latest_checkpoint(run_dir)
+    except (OSError, TrainError):
+        return None
+
+
+def _out_of_space_message(err: OSError, run_dir: Path, progress: Progress) -> str:
+    where = "before training began" if progress.stage is None else \
+        f"at stage {progress.stage} step {progress.step + 1}"
+    disk = run_dir.resolve()
+    while not os.path.ismount(disk):
+        disk = disk.parent
+    free = shutil.disk_usage(run_dir).free / 2**30
+    return (f"out of space writing to {run_dir} ({err.strerror}) {where}: the disk mounted at {disk} has "
+            f"{free:.1f} GiB free (a quota or `ulimit -f` may be lower); saved: {ckpt.describe(_last_checkpoint(run_dir))}")
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, strategy: str, run_dir: Path,
+           progress: Progress) -> Path:
     torch.manual_seed(cfg.seed)
 
     cache = open_cache(cfg.cache, local_cache=cfg.local_cache)
@@ -127,43 +198,31 @@ def train(cfg: TrainConfig) -> Path:
     adapter = adapter_for(AutoConfig.from_pretrained(cfg.student))
     processor = adapter.load_processor(cfg.student)
     check_cache_matches(cache, head, cfg)
+    resume_from = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
+    st = ckpt.load_state(resume_from) if resume_from is not None else {}
+    if resume_from is not None:  # refused before the student is loaded
+        _check_resumable(resume_from, st, cfg, cache, strategy, world)
     model = build_model(cfg, adapter, head, strategy, device, rank)
 
-    start_stage_pos, step0, position0, resume_from, metrics_lines = 0, 0, 0, None, None
-    from_checkpoint = False
-    if cfg.resume:
-        resume_from = ckpt.latest_checkpoint(run_dir)
-        from_checkpoint = resume_from is not None
-        if resume_from is not None:
-            st = ckpt.load_state(resume_from)
-            if st["stage"] not in cfg.stages and not st.get("stage_done"):
-                raise ValueError(f"{resume_from} is an unfinished stage {st['stage']}, which --stages "
-                                 f"{','.join(map(str, cfg.stages))} does not run; include it to finish it")
-            if sharded.is_sharded(resume_from) != (strategy == "fsdp"):
-                raise ValueError(f"{resume_from} was written by a run with strategy "
-                                 f"{'fsdp' if sharded.is_sharded(resume_from) else 'single/ddp'}; resume it with "
-                                 f"the same strategy (this run: {strategy})")
-            if strategy == "fsdp":
-                sharded.load_model(resume_from, model)
-            else:
-                ckpt.load_weights(resume_from, student=model.student, recalibrator=model.recalibrator)
-            metrics_lines = st.get("metrics_lines")
-            # Every rank resumes at its own position: ranks skip different unusable samples.
-            positions = st.get("positions", [st["position"]])
-            if len(positions) != world and strategy == "fsdp":  # DCP re-shards the weights; the data cannot be
-                positions = distributed.remap_positions(positions, world)  # replayed exactly: see there
-            if len(positions) != world:
-                raise ValueError(f"{resume_from} was written by a run with {len(positions)} rank(s); resume it "
-                                 f"with the same number of processes (this run has {world})")
-            step0, position0 = st["step"], positions[rank]
-            if not st.get("stage_done"):
-                _check_same_stream(resume_from, st, cfg)
-            if st["stage"] in cfg.stages:
-                start_stage_pos = cfg.stages.index(st["stage"])
-                if st.get("stage_done"):
-                    start_stage_pos, step0, position0, resume_from = start_stage_pos + 1, 0, 0, None
-            else:  # a finished earlier run (e.g. --stages 1, now --stages 2,3): its weights, our stages from the start
-                start_stage_pos, step0, position0, resume_from = 0, 0, 0, None
+    start_stage_pos, step0, position0, metrics_lines = 0, 0, 0, None
+    from_checkpoint = resume_from is not None
+    if resume_from is not None:
+        if strategy == "fsdp":
+            sharded.load_model(resume_from, model)
+        else:
+            ckpt.load_weights(resume_from, student=model.student, recalibrator=model.recalibrator)
+        metrics_lines = st.get("metrics_lines")
+        # Every rank resumes at its own position: ranks skip different unusable samples.
+        positions = st.get("positions", [st["position"]])
+        if len(positions) != world:  # FSDP only (_check_resumable): DCP re-shards the weights; the data cannot
+            positions = distributed.remap_positions(positions, world)  # be replayed exactly: see there
+        step0, position0 = st["step"], positions[rank]
+        if st["stage"] in cfg.stages:
+            start_stage_pos = cfg.stages.index(st["stage"])
+            if st.get("stage_done"):
+                start_stage_pos, step0, position0, resume_from = start_stage_pos + 1, 0, 0, None
+        else:  # a finished earlier run (e.g. --stages 1, now --stages 2,3): its weights, our stages from the start
+            start_stage_pos, step0, position0, resume_from = 0, 0, 0, None
     if rank == 0:
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     # no checkpoint to continue from: the run starts over, and so does its log (a run killed before its
@@ -175,7 +234,8 @@ def train(cfg: TrainConfig) -> Path:
                                  seed=cfg.seed + 1000 * stage, rank=rank, world_size=world, prefetch=cfg.prefetch)
             try:
                 run_stage(stage, model, stream, cfg, run_dir, log, device, rank, world,
-                          step0=step0, position0=position0, resume_from=resume_from)
+                          step0=step0, position0=position0, resume_from=resume_from, progress=progress,
+                          cache_identity=ckpt.cache_identity(cache.manifest))
             finally:  # stops and joins the data thread, also after an error: none is left at interpreter exit
                 stream.close()
             step0, position0, resume_from = 0, 0, None
@@ -222,15 +282,57 @@ def build_model(cfg: TrainConfig, adapter, head, strategy: str, device: torch.de
     return model
 
 
+def _check_resumable(path: Path, st: dict, cfg: TrainConfig, cache, strategy: str, world: int) -> None:
+    """Refuse (RunRefused) a resume that would not continue the run its checkpoint `path` (state `st`) began."""
+    _check_same_cache(path, st, cache)
+    if st["stage"] not in cfg.stages and not st.get("stage_done"):
+        raise RunRefused(f"{path} is an unfinished stage {st['stage']}, which --stages "
+                         f"{','.join(map(str, cfg.stages))} does not run; include it to finish it")
+    if sharded.is_sharded(path) != (strategy == "fsdp"):
+        raise RunRefused(f"{path} was written by a run with strategy "
+                         f"{'fsdp' if sharded.is_sharded(path) else 'single/ddp'}; resume it with "
+                         f"the same strategy (this run: {strategy})")
+    ranks = len(st.get("positions", [st["position"]]))
+    if ranks != world and strategy != "fsdp":
+        raise RunRefused(f"{path} was written by a run with {ranks} rank(s); resume it "
+                         f"with the same number of processes (this run has {world})")
+    if not st.get("stage_done"):
+        _check_same_stream(path, st, cfg)
+
+
 def _check_same_stream(path: Path, state: dict, cfg: TrainConfig) -> None:
-    """A stage resumed mid-way must draw the batches the interrupted run would have drawn: its position
-    counts samples of a stream whose order depends on the seed and whose steps on the batch size."""
-    diff = [f"--{k.replace('_', '-')} {state[k]} (this run: {getattr(cfg, k)})"
-            for k in ("batch_size", "grad_accum", "seed") if k in state and state[k] != getattr(cfg, k)]
+    """A stage resumed mid-way must go on as the interrupted run would have: the same batches (its position
+    counts samples of a stream whose order depends on the seed and whose steps on the batch size) and the same
+    updates (LR, loss weights, ...): the settings `TrainConfig` marks `same_on_resume`. Checkpoints written
+    before `settings` was saved hold batch_size, grad_accum and seed beside the stage."""
+    saved = state.get("settings") or {k: state[k] for k in ("batch_size", "grad_accum", "seed") if k in state}
+    now = cfg.resume_settings()
+    diff = [f"--{k.replace('_', '-')} {_flag_value(v)} (this run: {_flag_value(now[k])})"
+            for k, v in saved.items() if k in now and v != now[k]]
     if diff:
-        raise TrainError(f"{path} is stage {state['stage']} step {state['step']} of a run with {', '.join(diff)}; "
+        raise RunRefused(f"{path} is stage {state['stage']} step {state['step']} of a run with {', '.join(diff)}; "
                          f"resuming it differently would not continue that run (other samples, other steps). "
                          f"Resume with the same settings, or start a new --out")
+
+
+def _flag_value(v: object) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def _check_same_cache(path: Path, state: dict, cache) -> None:
+    """A resumed run trains on the cache its checkpoint trained on (the same features, samples, teacher and
+    settings: `checkpoint.cache_identity`), wherever it now lies; checkpoints from before it was recorded pass."""
+    saved = state.get("cache")
+    if saved is None:
+        return
+    now = ckpt.cache_identity(cache.manifest)
+    diff = [f"{k} {a!r:.80} (this cache: {b!r:.80})" for k, a, b in identity_diff(saved, now) if k != "files sha256"]
+    if not diff and saved.get("files sha256") != now.get("files sha256"):
+        diff = ["other files (the same teacher, settings and counts: another extraction or other data)"]
+    if diff:
+        raise RunRefused(f"{path} was trained on another cache than {cache.url}: {'; '.join(diff)}; resuming on "
+                         f"this one would not continue that run. Give --cache the cache it trained on, or start a "
+                         f"new --out")
 
 
 def _non_finite(sums: dict[str, float], grad_norms: list[torch.Tensor]) -> str | None:
@@ -242,7 +344,11 @@ def _non_finite(sums: dict[str, float], grad_norms: list[torch.Tensor]) -> str |
 
 def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig, run_dir: Path, log: MetricsLog,
               device: torch.device, rank: int, world: int, *, step0: int, position0: int,
-              resume_from: Path | None) -> None:
+              resume_from: Path | None, progress: Progress | None = None,
+              cache_identity: dict[str, Any] | None = None) -> None:
+    """One stage from `step0`; `progress` follows its steps, `cache_identity` goes into its checkpoints."""
+    progress = progress if progress is not None else Progress()
+    progress.stage, progress.step = stage, step0
     params = model.set_stage(stage)
     # Student and Recalibrator are clipped apart: under one joint norm the (large, early) KD gradients
     # of a fresh Recalibrator would shrink every student update in stage 2.
@@ -315,6 +421,7 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
                     f"{last or 'none yet'}. Usual causes: NaN/inf in the cache (`genrecal-cache verify`), or a too "
                     f"high --lr; fix it and continue with --resume")
             opt.step()
+            progress.step = step + 1
             # what each rank holds (weights, grads, AdamW state, head), logged on a stage's first step
             state_bytes = distributed.local_state_bytes(model, opt) if step == step0 else None
             opt.zero_grad(set_to_none=True)
@@ -340,7 +447,7 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
                 name = f"stage{stage}-step{step + 1:07d}"
                 state = {"stage": stage, "step": step + 1, "position": position, "positions": positions,
                          "world_size": world, "stage_done": done, "metrics_lines": log.lines,
-                         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
+                         "settings": cfg.resume_settings(), "cache": cache_identity,
                          "elapsed_s": time.perf_counter() - t_stage}
                 if strategy == "fsdp":  # every rank writes its shards
                     sharded.save(run_dir, name, model=model, optimizer=opt, state=state)
