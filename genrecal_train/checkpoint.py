@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from genrecal_cache.format.manifest import Manifest, identity
 from genrecal_cache.io.durable import atomic_write, fsync_path, rename_durable
 
-__all__ = ["cache_identity", "describe", "latest_checkpoint", "load_optimizer", "load_state", "load_weights", "save_checkpoint"]
+__all__ = ["cache_identity", "describe", "latest_checkpoint", "load_optimizer", "load_state", "load_weights",
+           "save_checkpoint"]
 
 
 def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import re
 from pathlib import Path
 
@@ -56,15 +57,10 @@ def out_of_space(exc: BaseException | None) -> OSError | None:
         m = re.search(r"os error (\d+)", str(e))
         if m and int(m.group(1)) in NO_SPACE:
             code = int(m.group(1))
-            return OSError(code, _strerror(code))
+            return OSError(code, os.strerror(code))
         failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
         if isinstance(failures, dict):
             todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
         todo += [e.__cause__, e.__context__]
     return None
 
-
-def _strerror(code: int) -> str:
-    import os
-
-    return os.strerror(code)

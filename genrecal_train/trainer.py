@@ -176,14 +176,14 @@ def _last_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _out_of_space_message(err: OSError, run_dir: Path, progress: Progress) -> str:
-    where = "before training began" if progress.stage is None else \
-        f"at stage {progress.stage} step {progress.step + 1}"
+    where = "before training began" if progress.stage is None else f"at stage {progress.stage} step {progress.step}"
     disk = run_dir.resolve()
     while not os.path.ismount(disk):
         disk = disk.parent
     free = shutil.disk_usage(run_dir).free / 2**30
+    saved = ckpt.describe(_last_checkpoint(run_dir))
     return (f"out of space writing to {run_dir} ({err.strerror}) {where}: the disk mounted at {disk} has "
-            f"{free:.1f} GiB free (a quota or `ulimit -f` may be lower); saved: {ckpt.describe(_last_checkpoint(run_dir))}")
+            f"{free:.1f} GiB free (a quota or `ulimit -f` may be lower); saved: {saved}")
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, strategy: str, run_dir: Path,
@@ -228,6 +228,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, strate
     # no checkpoint to continue from: the run starts over, and so does its log (a run killed before its
     # first checkpoint left records that the new one would log a second time)
     log = MetricsLog(run_dir, enabled=rank == 0, truncate_to=metrics_lines if from_checkpoint else 0)
+    identity = ckpt.cache_identity(cache.manifest)  # recorded in every checkpoint (_check_same_cache)
     try:
         for stage in cfg.stages[start_stage_pos:]:
             stream = CacheStream(cache, adapter, processor, batch_size=cfg.batch_size, max_len=cfg.max_len,
@@ -235,7 +236,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, strate
             try:
                 run_stage(stage, model, stream, cfg, run_dir, log, device, rank, world,
                           step0=step0, position0=position0, resume_from=resume_from, progress=progress,
-                          cache_identity=ckpt.cache_identity(cache.manifest))
+                          cache_identity=identity)
             finally:  # stops and joins the data thread, also after an error: none is left at interpreter exit
                 stream.close()
             step0, position0, resume_from = 0, 0, None

@@ -289,8 +289,8 @@ def test_one_process_fsdp_with_offload_and_checkpointing_trains_a_qwen2_vl_stude
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration" and model.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("flags,match", [({"strategy": "zero3"}, "strategy 'zero3'"),
-                                         ({"strategy": "fsdp", "param_dtype": "int8"}, "param dtype 'int8'")])
+@pytest.mark.parametrize("flags,match", [({"strategy": "zero3"}, "strategy: got 'zero3'"),
+                                         ({"strategy": "fsdp", "param_dtype": "int8"}, "param_dtype: got 'int8'")])
 def test_unknown_strategy_or_param_dtype_is_refused_before_loading(flags: dict, match: str, tmp_path: Path,
                                                                    train_cache: Path, student_dir: Path) -> None:
     from genrecal_train.trainer import train

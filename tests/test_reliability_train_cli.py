@@ -57,7 +57,7 @@ def _one_line(r: subprocess.CompletedProcess | str, prefix: str = "error: ") -> 
 def _wait_for_steps(proc: subprocess.Popen, metrics: Path, n: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= n):
-        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {n}: {proc.stderr.read()[-3000:]}"
+        assert proc.poll() is None, f"ended (rc {proc.returncode}) before step {n}: {proc.stderr.read()[-3000:]}"
         assert time.monotonic() < deadline, f"no step {n} after {timeout} s"
         time.sleep(0.02)
 
@@ -166,8 +166,9 @@ def test_resume_with_other_settings_is_refused_and_the_same_cache_moved_elsewher
 # ---- 4. config files and values ------------------------------------------------------------------------
 
 CONFIG_CASES = {  # name: (file name, its text or None for no file, extra flags, words of the one line)
-    "yaml-text-for-an-int": ("c.yaml", 'max_steps: "lots"\n', [], "c.yaml: max_steps: got 'lots', must be a whole "
-                                                                   "number >= 1 (fix it in the file, or give --max-steps)"),
+    "yaml-text-for-an-int": ("c.yaml", 'max_steps: "lots"\n', [],
+                             "c.yaml: max_steps: got 'lots', must be a whole number >= 1 (fix it in the file, or give "
+                             "--max-steps)"),
     "toml-fraction-for-an-int": ("c.toml", "batch_size = 2.5\n", [], "c.toml: batch_size: got 2.5, must be a whole "
                                                                       "number >= 1"),
     "toml-text-for-a-float": ("c.toml", 'lr = "fast"\n', [], "c.toml: lr: got 'fast', must be a number > 0"),
@@ -177,7 +178,8 @@ CONFIG_CASES = {  # name: (file name, its text or None for no file, extra flags,
     "negative-in-file": ("c.yaml", "max_steps: -3\n", [], "c.yaml: max_steps: got -3, must be a whole number >= 1"),
     "negative-flag": ("c.yaml", "max_steps: 3\n", ["--max-steps", "-3"], "--max-steps: got -3, must be a whole "
                                                                           "number >= 1"),
-    "zero-batch-flag": ("c.yaml", "lr: 1e-4\n", ["--batch-size", "0"], "--batch-size: got 0, must be a whole number >= 1"),
+    "zero-batch-flag": ("c.yaml", "lr: 1e-4\n", ["--batch-size", "0"],
+                        "--batch-size: got 0, must be a whole number >= 1"),
     "unknown-stage": ("c.yaml", "stages: [1, 4]\n", [], "stages: got [1, 4], must be a comma-separated list, each "
                                                          "one of 1, 2, 3"),
 }
