@@ -81,6 +81,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_dead_holders_lock_is_take
     first = _start(_args(train_cache, student_dir, out, "--max-steps", "500", "--checkpoint-every", "1000"))
     try:
         _wait_for_steps(first, out / "metrics.jsonl", 1)
+        first.send_signal(signal.SIGSTOP)  # paused, it still holds the folder (and leaves the CPU to the others)
         config = (out / "config.json").read_text()
         second = _run(_args(train_cache, student_dir, out, "--max-steps", "2", "--seed", "1"))
         assert second.returncode == 2, second.stderr[-3000:]
@@ -90,7 +91,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_dead_holders_lock_is_take
         assert (out / "config.json").read_text() == config  # the second run wrote nothing there
         assert first.poll() is None
     finally:
-        first.kill()  # SIGKILL: the holder dies without releasing anything
+        first.kill()  # SIGKILL (stopped or not): the holder dies without releasing anything
         first.communicate(timeout=60)
     assert (out / "_lock").exists()
     third = _run(_args(train_cache, student_dir, out, "--max-steps", "1"))
