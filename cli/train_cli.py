@@ -6,16 +6,13 @@ default: the flags are generated from the dataclass, so a new option needs no CL
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import os
 import shlex
-import signal
 import sys
 import types
 import typing
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -69,51 +66,29 @@ def train(config: Optional[Path] = None, **flags: Any) -> None:
         if debugging():
             raise
         fail(str(e))
+    from genrecal_cache.stops import raise_on_signals
     from genrecal_train import checkpoint as ckpt
-    from genrecal_train.errors import Interrupted, OutOfSpace, RunRefused, TrainError
+    from genrecal_train.errors import OutOfSpace, RunInterrupted, RunRefused, TrainError
     from genrecal_train.trainer import train as run_train  # torch/transformers: imported only to run
 
     # a refused cache, a locked --out, a resume that does not fit its checkpoint: one line, status 2
-    with clean_errors(cfg.cache, also=(RunRefused,)), _sigterm_as_interrupt() as signals:
+    with clean_errors(cfg.cache, also=(RunRefused,)), raise_on_signals():
         try:
             final = run_train(cfg)
-        except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (made one above): where, what was saved, how to go on
-            sig = signals[-1] if signals else signal.SIGINT
-            where = "before training began" if not isinstance(e, Interrupted) or e.stage is None else \
-                f"at stage {e.stage} step {e.step}"
-            saved = e.saved if isinstance(e, Interrupted) else None
-            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so
-                typer.echo(f"interrupted by {sig.name} {where}; saved: {ckpt.describe(saved)}; resume with: "
-                           f"{_resume_command()}", err=True)
-            raise typer.Exit(128 + sig) from None
+        except RunInterrupted as e:  # SIGINT or SIGTERM: where, what was saved, how to go on (130, 143)
+            if os.environ.get("RANK", "0") != "0":  # under torchrun every rank stops; rank 0 says so
+                raise typer.Exit(128 + e.signum) from None
+            fail(f"{cfg.out}: training {e}; saved: {ckpt.describe(e.saved)}; resume with: {_resume_command()}",
+                 128 + e.signum)
         except OutOfSpace as e:
             if debugging():
                 raise
-            fail(f"{e}; free some space (or give another --out), then resume with: {_resume_command()}", 1)
+            fail(f"{e}; free some space (or give another --out), then resume with: {_resume_command()}")
         except TrainError as e:  # the run stopped for a reason it names: one line, status 1
             if debugging() or isinstance(e, RunRefused):
                 raise
             fail(str(e), 1)
     typer.echo(f"final student: {final}")
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[list[signal.Signals]]:
-    """SIGTERM (a scheduler's stop, `kill`) ends the run as Ctrl-C does: a KeyboardInterrupt that unwinds it
-    (data threads joined, a half-written checkpoint removed). The list gets the signals received."""
-    received: list[signal.Signals] = []
-
-    def on_signal(signum: int, frame: object) -> None:
-        received.append(signal.Signals(signum))
-        raise KeyboardInterrupt
-
-    old_term = signal.signal(signal.SIGTERM, on_signal)
-    old_int = signal.signal(signal.SIGINT, on_signal)
-    try:
-        yield received
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, old_int)
 
 
 def _resume_command() -> str:

@@ -1,13 +1,11 @@
-"""The errors the trainer raises for a run that cannot start or go on, and how a stop is told."""
+"""The errors the trainer raises for a run that cannot start or go on, or that stopped part way."""
 
 from __future__ import annotations
 
-import errno
-import os
-import re
+import signal
 from pathlib import Path
 
-__all__ = ["Interrupted", "OutOfSpace", "RunRefused", "TrainError", "out_of_space"]
+__all__ = ["OutOfSpace", "RunInterrupted", "RunRefused", "TrainError"]
 
 
 class TrainError(ValueError):
@@ -21,46 +19,21 @@ class RunRefused(TrainError):
 
 
 class OutOfSpace(TrainError):
-    """The disk (or quota, or file size limit) ran out while the run wrote to its folder; `saved` is the
-    last complete checkpoint (None: none yet), from which `--resume` continues once space is freed."""
+    """The disk (or quota, or file size limit) ran out while the run wrote to its folder (the message says
+    where and what was saved); `saved` is the last complete checkpoint (None: none yet), from which
+    `--resume` continues once space is freed. Exit status 2 in `genrecal-train`, as in `genrecal-cache`."""
 
     def __init__(self, message: str, saved: Path | None):
         super().__init__(message)
         self.saved = saved
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the run at `stage`/`step` (steps done in it; stage None: before training
-    began); `saved` is the last complete checkpoint, from which `--resume` continues (None: none yet)."""
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM (`signum`) stopped the run at `stage`/`step` (optimizer steps done in it; stage
+    None: before training began); `saved` is the last complete checkpoint, from which `--resume` continues
+    (None: none yet). Exit status 128 + signum in `genrecal-train` (130, 143)."""
 
-    def __init__(self, stage: int | None, step: int, saved: Path | None):
-        super().__init__(f"interrupted at stage {stage} step {step}")
-        self.stage, self.step, self.saved = stage, step, saved
-
-
-NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # disk full, quota exceeded, file size limit (ulimit -f)
-
-
-def out_of_space(exc: BaseException | None) -> OSError | None:
-    """The OSError behind `exc` (its causes and contexts) that says the disk, quota or file size limit ran out,
-    or None. safetensors (Rust) only names the errno in its message ("... (os error 28)"), torch's zip writer
-    keeps the Python file's OSError as its context, DCP lists the ranks' failures."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in NO_SPACE:
-            return e
-        m = re.search(r"os error (\d+)", str(e))
-        if m and int(m.group(1)) in NO_SPACE:
-            code = int(m.group(1))
-            return OSError(code, os.strerror(code))
-        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
-        if isinstance(failures, dict):
-            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-        todo += [e.__cause__, e.__context__]
-    return None
-
+    def __init__(self, signum: int, stage: int | None, step: int, saved: Path | None):
+        where = "before training began" if stage is None else f"at stage {stage} step {step}"
+        super().__init__(f"interrupted ({signal.Signals(signum).name}) {where}")
+        self.signum, self.stage, self.step, self.saved = signum, stage, step, saved

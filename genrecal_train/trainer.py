@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,13 +30,14 @@ from genrecal_cache.families import adapter_for
 from genrecal_cache.format.manifest import identity_diff
 from genrecal_cache.io.durable import atomic_write
 from genrecal_cache.journal import DirLock, DirLockedError
+from genrecal_cache.stops import disk_full
 from genrecal_cache import open_cache
 from genrecal_train import checkpoint as ckpt
 from genrecal_train import distributed
 from genrecal_train import sharded_checkpoint as sharded
 from genrecal_train.config import TrainConfig
 from genrecal_train.data import CacheStream
-from genrecal_train.errors import Interrupted, OutOfSpace, RunRefused, TrainError, out_of_space
+from genrecal_train.errors import OutOfSpace, RunInterrupted, RunRefused, TrainError
 from genrecal_train.model import GenRecal
 from genrecal_train.plots import plot_curves
 from genrecal_train.preflight import check_cache_matches
@@ -122,26 +124,26 @@ def train(cfg: TrainConfig) -> Path:
     """Run the configured stages; returns the folder holding the final student (save_pretrained).
 
     The run folder is locked for the run (`DirLock`: a second run on it is refused, naming the holder).
-    An interrupt (KeyboardInterrupt, which `genrecal-train` also makes of SIGTERM) becomes `Interrupted`,
+    An interrupt (KeyboardInterrupt, which `genrecal-train` also makes of SIGTERM) becomes `RunInterrupted`,
     a full disk `OutOfSpace`; both say where the run stopped and what it saved."""
-    rank, world, device = _dist_setup(cfg.device)
-    strategy = distributed.resolve_strategy(cfg.strategy, world)
-    if strategy == "fsdp":
-        distributed.init_single_process_group(device)  # no-op under torchrun
-    run_dir = Path(cfg.out)
-    lock = _lock_run_dir(run_dir, rank, world)
-    progress = Progress()
+    run_dir, progress, lock = Path(cfg.out), Progress(), None
     try:
+        rank, world, device = _dist_setup(cfg.device)
+        strategy = distributed.resolve_strategy(cfg.strategy, world)
+        if strategy == "fsdp":
+            distributed.init_single_process_group(device)  # no-op under torchrun
+        lock = _lock_run_dir(run_dir, rank, world)
         return _train(cfg, rank, world, device, strategy, run_dir, progress)
-    except KeyboardInterrupt as e:
-        if isinstance(e, Interrupted):
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM where the caller made one of it (stops.raise_on_signals)
+        if isinstance(e, RunInterrupted):
             raise
-        raise Interrupted(progress.stage, progress.step, _last_checkpoint(run_dir)) from None
-    except Exception as e:
-        full = out_of_space(e)
-        if full is None:
+        raise RunInterrupted(getattr(e, "signum", signal.SIGINT), progress.stage, progress.step,
+                             _last_checkpoint(run_dir)) from None
+    except BaseException as e:  # BaseException: DCP's CheckpointException is one
+        why = disk_full(e)
+        if why is None:
             raise
-        raise OutOfSpace(_out_of_space_message(full, run_dir, progress), _last_checkpoint(run_dir)) from e
+        raise OutOfSpace(_out_of_space_message(why, run_dir, progress), _last_checkpoint(run_dir)) from e
     finally:
         if lock is not None:
             lock.release()
@@ -175,14 +177,14 @@ def _last_checkpoint(run_dir: Path) -> Path | None:
         return None
 
 
-def _out_of_space_message(err: OSError, run_dir: Path, progress: Progress) -> str:
+def _out_of_space_message(why: str, run_dir: Path, progress: Progress) -> str:
     where = "before training began" if progress.stage is None else f"at stage {progress.stage} step {progress.step}"
     disk = run_dir.resolve()
     while not os.path.ismount(disk):
         disk = disk.parent
     free = shutil.disk_usage(run_dir).free / 2**30
     saved = ckpt.describe(_last_checkpoint(run_dir))
-    return (f"out of space writing to {run_dir} ({err.strerror}) {where}: the disk mounted at {disk} has "
+    return (f"out of space writing to {run_dir} ({why}) {where}: the disk mounted at {disk} has "
             f"{free:.1f} GiB free (a quota or `ulimit -f` may be lower); saved: {saved}")
 
 

@@ -46,11 +46,11 @@ def _start(args: list[str]) -> subprocess.Popen:
                             text=True)
 
 
-def _one_line(r: subprocess.CompletedProcess | str, prefix: str = "error: ") -> str:
+def _one_line(r: subprocess.CompletedProcess | str) -> str:
     """The one line the run ended with (progress bars share stderr); never a traceback."""
     err = r if isinstance(r, str) else r.stderr
     assert "Traceback" not in err, err[-3000:]
-    [line] = [line for line in err.splitlines() if line.startswith(prefix)]
+    [line] = [line for line in err.splitlines() if line.startswith("error: ")]
     return line
 
 
@@ -227,7 +227,7 @@ def test_a_full_disk_while_checkpointing_names_the_folder_what_was_saved_and_the
     out = tmp_path / "run"
     args = _args(train_cache, student_dir, out, "--stages", "1,2", "--max-steps", "2", "--checkpoint-every", "1")
     r = _run(args, preexec_fn=file_size_limit)
-    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
     line = _one_line(r)
     assert line.startswith(f"error: out of space writing to {out} (File too large) at stage 2 step 1: the disk "
                            f"mounted at "), line
@@ -253,12 +253,13 @@ def test_an_interrupt_says_where_the_run_stopped_what_was_saved_and_how_to_resum
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
-    line = _one_line(err, prefix="interrupted")
+    line = _one_line(err)
     latest = (out / "checkpoints" / "latest").read_text().strip()
     saved = json.loads((out / "checkpoints" / latest / "state.json").read_text())["step"]
     steps = len((out / "metrics.jsonl").read_text().splitlines())
-    assert line.startswith(f"interrupted by {sig.name} at stage 1 step {steps}; saved: checkpoint "
-                           f"{out}/checkpoints/{latest} (stage 1 step {saved}); resume with: genrecal-train "), line
+    assert line.startswith(f"error: {out}: training interrupted ({sig.name}) at stage 1 step {steps}; saved: "
+                           f"checkpoint {out}/checkpoints/{latest} (stage 1 step {saved}); resume with: "
+                           f"genrecal-train "), line
     assert not (out / "final").exists()
     # the printed command continues the run (here to two steps past its checkpoint: --max-steps may change)
     resumed = _run(_resume_cli(line, "--max-steps", str(saved + 2)))
