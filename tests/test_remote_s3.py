@@ -150,6 +150,25 @@ def test_push_publishes_the_manifest_last_and_the_cache_reads_verifies_and_pulls
     assert (again.uploaded, again.faults) == (0, []) and s3.puts("pushed") == order
 
 
+def test_a_cache_in_parts_is_pushed_with_every_manifest_after_every_file(s3, tmp_path):
+    g = torch.Generator().manual_seed(2)
+    head = TeacherHead(HeadConfig(D, V), 1 + 0.1 * torch.randn(D, generator=g), torch.randn(V, D, generator=g) * 0.2)
+    samples = make_samples(head, n=20)
+    local = tmp_path / "parts"
+    for i in range(2):  # as `extract --num-shards 2` lays them out
+        write_cache(local / f"part-{i:05d}-of-00002", head, samples[i::2], shard_tokens=64, chunk_tokens=16)
+    url = f"s3://{BUCKET}/parts"
+    assert push(local, url).faults == []
+    order = s3.puts("parts")
+    manifests = [i for i, key in enumerate(order) if key.endswith("/manifest.json")]
+    assert len(manifests) == 2 and min(manifests) == len(order) - 2  # both manifests after every other file
+    with open_cache(url) as remote, open_cache(local) as mine:
+        assert type(remote).__name__ == "MultiPartCache" and len(remote) == 20
+        for a, b in zip(mine.iter_samples(status="all"), remote.iter_samples(status="all"), strict=True):
+            assert a.id == b.id and (a.hidden == b.hidden).all()
+    assert verify(url) == []
+
+
 def test_push_refuses_another_cache_and_a_replaced_cache_stops_its_readers(s3, caches, tmp_path):
     a, b = caches
     url = f"s3://{BUCKET}/replaced"
