@@ -111,7 +111,8 @@ def shard_from_env(env: Mapping[str, str]) -> tuple[int, int, str]:
     source = " ".join(f"{n}={env[n]}" for n in names if n in env)
     if not 0 <= index < count:
         raise typer.BadParameter(f"{source} gives shard {index} of {count}: use a contiguous array (e.g. "
-                                 f"--array=0-{count - 1}) or pass --num-shards/--shard-index", param_hint="--shard-index")
+                                 f"--array=0-{count - 1}) or pass --num-shards/--shard-index",
+                                 param_hint="--shard-index")
     return count, index, source
 
 

@@ -138,7 +138,8 @@ def _head_check(cache_head: TeacherHead, teacher_head: TeacherHead) -> Check:
         return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
     d_lm = rel(cache_head.lm_head_weight, teacher_head.lm_head_weight)
-    d_norm = max(rel(cache_head.norm_weight, teacher_head.norm_weight), rel(cache_head.norm_bias, teacher_head.norm_bias))
+    d_norm = max(rel(cache_head.norm_weight, teacher_head.norm_weight),
+                 rel(cache_head.norm_bias, teacher_head.norm_bias))
     ok = d_lm <= HEAD_RTOL and d_norm <= HEAD_RTOL and cache_head.config == teacher_head.config
     figures = (f"lm_head max |diff| {d_lm:.3g}, final norm {d_norm:.3g} of the teacher's largest value "
                f"(bf16 export allows {HEAD_RTOL:.3g})")

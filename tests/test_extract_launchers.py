@@ -40,7 +40,8 @@ def _extract_jobs(teacher_dir: Path, data: Path, out: Path, envs: list[dict[str,
     code = "import sys; from cli.cache_cli import main; sys.argv[0] = 'genrecal-cache'; main()"
     procs = [subprocess.Popen([sys.executable, "-c", code, "extract", "--teacher", str(teacher_dir), "--data",
                                str(data), "--out", str(out), "--backend", "transformers", "--hidden-codec", "fp32"],
-                              env={**base, **env}, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env={**base, **env}, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
              for env in envs]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, output in zip(procs, outputs):

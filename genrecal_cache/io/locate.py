@@ -117,8 +117,8 @@ class _RangeTolerantFsspecStore(FsspecStore):
 
     Over HTTP every read is bounded (an endless zarr.json or shard answer is cut at what the file
     may hold, a range answer at its length) and every data request carries `If-Match` (the ETag
-    first seen; over S3 GetObject's `IfMatch`), so a file replaced mid-run is an error. Each request joins the read it serves
-    (io/retry.py `gather_cancelling`): a failed read cancels its other requests."""
+    first seen; over S3 GetObject's `IfMatch`), so a file replaced mid-run is an error. Each request
+    joins the read it serves (io/retry.py `gather_cancelling`): a failed read cancels its other requests."""
 
     manifest: Manifest | None = None
     _etags: dict[str, tuple[str | None, int | None]]
