@@ -127,6 +127,7 @@ def train(cfg: TrainConfig) -> Path:
     An interrupt (KeyboardInterrupt, which `genrecal-train` also makes of SIGTERM) becomes `RunInterrupted`,
     a full disk `OutOfSpace`; both say where the run stopped and what it saved."""
     run_dir, progress, lock = Path(cfg.out), Progress(), None
+    created = not run_dir.exists()
     try:
         rank, world, device = _dist_setup(cfg.device)
         strategy = distributed.resolve_strategy(cfg.strategy, world)
@@ -146,7 +147,19 @@ def train(cfg: TrainConfig) -> Path:
         raise OutOfSpace(_out_of_space_message(why, run_dir, progress), _last_checkpoint(run_dir)) from e
     finally:
         if lock is not None:
-            lock.release()
+            _release(lock, run_dir, created)
+
+
+def _release(lock: DirLock, run_dir: Path, created: bool) -> None:
+    """Unlock the run folder; a folder this run created and left empty but for the lock goes too (a run
+    refused before its first write leaves nothing; the file is unlinked while still held, as DirLock does)."""
+    empty = created and [p.name for p in run_dir.iterdir()] == [lock.path.name]
+    if empty:
+        lock.path.unlink(missing_ok=True)
+    lock.release()
+    if empty:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
 
 
 def _lock_run_dir(run_dir: Path, rank: int, world: int) -> DirLock | None:
@@ -188,6 +201,22 @@ def _out_of_space_message(why: str, run_dir: Path, progress: Progress) -> str:
             f"{free:.1f} GiB free (a quota or `ulimit -f` may be lower); saved: {saved}")
 
 
+def _load_student_processor(student: str):
+    """The student's family adapter and processor; a folder or hub id that is not a model is RunRefused."""
+    from transformers import AutoConfig
+
+    if not Path(student).exists() and (student.startswith(("/", ".", "~")) or student.count("/") > 1):
+        raise RunRefused(f"--student {student}: no such folder; give the student model folder or a hub id "
+                         f"(org/name)")
+    try:
+        adapter = adapter_for(AutoConfig.from_pretrained(student))
+        return adapter, adapter.load_processor(student)
+    except OSError as e:  # transformers/huggingface_hub: not a folder, not a hub id, no config.json, offline
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise RunRefused(f"--student {student}: cannot be loaded ({first[:300]}); give a student model folder "
+                         f"(config.json, weights, processor) or a hub id") from e
+
+
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, strategy: str, run_dir: Path,
            progress: Progress) -> Path:
     torch.manual_seed(cfg.seed)
@@ -195,10 +224,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, strate
     cache = open_cache(cfg.cache, local_cache=cfg.local_cache)
     # FSDP places (and casts) the head itself: load it in host memory first
     head = cache.head(device=torch.device("cpu") if strategy == "fsdp" else device)
-    from transformers import AutoConfig
-
-    adapter = adapter_for(AutoConfig.from_pretrained(cfg.student))
-    processor = adapter.load_processor(cfg.student)
+    adapter, processor = _load_student_processor(cfg.student)
     check_cache_matches(cache, head, cfg)
     resume_from = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
     st = ckpt.load_state(resume_from) if resume_from is not None else {}

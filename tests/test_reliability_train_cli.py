@@ -201,6 +201,18 @@ def test_bad_config_values_and_files_are_one_line_before_anything_is_written(cas
     assert r.stderr.strip() == line and not out.exists()
 
 
+@pytest.mark.parametrize("missing", ["student", "cache"])
+def test_a_missing_student_or_cache_is_one_line_and_leaves_no_out_folder(missing, tmp_path, train_cache,
+                                                                        student_dir):
+    paths = {"student": student_dir, "cache": train_cache, missing: tmp_path / "absent"}
+    out = tmp_path / "run"
+    r = _run(_args(paths["cache"], paths["student"], out, "--max-steps", "1"))
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    line = _one_line(r)
+    assert str(tmp_path / "absent") in line and ("no such folder" in line or "does not exist" in line), line
+    assert not out.exists()  # the lock it took went with the folder it made
+
+
 def test_values_written_as_text_in_a_config_file_are_read_as_their_type(tmp_path):
     """YAML reads `1e-4` as text: it is a number all the same, as are "3" and 1e3 for whole numbers."""
     from genrecal_train.config import load_config
