@@ -25,6 +25,7 @@ from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter
 from genrecal_cache.format.manifest import (
     COMMITS_DIR, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, Manifest, identity, identity_diff, sha256_text,
 )
+from genrecal_cache.format.roles import Storage, default_rank
 from genrecal_cache.format.tokenizer import tokenizer_files, tokenizer_sha256
 from genrecal_cache.io.locate import part_dir
 from genrecal_cache.io.prefetch import prefetch
@@ -54,6 +55,11 @@ class ExtractConfig:
     limit: int | None = None
     # storage of hidden states: "bf16" (default, lossless) | "fp8" | "ecq" | "fp32" (genrecal_cache/format/codecs.py)
     hidden_codec: str | None = None
+    # role-aware storage (format/roles.py): context rows "lowrank" (default) | "full" | "text" | "none";
+    # rank of the low-rank basis (None: roles.default_rank); top-k at "answer" rows (default) or "all"
+    context: str = "lowrank"
+    context_rank: int | None = None
+    topk_rows: str = "answer"
     dtype: str = "auto"  # compute dtype: "auto" = bfloat16 on GPU, float32 on CPU
     device: str = "auto"
     image_root: str | None = None
@@ -220,6 +226,7 @@ def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any, inputs: It
     chat_template = getattr(processor, "chat_template", None) or tokenizer.chat_template
     writer = CacheWriter(
         out,
+        storage=storage_for(cfg, head.hidden_size, config, tokenizer),
         hidden_size=head.hidden_size,
         vocab_size=head.vocab_size,
         topk=cfg.topk,
@@ -318,6 +325,25 @@ def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any, inputs: It
     return manifest
 
 
+def storage_for(cfg: ExtractConfig, hidden_size: int, config: Any, tokenizer: Any) -> Storage:
+    """The role-aware storage of this extraction: its policy, the basis rank and, for 'text', the image tokens."""
+    image_ids = []
+    if cfg.context == "text":
+        ids = {getattr(config, k, None) for k in ("image_token_id", "image_token_index")}
+        token = getattr(tokenizer, "image_token", None)
+        if token:
+            ids.add(tokenizer.convert_tokens_to_ids(token))
+        image_ids = sorted(i for i in ids if isinstance(i, int) and i >= 0)
+        if not image_ids:
+            raise ExtractError(f"--context text: the teacher {cfg.teacher} names no image token (config image_token_id)"
+                               f"; use --context lowrank or none")
+    rank = (cfg.context_rank or default_rank(hidden_size)) if cfg.context == "lowrank" else None
+    try:
+        return Storage(context=cfg.context, rank=rank, topk_rows=cfg.topk_rows, image_token_ids=image_ids)
+    except ValueError as e:
+        raise ExtractError(str(e)) from None
+
+
 def _my_samples(samples: Iterator[Sample], cfg: ExtractConfig, skip: list[str], out: str) -> Iterator[Sample]:
     """This job's inputs (index % num_shards == shard_index), without the first `skip` ones, which a
     resumed cache already holds (their ids must match: the data must not change between runs)."""
@@ -347,7 +373,8 @@ def _complete_cache(out, cfg: ExtractConfig, config, tokenizer) -> Manifest | No
     m = Manifest.from_json(path.read_bytes(), source=str(path))
     want = {"teacher.config_sha256": sha256_text(config.to_json_string()),
             "tokenizer_sha256": tokenizer_sha256(tokenizer), "topk": cfg.topk,
-            "hidden_codec": cfg.hidden_codec}
+            "hidden_codec": cfg.hidden_codec,
+            "storage": storage_for(cfg, m.hidden_size, config, tokenizer).as_dict()}
     got = {k: v for k, v in identity(m).items() if k in want}
     diff = [f"{k}: cache has {a!r}, this run {b!r}" for k, a, b in identity_diff(got, want)]
     if diff:

@@ -19,7 +19,9 @@ def merge(src: str | os.PathLike, out: str | os.PathLike, storage_options: dict[
           command: str | None = None) -> Manifest:
     """Write the cache at `src` (multi-part, or single) as one single-part cache at `out`: the same rows in
     the same order (the global index), the same features. Hidden states are re-encoded with the same
-    codec: bit-exact for bf16 and fp32 (their decoded values are exactly representable).
+    codec: bit-exact for bf16 and fp32 (their decoded values are exactly representable). Role-aware storage is
+    kept: the same policy and, for low-rank context, the same basis (the coefficients are re-coded from the
+    states it reconstructs: equal to float32 rounding).
 
     One merge at a time writes `out` (its folder lock); a merge that was stopped (killed, interrupted, a
     full disk) is resumed from its last commit by running it again, as an extraction is."""
@@ -45,7 +47,8 @@ def _merge_locked(src: str | os.PathLike, out: Path, storage_options: dict[str, 
                         hidden_codec=m.hidden_codec, teacher=dict(m.teacher), tokenizer_sha256=m.tokenizer_sha256,
                         chat_template_sha256=m.chat_template_sha256, head=cache.head("cpu"), command=command,
                         shard_tokens=spec["shard_tokens"], chunk_tokens=spec["chunk_tokens"], extra=extra,
-                        tokenizer_files=cache.tokenizer_files(), resume=True)
+                        tokenizer_files=cache.tokenizer_files(), resume=True, storage=m.roles,
+                        context_basis=cache.context_basis())
     except BaseException:
         cache.close()
         raise

@@ -125,6 +125,11 @@ class MultiPartCache:
     def head(self, device: str | torch.device = "cpu") -> Any:
         return self.parts[0].head(device)  # identical in every part (checked by its sha256 at open)
 
+    def context_basis(self) -> Any:
+        """None: each part fits its own low-rank basis (reads reconstruct through the part's); a merge of parts
+        with low-rank context refits one basis (MultiPartCache has no single basis)."""
+        return None
+
     def tokenizer_files(self) -> dict[str, bytes]:
         # every part stores the same tokenizer (its hash is part of the identity checked at open)
         return next((files for p in self.parts if (files := p.tokenizer_files())), {})

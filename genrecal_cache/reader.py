@@ -27,15 +27,17 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 from fsspec.implementations.local import LocalFileSystem
+from safetensors.numpy import load as safetensors_load
 from zarr.core.sync import sync
 
 from .format import safety
 from .format.codecs import bf16_bits_to_float32, describe_chain, hidden_codec  # noqa: F401 - bf16_bits_to_float32 re-exported
 from .format.head import TeacherHead
 from .format.manifest import (
-    ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, TOKENIZER_DIR, CacheFormatError,
+    BASIS_NAME, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, TOKENIZER_DIR, CacheFormatError,
     Manifest, sha256_bytes,
 )
+from .format.roles import FLAG_COMPACT, FLAG_EXACT, FLAG_TOPK, ContextBasis
 from .format.tokenizer import load_tokenizer
 from .io.fastread import BufferPool, NonFiniteError, ShardedArrayReader, bound_zarr_decoding, read_ranges
 from .io.locate import local_file, locate, open_fs, open_parquet, zarr_store
@@ -67,6 +69,23 @@ class CachedSample:
     hidden: np.ndarray           # [L, d] float32, post-final-norm, decoded (any hidden codec); position t predicts t+1
     topk_ids: np.ndarray         # [L, k] int32
     topk_logprobs: np.ndarray    # [L, k] float32
+    row_flags: np.ndarray        # [L] uint8: what is stored per row (format/roles.py FLAG_*); zero rows are absent
+
+    @property
+    def hidden_rows(self) -> np.ndarray:
+        """bool [L]: rows whose `hidden` is the teacher's state (exact at the codec, or low-rank); the other
+        rows of a role-aware cache are zero (not stored)."""
+        return (self.row_flags & (FLAG_EXACT | FLAG_COMPACT)) > 0
+
+    @property
+    def exact_rows(self) -> np.ndarray:
+        """bool [L]: rows whose `hidden` is stored at the answer codec (every row of a version 1-2 cache)."""
+        return (self.row_flags & FLAG_EXACT) > 0
+
+    @property
+    def topk_rows(self) -> np.ndarray:
+        """bool [L]: rows that hold the top-k (answer rows only, by default, in a version-3 cache)."""
+        return (self.row_flags & FLAG_TOPK) > 0
 
 
 class TeacherCache:
@@ -81,6 +100,7 @@ class TeacherCache:
         self._zarr: dict[str, zarr.Array] | None = None
         self._pf: pq.ParquetFile | None = None
         self._head: TeacherHead | None = None
+        self._basis: ContextBasis | None = None
         self._images_rg: tuple[int, list[list[bytes]]] | None = None
         self._file_sizes = self._check_local_files()
         self._load_index()
@@ -148,7 +168,9 @@ class TeacherCache:
                                    f"incomplete, run `genrecal-cache verify` and re-download or re-extract the cache")
         if type(self.fs) is not LocalFileSystem:  # remote, or a mirror that fetches and verifies each file itself
             return None
-        fixed = [SAMPLES_NAME, HEAD_NAME, f"{FEATURES_NAME}/zarr.json", *(f"{FEATURES_NAME}/{n}/zarr.json" for n in ARRAY_NAMES)]
+        fixed = [SAMPLES_NAME, HEAD_NAME, f"{FEATURES_NAME}/zarr.json",
+                 *(f"{FEATURES_NAME}/{n}/zarr.json" for n in self.manifest.array_names),
+                 *([BASIS_NAME] if BASIS_NAME in self.manifest.checksums else [])]
         return safety.check_local_files(self.root, dict.fromkeys([*fixed, *self.manifest.checksums]), self.url)
 
     def _features(self) -> dict[str, zarr.Array]:
@@ -354,9 +376,23 @@ class TeacherCache:
 
     def _decoded(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`hidden` as float32 for a whole token range at once (bf16 bits converted; zarr has already
-        decoded fp8/ecq, and float32 needs nothing)."""
+        decoded fp8/ecq, and float32 needs nothing), with low-rank context rows reconstructed into it."""
         h = arrays["hidden"]
-        return {**arrays, "hidden": h if h.dtype == np.float32 else self.hidden_codec.to_float32(h)}
+        h = h if h.dtype == np.float32 else self.hidden_codec.to_float32(h)
+        if "context" in arrays:
+            rows = (arrays["row_flags"] & FLAG_COMPACT) > 0
+            h[rows] = self.context_basis().decode(arrays["context"][rows])
+        if "row_flags" not in arrays:  # versions 1-2: every row holds its state and its top-k
+            arrays = {**arrays, "row_flags": np.full(h.shape[0], FLAG_EXACT | FLAG_TOPK, np.uint8)}
+        return {**arrays, "hidden": h}
+
+    def context_basis(self) -> ContextBasis | None:
+        """The low-rank basis of the cache's context rows (None unless its storage is 'lowrank')."""
+        if BASIS_NAME not in self.manifest.checksums:
+            return None
+        if self._basis is None:
+            self._basis = load_basis(self.fs, self.root, self.url, self.manifest)
+        return self._basis
 
     def _sample(self, i: int, arrays: dict[str, np.ndarray], base: int, images: list[bytes]) -> CachedSample:
         """One sample from a token range's arrays (`_decoded`: hidden float32) starting at token `base`."""
@@ -370,7 +406,8 @@ class TeacherCache:
             messages=safety.parse_messages(row["messages"], f"{self.url}/{SAMPLES_NAME}: row {i}"), images=images,
             extra=safety.parse_extra(row["extra"], f"{self.url}/{SAMPLES_NAME}: row {i}"),
             token_ids=arrays["token_ids"][a:b].copy(), answer_mask=arrays["answer_mask"][a:b].copy(),
-            hidden=hidden, topk_ids=arrays["topk_ids"][a:b].copy(), topk_logprobs=arrays["topk_logprobs"][a:b].copy())
+            hidden=hidden, topk_ids=arrays["topk_ids"][a:b].copy(), topk_logprobs=arrays["topk_logprobs"][a:b].copy(),
+            row_flags=arrays["row_flags"][a:b].copy())
 
     def _read_images(self, rows: list[int]) -> dict[int, list[bytes]]:
         """Images of the given rows, reading each parquet row group they touch once. The last row
@@ -488,6 +525,31 @@ def load_head(fs: fsspec.AbstractFileSystem, root: str, url: str, manifest: Mani
     return head
 
 
+def load_basis(fs: fsspec.AbstractFileSystem, root: str, url: str, manifest: Manifest) -> ContextBasis:
+    """The cache's low-rank context basis (context_basis.safetensors), checked against its sha256 and shapes."""
+    where = f"{url}/{BASIS_NAME}"
+    if type(fs) is LocalFileSystem:
+        safety.check_local_files(root, [BASIS_NAME], url)
+    try:
+        data = read_capped(fs, f"{root}/{BASIS_NAME}", safety.file_limit(BASIS_NAME, manifest), where,
+                           size=manifest.sizes.get(BASIS_NAME))
+    except FileNotFoundError as e:
+        raise CacheFormatError(f"{where}: missing; the cache is incomplete, re-download or re-extract it") from e
+    if sha256_bytes(data) != manifest.checksums[BASIS_NAME]:
+        raise CacheFormatError(f"{where}: sha256 mismatch: the file is corrupt; re-download or re-extract it")
+    try:
+        t = safetensors_load(data)
+        basis = ContextBasis(t["mean"], t["basis"])
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors, a missing tensor, wrong shapes
+        raise CacheFormatError(f"{where}: unreadable ({type(e).__name__}: {str(e)[:200]}); re-download or "
+                               f"re-extract the cache") from e
+    want = (manifest.roles.rank, manifest.hidden_size)
+    if basis.basis.shape != want:
+        raise CacheFormatError(f"{where}: basis is {list(basis.basis.shape)} but the manifest says rank "
+                               f"{want[0]} of hidden size {want[1]}; re-download or re-extract the cache")
+    return basis
+
+
 def load_tokenizer_files(fs: fsspec.AbstractFileSystem, root: str, url: str, manifest: Manifest) -> dict[str, bytes]:
     """The files under `teacher_tokenizer/` that the manifest lists (name inside the folder -> bytes), each
     checked against its sha256. Read through the same filesystem as the head: a remote cache's read-through
@@ -510,10 +572,10 @@ def load_tokenizer_files(fs: fsspec.AbstractFileSystem, root: str, url: str, man
 
 
 def open_feature_arrays(store: zarr.abc.store.Store, manifest: Manifest, url: str) -> dict[str, zarr.Array]:
-    """Open and check the five arrays against the manifest (dtype, trailing shape, length T)."""
+    """Open and check the feature arrays against the manifest (dtype, trailing shape, length T)."""
     arrays: dict[str, zarr.Array] = {}
     T = manifest.counts["tokens"]
-    for name in ARRAY_NAMES:
+    for name in manifest.array_names:
         where = f"{url}/{FEATURES_NAME}/{name}"
         spec = manifest.arrays.get(name)
         if spec is None:

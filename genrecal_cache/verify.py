@@ -24,8 +24,9 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from .format.codecs import hidden_codec
+from .format.roles import row_flags
 from .format.manifest import (
-    ARRAY_NAMES, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
+    FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, CacheFormatError, Manifest,
     sha256_stream,
 )
 from .format import safety
@@ -81,6 +82,8 @@ def verify(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | Non
         except (pa.ArrowException, OSError, ValueError) as e:
             return faults + [f"{SAMPLES_NAME}: unreadable ({e}): the file is truncated or corrupt; {REFETCH}"]
         faults += image_faults + _check_index(table, arrays, manifest) + _check_row_json(table)
+        if "row_flags" in arrays:
+            faults += _check_row_flags(arrays, table, manifest)
         faults += _check_hidden_values(fs, root, arrays["hidden"], manifest, {f.split(":")[0] for f in faults})
         try:
             stored = (_stored_feature_bytes(fs, root, manifest) if isinstance(fs, LocalFileSystem)
@@ -229,11 +232,11 @@ def _check_head(fs: fsspec.AbstractFileSystem, root: str, m: Manifest) -> list[s
 def _check_array_specs(arrays: dict[str, Any], m: Manifest) -> list[str]:
     faults = []
     want_tail = {"token_ids": [], "answer_mask": [], "hidden": [m.hidden_size], "topk_ids": [m.topk],
-                 "topk_logprobs": [m.topk]}
-    for name in sorted(set(m.arrays) - set(ARRAY_NAMES)):
+                 "topk_logprobs": [m.topk], "row_flags": [], "context": [m.roles.rank]}
+    for name in sorted(set(m.arrays) - set(m.array_names)):
         faults.append(f"{MANIFEST_NAME}: unknown array {name!r} in 'arrays'; this cache is not format version "
                       f"{m.format_version}")
-    for name in ARRAY_NAMES:
+    for name in m.array_names:
         a, spec = arrays[name], m.arrays[name]
         rel = f"{FEATURES_NAME}/{name}/zarr.json"
         if spec["shape_tail"] != want_tail[name]:
@@ -403,6 +406,35 @@ def _check_answer_mask(mask: Any, starts: np.ndarray, ends: np.ndarray, m: Manif
             rel = f"{FEATURES_NAME}/answer_mask/c/{lo // S}"
             return [f"{rel}: answer_mask disagrees with samples.parquet answer_spans (first at token {bad}); "
                     f"one of the two is corrupt; {REFETCH}"]
+    return []
+
+
+def _check_row_flags(arrays: dict[str, Any], table: pa.Table, m: Manifest) -> list[str]:
+    """`row_flags` is what the manifest's storage gives for each sample's tokens and answer mask (format/roles.py),
+    read a shard's worth of samples at a time."""
+    storage, S = m.roles, m.arrays["row_flags"]["shard_tokens"]
+    ok = [i for i, st in enumerate(table.column("status").to_pylist()) if st == "ok"]
+    offsets, lengths = table.column("token_offset").to_numpy(), table.column("num_tokens").to_numpy()
+    ids = table.column("id").to_pylist()
+    j = 0
+    while j < len(ok):
+        k, lo = j, int(offsets[ok[j]])
+        while k < len(ok) and (k == j or offsets[ok[k]] + lengths[ok[k]] - lo <= S):
+            k += 1
+        hi = int(offsets[ok[k - 1]] + lengths[ok[k - 1]])
+        try:
+            got = {n: np.asarray(arrays[n][lo:hi]) for n in ("token_ids", "answer_mask", "row_flags")}
+        except Exception as e:  # noqa: BLE001 - a corrupt shard fails its crc32c or decompression
+            return [f"{FEATURES_NAME}: tokens [{lo}, {hi}) unreadable ({type(e).__name__}: {e}); {REFETCH}"]
+        for i in ok[j:k]:
+            a, b = int(offsets[i]) - lo, int(offsets[i] + lengths[i]) - lo
+            want = row_flags(got["token_ids"][a:b], got["answer_mask"][a:b], storage)
+            if not np.array_equal(got["row_flags"][a:b], want):
+                bad = int(offsets[i]) + int(np.flatnonzero(got["row_flags"][a:b] != want)[0])
+                return [f"{FEATURES_NAME}/row_flags/c/{bad // S}: row_flags of sample {ids[i]!r:.60} (first at token "
+                        f"{bad}) disagree with the manifest's storage {storage.context!r}/{storage.topk_rows!r} and "
+                        f"the answer mask; the cache is corrupt; {REFETCH}"]
+        j = k
     return []
 
 

@@ -37,6 +37,7 @@ from typing import Any, Literal, Union
 import numpy as np
 import torch
 import zarr
+from safetensors.numpy import load_file, save
 from zarr.core.buffer import Buffer, default_buffer_prototype
 from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.core.sync import sync
@@ -47,13 +48,16 @@ from .format.codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, describe_chain, hi
 from .format.head import TeacherHead
 from .format.layout import create_feature_arrays, plan_layout
 from .format.manifest import (
-    FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, SIZES_KEY, TOKENIZER_DIR, ArraySpec, CacheFormatError,
+    BASIS_NAME, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, SIZES_KEY, TOKENIZER_DIR, ArraySpec, CacheFormatError,
     Counts, Manifest, TeacherInfo, answer_spans, relpath_problem, sha256_bytes, sha256_file,
 )
+from .format.roles import FLAG_COMPACT, FLAG_EXACT, FLAG_TOPK, ContextBasis, Storage, row_flags
 from .io.durable import atomic_write
 from .journal import CacheWriteError, Committed, Journal, is_journal, kill_point
 
-__all__ = ["CacheWriteError", "CacheWriter", "SampleArrays", "SampleRecord"]
+__all__ = ["BASIS_FIT_ROWS", "CacheWriteError", "CacheWriter", "SampleArrays", "SampleRecord"]
+
+BASIS_FIT_ROWS = 4096  # context rows the low-rank basis is fitted on (d=8192: 128 MiB of float32 held back)
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -114,11 +118,23 @@ class CacheWriter:
                  tokenizer_sha256: str, chat_template_sha256: str | None, head: TeacherHead, command: str,
                  shard_tokens: int | None = None, chunk_tokens: int | None = None, embed_images: bool = True,
                  queue_size: int = 16, extra: dict[str, Any] | None = None, resume: bool = False,
-                 commit_seconds: float | None = None, tokenizer_files: dict[str, bytes] | None = None) -> None:
+                 commit_seconds: float | None = None, tokenizer_files: dict[str, bytes] | None = None,
+                 storage: Storage = Storage(), context_basis: ContextBasis | None = None,
+                 basis_fit_rows: int = BASIS_FIT_ROWS) -> None:
         """`hidden_codec`: "bf16" (default, lossless), "fp8", "ecq" or "fp32" (genrecal_cache/format/codecs.py).
         `tokenizer_files`: the teacher tokenizer's files (`format.tokenizer.tokenizer_files`), written to
-        `teacher_tokenizer/` at close so that the cache is trained from without the teacher."""
+        `teacher_tokenizer/` at close so that the cache is trained from without the teacher.
+        `storage`: which rows are stored, and how, by role (format/roles.py). With low-rank context the basis
+        is `context_basis` when given (merge), else fitted on the first `basis_fit_rows` context rows
+        (samples are held back until then) and saved to context_basis.safetensors before any is written."""
         self.out_dir = Path(out_dir)
+        self.storage = storage
+        if storage.rank is not None and storage.rank > hidden_size:
+            raise ValueError(f"context rank {storage.rank} exceeds hidden_size {hidden_size}")
+        if context_basis is not None and (storage.context != "lowrank" or context_basis.rank != storage.rank
+                                          or context_basis.mean.shape[0] != hidden_size):
+            raise ValueError(f"context basis of rank {context_basis.rank} and size {context_basis.mean.shape[0]} does "
+                             f"not fit storage {storage} with hidden_size {hidden_size}")
         self.codec: HiddenCodec = get_hidden_codec(hidden_codec or DEFAULT_HIDDEN_CODEC)
         if topk < 1 or hidden_size < 1 or vocab_size < 1:
             raise ValueError(f"hidden_size, vocab_size and topk must be >= 1 (got {hidden_size}, {vocab_size}, {topk})")
@@ -141,7 +157,7 @@ class CacheWriter:
             raise ValueError(f"invalid cache metadata: {e}") from e
         self.embed_images = embed_images
         self.layout = plan_layout(hidden_size, topk, self.codec.name, shard_tokens=shard_tokens,
-                                  chunk_tokens=chunk_tokens)
+                                  chunk_tokens=chunk_tokens, storage=storage)
         # crash safety (journal.py, docs/cache-format.md "Commit protocol"): commits go to _progress.json +
         # _commits/; `resume=True` continues an interrupted run in the same directory from its last commit
         self.journal = Journal(self.out_dir, self._identity(), head, resume=resume, commit_seconds=commit_seconds,
@@ -150,7 +166,7 @@ class CacheWriter:
         self._store = _HashingLocalStore(self.out_dir / FEATURES_NAME)
         if resumed is None:
             group = zarr.open_group(self._store, mode="w", zarr_format=3)
-            self._arrays, self._specs = create_feature_arrays(group, self.layout, self.codec, hidden_size, topk)
+            self._arrays, self._specs = create_feature_arrays(group, self.layout, self.codec, hidden_size, topk, storage)
         else:
             self._store.digests.update(resumed.shards)
             self._arrays, self._specs = self._reopen_arrays(resumed.written)
@@ -172,6 +188,15 @@ class CacheWriter:
                 self._filled = len(a)
         self._error: tuple[str | None, BaseException] | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self._basis = context_basis
+        self._basis_fit_rows = basis_fit_rows
+        self._held: list[object] = []  # queued once the low-rank basis is fitted (see _put)
+        (self.out_dir / (BASIS_NAME + ".tmp")).unlink(missing_ok=True)
+        if storage.context == "lowrank" and context_basis is None and resumed is not None \
+                and resumed.counts["samples"] > 0:  # committed samples were encoded on the saved basis
+            self._basis = load_basis(self.out_dir / BASIS_NAME)
+        if self._basis is not None:
+            self._save_basis()
         self._thread = threading.Thread(target=self._run, name=f"CacheWriter({self.out_dir.name})", daemon=True)
         self._thread.start()
 
@@ -229,6 +254,19 @@ class CacheWriter:
         self._put(_COMMIT_POINT)
 
     def _put(self, item: object) -> None:
+        """Queue an item for the writer thread. With low-rank context, everything is held back (in order) until
+        the basis is fitted on the first `basis_fit_rows` context rows; then samples carry their coefficients."""
+        if self.storage.context == "lowrank" and self._basis is None:
+            self._held.append(item)
+            if sum(len(it[1]["_context"]) for it in self._held if isinstance(it, tuple) and it[1]) \
+                    >= self._basis_fit_rows:
+                self._fit_basis()
+            return
+        if isinstance(item, tuple) and item[1] is not None and "_context" in item[1]:
+            prepared = item[1]
+            flags, ctx = prepared["row_flags"], prepared.pop("_context")
+            prepared["context"] = np.zeros((flags.shape[0], self.storage.rank), np.float32)
+            prepared["context"][(flags & FLAG_COMPACT) > 0] = self._basis.encode(ctx)
         while True:  # a bounded put that still notices a writer that died while we wait
             try:
                 self._queue.put(item, timeout=0.5)
@@ -236,10 +274,25 @@ class CacheWriter:
             except queue.Full:
                 self._raise_if_failed()
 
+    def _fit_basis(self) -> None:
+        """Fit the low-rank context basis on the held-back samples' context rows, save it, queue them."""
+        rows = [it[1]["_context"] for it in self._held if isinstance(it, tuple) and it[1]]
+        states = np.concatenate(rows)[:self._basis_fit_rows] if rows else np.zeros((0, self.hidden_size), np.float32)
+        self._basis = ContextBasis.fit(states, self.storage.rank)
+        self._save_basis()
+        held, self._held = self._held, []
+        for item in held:
+            self._put(item)
+
+    def _save_basis(self) -> None:
+        atomic_write(self.out_dir / BASIS_NAME, save(self._basis.tensors(), metadata={"format": "genrecal_context_basis"}))
+
     def close(self) -> Manifest:
         """Flush everything, write checksums and the manifest (last, atomically). Returns the manifest."""
         if self._closed:
             raise CacheWriteError(f"{self.out_dir}: close() called twice")
+        if self.storage.context == "lowrank" and self._basis is None:
+            self._fit_basis()  # fewer context rows than basis_fit_rows in the whole run
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
@@ -266,7 +319,7 @@ class CacheWriter:
         return Manifest(created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                         tool_version=__version__, teacher=self._teacher, hidden_size=self.hidden_size,
                         vocab_size=self.vocab_size, topk=self.topk, arrays=arrays, counts=self._counts,
-                        checksums=checksums, hidden_codec=self.codec.name, **meta)
+                        checksums=checksums, hidden_codec=self.codec.name, storage=self.storage.as_dict(), **meta)
 
     def _identity(self) -> dict[str, Any]:
         """What a resume must find unchanged: everything that decides the bytes written (Journal adds the head's sha256)."""
@@ -274,7 +327,7 @@ class CacheWriter:
                 "chat_template_sha256": self._meta["chat_template_sha256"], "hidden_codec": self.codec.name,
                 "hidden_size": self.hidden_size, "vocab_size": self.vocab_size, "topk": self.topk,
                 "shard_tokens": self.layout.shard_tokens, "chunk_tokens": dict(self.layout.chunk_tokens),
-                "embed_images": self.embed_images, "extra": json.loads(json.dumps(self._meta["extra"], default=str))}
+                "embed_images": self.embed_images, "storage": self.storage.as_dict(), "extra": json.loads(json.dumps(self._meta["extra"], default=str))}
 
     def abort(self) -> None:
         """Stop the writer thread and leave the directory without a manifest (incomplete)."""
@@ -311,13 +364,23 @@ class CacheWriter:
             mask = mask.astype(np.bool_)
         ids, lps = _as_int32(a.topk_ids, sid, "topk_ids", self.vocab_size), _to_numpy(a.topk_logprobs).astype(np.float32)
         hidden = self._hidden_bits(a.hidden, sid)
+        flags = row_flags(tok, mask, self.storage) if mask.shape == (L,) else np.zeros(0, np.uint8)
         for name, arr, shape in (("answer_mask", mask, (L,)), ("hidden", hidden, (L, self.hidden_size)),
                                  ("topk_ids", ids, (L, self.topk)), ("topk_logprobs", lps, (L, self.topk))):
             if arr.shape != shape:
                 raise ValueError(f"sample {sid!r}: {name} has shape {tuple(arr.shape)}, expected {shape} "
                                  f"(L={L} tokens, hidden_size={self.hidden_size}, topk={self.topk})")
-        return {"token_ids": np.array(tok, copy=True), "answer_mask": np.array(mask, copy=True),
-                "hidden": hidden, "topk_ids": np.array(ids, copy=True), "topk_logprobs": np.array(lps, copy=True)}
+        out = {"token_ids": np.array(tok, copy=True), "answer_mask": np.array(mask, copy=True),
+               "hidden": hidden, "topk_ids": np.array(ids, copy=True), "topk_logprobs": np.array(lps, copy=True),
+               "row_flags": flags}
+        if self.storage.context == "lowrank":  # float32 states of the context rows, coded once the basis exists
+            out["_context"] = _to_numpy(a.hidden).astype(np.float32)[(flags & FLAG_COMPACT) > 0]
+        if not self.storage.is_full:  # rows the storage does not keep are zero (they compress to almost nothing)
+            out["hidden"][(flags & FLAG_EXACT) == 0] = 0
+            no_topk = (flags & FLAG_TOPK) == 0
+            out["topk_ids"][no_topk] = 0
+            out["topk_logprobs"][no_topk] = 0
+        return out
 
     def _hidden_bits(self, h: ArrayLike, sid: str) -> np.ndarray:
         """hidden -> owned numpy in the stored dtype (bf16 bits, or float32 that fp8/ecq quantise in
@@ -340,7 +403,7 @@ class CacheWriter:
         were created) is today's."""
         mem = MemoryStore()
         fresh, specs = create_feature_arrays(zarr.open_group(mem, mode="w", zarr_format=3), self.layout, self.codec,
-                                             self.hidden_size, self.topk)
+                                             self.hidden_size, self.topk, self.storage)
 
         async def keys() -> list[str]:
             return [k async for k in mem.list()]
@@ -436,7 +499,7 @@ class CacheWriter:
     def _checksums(self) -> dict[str, str]:
         sums = {f"{FEATURES_NAME}/{k}": v for k, v in self._store.digests.items()}
         sums.update({rel: sha256_bytes(data) for rel, data in self._tokenizer_files.items()})
-        for name in (HEAD_NAME, SAMPLES_NAME):
+        for name in (HEAD_NAME, SAMPLES_NAME) + ((BASIS_NAME,) if self._basis is not None else ()):
             sums[name] = sha256_file(str(self.out_dir / name))
         on_disk = {p.relative_to(self.out_dir).as_posix() for p in self.out_dir.rglob("*") if p.is_file()}
         on_disk = {rel for rel in on_disk if not is_journal(rel)}  # removed right after the manifest
@@ -444,6 +507,15 @@ class CacheWriter:
             raise CacheWriteError(f"files on disk and files written differ: only on disk {sorted(on_disk - set(sums))}, "
                                   f"only written {sorted(set(sums) - on_disk)}")
         return dict(sorted(sums.items()))
+
+
+def load_basis(path: Path) -> ContextBasis:
+    """The low-rank context basis saved in a cache folder (safetensors: no code runs)."""
+    try:
+        t = load_file(str(path))
+        return ContextBasis(t["mean"], t["basis"])
+    except (OSError, KeyError, ValueError) as e:
+        raise CacheWriteError(f"{path}: unreadable context basis ({e}); delete {path.parent} and extract again") from e
 
 
 def _to_numpy(x: ArrayLike) -> np.ndarray:

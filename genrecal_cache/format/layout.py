@@ -14,8 +14,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, describe_chain, hidden_codec as get_hidden_codec
 from .manifest import ARRAY_NAMES, FORMAT_VERSION, ArraySpec
+from .roles import CONTEXT_CODEC, Storage, role_arrays
 
-__all__ = ["Layout", "MAX_SHARD_DECODED_BYTES", "ROW_GROUP_IMAGE_BYTES", "ROW_GROUP_ROWS", "SAMPLES_SCHEMA",
+__all__ = ["Layout", "array_names", "MAX_SHARD_DECODED_BYTES", "ROW_GROUP_IMAGE_BYTES", "ROW_GROUP_ROWS", "SAMPLES_SCHEMA",
            "SMALL_CODEC", "TARGET_CHUNK_BYTES", "TARGET_SHARD_BYTES", "create_feature_arrays", "plan_layout"]
 
 # Codec choice, measured on synthetic post-final-norm states (student-t per channel, lognormal
@@ -52,8 +53,14 @@ class Layout:
     chunk_tokens: dict[str, int]
 
 
+def array_names(storage: Storage) -> tuple[str, ...]:
+    """The feature arrays a cache written with `storage` holds (format version 3; Manifest.array_names)."""
+    return ARRAY_NAMES + role_arrays(storage)
+
+
 def plan_layout(hidden_size: int, topk: int, hidden_codec: str = DEFAULT_HIDDEN_CODEC, *,
-                shard_tokens: int | None = None, chunk_tokens: int | None = None) -> Layout:
+                shard_tokens: int | None = None, chunk_tokens: int | None = None,
+                storage: Storage = Storage()) -> Layout:
     """Shard/chunk lengths (tokens) from the bytes per token of `hidden`, which dominates the cache.
 
     Default: powers of two with hidden inner chunks <= 4 MiB (as encoded, before compression),
@@ -64,7 +71,8 @@ def plan_layout(hidden_size: int, topk: int, hidden_codec: str = DEFAULT_HIDDEN_
     """
     codec = get_hidden_codec(hidden_codec)
     row = {"token_ids": 4, "answer_mask": 1, "hidden": max(1, math.ceil(codec.row_bytes(hidden_size))),
-           "topk_ids": 4 * topk, "topk_logprobs": 4 * topk}
+           "topk_ids": 4 * topk, "topk_logprobs": 4 * topk, "row_flags": 1,
+           "context": math.ceil(CONTEXT_CODEC.row_bytes(storage.rank or 1))}
     decoded_row = hidden_size * np.dtype(codec.stored_dtype).itemsize
     pow2_floor = lambda n: 1 << max(0, int(n).bit_length() - 1)  # noqa: E731
     if chunk_tokens is None:
@@ -78,7 +86,7 @@ def plan_layout(hidden_size: int, topk: int, hidden_codec: str = DEFAULT_HIDDEN_
     if chunk_tokens < 1 or shard_tokens < 1 or shard_tokens % chunk_tokens:
         raise ValueError(f"shard_tokens ({shard_tokens}) must be a positive multiple of chunk_tokens ({chunk_tokens})")
     chunks = {}
-    for name in ARRAY_NAMES:
+    for name in array_names(storage):
         n = shard_tokens // chunk_tokens
         # multiples of the hidden chunk that divide the shard, largest within the byte budget
         fits = [chunk_tokens * j for j in range(1, n + 1) if n % j == 0 and chunk_tokens * j * row[name] <= TARGET_CHUNK_BYTES]
@@ -86,20 +94,23 @@ def plan_layout(hidden_size: int, topk: int, hidden_codec: str = DEFAULT_HIDDEN_
     return Layout(shard_tokens, chunks)
 
 
-def create_feature_arrays(group: zarr.Group, layout: Layout, codec: HiddenCodec, hidden_size: int, topk: int
-                          ) -> tuple[dict[str, zarr.Array], dict[str, ArraySpec]]:
-    """The five empty feature arrays (token axis first, sharded, compressed) and their manifest specs.
+def create_feature_arrays(group: zarr.Group, layout: Layout, codec: HiddenCodec, hidden_size: int, topk: int,
+                          storage: Storage = Storage()) -> tuple[dict[str, zarr.Array], dict[str, ArraySpec]]:
+    """The empty feature arrays (token axis first, sharded, compressed) and their manifest specs: the five of
+    every version, `row_flags` and, for low-rank context, `context` [T, r] (fp8 with a per-row scale).
     Used by the writer and by `estimate_cache_size`, so an estimate compresses exactly as a cache does."""
     stored = {"token_ids": ("int32", []), "answer_mask": ("bool", []), "hidden": (codec.stored_dtype, [hidden_size]),
-              "topk_ids": ("int32", [topk]), "topk_logprobs": ("float32", [topk])}
+              "topk_ids": ("int32", [topk]), "topk_logprobs": ("float32", [topk]), "row_flags": ("uint8", []),
+              "context": (CONTEXT_CODEC.stored_dtype, [storage.rank or 1])}
     arrays, specs = {}, {}
     S = layout.shard_tokens
-    for name in ARRAY_NAMES:
+    for name in array_names(storage):
         dtype, tail = stored[name]
         c = layout.chunk_tokens[name]
-        if name == "hidden":
-            serializer, compressor, attributes = codec.serializer(), codec.compressor(), codec.attributes
-            logical = codec.logical_dtype
+        if name in ("hidden", "context"):
+            ac = codec if name == "hidden" else CONTEXT_CODEC
+            serializer, compressor, attributes = ac.serializer(), ac.compressor(), ac.attributes
+            logical = ac.logical_dtype
         else:
             serializer, compressor, attributes = "auto", BloscCodec(typesize=np.dtype(dtype).itemsize, **SMALL_CODEC), {}
             logical = dtype
@@ -107,7 +118,8 @@ def create_feature_arrays(group: zarr.Group, layout: Layout, codec: HiddenCodec,
             name, shape=(0, *tail), dtype=dtype, chunks=(c, *tail), shards=(S, *tail), serializer=serializer,
             # crc32c on every inner chunk: a reader notices a flipped byte as it reads (blosc has no checksum)
             compressors=(compressor, Crc32cCodec()), fill_value=0,
-            dimension_names=("token", *(["hidden"] if name == "hidden" else ["k"] if tail else [])),
+            dimension_names=("token", *(["hidden"] if name == "hidden" else ["rank"] if name == "context"
+                                        else ["k"] if tail else [])),
             attributes=attributes,
             # every shard file exists even when all-zero (e.g. an answer_mask shard without answers),
             # so the set of files is a function of T alone and a missing one is always a fault

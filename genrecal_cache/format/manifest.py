@@ -11,7 +11,8 @@ sha256, so a reader caps every download or read of a file at that size. It lives
 older genrecal (which refuses unknown top-level keys) still reads the cache; caches without it are
 read with the bounds their layout allows (format/safety.py `file_limit`).
 
-Version 2 added `hidden_codec` (how `hidden` is stored: bf16, fp8, ecq or fp32; see
+Version 3 added `storage` (role-aware storage: which rows hold what, format/roles.py), the arrays
+`row_flags` and (low-rank context) `context`, and the file `context_basis.safetensors`. Version 2 added `hidden_codec` (how `hidden` is stored: bf16, fp8, ecq or fp32; see
 genrecal_cache/format/codecs.py). Version 1 manifests are still read: their codec follows from
 `arrays.hidden.dtype` (bfloat16 -> bf16, float32 -> fp32).
 """
@@ -27,17 +28,19 @@ from typing import IO, Any, TypedDict
 import numpy as np
 
 from .codecs import HIDDEN_CODECS, hidden_codec
+from .roles import Storage, role_arrays
 
-__all__ = ["ARRAY_NAMES", "ArraySpec", "COMMITS_DIR", "CacheFormatError", "Counts", "FEATURES_NAME", "FORMAT_VERSION",
+__all__ = ["ARRAY_NAMES", "ArraySpec", "BASIS_NAME", "COMMITS_DIR", "CacheFormatError", "Counts", "FEATURES_NAME", "FORMAT_VERSION",
            "HEAD_NAME", "MANIFEST_NAME", "MAX_INT", "Manifest", "PROGRESS_NAME", "READABLE_VERSIONS", "SAMPLES_NAME",
            "SIZES_KEY",
            "TOKENIZER_DIR", "TeacherInfo", "answer_spans", "identity", "identity_diff", "relpath_problem", "sha256_bytes",
            "sha256_file", "sha256_stream", "sha256_text"]
 
-FORMAT_VERSION = 2               # what this genrecal writes
-READABLE_VERSIONS = (1, 2)       # what it reads
+FORMAT_VERSION = 3               # what this genrecal writes
+READABLE_VERSIONS = (1, 2, 3)    # what it reads
 MANIFEST_NAME = "manifest.json"
 HEAD_NAME = "teacher_head.safetensors"
+BASIS_NAME = "context_basis.safetensors"  # low-rank context storage: mean [d], basis [r, d] (format/roles.py)
 PROGRESS_NAME = "_progress.json"  # the journal of an extraction in progress (journal.py); no manifest yet
 COMMITS_DIR = "_commits"
 FEATURES_NAME = "features.zarr"
@@ -45,7 +48,7 @@ SAMPLES_NAME = "samples.parquet"
 # the teacher's tokenizer files (tokenizer.json, tokenizer_config.json, chat template, ...): optional, listed
 # in `checksums` like every file; caches written before it lack the folder (docs/cache-format.md)
 TOKENIZER_DIR = "teacher_tokenizer"
-ARRAY_NAMES = ("token_ids", "answer_mask", "hidden", "topk_ids", "topk_logprobs")
+ARRAY_NAMES = ("token_ids", "answer_mask", "hidden", "topk_ids", "topk_logprobs")  # every version
 
 
 class CacheFormatError(ValueError):
@@ -115,7 +118,20 @@ class Manifest:
     checksums: dict[str, str]    # path relative to the cache root -> sha256 hex, every stored file
     hidden_codec: str = "bf16"   # "bf16" | "fp8" | "ecq" | "fp32" (format version 2; derived for version 1)
     extra: dict[str, Any] = field(default_factory=dict)
+    storage: dict[str, Any] = field(default_factory=lambda: Storage().as_dict())  # version 3 (roles.Storage)
     format_version: int = FORMAT_VERSION
+
+    @property
+    def roles(self) -> Storage:
+        """How rows are stored by role; versions 1-2 store every row in full (`Storage()`)."""
+        return Storage.from_dict(self.storage)
+
+    @property
+    def array_names(self) -> tuple[str, ...]:
+        """The feature arrays this cache holds, in a fixed order."""
+        if self.format_version < 3:
+            return ARRAY_NAMES
+        return ARRAY_NAMES + role_arrays(self.roles)
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -128,6 +144,8 @@ class Manifest:
         d = {"format_version": d.pop("format_version"), **d}  # version first: readers look there first
         if self.format_version == 1:
             del d["hidden_codec"]  # a version-1 manifest read and written back stays version 1
+        if self.format_version < 3:
+            del d["storage"]
         return json.dumps(d, indent=1) + "\n"
 
     @classmethod
@@ -147,8 +165,8 @@ class Manifest:
                 f"one), or re-extract it")
         raw = {"extra": {}, **raw}
         schema = _MANIFEST
-        if version == 1:
-            schema = {k: v for k, v in _MANIFEST.items() if k != "hidden_codec"}
+        if version < 3:
+            schema = {k: v for k, v in _MANIFEST.items() if k != "storage" and (version > 1 or k != "hidden_codec")}
         _check_object(raw, schema, source, "", allow_extra=False)
         _check_object(raw["teacher"], _TEACHER, source, "teacher.", allow_extra=True)
         _check_object(raw["counts"], _COUNTS, source, "counts.", allow_extra=False)
@@ -168,6 +186,12 @@ class Manifest:
         if raw["hidden_codec"] not in HIDDEN_CODECS:
             raise _fail(source, "hidden_codec", f"is {raw['hidden_codec']!r}, this genrecal knows "
                         f"{', '.join(HIDDEN_CODECS)}; upgrade genrecal or re-extract the cache")
+        if version == 3:
+            _check_object(raw["storage"], _STORAGE, source, "storage.", allow_extra=False)
+            try:
+                Storage.from_dict(raw["storage"])
+            except (ValueError, TypeError) as e:
+                raise _fail(source, "storage", f"is invalid: {e}; upgrade genrecal or re-extract the cache") from None
         m = cls(**raw)
         _check_sizes(m, source)
         return m
@@ -180,12 +204,13 @@ class Manifest:
 _MANIFEST = {"format_version": "int", "created": "str", "tool_version": "str", "command": "str", "teacher": "object",
              "tokenizer_sha256": "str", "chat_template_sha256": "str?", "hidden_size": "int", "vocab_size": "int",
              "topk": "int", "arrays": "object", "counts": "object", "checksums": "object", "hidden_codec": "str",
-             "extra": "object"}
+             "extra": "object", "storage": "object"}
 assert set(_MANIFEST) == {f.name for f in fields(Manifest)}, "manifest schema and dataclass disagree"
 _TEACHER = {"id": "str", "revision": "str?", "config_sha256": "str", "model_type": "str"}
 _ARRAY = {"dtype": "str", "stored_dtype": "str", "shape_tail": "ints", "chunk_tokens": "int", "shard_tokens": "int",
           "codec": "str"}
 _COUNTS = {k: "int" for k in Counts.__annotations__}
+_STORAGE = {"context": "str", "rank": "int?", "topk_rows": "str", "image_token_ids": "ints"}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -231,7 +256,7 @@ def identity(m: Manifest) -> dict[str, Any]:
             "teacher.model_type": m.teacher["model_type"], "tokenizer_sha256": m.tokenizer_sha256,
             "chat_template_sha256": m.chat_template_sha256, "hidden_codec": m.hidden_codec,
             "hidden_size": m.hidden_size, "vocab_size": m.vocab_size, "topk": m.topk,
-            "head sha256": m.checksums.get(HEAD_NAME)}
+            "head sha256": m.checksums.get(HEAD_NAME), "storage": m.storage}
 
 
 def identity_diff(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -268,8 +293,8 @@ def relpath_problem(rel: Any) -> str | None:
 def _check_array_values(arrays: dict[str, Any], source: str) -> None:
     """Values the reader computes with: known dtypes, shard/chunk lengths >= 1, at most 4 trailing dims."""
     codecs = [hidden_codec(name) for name in HIDDEN_CODECS]
-    logical = {"int32", "bool", "float32", "bfloat16", *(c.logical_dtype for c in codecs)}
-    stored = {"int32", "bool", "uint16", "float32", *(c.stored_dtype for c in codecs)}
+    logical = {"int32", "bool", "float32", "bfloat16", "uint8", *(c.logical_dtype for c in codecs)}
+    stored = {"int32", "bool", "uint16", "float32", "uint8", *(c.stored_dtype for c in codecs)}
     for name, spec in arrays.items():
         where = f"arrays.{name:.100}."
         if spec["dtype"] not in logical:
@@ -287,6 +312,7 @@ _KINDS = {
     "int": (_is_count, "an integer >= 0"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "str?": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "int?": (lambda v: v is None or _is_count(v), "an integer >= 0 or null"),
     "ints": (lambda v: isinstance(v, list) and all(_is_count(x) for x in v), "a list of integers >= 0"),
     "object": (lambda v: isinstance(v, dict), "an object"),
 }

@@ -31,7 +31,8 @@ import numpy as np
 import pyarrow as pa
 
 from .codecs import hidden_codec
-from .manifest import FEATURES_NAME, HEAD_NAME, TOKENIZER_DIR, CacheFormatError, Manifest
+from .roles import CONTEXT_CODEC
+from .manifest import BASIS_NAME, FEATURES_NAME, HEAD_NAME, TOKENIZER_DIR, CacheFormatError, Manifest
 
 __all__ = ["BLOSC_MAX_OVERHEAD", "DECODED_FLOOR", "DECODED_PER_STORED", "DICTIONARY_COLUMNS", "ENV_MAX_READ_BYTES",
            "INDEX_FLOOR", "MAX_IMAGE_BYTES", "MAX_INDEX_EXPANSION", "MAX_MANIFEST_BYTES", "MAX_METADATA_BYTES",
@@ -121,6 +122,8 @@ def layout_limit(rel: str, m: Manifest | None) -> int:
             else MAX_SHARD_FILE_BYTES
     if rel == HEAD_NAME:
         return 4 * (m.vocab_size + 2) * m.hidden_size + (64 << 20)
+    if rel == BASIS_NAME:  # mean [d] + basis [r, d] float32, and a header
+        return 4 * ((m.roles.rank or 0) + 1) * m.hidden_size + (1 << 20)
     if rel.startswith(f"{TOKENIZER_DIR}/"):
         return 256 << 20  # a large tokenizer.json is tens of MiB
     return 1 << 40  # samples.parquet: text and images as given
@@ -133,6 +136,7 @@ def max_shard_bytes(m: Manifest, name: str) -> int:
     spec = m.arrays[name]
     rows, cols = spec["chunk_tokens"], int(np.prod(spec["shape_tail"], dtype=np.int64))
     raw = (hidden_codec(m.hidden_codec).encoded_bytes(rows, cols) if name == "hidden"
+           else CONTEXT_CODEC.encoded_bytes(rows, cols) if name == "context"
            else rows * cols * np.dtype(spec["stored_dtype"]).itemsize)
     n = -(-spec["shard_tokens"] // rows)
     return n * (raw + BLOSC_MAX_OVERHEAD + 4) + 16 * n + 4
@@ -170,8 +174,9 @@ def listed_feature_bytes(m: Manifest) -> int | None:
 
 
 def decoded_bytes_per_token(m: Manifest) -> int:
-    """Bytes a reader holds per token once decoded (hidden float32, int32 ids, bool mask, top-k)."""
-    return 4 * m.hidden_size + 4 + 1 + 8 * m.topk
+    """Bytes a reader holds per token once decoded (hidden float32, int32 ids, bool mask, top-k; version 3:
+    row flags and low-rank coefficients)."""
+    return 4 * m.hidden_size + 4 + 1 + 8 * m.topk + (1 + 4 * (m.roles.rank or 0) if m.format_version >= 3 else 0)
 
 
 def max_read_bytes() -> int:
@@ -202,7 +207,10 @@ def check_read_budget(m: Manifest, ids: list[str], lengths: np.ndarray, stored_b
                 f"{group / 2**30:.1f} GiB decoded ({per_token} bytes per token), above the {limit / 2**30:.1f} GiB "
                 f"limit. The index is corrupt or hostile ({REFETCH}); if the cache is genuine, raise "
                 f"{ENV_MAX_READ_BYTES}")
-    if stored_bytes is not None and T * per_token > DECODED_PER_STORED * stored_bytes + DECODED_FLOOR:
+    # rows a role-aware cache does not store are zeros that compress to almost nothing: count its answer rows
+    # in full and its other rows at 1/16 (a lowrank context row decodes to ~d/8 stored bytes' worth)
+    decoded = T * per_token if m.roles.is_full else (m.counts["answer_tokens"] + T // 16) * per_token
+    if stored_bytes is not None and decoded > DECODED_PER_STORED * stored_bytes + DECODED_FLOOR:
         raise CacheFormatError(
             f"{where}: counts.tokens={T} would decode to {T * per_token / 2**30:.2f} GiB but the feature files hold "
             f"only {stored_bytes} bytes (more than {DECODED_PER_STORED}x; real caches stay under 8x); the cache is "

@@ -1,0 +1,144 @@
+"""Role-aware storage (format version 3): which rows of a sample a cache stores, and how.
+
+A row is a position t of a sample; `hidden[t]` predicts token t+1. Rows have roles:
+- **answer rows**: t such that token t+1 is answer content (`answer_mask[t+1]`, inside the sample). They
+  carry every target (KL/CE) and the main pass: always stored exactly, at the answer codec (`hidden`).
+- **context rows**: every other row (image tokens, question, template, earlier turns). The trainer reads
+  them only as the regularization pass's input, so the `context` policy may store them compactly:
+    full     in `hidden`, at the answer codec (as format version 2)
+    lowrank  in `context` [T, r]: coefficients on a per-cache basis (`context_basis.safetensors`: mean [d],
+             basis [r, d], orthonormal rows, fitted on the run's first context rows), stored as fp8
+    text     image-token rows dropped, the other context rows in `hidden`
+    none     no context rows
+Top-k logprobs are stored at answer rows only (`topk_rows="answer"`, the default) or at every row ("all").
+
+The array `row_flags` [T] uint8 says, per row, what is stored (bits below), so a reader needs neither the
+policy nor the image token ids to know which rows hold what.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .codecs import hidden_codec
+
+__all__ = ["CONTEXT_CODEC", "CONTEXT_POLICIES", "ContextBasis", "FLAG_COMPACT", "FLAG_EXACT", "FLAG_TOPK", "Storage", "TOPK_ROWS",
+           "answer_rows", "default_rank", "role_arrays", "row_flags"]
+
+CONTEXT_POLICIES = ("full", "lowrank", "text", "none")
+TOPK_ROWS = ("answer", "all")
+# Low-rank context coefficients: fp8 with one scale per row (r + 4 bytes; d=8192, r=64: 68 B/token).
+CONTEXT_CODEC = hidden_codec("fp8")
+FLAG_EXACT = 1    # hidden[t] holds the state at the answer codec
+FLAG_COMPACT = 2  # context[t] holds its low-rank coefficients (hidden[t] is zero)
+FLAG_TOPK = 4     # topk_ids[t] / topk_logprobs[t] hold the top-k (zero otherwise)
+
+
+def default_rank(hidden_size: int) -> int:
+    """Rank of the low-rank context basis when not given: d/8, at most 64 (d=8192: 64, 68 bytes/row as fp8;
+    the suite's d=64 teacher: 8)."""
+    return max(1, min(64, hidden_size // 8))
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How a cache stores rows by role (manifest field `storage`, format version 3)."""
+    context: str = "full"                                   # one of CONTEXT_POLICIES
+    rank: int | None = None                                 # lowrank: rows of the basis
+    topk_rows: str = "all"                                  # one of TOPK_ROWS
+    image_token_ids: list[int] = field(default_factory=list)  # text: the teacher's image-token ids (dropped)
+
+    def __post_init__(self) -> None:
+        if self.context not in CONTEXT_POLICIES:
+            raise ValueError(f"context policy {self.context!r}: use one of {', '.join(CONTEXT_POLICIES)}")
+        if self.topk_rows not in TOPK_ROWS:
+            raise ValueError(f"topk_rows {self.topk_rows!r}: use one of {', '.join(TOPK_ROWS)}")
+        if (self.context == "lowrank") != (self.rank is not None):
+            raise ValueError(f"context policy {self.context!r} with rank {self.rank!r}: a rank goes with 'lowrank' only")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"context rank must be >= 1, got {self.rank}")
+        if self.context == "text" and not self.image_token_ids:
+            raise ValueError("context policy 'text' needs the teacher's image token ids")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Storage:
+        return cls(context=d["context"], rank=d["rank"], topk_rows=d["topk_rows"],
+                   image_token_ids=list(d["image_token_ids"]))
+
+    @property
+    def is_full(self) -> bool:
+        """Stores what a version-2 cache stores (every row's state and top-k)."""
+        return self.context == "full" and self.topk_rows == "all"
+
+
+def role_arrays(storage: Storage) -> tuple[str, ...]:
+    """The arrays version 3 adds to the five of every version: `row_flags`, and `context` for low-rank context."""
+    return ("row_flags",) + (("context",) if storage.context == "lowrank" else ())
+
+
+def answer_rows(answer_mask: np.ndarray) -> np.ndarray:
+    """bool [L]: rows whose state predicts an answer token (t with answer_mask[t+1]) of one sample."""
+    m = np.asarray(answer_mask, dtype=bool)
+    out = np.zeros_like(m)
+    out[:-1] = m[1:]
+    return out
+
+
+def row_flags(token_ids: np.ndarray, answer_mask: np.ndarray, storage: Storage) -> np.ndarray:
+    """uint8 [L]: what the cache stores at each row of one sample (FLAG_* bits), by `storage`."""
+    ans = answer_rows(answer_mask)
+    ctx = ~ans
+    if storage.context == "text":
+        ctx &= ~np.isin(np.asarray(token_ids), storage.image_token_ids)
+    exact = ans | ctx if storage.context in ("full", "text") else ans
+    flags = np.where(exact, FLAG_EXACT, 0).astype(np.uint8)
+    if storage.context == "lowrank":
+        flags[ctx] |= FLAG_COMPACT
+    flags[ans if storage.topk_rows == "answer" else slice(None)] |= FLAG_TOPK
+    return flags
+
+
+class ContextBasis:
+    """A rank-r affine subspace of the teacher's states: h ~ mean + c @ basis, basis [r, d] orthonormal rows."""
+
+    def __init__(self, mean: np.ndarray, basis: np.ndarray) -> None:
+        self.mean = np.ascontiguousarray(mean, dtype=np.float32)
+        self.basis = np.ascontiguousarray(basis, dtype=np.float32)
+        if self.mean.ndim != 1 or self.basis.ndim != 2 or self.basis.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"context basis: mean {self.mean.shape} and basis {self.basis.shape} do not fit")
+        if not (np.isfinite(self.mean).all() and np.isfinite(self.basis).all()):
+            raise ValueError("context basis holds NaN or inf")
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[0]
+
+    @classmethod
+    def fit(cls, states: np.ndarray, rank: int) -> ContextBasis:
+        """Principal subspace of `states` [n, d] (float64 SVD: deterministic for the same input). Fewer rows or
+        dimensions than `rank` leave the remaining basis rows zero (their coefficients are then zero)."""
+        x = np.asarray(states, dtype=np.float64)
+        mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
+        basis = np.zeros((rank, x.shape[1]))
+        if len(x):
+            _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+            n = min(rank, int((s > s[0] * 1e-6).sum()) if s.size and s[0] > 0 else 0)
+            basis[:n] = vt[:n]
+        return cls(mean, basis)
+
+    def encode(self, h: np.ndarray) -> np.ndarray:
+        """[n, d] states -> [n, r] float32 coefficients."""
+        return ((np.asarray(h, dtype=np.float32) - self.mean) @ self.basis.T).astype(np.float32)
+
+    def decode(self, c: np.ndarray) -> np.ndarray:
+        """[n, r] coefficients -> [n, d] float32 states."""
+        return (np.asarray(c, dtype=np.float32) @ self.basis + self.mean).astype(np.float32)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "basis": self.basis}
