@@ -19,6 +19,7 @@ from genrecal_cache.backends.hf import collate as collate_inputs
 from genrecal_cache.data import Sample, decode_image
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter
 from genrecal_cache.format.manifest import answer_spans
+from genrecal_cache.format.roles import answer_rows
 from genrecal_cache.io.prefetch import prefetch
 from genrecal_cache.parts import MultiPartCache
 from genrecal_cache.reader import CachedSample, TeacherCache
@@ -34,6 +35,7 @@ class Example:
     student_labels: torch.Tensor  # [Ls] int64: answer tokens and the token closing each answer; -100 elsewhere
     student_spans: list[tuple[int, int]]  # answer content spans in student tokens, one per assistant turn
     teacher_hidden: torch.Tensor  # [Lt, dt] float32, post-norm
+    teacher_rows: torch.Tensor  # [Lt] bool: rows the cache stores a state for (role-aware caches leave some out)
     teacher_ids: torch.Tensor  # [Lt] int64
     teacher_spans: list[tuple[int, int]]  # answer spans in teacher tokens, same turns as student_spans
 
@@ -62,6 +64,9 @@ def make_example(s: CachedSample, adapter: FamilyAdapter, processor, max_len: in
                           f"{len(s_spans)} in the student's: the chat templates disagree on the answers")
     if t_spans and t_spans[0][0] == 0:
         raise EncodeError(f"sample {s.id!r}: the teacher answer starts at token 0, nothing predicts it")
+    if not s.exact_rows[answer_rows(s.answer_mask)].all():
+        raise EncodeError(f"sample {s.id!r}: the cache does not store every answer row's state (row_flags); "
+                          f"the cache is corrupt: run `genrecal-cache verify`")
     labels = torch.full_like(enc.input_ids, -100)
     n = enc.input_ids.shape[0]
     for a, b in s_spans:
@@ -69,6 +74,7 @@ def make_example(s: CachedSample, adapter: FamilyAdapter, processor, max_len: in
         labels[a:end] = enc.input_ids[a:end]
     return Example(index=s.index, student=enc, student_labels=labels, student_spans=s_spans,
                    teacher_hidden=torch.from_numpy(np.asarray(s.hidden, dtype=np.float32)),
+                   teacher_rows=torch.from_numpy(s.hidden_rows),
                    teacher_ids=torch.from_numpy(np.asarray(s.token_ids, dtype=np.int64)), teacher_spans=t_spans)
 
 

@@ -2,7 +2,9 @@
 
 Which features go where (per sample; spans are answer-content token ranges, one per turn):
     teacher: answer token p is predicted by the state at p-1, so z_al = T[a-1 : b-1] for every span
-             [a, b) (targets gt_l = ids[a:b]); z_ql = every other teacher state before the last one used.
+             [a, b) (targets gt_l = ids[a:b]); z_ql = every other teacher state before the last one used
+             that the cache stores (a role-aware cache may store context rows compactly, only the text
+             rows, or none: then the regularization pass reads the answer rows alone; docs/cache-format.md).
     student: z_qs = the student's states outside its answer spans, before the end of its last span.
     main pass  r_al  = Rec([z_qs, answer rows]),  regularization pass r_al' = Rec([Proj-pre(z_ql), Proj-pre(z_al)])
 The main pass's answer rows (`TrainConfig.main_pass_answer`):
@@ -50,7 +52,7 @@ def _pad_rows(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
 def teacher_rows(e: Example) -> tuple[Tensor, Tensor, Tensor]:
     """(question-state index, answer-state index, answer target ids) in the teacher's tokens."""
     ans = torch.cat([torch.arange(a - 1, b - 1) for a, b in e.teacher_spans])
-    keep = torch.ones(int(ans.max()) + 1, dtype=torch.bool)
+    keep = e.teacher_rows[:int(ans.max()) + 1].clone()
     keep[ans] = False
     targets = torch.cat([e.teacher_ids[a:b] for a, b in e.teacher_spans])
     return keep.nonzero().squeeze(1), ans, targets

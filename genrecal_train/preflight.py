@@ -69,13 +69,14 @@ def check_head_reproduces_topk(cache, head: TeacherHead, where: str, max_tokens:
     if first is None:
         return
     s = cache[first]
-    n = min(max_tokens, s.hidden.shape[0])
+    rows = (s.topk_rows & s.exact_rows).nonzero()[0][:max_tokens]  # role-aware caches: top-k at answer rows
+    n = len(rows)
     if n == 0:
         return
     k = s.topk_ids.shape[1]
     dev = head.lm_head_weight.device
-    ids, _ = head.topk_logprobs(torch.from_numpy(s.hidden[:n]).to(dev), k)
-    cached = torch.from_numpy(s.topk_ids[:n].astype("int64"))
+    ids, _ = head.topk_logprobs(torch.from_numpy(s.hidden[rows]).to(dev), k)
+    cached = torch.from_numpy(s.topk_ids[rows].astype("int64"))
     ids = ids.long().cpu()
     overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, cached)) / (n * k)
     if overlap < 0.5:  # the right head agrees up to near-ties (~1.0); another head agrees by chance (~k/V)
