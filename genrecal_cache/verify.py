@@ -82,7 +82,9 @@ def verify(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | Non
         except (pa.ArrowException, OSError, ValueError) as e:
             return faults + [f"{SAMPLES_NAME}: unreadable ({e}): the file is truncated or corrupt; {REFETCH}"]
         faults += image_faults + _check_index(table, arrays, manifest) + _check_row_json(table)
-        if "row_flags" in arrays:
+        if "row_flags" in arrays and not any(f.startswith(tuple(f"{FEATURES_NAME}/{n}/" for n in
+                                                                 ("token_ids", "answer_mask", "row_flags")))
+                                             for f in faults):  # those shards' faults are reported already
             faults += _check_row_flags(arrays, table, manifest)
         faults += _check_hidden_values(fs, root, arrays["hidden"], manifest, {f.split(":")[0] for f in faults})
         try:

@@ -48,7 +48,7 @@ from .format.codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, describe_chain, hi
 from .format.head import TeacherHead
 from .format.layout import create_feature_arrays, plan_layout
 from .format.manifest import (
-    BASIS_NAME, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, SIZES_KEY, TOKENIZER_DIR, ArraySpec, CacheFormatError,
+    BASIS_NAME, FEATURES_NAME, FORMAT_VERSION, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, SIZES_KEY, TOKENIZER_DIR, ArraySpec, CacheFormatError,
     Counts, Manifest, TeacherInfo, answer_spans, relpath_problem, sha256_bytes, sha256_file,
 )
 from .format.roles import FLAG_COMPACT, FLAG_EXACT, FLAG_TOPK, ContextBasis, Storage, row_flags
@@ -319,7 +319,9 @@ class CacheWriter:
         return Manifest(created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                         tool_version=__version__, teacher=self._teacher, hidden_size=self.hidden_size,
                         vocab_size=self.vocab_size, topk=self.topk, arrays=arrays, counts=self._counts,
-                        checksums=checksums, hidden_codec=self.codec.name, storage=self.storage.as_dict(), **meta)
+                        checksums=checksums, hidden_codec=self.codec.name, storage=self.storage.as_dict(),
+                        # full storage is what version 2 stores, byte for byte: older genrecal reads it
+                        format_version=2 if self.storage.is_full else FORMAT_VERSION, **meta)
 
     def _identity(self) -> dict[str, Any]:
         """What a resume must find unchanged: everything that decides the bytes written (Journal adds the head's sha256)."""
@@ -372,7 +374,7 @@ class CacheWriter:
                                  f"(L={L} tokens, hidden_size={self.hidden_size}, topk={self.topk})")
         out = {"token_ids": np.array(tok, copy=True), "answer_mask": np.array(mask, copy=True),
                "hidden": hidden, "topk_ids": np.array(ids, copy=True), "topk_logprobs": np.array(lps, copy=True),
-               "row_flags": flags}
+               **({} if self.storage.is_full else {"row_flags": flags})}
         if self.storage.context == "lowrank":  # float32 states of the context rows, coded once the basis exists
             out["_context"] = _to_numpy(a.hidden).astype(np.float32)[(flags & FLAG_COMPACT) > 0]
         if not self.storage.is_full:  # rows the storage does not keep are zero (they compress to almost nothing)

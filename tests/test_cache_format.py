@@ -318,8 +318,8 @@ def test_missing_manifest_means_incomplete(broken):
 
 def test_wrong_version_and_missing_array_are_named(broken):
     m = json.loads((broken / "manifest.json").read_text())
-    (broken / "manifest.json").write_text(json.dumps({**m, "format_version": 3}))
-    with pytest.raises(CacheFormatError, match=r"manifest.json: field 'format_version' is 3"):
+    (broken / "manifest.json").write_text(json.dumps({**m, "format_version": 4}))
+    with pytest.raises(CacheFormatError, match=r"manifest.json: field 'format_version' is 4"):
         open_cache(broken)
     (broken / "manifest.json").write_text(json.dumps(m))
     shutil.rmtree(broken / "features.zarr" / "topk_logprobs")

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _extract(teacher_dir: Path, data: Path, out: Path, **kw) -> TeacherCache:
     cfg = ExtractConfig(teacher=str(teacher_dir), data=str(data), out=str(out), backend="transformers",
-                        progress=False, **{"hidden_codec": "float32", "batch_tokens": 512, **kw})
+                        progress=False, **{"hidden_codec": "float32", "batch_tokens": 512, "context": "full",
+                                           "topk_rows": "all", **kw})
     extract(cfg)
     return open_cache(out)
 

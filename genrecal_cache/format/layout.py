@@ -13,7 +13,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, describe_chain, hidden_codec as get_hidden_codec
-from .manifest import ARRAY_NAMES, FORMAT_VERSION, ArraySpec
+from .manifest import ARRAY_NAMES, ArraySpec
 from .roles import CONTEXT_CODEC, Storage, role_arrays
 
 __all__ = ["Layout", "array_names", "MAX_SHARD_DECODED_BYTES", "ROW_GROUP_IMAGE_BYTES", "ROW_GROUP_ROWS", "SAMPLES_SCHEMA",
@@ -135,4 +135,5 @@ SAMPLES_SCHEMA = pa.schema(
      ("answer_spans", pa.list_(pa.list_(pa.int64()))),  # [[start, end), ...] relative to the sample
      ("messages", pa.string()), ("images", pa.list_(pa.binary())), ("image_refs", pa.list_(pa.string())),
      ("extra", pa.string())],
-    metadata={"genrecal_format_version": str(FORMAT_VERSION)})
+    # the parquet's schema is the same in format versions 2 and 3 (version 3 changed the features only)
+    metadata={"genrecal_format_version": "2"})

@@ -78,7 +78,10 @@ class Storage:
 
 
 def role_arrays(storage: Storage) -> tuple[str, ...]:
-    """The arrays version 3 adds to the five of every version: `row_flags`, and `context` for low-rank context."""
+    """The arrays version 3 adds to the five of every version: `row_flags`, and `context` for low-rank context.
+    None for full storage, which writers write as format version 2 (byte for byte what version 2 stores)."""
+    if storage.is_full:
+        return ()
     return ("row_flags",) + (("context",) if storage.context == "lowrank" else ())
 
 
