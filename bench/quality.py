@@ -56,12 +56,18 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # one log line per step and run inst
 
 from quality_tasks import KINDS, write_tasks  # noqa: E402
 
-ARMS = ("sft", "sft_warmup", "genrecal", "genrecal_noreg", "genrecal_paper", "uld")
+ARMS = ("sft", "sft_warmup", "genrecal", "genrecal_noreg", "genrecal_paper", "uld", "genrecal_lowrank",
+        "genrecal_text", "genrecal_none")
+# GenRecal (default settings) on a cache of the same teacher stored with another context policy (format/roles.py);
+# every other arm reads the cache stored in full
+CONTEXT_ARMS = {"genrecal_lowrank": "lowrank", "genrecal_text": "text", "genrecal_none": "none"}
 ARM_LABELS = {"sft": "SFT only, no warm-up", "sft_warmup": "SFT only, warm-up",
               "genrecal": "GenRecal 1-3 (default)", "genrecal_noreg": "GenRecal 1-3, no reg. pass",
-              "genrecal_paper": "GenRecal 1-3, paper's main pass", "uld": "ULD (logit KD, cross-tokenizer)"}
+              "genrecal_paper": "GenRecal 1-3, paper's main pass", "uld": "ULD (logit KD, cross-tokenizer)",
+              **{arm: f"GenRecal 1-3, context '{c}'" for arm, c in CONTEXT_ARMS.items()}}
 ARM_COLOURS = {"sft": "#aaaaaa", "sft_warmup": "#666666", "genrecal": "#08519c", "genrecal_noreg": "#9ecae1",
-               "genrecal_paper": "#6a51a3", "uld": "#fd8d3c"}
+               "genrecal_paper": "#6a51a3", "uld": "#fd8d3c",
+               "genrecal_lowrank": "#3182bd", "genrecal_text": "#74c476", "genrecal_none": "#31a354"}
 STUDENTS = ("llava", "qwen2vl")
 
 
@@ -183,7 +189,9 @@ def combine(path: Path, splits: list[Path]) -> Path:
 
 # --- steps -----------------------------------------------------------------------------------------
 
-def extract_cache(teacher: Path, data: Path, out: Path) -> Path:
+def extract_cache(teacher: Path, data: Path, out: Path, context: str = "full") -> Path:
+    """The teacher's cache over `data`, its context rows stored by `context` (top-k at every row in full, else
+    at answer rows: the product's defaults for the compact policies)."""
     from genrecal_cache.extract import ExtractConfig, extract
 
     if (out / "manifest.json").is_file():
@@ -191,7 +199,8 @@ def extract_cache(teacher: Path, data: Path, out: Path) -> Path:
     if out.exists():
         shutil.rmtree(out)
     extract(ExtractConfig(teacher=str(teacher), data=str(data), out=str(out), backend="transformers",
-                          progress=False, hidden_codec="float32"))
+                          progress=False, hidden_codec="float32", context=context,
+                          topk_rows="all" if context == "full" else "answer"))
     return out
 
 
@@ -260,6 +269,7 @@ def arm_config(arm: str, s: Setup) -> dict:
     n1 = max(1, round(s.steps * s.stage_split[0]))
     n2 = max(1, round(s.steps * s.stage_split[1]))
     n3 = max(1, s.steps - n1 - n2)
+    # genrecal_<context>: the default arm on a cache stored with another context policy (same settings)
     return dict(stages=[1, 2, 3], stage_steps=[n1, n2, n3], use_reg_pass=arm != "genrecal_noreg",
                 main_pass_answer="teacher" if arm == "genrecal_paper" else "student_aligned", **common)
 
@@ -463,6 +473,8 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.rmtree(raw_cache, ignore_errors=True)
     log("teacher: extracting the real cache ...")
     cache = extract_cache(t_final, train_data, out / "cache")
+    caches = {arm: extract_cache(t_final, train_data, out / f"cache-{c}", c) for arm, c in CONTEXT_ARMS.items()
+              if arm in s.arms}
 
     results = {"setup": asdict(s), "quick": args.quick, "env": info,
                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
@@ -476,8 +488,8 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in s.seeds:
         for student in s.students:
             sdir = build_student(student, out / "students" / f"{student}-seed{seed}", seed, s)
-            jobs += [(student, arm, seed, str(out), str(cache), str(sdir), str(test_data), arm_config(arm, s),
-                      s.max_new_tokens) for arm in s.arms]
+            jobs += [(student, arm, seed, str(out), str(caches.get(arm, cache)), str(sdir), str(test_data),
+                      arm_config(arm, s), s.max_new_tokens) for arm in s.arms]
     workers = max(1, min(args.workers, len(jobs)))
     with (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread)
           if workers > 1 else contextlib.nullcontext()) as pool:

@@ -17,6 +17,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run a teacher VLM once and store what GenRecal distillation needs in a shareable cache.")
 
 
+CONTEXT_HELP = ("How context rows (image tokens, question: read only by the regularization pass) are stored: lowrank "
+                "(coefficients on a basis fitted on the run's first states, fp8: ~r+4 bytes/row), full (as answer "
+                "rows), text (image-token rows dropped, text rows in full) or none. See docs/cache-format.md.")
+RANK_HELP = "Rank of the low-rank context basis [default: hidden size / 8, at most 64]."
+TOPK_ROWS_HELP = "Rows whose top-k logprobs are stored: answer (the trainer's targets) or all."
+
+
 @app.command()
 def extract(
     teacher: str = typer.Option(..., help="Teacher model folder or hub id (e.g. Qwen/Qwen2-VL-72B-Instruct)."),
@@ -33,6 +40,9 @@ def extract(
         None, help="Storage of hidden states: bf16 (lossless, default), fp8 (e4m3 + per-token scale, ~0.44x of bf16), "
                    "ecq (int8 steps of 0.14 x token RMS, entropy-coded, ~0.3x) or fp32. See docs/cache-format.md."),
     hidden_dtype: Optional[str] = typer.Option(None, hidden=True, help="Old name of --hidden-codec (bfloat16, float32)."),
+    context: str = typer.Option("lowrank", help=CONTEXT_HELP),
+    context_rank: Optional[int] = typer.Option(None, help=RANK_HELP),
+    topk_rows: str = typer.Option("answer", help=TOPK_ROWS_HELP),
     dtype: str = typer.Option("auto", help="Compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ... (transformers backend)."),
     image_root: Optional[str] = typer.Option(None, help="Folder image paths are relative to (default: the data file's folder)."),
@@ -78,7 +88,8 @@ def extract(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--hidden-codec") from e
     cfg = ExtractConfig(teacher=teacher, data=data, out=str(out), backend=backend, topk=topk, max_len=max_len,
-                        batch_tokens=batch_tokens, limit=limit, hidden_codec=codec,
+                        batch_tokens=batch_tokens, limit=limit, hidden_codec=codec, context=context,
+                        context_rank=context_rank, topk_rows=topk_rows,
                         dtype=dtype,
                         device=device, image_root=image_root, num_shards=num_shards, shard_index=shard_index,
                         commit_seconds=commit_seconds, shard_tokens=shard_tokens,
@@ -142,15 +153,26 @@ def plan(tokens: int = typer.Option(..., help="Teacher tokens the cache will hol
          image_bytes: int = typer.Option(0, help="Average embedded image bytes per sample (samples.parquet)."),
          text_bytes: int = typer.Option(600, help="Average conversation text bytes per sample."),
          head_dtype: str = typer.Option("bfloat16", help="dtype of the teacher's lm_head as exported (bfloat16 on GPU)."),
+         context: str = typer.Option("lowrank", help=CONTEXT_HELP),
+         context_rank: Optional[int] = typer.Option(None, help=RANK_HELP),
+         topk_rows: str = typer.Option("answer", help=TOPK_ROWS_HELP),
+         answer_fraction: float = typer.Option(0.15, help="Share of the tokens that are answer tokens (the rows "
+                                                          "predicting them are stored exactly)."),
+         image_fraction: float = typer.Option(0.7, help="Share of the tokens that are image tokens (Qwen2-VL: "
+                                                        "300-1500 per image)."),
          as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON.")) -> None:
-    """Estimate the size of a cache before extracting it (same layout and codecs as the writer)."""
+    """Estimate the size of a cache before extracting it (same layout and codecs as the writer), per row role."""
     import json as _json
 
+    from genrecal_cache.format.roles import Storage, default_rank
     from genrecal_cache.plan import estimate_cache_size
 
     try:
+        storage = Storage(context, (context_rank or default_rank(hidden_size)) if context == "lowrank" else None,
+                          topk_rows, [0] if context == "text" else [])
         est = estimate_cache_size(tokens, hidden_size, vocab, topk, codec, samples, text_bytes_per_sample=text_bytes,
-                                  image_bytes_per_sample=image_bytes, head_dtype=head_dtype)
+                                  image_bytes_per_sample=image_bytes, head_dtype=head_dtype, storage=storage,
+                                  answer_fraction=answer_fraction, image_fraction=image_fraction)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     typer.echo(_json.dumps(est.as_dict(), indent=1) if as_json else est.format())

@@ -31,7 +31,7 @@ from genrecal_cache.io.locate import part_dir
 from genrecal_cache.io.prefetch import prefetch
 from genrecal_cache.journal import DirLock
 from genrecal_cache.stops import Position, command_line, stopped_runs
-from genrecal_cache.writer import CacheWriter, SampleArrays, SampleRecord
+from genrecal_cache.writer import BASIS_FIT_ROWS, CacheWriter, SampleArrays, SampleRecord
 
 __all__ = ["DEFAULT_MAX_LEN", "ExtractConfig", "ExtractError", "count_samples", "extract", "make_backend",
            "pick_backend", "resolve_max_len"]
@@ -59,6 +59,7 @@ class ExtractConfig:
     # rank of the low-rank basis (None: roles.default_rank); top-k at "answer" rows (default) or "all"
     context: str = "lowrank"
     context_rank: int | None = None
+    context_fit_rows: int = BASIS_FIT_ROWS  # lowrank: the basis is fitted on the run's first this-many context rows
     topk_rows: str = "answer"
     dtype: str = "auto"  # compute dtype: "auto" = bfloat16 on GPU, float32 on CPU
     device: str = "auto"
@@ -226,7 +227,7 @@ def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any, inputs: It
     chat_template = getattr(processor, "chat_template", None) or tokenizer.chat_template
     writer = CacheWriter(
         out,
-        storage=storage_for(cfg, head.hidden_size, config, tokenizer),
+        storage=storage_for(cfg, head.hidden_size, config, tokenizer), basis_fit_rows=cfg.context_fit_rows,
         hidden_size=head.hidden_size,
         vocab_size=head.vocab_size,
         topk=cfg.topk,

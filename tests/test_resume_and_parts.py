@@ -20,7 +20,7 @@ from genrecal_cache.reader import TeacherCache
 from genrecal_cache.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
-ARRAYS = ("token_ids", "answer_mask", "hidden", "topk_ids", "topk_logprobs")
+ARRAYS = ("token_ids", "answer_mask", "hidden", "topk_ids", "topk_logprobs", "row_flags")
 
 # One process imports torch/transformers once, then forks a child per run: each child runs `extract`
 # (transformers backend, tiny teacher, batches of one sample, 64-token shards, a commit after every
@@ -40,6 +40,7 @@ DRIVER = textwrap.dedent("""
     cfg = ExtractConfig(teacher=teacher, data=data, out=out, backend="transformers", hidden_codec="bfloat16",
                         batch_tokens=plan.get("batch_tokens", 1), topk=4, progress=False, commit_seconds=0,
                         shard_tokens=64,
+                        context_fit_rows=64,  # the default low-rank context: basis fitted (and saved) early
                         num_shards=plan.get("num_shards", 1), shard_index=plan.get("shard_index", 0))
     rng = random.Random(plan.get("seed", 0))
     log = []

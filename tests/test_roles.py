@@ -1,0 +1,158 @@
+"""Role-aware storage (format version 3, docs/cache-format.md "Row roles"): each context policy round-trips
+through extract -> verify -> merge -> pull -> parts -> train, answer rows stay exact, what is left out reads as
+absent, and older readers refuse the new version by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from genrecal_cache import open_cache
+from genrecal_cache.extract import ExtractConfig, extract
+from genrecal_cache.format.manifest import CacheFormatError, Manifest
+from genrecal_cache.format.roles import FLAG_COMPACT, FLAG_EXACT, FLAG_TOPK, ContextBasis, answer_rows
+from genrecal_cache.io.pull import pull
+from genrecal_cache.merge import merge
+from genrecal_cache.plan import estimate_cache_size
+from genrecal_cache.verify import verify
+
+REPO = Path(__file__).resolve().parents[1]
+POLICIES = ("full", "lowrank", "text", "none")
+
+
+def _extract(teacher_dir: Path, data: Path, out: Path, context: str, **kw) -> Path:
+    extract(ExtractConfig(teacher=str(teacher_dir), data=str(data), out=str(out), backend="transformers",
+                          hidden_codec="float32", progress=False, context=context, context_fit_rows=256,
+                          topk_rows="all" if context == "full" else "answer", **kw))
+    return out
+
+
+@pytest.fixture(scope="module")
+def caches(teacher_dir, demo_jsonl, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("roles")
+    return {p: _extract(teacher_dir, demo_jsonl, root / p, p) for p in POLICIES}
+
+
+def test_each_policy_stores_answer_rows_exactly_and_what_it_keeps_of_the_context(caches):
+    full = open_cache(caches["full"])
+    assert full.manifest.format_version == 2 and "row_flags" not in full.manifest.arrays  # byte for byte version 2
+    sizes = {}
+    for policy, path in caches.items():
+        assert verify(path) == [], policy
+        c = open_cache(path)
+        sizes[policy] = sum(n for rel, n in c.manifest.sizes.items() if rel.startswith("features.zarr/"))
+        for s in c.iter_samples():
+            ref = full.by_id(s.id)
+            ans = answer_rows(s.answer_mask)
+            np.testing.assert_array_equal(s.token_ids, ref.token_ids)
+            np.testing.assert_array_equal(s.hidden[ans], ref.hidden[ans])  # answer rows: exact (fp32 codec)
+            np.testing.assert_array_equal(s.topk_ids[ans], ref.topk_ids[ans])
+            assert s.exact_rows[ans].all() and s.topk_rows[ans].all()
+            ctx = ~ans
+            if policy == "full":
+                assert s.exact_rows.all() and s.topk_rows.all()
+                continue
+            assert not s.topk_rows[ctx].any() and not s.topk_ids[ctx].any()  # top-k at answer rows only
+            if policy == "lowrank":
+                assert (s.row_flags[ctx] == FLAG_COMPACT).all()
+                err = np.linalg.norm(s.hidden[ctx] - ref.hidden[ctx]) / np.linalg.norm(ref.hidden[ctx])
+                assert 0 < err < 0.9, (s.id, err)  # a rank-16 approximation of 128-d states, not zeros
+            elif policy == "text":
+                image = np.isin(s.token_ids, c.manifest.roles.image_token_ids)
+                assert image.any() and not s.hidden_rows[ctx & image].any() and not s.hidden[ctx & image].any()
+                np.testing.assert_array_equal(s.hidden[ctx & ~image], ref.hidden[ctx & ~image])
+            else:
+                assert not s.hidden_rows[ctx].any() and not s.hidden[ctx].any()
+    assert sizes["none"] < sizes["lowrank"] < sizes["text"] < sizes["full"], sizes
+
+
+def test_lowrank_basis_is_the_principal_subspace_and_reconstructs_it():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 4)) @ rng.standard_normal((4, 32)) + 3.0  # rank 4 plus an offset
+    b = ContextBasis.fit(x, 4)
+    np.testing.assert_allclose(b.decode(b.encode(x)), x, atol=1e-4)
+    np.testing.assert_allclose(b.basis @ b.basis.T, np.eye(4), atol=1e-5)
+    assert ContextBasis.fit(x, 8).basis[4:].any() == False  # noqa: E712 - rank beyond the data: zero rows
+
+
+def test_merge_pull_and_parts_carry_the_storage(caches, teacher_dir, demo_jsonl, tmp_path):
+    src = open_cache(caches["lowrank"])
+    merged = merge(caches["lowrank"], tmp_path / "merged")
+    assert merged.storage == src.manifest.storage and verify(tmp_path / "merged") == []
+    m = open_cache(tmp_path / "merged")
+    for s in src.iter_samples():
+        t = m.by_id(s.id)
+        np.testing.assert_array_equal(t.row_flags, s.row_flags)
+        np.testing.assert_array_equal(t.hidden[s.exact_rows], s.hidden[s.exact_rows])
+        np.testing.assert_allclose(t.hidden, s.hidden, atol=1e-5)  # context re-coded on the same basis
+    pull(str(caches["text"]), tmp_path / "pulled")
+    assert verify(tmp_path / "pulled") == []
+    for i in range(2):  # a low-rank cache in parts: each part fits its own basis, read as one cache
+        _extract(teacher_dir, demo_jsonl, tmp_path / "parts", "lowrank", num_shards=2, shard_index=i)
+    parts = open_cache(tmp_path / "parts")
+    assert verify(tmp_path / "parts") == [] and len(parts) == len(src)
+    for s in parts.iter_samples():
+        # other batches in a part's forward: equal to float32 rounding
+        np.testing.assert_allclose(s.hidden[s.exact_rows], src.by_id(s.id).hidden[s.exact_rows], atol=1e-5)
+    merge(tmp_path / "parts", tmp_path / "merged-parts")
+    assert verify(tmp_path / "merged-parts") == []
+
+
+def test_verify_catches_row_flags_that_disagree_with_the_storage(caches, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(caches["none"], bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["storage"]["topk_rows"] = "all"  # the flags on disk say answer rows only
+    (bad / "manifest.json").write_text(json.dumps(m))
+    assert any("row_flags" in f and "disagree" in f for f in verify(bad))
+
+
+def test_an_older_genrecal_refuses_a_newer_version_by_name(caches):
+    text = (caches["lowrank"] / "manifest.json").read_text()
+    raw = json.loads(text)
+    assert raw["format_version"] == 3 and raw["storage"]["context"] == "lowrank"
+    with pytest.raises(CacheFormatError, match=r"'format_version' is 4, this genrecal reads versions 1, 2, 3"):
+        Manifest.from_json(json.dumps({**raw, "format_version": 4}))
+    with pytest.raises(CacheFormatError, match=r"field 'storage.context' must be a string"):
+        Manifest.from_json(json.dumps({**raw, "storage": {**raw["storage"], "context": 3}}))
+    with pytest.raises(CacheFormatError, match=r"field 'storage' is invalid: context policy 'half'"):
+        Manifest.from_json(json.dumps({**raw, "storage": {**raw["storage"], "context": "half"}}))
+
+
+def test_plan_agrees_with_an_extracted_cache(caches):
+    """plan's per-role estimate of the feature bytes, given the cache's own counts and role mix, is within 15%
+    of the files on disk (synthetic states compress like the tiny teacher's within that band)."""
+    for policy in ("full", "lowrank", "none"):
+        c = open_cache(caches[policy])
+        m = c.manifest
+        n_ans = n_img = 0
+        image_ids = json.loads((caches["text"] / "manifest.json").read_text())["storage"]["image_token_ids"]
+        for s in c.iter_samples():
+            n_ans += int(answer_rows(s.answer_mask).sum())
+            n_img += int(np.isin(s.token_ids, image_ids).sum())
+        T = m.counts["tokens"]
+        est = estimate_cache_size(T, m.hidden_size, m.vocab_size, m.topk, m.hidden_codec, m.counts["samples"],
+                                  storage=m.roles, answer_fraction=n_ans / T, image_fraction=n_img / T,
+                                  shard_tokens=m.arrays["hidden"]["shard_tokens"],
+                                  chunk_tokens=m.arrays["hidden"]["chunk_tokens"])
+        on_disk = sum(n for rel, n in m.sizes.items() if rel.startswith("features.zarr/") and "/c/" in rel)
+        assert abs(est.features_bytes / on_disk - 1) < 0.15, (policy, est.features_bytes, on_disk)
+
+
+def test_training_reads_each_policy(caches, student_dir, tmp_path):
+    """Stages 1-2 run on every policy; with no context rows the regularization pass reads the answer rows alone."""
+    for policy in ("lowrank", "none"):
+        out = tmp_path / policy
+        r = subprocess.run([sys.executable, "-m", "cli.train_cli", "--cache", str(caches[policy]), "--student",
+                            str(student_dir), "--out", str(out), "--stages", "1,2", "--max-steps", "2",
+                            "--batch-size", "4"], capture_output=True, text=True, cwd=REPO,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert any("reg_kl" in x and np.isfinite(x["reg_kl"]) for x in lines), lines[-1]
