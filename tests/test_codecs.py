@@ -372,7 +372,7 @@ def test_lossy_cache_from_extract_trains(tmp_path, teacher_dir, student_dir, dem
     from genrecal_train.trainer import train
 
     out = tmp_path / "cache"
-    m = extract(ExtractConfig(teacher=str(teacher_dir), data=str(demo_jsonl), out=str(out), backend="transformers",
+    m = extract(ExtractConfig(context="full", topk_rows="all", teacher=str(teacher_dir), data=str(demo_jsonl), out=str(out), backend="transformers",
                               hidden_codec=name, progress=False, limit=12))
     assert m.hidden_codec == name and verify(out) == []
     run = tmp_path / "run"

@@ -58,7 +58,7 @@ def mixed_cache(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, mix
     from genrecal_cache.extract import ExtractConfig, extract
 
     out = tmp_path_factory.mktemp("mixed_cache") / "cache"
-    extract(ExtractConfig(teacher=str(teacher_dir), data=str(mixed_jsonl), out=str(out), backend="transformers",
+    extract(ExtractConfig(context="full", topk_rows="all", teacher=str(teacher_dir), data=str(mixed_jsonl), out=str(out), backend="transformers",
                           hidden_codec="fp32", batch_tokens=1 << 16, progress=False))
     return out
 

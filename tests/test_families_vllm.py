@@ -27,7 +27,7 @@ VLLM_FAMILIES = ["llava_onevision", "mistral3", "qwen2_5_vl", "qwen3_vl", "smolv
 def _cfg(teacher: str, data: str, out: str, backend: str):
     from genrecal_cache.extract import ExtractConfig
 
-    return ExtractConfig(teacher=teacher, data=data, out=out, backend=backend, topk=8, max_len=1024, batch_tokens=512,
+    return ExtractConfig(context="full", topk_rows="all", teacher=teacher, data=data, out=out, backend=backend, topk=8, max_len=1024, batch_tokens=512,
                          hidden_codec="fp32", dtype="float32", device="cpu", progress=False,
                          vllm={"distributed_executor_backend": "uni"} if backend == "vllm" else {})
 

@@ -36,7 +36,7 @@ TIE = 1e-5  # positions whose k-th and (k+1)-th logprobs are closer than this ha
 def _cfg(teacher: str, data: str, out: str, backend: str):
     from genrecal_cache.extract import ExtractConfig
 
-    return ExtractConfig(teacher=teacher, data=data, out=out, backend=backend, topk=K, max_len=MAX_LEN,
+    return ExtractConfig(context="full", topk_rows="all", teacher=teacher, data=data, out=out, backend=backend, topk=K, max_len=MAX_LEN,
                          batch_tokens=BATCH_TOKENS, hidden_codec="float32", dtype="float32", device="cpu",
                          progress=False, vllm=dict(ENGINE) if backend == "vllm" else {})
 

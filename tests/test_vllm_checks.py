@@ -49,7 +49,7 @@ def _vllm_side(model: str, data: str, out: str, result: str) -> None:
 
     report: dict = {}
     try:
-        extract(ExtractConfig(teacher=model, data=data, out=out, backend="vllm", topk=8, max_len=1024,
+        extract(ExtractConfig(context="full", topk_rows="all", teacher=model, data=data, out=out, backend="vllm", topk=8, max_len=1024,
                               hidden_codec="fp32", dtype="float32", device="cpu", progress=False,
                               vllm={"distributed_executor_backend": "uni"}))
         report["stock"] = "no error"
@@ -136,7 +136,7 @@ def test_extract_refuses_gemma3_on_cpu_before_writing_and_auto_picks_transformer
     model, data = build_tiny_family("gemma3", tmp_path / "gemma3", seed=3), write_mixed_size_dataset(tmp_path / "d", n=2)
 
     def cfg(backend: str, out: str) -> ExtractConfig:
-        return ExtractConfig(teacher=str(model), data=str(data), out=str(tmp_path / out), backend=backend, topk=4,
+        return ExtractConfig(context="full", topk_rows="all", teacher=str(model), data=str(data), out=str(tmp_path / out), backend=backend, topk=4,
                              hidden_codec="fp32", device="cpu", progress=False)
 
     with pytest.raises(ValueError, match=r"gemma3: the vLLM backend cannot extract .*CPU attention.*--backend transformers"):
