@@ -98,13 +98,15 @@ def test_cache_head_reproduces_cached_topk(train_cache: Path) -> None:
     head = cache.head()
     n_tok = agree = 0
     for s in cache.iter_samples():
-        logp = torch.log_softmax(head.logits(torch.from_numpy(s.hidden), post_norm=True).float(), dim=-1)
-        ids = torch.from_numpy(s.topk_ids.astype("int64"))
+        rows = s.topk_rows  # the product's default: top-k stored at answer rows only
+        assert rows.any() and not rows.all() and s.exact_rows[rows].all()
+        logp = torch.log_softmax(head.logits(torch.from_numpy(s.hidden[rows]), post_norm=True).float(), dim=-1)
+        ids = torch.from_numpy(s.topk_ids[rows].astype("int64"))
         # the cached logprobs are the head's logprobs at the cached ids ...
-        torch.testing.assert_close(logp.gather(1, ids), torch.from_numpy(s.topk_logprobs), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logp.gather(1, ids), torch.from_numpy(s.topk_logprobs[rows]), atol=1e-5, rtol=1e-5)
         # ... and those ids are the head's top-k (exact ties at the k-th place may swap)
         vals, mine = logp.topk(ids.shape[1], dim=-1)
-        torch.testing.assert_close(vals, torch.from_numpy(s.topk_logprobs), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vals, torch.from_numpy(s.topk_logprobs[rows]), atol=1e-5, rtol=1e-5)
         agree += int((mine == ids).all(1).sum())
         n_tok += ids.shape[0]
     assert n_tok > 0 and agree / n_tok > 0.99
