@@ -124,7 +124,8 @@ def codec_fidelity(head: TeacherHead, states: np.ndarray, codec: str | HiddenCod
 def topk_fidelity(head: TeacherHead, samples: Iterable[Any], max_tokens: int | None = None) -> dict[str, float]:
     """Check a cache's decoded states against its stored top-k (computed from the exact states).
 
-    `samples`: CachedSample-like objects (`hidden`, `topk_ids`, `topk_logprobs`). Returns
+    `samples`: CachedSample-like objects (`hidden`, `topk_ids`, `topk_logprobs`; the rows holding the top-k
+    and an exact state, where a role-aware cache says which). Returns
     `kl_lower_bound` (mean over tokens of the KL between exact and decoded distributions with all
     tokens outside the stored top-k merged into one bin: never more than the full KL),
     `top1_agreement` (decoded argmax == stored top-1) and `tokens`.
@@ -133,12 +134,14 @@ def topk_fidelity(head: TeacherHead, samples: Iterable[Any], max_tokens: int | N
     for s in samples:
         if max_tokens is not None and n >= max_tokens:
             break
-        h = np.asarray(s.hidden, dtype=np.float32)
+        rows = getattr(s, "topk_rows", None)  # role-aware caches: top-k (and exact states) at answer rows only
+        rows = slice(None) if rows is None else rows & s.exact_rows
+        h = np.asarray(s.hidden, dtype=np.float32)[rows]
         if h.shape[0] == 0:
             continue
         lq = _logprobs(head, h)
-        ids = torch.from_numpy(np.asarray(s.topk_ids, dtype=np.int64))
-        lp = torch.from_numpy(np.asarray(s.topk_logprobs, dtype=np.float64))
+        ids = torch.from_numpy(np.asarray(s.topk_ids, dtype=np.int64)[rows])
+        lp = torch.from_numpy(np.asarray(s.topk_logprobs, dtype=np.float64)[rows])
         lq_k = lq.gather(1, ids)
         p, q = lp.exp(), lq_k.exp()
         p_rest = (1 - p.sum(-1)).clamp_min(0)

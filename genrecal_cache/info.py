@@ -8,6 +8,7 @@ import numpy as np
 
 from genrecal_cache.format.codecs import hidden_codec
 from genrecal_cache.format.manifest import TOKENIZER_DIR
+from genrecal_cache.format.roles import CONTEXT_CODEC
 from genrecal_cache.parts import MultiPartCache
 from genrecal_cache.reader import TeacherCache
 
@@ -39,6 +40,8 @@ def summarize(cache: TeacherCache | MultiPartCache, max_errors: int = 10) -> dic
     codec = hidden_codec(m.hidden_codec)
     if "hidden" in raw:
         raw["hidden"] = codec.row_bytes(m.hidden_size)
+    if "context" in raw:
+        raw["context"] = CONTEXT_CODEC.row_bytes(m.roles.rank)
     status = cache.index.column("status").to_pylist()
     errors = [(sid, err) for sid, st, err in zip(cache.index.column("id").to_pylist(), status,
                                                   cache.index.column("error").to_pylist()) if st == "error"]
@@ -49,7 +52,7 @@ def summarize(cache: TeacherCache | MultiPartCache, max_errors: int = 10) -> dic
         "teacher": dict(m.teacher),
         "hidden_size": m.hidden_size, "vocab_size": m.vocab_size, "topk": m.topk,
         "counts": counts,
-        "hidden_codec": codec.name, "hidden_codec_description": codec.description,
+        "hidden_codec": codec.name, "hidden_codec_description": codec.description, "storage": m.storage,
         # the bf16 baseline: what a 16-bit teacher's states take uncompressed (2 bytes per value)
         "hidden_vs_raw_bf16": per_array.get("hidden", 0) / tokens / (2 * m.hidden_size) if m.hidden_size else 0.0,
         "tokenizer_sha256": m.tokenizer_sha256, "chat_template_sha256": m.chat_template_sha256,
@@ -83,6 +86,9 @@ def format_summary(s: dict) -> str:
         f"dims         hidden {s['hidden_size']}, vocab {s['vocab_size']}, top-k {s['topk']}",
         f"hidden codec {s['hidden_codec']}: {s['hidden_codec_description']}; stored at {s['hidden_vs_raw_bf16']:.3f}x "
         f"of raw bf16 ({2 * s['hidden_size']} B/token)",
+        f"storage      context rows {s['storage']['context']}"
+        + (f" (rank {s['storage']['rank']} basis, fp8 coefficients)" if s["storage"]["rank"] else "")
+        + f", top-k at {s['storage']['topk_rows']} rows (docs/cache-format.md, row roles)",
         f"samples      {c['samples']} ({c['ok']} ok, {c['error']} error)",
         f"tokens       {c['tokens']} ({c['answer_tokens']} answer tokens)",
         f"tokenizer    sha256 {s['tokenizer_sha256'][:16]}, chat template sha256 {(s['chat_template_sha256'] or '-')[:16]}; "
