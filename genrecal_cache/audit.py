@@ -30,6 +30,7 @@ import torch
 from .data import Sample, decode_image
 from .fidelity import fidelity
 from .format.codecs import hidden_codec
+from .format.roles import CONTEXT_CODEC, FLAG_COMPACT, ContextBasis
 from .format.head import TeacherHead
 from .parts import open_cache
 
@@ -86,6 +87,7 @@ def audit(cache: str | os.PathLike, teacher: str, samples: int = 8, seed: int = 
         chosen = sorted(np.random.default_rng(seed).choice(ok, size=min(samples, len(ok)), replace=False).tolist())
         cached = [tc[i] for i in chosen]
         cache_head = tc.head()
+        basis = tc.context_basis()  # None but for a single-part low-rank cache (parts: each has its own)
     config = AutoConfig.from_pretrained(teacher)
     adapter = adapter_for(config)
     processor = adapter.load_processor(teacher)
@@ -107,9 +109,18 @@ def audit(cache: str | os.PathLike, teacher: str, samples: int = 8, seed: int = 
               _sequence_check("answer mask", cached, [e.answer_mask.numpy() for e in encoded], "answer_mask"),
               _head_check(cache_head, teacher_head)]
     if same:
-        states = [s.hidden for s, _ in same]
-        checks += [_hidden_check(codec, exact, states, tolerance),
-                   *_top1_checks(cache_head, teacher_head, exact, states, [s.topk_ids for s, _ in same], floor)]
+        # role-aware caches (docs/cache-format.md, row roles): the exact checks hold at the rows stored at the
+        # codec; the top-k is compared where it is stored; low-rank context rows get their own check
+        rows = [s.exact_rows & s.topk_rows for s, _ in same]
+        ex = [x[s.exact_rows] for x, (s, _) in zip(exact, same)]
+        states = [s.hidden[s.exact_rows] for s, _ in same]
+        checks += [_hidden_check(codec, ex, states, tolerance),
+                   *_top1_checks(cache_head, teacher_head, [x[r] for x, r in zip(exact, rows)],
+                                 [s.hidden[r] for (s, _), r in zip(same, rows)],
+                                 [s.topk_ids[r] for (s, _), r in zip(same, rows)], floor)]
+        if basis is not None:
+            checks.append(_context_check(basis, [x[s.row_flags & FLAG_COMPACT > 0] for x, (s, _) in zip(exact, same)],
+                                         [s.hidden[s.row_flags & FLAG_COMPACT > 0] for s, _ in same], tolerance))
     else:
         checks.append(Check("hidden states", False, "not compared: no sample tokenizes as the cache says"))
     return AuditReport(str(cache), teacher, [s.id for s in cached], sum(len(s.token_ids) for s in cached), checks)
@@ -165,6 +176,25 @@ def _hidden_check(codec: Any, exact: list[np.ndarray], cached: list[np.ndarray],
                f"(codec {codec.name} allows mean {sum_bound / max(n, 1):.3g}, + {tolerance} x token RMS for "
                f"recomputation); {beyond} of {n} values beyond")
     return Check("hidden states", beyond == 0, figures)
+
+
+def _context_check(basis: ContextBasis, exact: list[np.ndarray], cached: list[np.ndarray], tolerance: float) -> Check:
+    """Low-rank context rows: the cached coefficients are the recomputed states' coefficients on the cache's
+    basis, within fp8 (the context codec) plus `tolerance` x their RMS; and the share of the states' variance
+    the basis keeps (a figure: how much the regularization pass sees of the context)."""
+    x, c = np.concatenate(exact) if exact else np.zeros((0, basis.mean.shape[0])), np.concatenate(cached) \
+        if cached else np.zeros((0, basis.mean.shape[0]))
+    if not len(x):
+        return Check("context rows (low-rank)", True, "no low-rank row in the audited samples")
+    want, got = basis.encode(x).astype(np.float64), basis.encode(c).astype(np.float64)
+    rms = np.sqrt(np.mean(np.square(want), axis=1, keepdims=True))
+    allowed = CONTEXT_CODEC.error_bound(want.astype(np.float32)).astype(np.float64) + tolerance * rms
+    beyond = int((np.abs(got - want) > allowed).sum())
+    centred = x - basis.mean
+    kept = 1 - float(np.square(centred - want @ basis.basis).sum() / max(np.square(centred).sum(), 1e-30))
+    return Check("context rows (low-rank)", beyond == 0,
+                 f"{beyond} of {want.size} coefficients beyond fp8 + {tolerance} x RMS of the recomputed ones; "
+                 f"the rank-{basis.rank} basis keeps {100 * kept:.1f}% of the context states' variance")
 
 
 @torch.no_grad()
