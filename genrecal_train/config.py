@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "TrainConfig", "check_values", "load_config", "opt", "split_steps"]
+__all__ = ["ConfigError", "PARAM_DTYPES", "STRATEGIES", "TrainConfig", "check_values", "load_config", "opt",
+           "split_steps"]
+
+STRATEGIES = ("auto", "single", "ddp", "fsdp")  # genrecal_train/distributed.py
+PARAM_DTYPES = ("bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
 
 
 def opt(default: Any, help: str, *, flag: str | None = None, at_least: float | None = None,
@@ -94,10 +98,10 @@ class TrainConfig:
     # Scale (genrecal_train/distributed.py, docs/training.md; `genrecal-train plan` sizes a run):
     strategy: str = opt("auto", "auto (ddp with >1 process, else single), single, ddp, or fsdp (weights, grads and "
                                 "AdamW state sharded over the ranks; see `genrecal-train plan`).",
-                                choices=("auto", "single", "ddp", "fsdp"))
+                                choices=STRATEGIES)
     param_dtype: str = opt("bfloat16", "fsdp: compute dtype of the weights, the teacher head and the saved student; "
                                        "gradients reduce and AdamW runs in fp32.",
-                                       choices=("bfloat16", "bf16", "float16", "fp16", "float32", "fp32"))
+                                       choices=PARAM_DTYPES)
     cpu_offload: bool = opt(False, "fsdp: keep the sharded weights, gradients and AdamW state in host memory.")
 
     def __post_init__(self) -> None:
@@ -161,7 +165,7 @@ def _valid(hint: Any, value: Any, bounds: dict[str, Any]) -> Any:
 
 
 def _scalar(kind: type, value: Any) -> Any:
-    """`value` as a `kind` (bool, int, float or str), None if it is none; strings of numbers count (YAML reads
+    """`value` as a `kind` (bool, int, float or str), None if it is not one; strings of numbers count (YAML reads
     `1e-4` as text, and flags arrive as text in lists)."""
     if kind is str:
         return value if isinstance(value, str) else None

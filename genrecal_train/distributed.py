@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-STRATEGIES = ("auto", "single", "ddp", "fsdp")
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
-          "float16": torch.float16, "fp16": torch.float16}
+from genrecal_train.config import PARAM_DTYPES, STRATEGIES  # the names (TrainConfig checks values against them)
+
+DTYPES = {name: getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(name, name))
+          for name in PARAM_DTYPES}
 
 
 def resolve_strategy(strategy: str, world: int) -> str:
