@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         if len(kinds.setdefault(kind, [])) < args.per_kind:
             kinds[kind].append(i)
     rows, result = [], {}
+    t_tok = cache.teacher_tokenizer()
     for sdir in sorted((out / "students").glob("*-seed0")):
         adapter = adapter_for(sdir)
         processor = adapter.load_processor(sdir)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
             model = GenRecal(adapter.load_model(sdir), adapter, cache.head(), cfg).train()
             model.set_stage(2)
             for kind, idx in kinds.items():
-                batch = collate([make_example(cache[i], adapter, processor, 2048) for i in idx],
+                batch = collate([make_example(cache[i], adapter, processor, 2048, t_tok) for i in idx],
                                 processor.tokenizer.pad_token_id, 0)
                 kd = grad_norms(model, batch, ("l_ar", "l_kl"))
                 sft = grad_norms(model, batch, ("l_s",))

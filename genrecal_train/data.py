@@ -10,19 +10,20 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from genrecal_cache.backends.hf import collate as collate_inputs
 from genrecal_cache.data import Sample, decode_image
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter
+from genrecal_cache.families import collate as collate_inputs
 from genrecal_cache.format.manifest import answer_spans
 from genrecal_cache.format.roles import answer_rows
 from genrecal_cache.io.prefetch import prefetch
 from genrecal_cache.parts import MultiPartCache
 from genrecal_cache.reader import CachedSample, TeacherCache
+from genrecal_train.align import Rows, example_rows
 from genrecal_train.errors import TrainError
 
 __all__ = ["Batch", "CacheStream", "Example", "collate", "make_example"]
@@ -38,6 +39,7 @@ class Example:
     teacher_rows: torch.Tensor  # [Lt] bool: rows the cache stores a state for (role-aware caches leave some out)
     teacher_ids: torch.Tensor  # [Lt] int64
     teacher_spans: list[tuple[int, int]]  # answer spans in teacher tokens, same turns as student_spans
+    rows: Rows  # which state feeds which loss (genrecal_train/align.py), computed here, once per example
 
 
 @dataclass
@@ -52,8 +54,11 @@ class Batch:
         return int(self.student_inputs["attention_mask"].sum()) + sum(int(e.teacher_ids.shape[0]) for e in self.examples)
 
 
-def make_example(s: CachedSample, adapter: FamilyAdapter, processor, max_len: int) -> Example:
-    """Encode one cached sample for the student. Raises EncodeError/ValueError for unusable samples."""
+def make_example(s: CachedSample, adapter: FamilyAdapter, processor, max_len: int,
+                 teacher_tokenizer: Any = None) -> Example:
+    """Encode one cached sample for the student, with its loss rows (`Example.rows`). `teacher_tokenizer`
+    (the cache's, `preflight.load_teacher_tokenizer`) adds the rows of main_pass_answer='student_aligned'.
+    Raises EncodeError/ValueError for unusable samples."""
     sample = Sample(id=s.id, messages=s.messages, images=s.images, image_refs=[])
     enc = adapter.encode(processor, sample, [decode_image(b) for b in s.images], max_len)
     s_spans, t_spans = answer_spans(enc.answer_mask), answer_spans(s.answer_mask)
@@ -72,10 +77,13 @@ def make_example(s: CachedSample, adapter: FamilyAdapter, processor, max_len: in
     for a, b in s_spans:
         end = min(b + 1, n)  # the token that closes the answer teaches the student to stop
         labels[a:end] = enc.input_ids[a:end]
+    hidden_rows = torch.from_numpy(s.hidden_rows)
+    teacher_ids = torch.from_numpy(np.asarray(s.token_ids, dtype=np.int64))
+    tokenizers = None if teacher_tokenizer is None else (processor.tokenizer, teacher_tokenizer)
+    rows = example_rows(enc.input_ids, s_spans, hidden_rows, teacher_ids, t_spans, tokenizers)
     return Example(index=s.index, student=enc, student_labels=labels, student_spans=s_spans,
                    teacher_hidden=torch.from_numpy(np.asarray(s.hidden, dtype=np.float32)),
-                   teacher_rows=torch.from_numpy(s.hidden_rows),
-                   teacher_ids=torch.from_numpy(np.asarray(s.token_ids, dtype=np.int64)), teacher_spans=t_spans)
+                   teacher_rows=hidden_rows, teacher_ids=teacher_ids, teacher_spans=t_spans, rows=rows)
 
 
 def collate(examples: list[Example], pad_id: int, position: int) -> Batch:
@@ -95,8 +103,11 @@ class CacheStream:
     """
 
     def __init__(self, cache: TeacherCache | MultiPartCache, adapter: FamilyAdapter, processor, *, batch_size: int,
-                 max_len: int, seed: int = 0, rank: int = 0, world_size: int = 1, prefetch: int = 8):
+                 max_len: int, seed: int = 0, rank: int = 0, world_size: int = 1, prefetch: int = 8,
+                 teacher_tokenizer: Any = None):
+        """`teacher_tokenizer`: given, every example carries its student-aligned rows (`make_example`)."""
         self.cache, self.adapter, self.processor = cache, adapter, processor
+        self.teacher_tokenizer = teacher_tokenizer
         self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
         tok = processor.tokenizer
@@ -118,7 +129,7 @@ class CacheStream:
             for s in it:
                 position += 1
                 try:
-                    example = make_example(s, self.adapter, self.processor, self.max_len)
+                    example = make_example(s, self.adapter, self.processor, self.max_len, self.teacher_tokenizer)
                 except (EncodeError, ValueError) as e:
                     self.skipped += 1
                     n_unusable += 1

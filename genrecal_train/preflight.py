@@ -16,7 +16,6 @@ from genrecal_cache.families import adapter_for
 from genrecal_cache.format.head import TeacherHead
 from genrecal_cache.format.manifest import TOKENIZER_DIR
 from genrecal_cache.format.tokenizer import tokenizer_sha256
-from genrecal_cache import open_cache
 from genrecal_train.config import TrainConfig
 
 __all__ = ["check_cache_matches", "check_head_reproduces_topk", "load_teacher_tokenizer"]
@@ -111,14 +110,13 @@ def _checkpoint_lm_head_rows(folder: Path, vocab: int, names: tuple[str, ...]) -
     return idx, torch.cat(parts).float()
 
 
-def load_teacher_tokenizer(cfg: TrainConfig) -> Any:
-    """The teacher's tokenizer (for `student_answer_rows`), always the one the cache was made with (its hash):
-    `cfg.teacher_tokenizer` when given, else the copy stored in the cache (`teacher_tokenizer/`, fetched like
-    the head for a remote cache), else, for caches written before genrecal stored it, `cfg.expect_teacher`
-    or the teacher folder/hub id the manifest records."""
-    with open_cache(cfg.cache, local_cache=cfg.local_cache) as cache:
-        m = cache.manifest
-        stored = None if cfg.teacher_tokenizer else cache.teacher_tokenizer()
+def load_teacher_tokenizer(cfg: TrainConfig, cache) -> Any:
+    """The teacher's tokenizer of the open `cache` (for `align.student_answer_rows`), always the one the cache
+    was made with (its hash): `cfg.teacher_tokenizer` when given, else the copy stored in the cache
+    (`teacher_tokenizer/`, fetched like the head for a remote cache), else, for caches written before genrecal
+    stored it, `cfg.expect_teacher` or the teacher folder/hub id the manifest records."""
+    m = cache.manifest
+    stored = None if cfg.teacher_tokenizer else cache.teacher_tokenizer()
     if stored is not None:
         return stored
     src = cfg.teacher_tokenizer or cfg.expect_teacher or m.teacher.get("id")

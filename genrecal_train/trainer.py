@@ -40,7 +40,7 @@ from genrecal_train.data import CacheStream
 from genrecal_train.errors import OutOfSpace, RunInterrupted, RunRefused, TrainError
 from genrecal_train.model import GenRecal
 from genrecal_train.plots import plot_curves
-from genrecal_train.preflight import check_cache_matches
+from genrecal_train.preflight import check_cache_matches, load_teacher_tokenizer
 
 __all__ = ["MetricsLog", "Progress", "build_model", "run_stage", "stage_steps", "train"]
 
@@ -226,6 +226,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, strate
     head = cache.head(device=torch.device("cpu") if strategy == "fsdp" else device)
     adapter, processor = _load_student_processor(cfg.student)
     check_cache_matches(cache, head, cfg)
+    # the student-aligned main pass aligns answers by their text: the data thread needs the teacher's tokenizer
+    aligned = cfg.main_pass_answer == "student_aligned" and bool({1, 2} & set(cfg.stages))
+    teacher_tokenizer = load_teacher_tokenizer(cfg, cache) if aligned else None
     resume_from = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
     st = ckpt.load_state(resume_from) if resume_from is not None else {}
     if resume_from is not None:  # refused before the student is loaded
@@ -260,7 +263,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, strate
     try:
         for stage in cfg.stages[start_stage_pos:]:
             stream = CacheStream(cache, adapter, processor, batch_size=cfg.batch_size, max_len=cfg.max_len,
-                                 seed=cfg.seed + 1000 * stage, rank=rank, world_size=world, prefetch=cfg.prefetch)
+                                 seed=cfg.seed + 1000 * stage, rank=rank, world_size=world, prefetch=cfg.prefetch,
+                                 teacher_tokenizer=teacher_tokenizer if stage in (1, 2) else None)
             try:
                 run_stage(stage, model, stream, cfg, run_dir, log, device, rank, world,
                           step0=step0, position0=position0, resume_from=resume_from, progress=progress,

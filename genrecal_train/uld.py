@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["sorted_wasserstein", "uld_loss", "uld_rows"]
+__all__ = ["sorted_wasserstein", "uld_loss"]
 
 
 def sorted_wasserstein(p_student: Tensor, p_teacher: Tensor) -> Tensor:
@@ -38,25 +38,15 @@ def sorted_wasserstein(p_student: Tensor, p_teacher: Tensor) -> Tensor:
     return (ps - pt).abs().sum(-1)
 
 
-def uld_rows(e) -> tuple[Tensor, Tensor]:
-    """(student state index, teacher state index) of index-aligned answer tokens of one example."""
-    s_idx, t_idx = [], []
-    for (sa, sb), (ta, tb) in zip(e.student_spans, e.teacher_spans):
-        n = min(sb - sa, tb - ta)
-        s_idx.append(torch.arange(sa - 1, sa - 1 + n))
-        t_idx.append(torch.arange(ta - 1, ta - 1 + n))
-    return torch.cat(s_idx), torch.cat(t_idx)
-
-
 def uld_loss(hs: Tensor, lm_head: torch.nn.Module, head, examples, temperature: float = 1.0) -> Tensor:
     """L_uld of a batch: student post-norm states `hs` [B, L, d_s] with its lm_head, the cached
-    teacher states of `examples` read out by the teacher head; mean over index-aligned answer tokens."""
+    teacher states of `examples` read out by the teacher head; mean over index-aligned answer tokens
+    (`Example.rows.uld_student`/`uld_teacher`, genrecal_train/align.py `uld_rows`)."""
     dev = hs.device
     hs_rows, t_rows = [], []
     for i, e in enumerate(examples):
-        si, ti = uld_rows(e)
-        hs_rows.append(hs[i, si.to(dev)])
-        t_rows.append(e.teacher_hidden[ti].to(dev))
+        hs_rows.append(hs[i, e.rows.uld_student.to(dev)])
+        t_rows.append(e.teacher_hidden[e.rows.uld_teacher].to(dev))
     h, z = torch.cat(hs_rows), torch.cat(t_rows)
     p_s = F.softmax(F.linear(h, lm_head.weight, lm_head.bias).float() / temperature, dim=-1)
     with torch.no_grad():

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from genrecal_cache.testing import tokenizer_corpus
-from genrecal_train.model import answer_char_ends
+from genrecal_train.align import answer_char_ends
 
 ANSWERS = ["three", "there are three", " they are red", "café au lait", "日本語 です", "it is 日本",
            "a 🙂 b", "naïve résumé", "  two  spaces", "x\ny", "ü", "🙂🙂", "red,green.blue?"]

@@ -58,6 +58,12 @@ def _cfg(cache: Path | str, student_dir: Path, out: Path, **kw) -> TrainConfig:
                                batch_size=4, checkpoint_every=1000) | kw))
 
 
+def _teacher_tokenizer(cfg: TrainConfig):
+    """What the trainer does: the teacher tokenizer of the cache it has open."""
+    with open_cache(cfg.cache) as cache:
+        return load_teacher_tokenizer(cfg, cache)
+
+
 def test_extraction_stores_the_tokenizer_listed_with_checksums(made, teacher):
     cache = made["cache"]
     listed = {rel for rel in json.loads((cache / MANIFEST_NAME).read_text())["checksums"]
@@ -97,7 +103,7 @@ def test_old_cache_without_the_teacher_is_one_clear_error(made, student_dir, tmp
     assert "--main-pass-answer teacher" in msg and "--teacher-tokenizer" in msg and "re-extract" in msg
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     # the fix: the teacher's tokenizer from elsewhere (checked against the cache's hash), or the paper's rows
-    tok = load_teacher_tokenizer(_cfg(old, student_dir, tmp_path / "x", teacher_tokenizer=str(made["moved"])))
+    tok = _teacher_tokenizer(_cfg(old, student_dir, tmp_path / "x", teacher_tokenizer=str(made["moved"])))
     assert tokenizer_sha256(tok) == Manifest.from_json((old / MANIFEST_NAME).read_bytes()).tokenizer_sha256
     train(_cfg(old, student_dir, tmp_path / "teacher-rows", stages=[1], max_steps=1, main_pass_answer="teacher"))
 
@@ -106,7 +112,7 @@ def test_old_cache_falls_back_to_the_recorded_teacher(made, student_dir, tmp_pat
     old = _old_style(made["cache"], tmp_path / "old")
     made["moved"].rename(made["teacher"])  # the teacher is back where the manifest says
     try:
-        tok = load_teacher_tokenizer(_cfg(old, student_dir, tmp_path / "run"))
+        tok = _teacher_tokenizer(_cfg(old, student_dir, tmp_path / "run"))
     finally:
         made["teacher"].rename(made["moved"])
     assert tokenizer_sha256(tok) == Manifest.from_json((old / MANIFEST_NAME).read_bytes()).tokenizer_sha256
@@ -119,7 +125,7 @@ def test_verify_and_the_trainer_refuse_a_tampered_tokenizer_file(made, student_d
     path.write_bytes(path.read_bytes().replace(b'"', b' "', 1))  # one byte more: the same JSON, another file
     assert any(f.startswith(f"{TOKENIZER_DIR}/tokenizer.json: size mismatch") for f in verify(bad)), verify(bad)
     with pytest.raises(CacheFormatError, match=f"{TOKENIZER_DIR}/tokenizer.json: size mismatch"):
-        load_teacher_tokenizer(_cfg(bad, student_dir, tmp_path / "run"))
+        _teacher_tokenizer(_cfg(bad, student_dir, tmp_path / "run"))
     # a stray file in the folder is reported too
     shutil.copytree(made["cache"], tmp_path / "stray")
     (tmp_path / "stray" / TOKENIZER_DIR / "added_tokens.json").write_text("{}")

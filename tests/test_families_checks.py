@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import LlamaConfig
 
 from genrecal_cache import families
-from genrecal_cache.backends.hf import collate
+from genrecal_cache.families import collate
 from genrecal_cache.data import Sample
 from genrecal_cache.extract import ExtractConfig, extract
 from genrecal_cache.families import AnswerMaskError, HeadCheckError, Qwen2VLAdapter, adapter_for

@@ -111,7 +111,8 @@ def test_fsdp_two_ranks_match_one_process_on_the_same_global_batch(fsdp_run: Pat
     student = adapter.load_model(student_dir)
     torch.manual_seed(cfg.seed)
     model = GenRecal(student, adapter, cache.head(), cfg)
-    batch = lambda idx: collate([make_example(cache[i], adapter, processor, cfg.max_len) for i in idx],  # noqa: E731
+    tok = cache.teacher_tokenizer()
+    batch = lambda idx: collate([make_example(cache[i], adapter, processor, cfg.max_len, tok) for i in idx],  # noqa: E731
                                 processor.tokenizer.pad_token_id, 0)
     for stage in (1, 2):
         params = model.set_stage(stage)

@@ -22,7 +22,7 @@ from genrecal_cache import open_cache
 from genrecal_train import plan as P
 from genrecal_train.config import TrainConfig
 from genrecal_train.data import collate, make_example
-from genrecal_train.model import GenRecal, student_question_index, teacher_rows
+from genrecal_train.model import GenRecal
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,8 @@ def test_activation_estimate_is_within_25_percent_of_the_measured_peak(batch: in
     model = GenRecal(adapter.load_model(student_dir), adapter, cache.head(), cfg)
     if checkpointing:  # as under --strategy fsdp: the student by transformers, the Recalibrator by us
         checkpoint_layers(model.recalibrator.layers)
-    examples = [make_example(cache[i], adapter, processor, cfg.max_len) for i in range(batch)]
+    tok = cache.teacher_tokenizer()
+    examples = [make_example(cache[i], adapter, processor, cfg.max_len, tok) for i in range(batch)]
     b = collate(examples, processor.tokenizer.pad_token_id, 0)
     model.set_stage(2)
     model.train()
@@ -88,10 +89,10 @@ def test_activation_estimate_is_within_25_percent_of_the_measured_peak(batch: in
 
     # the token counts the plan needs, as the batch has them (padded)
     tokens = b.student_inputs["input_ids"].numel()
-    parts = [teacher_rows(e) for e in examples]
-    q_len = max(max(len(student_question_index(e)) for e in examples), max(len(q) for q, _, _ in parts))
-    rec_tokens = 2 * batch * (q_len + max(len(a) for _, a, _ in parts))
-    answer = sum(len(a) for _, a, _ in parts)
+    rows = [e.rows for e in examples]
+    q_len = max(max(len(r.student_question) for r in rows), max(len(r.teacher_question) for r in rows))
+    rec_tokens = 2 * batch * (q_len + max(len(r.teacher_answer) for r in rows))
+    answer = sum(len(r.teacher_answer) for r in rows)
     meta = P.meta_model(AutoConfig.from_pretrained(student_dir), cache.manifest.hidden_size,
                         cache.manifest.vocab_size, cfg.recal_layers)
     est = P.activation_bytes(meta, tokens, rec_tokens, answer, cfg.loss_chunk, checkpointing, 4)

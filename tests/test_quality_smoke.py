@@ -15,8 +15,9 @@ import torch
 from genrecal_cache.families import adapter_for
 from genrecal_cache import open_cache
 from genrecal_train.config import TrainConfig
+from genrecal_train.align import student_answer_rows
 from genrecal_train.data import collate, make_example
-from genrecal_train.model import GenRecal, student_answer_rows
+from genrecal_train.model import GenRecal
 from genrecal_train.uld import sorted_wasserstein
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def _setup(student_dir: Path, cache_dir: Path, cls, **kw):
     cache = open_cache(cache_dir)
     torch.manual_seed(0)
     model = cls(adapter.load_model(student_dir), adapter, cache.head(), cfg).eval()
-    examples = [make_example(cache[i], adapter, processor, 2048) for i in range(4)]
+    examples = [make_example(cache[i], adapter, processor, 2048, cache.teacher_tokenizer()) for i in range(4)]
     return model, examples, processor.tokenizer.pad_token_id
 
 
@@ -93,13 +94,16 @@ def test_student_rows_are_aligned_to_the_teacher_tokens_by_text(student_dir, tea
     from transformers import AutoTokenizer
 
     model, examples, _ = _setup(student_dir, phrase_cache, GenRecal, main_pass_answer="student_aligned")
-    s_tok, t_tok = model.tokenizers
+    s_tok = adapter_for(student_dir).load_processor(student_dir).tokenizer
+    t_tok = open_cache(phrase_cache).teacher_tokenizer()
     assert t_tok.backend_tokenizer.to_str() == AutoTokenizer.from_pretrained(teacher_dir).backend_tokenizer.to_str()
     dec = lambda tok, ids: tok.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
     several = 0
     for e in examples:
-        rows = student_answer_rows(e, s_tok, t_tok).tolist()
         (ta, tb), (sa, sb) = e.teacher_spans[0], e.student_spans[0]
+        rows = student_answer_rows(e.student.input_ids, e.student_spans, e.teacher_ids, e.teacher_spans, s_tok,
+                                   t_tok).tolist()
+        assert rows == e.rows.student_aligned.states.tolist()  # what make_example computed on the data thread
         assert len(rows) == tb - ta and rows == sorted(rows) and rows[0] == sa - 1 and rows[-1] < sb - 1
         s_ids, t_ids = e.student.input_ids[sa:sb].tolist(), e.teacher_ids[ta:tb].tolist()
         for j, row in enumerate(rows):

@@ -53,7 +53,8 @@ def _batches(cache_dir: Path, student_dir: Path, batch_size: int = 4):
     cache = open_cache(cache_dir)
     adapter = adapter_for(student_dir)
     processor = adapter.load_processor(student_dir)
-    examples = [make_example(cache[i], adapter, processor, 2048) for i in range(len(cache))]
+    tok = cache.teacher_tokenizer()
+    examples = [make_example(cache[i], adapter, processor, 2048, tok) for i in range(len(cache))]
     pad = processor.tokenizer.pad_token_id
     return [collate(examples[j:j + batch_size], pad, 0) for j in range(0, len(examples), batch_size)]
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from .base import (HEAD_TENSOR_NAMES, NORM_FORMULAS, AnswerMaskError, EncodeError, Encoded, FamilyAdapter,
                    HeadCheckError)
+from .collate import collate
 from .gemma3 import Gemma3Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
@@ -58,4 +59,4 @@ def adapter_for(config: PreTrainedConfig | str | os.PathLike) -> FamilyAdapter:
 __all__ = ["ADAPTERS", "REFUSED", "HEAD_TENSOR_NAMES", "NORM_FORMULAS", "AnswerMaskError", "EncodeError", "Encoded",
            "FamilyAdapter", "Gemma3Adapter", "HeadCheckError", "Idefics3Adapter", "InternVLAdapter", "LlavaAdapter",
            "LlavaOnevisionAdapter", "Mistral3Adapter", "PaliGemmaAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter",
-           "SmolVLMAdapter", "adapter_for"]
+           "SmolVLMAdapter", "adapter_for", "collate"]

@@ -1,0 +1,171 @@
+"""Which state feeds which loss, per sample: index tensors computed once per example on the data thread.
+
+Everything here is a function of one sample's token ids, answer spans and (for the student-aligned main
+pass) both tokenizers, never of hidden states: `make_example` (genrecal_train/data.py) computes it on the
+prefetch thread and stores it on the `Example` as `Rows`; `GenRecal.forward` only gathers with it.
+
+Which features go where (spans are answer-content token ranges, one per turn):
+    teacher: answer token p is predicted by the state at p-1, so z_al = T[a-1 : b-1] for every span [a, b)
+             (targets gt_l = ids[a:b]); z_ql = every other teacher state before the last one used that the
+             cache stores (a role-aware cache may store context rows compactly, only the text rows, or none).
+    student: z_qs = the student's states outside its answer spans, before the end of its last span.
+The main pass's answer rows (`TrainConfig.main_pass_answer`; why: genrecal_train/model.py):
+    "student_aligned": for each teacher answer token, the student state that predicts the same text
+        (`student_answer_rows`, by character offsets: needs both tokenizers).
+    "teacher": Proj-pre(z_al) but for the row predicting each span's first token, which is the student's
+        last question state (`answer_start_rows`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Rows", "StudentRows", "answer_char_ends", "answer_start_rows", "example_rows", "student_answer_rows",
+           "student_question_index", "teacher_rows", "uld_rows"]
+
+Spans = list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class StudentRows:
+    """Student states placed into the main pass's answer rows: `rows[i]` (in z_al's layout) takes the
+    student state `states[i]`; `mask` [n] marks the rows so filled (the others keep Proj-pre(z_al))."""
+    rows: Tensor
+    states: Tensor
+    mask: Tensor
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One example's index tensors (int64 / bool, on the CPU)."""
+    teacher_question: Tensor  # teacher states of z_ql
+    teacher_answer: Tensor  # teacher states of z_al
+    targets: Tensor  # gt_l, the teacher answer ids, one per z_al row
+    student_question: Tensor  # student states of z_qs
+    answer_start: StudentRows  # main_pass_answer="teacher"
+    student_aligned: StudentRows | None  # main_pass_answer="student_aligned"; None when made without tokenizers
+    uld_student: Tensor  # index-aligned answer states of the ULD baseline (genrecal_train/uld.py)
+    uld_teacher: Tensor
+
+    def main_pass(self, mode: str) -> StudentRows:
+        """The student rows of main pass `mode` ("teacher" or "student_aligned")."""
+        if mode == "teacher":
+            return self.answer_start
+        if self.student_aligned is None:
+            raise ValueError("main_pass_answer='student_aligned' needs rows aligned by text: make the examples with "
+                             "make_example(..., teacher_tokenizer=...) (or train with --main-pass-answer teacher)")
+        return self.student_aligned
+
+
+def teacher_rows(hidden_rows: Tensor, teacher_ids: Tensor, spans: Spans) -> tuple[Tensor, Tensor, Tensor]:
+    """(question-state index, answer-state index, answer target ids) in the teacher's tokens; `hidden_rows`
+    [Lt] bool marks the rows the cache stores a state for."""
+    ans = torch.cat([torch.arange(a - 1, b - 1) for a, b in spans])
+    keep = hidden_rows[:int(ans.max()) + 1].clone()
+    keep[ans] = False
+    targets = torch.cat([teacher_ids[a:b] for a, b in spans])
+    return keep.nonzero().squeeze(1), ans, targets
+
+
+def answer_start_rows(teacher_spans: Spans, student_spans: Spans) -> tuple[Tensor, Tensor]:
+    """(index in z_al's layout of the row predicting each span's first answer token, index of the
+    student state before that answer).
+
+    In the main pass the question is the student's, so its first answer token is predicted from the
+    student's last question state (in student space: Proj-pre is not applied), not from the teacher
+    state T[a-1]: that state already predicts the answer, and reading it off lets the Recalibrator
+    ignore the student (docs/benchmarks.md, quality, "How we got here", item 1)."""
+    lengths = torch.tensor([b - a for a, b in teacher_spans])
+    rows = torch.cumsum(lengths, 0) - lengths
+    return rows, torch.tensor([a - 1 for a, _ in student_spans])
+
+
+def answer_char_ends(tokenizer: Any, ids: Tensor) -> list[int]:
+    """Where each token of one answer span ends, in characters of the decoded span (leading space dropped):
+    for token k, the length of the text that decoding ids[:k+1] gives, so exact for any tokenizer, including
+    byte-level BPE pieces of one character and tokenizers that glue a space onto the next word.
+
+    Linear in the span: token k's text is read off the decoding of [token k-1, token k] past the decoding
+    of token k-1 alone (one token of context keeps first-token effects, such as a stripped leading space,
+    out of it), both decoded for the whole span in one batch. Decoders join bytes across tokens, so the
+    window reaches back while a character is incomplete (U+FFFD) or the token before decodes to part of
+    one: to the start of the character in byte-level BPE, of the run of byte tokens with byte fallback
+    (sentencepiece-style tokenizers decode such a run as one unit)."""
+    ids = ids.tolist()
+    n = len(ids)
+    if n == 0:
+        return []
+    kw = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    alone = tokenizer.batch_decode([[i] for i in ids], **kw)
+    pairs = tokenizer.batch_decode([ids[k - 1:k + 1] for k in range(1, n)], **kw) if n > 1 else []
+    ends, done, start = [], 0, 0  # `done` characters end before token `start`, where the open window begins
+    for k in range(n):
+        ctx = alone[start - 1] if start > 0 else ""
+        if start == k:
+            text = pairs[k - 1] if k > 0 else alone[0]
+        else:
+            text = tokenizer.decode(ids[max(start - 1, 0):k + 1], **kw)
+        if not text.startswith(ctx):  # a decoder that rewrites the context: read the whole prefix instead
+            text, ctx, done, start = tokenizer.decode(ids[:k + 1], **kw), "", 0, 0
+        ends.append(done + len(text) - len(ctx))
+        if "\ufffd" not in alone[k] and not text.endswith("\ufffd"):  # nothing pending: close the window
+            done, start = ends[-1], k + 1
+    text = tokenizer.decode(ids, **kw)
+    lead = len(text) - len(text.lstrip())
+    return [max(0, e - lead) for e in ends]
+
+
+def student_answer_rows(student_ids: Tensor, student_spans: Spans, teacher_ids: Tensor, teacher_spans: Spans,
+                        student_tokenizer: Any, teacher_tokenizer: Any) -> Tensor:
+    """Index of the student state that predicts each teacher answer token, in z_al's layout.
+
+    Teacher token j of a span starts at character c_j of the answer; the student state that predicts the
+    text from c_j on is the one after the student's last answer token ending at or before c_j (its last
+    question state when there is none). A teacher token inside a longer student token thus shares the
+    state before that student token: the Recalibrator tells them apart by position."""
+    rows = []
+    for (ta, tb), (sa, sb) in zip(teacher_spans, student_spans):
+        t_ends = answer_char_ends(teacher_tokenizer, teacher_ids[ta:tb])
+        s_ends = torch.tensor(answer_char_ends(student_tokenizer, student_ids[sa:sb]))
+        rows += [sa - 1 + int((s_ends <= c).sum()) for c in [0] + t_ends[:-1]]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def student_question_index(student_spans: Spans) -> Tensor:
+    end = student_spans[-1][1]
+    keep = torch.ones(end, dtype=torch.bool)
+    for a, b in student_spans:
+        keep[a:b] = False
+    return keep.nonzero().squeeze(1)
+
+
+def uld_rows(student_spans: Spans, teacher_spans: Spans) -> tuple[Tensor, Tensor]:
+    """(student state index, teacher state index) of index-aligned answer tokens (the ULD baseline)."""
+    s_idx, t_idx = [], []
+    for (sa, sb), (ta, tb) in zip(student_spans, teacher_spans):
+        n = min(sb - sa, tb - ta)
+        s_idx.append(torch.arange(sa - 1, sa - 1 + n))
+        t_idx.append(torch.arange(ta - 1, ta - 1 + n))
+    return torch.cat(s_idx), torch.cat(t_idx)
+
+
+def _placed(rows: Tensor, states: Tensor, n: int) -> StudentRows:
+    return StudentRows(rows, states, torch.zeros(n, dtype=torch.bool).index_fill(0, rows, True))
+
+
+def example_rows(student_ids: Tensor, student_spans: Spans, hidden_rows: Tensor, teacher_ids: Tensor,
+                 teacher_spans: Spans, tokenizers: tuple[Any, Any] | None = None) -> Rows:
+    """Every index tensor of one example; `tokenizers` (student's, teacher's) add the student-aligned rows."""
+    q, a, targets = teacher_rows(hidden_rows, teacher_ids, teacher_spans)
+    n = len(targets)
+    aligned = None
+    if tokenizers is not None:
+        states = student_answer_rows(student_ids, student_spans, teacher_ids, teacher_spans, *tokenizers)
+        aligned = StudentRows(torch.arange(n), states, torch.ones(n, dtype=torch.bool))
+    us, ut = uld_rows(student_spans, teacher_spans)
+    return Rows(q, a, targets, student_question_index(student_spans),
+                _placed(*answer_start_rows(teacher_spans, student_spans), n), aligned, us, ut)
