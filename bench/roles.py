@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--codecs", default="fp32,bf16,ecq")
     args = p.parse_args()
     suite, out = Path(args.suite), Path(args.out)
-    teacher, data = suite / "teacher" / "sft" / "final", suite / "data" / "train.jsonl"
+    teacher, data = suite / "teacher" / "sft" / "final", suite / "data" / "train" / "data.jsonl"
     print(f"# bench/roles.py on {machine()}; teacher {teacher}, data {data}")
     rows = []
     for codec in args.codecs.split(","):

@@ -104,6 +104,20 @@ def test_merge_pull_and_parts_carry_the_storage(caches, teacher_dir, demo_jsonl,
     assert verify(tmp_path / "merged-parts") == []
 
 
+def test_a_lowrank_cache_reads_and_verifies_over_http_and_through_a_local_mirror(caches, tmp_path):
+    from _http import serve
+
+    local = open_cache(caches["lowrank"])
+    with serve(caches["lowrank"]) as (url, _):
+        assert verify(url) == []
+        with open_cache(url, local_cache=tmp_path / "mirror") as remote:
+            assert remote.context_basis() is not None
+            for s in remote.iter_samples("shuffled", seed=1):
+                ref = local.by_id(s.id)
+                np.testing.assert_array_equal(s.hidden, ref.hidden)
+                np.testing.assert_array_equal(s.row_flags, ref.row_flags)
+
+
 def test_verify_catches_row_flags_that_disagree_with_the_storage(caches, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(caches["none"], bad)
