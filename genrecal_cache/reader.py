@@ -530,13 +530,7 @@ def load_basis(fs: fsspec.AbstractFileSystem, root: str, url: str, manifest: Man
     where = f"{url}/{BASIS_NAME}"
     if type(fs) is LocalFileSystem:
         safety.check_local_files(root, [BASIS_NAME], url)
-    try:
-        data = read_capped(fs, f"{root}/{BASIS_NAME}", safety.file_limit(BASIS_NAME, manifest), where,
-                           size=manifest.sizes.get(BASIS_NAME))
-    except FileNotFoundError as e:
-        raise CacheFormatError(f"{where}: missing; the cache is incomplete, re-download or re-extract it") from e
-    if sha256_bytes(data) != manifest.checksums[BASIS_NAME]:
-        raise CacheFormatError(f"{where}: sha256 mismatch: the file is corrupt; re-download or re-extract it")
+    data = read_listed(fs, root, url, manifest, BASIS_NAME)
     try:
         t = safetensors_load(data)
         basis = ContextBasis(t["mean"], t["basis"])
@@ -557,18 +551,19 @@ def load_tokenizer_files(fs: fsspec.AbstractFileSystem, root: str, url: str, man
     rels = sorted(rel for rel in manifest.checksums if rel.startswith(f"{TOKENIZER_DIR}/"))
     if type(fs) is LocalFileSystem:
         safety.check_local_files(root, rels, url)
-    files = {}
-    for rel in rels:
-        where = f"{url}/{rel}"
-        try:
-            data = read_capped(fs, f"{root}/{rel}", safety.file_limit(rel, manifest), where,
-                               size=manifest.sizes.get(rel))
-        except FileNotFoundError as e:
-            raise CacheFormatError(f"{where}: missing; the cache is incomplete, re-download or re-extract it") from e
-        if sha256_bytes(data) != manifest.checksums[rel]:
-            raise CacheFormatError(f"{where}: sha256 mismatch: the file is corrupt; re-download or re-extract it")
-        files[rel[len(TOKENIZER_DIR) + 1:]] = data
-    return files
+    return {rel[len(TOKENIZER_DIR) + 1:]: read_listed(fs, root, url, manifest, rel) for rel in rels}
+
+
+def read_listed(fs: fsspec.AbstractFileSystem, root: str, url: str, manifest: Manifest, rel: str) -> bytes:
+    """A small file the manifest lists, read whole within its listed size and checked against its sha256."""
+    where = f"{url}/{rel}"
+    try:
+        data = read_capped(fs, f"{root}/{rel}", safety.file_limit(rel, manifest), where, size=manifest.sizes.get(rel))
+    except FileNotFoundError as e:
+        raise CacheFormatError(f"{where}: missing; the cache is incomplete, re-download or re-extract it") from e
+    if sha256_bytes(data) != manifest.checksums[rel]:
+        raise CacheFormatError(f"{where}: sha256 mismatch: the file is corrupt; re-download or re-extract it")
+    return data
 
 
 def open_feature_arrays(store: zarr.abc.store.Store, manifest: Manifest, url: str) -> dict[str, zarr.Array]:
