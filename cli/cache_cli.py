@@ -262,8 +262,8 @@ def push(cache: Path = typer.Argument(..., help="Complete local cache folder (si
     verify it there. Run it again after an interruption to continue; files already there and intact are kept."""
     from tqdm import tqdm
 
-    from genrecal_cache.io.push import PushError
-    from genrecal_cache.io.push import push as run_push
+    from genrecal_cache.push import PushError
+    from genrecal_cache.push import push as run_push
 
     with clean_errors(url, also=(PushError,)), tqdm(unit="B", unit_scale=True, desc="push", disable=quiet) as bar:
         r = run_push(cache, url, replace=replace, workers=workers, read_back=read_back, progress=bar.update,

@@ -26,8 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import AutoConfig
 
+from .backends import DTYPES
+from .backends.hf import HFBackend
 from .data import Sample, decode_image
+from .extract import resolve_max_len
+from .families import adapter_for
 from .fidelity import fidelity
 from .format.codecs import hidden_codec
 from .format.roles import CONTEXT_CODEC, FLAG_COMPACT, ContextBasis
@@ -74,13 +79,6 @@ def audit(cache: str | os.PathLike, teacher: str, samples: int = 8, seed: int = 
           storage_options: dict[str, Any] | None = None) -> AuditReport:
     """Recompute `samples` random ok samples of `cache` with `teacher` and compare (see the module doc).
     `min_top1`: least top-1 agreement [default: 0.99 for lossless codecs, 0.95 for fp8/ecq]."""
-    from transformers import AutoConfig
-
-    from .backends import DTYPES
-    from .backends.hf import HFBackend
-    from .extract import resolve_max_len
-    from .families import adapter_for
-
     with open_cache(cache, storage_options) as tc:
         m = tc.manifest
         ok = np.flatnonzero(np.asarray(tc.index.column("status").to_pylist()) == "ok")

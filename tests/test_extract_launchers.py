@@ -17,7 +17,7 @@ import typer
 
 from cli.cache_cli import shard_from_env
 from genrecal_cache import open_cache
-from genrecal_cache.io.push import push
+from genrecal_cache.push import push
 from genrecal_cache.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]

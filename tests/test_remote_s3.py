@@ -34,7 +34,7 @@ from genrecal_cache.format.head import HeadConfig, TeacherHead  # noqa: E402
 from genrecal_cache.format.manifest import CacheFormatError  # noqa: E402
 from genrecal_cache.io.locate import open_fs  # noqa: E402
 from genrecal_cache.io.pull import pull  # noqa: E402
-from genrecal_cache.io.push import PushError, push  # noqa: E402
+from genrecal_cache.push import PushError, push  # noqa: E402
 from genrecal_cache.io.retry import RemoteReadError  # noqa: E402
 from genrecal_cache.verify import verify  # noqa: E402
 from test_cache_format import D, V, make_samples, write_cache  # noqa: E402

@@ -24,14 +24,14 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ..format import safety
-from ..format.manifest import MANIFEST_NAME, CacheFormatError, Manifest, sha256_file
-from ..reader import find_cache
-from ..verify import file_sha256, verify
-from .durable import atomic_write, rename_durable
-from .locate import open_fs
-from .remote import read_capped
-from .retry import RetryPolicy, retry_call
+from .format import safety
+from .format.manifest import MANIFEST_NAME, CacheFormatError, Manifest, sha256_file
+from .io.durable import atomic_write, rename_durable
+from .io.locate import open_fs
+from .io.remote import read_capped
+from .io.retry import RetryPolicy, retry_call
+from .reader import find_cache
+from .verify import file_sha256, verify
 
 __all__ = ["PushError", "PushReport", "push"]
 
