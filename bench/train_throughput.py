@@ -1,0 +1,153 @@
+"""Trainer throughput: tokens/s of a stage-1, stage-2 and SFT (stage-3) step on the same batches, side by side.
+
+    PYTHONPATH=genrecal_cache/compat python bench/train_throughput.py                   # ~1 min on 2 busy cores
+    PYTHONPATH=/tmp/old:/tmp/old/genrecal_cache/compat python bench/train_throughput.py  # another checkout's code
+
+Data: the quality suite's tasks (bench/quality_tasks.py: word, phrase and clause answers), a tiny Qwen2-VL
+teacher (bench/quality.py's teacher size: hidden 192, 3 layers) extracted into a bf16 cache. Students: the
+suite's LLaVA (`build_tiny_student` defaults, hidden 64) and a wider one (hidden 512, 4 layers).
+
+A step is what `trainer.run_stage` does per optimizer step: forward, backward, AdamW step, on a batch the
+data thread has prepared (`make_example` + `collate`, timed apart: in training it runs on the prefetch thread,
+overlapped with the step). Stages are interleaved (1, 2, 3, 1, 2, 3, ...) so that a busy machine slows all
+of them alike; each figure is the median over --repeats rounds of --steps steps. tokens/s counts what
+`Batch.num_tokens` counts (student + teacher tokens of the batch), the trainer's metric.
+
+Works against an older checkout of genrecal too (put it first on PYTHONPATH): before issue 24 the model
+aligned answers itself (in `forward`), `make_example` took no tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(1, str(ROOT))  # bench/ helpers; genrecal itself from PYTHONPATH (or this checkout)
+sys.path.append(str(ROOT.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from _machine import machine  # noqa: E402
+
+STUDENTS = {"llava (hidden 64)": dict(), "wide llava (hidden 512)": dict(hidden_size=512, layers=4, head_dim=64)}
+
+
+def build_inputs(work: Path, n_per_kind: int) -> tuple[Path, dict[str, Path]]:
+    """(the teacher cache, {student label: folder}), built once into `work`."""
+    from genrecal_cache.extract import ExtractConfig, extract
+    from genrecal_cache.testing import build_tiny_student, build_tiny_teacher
+    from quality_tasks import KINDS, write_tasks
+
+    data = write_tasks(work / "data", list(KINDS), n_per_kind, seed=2, digits_part=(1000, 1497))
+    teacher = work / "teacher"
+    if not (teacher / "config.json").is_file():
+        build_tiny_teacher(teacher, seed=1234, hidden_size=192, layers=3, vision_width=128)
+    cache = work / "cache"
+    if not (cache / "manifest.json").is_file():
+        extract(ExtractConfig(teacher=str(teacher), data=str(data), out=str(cache), backend="transformers",
+                              progress=False))
+    students = {}
+    for i, (label, kw) in enumerate(STUDENTS.items()):
+        folder = work / f"student{i}"
+        if not (folder / "config.json").is_file():
+            build_tiny_student(folder, seed=i, **kw)
+        students[label] = folder
+    return cache, students
+
+
+def make_batches(cache, adapter, processor, batch_size: int) -> tuple[list, float]:
+    """Every sample in batches as the data thread makes them, and the data thread's seconds per batch."""
+    from genrecal_train.data import collate, make_example
+
+    extra = {}
+    if "teacher_tokenizer" in inspect.signature(make_example).parameters:  # issue 24: alignment on the data thread
+        extra["teacher_tokenizer"] = cache.teacher_tokenizer()
+    t0 = time.perf_counter()
+    examples = [make_example(cache[i], adapter, processor, 2048, **extra) for i in range(len(cache))]
+    pad = processor.tokenizer.pad_token_id
+    batches = [collate(examples[j:j + batch_size], pad, 0) for j in range(0, len(examples) - batch_size + 1,
+                                                                          batch_size)]
+    return batches, (time.perf_counter() - t0) / len(batches)
+
+
+def bench_student(label: str, folder: Path, cache_dir: Path, args) -> dict[int, float]:
+    from genrecal_cache import open_cache
+    from genrecal_cache.families import adapter_for
+    from genrecal_train.config import TrainConfig
+    from genrecal_train.model import GenRecal
+
+    cache, adapter = open_cache(cache_dir), adapter_for(folder)
+    processor = adapter.load_processor(folder)
+    batches, data_s = make_batches(cache, adapter, processor, args.batch_size)
+    cfg = TrainConfig(cache=str(cache_dir), student=str(folder), out="unused", device=args.device)
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    model = GenRecal(adapter.load_model(folder), adapter, cache.head(device=dev), cfg).to(dev).train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu",
+                                                                                                     enabled=False)
+    opts = {}
+    for stage in (1, 2, 3):
+        opts[stage] = torch.optim.AdamW(model.set_stage(stage), lr=1e-4)
+    rates: dict[int, list[float]] = {1: [], 2: [], 3: []}
+    for r in range(args.repeats + 1):  # round 0 warms up (allocator, autograd graphs, AdamW state)
+        for stage in (1, 2, 3):  # the same batches for every stage of a round
+            model.set_stage(stage)
+            tokens, t0 = 0, time.perf_counter()
+            for i in range(args.steps):
+                batch = batches[(r * args.steps + i) % len(batches)]
+                with autocast:
+                    model(batch, stage)["loss"].backward()
+                opts[stage].step()
+                opts[stage].zero_grad(set_to_none=True)
+                tokens += batch.num_tokens
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if r:
+                rates[stage].append(tokens / (time.perf_counter() - t0))
+    med = {s: statistics.median(v) for s, v in rates.items()}
+    tokens_per_batch = sum(b.num_tokens for b in batches) / len(batches)
+    print(f"| {label} | {med[1]:.0f} | {med[2]:.0f} | {med[3]:.0f} | {med[3] / med[2]:.2f}x | "
+          f"{med[3] / med[1]:.2f}x | {1e3 * data_s:.0f} ms ({tokens_per_batch / data_s:.0f} tok/s) |", flush=True)
+    return med
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default=None, help="folder for the teacher, cache and students (kept; default: a temp dir)")
+    p.add_argument("--per-kind", type=int, default=8, help="questions per task kind in the cache")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=2, help="steps per measurement")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (the median is reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    import genrecal_train
+
+    transformers.utils.logging.disable_progress_bar()
+
+    print(machine())
+    print(f"genrecal from {Path(genrecal_train.__file__).parent.parent}; device {args.device}; batch {args.batch_size}, "
+          f"{args.steps} steps x {args.repeats} interleaved rounds (median)")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        cache, students = build_inputs(work, args.per_kind)
+        print("| student | stage 1 tok/s | stage 2 tok/s | SFT (stage 3) tok/s | stage-2 step / SFT step | "
+              "stage-1 step / SFT step | data thread per batch |")
+        print("|---|---|---|---|---|---|---|")
+        return {label: bench_student(label, folder, cache, args) for label, folder in students.items()}
+
+
+if __name__ == "__main__":
+    main()
