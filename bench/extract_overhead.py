@@ -48,7 +48,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=160, help="demo samples (each ~50 teacher tokens)")
     p.add_argument("--batch-tokens", type=int, default=1024)
     p.add_argument("--topk", type=int, default=64)
-    p.add_argument("--codecs", default="bf16,fp8,ecq")
+    p.add_argument("--codecs", default="bf16,fp8,ecq",
+                   help="hidden codecs, each optionally /CONTEXT (e.g. ecq/full): the context policy [default lowrank, "
+                        "top-k at answer rows; full: top-k at every row, as format version 2]")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--shard-tokens", type=int, default=1024,
                    help="small shards so that a short run writes most of its data while computing, as a long one does")
@@ -116,19 +118,23 @@ def main() -> None:
             super().check_head(batch)
             marks["check"] += time.perf_counter() - t0
 
-    def run_extract(codec: str, round_: int) -> float:
+    def run_extract(spec: str, round_: int) -> float:
+        codec, _, context = spec.partition("/")
+        context = context or "lowrank"
         original, ex.HFBackend = ex.HFBackend, Timed  # where extract looks the backend class up
         try:
-            m = ex.extract(ex.ExtractConfig(teacher=teacher, data=data, out=str(tmp / f"cache-{codec}-{round_}"),
+            m = ex.extract(ex.ExtractConfig(teacher=teacher, data=data,
+                                      out=str(tmp / f"cache-{codec}-{context}-{round_}"),
                                       backend="transformers", topk=args.topk, batch_tokens=args.batch_tokens,
                                       hidden_codec=codec, dtype="float32", device="cpu", progress=False,
-                                      shard_tokens=args.shard_tokens))
+                                      shard_tokens=args.shard_tokens, context=context,
+                                      topk_rows="all" if context == "full" else "answer"))
         finally:
             ex.HFBackend = original
         done = time.perf_counter()
         assert m.counts["tokens"] == tokens, (m.counts, tokens)
-        shares[codec].append(marks["forward"] / (done - marks["ready"]))
-        checks[codec].append(marks["check"] / (done - marks["ready"]))
+        shares[spec].append(marks["forward"] / (done - marks["ready"]))
+        checks[spec].append(marks["check"] / (done - marks["ready"]))
         return tokens / (done - marks["ready"])
 
     codecs = args.codecs.split(",")
