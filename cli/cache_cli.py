@@ -24,6 +24,17 @@ RANK_HELP = "Rank of the low-rank context basis [default: hidden size / 8, at mo
 TOPK_ROWS_HELP = "Rows whose top-k logprobs are stored: answer (the trainer's targets) or all."
 
 
+def _check_storage(context: str, rank: int | None, topk_rows: str) -> None:
+    from genrecal_cache.format.roles import CONTEXT_POLICIES, TOPK_ROWS
+
+    if context not in CONTEXT_POLICIES:
+        raise typer.BadParameter(f"{context!r} is not one of {', '.join(CONTEXT_POLICIES)}", param_hint="--context")
+    if rank is not None and (rank < 1 or context != "lowrank"):
+        raise typer.BadParameter("must be >= 1, with --context lowrank", param_hint="--context-rank")
+    if topk_rows not in TOPK_ROWS:
+        raise typer.BadParameter(f"{topk_rows!r} is not one of {', '.join(TOPK_ROWS)}", param_hint="--topk-rows")
+
+
 @app.command()
 def extract(
     teacher: str = typer.Option(..., help="Teacher model folder or hub id (e.g. Qwen/Qwen2-VL-72B-Instruct)."),
@@ -83,6 +94,7 @@ def extract(
     num_shards, shard_index = num_shards or 1, shard_index or 0
     if not 0 <= shard_index < num_shards:
         raise typer.BadParameter(f"must be in [0, --num-shards={num_shards})", param_hint="--shard-index")
+    _check_storage(context, context_rank, topk_rows)
     try:
         codec = resolve_hidden_codec(hidden_codec, hidden_dtype).name
     except ValueError as e:
@@ -167,6 +179,7 @@ def plan(tokens: int = typer.Option(..., help="Teacher tokens the cache will hol
     from genrecal_cache.format.roles import Storage, default_rank
     from genrecal_cache.plan import estimate_cache_size
 
+    _check_storage(context, context_rank, topk_rows)
     try:
         storage = Storage(context, (context_rank or default_rank(hidden_size)) if context == "lowrank" else None,
                           topk_rows, [0] if context == "text" else [])

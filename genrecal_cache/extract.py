@@ -25,7 +25,7 @@ from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter
 from genrecal_cache.format.manifest import (
     COMMITS_DIR, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, Manifest, identity, identity_diff, sha256_text,
 )
-from genrecal_cache.format.roles import Storage, default_rank
+from genrecal_cache.format.roles import CONTEXT_POLICIES, TOPK_ROWS, Storage, default_rank
 from genrecal_cache.format.tokenizer import tokenizer_files, tokenizer_sha256
 from genrecal_cache.io.locate import part_dir
 from genrecal_cache.io.prefetch import prefetch
@@ -75,6 +75,12 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         self.hidden_codec = get_hidden_codec(self.hidden_codec or DEFAULT_HIDDEN_CODEC).name
+        if self.context not in CONTEXT_POLICIES:
+            raise ValueError(f"context {self.context!r}: use one of {', '.join(CONTEXT_POLICIES)}")
+        if self.topk_rows not in TOPK_ROWS:
+            raise ValueError(f"topk_rows {self.topk_rows!r}: use one of {', '.join(TOPK_ROWS)}")
+        if self.context_rank is not None and self.context_rank < 1 or self.context_fit_rows < 1:
+            raise ValueError(f"context rank ({self.context_rank}) and fit rows ({self.context_fit_rows}) must be >= 1")
 
 
 def pick_backend(name: str) -> str:

@@ -166,3 +166,16 @@ def test_training_reads_each_policy(caches, student_dir, tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert any("reg_kl" in x and np.isfinite(x["reg_kl"]) for x in lines), lines[-1]
+
+
+def test_bad_storage_flags_are_one_usage_error(tmp_path):
+    cli = [sys.executable, "-m", "cli.cache_cli"]
+    for args, flag in ((["extract", "--teacher", "t", "--data", "d", "--out", str(tmp_path / "o"), "--context", "half"],
+                        "--context"),
+                       (["plan", "--tokens", "100", "--hidden-size", "64", "--vocab", "100", "--topk-rows", "some"],
+                        "--topk-rows"),
+                       (["plan", "--tokens", "100", "--hidden-size", "64", "--vocab", "100", "--context", "none",
+                         "--context-rank", "8"], "--context-rank")):
+        r = subprocess.run(cli + args, capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 2 and f"Invalid value for {flag}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
