@@ -179,3 +179,14 @@ def test_bad_storage_flags_are_one_usage_error(tmp_path):
         r = subprocess.run(cli + args, capture_output=True, text=True, cwd=REPO)
         assert r.returncode == 2 and f"Invalid value for {flag}" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_randomized_fit_of_a_wide_basis_keeps_nearly_the_best_subspace():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((1500, 1536)) * np.exp(-np.arange(1536) / 200)).astype(np.float32)
+    b = ContextBasis.fit(x, 32)  # d > 1024: randomized SVD
+    xc = x - b.mean
+    kept = 1 - np.square(xc - b.decode(b.encode(x)) + b.mean).sum() / np.square(xc).sum()
+    s = np.linalg.svd(xc.astype(np.float64), compute_uv=False)
+    assert kept >= 0.98 * (s[:32] ** 2).sum() / (s ** 2).sum()
+    np.testing.assert_array_equal(ContextBasis.fit(x, 32).basis, b.basis)  # deterministic

@@ -32,6 +32,7 @@ CONTEXT_POLICIES = ("full", "lowrank", "text", "none")
 TOPK_ROWS = ("answer", "all")
 # Low-rank context coefficients: fp8 with one scale per row (r + 4 bytes; d=8192, r=64: 68 B/token).
 CONTEXT_CODEC = hidden_codec("fp8")
+EXACT_SVD_MAX_DIM = 1024  # above: randomized SVD for the basis fit
 FLAG_EXACT = 1    # hidden[t] holds the state at the answer codec
 FLAG_COMPACT = 2  # context[t] holds its low-rank coefficients (hidden[t] is zero)
 FLAG_TOPK = 4     # topk_ids[t] / topk_logprobs[t] hold the top-k (zero otherwise)
@@ -124,13 +125,21 @@ class ContextBasis:
 
     @classmethod
     def fit(cls, states: np.ndarray, rank: int) -> ContextBasis:
-        """Principal subspace of `states` [n, d] (float64 SVD: deterministic for the same input). Fewer rows or
-        dimensions than `rank` leave the remaining basis rows zero (their coefficients are then zero)."""
+        """Principal subspace of `states` [n, d] in float64 (deterministic for the same input and machine): an exact
+        SVD for d <= 1024, else a seeded randomized SVD (4 power iterations; d=8192, 4096 rows: seconds, not
+        minutes). Fewer rows or dimensions than `rank` leave the remaining basis rows zero (their coefficients
+        are then zero)."""
         x = np.asarray(states, dtype=np.float64)
         mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
         basis = np.zeros((rank, x.shape[1]))
         if len(x):
-            _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+            xc = x - mean
+            if x.shape[1] > EXACT_SVD_MAX_DIM and rank + 10 < min(xc.shape):
+                q, _ = np.linalg.qr(xc @ np.random.default_rng(0).standard_normal((xc.shape[1], rank + 10)))
+                for _ in range(4):  # power iterations: the spectrum of hidden states decays slowly
+                    q, _ = np.linalg.qr(xc @ (xc.T @ q))
+                xc = q.T @ xc
+            _, s, vt = np.linalg.svd(xc, full_matrices=False)
             n = min(rank, int((s > s[0] * 1e-6).sum()) if s.size and s[0] > 0 else 0)
             basis[:n] = vt[:n]
         return cls(mean, basis)
@@ -141,7 +150,9 @@ class ContextBasis:
 
     def decode(self, c: np.ndarray) -> np.ndarray:
         """[n, r] coefficients -> [n, d] float32 states."""
-        return (np.asarray(c, dtype=np.float32) @ self.basis + self.mean).astype(np.float32)
+        out = np.asarray(c, dtype=np.float32) @ self.basis  # float32 GEMM; then the mean in place (no copies)
+        out += self.mean
+        return out
 
     def tensors(self) -> dict[str, np.ndarray]:
         return {"mean": self.mean, "basis": self.basis}
