@@ -122,12 +122,12 @@ def main() -> None:
             got += h.shape[0]
         assert got == n
 
-    def read_cache(path: Path):
+    def read_cache(path: Path, precision: str = "float32"):
         def run() -> None:
             got = 0
             with open_cache(path) as cache:
-                for s in cache.iter_samples("ordered"):
-                    assert s.hidden.dtype == np.float32
+                for s in cache.iter_samples("ordered", precision=precision):
+                    assert s.hidden.dtype == (np.uint16 if precision == "stored" else np.float32)
                     got += s.hidden.shape[0]
             assert got == n
         return run
@@ -144,9 +144,36 @@ def main() -> None:
     for name, (secs, cpu) in results.items():
         print(f"{name:<44} {decoded_bytes / secs / 1e9:>7.2f} {base / secs:>9.2f}x {ceiling / secs:>6.2f}x "
               f"{pq_s / secs:>13.2f}x {decoded_bytes / max(cpu, 1e-9) / 1e9:>12.2f}")
+    if "bf16" in caches:
+        stored_precision(tmp, states, caches["bf16"], read_cache, results["genrecal TeacherCache.iter_samples, bf16"],
+                         args.repeats)
     stage_costs(states[:256], args.codecs.split(","))
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     tmpdir.cleanup()
+
+
+def stored_precision(tmp: Path, states: np.ndarray, cache: Path, read_cache, today: tuple[float, float],
+                     repeats: int) -> None:
+    """The bf16 cache read in stored precision (`iter_samples(precision="stored")`: bf16 bits, what the trainer
+    moves to a GPU) side by side with today's float32 read and (c), a raw `np.fromfile` of the same
+    uncompressed bf16 bytes; GB/s of bf16 bytes (half the float32 figure of the same read)."""
+    from genrecal_cache.format.codecs import float32_to_bf16_bits
+
+    raw16 = tmp / "hidden.bf16.bin"
+    float32_to_bf16_bits(states).tofile(raw16)
+    nbytes = states.size * 2
+
+    def read_raw16() -> None:
+        assert np.fromfile(raw16, dtype=np.uint16).size == states.size
+
+    rows = {"(c) np.fromfile raw bf16 bits": timed(read_raw16, repeats),
+            "genrecal iter_samples, bf16, precision=stored": timed(read_cache(cache, "stored"), repeats),
+            "genrecal iter_samples, bf16 -> float32 (above)": today}
+    base = rows["(c) np.fromfile raw bf16 bits"][0]
+    print(f"\nstored precision: GB/s of bf16 bytes ({nbytes / 2**20:.0f} MiB); target: stored >= 0.8x (c)")
+    print(f"{'reader':<48} {'GB/s':>7} {'vs (c)':>7} {'GB per CPU-s':>12}")
+    for name, (secs, cpu) in rows.items():
+        print(f"{name:<48} {nbytes / secs / 1e9:>7.2f} {base / secs:>6.2f}x {nbytes / max(cpu, 1e-9) / 1e9:>12.2f}")
 
 
 def stage_costs(x: np.ndarray, codecs: list[str], repeats: int = 20) -> None:

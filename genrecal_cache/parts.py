@@ -27,7 +27,7 @@ import torch
 
 from .format.manifest import SIZES_KEY, CacheFormatError, Manifest, identity, identity_diff
 from .io.prefetch import read_ahead
-from .reader import TeacherCache, find_cache, split_plan
+from .reader import Precision, TeacherCache, find_cache, split_plan
 
 __all__ = ["MultiPartCache", "check_same_identity", "combined_manifest", "open_cache"]
 
@@ -152,7 +152,7 @@ class MultiPartCache:
 
     def iter_samples(self, order: Literal["ordered", "shuffled"] = "ordered", seed: int = 0, rank: int = 0,
                      world_size: int = 1, start: int = 0, status: Literal["ok", "error", "all"] = "ok",
-                     readahead: int = 1) -> Iterator[Any]:
+                     readahead: int = 1, precision: Precision = "float32") -> Iterator[Any]:
         """As TeacherCache.iter_samples: each read group lies in one part and is read by that part (the
         next `readahead` groups on a background thread)."""
         pieces = []
@@ -161,8 +161,9 @@ class MultiPartCache:
             off = int(self.starts[p])
             pieces.append((self.parts[p], off, [i - off for i in piece]))
 
-        for (part, off, local), group in read_ahead(lambda it: it[0]._read_group(it[2]), pieces, readahead):
-            for s in part._group_samples(local, group):
+        for (part, off, local), group in read_ahead(lambda it: it[0].read_group(it[2], precision=precision), pieces,
+                                                    readahead):
+            for s in part.group_samples(local, group):
                 s.index += off
                 yield s
 

@@ -31,7 +31,7 @@ from safetensors.numpy import load as safetensors_load
 from zarr.core.sync import sync
 
 from .format import safety
-from .format.codecs import bf16_bits_to_float32, describe_chain, hidden_codec  # noqa: F401 - bf16_bits_to_float32 re-exported
+from .format.codecs import describe_chain, float32_to_bf16_bits, hidden_codec
 from .format.head import TeacherHead
 from .format.manifest import (
     BASIS_NAME, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, TOKENIZER_DIR, CacheFormatError,
@@ -46,11 +46,14 @@ from .io.mirror import MirrorFileSystem, read_through
 from .io.remote import download_capped, read_capped
 from .io.retry import RemoteReadError, gather_cancelling
 
-__all__ = ["CachedSample", "INDEX_COLUMNS", "MAX_CHUNKS_PER_SHARD", "MAX_CHUNK_BYTES", "TeacherCache", "find_cache",
+__all__ = ["CachedSample", "INDEX_COLUMNS", "MAX_CHUNKS_PER_SHARD", "MAX_CHUNK_BYTES", "Precision", "ReadGroup",
+           "TeacherCache", "find_cache",
            "load_head", "load_tokenizer_files", "open_feature_arrays", "split_plan"]
 
 MAX_CHUNK_BYTES = 4 << 30  # one shard (file) of one array; the writer's default is 128 MiB
 MAX_CHUNKS_PER_SHARD = 1 << 16  # the writer's default is at most 64
+Precision = Literal["float32", "stored"]  # `hidden` as read: float32, or a bf16 cache's bits as stored
+ReadGroup = tuple[int, dict[str, np.ndarray], dict[int, list[bytes]]]  # (first token, arrays, images by sample)
 INDEX_COLUMNS = ["index", "id", "status", "error", "token_offset", "num_tokens", "answer_spans",
                  "messages", "image_refs", "extra"]  # everything but the (large) images column
 
@@ -66,10 +69,16 @@ class CachedSample:
     extra: dict[str, Any]
     token_ids: np.ndarray        # [L] int32, teacher tokenization
     answer_mask: np.ndarray      # [L] bool, True on answer content tokens
-    hidden: np.ndarray           # [L, d] float32, post-final-norm, decoded (any hidden codec); position t predicts t+1
+    hidden: np.ndarray           # [L, d] float32, post-final-norm, decoded (any hidden codec); position t predicts t+1;
+                                 # uint16 bf16 bits when read with precision="stored" from a bf16 cache (`hidden_tensor`)
     topk_ids: np.ndarray         # [L, k] int32
     topk_logprobs: np.ndarray    # [L, k] float32
     row_flags: np.ndarray        # [L] uint8: what is stored per row (format/roles.py FLAG_*); zero rows are absent
+
+    def hidden_tensor(self) -> torch.Tensor:
+        """`hidden` as a tensor sharing its memory: float32, or torch.bfloat16 for bf16 bits (precision="stored")."""
+        h = torch.from_numpy(self.hidden)
+        return h.view(torch.bfloat16) if self.hidden.dtype == np.uint16 else h
 
     @property
     def hidden_rows(self) -> np.ndarray:
@@ -295,28 +304,33 @@ class TeacherCache:
 
     def iter_samples(self, order: Literal["ordered", "shuffled"] = "ordered", seed: int = 0, rank: int = 0,
                      world_size: int = 1, start: int = 0, status: Literal["ok", "error", "all"] = "ok",
-                     readahead: int = 1) -> Iterator[CachedSample]:
+                     readahead: int = 1, precision: Precision = "float32") -> Iterator[CachedSample]:
         """Yield samples (see `plan` for order and rank splitting), one feature read per group.
 
         The next `readahead` groups are read and decoded on a background thread while the current
         one is being consumed (0: read on demand). A sample's `hidden` is a view into its group's
-        decoded buffer (no per-sample copy); copy it if you keep it far longer than the group."""
+        decoded buffer (no per-sample copy); copy it if you keep it far longer than the group.
+        `precision="stored"`: a bf16 cache's `hidden` stays bf16 (uint16 bits, `CachedSample.hidden_tensor`
+        views them as torch.bfloat16): half the bytes, no widening on the CPU; low-rank context rows are
+        reconstructed in float32 and rounded to bf16 (what a bf16 forward does with them). Other codecs
+        decode to float32 either way."""
         pieces = self.plan(order, seed, rank, world_size, start, status)
         buffers = BufferPool(max_buffers=readahead + 3)  # group buffers reused once no sample uses them
-        for piece, group in read_ahead(lambda p: self._read_group(p, buffers), pieces, readahead):
-            yield from self._group_samples(piece, group)
+        for piece, group in read_ahead(lambda p: self.read_group(p, buffers, precision), pieces, readahead):
+            yield from self.group_samples(piece, group)
             del group
 
-    def _read_group(self, piece: list[int], buffers: BufferPool | None = None
-                    ) -> tuple[int, dict[str, np.ndarray], dict[int, list[bytes]]]:
-        """(first token, decoded arrays of the group's token range, images) for one read group."""
+    def read_group(self, piece: list[int], buffers: BufferPool | None = None, precision: Precision = "float32"
+                   ) -> ReadGroup:
+        """(first token, decoded arrays of the group's token range, images) for one read group (a list of `plan`)."""
         ok = [i for i in piece if self._lengths[i] > 0]
         lo = int(min((self._offsets[i] for i in ok), default=0))
         hi = int(max((self._offsets[i] + self._lengths[i] for i in ok), default=0))
-        return lo, self._decoded(self._read_tokens(lo, hi, buffers)), self._read_images(piece)
+        stored = precision == "stored"
+        return lo, self._decoded(self._read_tokens(lo, hi, buffers, widen=not stored), stored), self._read_images(piece)
 
-    def _group_samples(self, piece: list[int], group: tuple[int, dict[str, np.ndarray], dict[int, list[bytes]]]
-                       ) -> Iterator[CachedSample]:
+    def group_samples(self, piece: list[int], group: ReadGroup) -> Iterator[CachedSample]:
+        """The samples of a read group (`read_group`'s result)."""
         lo, arrays, images = group
         for i in piece:
             yield self._sample(i, arrays, lo, images[i])
@@ -335,15 +349,17 @@ class TeacherCache:
             self._fast = fast = (feats, readers)
         return fast[1]
 
-    def _read_tokens(self, lo: int, hi: int, buffers: BufferPool | None = None) -> dict[str, np.ndarray]:
+    def _read_tokens(self, lo: int, hi: int, buffers: BufferPool | None = None, widen: bool = True
+                     ) -> dict[str, np.ndarray]:
         """Token range [lo, hi) of every array, read concurrently (one request batch per array). For a
-        local cache, straight from the shard files (fastread.py), with bf16 `hidden` already float32."""
+        local cache, straight from the shard files (fastread.py), with bf16 `hidden` already float32
+        unless `widen` is False."""
         feats = self._features()
         if hi <= lo:
             return {name: np.zeros((0, *a.shape[1:]), dtype=a.dtype) for name, a in feats.items()}
         fast = self._fast_readers(feats)
         if fast is not None:
-            bf16 = self.hidden_codec.name == "bf16"
+            bf16 = self.hidden_codec.name == "bf16" and widen
             try:
                 return dict(zip(feats, read_ranges([(fast[name], lo, hi, bf16 and name == "hidden") for name in feats],
                                                    buffers)))
@@ -374,14 +390,18 @@ class TeacherCache:
                                    f"unusable for training: re-extract it)")
         return out
 
-    def _decoded(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _decoded(self, arrays: dict[str, np.ndarray], stored: bool = False) -> dict[str, np.ndarray]:
         """`hidden` as float32 for a whole token range at once (bf16 bits converted; zarr has already
-        decoded fp8/ecq, and float32 needs nothing), with low-rank context rows reconstructed into it."""
+        decoded fp8/ecq, and float32 needs nothing), with low-rank context rows reconstructed into it;
+        `stored`: bf16 bits stay bits (the reconstructed rows rounded to bf16)."""
         h = arrays["hidden"]
-        h = h if h.dtype == np.float32 else self.hidden_codec.to_float32(h)
+        bits = stored and self.hidden_codec.name == "bf16"
+        if h.dtype != np.float32 and not bits:
+            h = self.hidden_codec.to_float32(h)
         if "context" in arrays:
             rows = (arrays["row_flags"] & FLAG_COMPACT) > 0
-            h[rows] = self.context_basis().decode(arrays["context"][rows])
+            context = self.context_basis().decode(arrays["context"][rows])
+            h[rows] = float32_to_bf16_bits(context) if bits else context
         if "row_flags" not in arrays:  # versions 1-2: every row holds its state and its top-k
             arrays = {**arrays, "row_flags": np.full(h.shape[0], FLAG_EXACT | FLAG_TOPK, np.uint8)}
         return {**arrays, "hidden": h}
@@ -395,7 +415,7 @@ class TeacherCache:
         return self._basis
 
     def _sample(self, i: int, arrays: dict[str, np.ndarray], base: int, images: list[bytes]) -> CachedSample:
-        """One sample from a token range's arrays (`_decoded`: hidden float32) starting at token `base`."""
+        """One sample from a token range's arrays (`_decoded`) starting at token `base`."""
         row = {c: self.index.column(c)[i].as_py() for c in ("error", "messages", "extra")}
         a, b = int(self._offsets[i]) - base, int(self._offsets[i] + self._lengths[i]) - base
         if self._lengths[i] == 0:

@@ -22,7 +22,7 @@ from genrecal_cache.format.manifest import answer_spans
 from genrecal_cache.format.roles import answer_rows
 from genrecal_cache.io.prefetch import prefetch
 from genrecal_cache.parts import MultiPartCache
-from genrecal_cache.reader import CachedSample, TeacherCache
+from genrecal_cache.reader import CachedSample, Precision, TeacherCache
 from genrecal_train.align import Rows, example_rows
 from genrecal_train.errors import TrainError
 
@@ -35,7 +35,7 @@ class Example:
     student: Encoded
     student_labels: torch.Tensor  # [Ls] int64: answer tokens and the token closing each answer; -100 elsewhere
     student_spans: list[tuple[int, int]]  # answer content spans in student tokens, one per assistant turn
-    teacher_hidden: torch.Tensor  # [Lt, dt] float32, post-norm
+    teacher_hidden: torch.Tensor  # [Lt, dt] post-norm, float32 (or bfloat16 as a bf16 cache stores it: the model widens)
     teacher_rows: torch.Tensor  # [Lt] bool: rows the cache stores a state for (role-aware caches leave some out)
     teacher_ids: torch.Tensor  # [Lt] int64
     teacher_spans: list[tuple[int, int]]  # answer spans in teacher tokens, same turns as student_spans
@@ -82,7 +82,7 @@ def make_example(s: CachedSample, adapter: FamilyAdapter, processor, max_len: in
     tokenizers = None if teacher_tokenizer is None else (processor.tokenizer, teacher_tokenizer)
     rows = example_rows(enc.input_ids, s_spans, hidden_rows, teacher_ids, t_spans, tokenizers)
     return Example(index=s.index, student=enc, student_labels=labels, student_spans=s_spans,
-                   teacher_hidden=torch.from_numpy(np.asarray(s.hidden, dtype=np.float32)),
+                   teacher_hidden=s.hidden_tensor(),
                    teacher_rows=hidden_rows, teacher_ids=teacher_ids, teacher_spans=t_spans, rows=rows)
 
 
@@ -104,10 +104,12 @@ class CacheStream:
 
     def __init__(self, cache: TeacherCache | MultiPartCache, adapter: FamilyAdapter, processor, *, batch_size: int,
                  max_len: int, seed: int = 0, rank: int = 0, world_size: int = 1, prefetch: int = 8,
-                 teacher_tokenizer: Any = None):
-        """`teacher_tokenizer`: given, every example carries its student-aligned rows (`make_example`)."""
+                 teacher_tokenizer: Any = None, precision: Precision = "float32", pin_memory: bool = False):
+        """`teacher_tokenizer`: given, every example carries its student-aligned rows (`make_example`).
+        `precision="stored"`: teacher states as the cache stores them (bf16 stays bf16: half the bytes to move,
+        widened on the device by the model); `pin_memory`: in page-locked memory (fast copies to a GPU)."""
         self.cache, self.adapter, self.processor = cache, adapter, processor
-        self.teacher_tokenizer = teacher_tokenizer
+        self.teacher_tokenizer, self.precision, self.pin_memory = teacher_tokenizer, precision, pin_memory
         self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
         tok = processor.tokenizer
@@ -125,7 +127,7 @@ class CacheStream:
         n_unusable, reasons = 0, []  # samples skipped since the last usable one, why the first ones were
         while True:
             it = self.cache.iter_samples(order="shuffled", seed=self.seed + epoch, rank=self.rank,
-                                         world_size=self.world_size, start=offset)
+                                         world_size=self.world_size, start=offset, precision=self.precision)
             for s in it:
                 position += 1
                 try:
@@ -143,6 +145,8 @@ class CacheStream:
                     yield position, None
                     continue
                 n_unusable, reasons = 0, []
+                if self.pin_memory:
+                    example.teacher_hidden = example.teacher_hidden.pin_memory()
                 yield position, example
             epoch, offset = epoch + 1, 0
 

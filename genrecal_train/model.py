@@ -103,7 +103,7 @@ class GenRecal(nn.Module):
             z_qs, z_al, z_ql, targets, s_al, s_rows = [], [], [], [], [], []
             for i, e in enumerate(batch.examples):
                 r = e.rows
-                th = e.teacher_hidden.to(dev)
+                th = e.teacher_hidden.to(dev, non_blocking=True).float()  # bf16 as stored: widened here
                 z_qs.append(hs[i, r.student_question.to(dev)])
                 z_al.append(th[r.teacher_answer.to(dev)])
                 z_ql.append(th[r.teacher_question.to(dev)])

@@ -264,7 +264,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, strate
         for stage in cfg.stages[start_stage_pos:]:
             stream = CacheStream(cache, adapter, processor, batch_size=cfg.batch_size, max_len=cfg.max_len,
                                  seed=cfg.seed + 1000 * stage, rank=rank, world_size=world, prefetch=cfg.prefetch,
-                                 teacher_tokenizer=teacher_tokenizer if stage in (1, 2) else None)
+                                 teacher_tokenizer=teacher_tokenizer if stage in (1, 2) else None,
+                                 # on a GPU: teacher states in the cache's precision, pinned, widened on the device
+                                 precision="stored" if device.type == "cuda" else "float32",
+                                 pin_memory=device.type == "cuda")
             try:
                 run_stage(stage, model, stream, cfg, run_dir, log, device, rank, world,
                           step0=step0, position0=position0, resume_from=resume_from, progress=progress,

@@ -46,7 +46,7 @@ def uld_loss(hs: Tensor, lm_head: torch.nn.Module, head, examples, temperature: 
     hs_rows, t_rows = [], []
     for i, e in enumerate(examples):
         hs_rows.append(hs[i, e.rows.uld_student.to(dev)])
-        t_rows.append(e.teacher_hidden[e.rows.uld_teacher].to(dev))
+        t_rows.append(e.teacher_hidden[e.rows.uld_teacher].to(dev).float())
     h, z = torch.cat(hs_rows), torch.cat(t_rows)
     p_s = F.softmax(F.linear(h, lm_head.weight, lm_head.bias).float() / temperature, dim=-1)
     with torch.no_grad():

@@ -57,9 +57,9 @@ def _rehash(root: Path, prefix: str = "") -> None:
     (root / "manifest.json").write_text(json.dumps(m))
 
 
-def _read_all(root: Path | str) -> list:
+def _read_all(root: Path | str, precision: str = "float32") -> list:
     with open_cache(root) as c:
-        return [s.hidden.copy() for s in c.iter_samples()]
+        return [s.hidden.copy() for s in c.iter_samples(precision=precision)]
 
 
 # ---- NaN / inf -------------------------------------------------------------------------------------------
@@ -92,11 +92,12 @@ def _poison_hidden(root: Path, token: int, value: float) -> None:
     _rehash(root, "features.zarr")
 
 
+@pytest.mark.parametrize("precision", ["float32", "stored"])  # stored: bf16 bits are checked as bits
 @pytest.mark.parametrize("value", [float("nan"), float("-inf")])
-def test_non_finite_hidden_state_stops_the_read_naming_the_token(cache, value):
+def test_non_finite_hidden_state_stops_the_read_naming_the_token(cache, value, precision):
     _poison_hidden(cache, 100, value)
     with pytest.raises(CacheFormatError, match=r"token 100 holds NaN or inf"):
-        _read_all(cache)
+        _read_all(cache, precision)
     faults = verify(cache)
     assert len(faults) == 1 and "token 100 holds NaN or inf" in faults[0], faults
 

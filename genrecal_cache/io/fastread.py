@@ -73,6 +73,22 @@ def bf16_into(out: np.ndarray, bits: np.ndarray) -> None:
 _scratch = threading.local()
 
 
+def _finite(x: np.ndarray) -> bool:
+    """No NaN or inf in float `x`, or in `x` as bf16 bits (uint16: exponent all ones), without a temporary."""
+    if x.dtype == np.uint16:  # |bits| below the first inf/NaN pattern, in one reused buffer
+        mag = _buffer("finite", x.nbytes).view(np.uint16)[:x.size].reshape(x.shape)
+        np.bitwise_and(x, 0x7FFF, out=mag)
+        return int(mag.max()) < 0x7F80
+    return bool(np.isfinite(x.min()) and np.isfinite(x.max()))  # min/max propagate NaN and show inf
+
+
+def _nonfinite_rows(x: np.ndarray) -> np.ndarray:
+    """Per token (row) of `x`: holds a NaN or inf (see `_finite`)."""
+    if x.dtype == np.uint16:
+        return ((x & 0x7F80) == 0x7F80).any(axis=-1)
+    return ~np.isfinite(x).all(axis=-1)
+
+
 def _buffer(name: str, nbytes: int) -> np.ndarray:
     """A per-thread reusable byte buffer (no fresh allocation, and no page faults, per chunk)."""
     buf = getattr(_scratch, name, None)
@@ -204,19 +220,21 @@ class ShardedArrayReader:
             if declared != self.encoded_nbytes:
                 raise ValueError(f"{self._shard_file(s)}: chunk {j} declares {declared} decoded bytes, not the "
                                  f"{self.encoded_nbytes} of one chunk: the file is corrupt or hostile")
-            data = self._blosc.decode(data, out=_buffer("decoded", self.encoded_nbytes))
-            if getattr(self._deserialize, "into", False) and (a, b) == (0, self.chunk_tokens) \
-                    and dest.flags.c_contiguous and dest.dtype == np.float32:
-                self._deserialize(data, out=dest)  # a whole chunk: decode in place
+            whole = (a, b) == (0, self.chunk_tokens) and dest.flags.c_contiguous
+            if whole and not convert_bf16 and dest.dtype == self.dtype and not getattr(self._deserialize, "into", False):
+                self._blosc.decode(data, out=dest.reshape(-1).view(np.uint8))  # stored bytes: straight into the output
             else:
-                chunk = self._deserialize(data)[a:b]
-                if convert_bf16:
-                    bf16_into(dest, chunk)
+                data = self._blosc.decode(data, out=_buffer("decoded", self.encoded_nbytes))
+                if getattr(self._deserialize, "into", False) and whole and dest.dtype == np.float32:
+                    self._deserialize(data, out=dest)  # a whole chunk: decode in place
                 else:
-                    dest[...] = chunk
-            if self.check_finite and dest.size and not (np.isfinite(dest.min()) and np.isfinite(dest.max())):
-                # min/max propagate NaN and show inf: two vectorised passes over a chunk still in cache
-                bad = k * self.chunk_tokens + a + int(np.flatnonzero(~np.isfinite(dest).all(axis=-1))[0])
+                    chunk = self._deserialize(data)[a:b]
+                    if convert_bf16:
+                        bf16_into(dest, chunk)
+                    else:
+                        dest[...] = chunk
+            if self.check_finite and dest.size and not _finite(dest):
+                bad = k * self.chunk_tokens + a + int(np.flatnonzero(_nonfinite_rows(dest))[0])
                 raise NonFiniteError(f"{self._shard_file(s)}: token {bad} holds NaN or inf; the teacher's forward "
                                      f"pass was broken for that sample or the file was altered (the cache is unusable "
                                      f"for training: re-extract it)")

@@ -1,0 +1,76 @@
+"""Teacher states in the cache's own precision (issue 24): `iter_samples(precision="stored")` hands a bf16
+cache's `hidden` over as bf16 bits (no float32 widening on the CPU), the trainer widens on the device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from genrecal_cache import open_cache
+from genrecal_cache.extract import ExtractConfig, extract
+from genrecal_cache.families import adapter_for
+from genrecal_cache.format.codecs import float32_to_bf16_bits
+from genrecal_cache.format.roles import FLAG_COMPACT
+from genrecal_train.config import TrainConfig
+from genrecal_train.data import CacheStream, collate, make_example
+from genrecal_train.model import GenRecal
+
+
+@pytest.fixture(scope="module", params=["full", "lowrank"])
+def bf16_cache(request, teacher_dir: Path, demo_jsonl: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp(f"bf16-{request.param}") / "cache"
+    extract(ExtractConfig(teacher=str(teacher_dir), data=str(demo_jsonl), out=str(out), backend="transformers",
+                          hidden_codec="bf16", progress=False, context=request.param, context_fit_rows=256))
+    return out
+
+
+def test_stored_precision_is_the_stored_bits_and_lowrank_rows_rounded(bf16_cache: Path):
+    with open_cache(bf16_cache) as c:
+        wide = {s.index: s.hidden.copy() for s in c.iter_samples()}
+        n = 0
+        for s in c.iter_samples(precision="stored"):
+            assert s.hidden.dtype == np.uint16
+            t = s.hidden_tensor()
+            assert t.dtype == torch.bfloat16 and t.data_ptr() == s.hidden.ctypes.data  # a view, not a copy
+            compact = (s.row_flags & FLAG_COMPACT) > 0
+            ref = wide[s.index]
+            # exact rows: the stored bits widen to exactly the float32 read; low-rank rows: their float32
+            # reconstruction rounded to bf16
+            np.testing.assert_array_equal(t[~compact].float().numpy(), ref[~compact])
+            np.testing.assert_array_equal(s.hidden[compact], float32_to_bf16_bits(ref[compact]))
+            n += 1
+            assert compact.any() == (c.manifest.roles.context == "lowrank")
+        assert n == len(wide)
+
+
+@torch.no_grad()
+def test_forward_on_stored_precision_equals_the_float32_read(bf16_cache: Path, student_dir: Path):
+    """The model widens bf16 teacher states itself: the losses are those of the float32 read, bit for bit
+    (exact rows); the stream pins them when asked (for a GPU)."""
+    cache, adapter = open_cache(bf16_cache), adapter_for(student_dir)
+    if cache.manifest.roles.context == "lowrank":
+        pytest.skip("low-rank context rows are rounded to bf16 in stored precision (the test above)")
+    processor = adapter.load_processor(student_dir)
+    tok = cache.teacher_tokenizer()
+    cfg = TrainConfig(cache=str(bf16_cache), student=str(student_dir), out="unused")
+    torch.manual_seed(0)
+    model = GenRecal(adapter.load_model(student_dir), adapter, cache.head(), cfg).eval()
+    pad = processor.tokenizer.pad_token_id
+    out = {}
+    for precision in ("float32", "stored"):
+        examples = [make_example(s, adapter, processor, 2048, tok) for s in cache.iter_samples(precision=precision)][:4]
+        assert examples[0].teacher_hidden.dtype == (torch.bfloat16 if precision == "stored" else torch.float32)
+        out[precision] = {st: model(collate(examples, pad, 0), st) for st in (1, 2)}
+    for st in (1, 2):
+        for k, v in out["float32"][st].items():
+            assert torch.equal(v, out["stored"][st][k]), (st, k)
+    if torch.cuda.is_available():
+        stream = CacheStream(cache, adapter, processor, batch_size=2, max_len=2048, prefetch=1, teacher_tokenizer=tok,
+                             precision="stored", pin_memory=True)
+        try:
+            assert all(e.teacher_hidden.is_pinned() for e in next(stream.batches()).examples)
+        finally:
+            stream.close()
