@@ -182,7 +182,7 @@ def plan(tokens: int = typer.Option(..., help="Teacher tokens the cache will hol
     _check_storage(context, context_rank, topk_rows)
     try:
         storage = Storage(context, (context_rank or default_rank(hidden_size)) if context == "lowrank" else None,
-                          topk_rows, [0] if context == "text" else [])
+                          topk_rows)
         est = estimate_cache_size(tokens, hidden_size, vocab, topk, codec, samples, text_bytes_per_sample=text_bytes,
                                   image_bytes_per_sample=image_bytes, head_dtype=head_dtype, storage=storage,
                                   answer_fraction=answer_fraction, image_fraction=image_fraction)

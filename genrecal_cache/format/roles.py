@@ -61,8 +61,6 @@ class Storage:
             raise ValueError(f"context policy {self.context!r} with rank {self.rank!r}: a rank goes with 'lowrank' only")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"context rank must be >= 1, got {self.rank}")
-        if self.context == "text" and not self.image_token_ids:
-            raise ValueError("context policy 'text' needs the teacher's image token ids")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
