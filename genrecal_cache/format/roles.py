@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from .codecs import hidden_codec
 
@@ -123,23 +124,30 @@ class ContextBasis:
 
     @classmethod
     def fit(cls, states: np.ndarray, rank: int) -> ContextBasis:
-        """Principal subspace of `states` [n, d] in float64 (deterministic for the same input and machine): an exact
-        SVD for d <= 1024, else a seeded randomized SVD (4 power iterations; d=8192, 4096 rows: seconds, not
-        minutes). Fewer rows or dimensions than `rank` leave the remaining basis rows zero (their coefficients
+        """Principal subspace of `states` [n, d] in float64 (deterministic for the same input and machine): exact
+        (eigenvectors of the Gram matrix) for d <= 1024, else after a seeded randomized range finder (4 power
+        iterations; d=8192, 4096 rows: seconds, not minutes). Fewer rows or dimensions than `rank` leave the remaining basis rows zero (their coefficients
         are then zero)."""
-        x = np.asarray(states, dtype=np.float64)
-        mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
-        basis = np.zeros((rank, x.shape[1]))
+        # torch, float64: the linear algebra shares the thread pool of the extraction it runs in (numpy's own BLAS
+        # threads beside torch's were 30x slower on a busy 2-core machine)
+        x = torch.from_numpy(np.asarray(states, dtype=np.float64))
+        mean = x.mean(dim=0) if len(x) else torch.zeros(x.shape[1], dtype=torch.float64)
+        basis = torch.zeros(rank, x.shape[1], dtype=torch.float64)
         if len(x):
             xc = x - mean
             if x.shape[1] > EXACT_SVD_MAX_DIM and rank + 10 < min(xc.shape):
-                q, _ = np.linalg.qr(xc @ np.random.default_rng(0).standard_normal((xc.shape[1], rank + 10)))
+                omega = torch.from_numpy(np.random.default_rng(0).standard_normal((xc.shape[1], rank + 10)))
+                q = torch.linalg.qr(xc @ omega).Q
                 for _ in range(4):  # power iterations: the spectrum of hidden states decays slowly
-                    q, _ = np.linalg.qr(xc @ (xc.T @ q))
-                xc = q.T @ xc
-            _, s, vt = np.linalg.svd(xc, full_matrices=False)
-            n = min(rank, int((s > s[0] * 1e-6).sum()) if s.size and s[0] > 0 else 0)
-            basis[:n] = vt[:n]
+                    q = torch.linalg.qr(xc @ (xc.T @ q)).Q
+                _, sv, vt = torch.linalg.svd(q.T @ xc, full_matrices=False)  # (rank + 10) x d: small
+                w, v = sv.square(), vt.T
+            else:  # eigenvectors of the d x d Gram matrix: one GEMM and a small eigh (an SVD of the n x d rows
+                w, v = torch.linalg.eigh(xc.T @ xc)  # is 10-100x slower for the same subspace)
+                w, v = w.flip(0), v.flip(1)  # largest first
+            n = min(rank, int((w > w[0] * 1e-12).sum()) if w.numel() and w[0] > 0 else 0)
+            basis[:n] = v[:, :n].T
+        mean, basis = mean.numpy(), basis.numpy()
         return cls(mean, basis)
 
     def encode(self, h: np.ndarray) -> np.ndarray:
