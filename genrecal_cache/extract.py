@@ -17,8 +17,8 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
-from genrecal_cache.backends import DTYPES
 from genrecal_cache.backends.hf import HFBackend
+from genrecal_cache.dtypes import torch_dtype
 from genrecal_cache.format.codecs import DEFAULT_HIDDEN_CODEC, hidden_codec as get_hidden_codec
 from genrecal_cache.data import ImageError, Sample, decode_image, read_samples
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter_for
@@ -103,7 +103,7 @@ def make_backend(cfg: ExtractConfig, adapter: FamilyAdapter, pad_id: int):
         if vllm_refusal(adapter, device.startswith("cuda")):  # `--backend vllm` says why; auto picks what works
             backend = "transformers"
     if backend == "transformers":
-        return HFBackend(adapter, cfg.teacher, DTYPES[dtype], device, pad_id)
+        return HFBackend(adapter, cfg.teacher, torch_dtype(dtype), device, pad_id)
     if backend == "vllm":
         from genrecal_cache.backends.vllm import VLLMBackend  # vLLM is optional: imported only when chosen
 

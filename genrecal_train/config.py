@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "PARAM_DTYPES", "STRATEGIES", "TrainConfig", "check_values", "load_config", "opt",
+__all__ = ["ConfigError", "LOSS_CHUNK", "PARAM_DTYPES", "STRATEGIES", "TrainConfig", "check_values", "load_config", "opt",
            "split_steps"]
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp")  # genrecal_train/distributed.py
 PARAM_DTYPES = ("bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+LOSS_CHUNK = 512  # tokens per chunk of full-vocabulary logits: 512 x 152k fp32 logits ~ 0.3 GB (losses.py, plan.py)
 
 
 def opt(default: Any, help: str, *, flag: str | None = None, at_least: float | None = None,
@@ -89,7 +90,7 @@ class TrainConfig:
     checkpoint_every: int = opt(50, "Checkpoint every N optimizer steps (and at the end of each stage).", at_least=1)
     seed: int = opt(0, "Seed for data order and initialisation.", at_least=0, same_on_resume=True)
     prefetch: int = opt(8, "Batches prepared ahead by the background thread.", at_least=1)
-    loss_chunk: int = opt(512, "Tokens per chunk of full-vocabulary logits in the losses.", at_least=1)
+    loss_chunk: int = opt(LOSS_CHUNK, "Tokens per chunk of full-vocabulary logits in the losses.", at_least=1)
     resume: bool = opt(False, "Continue from the latest checkpoint in --out.")
     expect_teacher: str | None = opt(None, "Teacher folder/id the cache must come from (tokenizer, shapes and head "
                                            "rows are compared).")

@@ -22,10 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from genrecal_train.config import PARAM_DTYPES, STRATEGIES  # the names (TrainConfig checks values against them)
-
-DTYPES = {name: getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(name, name))
-          for name in PARAM_DTYPES}
+from genrecal_cache.dtypes import torch_dtype
+from genrecal_train.config import STRATEGIES  # the names (TrainConfig checks values against them)
 
 
 def resolve_strategy(strategy: str, world: int) -> str:
@@ -40,10 +38,8 @@ def resolve_strategy(strategy: str, world: int) -> str:
 
 
 def param_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"param dtype {name!r}: use bfloat16, float16 or float32") from None
+    """The torch dtype of a `--param-dtype` name (config.PARAM_DTYPES; the map is genrecal_cache/dtypes.py)."""
+    return torch_dtype(name)
 
 
 def init_single_process_group(device: torch.device) -> None:

@@ -20,10 +20,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from genrecal_cache.format.head import TeacherHead
+from genrecal_train.config import LOSS_CHUNK
 
-__all__ = ["DEFAULT_CHUNK", "answer_ce", "answer_losses", "chunked_ce", "teacher_kl"]
-
-DEFAULT_CHUNK = 1024  # tokens per chunk: 1024 x 152k fp32 logits ~ 0.6 GB
+__all__ = ["answer_ce", "answer_losses", "chunked_ce", "teacher_kl"]
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -60,7 +59,7 @@ def _chunked_sum(fn: Callable[..., Tensor], rows: list[Tensor], chunk: int) -> T
 
 
 def answer_ce(head: TeacherHead, r: Tensor, target_ids: Tensor, post_norm: bool = False,
-              chunk: int = DEFAULT_CHUNK, ignore_index: int = -100) -> Tensor:
+              chunk: int = LOSS_CHUNK, ignore_index: int = -100) -> Tensor:
     """L_ar = CE(Head_l(r), gt_l), mean over answer tokens (rows whose target is not ignore_index).
 
     `post_norm=False` for Recalibrator outputs (final norm applied), True for cached teacher states.
@@ -72,7 +71,7 @@ def answer_ce(head: TeacherHead, r: Tensor, target_ids: Tensor, post_norm: bool 
 
 
 def teacher_kl(head: TeacherHead, r: Tensor, z_teacher: Tensor, temperature: float = 1.0,
-               chunk: int = DEFAULT_CHUNK) -> Tensor:
+               chunk: int = LOSS_CHUNK) -> Tensor:
     """L_kl = KL(softmax(lm_head(z)/T) || softmax(Head_l(r)/T)) * T^2, mean over tokens.
 
     `z_teacher` are the cached post-norm teacher states of the same tokens, so the target is the
@@ -86,7 +85,7 @@ def teacher_kl(head: TeacherHead, r: Tensor, z_teacher: Tensor, temperature: flo
 
 
 def answer_losses(head: TeacherHead, r: Tensor, z_teacher: Tensor, target_ids: Tensor,
-                  temperature: float = 1.0, chunk: int = DEFAULT_CHUNK,
+                  temperature: float = 1.0, chunk: int = LOSS_CHUNK,
                   ignore_index: int = -100) -> tuple[Tensor, Tensor]:
     """(L_ar, L_kl) of one Recalibrator pass with one Head_l(r) per chunk instead of two.
 
@@ -109,7 +108,7 @@ def answer_losses(head: TeacherHead, r: Tensor, z_teacher: Tensor, target_ids: T
 
 
 def chunked_ce(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, ignore_index: int = -100,
-               chunk: int = DEFAULT_CHUNK, lm_head_bias: Tensor | None = None) -> Tensor:
+               chunk: int = LOSS_CHUNK, lm_head_bias: Tensor | None = None) -> Tensor:
     """CE(hidden @ W^T (+ b), targets), mean over non-ignored rows: L_s with the student's own
     lm_head (`hidden` = the student's post-norm last hidden states). Gradients reach W too."""
     h, tgt = _rows(hidden), targets.reshape(-1)

@@ -33,7 +33,7 @@ from torch import nn
 from genrecal_cache.families import adapter_for
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache import open_cache
-from genrecal_train.config import TrainConfig
+from genrecal_train.config import LOSS_CHUNK, TrainConfig
 from genrecal_train.distributed import fsdp_units
 from genrecal_train.distributed import param_dtype as to_dtype
 from genrecal_train.model import GenRecal
@@ -69,7 +69,7 @@ class PlanConfig:
     max_len: int = 2048  # student tokens per sample (the teacher's are taken as the same)
     answer_frac: float = 0.25  # share of the tokens that are answer tokens (teacher-head losses)
     recal_layers: int = 2
-    loss_chunk: int = 512
+    loss_chunk: int = LOSS_CHUNK
     param_dtype: str = "bfloat16"
 
 

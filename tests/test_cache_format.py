@@ -21,7 +21,7 @@ import torch
 import _http
 from genrecal_cache.format import safety
 from genrecal_cache.format.head import HeadConfig, TeacherHead
-from genrecal_cache.format.manifest import CacheFormatError, Manifest, sha256_bytes
+from genrecal_cache.format.manifest import CacheFormatError, Manifest, layout_limit, sha256_bytes
 from genrecal_cache import open_cache
 from genrecal_cache.format.layout import plan_layout
 from genrecal_cache.writer import CacheWriteError, CacheWriter, SampleArrays, SampleRecord
@@ -338,7 +338,7 @@ def test_file_sizes_stay_readable_by_older_genrecal(bf16_cache):
     assert set(raw) == VERSION_2_KEYS and raw["format_version"] == 2 and raw["extra"]["sizes"]
     del raw["extra"]["sizes"]  # and a cache written before sizes reads as one without them
     old = Manifest.from_json(json.dumps(raw))
-    assert old.sizes == {} and safety.file_limit("samples.parquet", old) == safety.layout_limit("samples.parquet", old)
+    assert old.sizes == {} and safety.file_limit("samples.parquet", old) == layout_limit("samples.parquet", old)
 
 
 @pytest.mark.parametrize("value,problem", [

@@ -28,13 +28,13 @@ from typing import IO, Any, TypedDict
 import numpy as np
 
 from .codecs import HIDDEN_CODECS, hidden_codec
-from .roles import Storage, role_arrays
+from .roles import CONTEXT_CODEC, Storage, role_arrays
 
-__all__ = ["ARRAY_NAMES", "ArraySpec", "BASIS_NAME", "COMMITS_DIR", "CacheFormatError", "Counts", "FEATURES_NAME", "FORMAT_VERSION",
-           "HEAD_NAME", "MANIFEST_NAME", "MAX_INT", "Manifest", "PROGRESS_NAME", "READABLE_VERSIONS", "SAMPLES_NAME",
-           "SIZES_KEY",
-           "TOKENIZER_DIR", "TeacherInfo", "answer_spans", "identity", "identity_diff", "relpath_problem", "sha256_bytes",
-           "sha256_file", "sha256_stream", "sha256_text"]
+__all__ = ["ARRAY_NAMES", "ArraySpec", "BASIS_NAME", "BLOSC_MAX_OVERHEAD", "COMMITS_DIR", "CacheFormatError", "Counts",
+           "FEATURES_NAME", "FORMAT_VERSION", "HEAD_NAME", "MANIFEST_NAME", "MAX_INT", "MAX_METADATA_BYTES",
+           "MAX_SHARD_FILE_BYTES", "Manifest", "PROGRESS_NAME", "READABLE_VERSIONS", "SAMPLES_NAME", "SIZES_KEY",
+           "TOKENIZER_DIR", "TeacherInfo", "answer_spans", "identity", "identity_diff", "layout_limit", "max_shard_bytes",
+           "relpath_problem", "sha256_bytes", "sha256_file", "sha256_stream", "sha256_text"]
 
 FORMAT_VERSION = 3               # what this genrecal writes
 READABLE_VERSIONS = (1, 2, 3)    # what it reads
@@ -219,10 +219,8 @@ SIZES_KEY = "sizes"  # extra.sizes: path -> exact size in bytes (see the module 
 
 def _check_sizes(m: Manifest, source: str) -> None:
     """`extra.sizes`, when present: an object naming only files `checksums` lists, each an integer number
-    of bytes within what the cache's layout allows that file (`safety.layout_limit`). A reader caps every
+    of bytes within what the cache's layout allows that file (`layout_limit`). A reader caps every
     read of a file at its listed size, so a hostile size must not raise a bound it would otherwise have."""
-    from .safety import layout_limit  # safety imports this module
-
     sizes = m.extra.get(SIZES_KEY)
     if sizes is None:
         return
@@ -240,6 +238,43 @@ def _check_sizes(m: Manifest, source: str) -> None:
         if n > limit:
             raise _fail(source, name, f"is {n!r:.40} bytes, beyond the {limit} bytes this cache's layout allows "
                         f"that file; the manifest is corrupt or hostile: re-download or re-extract the cache")
+
+
+MAX_METADATA_BYTES = 1 << 20     # one zarr.json (genrecal's are ~1.5 KB)
+MAX_SHARD_FILE_BYTES = 5 << 30   # one shard file, whatever its layout says
+BLOSC_MAX_OVERHEAD = 64         # bytes a blosc frame adds to its data at most (c-blosc 16, blosc2 32)
+
+
+def layout_limit(rel: str, m: Manifest | None) -> int:
+    """Most bytes a file of a cache can hold whatever its manifest says of its size: metadata 1 MiB, a
+    shard what the manifest's layout allows (`max_shard_bytes`, at most 5 GiB: readers refuse shards above
+    4 GiB decoded), the head its float32 size, a tokenizer file 256 MiB, samples.parquet 1 TiB."""
+    if rel.endswith("zarr.json"):
+        return MAX_METADATA_BYTES
+    if rel.startswith(f"{FEATURES_NAME}/"):
+        name = rel.split("/")[1]
+        return min(MAX_SHARD_FILE_BYTES, max_shard_bytes(m, name)) if m is not None and name in m.arrays \
+            else MAX_SHARD_FILE_BYTES
+    if rel == HEAD_NAME:
+        return 4 * (m.vocab_size + 2) * m.hidden_size + (64 << 20)
+    if rel == BASIS_NAME:  # mean [d] + basis [r, d] float32, and a header
+        return 4 * ((m.roles.rank or 0) + 1) * m.hidden_size + (1 << 20)
+    if rel.startswith(f"{TOKENIZER_DIR}/"):
+        return 256 << 20  # a large tokenizer.json is tens of MiB
+    return 1 << 40  # samples.parquet: text and images as given
+
+
+def max_shard_bytes(m: Manifest, name: str) -> int:
+    """Most bytes a shard file of array `name` can hold under the manifest's layout: each inner chunk's
+    encoded bytes (blosc never stores more than those plus its header) and crc32c, then the shard
+    index (16 bytes per chunk, crc32c). A genuine shard is smaller (compressed; empty chunks left out)."""
+    spec = m.arrays[name]
+    rows, cols = spec["chunk_tokens"], int(np.prod(spec["shape_tail"], dtype=np.int64))
+    raw = (hidden_codec(m.hidden_codec).encoded_bytes(rows, cols) if name == "hidden"
+           else CONTEXT_CODEC.encoded_bytes(rows, cols) if name == "context"
+           else rows * cols * np.dtype(spec["stored_dtype"]).itemsize)
+    n = -(-spec["shard_tokens"] // rows)
+    return n * (raw + BLOSC_MAX_OVERHEAD + 4) + 16 * n + 4
 
 
 def answer_spans(mask: Any) -> list[tuple[int, int]]:

@@ -30,16 +30,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .codecs import hidden_codec
-from .roles import CONTEXT_CODEC
-from .manifest import BASIS_NAME, FEATURES_NAME, HEAD_NAME, TOKENIZER_DIR, CacheFormatError, Manifest
+from .manifest import FEATURES_NAME, CacheFormatError, Manifest, layout_limit
 
-__all__ = ["BLOSC_MAX_OVERHEAD", "DECODED_FLOOR", "DECODED_PER_STORED", "DICTIONARY_COLUMNS", "ENV_MAX_READ_BYTES",
-           "INDEX_FLOOR", "MAX_IMAGE_BYTES", "MAX_INDEX_EXPANSION", "MAX_MANIFEST_BYTES", "MAX_METADATA_BYTES",
-           "MAX_READ_BYTES", "MAX_ROW_GROUP_IMAGE_BYTES", "MAX_SHARD_FILE_BYTES", "REFETCH", "check_index",
+__all__ = ["DECODED_FLOOR", "DECODED_PER_STORED", "DICTIONARY_COLUMNS", "ENV_MAX_READ_BYTES",
+           "INDEX_FLOOR", "MAX_IMAGE_BYTES", "MAX_INDEX_EXPANSION", "MAX_MANIFEST_BYTES",
+           "MAX_READ_BYTES", "MAX_ROW_GROUP_IMAGE_BYTES", "REFETCH", "check_index",
            "check_local_files", "check_read_budget", "check_row_group_size", "check_schema",
-           "decoded_bytes_per_token", "decoded_nbytes", "file_limit", "layout_limit", "listed_feature_bytes",
-           "local_file_problem", "max_read_bytes", "max_shard_bytes", "open_regular", "parse_extra", "parse_messages",
+           "decoded_bytes_per_token", "decoded_nbytes", "file_limit", "listed_feature_bytes",
+           "local_file_problem", "max_read_bytes", "open_regular", "parse_extra", "parse_messages",
            "read_images", "read_index", "read_regular", "shard_files"]
 
 # 256 MiB per encoded image file: extraction checks it before an image file is read or decoded,
@@ -50,9 +48,6 @@ MAX_IMAGE_BYTES = 256 << 20
 MAX_ROW_GROUP_IMAGE_BYTES = 1 << 30
 REFETCH = "re-download or re-extract the cache"
 MAX_MANIFEST_BYTES = 64 << 20    # manifest.json (a 10 TB cache lists ~400k files: ~40 MB)
-MAX_METADATA_BYTES = 1 << 20     # one zarr.json (genrecal's are ~1.5 KB)
-MAX_SHARD_FILE_BYTES = 5 << 30   # one shard file, whatever its layout says
-BLOSC_MAX_OVERHEAD = 64         # bytes a blosc frame adds to its data at most (c-blosc 16, blosc2 32)
 
 
 # ---- local files: regular files inside the cache, no links -------------------------------------------
@@ -108,38 +103,6 @@ def file_limit(rel: str, m: Manifest | None) -> int:
     manifest lists one (`extra.sizes`, checked against `layout_limit` when parsed), else `layout_limit`."""
     listed = m.sizes.get(rel) if m is not None else None
     return listed if listed is not None else layout_limit(rel, m)
-
-
-def layout_limit(rel: str, m: Manifest | None) -> int:
-    """Most bytes a file of a cache can hold whatever its manifest says of its size: metadata 1 MiB, a
-    shard what the manifest's layout allows (`max_shard_bytes`, at most 5 GiB: readers refuse shards above
-    4 GiB decoded), the head its float32 size, a tokenizer file 256 MiB, samples.parquet 1 TiB."""
-    if rel.endswith("zarr.json"):
-        return MAX_METADATA_BYTES
-    if rel.startswith(f"{FEATURES_NAME}/"):
-        name = rel.split("/")[1]
-        return min(MAX_SHARD_FILE_BYTES, max_shard_bytes(m, name)) if m is not None and name in m.arrays \
-            else MAX_SHARD_FILE_BYTES
-    if rel == HEAD_NAME:
-        return 4 * (m.vocab_size + 2) * m.hidden_size + (64 << 20)
-    if rel == BASIS_NAME:  # mean [d] + basis [r, d] float32, and a header
-        return 4 * ((m.roles.rank or 0) + 1) * m.hidden_size + (1 << 20)
-    if rel.startswith(f"{TOKENIZER_DIR}/"):
-        return 256 << 20  # a large tokenizer.json is tens of MiB
-    return 1 << 40  # samples.parquet: text and images as given
-
-
-def max_shard_bytes(m: Manifest, name: str) -> int:
-    """Most bytes a shard file of array `name` can hold under the manifest's layout: each inner chunk's
-    encoded bytes (blosc never stores more than those plus its header) and crc32c, then the shard
-    index (16 bytes per chunk, crc32c). A genuine shard is smaller (compressed; empty chunks left out)."""
-    spec = m.arrays[name]
-    rows, cols = spec["chunk_tokens"], int(np.prod(spec["shape_tail"], dtype=np.int64))
-    raw = (hidden_codec(m.hidden_codec).encoded_bytes(rows, cols) if name == "hidden"
-           else CONTEXT_CODEC.encoded_bytes(rows, cols) if name == "context"
-           else rows * cols * np.dtype(spec["stored_dtype"]).itemsize)
-    n = -(-spec["shard_tokens"] // rows)
-    return n * (raw + BLOSC_MAX_OVERHEAD + 4) + 16 * n + 4
 
 
 # ---- declared sizes ------------------------------------------------------------------------------------
