@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
-from .backends import DTYPES
 from .backends.hf import HFBackend
 from .data import Sample, decode_image
+from .dtypes import torch_dtype
 from .extract import resolve_max_len
 from .families import adapter_for
 from .fidelity import fidelity
@@ -91,7 +91,7 @@ def audit(cache: str | os.PathLike, teacher: str, samples: int = 8, seed: int = 
     processor = adapter.load_processor(teacher)
     max_len = (m.extra.get("extract") or {}).get("max_len") or resolve_max_len(None, config)
     pad_id = processor.tokenizer.pad_token_id or 0
-    backend = HFBackend(adapter, teacher, DTYPES[dtype], device, pad_id)
+    backend = HFBackend(adapter, teacher, torch_dtype(dtype), device, pad_id)
     try:
         encoded = [adapter.encode(processor, Sample(id=s.id, messages=s.messages, images=s.images, image_refs=[],
                                                     extra=s.extra), [decode_image(b) for b in s.images], max_len)

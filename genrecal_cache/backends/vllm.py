@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from genrecal_cache.backends import DTYPES
+from genrecal_cache.dtypes import torch_dtype
 from genrecal_cache.families import Encoded, FamilyAdapter
 from genrecal_cache.format.head import TeacherHead
 
@@ -158,12 +158,12 @@ class VLLMBackend:
         self.adapter, self.dtype = adapter, dtype
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         # the head first: a broken checkpoint fails in seconds, not after the engine start
-        self.head = head_from_checkpoint(path, config, DTYPES[dtype], adapter)  # to the device after the engines
+        self.head = head_from_checkpoint(path, config, torch_dtype(dtype), adapter)  # to the device after the engines
         adapter.check_norm(config, self.head)  # the family's own norm module on the checkpoint's weights
         self._overrides = engine_kwargs.pop("hf_overrides", {})
         if not on_gpu and engine_kwargs.get("kv_cache_memory_bytes") is None \
                 and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # the env var, when set, is vLLM's to apply
-            engine_kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(config, max_len, DTYPES[dtype])
+            engine_kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(config, max_len, torch_dtype(dtype))
         self._engine_args = dict(
             model=str(path), dtype=dtype, max_model_len=max_len, seed=engine_kwargs.pop("seed", 0),
             tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
