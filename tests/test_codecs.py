@@ -417,11 +417,12 @@ def test_plan_and_extract_cli_options():
     from cli.cache_cli import app
 
     r = CliRunner().invoke(app, ["plan", "--tokens", "1000000", "--hidden-size", "512", "--vocab", "5000",
-                                 "--codec", "ecq", "--topk", "8", "--samples", "2000", "--json"])
+                                 "--codec", "ecq", "--topk", "8", "--samples", "2000", "--json", "--context", "full",
+                                 "--topk-rows", "all"])
     assert r.exit_code == 0, r.output
     est = json.loads(r.output)
     assert est["hidden_codec"] == "ecq" and est["tokens"] == 1_000_000
-    assert 0.25 < est["arrays"]["hidden"]["bytes_per_token"] / (2 * 512) < 0.40
+    assert 0.25 < est["arrays"]["hidden"]["bytes_per_token"] / (2 * 512) < 0.40  # every row at the codec
     r = CliRunner().invoke(app, ["plan", "--tokens", "10", "--hidden-size", "8", "--vocab", "9", "--topk", "4",
                                  "--codec", "int3"], env={"COLUMNS": "200"})
     assert r.exit_code != 0 and "unknown hidden codec 'int3'" in r.output, r.output
