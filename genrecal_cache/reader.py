@@ -400,8 +400,10 @@ class TeacherCache:
             h = self.hidden_codec.to_float32(h)
         if "context" in arrays:
             rows = (arrays["row_flags"] & FLAG_COMPACT) > 0
-            context = self.context_basis().decode(arrays["context"][rows])
-            h[rows] = float32_to_bf16_bits(context) if bits else context
+            if bits:
+                h[rows] = float32_to_bf16_bits(self.context_basis().decode(arrays["context"][rows]))
+            else:
+                self.context_basis().decode_into(h, arrays["context"], rows)
         if "row_flags" not in arrays:  # versions 1-2: every row holds its state and its top-k
             arrays = {**arrays, "row_flags": np.full(h.shape[0], FLAG_EXACT | FLAG_TOPK, np.uint8)}
         return {**arrays, "hidden": h}
