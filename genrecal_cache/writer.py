@@ -255,18 +255,13 @@ class CacheWriter:
 
     def _put(self, item: object) -> None:
         """Queue an item for the writer thread. With low-rank context, everything is held back (in order) until
-        the basis is fitted on the first `basis_fit_rows` context rows; then samples carry their coefficients."""
+        the basis is fitted on the first `basis_fit_rows` context rows (the writer thread codes the rows on it)."""
         if self.storage.context == "lowrank" and self._basis is None:
             self._held.append(item)
             if sum(len(it[1]["_context"]) for it in self._held if isinstance(it, tuple) and it[1]) \
                     >= self._basis_fit_rows:
                 self._fit_basis()
             return
-        if isinstance(item, tuple) and item[1] is not None and "_context" in item[1]:
-            prepared = item[1]
-            flags, ctx = prepared["row_flags"], prepared.pop("_context")
-            prepared["context"] = np.zeros((flags.shape[0], self.storage.rank), np.float32)
-            prepared["context"][(flags & FLAG_COMPACT) > 0] = self._basis.encode(ctx)
         while True:  # a bounded put that still notices a writer that died while we wait
             try:
                 self._queue.put(item, timeout=0.5)
@@ -456,6 +451,10 @@ class CacheWriter:
             c["error"] += 1
             self._add_row(row, offset=0, length=0, spans=[])
             return
+        if "_context" in arrays:  # low-rank context rows -> their coefficients (here: off the forward's thread)
+            flags, ctx = arrays["row_flags"], arrays.pop("_context")
+            arrays["context"] = np.zeros((flags.shape[0], self.storage.rank), np.float32)
+            arrays["context"][(flags & FLAG_COMPACT) > 0] = self._basis.encode(ctx)
         L = arrays["token_ids"].shape[0]
         self._add_row(row, offset=c["tokens"], length=L, spans=[list(s) for s in answer_spans(arrays["answer_mask"])])
         c["ok"] += 1
