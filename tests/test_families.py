@@ -58,8 +58,8 @@ def mixed_cache(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, mix
     from genrecal_cache.extract import ExtractConfig, extract
 
     out = tmp_path_factory.mktemp("mixed_cache") / "cache"
-    extract(ExtractConfig(context="full", topk_rows="all", teacher=str(teacher_dir), data=str(mixed_jsonl), out=str(out), backend="transformers",
-                          hidden_codec="fp32", batch_tokens=1 << 16, progress=False))
+    extract(ExtractConfig(teacher=str(teacher_dir), data=str(mixed_jsonl), out=str(out), backend="transformers",
+                          hidden_codec="fp32", batch_tokens=1 << 16, progress=False, context="full", topk_rows="all"))
     return out
 
 
@@ -79,7 +79,7 @@ def test_family_as_teacher_cache_equals_its_own_forward(family: str, family_root
     # all 8 samples in one padded batch: images of different sizes side by side
     cmd = [sys.executable, "-m", "cli.cache_cli", "extract", "--teacher", str(path), "--data", str(mixed_jsonl),
            "--out", str(out), "--backend", "transformers", "--hidden-codec", "fp32", "--topk", "8",
-           "--batch-tokens", "100000"]
+           "--batch-tokens", "100000", "--context", "full", "--topk-rows", "all"]  # every row, to compare
     run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     cache = open_cache(out)
