@@ -35,7 +35,7 @@ from _machine import machine  # noqa: E402
 from genrecal_cache import open_cache  # noqa: E402
 from genrecal_cache.extract import ExtractConfig, extract  # noqa: E402
 from genrecal_cache.format.roles import ContextBasis, answer_rows  # noqa: E402
-from genrecal_cache.plan import estimate_cache_size  # noqa: E402
+from genrecal_cache.plan import estimate_cache_size, sample_rows  # noqa: E402
 
 POLICIES = ("full", "lowrank", "text", "none")
 ARMS = {"full": "genrecal", "lowrank": "genrecal_lowrank", "text": "genrecal_text", "none": "genrecal_none"}
@@ -86,7 +86,7 @@ def read_speeds(paths: list[Path], rounds: int = 5) -> list[float]:
     return best
 
 
-def plan_error(path: Path, image_ids: list[int]) -> tuple[int, float]:
+def plan_error(path: Path, image_ids: list[int], sample: dict | None = None) -> tuple[int, float]:
     c = open_cache(path)
     m = c.manifest
     n_ans = n_img = 0
@@ -97,7 +97,7 @@ def plan_error(path: Path, image_ids: list[int]) -> tuple[int, float]:
     est = estimate_cache_size(T, m.hidden_size, m.vocab_size, m.topk, m.hidden_codec, m.counts["samples"],
                               storage=m.roles, answer_fraction=n_ans / T, image_fraction=n_img / T,
                               shard_tokens=m.arrays["hidden"]["shard_tokens"],
-                              chunk_tokens=m.arrays["hidden"]["chunk_tokens"])
+                              chunk_tokens=m.arrays["hidden"]["chunk_tokens"], sample=sample)
     return est.features_bytes, est.features_bytes / feature_bytes(m) - 1
 
 
@@ -110,6 +110,11 @@ def main() -> None:
     suite, out = Path(args.suite), Path(args.out)
     teacher, data = suite / "teacher" / "sft" / "final", suite / "data" / "train" / "data.jsonl"
     print(f"# bench/roles.py on {machine()}; teacher {teacher}, data {data}")
+    pilot = out / "pilot"  # 200 samples of the teacher's own extra data: other samples than the cache's
+    if not (pilot / "manifest.json").exists():
+        extract(ExtractConfig(teacher=str(teacher), data=str(suite / "data" / "teacher_extra" / "data.jsonl"),
+                              out=str(pilot), backend="transformers", progress=False, hidden_codec="fp32",
+                              context="full", topk_rows="all", limit=200))
     rows = []
     for codec in args.codecs.split(","):
         image_ids: list[int] = []
@@ -127,20 +132,23 @@ def main() -> None:
             if policy == "text":
                 image_ids = m.roles.image_token_ids
             est, err = plan_error(path, image_ids)
+            _, pilot_err = plan_error(path, image_ids, sample_rows(open_cache(pilot), image_ids))
             rows.append(dict(codec=codec, policy=policy, version=m.format_version, samples=m.counts["ok"],
-                             bytes=feature_bytes(m), plan=est, plan_err=err, path=path, extract_s=secs,
+                             bytes=feature_bytes(m), plan=est, plan_err=err, pilot_err=pilot_err, path=path,
+                             extract_s=secs,
                              fit_s=TimedFit.seconds))
     for r, rate in zip(rows, read_speeds([r["path"] for r in rows])):
         r["read_tok_s"] = rate
-    print("\n| codec | policy | format | feature bytes/sample | x of full | plan error | read tokens/s | x of full "
-          "| basis fit share of extract |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| codec | policy | format | feature bytes/sample | x of full | plan error | plan error, --sample pilot "
+          "| read tokens/s | x of full | basis fit share of extract |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         full = next(x for x in rows if x["codec"] == r["codec"] and x["policy"] == "full")
         fit = f"{100 * r['fit_s'] / r['extract_s']:.2f}% ({r['fit_s']:.3f} of {r['extract_s']:.1f} s)" \
-            if r["policy"] == "lowrank" else "-"
+            if r["policy"] == "lowrank" and r["fit_s"] else "-"
         print(f"| {r['codec']} | {r['policy']} | v{r['version']} | {r['bytes'] / r['samples']:,.0f} | "
-              f"{r['bytes'] / full['bytes']:.3f} | {100 * r['plan_err']:+.1f}% | {r['read_tok_s']:,.0f} | "
+              f"{r['bytes'] / full['bytes']:.3f} | {100 * r['plan_err']:+.1f}% | {100 * r['pilot_err']:+.1f}% | "
+              f"{r['read_tok_s']:,.0f} | "
               f"{r['read_tok_s'] / full['read_tok_s']:.2f} | {fit} |")
     results = suite / "results.json"
     if not results.exists():

@@ -172,20 +172,36 @@ def plan(tokens: int = typer.Option(..., help="Teacher tokens the cache will hol
                                                           "predicting them are stored exactly)."),
          image_fraction: float = typer.Option(0.7, help="Share of the tokens that are image tokens (Qwen2-VL: "
                                                         "300-1500 per image)."),
+         sample: Optional[str] = typer.Option(None, help="A pilot cache of the same teacher and data (e.g. "
+                                                         "`extract --limit 500 --context full --topk-rows all`): its "
+                                                         "real rows replace the synthetic ones where it has them."),
+         image_token_id: Optional[list[int]] = typer.Option(None, help="With --sample: the teacher's image-token "
+                                                                       "id(s) [default: the pilot's, if it names "
+                                                                       "them]."),
          as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON.")) -> None:
     """Estimate the size of a cache before extracting it (same layout and codecs as the writer), per row role."""
     import json as _json
 
+    from genrecal_cache import open_cache
     from genrecal_cache.format.roles import Storage, default_rank
-    from genrecal_cache.plan import estimate_cache_size
+    from genrecal_cache.plan import estimate_cache_size, sample_rows
 
     _check_storage(context, context_rank, topk_rows)
+    rows = None
+    if sample is not None:
+        with clean_errors(sample), open_cache(sample) as pilot:
+            m = pilot.manifest
+            if (m.hidden_size, m.vocab_size) != (hidden_size, vocab) or m.topk < topk:
+                raise typer.BadParameter(f"the pilot cache has hidden {m.hidden_size}, vocab {m.vocab_size}, top-k "
+                                         f"{m.topk}: another teacher or fewer top-k than planned", param_hint="--sample")
+            rows = sample_rows(pilot, image_token_id or m.roles.image_token_ids)
+            rows = {r: {k: v[:, :topk] if k.startswith("topk") else v for k, v in p.items()} for r, p in rows.items()}
     try:
         storage = Storage(context, (context_rank or default_rank(hidden_size)) if context == "lowrank" else None,
                           topk_rows)
         est = estimate_cache_size(tokens, hidden_size, vocab, topk, codec, samples, text_bytes_per_sample=text_bytes,
                                   image_bytes_per_sample=image_bytes, head_dtype=head_dtype, storage=storage,
-                                  answer_fraction=answer_fraction, image_fraction=image_fraction)
+                                  answer_fraction=answer_fraction, image_fraction=image_fraction, sample=rows)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     typer.echo(_json.dumps(est.as_dict(), indent=1) if as_json else est.format())

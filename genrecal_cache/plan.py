@@ -16,9 +16,11 @@ from zarr.storage import MemoryStore
 from .fidelity import synthetic_post_norm_states, synthetic_topk
 from .format.codecs import DEFAULT_HIDDEN_CODEC, hidden_codec as get_hidden_codec
 from .format.layout import Layout, array_names, create_feature_arrays, plan_layout
-from .format.roles import CONTEXT_CODEC, FLAG_COMPACT, FLAG_EXACT, FLAG_TOPK, Storage, row_flags
+from .format.roles import (
+    CONTEXT_CODEC, FLAG_COMPACT, FLAG_EXACT, FLAG_TOPK, ContextBasis, Storage, answer_rows, row_flags,
+)
 
-__all__ = ["SizeEstimate", "estimate_cache_size", "sync_get"]
+__all__ = ["SizeEstimate", "estimate_cache_size", "sample_rows", "sync_get"]
 
 
 @dataclass
@@ -40,6 +42,7 @@ class SizeEstimate:
     samples_bytes: int                   # samples.parquet
     metadata_bytes: int                  # zarr.json files + manifest
     files: int
+    pilot: bool = False                  # compression measured on a pilot cache's real rows (`sample`)
 
     @property
     def features_bytes(self) -> int:
@@ -103,9 +106,12 @@ class SizeEstimate:
             + (f"; context basis {gib(self.basis_bytes)}" if self.basis_bytes else ""),
             f"samples      {gib(self.samples_bytes)} (samples.parquet: text and embedded images as given)",
             f"total        {gib(self.total_bytes)}",
+            "note         compression measured just now on the pilot cache's real rows (where it has a role's rows; "
+            "synthetic ones elsewhere)" if self.pilot else
             "note         compression ratios were measured just now on synthetic LLM-like data (heavy-tailed "
             "post-norm states with outlier channels, Gaussian-logit top-k, uniform token ids); real "
-            "activations compress differently (bf16 typically 1.3-1.5x), so treat sizes as +-15%.",
+            "activations compress differently (a tiny trained teacher's: 20-55% smaller), so treat sizes as an "
+            "upper estimate, or measure on a pilot extraction with --sample (within 4% there).",
         ]
         return "\n".join(lines)
 
@@ -119,13 +125,16 @@ def estimate_cache_size(tokens: int, hidden_size: int, vocab_size: int, topk: in
                         storage: Storage = Storage(), answer_fraction: float = 0.15, image_fraction: float = 0.7,
                         text_bytes_per_sample: int = 600, image_bytes_per_sample: int = 0,
                         head_dtype: str = "bfloat16", shard_tokens: int | None = None,
-                        chunk_tokens: int | None = None, seed: int = 0) -> SizeEstimate:
+                        chunk_tokens: int | None = None, seed: int = 0,
+                        sample: dict[str, dict[str, np.ndarray]] | None = None) -> SizeEstimate:
     """Size of a cache before extracting it: the writer's layout (`plan_layout`), its arrays and
     codec chains (`create_feature_arrays`), and compression ratios measured by writing one chunk
     of synthetic LLM-like features through those very arrays (in memory), once per row role: answer rows,
     text context rows and image context rows (`answer_fraction`, `image_fraction` of the rows), each stored
     as `storage` says (rows it leaves out are zeros, which compress to almost nothing). `samples` defaults to
-    tokens / 512; samples.parquet is estimated from the text and image bytes per sample."""
+    tokens / 512; samples.parquet is estimated from the text and image bytes per sample. `sample`
+    (`sample_rows` of a pilot cache of the same teacher and data): its real rows replace the synthetic ones
+    wherever the pilot has them (per role: token ids, states, top-k)."""
     if min(tokens, hidden_size, vocab_size, topk) < 1:
         raise ValueError(f"tokens, hidden_size, vocab_size and topk must be >= 1 (got {tokens}, {hidden_size}, "
                          f"{vocab_size}, {topk})")
@@ -142,8 +151,19 @@ def estimate_cache_size(tokens: int, hidden_size: int, vocab_size: int, topk: in
     image_id = vocab_size - 1  # synthetic token ids: the image token is the last id, text ids below it
     role_storage = storage if storage.context != "text" else Storage("text", None, storage.topk_rows, [image_id])
 
+    real = sample or {}
+    basis = None
+    if storage.context == "lowrank" and any("states" in real.get(r, {}) for r in ("text", "image")):
+        basis = ContextBasis.fit(np.concatenate([real[r]["states"] for r in ("text", "image")
+                                                 if "states" in real.get(r, {})])[:4096], storage.rank)
+
     def synthetic(name: str, role: str, n: int) -> np.ndarray:
-        """One chunk of array `name` where every row has `role`, stored as the storage stores that role."""
+        """One chunk of array `name` where every row has `role`, stored as the storage stores that role: the
+        pilot's real rows where `sample` has them (then as many as it has, up to n), else synthetic ones."""
+        rows = real.get(role, {})
+        source = {"hidden": "states", "context": "states"}.get(name, name)
+        if source in rows and len(rows[source]):
+            n = min(n, len(rows[source]))
         rng = np.random.default_rng(seed)
         ids = (np.full(n, image_id) if role == "image" else rng.integers(0, vocab_size - 1, n)).astype(np.int32)
         mask = np.zeros(n, dtype=bool)
@@ -154,32 +174,36 @@ def estimate_cache_size(tokens: int, hidden_size: int, vocab_size: int, topk: in
         if role == "answer":
             flags[-1] = flags[0]  # the chunk's last row predicts the next chunk's (answer) token
         if name == "token_ids":
-            return ids
+            return rows["token_ids"][:n].astype(np.int32) if "token_ids" in rows else ids
         if name == "answer_mask":
             return mask
         if name == "row_flags":
             return flags
         if name == "context":
-            coeffs = rng.standard_normal((n, storage.rank)).astype(np.float32) / np.sqrt(1 + np.arange(storage.rank))
+            coeffs = (basis.encode(rows["states"][:n]) if basis is not None and "states" in rows else
+                      rng.standard_normal((n, storage.rank)).astype(np.float32) / np.sqrt(1 + np.arange(storage.rank)))
             return np.where(((flags & FLAG_COMPACT) > 0)[:, None], coeffs, 0).astype(np.float32)
         if name == "hidden":
-            h = synthetic_post_norm_states(n, hidden_size, seed=seed)
+            h = rows["states"][:n].copy() if "states" in rows else synthetic_post_norm_states(n, hidden_size, seed=seed)
             h[(flags & FLAG_EXACT) == 0] = 0
             return codec.to_stored(h)
         tids, lps = synthetic_topk(n, vocab_size, topk, seed=seed)
-        out = tids if name == "topk_ids" else lps
+        out = (rows[name][:n].copy() if name in rows and len(rows[name]) >= n else
+               tids if name == "topk_ids" else lps)
         out[(flags & FLAG_TOPK) == 0] = 0
         return out
 
     def measure(name: str, role: str) -> float:
-        """Stored bytes per row of array `name` for rows of `role` (one full inner chunk, minus the shard index)."""
-        n = max(1, min(layout.chunk_tokens[name], 1 << 16))
+        """Stored bytes per row of array `name` for rows of `role` (one full inner chunk, or as many rows as the
+        pilot has, minus the shard index)."""
+        data = synthetic(name, role, max(1, min(layout.chunk_tokens[name], 1 << 16)))
+        n = len(data)
         store = MemoryStore()
         probe = Layout(shard_tokens=n, chunk_tokens={a: n for a in names})
         a = create_feature_arrays(zarr.open_group(store, mode="w", zarr_format=3), probe, codec, hidden_size,
                                   topk, storage)[0][name]
         a.resize((n, *a.shape[1:]))
-        a[:] = synthetic(name, role, n)
+        a[:] = data
         key = f"{name}/c/0" + ("/0" if a.ndim == 2 else "")
         return (len(sync_get(store, key)) - 16 - 4 - 4) / n  # minus the index, its crc32c and the chunk's
 
@@ -208,7 +232,37 @@ def estimate_cache_size(tokens: int, hidden_size: int, vocab_size: int, topk: in
     return SizeEstimate(tokens=tokens, samples=samples, hidden_size=hidden_size, vocab_size=vocab_size, topk=topk,
                         hidden_codec=codec.name, storage=storage, answer_fraction=answer_fraction,
                         image_fraction=image_fraction, layout=layout, arrays=out, roles=roles,
-                        head_bytes=head_bytes, samples_bytes=samples_bytes, metadata_bytes=metadata_bytes, files=files)
+                        head_bytes=head_bytes, samples_bytes=samples_bytes, metadata_bytes=metadata_bytes, files=files,
+                        pilot=bool(sample))
+
+
+def sample_rows(cache: Any, image_token_ids: list[int], max_rows: int = 1 << 16) -> dict[str, dict[str, np.ndarray]]:
+    """Real rows of a pilot cache by role ("answer", "text", "image"), for `estimate_cache_size(sample=...)`:
+    token ids; states where the pilot stores them exactly (or, for context rows, low-rank); top-k where stored.
+    At most `max_rows` rows per role, in the cache's order."""
+    parts: dict[str, dict[str, list[np.ndarray]]] = {r: {} for r in ROLES}
+    count = dict.fromkeys(ROLES, 0)
+    for s in cache.iter_samples():
+        ans = answer_rows(s.answer_mask)
+        image = np.isin(s.token_ids, image_token_ids) & ~ans
+        for role, rows in (("answer", ans), ("image", image), ("text", ~ans & ~image)):
+            rows = rows & (count[role] + np.cumsum(rows) <= max_rows)
+            if not rows.any():
+                continue
+            count[role] += int(rows.sum())
+            p = parts[role]
+            p.setdefault("token_ids", []).append(s.token_ids[rows])
+            if s.hidden_rows[rows].all():
+                p.setdefault("states", []).append(np.asarray(s.hidden[rows], dtype=np.float32))
+            if s.topk_rows[rows].all():
+                p.setdefault("topk_ids", []).append(s.topk_ids[rows])
+                p.setdefault("topk_logprobs", []).append(s.topk_logprobs[rows])
+        if min(count.values()) >= max_rows:
+            break
+    n = {r: {k: sum(len(x) for x in v) for k, v in p.items()} for r, p in parts.items()}
+    # an array is usable for a role only if every collected row had it (else rows and ids would not line up)
+    return {r: {k: np.concatenate(v) for k, v in p.items() if n[r][k] == count[r] and count[r]}
+            for r, p in parts.items()}
 
 
 def sync_get(store: Any, key: str) -> bytes:

@@ -190,3 +190,36 @@ def test_the_randomized_fit_of_a_wide_basis_keeps_nearly_the_best_subspace():
     s = np.linalg.svd(xc.astype(np.float64), compute_uv=False)
     assert kept >= 0.98 * (s[:32] ** 2).sum() / (s ** 2).sum()
     np.testing.assert_array_equal(ContextBasis.fit(x, 32).basis, b.basis)  # deterministic
+
+
+def test_plan_with_a_pilot_cache_agrees_with_the_real_cache(caches, teacher_dir, tmp_path):
+    """`plan --sample PILOT`: compression measured on a pilot extraction's real rows (other samples of the same
+    teacher) estimates the real cache's feature bytes within 15% for every policy (synthetic rows alone: +20-55%
+    on the quality suite's teacher, docs/benchmarks.md)."""
+    from genrecal_cache.demo_data import write_demo_dataset
+    from genrecal_cache.plan import sample_rows
+
+    data = write_demo_dataset(tmp_path / "pilot-data", n=16, seed=7)
+    pilot = open_cache(_extract(teacher_dir, data, tmp_path / "pilot", "full"))
+    image_ids = open_cache(caches["text"]).manifest.roles.image_token_ids
+    rows = sample_rows(pilot, image_ids)
+    assert all("states" in rows[r] and "topk_ids" in rows[r] for r in ("answer", "text", "image"))
+    for policy in POLICIES:
+        c = open_cache(caches[policy])
+        m = c.manifest
+        n_ans = n_img = 0
+        for s in c.iter_samples():
+            n_ans += int(answer_rows(s.answer_mask).sum())
+            n_img += int(np.isin(s.token_ids, image_ids).sum())
+        T = m.counts["tokens"]
+        est = estimate_cache_size(T, m.hidden_size, m.vocab_size, m.topk, m.hidden_codec, m.counts["samples"],
+                                  storage=m.roles, answer_fraction=n_ans / T, image_fraction=n_img / T,
+                                  shard_tokens=m.arrays["hidden"]["shard_tokens"],
+                                  chunk_tokens=m.arrays["hidden"]["chunk_tokens"], sample=rows)
+        on_disk = sum(n for rel, n in m.sizes.items() if rel.startswith("features.zarr/") and "/c/" in rel)
+        assert abs(est.features_bytes / on_disk - 1) < 0.15, (policy, est.features_bytes, on_disk)
+    r = subprocess.run([sys.executable, "-m", "cli.cache_cli", "plan", "--tokens", "100000", "--hidden-size",
+                        str(pilot.manifest.hidden_size), "--vocab", str(pilot.manifest.vocab_size), "--topk", "8",
+                        "--sample", str(tmp_path / "pilot"), "--image-token-id", str(image_ids[0])],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and "total" in r.stdout, r.stderr
