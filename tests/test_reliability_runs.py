@@ -66,7 +66,7 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes_to_the_uninterrupt
                                                                                          tmp_path):
     # fp32 shards of 2048 tokens are ~500 KB, the head ~430 KB: a 470 KB file limit lets the head be written
     # and the next shard fail; 300 KB fails the head itself (what a resume rewrites first)
-    args = ["--shard-tokens", "2048", "--commit-seconds", "0"]
+    args = ["--shard-tokens", "2048", "--commit-seconds", "0", "--context", "full", "--topk-rows", "all"]
     ref = tmp_path / "ref"
     assert _run(_extract_args(teacher_dir, data100, ref, *args)).returncode == 0
     head = (ref / "teacher_head.safetensors").stat().st_size

@@ -89,7 +89,8 @@ def _cache_without_answers(src: Path, out: Path) -> Path:
     m = cache.manifest
     writer = CacheWriter(out, hidden_size=m.hidden_size, vocab_size=m.vocab_size, topk=m.topk,
                          hidden_codec=m.hidden_codec, teacher=m.teacher, tokenizer_sha256=m.tokenizer_sha256,
-                         chat_template_sha256=m.chat_template_sha256, head=cache.head(), command="test")
+                         chat_template_sha256=m.chat_template_sha256, head=cache.head(), command="test",
+                         storage=m.roles, context_basis=cache.context_basis())
     for i in range(len(cache)):
         s = cache[i]
         writer.add(SampleRecord(id=s.id, messages=s.messages, images=s.images),
