@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from genrecal_cache.families import adapter_for
 from genrecal_cache.format.head import TeacherHead
-from genrecal_cache.format.manifest import TOKENIZER_DIR
+from genrecal_cache.format.manifest import TOKENIZER_DIR, CacheFormatError
 from genrecal_cache.format.tokenizer import tokenizer_sha256
 from genrecal_train.config import TrainConfig
 
@@ -79,7 +79,7 @@ def check_head_reproduces_topk(cache, head: TeacherHead, where: str, max_tokens:
     ids = ids.long().cpu()
     overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, cached)) / (n * k)
     if overlap < 0.5:  # the right head agrees up to near-ties (~1.0); another head agrees by chance (~k/V)
-        raise ValueError(f"{where}: teacher_head.safetensors does not reproduce the cached top-{k} of sample "
+        raise CacheFormatError(f"{where}: teacher_head.safetensors does not reproduce the cached top-{k} of sample "
                          f"{s.id!r} (overlap {overlap:.2f}): the head belongs to another teacher or is corrupt; "
                          "run `genrecal-cache verify`, re-download or re-extract the cache")
 

@@ -107,7 +107,8 @@ def _rewritten(src: Path, out: Path, topk: int) -> Path:
     m = cache.manifest
     writer = CacheWriter(out, hidden_size=m.hidden_size, vocab_size=m.vocab_size, topk=topk,
                          hidden_codec=m.hidden_codec, teacher=m.teacher, tokenizer_sha256=m.tokenizer_sha256,
-                         chat_template_sha256=m.chat_template_sha256, head=cache.head(), command="test")
+                         chat_template_sha256=m.chat_template_sha256, head=cache.head(), command="test",
+                         storage=m.roles, context_basis=cache.context_basis())
     for i in range(len(cache)):
         s = cache[i]
         writer.add(SampleRecord(id=s.id, messages=s.messages, images=s.images),
