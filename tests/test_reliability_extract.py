@@ -223,8 +223,12 @@ def _cli_peak_mib(args: list[str], env: dict | None = None) -> tuple[subprocess.
         sys.argv = ["genrecal-cache", *sys.argv[1:]]
         main()
         """)
+    # a clean environment: what earlier tests left in this process's (an in-process vLLM engine sets allocator and
+    # thread variables) must not change the child's memory
+    keep = ("PATH", "HOME", "PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "TMPDIR")
+    base = {k: os.environ[k] for k in keep if k in os.environ}
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
-                       env={**os.environ, **(env or {})}, timeout=300)
+                       env={**base, **(env or {})}, timeout=300)
     [peak] = [int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith("peak-rss-kib ")]
     return r, peak / 1024
 
