@@ -216,19 +216,16 @@ def test_resume_accepts_the_teacher_spelled_relative_or_absolute(teacher_dir, de
 def _cli_peak_mib(args: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
     """Run `genrecal-cache ARGS` in a fresh process; its result and its peak resident memory (MiB)."""
     code = textwrap.dedent("""
-        import atexit, resource, sys
-        atexit.register(lambda: print(f"peak-rss-kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}",
-                                      file=sys.stderr))
+        import atexit, re, sys
+        # VmHWM: this process's own peak (ru_maxrss also counts the parent's peak, inherited through exec)
+        atexit.register(lambda: print("peak-rss-kib " + re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read())
+                                      .group(1), file=sys.stderr))
         from cli.cache_cli import main
         sys.argv = ["genrecal-cache", *sys.argv[1:]]
         main()
         """)
-    # a clean environment: what earlier tests left in this process's (an in-process vLLM engine sets allocator and
-    # thread variables) must not change the child's memory
-    keep = ("PATH", "HOME", "PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "TMPDIR")
-    base = {k: os.environ[k] for k in keep if k in os.environ}
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
-                       env={**base, **(env or {})}, timeout=300)
+                       env={**os.environ, **(env or {})}, timeout=300)
     [peak] = [int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith("peak-rss-kib ")]
     return r, peak / 1024
 
