@@ -190,7 +190,7 @@ class CacheWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._basis = context_basis
         self._basis_fit_rows = basis_fit_rows
-        self._held: list[object] = []  # queued once the low-rank basis is fitted (see _put)
+        self._held: list[object] = []  # writer thread: items waiting for the low-rank basis (see _take)
         (self.out_dir / (BASIS_NAME + ".tmp")).unlink(missing_ok=True)
         if storage.context == "lowrank" and context_basis is None and resumed is not None \
                 and resumed.counts["samples"] > 0:  # committed samples were encoded on the saved basis
@@ -254,14 +254,7 @@ class CacheWriter:
         self._put(_COMMIT_POINT)
 
     def _put(self, item: object) -> None:
-        """Queue an item for the writer thread. With low-rank context, everything is held back (in order) until
-        the basis is fitted on the first `basis_fit_rows` context rows (the writer thread codes the rows on it)."""
-        if self.storage.context == "lowrank" and self._basis is None:
-            self._held.append(item)
-            if sum(len(it[1]["_context"]) for it in self._held if isinstance(it, tuple) and it[1]) \
-                    >= self._basis_fit_rows:
-                self._fit_basis()
-            return
+        """Queue an item for the writer thread."""
         while True:  # a bounded put that still notices a writer that died while we wait
             try:
                 self._queue.put(item, timeout=0.5)
@@ -270,14 +263,15 @@ class CacheWriter:
                 self._raise_if_failed()
 
     def _fit_basis(self) -> None:
-        """Fit the low-rank context basis on the held-back samples' context rows, save it, queue them."""
+        """(Writer thread.) Fit the low-rank context basis on the held-back samples' context rows, save it, then
+        write them: the teacher forward goes on meanwhile."""
         rows = [it[1]["_context"] for it in self._held if isinstance(it, tuple) and it[1]]
         states = np.concatenate(rows)[:self._basis_fit_rows] if rows else np.zeros((0, self.hidden_size), np.float32)
         self._basis = ContextBasis.fit(states, self.storage.rank)
         self._save_basis()
         held, self._held = self._held, []
         for item in held:
-            self._put(item)
+            self._take(item)
 
     def _save_basis(self) -> None:
         atomic_write(self.out_dir / BASIS_NAME, save(self._basis.tensors(), metadata={"format": "genrecal_context_basis"}))
@@ -286,8 +280,6 @@ class CacheWriter:
         """Flush everything, write checksums and the manifest (last, atomically). Returns the manifest."""
         if self._closed:
             raise CacheWriteError(f"{self.out_dir}: close() called twice")
-        if self.storage.context == "lowrank" and self._basis is None:
-            self._fit_basis()  # fewer context rows than basis_fit_rows in the whole run
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
@@ -430,19 +422,38 @@ class CacheWriter:
         while (item := self._queue.get()) is not _STOP:
             if self._error is not None:
                 continue  # keep draining so a blocked add() wakes up and sees the error
-            if item is _COMMIT_POINT:
+            self._take(item)
+        if self._error is None and self.storage.context == "lowrank" and self._basis is None:
+            try:  # fewer context rows than basis_fit_rows in the whole run
+                self._fit_basis()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller thread
+                self._error = (None, e)
+
+    def _take(self, item: object) -> None:
+        """Write one queued item. With low-rank context, items are held back (in order) until the basis is fitted
+        on the first `basis_fit_rows` context rows."""
+        if self.storage.context == "lowrank" and self._basis is None:
+            self._held.append(item)
+            if sum(len(it[1]["_context"]) for it in self._held if isinstance(it, tuple) and it[1]) \
+                    >= self._basis_fit_rows:
                 try:
-                    self._maybe_commit()
+                    self._fit_basis()
                 except BaseException as e:  # noqa: BLE001 - handed to the caller thread
                     self._error = (None, e)
-                continue
-            row, arrays, commit = item
+            return
+        if item is _COMMIT_POINT:
             try:
-                self._write(row, arrays)
-                if commit:
-                    self._maybe_commit()
+                self._maybe_commit()
             except BaseException as e:  # noqa: BLE001 - handed to the caller thread
-                self._error = (row["id"], e)
+                self._error = (None, e)
+            return
+        row, arrays, commit = item
+        try:
+            self._write(row, arrays)
+            if commit:
+                self._maybe_commit()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller thread
+            self._error = (row["id"], e)
 
     def _write(self, row: dict[str, Any], arrays: dict[str, np.ndarray] | None) -> None:
         c = self._counts
