@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,8 +33,8 @@ from _machine import machine  # noqa: E402
 
 from genrecal_cache import open_cache  # noqa: E402
 from genrecal_cache.extract import ExtractConfig, extract  # noqa: E402
-from genrecal_cache.format.roles import ContextBasis, answer_rows  # noqa: E402
-from genrecal_cache.plan import estimate_cache_size, sample_rows  # noqa: E402
+from genrecal_cache.format.roles import ContextBasis  # noqa: E402
+from genrecal_cache.plan import estimate_like, sample_rows  # noqa: E402
 
 POLICIES = ("full", "lowrank", "text", "none")
 ARMS = {"full": "genrecal", "lowrank": "genrecal_lowrank", "text": "genrecal_text", "none": "genrecal_none"}
@@ -88,17 +87,8 @@ def read_speeds(paths: list[Path], rounds: int = 5) -> list[float]:
 
 def plan_error(path: Path, image_ids: list[int], sample: dict | None = None) -> tuple[int, float]:
     c = open_cache(path)
-    m = c.manifest
-    n_ans = n_img = 0
-    for s in c.iter_samples():
-        n_ans += int(answer_rows(s.answer_mask).sum())
-        n_img += int(np.isin(s.token_ids, image_ids).sum())
-    T = m.counts["tokens"]
-    est = estimate_cache_size(T, m.hidden_size, m.vocab_size, m.topk, m.hidden_codec, m.counts["samples"],
-                              storage=m.roles, answer_fraction=n_ans / T, image_fraction=n_img / T,
-                              shard_tokens=m.arrays["hidden"]["shard_tokens"],
-                              chunk_tokens=m.arrays["hidden"]["chunk_tokens"], sample=sample)
-    return est.features_bytes, est.features_bytes / feature_bytes(m) - 1
+    est = estimate_like(c, image_ids, sample)
+    return est.features_bytes, est.features_bytes / feature_bytes(c.manifest) - 1
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from .format.roles import (
     CONTEXT_CODEC, FLAG_COMPACT, FLAG_EXACT, FLAG_TOPK, ContextBasis, Storage, answer_rows, row_flags,
 )
 
-__all__ = ["SizeEstimate", "estimate_cache_size", "sample_rows", "sync_get"]
+__all__ = ["SizeEstimate", "estimate_cache_size", "estimate_like", "sample_rows", "sync_get"]
 
 
 @dataclass
@@ -263,6 +263,22 @@ def sample_rows(cache: Any, image_token_ids: list[int], max_rows: int = 1 << 16)
     # an array is usable for a role only if every collected row had it (else rows and ids would not line up)
     return {r: {k: np.concatenate(v) for k, v in p.items() if n[r][k] == count[r] and count[r]}
             for r, p in parts.items()}
+
+
+def estimate_like(cache: Any, image_token_ids: list[int], sample: dict[str, dict[str, np.ndarray]] | None = None
+                  ) -> SizeEstimate:
+    """What `estimate_cache_size` gives for an existing cache: its counts, codec, storage and layout, and the
+    answer / image shares of its rows (how plan is checked against real caches)."""
+    m = cache.manifest
+    n_ans = n_img = 0
+    for s in cache.iter_samples():
+        n_ans += int(answer_rows(s.answer_mask).sum())
+        n_img += int(np.isin(s.token_ids, image_token_ids).sum())
+    T = m.counts["tokens"]
+    return estimate_cache_size(T, m.hidden_size, m.vocab_size, m.topk, m.hidden_codec, m.counts["samples"],
+                               storage=m.roles, answer_fraction=n_ans / T, image_fraction=n_img / T,
+                               shard_tokens=m.arrays["hidden"]["shard_tokens"],
+                               chunk_tokens=m.arrays["hidden"]["chunk_tokens"], sample=sample)
 
 
 def sync_get(store: Any, key: str) -> bytes:

@@ -197,7 +197,7 @@ def test_plan_with_a_pilot_cache_agrees_with_the_real_cache(caches, teacher_dir,
     teacher) estimates the real cache's feature bytes within 15% for every policy (synthetic rows alone: +20-55%
     on the quality suite's teacher, docs/benchmarks.md)."""
     from genrecal_cache.demo_data import write_demo_dataset
-    from genrecal_cache.plan import sample_rows
+    from genrecal_cache.plan import estimate_like, sample_rows
 
     data = write_demo_dataset(tmp_path / "pilot-data", n=16, seed=7)
     pilot = open_cache(_extract(teacher_dir, data, tmp_path / "pilot", "full"))
@@ -207,15 +207,7 @@ def test_plan_with_a_pilot_cache_agrees_with_the_real_cache(caches, teacher_dir,
     for policy in POLICIES:
         c = open_cache(caches[policy])
         m = c.manifest
-        n_ans = n_img = 0
-        for s in c.iter_samples():
-            n_ans += int(answer_rows(s.answer_mask).sum())
-            n_img += int(np.isin(s.token_ids, image_ids).sum())
-        T = m.counts["tokens"]
-        est = estimate_cache_size(T, m.hidden_size, m.vocab_size, m.topk, m.hidden_codec, m.counts["samples"],
-                                  storage=m.roles, answer_fraction=n_ans / T, image_fraction=n_img / T,
-                                  shard_tokens=m.arrays["hidden"]["shard_tokens"],
-                                  chunk_tokens=m.arrays["hidden"]["chunk_tokens"], sample=rows)
+        est = estimate_like(c, image_ids, rows)
         on_disk = sum(n for rel, n in m.sizes.items() if rel.startswith("features.zarr/") and "/c/" in rel)
         assert abs(est.features_bytes / on_disk - 1) < 0.15, (policy, est.features_bytes, on_disk)
     r = subprocess.run([sys.executable, "-m", "cli.cache_cli", "plan", "--tokens", "100000", "--hidden-size",
