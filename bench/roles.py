@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import numpy as np  # noqa: E402
 from _machine import machine  # noqa: E402
 
 from genrecal_cache import open_cache  # noqa: E402
@@ -140,29 +141,36 @@ def main() -> None:
               f"{r['bytes'] / full['bytes']:.3f} | {100 * r['plan_err']:+.1f}% | {100 * r['pilot_err']:+.1f}% | "
               f"{r['read_tok_s']:,.0f} | "
               f"{r['read_tok_s'] / full['read_tok_s']:.2f} | {fit} |")
+    states = np.random.default_rng(0).standard_normal((4096, 8192)).astype(np.float32)
+    t0 = time.perf_counter()
+    ContextBasis.fit(states, 64)
+    print(f"\nbasis fit at a 72B teacher's size (4,096 rows of d=8192, rank 64): {time.perf_counter() - t0:.1f} s")
     results = suite / "results.json"
     if not results.exists():
         results = suite / "results.partial.json"
     if results.exists():
         res = json.loads(results.read_text())
-        print("\nAccuracy (exact match %, mean of seeds) and the regularization pass's losses (stage 2, last 50 steps)")
-        print("| student | policy | seeds | word | phrase | clauses | all | reg_ar | reg_kl |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("\nAccuracy (exact match %, mean of seeds), the regularization pass's losses (stage 2, last 50 steps) "
+              "and the share of stage 1-2 time the step waited for data")
+        print("| student | policy | seeds | word | phrase | clauses | all | reg_ar | reg_kl | data wait |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for student in res["setup"]["students"]:
             for policy, arm in ARMS.items():
                 runs = [r for r in res["runs"] if r["student"] == student and r["arm"] == arm]
                 if not runs:
                     continue
                 kinds = {k: 100 * statistics.fmean(r["kinds"][k] for r in runs) for k in runs[0]["kinds"]}
-                reg = {"reg_ar": [], "reg_kl": []}
+                reg = {"reg_ar": [], "reg_kl": [], "wait": []}
                 for r in runs:
                     lines = [json.loads(x) for x in Path(r["metrics"]).read_text().splitlines()]
                     s2 = [x for x in lines if x.get("stage") == 2 and "reg_ar" in x][-50:]
-                    for k in reg:
+                    for k in ("reg_ar", "reg_kl"):
                         reg[k].append(statistics.fmean(x[k] for x in s2))
+                    reg["wait"].append(statistics.fmean(x["data_wait_frac"] for x in lines if x.get("stage") in (1, 2)))
                 print(f"| {student} | {policy} | {len(runs)} | " + " | ".join(f"{kinds[k]:.1f}" for k in
                       ("word", "phrase", "clauses")) + f" | {100 * statistics.fmean(r['accuracy'] for r in runs):.1f}"
-                      f" | {statistics.fmean(reg['reg_ar']):.3f} | {statistics.fmean(reg['reg_kl']):.4f} |")
+                      f" | {statistics.fmean(reg['reg_ar']):.3f} | {statistics.fmean(reg['reg_kl']):.4f} | "
+                      f"{100 * statistics.fmean(reg['wait']):.1f}% |")
 
 
 if __name__ == "__main__":

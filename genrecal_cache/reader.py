@@ -27,7 +27,6 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 from fsspec.implementations.local import LocalFileSystem
-from safetensors.numpy import load as safetensors_load
 from zarr.core.sync import sync
 
 from .format import safety
@@ -552,13 +551,10 @@ def load_basis(fs: fsspec.AbstractFileSystem, root: str, url: str, manifest: Man
     where = f"{url}/{BASIS_NAME}"
     if type(fs) is LocalFileSystem:
         safety.check_local_files(root, [BASIS_NAME], url)
-    data = read_listed(fs, root, url, manifest, BASIS_NAME)
     try:
-        t = safetensors_load(data)
-        basis = ContextBasis(t["mean"], t["basis"])
-    except Exception as e:  # noqa: BLE001 - safetensors' own errors, a missing tensor, wrong shapes
-        raise CacheFormatError(f"{where}: unreadable ({type(e).__name__}: {str(e)[:200]}); re-download or "
-                               f"re-extract the cache") from e
+        basis = ContextBasis.from_bytes(read_listed(fs, root, url, manifest, BASIS_NAME))
+    except ValueError as e:
+        raise CacheFormatError(f"{where}: unreadable ({e}); re-download or re-extract the cache") from None
     want = (manifest.roles.rank, manifest.hidden_size)
     if basis.basis.shape != want:
         raise CacheFormatError(f"{where}: basis is {list(basis.basis.shape)} but the manifest says rank "

@@ -37,7 +37,6 @@ from typing import Any, Literal, Union
 import numpy as np
 import torch
 import zarr
-from safetensors.numpy import load_file, save
 from zarr.core.buffer import Buffer, default_buffer_prototype
 from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.core.sync import sync
@@ -48,8 +47,8 @@ from .format.codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, describe_chain, hi
 from .format.head import TeacherHead
 from .format.layout import create_feature_arrays, plan_layout
 from .format.manifest import (
-    BASIS_NAME, FEATURES_NAME, FORMAT_VERSION, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, SIZES_KEY, TOKENIZER_DIR, ArraySpec, CacheFormatError,
-    Counts, Manifest, TeacherInfo, answer_spans, relpath_problem, sha256_bytes, sha256_file,
+    BASIS_NAME, FEATURES_NAME, FORMAT_VERSION, HEAD_NAME, MANIFEST_NAME, SAMPLES_NAME, SIZES_KEY, TOKENIZER_DIR,
+    ArraySpec, CacheFormatError, Counts, Manifest, TeacherInfo, answer_spans, relpath_problem, sha256_bytes, sha256_file,
 )
 from .format.roles import FLAG_COMPACT, FLAG_EXACT, FLAG_TOPK, ContextBasis, Storage, row_flags
 from .io.durable import atomic_write
@@ -193,9 +192,9 @@ class CacheWriter:
         self._held: list[object] = []  # writer thread: items waiting for the low-rank basis (see _take)
         (self.out_dir / (BASIS_NAME + ".tmp")).unlink(missing_ok=True)
         if storage.context == "lowrank" and context_basis is None and resumed is not None \
-                and resumed.counts["samples"] > 0:  # committed samples were encoded on the saved basis
-            self._basis = load_basis(self.out_dir / BASIS_NAME)
-        if self._basis is not None:
+                and resumed.counts["samples"] > 0:  # committed samples were encoded on the saved basis: keep it
+            self._basis = _load_saved_basis(self.out_dir / BASIS_NAME)
+        elif self._basis is not None:  # given (merge): saved before any sample is written
             self._save_basis()
         self._thread = threading.Thread(target=self._run, name=f"CacheWriter({self.out_dir.name})", daemon=True)
         self._thread.start()
@@ -274,7 +273,7 @@ class CacheWriter:
             self._take(item)
 
     def _save_basis(self) -> None:
-        atomic_write(self.out_dir / BASIS_NAME, save(self._basis.tensors(), metadata={"format": "genrecal_context_basis"}))
+        atomic_write(self.out_dir / BASIS_NAME, self._basis.to_bytes())
 
     def close(self) -> Manifest:
         """Flush everything, write checksums and the manifest (last, atomically). Returns the manifest."""
@@ -316,7 +315,8 @@ class CacheWriter:
                 "chat_template_sha256": self._meta["chat_template_sha256"], "hidden_codec": self.codec.name,
                 "hidden_size": self.hidden_size, "vocab_size": self.vocab_size, "topk": self.topk,
                 "shard_tokens": self.layout.shard_tokens, "chunk_tokens": dict(self.layout.chunk_tokens),
-                "embed_images": self.embed_images, "storage": self.storage.as_dict(), "extra": json.loads(json.dumps(self._meta["extra"], default=str))}
+                "embed_images": self.embed_images, "storage": self.storage.as_dict(),
+                "extra": json.loads(json.dumps(self._meta["extra"], default=str))}
 
     def abort(self) -> None:
         """Stop the writer thread and leave the directory without a manifest (incomplete)."""
@@ -353,22 +353,22 @@ class CacheWriter:
             mask = mask.astype(np.bool_)
         ids, lps = _as_int32(a.topk_ids, sid, "topk_ids", self.vocab_size), _to_numpy(a.topk_logprobs).astype(np.float32)
         hidden = self._hidden_bits(a.hidden, sid)
-        flags = row_flags(tok, mask, self.storage) if mask.shape == (L,) else np.zeros(0, np.uint8)
         for name, arr, shape in (("answer_mask", mask, (L,)), ("hidden", hidden, (L, self.hidden_size)),
                                  ("topk_ids", ids, (L, self.topk)), ("topk_logprobs", lps, (L, self.topk))):
             if arr.shape != shape:
                 raise ValueError(f"sample {sid!r}: {name} has shape {tuple(arr.shape)}, expected {shape} "
                                  f"(L={L} tokens, hidden_size={self.hidden_size}, topk={self.topk})")
         out = {"token_ids": np.array(tok, copy=True), "answer_mask": np.array(mask, copy=True),
-               "hidden": hidden, "topk_ids": np.array(ids, copy=True), "topk_logprobs": np.array(lps, copy=True),
-               **({} if self.storage.is_full else {"row_flags": flags})}
+               "hidden": hidden, "topk_ids": np.array(ids, copy=True), "topk_logprobs": np.array(lps, copy=True)}
+        if self.storage.is_full:  # every row, as format version 2: no flags to compute
+            return out
+        flags = out["row_flags"] = row_flags(tok, mask, self.storage)
         if self.storage.context == "lowrank":  # float32 states of the context rows, coded once the basis exists
             out["_context"] = _to_numpy(a.hidden).astype(np.float32)[(flags & FLAG_COMPACT) > 0]
-        if not self.storage.is_full:  # rows the storage does not keep are zero (they compress to almost nothing)
-            out["hidden"][(flags & FLAG_EXACT) == 0] = 0
-            no_topk = (flags & FLAG_TOPK) == 0
-            out["topk_ids"][no_topk] = 0
-            out["topk_logprobs"][no_topk] = 0
+        out["hidden"][(flags & FLAG_EXACT) == 0] = 0  # rows the storage does not keep: zeros, compressed to ~nothing
+        no_topk = (flags & FLAG_TOPK) == 0
+        out["topk_ids"][no_topk] = 0
+        out["topk_logprobs"][no_topk] = 0
         return out
 
     def _hidden_bits(self, h: ArrayLike, sid: str) -> np.ndarray:
@@ -521,12 +521,11 @@ class CacheWriter:
         return dict(sorted(sums.items()))
 
 
-def load_basis(path: Path) -> ContextBasis:
+def _load_saved_basis(path: Path) -> ContextBasis:
     """The low-rank context basis saved in a cache folder (safetensors: no code runs)."""
     try:
-        t = load_file(str(path))
-        return ContextBasis(t["mean"], t["basis"])
-    except (OSError, KeyError, ValueError) as e:
+        return ContextBasis.from_bytes(path.read_bytes())
+    except (OSError, ValueError) as e:
         raise CacheWriteError(f"{path}: unreadable context basis ({e}); delete {path.parent} and extract again") from e
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _caches import rewrite_cache
 
 from genrecal_cache.io.prefetch import prefetch
-from genrecal_cache import open_cache
-from genrecal_cache.writer import CacheWriter, SampleArrays, SampleRecord
+from genrecal_cache.writer import SampleArrays
 from genrecal_train.config import TrainConfig
 from genrecal_train.errors import TrainError
 from genrecal_train.trainer import train
@@ -85,19 +85,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
 def _cache_without_answers(src: Path, out: Path) -> Path:
     """The same samples and features, every answer mask empty (as a careless converter might write)."""
-    cache = open_cache(src)
-    m = cache.manifest
-    writer = CacheWriter(out, hidden_size=m.hidden_size, vocab_size=m.vocab_size, topk=m.topk,
-                         hidden_codec=m.hidden_codec, teacher=m.teacher, tokenizer_sha256=m.tokenizer_sha256,
-                         chat_template_sha256=m.chat_template_sha256, head=cache.head(), command="test",
-                         storage=m.roles, context_basis=cache.context_basis())
-    for i in range(len(cache)):
-        s = cache[i]
-        writer.add(SampleRecord(id=s.id, messages=s.messages, images=s.images),
-                   SampleArrays(token_ids=s.token_ids, answer_mask=np.zeros_like(s.answer_mask), hidden=s.hidden,
-                                topk_ids=s.topk_ids, topk_logprobs=s.topk_logprobs))
-    writer.close()
-    return out
+    return rewrite_cache(src, out, lambda s: SampleArrays(
+        token_ids=s.token_ids, answer_mask=np.zeros_like(s.answer_mask), hidden=s.hidden, topk_ids=s.topk_ids,
+        topk_logprobs=s.topk_logprobs))
 
 
 def _student_dropping_answers(src: Path, out: Path) -> Path:

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _caches import rewrite_cache
 
 from genrecal_cache import open_cache
-from genrecal_cache.writer import CacheWriter, SampleArrays, SampleRecord
+from genrecal_cache.writer import SampleArrays
 from genrecal_train.config import TrainConfig
 from genrecal_train.trainer import train
 
@@ -103,20 +104,10 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_dead_holders_lock_is_take
 
 def _rewritten(src: Path, out: Path, topk: int) -> Path:
     """The same samples and features with only the first `topk` teacher logprobs (as `extract --topk` writes)."""
-    cache = open_cache(src)
-    m = cache.manifest
-    writer = CacheWriter(out, hidden_size=m.hidden_size, vocab_size=m.vocab_size, topk=topk,
-                         hidden_codec=m.hidden_codec, teacher=m.teacher, tokenizer_sha256=m.tokenizer_sha256,
-                         chat_template_sha256=m.chat_template_sha256, head=cache.head(), command="test",
-                         storage=m.roles, context_basis=cache.context_basis())
-    for i in range(len(cache)):
-        s = cache[i]
-        writer.add(SampleRecord(id=s.id, messages=s.messages, images=s.images),
-                   SampleArrays(token_ids=s.token_ids, answer_mask=s.answer_mask, hidden=s.hidden,
-                                topk_ids=np.ascontiguousarray(s.topk_ids[:, :topk]),
-                                topk_logprobs=np.ascontiguousarray(s.topk_logprobs[:, :topk])))
-    writer.close()
-    return out
+    return rewrite_cache(src, out, lambda s: SampleArrays(
+        token_ids=s.token_ids, answer_mask=s.answer_mask, hidden=s.hidden,
+        topk_ids=np.ascontiguousarray(s.topk_ids[:, :topk]),
+        topk_logprobs=np.ascontiguousarray(s.topk_logprobs[:, :topk])), topk=topk)
 
 
 @pytest.fixture()
