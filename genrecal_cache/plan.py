@@ -257,7 +257,7 @@ def sample_rows(cache: Any, image_token_ids: list[int], max_rows: int = 1 << 16)
             if s.topk_rows[rows].all():
                 p.setdefault("topk_ids", []).append(s.topk_ids[rows])
                 p.setdefault("topk_logprobs", []).append(s.topk_logprobs[rows])
-        if min(count.values()) >= max_rows:
+        if min(count.values()) >= max_rows or sum(count.values()) >= 3 * max_rows:  # a role may be absent
             break
     n = {r: {k: sum(len(x) for x in v) for k, v in p.items()} for r, p in parts.items()}
     # an array is usable for a role only if every collected row had it (else rows and ids would not line up)
