@@ -54,18 +54,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")  # one log line per step and run instead of progress bars
 
-from quality_tasks import KINDS, write_tasks  # noqa: E402
+from quality_tasks import KINDS, write_generic_mix, write_tasks  # noqa: E402
 
-ARMS = ("sft", "sft_warmup", "genrecal", "genrecal_noreg", "genrecal_paper", "uld", "genrecal_lowrank",
-        "genrecal_text", "genrecal_none")
+ARMS = ("sft", "sft_warmup", "sft_frozen", "sft_warmup_frozen", "genrecal", "genrecal_frozen", "genrecal_noreg",
+        "genrecal_paper", "uld", "genrecal_lowrank", "genrecal_text", "genrecal_none")
+# "<arm>_frozen": the arm with the student's vision tower frozen (the product's default); every other arm trains it
+SFT_ARMS = ("sft", "sft_warmup", "sft_frozen", "sft_warmup_frozen")  # SFT at its best: the best of these per kind
+GENRECAL_ARMS = ("genrecal", "genrecal_frozen")  # GenRecal with the better tower choice per kind
+REGIMES = ("scratch", "users")
 # GenRecal (default settings) on a cache of the same teacher stored with another context policy (format/roles.py);
 # every other arm reads the cache stored in full
 CONTEXT_ARMS = {"genrecal_lowrank": "lowrank", "genrecal_text": "text", "genrecal_none": "none"}
 ARM_LABELS = {"sft": "SFT only, no warm-up", "sft_warmup": "SFT only, warm-up",
-              "genrecal": "GenRecal 1-3 (default)", "genrecal_noreg": "GenRecal 1-3, no reg. pass",
+              "sft_frozen": "SFT only, no warm-up, tower frozen", "sft_warmup_frozen": "SFT only, warm-up, tower frozen",
+              "genrecal": "GenRecal 1-3 (default)", "genrecal_frozen": "GenRecal 1-3, tower frozen", "genrecal_noreg": "GenRecal 1-3, no reg. pass",
               "genrecal_paper": "GenRecal 1-3, paper's main pass", "uld": "ULD (logit KD, cross-tokenizer)",
               **{arm: f"GenRecal 1-3, context '{c}'" for arm, c in CONTEXT_ARMS.items()}}
-ARM_COLOURS = {"sft": "#aaaaaa", "sft_warmup": "#666666", "genrecal": "#08519c", "genrecal_noreg": "#9ecae1",
+ARM_COLOURS = {"sft": "#aaaaaa", "sft_warmup": "#666666", "sft_frozen": "#d9d9d9", "sft_warmup_frozen": "#969696",
+               "genrecal": "#08519c", "genrecal_frozen": "#4292c6", "genrecal_noreg": "#9ecae1",
                "genrecal_paper": "#6a51a3", "uld": "#fd8d3c",
                "genrecal_lowrank": "#3182bd", "genrecal_text": "#74c476", "genrecal_none": "#31a354"}
 STUDENTS = ("llava", "qwen2vl")
@@ -106,6 +112,18 @@ class Setup:
     student_image_size: int = 32   # llava: pixels; (size / patch)^2 image tokens
     student_patch: int = 8
     qwen2vl_student_vocab: int = 600  # the teacher's is 800: other merges, other token boundaries
+    # the users' regime: each student is first pre-trained (its tower trained, SFT) on a generic visual mix that
+    # is not the distillation tasks (bench/quality_tasks.py: captions, a shape's row, is there a <colour> shape,
+    # a digit's parity), so that it sees, as a real pretrained student does; "scratch" starts from the init
+    regimes: list[str] = field(default_factory=lambda: list(REGIMES))
+    n_generic: int = 2000
+    generic_seed: int = 3
+    n_generic_test: int = 200
+    generic_test_seed: int = 4
+    pretrain_steps: int = 1000
+    pretrain_batch: int = 16
+    pretrain_lr: float = 1e-3
+    pretrain_lr_end: float = 1e-4
     # the budget every arm gets
     steps: int = 600
     batch_size: int = 16
@@ -118,22 +136,23 @@ class Setup:
     w_student: float = 1.0
     recal_layers: int = 2
     temperature: float = 1.0
-    train_vision: bool = True  # the students are trained from scratch: their vision towers learn too (all arms)
     w_uld: float = 1.0
     max_new_tokens: int = 40  # greedy answer length limit at evaluation (the clause answers are long)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    arms: list[str] = field(default_factory=lambda: ["sft", "sft_warmup", "genrecal", "genrecal_noreg", "genrecal_paper"])
+    arms: list[str] = field(default_factory=lambda: ["sft", "sft_warmup", "sft_frozen", "sft_warmup_frozen", "genrecal",
+                                                     "genrecal_frozen"])
 
 
 # Knobs of the arm runs only: a finished run is redone when they change (its settings are compared).
 # Every other Setup field shapes what an --out reuses whenever it exists (data splits, model inits,
 # the teacher cache), so `check_inputs` holds an --out to one choice of them.
 ARM_KNOBS = frozenset({"steps", "batch_size", "lr", "lr_end", "warmup", "stage_split", "w_ar", "w_kl", "w_student",
-                       "recal_layers", "temperature", "train_vision", "w_uld", "seeds", "arms", "students",
-                       "max_new_tokens"})
+                       "recal_layers", "temperature", "w_uld", "seeds", "arms", "students", "max_new_tokens",
+                       "regimes"})
 
 QUICK = dict(n_train=30, n_teacher_extra=30, n_test=10, teacher_steps=60, teacher_batch=8, teacher_hidden=128,
-             teacher_layers=2, teacher_vision_width=64, steps=30, batch_size=8, seeds=[0], max_new_tokens=24)
+             teacher_layers=2, teacher_vision_width=64, steps=30, batch_size=8, seeds=[0], max_new_tokens=24,
+             n_generic=40, n_generic_test=8, pretrain_steps=20, pretrain_batch=8)
 
 
 def log(msg: str) -> None:
@@ -257,8 +276,10 @@ def per_kind(report: dict) -> dict[str, float]:
 
 
 def arm_config(arm: str, s: Setup) -> dict:
-    common = dict(batch_size=s.batch_size, lr=s.lr, lr_end=s.lr_end, warmup=s.warmup, train_vision=s.train_vision,
-                  recal_layers=s.recal_layers, temperature=s.temperature, w_ar=s.w_ar, w_kl=s.w_kl, w_student=s.w_student)
+    common = dict(batch_size=s.batch_size, lr=s.lr, lr_end=s.lr_end, warmup=s.warmup,
+                  train_vision=not arm.endswith("_frozen"), recal_layers=s.recal_layers, temperature=s.temperature,
+                  w_ar=s.w_ar, w_kl=s.w_kl, w_student=s.w_student)
+    arm = arm.removesuffix("_frozen")
     if arm in ("sft", "sft_warmup", "uld"):
         kw = dict(stages=[3], stage_steps=[s.steps], **common)
         if arm == "sft":
@@ -295,17 +316,31 @@ def _one_thread() -> None:
     env()
 
 
+def run_pretrain(job: tuple) -> dict:
+    """The users' regime: SFT one student init on the generic visual mix, its tower trained (or reuse it), and
+    evaluate it on the mix's held-out split; runs in a worker process. Its `final` folder is the student."""
+    student_kind, seed, rdir, cache, init, test_data, kw, max_new = job
+    name = f"{student_kind}-seed{seed} pre-training"
+    log(f"{name} ...")
+    final, secs = run_train(Path(rdir), cache=cache, student=init, seed=seed, **kw)
+    ev = run_eval(final, Path(test_data), Path(rdir) / "eval.json", max_new)
+    facts = {k.split("/")[1]: round(100 * v["correct"] / v["n"], 1) for k, v in ev["per_type"].items() if v["n"]}
+    log(f"{name}: {100 * ev['accuracy']:.1f}% on the generic test split {json.dumps(facts)} ({secs:.0f}s)")
+    return {"student": student_kind, "seed": seed, "final": str(final), "accuracy": ev["accuracy"],
+            "per_type": ev["per_type"], "train_s": secs}
+
+
 def run_arm(job: tuple) -> dict:
-    """Train and evaluate one (student, arm, seed) run (or reuse it); runs in a worker process."""
-    student_kind, arm, seed, out, cache, student, test_data, kw, max_new = job
-    name = f"{student_kind}-{arm}-seed{seed}"
+    """Train and evaluate one (regime, student, arm, seed) run (or reuse it); runs in a worker process."""
+    regime, student_kind, arm, seed, out, cache, student, test_data, kw, max_new = job
+    name = f"{regime}-{student_kind}-{arm}-seed{seed}"
     rdir = Path(out) / "runs" / name
     log(f"{name}: training ...")
     final, secs = run_train(rdir, cache=cache, student=student, seed=seed, **kw)
     ev = run_eval(final, Path(test_data), rdir / "eval.json", max_new)
     log(f"{name}: {100 * ev['accuracy']:.1f}% {json.dumps({k: round(100 * v, 1) for k, v in per_kind(ev).items()})} "
         f"({secs:.0f}s training)")
-    return {"student": student_kind, "arm": arm, "seed": seed, "accuracy": ev["accuracy"], "n": ev["n"],
+    return {"regime": regime, "student": student_kind, "arm": arm, "seed": seed, "accuracy": ev["accuracy"], "n": ev["n"],
             "kinds": per_kind(ev), "per_type": ev["per_type"], "train_s": secs, "metrics": str(rdir / "metrics.jsonl")}
 
 
@@ -319,44 +354,60 @@ def _ms(xs: list[float]) -> str:
     return f"{m:.1f} ± {sd:.1f}"
 
 
+def _best(means: dict[str, dict[str, float]], arms: tuple[str, ...], kinds: list[str]) -> dict[str, tuple[float, str]]:
+    """Per kind: the best mean accuracy among `arms` that ran, and which arm gave it."""
+    ran = [a for a in arms if a in means]
+    return {k: max((means[a].get(k, 0.0), a) for a in ran) for k in kinds} if ran else {}
+
+
 def summarize(results: dict) -> tuple[str, dict]:
-    """One markdown table per student: rows are arms, columns task kinds (mean ± std over seeds), plus the
-    better SFT schedule per kind and GenRecal's margin over it."""
+    """One markdown table per regime and student: rows are arms, columns task kinds (mean +- std over seeds),
+    then SFT at its best (tower x warm-up, per kind), GenRecal at its best (tower, per kind) and the margin."""
     kinds = results["setup"]["kinds"]
     teacher = per_kind(results["teacher"]["eval"])
     summary: dict = {}
     tables = []
-    for student in results["setup"]["students"]:
-        rows = [("teacher (ceiling)", "1", *[f"{100 * teacher.get(k, 0):.1f}" for k in kinds])]
-        means: dict[str, dict[str, float]] = {}
-        for arm in results["setup"]["arms"]:
-            runs = [r for r in results["runs"] if r["student"] == student and r["arm"] == arm]
-            if not runs:
+    for regime in results["setup"].get("regimes", ["scratch"]):
+        for student in results["setup"]["students"]:
+            rows = [("teacher (ceiling)", "1", *[f"{100 * teacher.get(k, 0):.1f}" for k in kinds])]
+            means: dict[str, dict[str, float]] = {}
+            out = summary.setdefault(regime, {}).setdefault(student, {})
+            for arm in results["setup"]["arms"]:
+                runs = [r for r in results["runs"] if r.get("regime", "scratch") == regime
+                        and r["student"] == student and r["arm"] == arm]
+                if not runs:
+                    continue
+                acc = {k: [r["kinds"][k] for r in runs if k in r["kinds"]] for k in kinds}
+                means[arm] = {k: statistics.fmean(v) for k, v in acc.items() if v}
+                out[arm] = {"seeds": [r["seed"] for r in runs], "per_kind": acc, "mean": means[arm],
+                            "std": {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in acc.items() if v}}
+                rows.append((ARM_LABELS[arm], str(len(runs)), *[_ms(acc[k]) for k in kinds]))
+            sft, gen = _best(means, SFT_ARMS, kinds), _best(means, GENRECAL_ARMS, kinds)
+            if sft:
+                out["sft_best"] = {k: v for k, (v, _) in sft.items()}
+                out["sft_best_arm"] = {k: a for k, (_, a) in sft.items()}
+                rows.append(("SFT at its best (arm per kind)", "",
+                             *[f"{100 * sft[k][0]:.1f} ({sft[k][1]})" for k in kinds]))
+            if gen:
+                out["genrecal_best"] = {k: v for k, (v, _) in gen.items()}
+                out["genrecal_best_arm"] = {k: a for k, (_, a) in gen.items()}
+                rows.append(("GenRecal at its best (tower per kind)", "",
+                             *[f"{100 * gen[k][0]:.1f} ({gen[k][1]})" for k in kinds]))
+            if sft and gen:
+                out["margin"] = {k: gen[k][0] - sft[k][0] for k in kinds}
+                rows.append(("GenRecal - SFT (both at their best)", "", *[f"{100 * out['margin'][k]:+.1f}" for k in kinds]))
+            if len(rows) == 1:
                 continue
-            acc = {k: [r["kinds"][k] for r in runs if k in r["kinds"]] for k in kinds}
-            means[arm] = {k: statistics.fmean(v) for k, v in acc.items() if v}
-            summary.setdefault(student, {})[arm] = {
-                "seeds": [r["seed"] for r in runs], "per_kind": acc, "mean": means[arm],
-                "std": {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in acc.items() if v}}
-            rows.append((ARM_LABELS[arm], str(len(runs)), *[_ms(acc[k]) for k in kinds]))
-        sft = [a for a in ("sft", "sft_warmup") if a in means]
-        if sft:
-            best = {k: max(means[a].get(k, 0.0) for a in sft) for k in kinds}
-            summary[student]["sft_best"] = best
-            rows.append(("SFT (best schedule per kind)", "", *[f"{100 * best[k]:.1f}" for k in kinds]))
-            if "genrecal" in means:
-                margin = {k: means["genrecal"].get(k, 0.0) - best[k] for k in kinds}
-                summary[student]["margin"] = margin
-                rows.append(("GenRecal - SFT (best)", "", *[f"{100 * margin[k]:+.1f}" for k in kinds]))
-        header = ("arm", "seeds", *kinds)
-        lines = [f"**{student} student**", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        tables.append("\n".join(lines))
+            header = ("arm", "seeds", *kinds)
+            lines = [f"**{regime} regime, {student} student**", "", "| " + " | ".join(header) + " |",
+                     "|" + "|".join("---" for _ in header) + "|"]
+            lines += ["| " + " | ".join(r) + " |" for r in rows]
+            tables.append("\n".join(lines))
     return "\n\n".join(tables), summary
 
 
 def plots(results: dict, out: Path) -> list[Path]:
-    """Accuracy per task kind, one panel per student: a bar per arm (mean), dots per seed, teacher line."""
+    """Accuracy per task kind, one panel per regime and student: a bar per arm (mean), dots per seed, teacher line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -365,11 +416,16 @@ def plots(results: dict, out: Path) -> list[Path]:
     kinds, students = results["setup"]["kinds"], results["setup"]["students"]
     arms = [a for a in results["setup"]["arms"] if any(r["arm"] == a for r in results["runs"])]
     teacher = per_kind(results["teacher"]["eval"])
-    fig, axes = plt.subplots(1, len(students), figsize=(5.5 * len(students), 3.8), sharey=True, squeeze=False)
+    regimes = [g for g in results["setup"].get("regimes", ["scratch"])
+               if any(r.get("regime", "scratch") == g for r in results["runs"])] or ["scratch"]
+    fig, axes = plt.subplots(len(regimes), len(students), figsize=(5.5 * len(students), 3.4 * len(regimes) + 0.6),
+                             sharey=True, squeeze=False)
     width = 0.8 / max(1, len(arms))
-    for ax, student in zip(axes[0], students):
+    panels = [(ax, regime, student) for row, regime in zip(axes, regimes) for ax, student in zip(row, students)]
+    for ax, regime, student in panels:
         for j, arm in enumerate(arms):
-            runs = [r for r in results["runs"] if r["student"] == student and r["arm"] == arm]
+            runs = [r for r in results["runs"] if r.get("regime", "scratch") == regime and r["student"] == student
+                    and r["arm"] == arm]
             for x, k in enumerate(kinds):
                 accs = [100 * r["kinds"][k] for r in runs if k in r["kinds"]]
                 if not accs:
@@ -381,13 +437,13 @@ def plots(results: dict, out: Path) -> list[Path]:
             ax.hlines(100 * teacher.get(k, 0), x - 0.45, x + 0.45, colors="crimson", linestyles="--",
                       label="teacher" if x == 0 else None)
         ax.set_xticks(range(len(kinds)), kinds)
-        ax.set_title(f"{student} student", fontsize=10)
-    axes[0][0].set_ylabel("held-out exact match (%)")
+        ax.set_title(f"{regime} regime, {student} student", fontsize=10)
+        ax.set_ylabel("held-out exact match (%)")
     handles, labels = axes[0][0].get_legend_handles_labels()  # below the panels: never over a bar
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(labels), frameon=False)
     fig.suptitle(f"Same budget ({results['setup']['steps']} steps x {results['setup']['batch_size']}), "
                  f"{len(results['setup']['seeds'])} seed(s)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.1 / len(regimes), 1, 1))
     png = out / "quality_suite_accuracy.png"
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -403,6 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", help="comma-separated, e.g. 0,1,2")
     p.add_argument("--arms", help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--students", help=f"comma-separated subset of {','.join(STUDENTS)}")
+    p.add_argument("--regimes", help=f"comma-separated subset of {','.join(REGIMES)}")
     p.add_argument("--steps", type=int, help="optimizer steps per arm (the fixed budget)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any Setup field (JSON value), e.g. --set w_kl=0.5 --set stage_split=[0.2,0.5,0.3]")
@@ -434,6 +491,11 @@ def main(argv: list[str] | None = None) -> dict:
         if not hasattr(s, k):
             p.error(f"--set {k}: no such setting; see Setup in bench/quality.py")
         setattr(s, k, json.loads(v))
+    if args.regimes:
+        s.regimes = [a for a in args.regimes.split(",") if a]
+    bad = set(s.regimes) - set(REGIMES)
+    if bad:
+        p.error(f"unknown regime(s) {sorted(bad)}; choose from {REGIMES}")
 
     t_start = time.perf_counter()
     info = env()
@@ -451,6 +513,9 @@ def main(argv: list[str] | None = None) -> dict:
     extra = write_tasks(out / "data" / "teacher_extra", s.kinds, s.n_teacher_extra, s.teacher_data_seed, parts[0])
     teacher_data = combine(out / "data" / "teacher.jsonl", [train_data, extra])
     test_data = write_tasks(out / "data" / "test", s.kinds, s.n_test, s.test_seed, parts[2])
+    # the users' regime's generic visual mix: digits from the teacher's part (never the test split's)
+    generic_data = write_generic_mix(out / "data" / "generic", s.n_generic, s.generic_seed, parts[0])
+    generic_test = write_generic_mix(out / "data" / "generic_test", s.n_generic_test, s.generic_test_seed, parts[0])
 
     # 2. teacher: build, SFT on the task, evaluate, extract the real cache
     from genrecal_cache.testing import build_tiny_teacher
@@ -480,20 +545,32 @@ def main(argv: list[str] | None = None) -> dict:
                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
                "date": time.strftime("%Y-%m-%d"), "command": "python bench/quality.py " + " ".join(argv or sys.argv[1:]),
                "teacher": {"eval": {k: v for k, v in t_eval.items() if k != "predictions"}, "train_s": t_secs},
-               "runs": []}
+               "pretrain": [], "runs": []}
 
-    # 3. students x arms x seeds: independent runs, `--workers` at a time (one thread each: these tiny
-    # models do not scale over threads, so N processes give ~N times the throughput of one)
-    jobs = []
-    for seed in s.seeds:
-        for student in s.students:
-            sdir = build_student(student, out / "students" / f"{student}-seed{seed}", seed, s)
-            jobs += [(student, arm, seed, str(out), str(caches.get(arm, cache)), str(sdir), str(test_data),
-                      arm_config(arm, s), s.max_new_tokens) for arm in s.arms]
-    workers = max(1, min(args.workers, len(jobs)))
+    # 3. students (x regimes) x arms x seeds: independent runs, `--workers` at a time (one thread each: these
+    # tiny models do not scale over threads, so N processes give ~N times the throughput of one). The users'
+    # regime first pre-trains every (student, seed) on the generic mix, then starts from that model.
+    inits = {(student, seed): build_student(student, out / "students" / f"{student}-seed{seed}", seed, s)
+             for seed in s.seeds for student in s.students}
+    pre_jobs = []
+    if "users" in s.regimes:
+        generic_cache = extract_cache(t_init, generic_data, out / "generic_cache")
+        pre_kw = dict(stages=[3], stage_steps=[s.pretrain_steps], batch_size=s.pretrain_batch, lr=s.pretrain_lr,
+                      lr_end=s.pretrain_lr_end, train_vision=True)
+        pre_jobs = [(student, seed, str(out / "students" / f"{student}-seed{seed}-pretrained"), str(generic_cache),
+                     str(init), str(generic_test), pre_kw, s.max_new_tokens) for (student, seed), init in inits.items()]
+    workers = max(1, min(args.workers, len(s.seeds) * len(s.students) * len(s.arms) * len(s.regimes)))
     with (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread)
           if workers > 1 else contextlib.nullcontext()) as pool:
         try:
+            for pre in (pool.map if pool else map)(run_pretrain, pre_jobs):
+                results["pretrain"].append(pre)
+            pretrained = {(r["student"], r["seed"]): r["final"] for r in results["pretrain"]}
+            jobs = [(regime, student, arm, seed, str(out), str(caches.get(arm, cache)),
+                     str(inits[student, seed] if regime == "scratch" else pretrained[student, seed]), str(test_data),
+                     arm_config(arm, s), s.max_new_tokens)
+                    for seed in s.seeds for regime in sorted(s.regimes, key=REGIMES[::-1].index)
+                    for student in s.students for arm in s.arms]
             for run in (pool.map if pool else map)(run_arm, jobs):
                 results["runs"].append(run)
                 (out / "results.partial.json").write_text(json.dumps(results, indent=1))

@@ -123,3 +123,57 @@ def write_tasks(folder: Path, kinds: list[str], n_per_kind: int, seed: int, digi
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
     return path
+
+
+# --- the users' regime: a generic visual mix that is not the distillation tasks --------------------
+
+ROWS = ("top", "middle", "bottom")
+GENERIC_FACTS = ("caption", "row", "present", "parity")
+
+
+def _generic(fact: str, rng: random.Random, digit: tuple[Image.Image, int]) -> tuple[Image.Image, str, str]:
+    """(image, question, answer) for one generic fact: other attributes (row, presence of a colour, a digit's
+    parity) and captions, so that a student learns to see without being taught the distillation questions."""
+    if fact == "caption":
+        shape, colour, col = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.randrange(3)
+        row = rng.randrange(3)
+        img = _render([(shape, colour, *_cell_centre(3 * row + col, SIZE))], SIZE)
+        return img, "Caption the image.", f"a {colour} {shape} at the {ROWS[row]}"
+    if fact == "row":
+        shape, colour, col = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.randrange(3)
+        row = rng.randrange(3)
+        img = _render([(shape, colour, *_cell_centre(3 * row + col, SIZE))], SIZE)
+        return img, "Is the shape at the top, in the middle or at the bottom?", ROWS[row]
+    if fact == "present":
+        k = rng.randint(1, 3)
+        colours = [rng.choice(list(COLOURS)) for _ in range(k)]
+        items = [(rng.choice(SHAPES), c, *_cell_centre(cell, SIZE)) for c, cell in zip(colours, rng.sample(range(9), k))]
+        asked = rng.choice(colours) if rng.random() < 0.5 else rng.choice(list(COLOURS))
+        return _render(items, SIZE), f"Is there a {asked} shape?", "yes" if asked in colours else "no"
+    img, value = digit  # parity
+    return img, "Is the digit odd or even?", "odd" if value % 2 else "even"
+
+
+def write_generic_mix(folder: Path, n: int, seed: int, digits_part: tuple[int, int]) -> Path:
+    """`n` questions of the generic mix (GENERIC_FACTS in turn) into `folder`/data.jsonl + images/; qtype
+    "generic/<fact>"; returns the JSONL."""
+    path = folder / "data.jsonl"
+    if path.is_file():
+        return path
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    digit_images, digit_values = _digits(digits_part)
+    lines = []
+    for i in range(n):
+        fact = GENERIC_FACTS[i % len(GENERIC_FACTS)]
+        k = rng.randrange(len(digit_images))
+        img, question, answer = _generic(fact, rng, (digit_images[k], digit_values[k]))
+        sid = f"generic-{i:05d}"
+        img.save(folder / "images" / f"{sid}.png")
+        lines.append(json.dumps({"id": sid, "image": f"images/{sid}.png", "qtype": f"generic/{fact}",
+                                 "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                                   {"from": "gpt", "value": answer}]}))
+    tmp = folder / "data.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
