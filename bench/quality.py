@@ -569,8 +569,8 @@ def main(argv: list[str] | None = None) -> dict:
             jobs = [(regime, student, arm, seed, str(out), str(caches.get(arm, cache)),
                      str(inits[student, seed] if regime == "scratch" else pretrained[student, seed]), str(test_data),
                      arm_config(arm, s), s.max_new_tokens)
-                    for seed in s.seeds for regime in sorted(s.regimes, key=REGIMES[::-1].index)
-                    for student in s.students for arm in s.arms]
+                    for regime in sorted(s.regimes, key=REGIMES[::-1].index) for seed in s.seeds
+                    for student in s.students for arm in s.arms]  # the users' regime first: the product's case
             for run in (pool.map if pool else map)(run_arm, jobs):
                 results["runs"].append(run)
                 (out / "results.partial.json").write_text(json.dumps(results, indent=1))

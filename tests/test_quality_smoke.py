@@ -168,25 +168,48 @@ def _quality_module():
 
 
 def test_report_from_run_results(tmp_path):
-    """summarize/plots turn per-run eval reports into one table per student (task kinds as columns, the
-    better SFT schedule per kind, GenRecal's margin over it) and a PNG."""
+    """summarize/plots turn per-run eval reports into one table per regime and student (task kinds as columns),
+    SFT at its best over tower x warm-up per kind, GenRecal at its best over the tower, the margin between them."""
     q = _quality_module()
     per = lambda w, p: {"word/colour": {"n": 10, "correct": int(10 * w)}, "phrase/count": {"n": 10, "correct": int(10 * p)}}  # noqa: E731
-    results = {"setup": {"arms": ["sft", "sft_warmup", "genrecal"], "students": ["llava"], "kinds": ["word", "phrase"],
+    arms = ["sft", "sft_warmup", "sft_frozen", "genrecal", "genrecal_frozen"]
+    results = {"setup": {"arms": arms, "students": ["llava"], "kinds": ["word", "phrase"], "regimes": ["scratch", "users"],
                          "steps": 6, "batch_size": 2, "seeds": [0, 1]},
                "teacher": {"eval": {"accuracy": 0.9, "per_type": per(0.9, 0.9)}}, "runs": []}
-    for arm, accs in (("sft", ((0.4, 0.2), (0.6, 0.2))), ("sft_warmup", ((0.3, 0.4), (0.3, 0.4))),
-                      ("genrecal", ((0.6, 0.7), (0.8, 0.7)))):
-        for seed, (w, ph) in enumerate(accs):
-            results["runs"].append({"student": "llava", "arm": arm, "seed": seed, "per_type": per(w, ph),
-                                    "kinds": q.per_kind({"per_type": per(w, ph)})})
-    table, summary = q.summarize(results)
-    assert "| SFT only, no warm-up | 2 | 50.0 ± 14.1 | 20.0 ± 0.0 |" in table
-    assert "| SFT (best schedule per kind) |  | 50.0 | 40.0 |" in table  # no warm-up on word, warm-up on phrase
-    assert "| GenRecal - SFT (best) |  | +20.0 | +30.0 |" in table
-    assert summary["llava"]["margin"]["phrase"] == pytest.approx(0.3)
+    scratch = {"sft": ((0.4, 0.2), (0.6, 0.2)), "sft_warmup": ((0.3, 0.4), (0.3, 0.4)),
+               "sft_frozen": ((0.5, 0.1), (0.3, 0.1)), "genrecal": ((0.6, 0.7), (0.8, 0.7)),
+               "genrecal_frozen": ((0.9, 0.5), (0.9, 0.5))}
+    users = {arm: ((0.8, 0.8), (0.8, 0.8)) if arm == "sft_frozen" else ((0.5, 0.5), (0.5, 0.5)) for arm in arms}
+    for regime, table in (("scratch", scratch), ("users", users)):
+        for arm, accs in table.items():
+            for seed, (w, ph) in enumerate(accs):
+                results["runs"].append({"regime": regime, "student": "llava", "arm": arm, "seed": seed,
+                                        "per_type": per(w, ph), "kinds": q.per_kind({"per_type": per(w, ph)})})
+    text, summary = q.summarize(results)
+    assert "**scratch regime, llava student**" in text and "**users regime, llava student**" in text
+    assert "| SFT only, no warm-up | 2 | 50.0 ± 14.1 | 20.0 ± 0.0 |" in text
+    # no warm-up wins on word, warm-up on phrase; the frozen tower ties on word (40 vs 50: no) and loses on phrase
+    assert "| SFT at its best (arm per kind) |  | 50.0 (sft) | 40.0 (sft_warmup) |" in text
+    assert "| GenRecal at its best (tower per kind) |  | 90.0 (genrecal_frozen) | 70.0 (genrecal) |" in text
+    assert "| GenRecal - SFT (both at their best) |  | +40.0 | +30.0 |" in text
+    assert summary["scratch"]["llava"]["margin"]["phrase"] == pytest.approx(0.3)
+    assert summary["users"]["llava"]["sft_best_arm"] == {"word": "sft_frozen", "phrase": "sft_frozen"}
+    assert summary["users"]["llava"]["margin"]["word"] == pytest.approx(-0.3)
     pngs = q.plots(results, tmp_path)
     assert all(p.is_file() and p.stat().st_size > 1000 for p in pngs)
+
+
+def test_the_generic_mix_is_not_the_distillation_tasks(tmp_path):
+    """The users' regime pre-trains on other questions than the suite's: no question of the generic mix is
+    one of the distillation set's, and its digits come from the part given (never the test split's)."""
+    tasks = _bench_module("quality_tasks")
+    generic = tasks.write_generic_mix(tmp_path / "generic", 40, 3, (0, 1000))
+    train = tasks.write_tasks(tmp_path / "train", list(tasks.KINDS), 12, 2, (1000, 1497))
+    question = lambda line: json.loads(line)["conversations"][0]["value"]  # noqa: E731
+    g = [json.loads(x) for x in generic.read_text().splitlines()]
+    assert {r["qtype"] for r in g} == {f"generic/{f}" for f in tasks.GENERIC_FACTS}
+    assert not {question(x) for x in generic.read_text().splitlines()} & {question(x) for x in train.read_text().splitlines()}
+    assert all((generic.parent / r["image"]).is_file() for r in g)
 
 
 def test_an_out_folder_keeps_its_data_and_model_settings(tmp_path):
