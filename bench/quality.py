@@ -137,6 +137,9 @@ class Setup:
     recal_layers: int = 2
     temperature: float = 1.0
     w_uld: float = 1.0
+    # TrainConfig fields set in every GenRecal arm on top of the above (method changes measured on the whole suite),
+    # e.g. --set 'genrecal_overrides={"freeze_recalibrator_in_stage2": true}'
+    genrecal_overrides: dict = field(default_factory=dict)
     max_new_tokens: int = 40  # greedy answer length limit at evaluation (the clause answers are long)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     arms: list[str] = field(default_factory=lambda: ["sft", "sft_warmup", "sft_frozen", "sft_warmup_frozen", "genrecal",
@@ -147,7 +150,7 @@ class Setup:
 # Every other Setup field shapes what an --out reuses whenever it exists (data splits, model inits,
 # the teacher cache), so `check_inputs` holds an --out to one choice of them.
 ARM_KNOBS = frozenset({"steps", "batch_size", "lr", "lr_end", "warmup", "stage_split", "w_ar", "w_kl", "w_student",
-                       "recal_layers", "temperature", "w_uld", "seeds", "arms", "students", "max_new_tokens",
+                       "recal_layers", "temperature", "w_uld", "genrecal_overrides", "seeds", "arms", "students", "max_new_tokens",
                        "regimes"})
 
 QUICK = dict(n_train=30, n_teacher_extra=30, n_test=10, teacher_steps=60, teacher_batch=8, teacher_hidden=128,
@@ -292,7 +295,8 @@ def arm_config(arm: str, s: Setup) -> dict:
     n3 = max(1, s.steps - n1 - n2)
     # genrecal_<context>: the default arm on a cache stored with another context policy (same settings)
     return dict(stages=[1, 2, 3], stage_steps=[n1, n2, n3], use_reg_pass=arm != "genrecal_noreg",
-                main_pass_answer="teacher" if arm == "genrecal_paper" else "student_aligned", **common)
+                main_pass_answer="teacher" if arm == "genrecal_paper" else "student_aligned",
+                **{**common, **s.genrecal_overrides})
 
 
 def build_student(kind: str, out: Path, seed: int, s: Setup) -> Path:
