@@ -20,14 +20,22 @@ are reused as they are, so an --out made with other data/model settings is refus
 3. students, each built fresh per seed, with their own tokenizer and chat template:
    - llava    LLaVA (Llama + SigLIP, 16 image tokens), `build_tiny_student`
    - qwen2vl  Qwen2-VL architecture (4 image tokens) with a smaller tokenizer of its own (other merges)
+   in two regimes (`--regimes`):
+   - users    (run first) each student is first pre-trained, its tower trained, on a generic visual mix that is
+              not the distillation tasks (captions, a shape's row, "is there a red shape?", a digit's parity;
+              `write_generic_mix`), so that it sees, as a real pretrained student does; the arms start from it
+   - scratch  the arms start from the fresh init
 4. arms, each over several seeds with the SAME budget (samples per step, optimizer steps):
-   - sft, sft_warmup  student SFT only (stages [3], all steps), without / with the LR warm-up; the
-                      table's "SFT (best schedule)" is the better of the two per student and task kind
-   - genrecal         GenRecal stages 1-3 with the trainer's default main pass (student-aligned answer rows)
+   - sft, sft_warmup  student SFT only (stages [3], all steps), without / with the LR warm-up, tower trained;
+     sft_frozen, sft_warmup_frozen  the same with the tower frozen (the product's default). The table's
+                      "SFT at its best" is the best of the four per regime, student and task kind
+   - genrecal         GenRecal stages 1-3 with the trainer's default main pass (student-aligned answer rows),
+                      tower trained; genrecal_frozen the same, tower frozen; "GenRecal at its best" is the
+                      better of the two per task kind (the same choice SFT gets)
    - genrecal_noreg   the same without the regularization pass (ablation)
    - genrecal_paper   the paper's main pass (teacher answer rows, `main_pass_answer="teacher"`)
    - uld              cross-tokenizer logit KD (Universal Logit Distillation, Boizard et al. 2024)
-5. tables per student (mean +- std exact match per task kind, teacher as ceiling), results.json and
+5. tables per regime and student (mean +- std exact match per task kind, teacher as ceiling), results.json and
    an accuracy chart (PNG) under the --out folder, copied to docs/img/.
 """
 
