@@ -124,11 +124,11 @@ class Setup:
     # is not the distillation tasks (bench/quality_tasks.py: captions, a shape's row, is there a <colour> shape,
     # a digit's parity), so that it sees, as a real pretrained student does; "scratch" starts from the init
     regimes: list[str] = field(default_factory=lambda: list(REGIMES))
-    n_generic: int = 2000
+    n_generic: int = 4000
     generic_seed: int = 3
     n_generic_test: int = 200
     generic_test_seed: int = 4
-    pretrain_steps: int = 1000
+    pretrain_steps: int = 3000
     pretrain_batch: int = 16
     pretrain_lr: float = 1e-3
     pretrain_lr_end: float = 1e-4
