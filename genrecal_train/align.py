@@ -18,14 +18,15 @@ The main pass's answer rows (`TrainConfig.main_pass_answer`; why: genrecal_train
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
-__all__ = ["Rows", "StudentRows", "answer_char_ends", "answer_start_rows", "example_rows", "student_answer_rows",
-           "student_question_index", "teacher_rows", "uld_rows"]
+__all__ = ["BatchRows", "Rows", "StudentRows", "answer_char_ends", "answer_start_rows", "batch_rows", "example_rows",
+           "student_answer_rows", "student_question_index", "teacher_rows", "uld_rows"]
 
 Spans = list[tuple[int, int]]
 
@@ -51,14 +52,67 @@ class Rows:
     uld_student: Tensor  # index-aligned answer states of the ULD baseline (genrecal_train/uld.py)
     uld_teacher: Tensor
 
-    def main_pass(self, mode: str) -> StudentRows:
-        """The student rows of main pass `mode` ("teacher" or "student_aligned")."""
+
+@dataclass(frozen=True)
+class BatchRows:
+    """A batch's loss rows, padded to [B, L] with bool validity masks, made by `batch_rows` on the data thread.
+
+    The teacher side is gathered already (z_al, z_ql in the cache's stored precision, zero-padded: the model
+    only widens them on its device). The student side is flat indices into the student's states viewed as
+    [B * Ls, d_s] (`hs.reshape(-1, d_s)`, Ls the padded student length); padded entries point at row 0 and
+    are masked out."""
+    teacher_answer: Tensor  # [B, La, dt] z_al
+    answer_mask: Tensor  # [B, La]
+    teacher_question: Tensor  # [B, Lq, dt] z_ql
+    question_mask: Tensor  # [B, Lq]
+    targets: Tensor  # [n] gt_l of the valid answer rows, in `answer_mask` order
+    student_question: Tensor  # [B, Lqs] z_qs
+    student_question_mask: Tensor  # [B, Lqs]
+    answer_start: tuple[Tensor, Tensor]  # main_pass_answer="teacher": (index [B, La], where it applies [B, La])
+    student_aligned: tuple[Tensor, Tensor] | None  # main_pass_answer="student_aligned"; None without tokenizers
+
+    def main_pass(self, mode: str) -> tuple[Tensor, Tensor]:
+        """(flat student index [B, La], bool [B, La] rows it replaces Proj-pre(z_al) in) of main pass `mode`
+        ("teacher" or "student_aligned")."""
         if mode == "teacher":
             return self.answer_start
         if self.student_aligned is None:
             raise ValueError("main_pass_answer='student_aligned' needs rows aligned by text: make the examples with "
                              "make_example(..., teacher_tokenizer=...) (or train with --main-pass-answer teacher)")
         return self.student_aligned
+
+    def pin_memory(self) -> "BatchRows":
+        """The same rows in page-locked memory (fast, asynchronous copies to a GPU)."""
+        pin = lambda t: None if t is None else (tuple(x.pin_memory() for x in t) if isinstance(t, tuple)  # noqa: E731
+                                                else t.pin_memory())
+        return BatchRows(**{f.name: pin(getattr(self, f.name)) for f in fields(self)})
+
+
+def _pad(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Zero-pad a ragged list of [L_i, ...] into [B, L, ...] plus its bool validity mask [B, L]."""
+    mask = pad_sequence([torch.ones(r.shape[0], dtype=torch.bool) for r in rows], batch_first=True)
+    return pad_sequence(rows, batch_first=True), mask
+
+
+def _placed_index(placed: list[StudentRows], student_len: int, n_rows: int) -> tuple[Tensor, Tensor]:
+    index = torch.zeros(len(placed), n_rows, dtype=torch.long)
+    for i, p in enumerate(placed):
+        index[i, p.rows] = p.states + i * student_len
+    return index, _pad([p.mask for p in placed])[0]
+
+
+def batch_rows(rows: list[Rows], teacher_hidden: list[Tensor], student_len: int) -> BatchRows:
+    """The `BatchRows` of a batch of examples: their `Rows`, cached teacher states [Lt_i, dt] and the padded
+    student length (the student states' dim 1)."""
+    za, a_mask = _pad([h[r.teacher_answer] for r, h in zip(rows, teacher_hidden)])
+    zl, l_mask = _pad([h[r.teacher_question] for r, h in zip(rows, teacher_hidden)])
+    zq, q_mask = _pad([r.student_question + i * student_len for i, r in enumerate(rows)])
+    n_rows = za.shape[1]
+    aligned = None
+    if all(r.student_aligned is not None for r in rows):
+        aligned = _placed_index([r.student_aligned for r in rows], student_len, n_rows)
+    return BatchRows(za, a_mask, zl, l_mask, torch.cat([r.targets for r in rows]), zq, q_mask,
+                     _placed_index([r.answer_start for r in rows], student_len, n_rows), aligned)
 
 
 def teacher_rows(hidden_rows: Tensor, teacher_ids: Tensor, spans: Spans) -> tuple[Tensor, Tensor, Tensor]:

@@ -23,7 +23,7 @@ from genrecal_cache.format.roles import answer_rows
 from genrecal_cache.io.prefetch import prefetch
 from genrecal_cache.parts import MultiPartCache
 from genrecal_cache.reader import CachedSample, Precision, TeacherCache
-from genrecal_train.align import Rows, example_rows
+from genrecal_train.align import BatchRows, Rows, batch_rows, example_rows
 from genrecal_train.errors import TrainError
 
 __all__ = ["Batch", "CacheStream", "Example", "collate", "make_example"]
@@ -48,6 +48,7 @@ class Batch:
     student_inputs: dict[str, torch.Tensor]  # padded ids, attention mask, pixel values...
     student_labels: torch.Tensor  # [B, Ls] padded with -100
     position: int  # samples of this stream consumed once this batch is done (resume point)
+    rows: BatchRows  # the examples' loss rows, padded, teacher states gathered (stages 1 and 2)
 
     @property
     def num_tokens(self) -> int:
@@ -91,7 +92,8 @@ def collate(examples: list[Example], pad_id: int, position: int) -> Batch:
     labels = torch.full(inputs["input_ids"].shape, -100, dtype=torch.long)
     for i, e in enumerate(examples):
         labels[i, : e.student_labels.shape[0]] = e.student_labels
-    return Batch(examples, inputs, labels, position)
+    rows = batch_rows([e.rows for e in examples], [e.teacher_hidden for e in examples], labels.shape[1])
+    return Batch(examples, inputs, labels, position, rows)
 
 
 class CacheStream:
@@ -145,8 +147,6 @@ class CacheStream:
                     yield position, None
                     continue
                 n_unusable, reasons = 0, []
-                if self.pin_memory:
-                    example.teacher_hidden = example.teacher_hidden.pin_memory()
                 yield position, example
             epoch, offset = epoch + 1, 0
 
@@ -164,7 +164,10 @@ class CacheStream:
             if ex is not None:
                 group.append(ex)
             if len(group) == self.batch_size:
-                yield collate(group, self.pad_id, pos)
+                batch = collate(group, self.pad_id, pos)
+                if self.pin_memory:  # what the model copies to the GPU: the gathered teacher states
+                    batch.rows = batch.rows.pin_memory()
+                yield batch
                 group = []
 
     def batches(self, position: int = 0) -> Iterator[Batch]:

@@ -14,8 +14,9 @@ The main pass's answer rows (`TrainConfig.main_pass_answer`):
         (docs/method.md, "How our default differs from the paper").
 Multi-turn samples put all question tokens before all answer tokens (the paper has one turn).
 
-Every index above is computed once per example on the data thread (`Example.rows`, genrecal_train/align.py):
-`forward` only gathers, pads and runs the tensors.
+Every index above is computed once per example on the data thread (`Example.rows`, genrecal_train/align.py),
+and padded per batch there too, with the teacher states gathered (`Batch.rows`): `forward` only gathers the
+student's states and runs the tensors.
 """
 
 from __future__ import annotations
@@ -24,11 +25,9 @@ import contextlib
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pad_sequence
 
 from genrecal_cache.families import FamilyAdapter
 from genrecal_cache.format.head import TeacherHead
-from genrecal_train.align import Rows
 from genrecal_train.config import TrainConfig
 from genrecal_train.data import Batch
 from genrecal_train.losses import answer_losses, chunked_ce
@@ -36,13 +35,6 @@ from genrecal_train.recalibrator import Recalibrator
 from genrecal_train.uld import uld_loss
 
 __all__ = ["GenRecal"]
-
-
-def _pad_rows(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Pad a ragged list of [L_i, d] into [B, L, d] plus its bool validity mask."""
-    x = pad_sequence(rows, batch_first=True)
-    mask = pad_sequence([torch.ones(r.shape[0], dtype=torch.bool, device=r.device) for r in rows], batch_first=True)
-    return x, mask
 
 
 class GenRecal(nn.Module):
@@ -100,25 +92,17 @@ class GenRecal(nn.Module):
             losses["l_uld"] = uld_loss(hs, lm, self.head, batch.examples, self.cfg.temperature)
             total = total + self.cfg.w_uld * losses["l_uld"]
         if stage in (1, 2):
-            z_qs, z_al, z_ql, targets, s_al, s_rows = [], [], [], [], [], []
-            for i, e in enumerate(batch.examples):
-                r = e.rows
-                th = e.teacher_hidden.to(dev, non_blocking=True).float()  # bf16 as stored: widened here
-                z_qs.append(hs[i, r.student_question.to(dev)])
-                z_al.append(th[r.teacher_answer.to(dev)])
-                z_ql.append(th[r.teacher_question.to(dev)])
-                targets.append(r.targets.to(dev))
-                s, sm = self._student_answer_rows(r, hs[i])
-                s_al.append(s)
-                s_rows.append(sm)
-            za, a_mask = _pad_rows(z_al)
-            zq, q_mask = _pad_rows(z_qs)
-            sa, _ = _pad_rows(s_al)
-            sm, _ = _pad_rows(s_rows)
-            zl, l_mask = _pad_rows(z_ql) if self.cfg.use_reg_pass else (None, None)
-            r_main, r_reg = self.recalibrator(za, a_mask, z_qs=zq, qs_mask=q_mask, z_ql=zl, ql_mask=l_mask,
-                                              s_al=sa, s_mask=sm)
-            tgt = torch.cat(targets)
+            rows, flat = batch.rows, hs.reshape(-1, hs.shape[-1])  # student index: into [B * Ls, d_s]
+            za = rows.teacher_answer.to(dev, non_blocking=True).float()  # bf16 as stored: widened here
+            a_mask = rows.answer_mask.to(dev)
+            index, sm = rows.main_pass(self.cfg.main_pass_answer)
+            zl, l_mask = None, None
+            if self.cfg.use_reg_pass:
+                zl, l_mask = rows.teacher_question.to(dev, non_blocking=True).float(), rows.question_mask.to(dev)
+            r_main, r_reg = self.recalibrator(za, a_mask, z_qs=flat[rows.student_question.to(dev)],
+                                              qs_mask=rows.student_question_mask.to(dev), z_ql=zl, ql_mask=l_mask,
+                                              s_al=flat[index.to(dev)], s_mask=sm.to(dev))
+            tgt = rows.targets.to(dev)
             z_t = za[a_mask]
             T, chunk = self.cfg.temperature, self.cfg.loss_chunk
             losses["l_ar"], losses["l_kl"] = answer_losses(self.head, r_main[a_mask], z_t, tgt, T, chunk)
@@ -128,10 +112,3 @@ class GenRecal(nn.Module):
                 total = total + self.cfg.w_ar * losses["reg_ar"] + self.cfg.w_kl * losses["reg_kl"]
         losses["loss"] = total
         return losses
-
-    def _student_answer_rows(self, rows: Rows, hs: Tensor) -> tuple[Tensor, Tensor]:
-        """(student-space rows [n, d_s], bool [n] where they replace Proj-pre(z_al)) of one sample's main pass."""
-        dev, placed = hs.device, rows.main_pass(self.cfg.main_pass_answer)
-        n = placed.mask.shape[0]
-        s = hs.new_zeros(n, hs.shape[-1]).index_copy(0, placed.rows.to(dev), hs[placed.states.to(dev)])
-        return s, placed.mask.to(dev)

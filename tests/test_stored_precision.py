@@ -71,6 +71,8 @@ def test_forward_on_stored_precision_equals_the_float32_read(bf16_cache: Path, s
         stream = CacheStream(cache, adapter, processor, batch_size=2, max_len=2048, prefetch=1, teacher_tokenizer=tok,
                              precision="stored", pin_memory=True)
         try:
-            assert all(e.teacher_hidden.is_pinned() for e in next(stream.batches()).examples)
+            rows = next(stream.batches()).rows
+            assert rows.teacher_answer.dtype == torch.bfloat16
+            assert rows.teacher_answer.is_pinned() and rows.teacher_question.is_pinned()
         finally:
             stream.close()
