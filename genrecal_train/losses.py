@@ -1,9 +1,10 @@
 """GenRecal losses, chunked over tokens so a [T, V] logits tensor (V ~ 152k) never exists whole.
 
-Every chunk of token rows runs under non-reentrant activation checkpointing: the forward keeps one
-scalar per chunk, and the backward recomputes one chunk's logits at a time. Peak memory is a single
-chunk's logits in both directions (as torchtune's chunked CE/KD losses, with the recompute
-bounding the backward as well).
+When the rows span several chunks, every chunk runs under non-reentrant activation checkpointing: the
+forward keeps one scalar per chunk, and the backward recomputes one chunk's logits at a time. Peak memory
+is a single chunk's logits in both directions (as torchtune's chunked CE/KD losses, with the recompute
+bounding the backward as well). Rows that fit one chunk keep that chunk's tensors for the backward
+instead of recomputing them: the same peak, the same values.
 
 Inputs are token rows: any leading shape is flattened, so select the answer rows first
 (`r_al[a_mask]`, `z_al[a_mask]`, targets likewise) or mark padded rows with `ignore_index`.
@@ -12,7 +13,7 @@ The teacher head is frozen (its tensors are buffers) but gradients flow through 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +50,13 @@ def _kl_rows(teacher_logp: Tensor, logp: Tensor) -> Tensor:
 
 
 def _chunked_sum(fn: Callable[..., Tensor], rows: list[Tensor], chunk: int) -> Tensor:
-    """sum over chunks c of fn(*(t[c] for t in rows)); each chunk checkpointed when grads are on."""
+    """sum over chunks c of fn(*(t[c] for t in rows)); each chunk checkpointed when grads are on and there
+    is more than one (one chunk's tensors are the peak either way: a lone chunk is not recomputed)."""
     n, total = rows[0].shape[0], None
+    recompute = torch.is_grad_enabled() and n > chunk
     for s in range(0, max(n, 1), chunk):  # an empty input still runs once: a 0 loss with a graph
         part = [t[s:s + chunk] for t in rows]
-        out = checkpoint(fn, *part, use_reentrant=False) if torch.is_grad_enabled() else fn(*part)
+        out = checkpoint(fn, *part, use_reentrant=False) if recompute else fn(*part)
         total = out if total is None else total + out
     return total
 
@@ -84,27 +87,31 @@ def teacher_kl(head: TeacherHead, r: Tensor, z_teacher: Tensor, temperature: flo
     return _chunked_sum(fn, [r, z], chunk) * temperature ** 2 / max(r.shape[0], 1)
 
 
-def answer_losses(head: TeacherHead, r: Tensor, z_teacher: Tensor, target_ids: Tensor,
+def answer_losses(head: TeacherHead, passes: Sequence[Tensor], z_teacher: Tensor, target_ids: Tensor,
                   temperature: float = 1.0, chunk: int = LOSS_CHUNK,
-                  ignore_index: int = -100) -> tuple[Tensor, Tensor]:
-    """(L_ar, L_kl) of one Recalibrator pass with one Head_l(r) per chunk instead of two.
+                  ignore_index: int = -100) -> list[tuple[Tensor, Tensor]]:
+    """(L_ar, L_kl) of each Recalibrator pass in `passes` (rows r [n, d] each, the same answer rows), with one
+    Head_l(r) per pass and chunk for both terms and the teacher's distribution computed once per chunk for
+    all passes (the main and the regularization pass share their targets).
 
-    Same values as `answer_ce(head, r, target_ids)` and `teacher_kl(head, r, z_teacher, T)` over the
-    rows whose target is not ignore_index (those rows are left out of both).
-    """
-    r, z, tgt = _rows(r), _rows(z_teacher).detach(), target_ids.reshape(-1)
+    Each pair has the values of `answer_ce(head, r, target_ids)` and `teacher_kl(head, r, z_teacher, T)`
+    over the rows whose target is not ignore_index (those rows are left out of both)."""
+    z, tgt = _rows(z_teacher).detach(), target_ids.reshape(-1)
 
-    def fn(r: Tensor, z: Tensor, t: Tensor) -> Tensor:
-        logits = _head_logits(head, r, False)
-        logp = _log_probs(logits)
-        ce = F.nll_loss(logp, t, ignore_index=ignore_index, reduction="sum")
-        s = logp if temperature == 1.0 else _log_probs(logits, temperature)  # T=1: share the softmax
-        kl = _kl_rows(_log_probs(_head_logits(head, z, True), temperature), s)
-        return torch.stack([ce, (kl * (t != ignore_index)).sum()])
+    def fn(z: Tensor, t: Tensor, *rs: Tensor) -> Tensor:
+        teacher = _log_probs(_head_logits(head, z, True), temperature)
+        out = []
+        for r in rs:
+            logits = _head_logits(head, r, False)
+            logp = _log_probs(logits)
+            ce = F.nll_loss(logp, t, ignore_index=ignore_index, reduction="sum")
+            s = logp if temperature == 1.0 else _log_probs(logits, temperature)  # T=1: share the softmax
+            out += [ce, (_kl_rows(teacher, s) * (t != ignore_index)).sum()]
+        return torch.stack(out)
 
-    ce, kl = _chunked_sum(fn, [r, z, tgt], chunk)
+    sums = _chunked_sum(fn, [z, tgt, *(_rows(r) for r in passes)], chunk)
     n = (tgt != ignore_index).sum().clamp(min=1)
-    return ce / n, kl * temperature ** 2 / n
+    return [(sums[2 * k] / n, sums[2 * k + 1] * temperature ** 2 / n) for k in range(len(passes))]
 
 
 def chunked_ce(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, ignore_index: int = -100,

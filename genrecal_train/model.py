@@ -103,12 +103,10 @@ class GenRecal(nn.Module):
                                               qs_mask=rows.student_question_mask.to(dev), z_ql=zl, ql_mask=l_mask,
                                               s_al=flat[index.to(dev)], s_mask=sm.to(dev))
             tgt = rows.targets.to(dev)
-            z_t = za[a_mask]
-            T, chunk = self.cfg.temperature, self.cfg.loss_chunk
-            losses["l_ar"], losses["l_kl"] = answer_losses(self.head, r_main[a_mask], z_t, tgt, T, chunk)
-            total = total + self.cfg.w_ar * losses["l_ar"] + self.cfg.w_kl * losses["l_kl"]
-            if r_reg is not None:
-                losses["reg_ar"], losses["reg_kl"] = answer_losses(self.head, r_reg[a_mask], z_t, tgt, T, chunk)
-                total = total + self.cfg.w_ar * losses["reg_ar"] + self.cfg.w_kl * losses["reg_kl"]
+            passes = [r_main[a_mask]] + ([] if r_reg is None else [r_reg[a_mask]])
+            terms = answer_losses(self.head, passes, za[a_mask], tgt, self.cfg.temperature, self.cfg.loss_chunk)
+            for (ar, kl), (n_ar, n_kl) in zip(terms, [("l_ar", "l_kl"), ("reg_ar", "reg_kl")]):
+                losses[n_ar], losses[n_kl] = ar, kl
+                total = total + self.cfg.w_ar * ar + self.cfg.w_kl * kl
         losses["loss"] = total
         return losses

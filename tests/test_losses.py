@@ -63,13 +63,31 @@ def test_fused_answer_losses_equal_the_separate_ones(temperature: float) -> None
     head = make_head()
     r, targets, x = inputs()
     z = head.final_norm(x)
-    ce, kl = answer_losses(head, r, z, targets, temperature, chunk=4)
+    [(ce, kl)] = answer_losses(head, [r], z, targets, temperature, chunk=4)
     keep = targets != -100
     assert abs(ce.item() - answer_ce(head, r, targets).item()) < 1e-6
     assert abs(kl.item() - teacher_kl(head, r[keep], z[keep], temperature).item()) < 1e-6
     g_fused = grad_of(ce + kl, r)[0]
     g_sep = grad_of(answer_ce(head, r, targets) + teacher_kl(head, r[keep], z[keep], temperature), r)[0]
     torch.testing.assert_close(g_fused, g_sep, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [4, 1024])  # checkpointed chunks; one chunk kept, not recomputed
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_passes_sharing_the_teacher_are_bit_identical_to_one_call_per_pass(chunk: int, temperature: float) -> None:
+    """The main and the regularization pass in one call (the teacher's log-probabilities computed once per
+    chunk) give exactly, bit for bit, the losses and gradients of one call per pass."""
+    head = make_head(torch.float32)
+    r, targets, x = inputs(torch.float32)
+    r2 = (r.detach() * 0.7 + 0.1).requires_grad_()
+    z = head.final_norm(x)
+    both = answer_losses(head, [r, r2], z, targets, temperature, chunk=chunk)
+    alone = [answer_losses(head, [p], z, targets, temperature, chunk=chunk)[0] for p in (r, r2)]
+    for got, want in zip(both, alone):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    loss = lambda terms: sum(ar + 2 * kl for ar, kl in terms)  # noqa: E731
+    for g_got, g_want in zip(grad_of(loss(both), r, r2), grad_of(loss(alone), r, r2)):
+        assert torch.equal(g_got, g_want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -100,7 +118,7 @@ def test_head_stays_frozen_and_bf16_head_works() -> None:
     head = make_head(torch.bfloat16)
     r, targets, x = inputs(torch.float32)
     z = head.final_norm(x.to(torch.bfloat16))
-    ce, kl = answer_losses(head, r, z, targets, chunk=8)
+    [(ce, kl)] = answer_losses(head, [r], z, targets, chunk=8)
     (ce + kl).backward()
     assert r.grad is not None and r.grad.dtype == torch.float32 and torch.isfinite(r.grad).all()
     assert ce.dtype == torch.float32 and torch.isfinite(ce) and torch.isfinite(kl)
@@ -115,7 +133,7 @@ def test_no_grad_and_empty_inputs() -> None:
         assert abs(answer_ce(head, r, targets, chunk=4).item()
                    - F.cross_entropy(head.logits(r, post_norm=False), targets).item()) < 1e-6
     empty = r[:0]
-    ce, kl = answer_losses(head, empty, x[:0], targets[:0])
+    [(ce, kl)] = answer_losses(head, [empty], x[:0], targets[:0])
     assert ce.item() == 0 and kl.item() == 0
     (ce + kl).backward()  # still part of the graph: a step with no answer tokens does not crash
 
