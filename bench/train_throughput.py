@@ -2,6 +2,7 @@
 
     PYTHONPATH=genrecal_cache/compat python bench/train_throughput.py                   # ~1 min on 2 busy cores
     PYTHONPATH=/tmp/old:/tmp/old/genrecal_cache/compat python bench/train_throughput.py  # another checkout's code
+    python bench/train_throughput.py --work /tmp/tt --baseline /tmp/old --rounds 3       # before vs after, alternated
 
 Data: the quality suite's tasks (bench/quality_tasks.py: word, phrase and clause answers), a tiny Qwen2-VL
 teacher (bench/quality.py's teacher size: hidden 192, 3 layers) extracted into a bf16 cache. Students: the
@@ -14,15 +15,20 @@ of them alike; each figure is the median over --repeats rounds of --steps steps.
 `Batch.num_tokens` counts (student + teacher tokens of the batch), the trainer's metric.
 
 Works against an older checkout of genrecal too (put it first on PYTHONPATH): before issue 24 the model
-aligned answers itself (in `forward`), `make_example` took no tokenizer.
+aligned answers itself (in `forward`), `make_example` took no tokenizer. `--baseline DIR` compares in one
+invocation: it runs this bench --rounds times on DIR's code and on this checkout's, alternately (before,
+after, before, after, ...: a busy machine's load drifts over minutes), each run a fresh process on the same
+--work inputs, and prints the medians over the rounds and the after/before ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -101,7 +107,7 @@ def bench_student(label: str, folder: Path, cache_dir: Path, args) -> dict[int, 
     for r in range(args.repeats + 1):  # round 0 warms up (allocator, autograd graphs, AdamW state)
         for stage in (1, 2, 3):  # the same batches for every stage of a round
             model.set_stage(stage)
-            tokens, t0 = 0, time.perf_counter()
+            tokens, t0 = 0, args.clock()
             for i in range(args.steps):
                 batch = batches[(r * args.steps + i) % len(batches)]
                 with autocast:
@@ -112,7 +118,7 @@ def bench_student(label: str, folder: Path, cache_dir: Path, args) -> dict[int, 
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             if r:
-                rates[stage].append(tokens / (time.perf_counter() - t0))
+                rates[stage].append(tokens / (args.clock() - t0))
     med = {s: statistics.median(v) for s, v in rates.items()}
     tokens_per_batch = sum(b.num_tokens for b in batches) / len(batches)
     print(f"| {label} | {med[1]:.0f} | {med[2]:.0f} | {med[3]:.0f} | {med[3] / med[2]:.2f}x | "
@@ -129,7 +135,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (the median is reported)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time steps by the wall clock, or by the CPU time of the stepping thread (one torch thread "
+                        "on a CPU: what the step computed, whatever else the machine runs)")
+    p.add_argument("--baseline", default=None, help="a checkout of genrecal to compare with (the code before a change)")
+    p.add_argument("--rounds", type=int, default=3, help="with --baseline: runs of each code, alternated")
+    p.add_argument("--json", default=None, help="also write {student: {stage: tok/s}} to this file")
     args = p.parse_args(argv)
+    if args.baseline:
+        return compare(args, argv if argv is not None else sys.argv[1:])
+    if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
+        raise SystemExit("--clock cpu times one CPU thread: use it with --device cpu --threads 1")
+    clock_name, args.clock = args.clock, time.perf_counter if args.clock == "wall" else time.thread_time
     torch.set_num_threads(args.threads)
     import transformers
 
@@ -139,14 +156,51 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(machine())
     print(f"genrecal from {Path(genrecal_train.__file__).parent.parent}; device {args.device}; batch {args.batch_size}, "
-          f"{args.steps} steps x {args.repeats} interleaved rounds (median)")
+          f"{args.steps} steps x {args.repeats} interleaved rounds (median); {clock_name} clock")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         cache, students = build_inputs(work, args.per_kind)
         print("| student | stage 1 tok/s | stage 2 tok/s | SFT (stage 3) tok/s | stage-2 step / SFT step | "
               "stage-1 step / SFT step | data thread per batch |")
         print("|---|---|---|---|---|---|---|")
-        return {label: bench_student(label, folder, cache, args) for label, folder in students.items()}
+        out = {label: bench_student(label, folder, cache, args) for label, folder in students.items()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out))
+    return out
+
+
+def compare(args, argv: list[str]) -> dict:
+    """Alternate runs of the baseline's code and this checkout's (fresh processes, the same inputs); medians."""
+    if not args.work:
+        raise SystemExit("--baseline needs --work: both codes must read the same cache and students")
+    build_inputs(Path(args.work), args.per_kind)  # once, before the runs
+    own = [a for i, a in enumerate(argv) if not (a.startswith(("--baseline", "--rounds"))
+                                                 or (i and argv[i - 1] in ("--baseline", "--rounds")))]
+    codes = {"before": str(Path(args.baseline).resolve()), "after": str(ROOT.parent)}
+    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for name, code in codes.items():
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join([code, f"{code}/genrecal_cache/compat"]))
+                out = Path(tmp) / f"{name}{r}.json"
+                print(f"\n[{name}, round {r + 1}/{args.rounds}]", flush=True)
+                subprocess.run([sys.executable, __file__, *own, "--json", str(out)], env=env, check=True)
+                runs[name].append(json.loads(out.read_text()))
+    print(f"\nmedians over {args.rounds} alternated runs of each; load average at the end "
+          f"{os.getloadavg()[0]:.1f}")
+    print("| student | code | stage 1 tok/s | stage 2 tok/s | SFT tok/s | stage-2 step / SFT step |")
+    print("|---|---|---|---|---|---|")
+    med = {name: {label: {s: statistics.median(run[label][s] for run in rs) for s in ("1", "2", "3")}
+                  for label in rs[0]} for name, rs in runs.items()}
+    for label in med["after"]:
+        for name in ("before", "after"):
+            m = med[name][label]
+            print(f"| {label} | {name} | {m['1']:.0f} | {m['2']:.0f} | {m['3']:.0f} | {m['3'] / m['2']:.2f}x |")
+    for label in med["after"]:
+        ratios = [a[label]["2"] / b[label]["2"] for a, b in zip(runs["after"], runs["before"])]
+        print(f"{label}: stage-2 tok/s after / before {med['after'][label]['2'] / med['before'][label]['2']:.2f}x "
+              f"(medians; per round {', '.join(f'{x:.2f}x' for x in ratios)})")
+    return med
 
 
 if __name__ == "__main__":
