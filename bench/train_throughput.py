@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (the median is reported)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--students", default="llava,wide", help="which students: llava, wide (comma-separated)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="time steps by the wall clock, or by the CPU time of the stepping thread (one torch thread "
                         "on a CPU: what the step computed, whatever else the machine runs)")
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         print("| student | stage 1 tok/s | stage 2 tok/s | SFT (stage 3) tok/s | stage-2 step / SFT step | "
               "stage-1 step / SFT step | data thread per batch |")
         print("|---|---|---|---|---|---|---|")
-        out = {label: bench_student(label, folder, cache, args) for label, folder in students.items()}
+        out = {label: bench_student(label, folder, cache, args) for label, folder in students.items()
+               if label.split()[0] in args.students.split(",")}
     if args.json:
         Path(args.json).write_text(json.dumps(out))
     return out
