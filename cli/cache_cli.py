@@ -5,23 +5,38 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import typer
 
-from cli.errors import clean_errors, debugging, fail  # the one home of the CLIs' one-line errors (clean_errors
-# is also imported from here)
+from cli.errors import clean_errors, debugging, fail  # the one home of the CLIs' one-line errors
+from cli.options import given, options_from
+from genrecal_cache.audit import AuditConfig
+from genrecal_cache.backends.vllm import VLLMOptions
+from genrecal_cache.demo_data import DemoDataConfig
+from genrecal_cache.extract import ExtractConfig
+from genrecal_cache.info import InfoConfig
+from genrecal_cache.options import option
+from genrecal_cache.plan import CachePlanConfig
+from genrecal_cache.push import PushConfig
+from genrecal_cache.testing import TinyModelsConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run a teacher VLM once and store what GenRecal distillation needs in a shareable cache.")
 
 
-CONTEXT_HELP = ("How context rows (image tokens, question: read only by the regularization pass) are stored: lowrank "
-                "(coefficients on a basis fitted on the run's first states, fp8: ~r+4 bytes/row), full (as answer "
-                "rows), text (image-token rows dropped, text rows in full) or none. See docs/cache-format.md.")
-RANK_HELP = "Rank of the low-rank context basis [default: hidden size / 8, at most 64]."
-TOPK_ROWS_HELP = "Rows whose top-k logprobs are stored: answer (the trainer's targets) or all."
+@dataclass
+class AsJson:
+    """A command that prints a summary can print it as JSON instead."""
+    as_json: bool = option(False, "Print it as JSON.", flag="--json")
+
+
+@dataclass
+class Quiet:
+    """A command that shows its progress can keep quiet."""
+    quiet: bool = option(False, "Show no progress (files as they arrive, progress bar).", flag="--quiet")
 
 
 def _check_storage(context: str, rank: int | None, topk_rows: str) -> None:
@@ -36,86 +51,33 @@ def _check_storage(context: str, rank: int | None, topk_rows: str) -> None:
 
 
 @app.command()
-def extract(
-    teacher: str = typer.Option(..., help="Teacher model folder or hub id (e.g. Qwen/Qwen2-VL-72B-Instruct)."),
-    data: str = typer.Option(..., help="LLaVA-style JSONL or Parquet with embedded images."),
-    out: Path = typer.Option(..., help="Cache folder to create."),
-    backend: str = typer.Option("auto", help="'auto': vllm where installed and exact for the teacher's family "
-                                            "here, else transformers; 'vllm'; 'transformers' (reference)."),
-    topk: int = typer.Option(64, help="Top-k teacher logprobs stored per token."),
-    max_len: Optional[int] = typer.Option(None, help="Samples longer than this (teacher tokens) are recorded as "
-                                                     "errors [default: 4096, or the teacher's context if shorter]."),
-    batch_tokens: int = typer.Option(8192, help="Padded tokens per teacher forward (transformers backend)."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N samples."),
-    hidden_codec: Optional[str] = typer.Option(
-        None, help="Storage of hidden states: bf16 (lossless, default), fp8 (e4m3 + per-token scale, ~0.44x of bf16), "
-                   "ecq (int8 steps of 0.14 x token RMS, entropy-coded, ~0.3x) or fp32. See docs/cache-format.md."),
-    hidden_dtype: Optional[str] = typer.Option(None, hidden=True, help="Old name of --hidden-codec (bfloat16, float32)."),
-    context: str = typer.Option("lowrank", help=CONTEXT_HELP),
-    context_rank: Optional[int] = typer.Option(None, help=RANK_HELP),
-    topk_rows: str = typer.Option("answer", help=TOPK_ROWS_HELP),
-    dtype: str = typer.Option("auto", help="Compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ... (transformers backend)."),
-    image_root: Optional[str] = typer.Option(None, help="Folder image paths are relative to (default: the data file's folder)."),
-    tensor_parallel_size: int = typer.Option(1, help="[vllm] GPUs per model replica (tensor parallel)."),
-    pipeline_parallel_size: int = typer.Option(1, help="[vllm] Pipeline stages per replica."),
-    data_parallel_size: int = typer.Option(1, help="[vllm] Must be 1 here: run one extraction per replica instead."),
-    max_model_len: Optional[int] = typer.Option(None, help="[vllm] Engine context length [default: --max-len]."),
-    gpu_memory_utilization: Optional[float] = typer.Option(None, help="[vllm] Fraction of GPU memory [0.9 GPU, 0.1 CPU]."),
-    max_num_batched_tokens: Optional[int] = typer.Option(None, help="[vllm] Tokens per engine step."),
-    kv_cache_gib: Optional[float] = typer.Option(None, help="[vllm] KV-cache size in GiB [GPU: from "
-                                                           "--gpu-memory-utilization; CPU: 4 sequences of the "
-                                                           "engine context, or VLLM_CPU_KVCACHE_SPACE]."),
-    limit_mm_per_prompt: Optional[int] = typer.Option(None, help="[vllm] Max images per prompt."),
-    trust_remote_code: bool = typer.Option(False, help="[vllm] Allow the model folder's own code to run."),
-    num_shards: Optional[int] = typer.Option(
-        None, help="Split the input among N independent jobs: this job takes the samples with index % N == "
-                   "--shard-index and writes OUT/part-<i>-of-<N>/ [default: from a SLURM job array "
-                   "(SLURM_ARRAY_TASK_COUNT) or torchrun-style WORLD_SIZE, else 1]."),
-    shard_index: Optional[int] = typer.Option(
-        None, help="This job's share of the input (0 .. N-1); see --num-shards [default: SLURM_ARRAY_TASK_ID - "
-                   "SLURM_ARRAY_TASK_MIN, or RANK, else 0]."),
-    shard_tokens: Optional[int] = typer.Option(None, help="Tokens per feature shard file [default: from the hidden "
-                                                          "size, ~128 MiB files]."),
-    commit_seconds: Optional[float] = typer.Option(None, help="Commit finished samples at most this often "
-                                                              "[default: 60]; a crash loses at most this much work."),
-) -> None:
+@options_from(ExtractConfig, VLLMOptions)
+def extract(**flags: Any) -> None:
     """Run the teacher over DATA once and write a cache to OUT (hidden states, top-k, head, samples).
 
     Re-running the same command on the same OUT after a crash resumes from the last commit."""
-    from genrecal_cache.extract import ExtractConfig
     from genrecal_cache.extract import extract as run_extract
-    from genrecal_cache.format.codecs import resolve_hidden_codec
 
-    if num_shards is None and shard_index is None:
+    values = given(ExtractConfig, flags)
+    if "num_shards" not in values and "shard_index" not in values:
         num_shards, shard_index, source = shard_from_env(os.environ)
         if source:
             typer.echo(f"shard {shard_index} of {num_shards} (from {source})", err=True)
-    num_shards, shard_index = num_shards or 1, shard_index or 0
+            values.update(num_shards=num_shards, shard_index=shard_index)
+    num_shards, shard_index = values.get("num_shards", ExtractConfig.num_shards), \
+        values.get("shard_index", ExtractConfig.shard_index)
     if not 0 <= shard_index < num_shards:
         raise typer.BadParameter(f"must be in [0, --num-shards={num_shards})", param_hint="--shard-index")
-    _check_storage(context, context_rank, topk_rows)
+    _check_storage(values.get("context", ExtractConfig.context), values.get("context_rank"),
+                   values.get("topk_rows", ExtractConfig.topk_rows))
     try:
-        codec = resolve_hidden_codec(hidden_codec, hidden_dtype).name
-    except ValueError as e:
+        cfg = ExtractConfig(**values, vllm=VLLMOptions(**given(VLLMOptions, flags)).engine_options())
+    except ValueError as e:  # the codec (--hidden-codec, or its old name --hidden-dtype)
         raise typer.BadParameter(str(e), param_hint="--hidden-codec") from e
-    cfg = ExtractConfig(teacher=teacher, data=data, out=str(out), backend=backend, topk=topk, max_len=max_len,
-                        batch_tokens=batch_tokens, limit=limit, hidden_codec=codec, context=context,
-                        context_rank=context_rank, topk_rows=topk_rows,
-                        dtype=dtype,
-                        device=device, image_root=image_root, num_shards=num_shards, shard_index=shard_index,
-                        commit_seconds=commit_seconds, shard_tokens=shard_tokens,
-                        vllm=dict(tensor_parallel_size=tensor_parallel_size,
-                                  pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size,
-                                  gpu_memory_utilization=gpu_memory_utilization,
-                                  max_num_batched_tokens=max_num_batched_tokens,
-                                  kv_cache_memory_bytes=None if kv_cache_gib is None else int(kv_cache_gib * 2**30),
-                                  limit_mm_per_prompt=None if limit_mm_per_prompt is None else {"image": limit_mm_per_prompt},
-                                  trust_remote_code=trust_remote_code, **({"max_model_len": max_model_len} if max_model_len else {})))
-    with stoppable(str(out)):
+    with stoppable(cfg.out):
         m = run_extract(cfg)
     c = m.counts
-    typer.echo(f"wrote {out}: {c['samples']} samples ({c['ok']} ok, {c['error']} error), {c['tokens']} tokens")
+    typer.echo(f"wrote {cfg.out}: {c['samples']} samples ({c['ok']} ok, {c['error']} error), {c['tokens']} tokens")
 
 
 def shard_from_env(env: Mapping[str, str]) -> tuple[int, int, str]:
@@ -140,45 +102,23 @@ def shard_from_env(env: Mapping[str, str]) -> tuple[int, int, str]:
 
 
 @app.command()
-def info(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."),
-         local_cache: Optional[str] = typer.Option(None, help="Folder keeping verified copies of the remote files read."),
-         errors: int = typer.Option(10, help="How many error rows to list."),
-         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
+@options_from(InfoConfig, AsJson)
+def info(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."), **flags: Any) -> None:
     """Counts, bytes per token, teacher, dtypes, codecs and errors of a cache."""
     import json as _json
 
     from genrecal_cache.info import format_summary, summarize
     from genrecal_cache import open_cache
 
-    with clean_errors(cache), open_cache(cache, local_cache=local_cache) as tc:
-        s = summarize(tc, max_errors=errors)
-    typer.echo(_json.dumps(s, indent=1, default=str) if as_json else format_summary(s))
+    cfg, how = InfoConfig(**given(InfoConfig, flags)), AsJson(**given(AsJson, flags))
+    with clean_errors(cache), open_cache(cache, local_cache=cfg.local_cache) as tc:
+        s = summarize(tc, max_errors=cfg.errors)
+    typer.echo(_json.dumps(s, indent=1, default=str) if how.as_json else format_summary(s))
 
 
 @app.command()
-def plan(tokens: int = typer.Option(..., help="Teacher tokens the cache will hold (all samples together)."),
-         hidden_size: int = typer.Option(..., help="Teacher hidden size d (Qwen2-VL-72B: 8192)."),
-         vocab: int = typer.Option(..., help="Teacher vocabulary size V (rows of lm_head; Qwen2-VL: 152064)."),
-         codec: str = typer.Option("bf16", help="Hidden codec: bf16, fp8, ecq or fp32."),
-         topk: int = typer.Option(64, help="Top-k logprobs per token."),
-         samples: Optional[int] = typer.Option(None, help="Number of samples [default: tokens / 512]."),
-         image_bytes: int = typer.Option(0, help="Average embedded image bytes per sample (samples.parquet)."),
-         text_bytes: int = typer.Option(600, help="Average conversation text bytes per sample."),
-         head_dtype: str = typer.Option("bfloat16", help="dtype of the teacher's lm_head as exported (bfloat16 on GPU)."),
-         context: str = typer.Option("lowrank", help=CONTEXT_HELP),
-         context_rank: Optional[int] = typer.Option(None, help=RANK_HELP),
-         topk_rows: str = typer.Option("answer", help=TOPK_ROWS_HELP),
-         answer_fraction: float = typer.Option(0.15, help="Share of the tokens that are answer tokens (the rows "
-                                                          "predicting them are stored exactly)."),
-         image_fraction: float = typer.Option(0.7, help="Share of the tokens that are image tokens (Qwen2-VL: "
-                                                        "300-1500 per image)."),
-         sample: Optional[str] = typer.Option(None, help="A pilot cache of the same teacher and data (e.g. "
-                                                         "`extract --limit 500 --context full --topk-rows all`): its "
-                                                         "real rows replace the synthetic ones where it has them."),
-         image_token_id: Optional[list[int]] = typer.Option(None, help="With --sample: the teacher's image-token "
-                                                                       "id(s) [default: the pilot's, if it names "
-                                                                       "them]."),
-         as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON.")) -> None:
+@options_from(CachePlanConfig, AsJson)
+def plan(**flags: Any) -> None:
     """Estimate the size of a cache before extracting it (same layout and codecs as the writer), per row role."""
     import json as _json
 
@@ -186,6 +126,9 @@ def plan(tokens: int = typer.Option(..., help="Teacher tokens the cache will hol
     from genrecal_cache.format.roles import Storage, default_rank
     from genrecal_cache.plan import estimate_cache_size, sample_rows
 
+    cfg, how = CachePlanConfig(**given(CachePlanConfig, flags)), AsJson(**given(AsJson, flags))
+    tokens, hidden_size, vocab, topk, context, context_rank, topk_rows, sample = (
+        cfg.tokens, cfg.hidden_size, cfg.vocab, cfg.topk, cfg.context, cfg.context_rank, cfg.topk_rows, cfg.sample)
     _check_storage(context, context_rank, topk_rows)
     rows = None
     if sample is not None:
@@ -194,17 +137,18 @@ def plan(tokens: int = typer.Option(..., help="Teacher tokens the cache will hol
             if (m.hidden_size, m.vocab_size) != (hidden_size, vocab) or m.topk < topk:
                 raise typer.BadParameter(f"the pilot cache has hidden {m.hidden_size}, vocab {m.vocab_size}, top-k "
                                          f"{m.topk}: another teacher or fewer top-k than planned", param_hint="--sample")
-            rows = sample_rows(pilot, image_token_id or m.roles.image_token_ids)
+            rows = sample_rows(pilot, cfg.image_token_id or m.roles.image_token_ids)
             rows = {r: {k: v[:, :topk] if k.startswith("topk") else v for k, v in p.items()} for r, p in rows.items()}
     try:
         storage = Storage(context, (context_rank or default_rank(hidden_size)) if context == "lowrank" else None,
                           topk_rows)
-        est = estimate_cache_size(tokens, hidden_size, vocab, topk, codec, samples, text_bytes_per_sample=text_bytes,
-                                  image_bytes_per_sample=image_bytes, head_dtype=head_dtype, storage=storage,
-                                  answer_fraction=answer_fraction, image_fraction=image_fraction, sample=rows)
+        est = estimate_cache_size(tokens, hidden_size, vocab, topk, cfg.codec, cfg.samples,
+                                  text_bytes_per_sample=cfg.text_bytes, image_bytes_per_sample=cfg.image_bytes,
+                                  head_dtype=cfg.head_dtype, storage=storage, answer_fraction=cfg.answer_fraction,
+                                  image_fraction=cfg.image_fraction, sample=rows)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
-    typer.echo(_json.dumps(est.as_dict(), indent=1) if as_json else est.format())
+    typer.echo(_json.dumps(est.as_dict(), indent=1) if how.as_json else est.format())
 
 
 @app.command()
@@ -237,12 +181,15 @@ def merge(cache: str = typer.Argument(..., help="Cache written in parts (folder 
 
 
 @app.command()
+@options_from(Quiet)
 def pull(url: str = typer.Argument(..., help="Cache URL (https://, s3://, gs://, ...) or folder to copy."),
          out: Path = typer.Argument(..., help="Local folder to download it into (created; resumable)."),
-         quiet: bool = typer.Option(False, "--quiet", help="Do not list the files as they arrive.")) -> None:
+         **flags: Any) -> None:
     """Download a cache: every file its manifest lists, each verified by sha256, the manifest last.
     Run it again after an interruption to continue; files already verified are kept."""
     from genrecal_cache.io.pull import pull as run_pull
+
+    quiet = Quiet(**given(Quiet, flags)).quiet
 
     def progress(rel: str, nbytes: int) -> None:
         if not quiet:
@@ -255,38 +202,26 @@ def pull(url: str = typer.Argument(..., help="Cache URL (https://, s3://, gs://,
 
 
 @app.command()
-def audit(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."),
-          teacher: str = typer.Option(..., help="The teacher the cache says it comes from (folder or hub id)."),
-          samples: int = typer.Option(8, help="Random ok samples to recompute."),
-          seed: int = typer.Option(0, help="Which samples."),
-          device: str = typer.Option("cpu", help="cpu, cuda, cuda:1 ..."),
-          dtype: str = typer.Option("float32", help="Recompute dtype: float32, bfloat16 (match the extraction's "
-                                                    "to keep the recomputation noise small)."),
-          tolerance: float = typer.Option(0.05, help="Recomputation noise allowed on top of the codec's bound, "
-                                                     "as a fraction of each token's RMS."),
-          min_top1: Optional[float] = typer.Option(None, help="Least top-1 agreement [0.99 lossless codecs, "
-                                                              "0.95 fp8/ecq].")) -> None:
+@options_from(AuditConfig)
+def audit(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."), **flags: Any) -> None:
     """Recompute N samples with the transformers backend and compare them with the cache (token ids, masks,
     hidden states against the codec's bound, head, top-1): PASS, or FAIL naming what differs (exit 1)."""
     from genrecal_cache.audit import audit as run_audit
 
     with clean_errors(cache):
-        report = run_audit(cache, teacher, samples=samples, seed=seed, device=device, dtype=dtype,
-                           tolerance=tolerance, min_top1=min_top1)
+        cfg = AuditConfig(**given(AuditConfig, flags))
+        report = run_audit(cache, cfg.teacher, samples=cfg.samples, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
+                           tolerance=cfg.tolerance, min_top1=cfg.min_top1)
     typer.echo(report.format())
     if not report.passed:
         raise typer.Exit(1)
 
 
 @app.command()
+@options_from(PushConfig, Quiet)
 def push(cache: Path = typer.Argument(..., help="Complete local cache folder (single or in parts)."),
          url: str = typer.Argument(..., help="Where to publish it: s3://, gs://, hf://, a local or mounted path ..."),
-         replace: bool = typer.Option(False, "--replace", "--force", help="Take down a different cache already at "
-                                      "URL (its manifests first, then its files) and publish this one instead."),
-         workers: int = typer.Option(8, help="Files uploaded in parallel."),
-         read_back: bool = typer.Option(True, help="Check each uploaded file by the sha256 of its bytes read back "
-                                                   "(--no-read-back: by size only, where reading back costs egress)."),
-         quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")) -> None:
+         **flags: Any) -> None:
     """Upload a cache to any fsspec URL: its files first (parallel, each checked), the manifest last, then
     verify it there. Run it again after an interruption to continue; files already there and intact are kept."""
     from tqdm import tqdm
@@ -294,8 +229,9 @@ def push(cache: Path = typer.Argument(..., help="Complete local cache folder (si
     from genrecal_cache.push import PushError
     from genrecal_cache.push import push as run_push
 
+    cfg, quiet = PushConfig(**given(PushConfig, flags)), Quiet(**given(Quiet, flags)).quiet
     with clean_errors(url, also=(PushError,)), tqdm(unit="B", unit_scale=True, desc="push", disable=quiet) as bar:
-        r = run_push(cache, url, replace=replace, workers=workers, read_back=read_back, progress=bar.update,
+        r = run_push(cache, url, replace=cfg.replace, workers=cfg.workers, read_back=cfg.read_back, progress=bar.update,
                      total=lambda n: setattr(bar, "total", n))
     for f in r.faults:
         typer.echo(f"FAULT: {f}", err=True)
@@ -323,23 +259,24 @@ def stoppable(where: str) -> Iterator[None]:
 
 
 @app.command("demo-data")
-def demo_data(out: Path = typer.Option(..., help="Folder for images/ and train.jsonl."),
-              n: int = typer.Option(200, help="Number of samples."),
-              seed: int = typer.Option(0)) -> None:
+@options_from(DemoDataConfig)
+def demo_data(**flags: Any) -> None:
     """Write a synthetic visual-question dataset (shapes, colours, counts, positions)."""
     from genrecal_cache.demo_data import write_demo_dataset
 
-    path = write_demo_dataset(out, n=n, seed=seed)
+    cfg = DemoDataConfig(**given(DemoDataConfig, flags))
+    path = write_demo_dataset(cfg.out, n=cfg.n, seed=cfg.seed)
     typer.echo(f"wrote {path}")
 
 
 @app.command("tiny-models")
-def tiny_models(out: Path = typer.Option(..., help="Folder to hold teacher/ and student/."),
-                seed: int = typer.Option(0)) -> None:
+@options_from(TinyModelsConfig)
+def tiny_models(**flags: Any) -> None:
     """Build the tiny offline teacher (Qwen2-VL architecture) and student (LLaVA) used by the demo and tests."""
     from genrecal_cache.testing import tiny_pair
 
-    teacher, student = tiny_pair(out, seed=seed)
+    cfg = TinyModelsConfig(**given(TinyModelsConfig, flags))
+    teacher, student = tiny_pair(cfg.out, seed=cfg.seed)
     typer.echo(f"teacher: {teacher}\nstudent: {student}")
 
 

@@ -4,41 +4,48 @@ comparison of several evaluated runs (`--compare`)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
+from cli.options import given, options_from
+from genrecal_cache.options import option
+from genrecal_train.config import EvalConfig
+
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
+
+
+@dataclass
+class Output:
+    """The eval command's own switches: what it does with the reports."""
+    compare: bool = option(False, "Compare the RUNS given as arguments.", flag="--compare")
+    out: Path | None = option(None, "Write the JSON report here (with --compare: the PNG).")
 
 
 @app.command(help="Generate answers for a held-out JSONL/Parquet set and report exact-match accuracy "
                   "(overall and per question type); --out writes the JSON report with every prediction. "
                   "With --compare RUN... (eval JSONs or run folders): a table and a PNG (--out, default "
                   "accuracy_by_type.png in the folder of the first) of accuracy per question type.")
+@options_from(Output, EvalConfig)
 def run(runs: Optional[list[str]] = typer.Argument(None, help="With --compare: eval JSON files (--out of this "
                                                                 "command) or run folders (their eval.json).",
                                                    show_default=False),
-        compare: bool = typer.Option(False, "--compare", help="Compare the RUNS given as arguments."),
-        model: Optional[str] = typer.Option(None, help="Model folder (teacher or student)."),
-        data: Optional[str] = typer.Option(None, help="LLaVA-style JSONL or Parquet; the last answer is the reference. "
-                                                      "With --compare: evaluates run folders that have no eval.json."),
-        out: Optional[Path] = typer.Option(None, help="Write the JSON report here (with --compare: the PNG)."),
-        limit: Optional[int] = typer.Option(None, help="Only the first N samples."),
-        max_new_tokens: int = typer.Option(8, help="Generation length limit."),
-        device: str = typer.Option("cpu", help="cpu, cuda, ...")) -> None:
-    if compare:
-        return _compare(runs or [], data, out, device)
+        **flags: Any) -> None:
+    how, cfg = Output(**given(Output, flags)), EvalConfig(**given(EvalConfig, flags))
+    if how.compare:
+        return _compare(runs or [], cfg.data, how.out, cfg.device)
     if runs:
         raise typer.BadParameter(f"unexpected argument(s) {runs}: runs are compared with --compare")
-    if model is None or data is None:
+    if cfg.model is None or cfg.data is None:
         raise typer.BadParameter("--model and --data are required (or --compare RUN...)")
     from genrecal_train.evaluate import evaluate
 
-    d = evaluate(model, data, limit=limit, max_new_tokens=max_new_tokens, device=device).to_dict()
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(d, indent=1))
+    d = evaluate(cfg.model, cfg.data, limit=cfg.limit, max_new_tokens=cfg.max_new_tokens, device=cfg.device).to_dict()
+    if how.out:
+        how.out.parent.mkdir(parents=True, exist_ok=True)
+        how.out.write_text(json.dumps(d, indent=1))
     typer.echo(f"accuracy {d['accuracy']:.3f} ({d['correct']}/{d['n']}, skipped {d['skipped']})")
     for t, v in sorted(d["per_type"].items()):
         typer.echo(f"  {t:>10}: {v['accuracy']:.3f} ({v['correct']}/{v['n']})")

@@ -6,62 +6,32 @@ default: the flags are generated from the dataclass, so a new option needs no CL
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import os
 import shlex
 import sys
-import types
-import typing
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from cli.errors import clean_errors, debugging, fail
-from genrecal_train.config import TrainConfig
+from cli.options import given, options_from
+from genrecal_train.config import PlanConfig, TrainConfig
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 
-def _flag_type(hint: Any) -> type:
-    """What the flag parses: bool, int, float or str (lists are given comma-separated: `--stages 1,3`)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint if hint in (bool, int, float) else str
-
-
-def _default_text(f: dataclasses.Field) -> str:
-    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    if isinstance(value, list):
-        return ",".join(str(v) for v in value)
-    return "" if value in (None, "") else str(value)
-
-
-def _parameter(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
-    kind = _flag_type(hint)
-    default = _default_text(f)
-    help_ = f.metadata.get("help", "") + (f" [default: {default}]" if default and kind is not bool else "")
-    decls = [f.metadata.get("flag", "--" + f.name.replace("_", "-"))] if kind is bool else []
-    # default None: a flag overrides --config only when given
-    option = typer.Option(None, *decls, help=help_, show_default=False)
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind])
-
-
-def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
-    """Flag values as TrainConfig values: a bool field whose default is True has a flag that turns it off."""
-    out = {}
-    for f in dataclasses.fields(TrainConfig):
-        value = flags.get(f.name)
-        out[f.name] = (not value) if value is not None and f.default is True else value
-    return out
-
-
-def train(config: Optional[Path] = None, **flags: Any) -> None:
+@app.command(help="Distil a student VLM from a teacher cache with GenRecal (stages 1, 2, 3). "
+                  "Flags override values from --config (YAML or TOML). The teacher body is never loaded: "
+                  "only its head, from the cache.")
+@options_from(TrainConfig)
+def train(config: Optional[Path] = typer.Option(None, help="YAML/TOML/JSON file with any of these options (flag "
+                                                            "names, - or _); flags given override it."),
+          **flags: Any) -> None:
     from genrecal_train.config import load_config
 
     try:
-        cfg = load_config(str(config) if config else None, _overrides(flags))
+        cfg = load_config(str(config) if config else None, given(TrainConfig, flags))
     except ValueError as e:  # a bad value, file or flag: one line, status 2, before anything is written
         if debugging():
             raise
@@ -97,40 +67,18 @@ def _resume_command() -> str:
     return shlex.join(["genrecal-train", *args, *([] if "--resume" in args else ["--resume"])])
 
 
-_hints = typing.get_type_hints(TrainConfig)
-train.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
-    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-                      default=typer.Option(None, help="YAML/TOML/JSON file with any of these options (flag names, "
-                                                      "- or _); flags given override it.")),
-    *(_parameter(f, _hints[f.name]) for f in dataclasses.fields(TrainConfig)),
-])
-app.command(help="Distil a student VLM from a teacher cache with GenRecal (stages 1, 2, 3). "
-                 "Flags override values from --config (YAML or TOML). The teacher body is never loaded: "
-                 "only its head, from the cache.")(train)
-
-
 plan_app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 
 @plan_app.command(help="Per-GPU memory of weights, gradients, AdamW state, teacher head and activations for DDP "
                        "and FSDP (with/without activation checkpointing and CPU offload), from a student config "
                        "alone (meta device, nothing downloaded), and what to change when it does not fit.")
-def plan(
-    student: str = typer.Option(..., help="Student model folder, its config.json, or a builtin: qwen2-vl-7b."),
-    cache: str = typer.Option(..., help="Teacher cache folder (its head's size is read), HIDDENxVOCAB "
-                                        "(e.g. 8192x152064), or a builtin teacher: qwen2-vl-72b, qwen2-vl-7b."),
-    gpus: int = typer.Option(1, help="Number of GPUs (FSDP shards over all of them)."),
-    gpu_memory: float = typer.Option(80.0, help="Memory per GPU, GB (GiB)."),
-    batch_size: int = typer.Option(1, help="Samples per micro-batch per GPU."),
-    max_len: int = typer.Option(2048, help="Tokens per sample."),
-    recal_layers: int = typer.Option(2, help="Decoder blocks in the Recalibrator."),
-    param_dtype: str = typer.Option("bfloat16", help="FSDP compute dtype."),
-) -> None:
-    from genrecal_train.plan import PlanConfig, format_plan
+@options_from(PlanConfig)
+def plan(**flags: Any) -> None:
+    from genrecal_train.plan import format_plan
     from genrecal_train.plan import plan as make_plan
 
-    cfg = PlanConfig(student=student, teacher=cache, gpus=gpus, gpu_memory_gb=gpu_memory, batch_size=batch_size,
-                     max_len=max_len, recal_layers=recal_layers, param_dtype=param_dtype)
+    cfg = PlanConfig(**given(PlanConfig, flags))
     try:
         sizes, info = make_plan(cfg)
     except ValueError as e:

@@ -37,9 +37,24 @@ from .fidelity import fidelity
 from .format.codecs import hidden_codec
 from .format.roles import CONTEXT_CODEC, FLAG_COMPACT, ContextBasis
 from .format.head import TeacherHead
+from .options import REQUIRED, option
 from .parts import open_cache
 
-__all__ = ["AuditReport", "Check", "audit"]
+__all__ = ["AuditConfig", "AuditReport", "Check", "audit"]
+
+
+@dataclass
+class AuditConfig:
+    """What `audit` recomputes and how close it must come (`genrecal-cache audit` flags)."""
+    teacher: str = option(REQUIRED, "The teacher the cache says it comes from (folder or hub id).")
+    samples: int = option(8, "Random ok samples to recompute.")
+    seed: int = option(0, "Which samples.")
+    device: str = option("cpu", "cpu, cuda, cuda:1 ...")
+    dtype: str = option("float32", "Recompute dtype: float32, bfloat16 (match the extraction's to keep the "
+                                   "recomputation noise small).")
+    tolerance: float = option(0.05, "Recomputation noise allowed on top of the codec's bound, as a fraction of each "
+                                    "token's RMS.")
+    min_top1: float | None = option(None, "Least top-1 agreement [0.99 lossless codecs, 0.95 fp8/ecq].")
 
 HEAD_RTOL = 2.0 ** -7  # a head exported in bf16 differs from the float32 one by at most this, relatively
 
@@ -74,8 +89,9 @@ class AuditReport:
         return "\n".join(lines)
 
 
-def audit(cache: str | os.PathLike, teacher: str, samples: int = 8, seed: int = 0, device: str = "cpu",
-          dtype: str = "float32", tolerance: float = 0.05, min_top1: float | None = None,
+def audit(cache: str | os.PathLike, teacher: str, samples: int = AuditConfig.samples, seed: int = AuditConfig.seed,
+          device: str = AuditConfig.device, dtype: str = AuditConfig.dtype, tolerance: float = AuditConfig.tolerance,
+          min_top1: float | None = AuditConfig.min_top1,
           storage_options: dict[str, Any] | None = None) -> AuditReport:
     """Recompute `samples` random ok samples of `cache` with `teacher` and compare (see the module doc).
     `min_top1`: least top-1 agreement [default: 0.99 for lossless codecs, 0.95 for fp8/ecq]."""

@@ -18,9 +18,12 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .options import REQUIRED, option
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -38,7 +41,15 @@ _Item = tuple[str, str, float, float]
 _Record = tuple[list[Image.Image], list[dict[str, str]]]  # images, conversation
 
 
-def write_demo_dataset(out_dir: str | Path, n: int, seed: int = 0, image_size: int = 56) -> Path:
+@dataclass
+class DemoDataConfig:
+    """The synthetic set `genrecal-cache demo-data` writes."""
+    out: str = option(REQUIRED, "Folder for images/ and train.jsonl.")
+    n: int = option(200, "Number of samples.")
+    seed: int = option(0, "Seed of the images and questions.")
+
+
+def write_demo_dataset(out_dir: str | Path, n: int, seed: int = DemoDataConfig.seed, image_size: int = 56) -> Path:
     """Write `n` shape questions (all question types in turn) and return the JSONL path."""
     if image_size < 24:
         raise ValueError(f"image_size={image_size} is too small to draw distinguishable shapes; use >= 24")
@@ -175,4 +186,4 @@ def _compare_q(rng: random.Random, size: int) -> _Record:
     return images, _qa(f"<image>\n<image>\nWhich image shows a {asked}, the first or the second?", target)
 
 
-__all__ = ["COLOURS", "QTYPES", "SHAPES", "write_demo_dataset", "write_digits_dataset"]
+__all__ = ["COLOURS", "QTYPES", "SHAPES", "DemoDataConfig", "write_demo_dataset", "write_digits_dataset"]

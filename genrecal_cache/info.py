@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 
 from genrecal_cache.format.codecs import hidden_codec
 from genrecal_cache.format.manifest import TOKENIZER_DIR
 from genrecal_cache.format.roles import CONTEXT_CODEC
+from genrecal_cache.options import option
 from genrecal_cache.parts import MultiPartCache
 from genrecal_cache.reader import TeacherCache
 
-__all__ = ["format_summary", "summarize"]
+__all__ = ["InfoConfig", "format_summary", "summarize"]
+
+
+@dataclass
+class InfoConfig:
+    """How `genrecal-cache info` reads and summarizes a cache."""
+    local_cache: str | None = option(None, "Folder keeping verified copies of the remote files read.")
+    errors: int = option(10, "How many error rows to list.")
 
 
 def _counts(m) -> dict:
@@ -20,7 +29,7 @@ def _counts(m) -> dict:
     return dict(c) if isinstance(c, dict) else dict(vars(c))
 
 
-def summarize(cache: TeacherCache | MultiPartCache, max_errors: int = 10) -> dict:
+def summarize(cache: TeacherCache | MultiPartCache, max_errors: int = InfoConfig.errors) -> dict:
     """A plain dict (JSON-able) describing `cache`. Stored sizes are the manifest's (`verify` checks them
     against the files; a remote cache of thousands of shards then needs no request per file), or, for
     caches written before sizes were recorded, the files' own."""

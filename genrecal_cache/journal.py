@@ -46,9 +46,10 @@ from .format.manifest import (
 )
 from .io.durable import fsync_path, rename_durable, write_synced
 
-__all__ = ["KILL_POINTS", "CacheWriteError", "Committed", "DirLock", "DirLockedError", "Journal", "is_journal",
+__all__ = ["COMMIT_SECONDS", "KILL_POINTS", "CacheWriteError", "Committed", "DirLock", "DirLockedError", "Journal", "is_journal",
            "kill_point", "rerun_advice"]
 
+COMMIT_SECONDS = 60.0  # a writer commits finished samples at most this often unless told (extract --commit-seconds)
 LOCK_NAME = "_lock"  # flock'ed by the extraction writing the directory (see DirLock)
 JOURNAL_NAMES = (PROGRESS_NAME, PROGRESS_NAME + ".tmp", COMMITS_DIR, LOCK_NAME)
 PROGRESS_VERSION = 1
@@ -235,7 +236,7 @@ class Journal:
         so that messages about an unfinished cache name the command that finishes it."""
         self.out_dir = out_dir
         self.command = command
-        self.commit_seconds = 60.0 if commit_seconds is None else commit_seconds
+        self.commit_seconds = COMMIT_SECONDS if commit_seconds is None else commit_seconds
         self.rows: list[dict[str, Any]] = []  # rows written since the last commit
         self.row_image_bytes = 0
         self.committed_ids: list[str] = []    # ids of the samples a resumed run already holds, in order

@@ -30,10 +30,21 @@ from .io.durable import atomic_write, rename_durable
 from .io.locate import open_fs
 from .io.remote import read_capped
 from .io.retry import RetryPolicy, retry_call
+from .options import option
 from .reader import find_cache
 from .verify import file_sha256, verify
 
-__all__ = ["PushError", "PushReport", "push"]
+__all__ = ["PushConfig", "PushError", "PushReport", "push"]
+
+
+@dataclass
+class PushConfig:
+    """How `push` publishes a cache (`genrecal-cache push` flags)."""
+    replace: bool = option(False, "Take down a different cache already at URL (its manifests first, then its files) "
+                                  "and publish this one instead.", flag=("--replace", "--force"))
+    workers: int = option(8, "Files uploaded in parallel.")
+    read_back: bool = option(True, "Check each uploaded file by the sha256 of its bytes read back (--no-read-back: by "
+                                   "size only, where reading back costs egress).", flag="--read-back/--no-read-back")
 
 
 class PushError(RuntimeError):
@@ -58,7 +69,8 @@ class PushReport:
 
 
 def push(cache: str | os.PathLike, url: str, storage_options: dict[str, Any] | None = None, *,
-         replace: bool = False, workers: int = 8, read_back: bool = True,
+         replace: bool = PushConfig.replace, workers: int = PushConfig.workers,
+         read_back: bool = PushConfig.read_back,
          progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None) -> PushReport:
     """Upload the complete local cache `cache` to `url` (see the module doc). `progress(n)` is called with
     the bytes of each file as it is done (uploaded or found there), `total(n)` once with the bytes of all."""

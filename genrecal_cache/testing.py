@@ -32,6 +32,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from .cpu_compat import install_compat_shim  # re-exported: tests and benches load the shim from here
 from .demo_data import COLOURS, SHAPES, write_demo_dataset
+from .options import REQUIRED, option
 
 if TYPE_CHECKING:
     import torch
@@ -264,7 +266,14 @@ def _use_hub_vision_tower_names(path: Path) -> None:
     save_file(renamed, path, metadata=metadata)
 
 
-def tiny_pair(root: str | Path, seed: int = 0) -> tuple[Path, Path]:
+@dataclass
+class TinyModelsConfig:
+    """The tiny pair `genrecal-cache tiny-models` builds (`tiny_pair`)."""
+    out: str = option(REQUIRED, "Folder to hold teacher/ and student/.")
+    seed: int = option(0, "Seed of the weights.")
+
+
+def tiny_pair(root: str | Path, seed: int = TinyModelsConfig.seed) -> tuple[Path, Path]:
     """(teacher_dir, student_dir) under `root`, built once: reuses folders that are already complete."""
     root = Path(root)
     teacher, student = root / "teacher", root / "student"
@@ -628,5 +637,5 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-__all__ = ["FAMILY_BUILDERS", "build_tiny_family", "build_tiny_student", "build_tiny_teacher", "install_compat_shim",
+__all__ = ["FAMILY_BUILDERS", "TinyModelsConfig", "build_tiny_family", "build_tiny_student", "build_tiny_teacher", "install_compat_shim",
            "tiny_pair", "tokenizer_corpus", "train_tokenizer", "write_mixed_size_dataset"]

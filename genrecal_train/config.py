@@ -8,11 +8,13 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "LOSS_CHUNK", "PARAM_DTYPES", "STRATEGIES", "TrainConfig", "check_values", "load_config", "opt",
+from genrecal_cache.options import REQUIRED, option
+
+__all__ = ["ConfigError", "EvalConfig", "LOSS_CHUNK", "PARAM_DTYPES", "PlanConfig", "STRATEGIES", "TrainConfig", "check_values", "load_config", "opt",
            "split_steps"]
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp")  # genrecal_train/distributed.py
@@ -24,17 +26,14 @@ def opt(default: Any, help: str, *, flag: str | None = None, at_least: float | N
         above: float | None = None, below: float | None = None, choices: tuple[Any, ...] | None = None,
         same_on_resume: bool = False) -> Any:
     """A TrainConfig field with its default, its help and its valid values: the one place they live (the CLI
-    flags, `--help` and the config file's option names are generated from the fields, as TRL's configs do,
+    flags, `--help` and the config file's option names are generated from the fields, genrecal_cache/options.py,
     and every value is checked against them, `check_values`).
     `flag` renames the CLI flag (a bool defaulting to True gets a flag that turns it off). `at_least`,
     `above`, `below` and `choices` bound a number (each item of a list); `same_on_resume`: a stage resumed
     part way must keep the value (it decides which samples, steps or updates the stage makes)."""
-    meta = {"help": help, **({"flag": flag} if flag else {}), "same_on_resume": same_on_resume,
-            "bounds": {k: v for k, v in dict(at_least=at_least, above=above, below=below, choices=choices).items()
-                       if v is not None}}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+    bounds = {k: v for k, v in dict(at_least=at_least, above=above, below=below, choices=choices).items()
+              if v is not None}
+    return option(default, help, flag=flag, same_on_resume=same_on_resume, bounds=bounds)
 
 
 @dataclass
@@ -118,6 +117,33 @@ class TrainConfig:
     def resume_settings(self) -> dict[str, Any]:
         """The values a stage resumed part way must keep (the fields marked `same_on_resume`)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("same_on_resume")}
+
+
+@dataclass
+class PlanConfig:
+    """What `genrecal-train plan` sizes (its flags are these fields'; `teacher` is `--cache`)."""
+    student: str = option(REQUIRED, "Student model folder, its config.json, or a builtin: qwen2-vl-7b.")
+    teacher: str = option(REQUIRED, "Teacher cache folder (its head's size is read), HIDDENxVOCAB (e.g. 8192x152064), "
+                                    "or a builtin teacher: qwen2-vl-72b, qwen2-vl-7b.", flag="--cache")
+    gpus: int = option(1, "Number of GPUs (FSDP shards over all of them).")
+    gpu_memory_gb: float = option(80.0, "Memory per GPU, GB (GiB).", flag="--gpu-memory")
+    batch_size: int = option(1, "Samples per micro-batch per GPU.")
+    max_len: int = option(TrainConfig.max_len, "Tokens per sample (the teacher's are taken as the same).")
+    answer_frac: float = 0.25  # share of the tokens that are answer tokens (teacher-head losses)
+    recal_layers: int = option(TrainConfig.recal_layers, "Decoder blocks in the Recalibrator.")
+    loss_chunk: int = LOSS_CHUNK
+    param_dtype: str = option(TrainConfig.param_dtype, "FSDP compute dtype.")
+
+
+@dataclass
+class EvalConfig:
+    """What `genrecal-eval` evaluates, and how (`genrecal_train/evaluate.py`)."""
+    model: str | None = option(None, "Model folder (teacher or student).")
+    data: str | None = option(None, "LLaVA-style JSONL or Parquet; the last answer is the reference. With --compare: "
+                                    "evaluates run folders that have no eval.json.")
+    limit: int | None = option(None, "Only the first N samples.")
+    max_new_tokens: int = option(8, "Generation length limit.")
+    device: str = option("cpu", "cpu, cuda, ...")
 
 
 class ConfigError(ValueError):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from genrecal_cache.data import decode_image, read_samples
 from genrecal_cache.families import EncodeError, adapter_for
+from genrecal_train.config import EvalConfig
 
 __all__ = ["EvalReport", "evaluate", "normalize"]
 
@@ -50,8 +51,9 @@ class EvalReport:
 
 
 @torch.inference_mode()
-def evaluate(model_path: str, data: str, *, limit: int | None = None, max_new_tokens: int = 8,
-             device: str = "cpu", progress: bool = True, model=None) -> EvalReport:
+def evaluate(model_path: str, data: str, *, limit: int | None = EvalConfig.limit,
+             max_new_tokens: int = EvalConfig.max_new_tokens, device: str = EvalConfig.device,
+             progress: bool = True, model=None) -> EvalReport:
     """Exact-match accuracy of greedy answers; `model` may be passed in to skip loading it."""
     from transformers import AutoConfig
 
@@ -99,7 +101,7 @@ def run_label(path: str | Path) -> str:
     return p.parent.name if p.suffix == ".json" and p.stem == "eval" else (p.stem if p.suffix == ".json" else p.name)
 
 
-def load_report(path: str | Path, data: str | None = None, device: str = "cpu") -> dict:
+def load_report(path: str | Path, data: str | None = None, device: str = EvalConfig.device) -> dict:
     """An eval report: an eval JSON (`genrecal-eval --out`), or a run folder's eval.json. A run folder
     without one (or with one on other data) is evaluated on `data` when given, into RUN/eval.json."""
     p = Path(path)

@@ -33,7 +33,7 @@ from torch import nn
 from genrecal_cache.families import adapter_for
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache import open_cache
-from genrecal_train.config import LOSS_CHUNK, TrainConfig
+from genrecal_train.config import PlanConfig, TrainConfig
 from genrecal_train.distributed import fsdp_units
 from genrecal_train.distributed import param_dtype as to_dtype
 from genrecal_train.model import GenRecal
@@ -57,20 +57,6 @@ BUILTIN_STUDENTS = {"qwen2-vl-7b": QWEN2_VL_7B}
 BUILTIN_TEACHERS = {"qwen2-vl-72b": (8192, 152064), "qwen2-vl-7b": (3584, 152064), "qwen2-vl-2b": (1536, 151936)}
 GiB = 1024 ** 3
 HEADROOM = 0.9  # of a GPU's memory usable for tensors (CUDA context, allocator fragmentation)
-
-
-@dataclass
-class PlanConfig:
-    student: str  # model folder, config.json, or a builtin name (qwen2-vl-7b)
-    teacher: str  # cache folder, "HIDDENxVOCAB", or a builtin name (qwen2-vl-72b)
-    gpus: int = 1
-    gpu_memory_gb: float = 80.0
-    batch_size: int = 1  # per GPU
-    max_len: int = 2048  # student tokens per sample (the teacher's are taken as the same)
-    answer_frac: float = 0.25  # share of the tokens that are answer tokens (teacher-head losses)
-    recal_layers: int = 2
-    loss_chunk: int = LOSS_CHUNK
-    param_dtype: str = "bfloat16"
 
 
 @dataclass

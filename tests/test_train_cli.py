@@ -6,7 +6,8 @@ import dataclasses
 
 import typer
 
-from cli.train_cli import _overrides, app
+from cli.options import given
+from cli.train_cli import app
 from genrecal_train.config import TrainConfig, load_config
 
 REQUIRED = ["--cache", "c", "--student", "s", "--out", "o"]
@@ -14,7 +15,7 @@ REQUIRED = ["--cache", "c", "--student", "s", "--out", "o"]
 
 def _parse(args: list[str]) -> TrainConfig:
     params = typer.main.get_command(app).make_context("genrecal-train", REQUIRED + args).params
-    return load_config(params.pop("config"), _overrides(params))
+    return load_config(params.pop("config"), given(TrainConfig, params))
 
 
 def test_every_option_is_a_flag_with_the_fields_help() -> None:

@@ -33,6 +33,14 @@ __all__ = ["CONTEXT_CODEC", "CONTEXT_POLICIES", "ContextBasis", "FLAG_COMPACT", 
 
 CONTEXT_POLICIES = ("full", "lowrank", "text", "none")
 TOPK_ROWS = ("answer", "all")
+# What a new extraction stores unless told otherwise (`--context`, `--topk-rows`, `--topk` of extract and plan),
+# with the options' help; `Storage()`'s own defaults are the format's (caches written before roles: everything).
+NEW_CONTEXT, NEW_TOPK_ROWS, NEW_TOPK = "lowrank", "answer", 64
+CONTEXT_HELP = ("How context rows (image tokens, question: read only by the regularization pass) are stored: lowrank "
+                "(coefficients on a basis fitted on the run's first states, fp8: ~r+4 bytes/row), full (as answer "
+                "rows), text (image-token rows dropped, text rows in full) or none. See docs/cache-format.md.")
+RANK_HELP = "Rank of the low-rank context basis [default: hidden size / 8, at most 64]."
+TOPK_ROWS_HELP = "Rows whose top-k logprobs are stored: answer (the trainer's targets) or all."
 # Low-rank context coefficients: fp8 with one scale per row (r + 4 bytes; d=8192, r=64: 68 B/token).
 CONTEXT_CODEC = hidden_codec("fp8")
 EXACT_SVD_MAX_DIM = 1024  # above: randomized SVD for the basis fit
