@@ -64,7 +64,7 @@ def main() -> None:
         raise SystemExit("no CUDA device: run where a GPU is lent, or pass --device cpu for a gloo check")
     from transformers import AutoConfig
 
-    from genrecal_train import plan
+    from genrecal_train import memory_plan as plan
 
     with tempfile.TemporaryDirectory(prefix="genrecal-fsdp-bench-") as tmp:
         root = Path(tmp)

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     from genrecal_cache import open_cache
     from genrecal_cache.testing import install_compat_shim
     from genrecal_train.config import TrainConfig
-    from genrecal_train.data import collate, make_example
+    from genrecal_train.batches import collate, make_example
     from genrecal_train.model import GenRecal
 
     install_compat_shim()

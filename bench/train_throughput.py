@@ -72,7 +72,7 @@ def build_inputs(work: Path, n_per_kind: int) -> tuple[Path, dict[str, Path]]:
 
 def make_batches(cache, adapter, processor, batch_size: int) -> tuple[list, float]:
     """Every sample in batches as the data thread makes them, and the data thread's seconds per batch."""
-    from genrecal_train.data import collate, make_example
+    from genrecal_train.batches import collate, make_example
 
     extra = {}
     if "teacher_tokenizer" in inspect.signature(make_example).parameters:  # issue 24: alignment on the data thread

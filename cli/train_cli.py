@@ -75,8 +75,8 @@ plan_app = typer.Typer(add_completion=False, rich_markup_mode=None)
                        "alone (meta device, nothing downloaded), and what to change when it does not fit.")
 @options_from(PlanConfig)
 def plan(**flags: Any) -> None:
-    from genrecal_train.plan import format_plan
-    from genrecal_train.plan import plan as make_plan
+    from genrecal_train.memory_plan import format_plan
+    from genrecal_train.memory_plan import plan as make_plan
 
     cfg = PlanConfig(**given(PlanConfig, flags))
     try:

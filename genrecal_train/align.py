@@ -1,7 +1,7 @@
 """Which state feeds which loss, per sample: index tensors computed once per example on the data thread.
 
 Everything here is a function of one sample's token ids, answer spans and (for the student-aligned main
-pass) both tokenizers, never of hidden states: `make_example` (genrecal_train/data.py) computes it on the
+pass) both tokenizers, never of hidden states: `make_example` (genrecal_train/batches.py) computes it on the
 prefetch thread and stores it on the `Example` as `Rows`; `GenRecal.forward` only gathers with it.
 
 Which features go where (spans are answer-content token ranges, one per turn):

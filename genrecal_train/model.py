@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from genrecal_cache.families import FamilyAdapter
 from genrecal_cache.format.head import TeacherHead
 from genrecal_train.config import TrainConfig
-from genrecal_train.data import Batch
+from genrecal_train.batches import Batch
 from genrecal_train.losses import answer_losses, chunked_ce
 from genrecal_train.recalibrator import Recalibrator
 from genrecal_train.uld import uld_loss

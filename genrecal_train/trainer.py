@@ -36,7 +36,7 @@ from genrecal_train import checkpoint as ckpt
 from genrecal_train import distributed
 from genrecal_train import sharded_checkpoint as sharded
 from genrecal_train.config import TrainConfig
-from genrecal_train.data import CacheStream
+from genrecal_train.batches import CacheStream
 from genrecal_train.errors import OutOfSpace, RunInterrupted, RunRefused, TrainError
 from genrecal_train.model import GenRecal
 from genrecal_train.plots import plot_curves

@@ -12,7 +12,7 @@ from genrecal_cache import open_cache
 from genrecal_cache.families import adapter_for
 from genrecal_train.align import student_answer_rows, student_question_index, teacher_rows
 from genrecal_train.config import TrainConfig
-from genrecal_train.data import CacheStream, collate, make_example
+from genrecal_train.batches import CacheStream, collate, make_example
 from genrecal_train.losses import chunked_ce
 from genrecal_train.model import GenRecal
 

@@ -23,7 +23,7 @@ import torch
 from genrecal_cache.families import adapter_for
 from genrecal_cache import open_cache
 from genrecal_train.config import TrainConfig
-from genrecal_train.data import collate, make_example
+from genrecal_train.batches import collate, make_example
 from genrecal_train.model import GenRecal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,7 +252,7 @@ def test_plan_state_bytes_equal_the_local_shards_of_the_fsdp_run(fsdp_run: Path,
     step of each stage; `genrecal-train plan`'s arithmetic, from the config alone, gives the same."""
     from transformers import AutoConfig
 
-    from genrecal_train import plan
+    from genrecal_train import memory_plan as plan
 
     m = open_cache(train_cache).manifest
     meta = plan.meta_model(AutoConfig.from_pretrained(student_dir), m.hidden_size, m.vocab_size, 2)
@@ -273,7 +273,7 @@ def test_one_process_fsdp_with_offload_and_checkpointing_trains_a_qwen2_vl_stude
     paper's student family). Its per-rank bytes are the plan's, for this architecture too."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from genrecal_train import plan
+    from genrecal_train import memory_plan as plan
     from genrecal_train.trainer import train
 
     out = tmp_path / "run"
@@ -326,7 +326,7 @@ def test_only_rank0_loads_the_full_student_the_others_get_their_shards(tmp_path:
     on the machine."""
     from transformers import AutoConfig
 
-    from genrecal_train import plan
+    from genrecal_train import memory_plan as plan
 
     student_dir, tied = load_student
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

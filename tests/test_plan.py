@@ -19,9 +19,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from genrecal_cache.families import adapter_for
 from genrecal_cache import open_cache
-from genrecal_train import plan as P
+from genrecal_train import memory_plan as P
 from genrecal_train.config import TrainConfig
-from genrecal_train.data import collate, make_example
+from genrecal_train.batches import collate, make_example
 from genrecal_train.model import GenRecal
 
 REPO = Path(__file__).resolve().parents[1]

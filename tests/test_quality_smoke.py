@@ -16,7 +16,7 @@ from genrecal_cache.families import adapter_for
 from genrecal_cache import open_cache
 from genrecal_train.config import TrainConfig
 from genrecal_train.align import student_answer_rows
-from genrecal_train.data import collate, make_example
+from genrecal_train.batches import collate, make_example
 from genrecal_train.model import GenRecal
 from genrecal_train.uld import sorted_wasserstein
 

@@ -15,7 +15,7 @@ from genrecal_cache.families import adapter_for
 from genrecal_cache.format.codecs import float32_to_bf16_bits
 from genrecal_cache.format.roles import FLAG_COMPACT
 from genrecal_train.config import TrainConfig
-from genrecal_train.data import CacheStream, collate, make_example
+from genrecal_train.batches import CacheStream, collate, make_example
 from genrecal_train.model import GenRecal
 
 

@@ -22,7 +22,7 @@ import torch
 from genrecal_cache.families import adapter_for
 from genrecal_cache import open_cache
 from genrecal_train.config import TrainConfig, load_config
-from genrecal_train.data import collate, make_example
+from genrecal_train.batches import collate, make_example
 from genrecal_train.model import GenRecal
 from genrecal_train.trainer import train
 
@@ -415,7 +415,7 @@ def test_torchrun_two_ranks_read_disjoint_data_and_resume(tmp_path: Path, train_
 
 
 def test_epoch_based_step_count_is_the_same_on_every_rank(train_cache: Path, student_dir: Path) -> None:
-    from genrecal_train.data import CacheStream
+    from genrecal_train.batches import CacheStream
     from genrecal_train.trainer import stage_steps
 
     cache, adapter = open_cache(train_cache), adapter_for(student_dir)

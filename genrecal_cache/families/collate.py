@@ -1,7 +1,7 @@
 """One batch of encodings: right-padded ids and attention mask, the processor's other inputs batched.
 
 Used by the teacher forward (genrecal_cache/backends/hf.py) and by the trainer's student batches
-(genrecal_train/data.py).
+(genrecal_train/batches.py).
 """
 
 from __future__ import annotations
