@@ -20,7 +20,6 @@ of a real FSDP run. With --cpu-offload the first three live in host memory inste
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import transformers
 from torch import nn
 
 from genrecal_cache.families import adapter_for
+from genrecal_cache.families.flagships import flagship_config
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache import open_cache
 from genrecal_train.config import PlanConfig, TrainConfig
@@ -38,23 +38,10 @@ from genrecal_train.distributed import fsdp_units
 from genrecal_train.distributed import param_dtype as to_dtype
 from genrecal_train.model import GenRecal
 
-# Qwen2-VL-7B-Instruct's config (Hugging Face hub, config.json), written out so a plan needs no download.
-QWEN2_VL_7B = {
-    "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "image_token_id": 151655,
-    "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
-    "tie_word_embeddings": False,
-    "text_config": {"model_type": "qwen2_vl_text", "hidden_size": 3584, "intermediate_size": 18944,
-                    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-                    "vocab_size": 152064, "hidden_act": "silu", "rms_norm_eps": 1e-6,
-                    "max_position_embeddings": 32768, "tie_word_embeddings": False,
-                    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
-                                        "mrope_section": [16, 24, 24]}},
-    "vision_config": {"model_type": "qwen2_vl_vision", "depth": 32, "embed_dim": 1280, "hidden_size": 3584,
-                      "num_heads": 16, "mlp_ratio": 4, "patch_size": 14, "spatial_merge_size": 2,
-                      "temporal_patch_size": 2, "in_channels": 3, "hidden_act": "quick_gelu"},
-}
-BUILTIN_STUDENTS = {"qwen2-vl-7b": QWEN2_VL_7B}
-BUILTIN_TEACHERS = {"qwen2-vl-72b": (8192, 152064), "qwen2-vl-7b": (3584, 152064), "qwen2-vl-2b": (1536, 151936)}
+# the builtin names `plan` takes: flagship checkpoints whose configs genrecal_cache/families/flagships.py holds
+BUILTIN_STUDENTS = {"qwen2-vl-7b": "Qwen2-VL-7B-Instruct"}
+BUILTIN_TEACHERS = {"qwen2-vl-72b": "Qwen2-VL-72B-Instruct", "qwen2-vl-7b": "Qwen2-VL-7B-Instruct",
+                    "qwen2-vl-2b": "Qwen2-VL-2B-Instruct"}
 GiB = 1024 ** 3
 HEADROOM = 0.9  # of a GPU's memory usable for tensors (CUDA context, allocator fragmentation)
 
@@ -88,15 +75,14 @@ def student_config(spec: str):
     from transformers import AutoConfig, PretrainedConfig
 
     if spec.lower() in BUILTIN_STUDENTS:
-        data = copy.deepcopy(BUILTIN_STUDENTS[spec.lower()])
-    else:
-        path = Path(spec)
-        if path.is_dir():
-            return AutoConfig.from_pretrained(path)
-        if not path.is_file():
-            raise ValueError(f"--student {spec}: not a model folder, config.json or builtin "
-                             f"({', '.join(BUILTIN_STUDENTS)})")
-        data = json.loads(path.read_text())
+        return flagship_config(BUILTIN_STUDENTS[spec.lower()])
+    path = Path(spec)
+    if path.is_dir():
+        return AutoConfig.from_pretrained(path)
+    if not path.is_file():
+        raise ValueError(f"--student {spec}: not a model folder, config.json or builtin "
+                         f"({', '.join(BUILTIN_STUDENTS)})")
+    data = json.loads(path.read_text())
     cls = AutoConfig.for_model(data["model_type"]).__class__
     cfg: PretrainedConfig = cls(**{k: v for k, v in data.items() if k != "model_type"})
     return cfg
@@ -105,7 +91,8 @@ def student_config(spec: str):
 def teacher_dims(spec: str) -> tuple[int, int]:
     """(hidden, vocab) of the teacher head: from a cache's manifest, 'HIDDENxVOCAB' or a builtin."""
     if spec.lower() in BUILTIN_TEACHERS:
-        return BUILTIN_TEACHERS[spec.lower()]
+        text = flagship_config(BUILTIN_TEACHERS[spec.lower()]).get_text_config()
+        return text.hidden_size, text.vocab_size
     if "x" in spec and all(p.isdigit() for p in spec.lower().split("x")):
         h, v = spec.lower().split("x")
         return int(h), int(v)
