@@ -10,6 +10,7 @@ The final norm is Gemma's `x*(1+w)`; PaliGemma 2's logits are soft-capped (`fina
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from ..data import IMAGE_MARKER, Sample
 from .base import EncodeError, Encoded, FamilyAdapter
 from .gemma3 import Gemma3Adapter
+from .tiny import family_tokenizer, save_tiny, text_config, with_gemma_newlines
 
 
 class PaliGemmaAdapter(FamilyAdapter):
@@ -76,3 +78,25 @@ class PaliGemmaAdapter(FamilyAdapter):
 
     def rotary_factory(self, model: torch.nn.Module):
         return type(self.text_model(model).rotary_emb)
+
+
+def build_tiny(out_dir: Path, seed: int) -> Path:
+    """PaliGemma: SigLIP (16 tokens per 32-pixel image) + linear projector + Gemma text (x*(1+w) norms, tied
+    head); no chat template (the processor builds image tokens + BOS + question + newline + answer)."""
+    import transformers
+
+    tok = with_gemma_newlines(family_tokenizer(["<pad>", "<eos>", "<bos>", "<image>"], {"image_token": "<image>"},
+                                                 bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"))
+    image_processor = transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    image_processor.image_seq_length = 16
+    processor = transformers.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)  # adds <loc>/<seg>
+    text = transformers.GemmaConfig(**text_config(tok, rms_norm_eps=1e-6) | {"tie_word_embeddings": True})
+    text.vocab_size = len(processor.tokenizer)
+    config = transformers.PaliGemmaConfig(
+        vision_config=transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                      num_attention_heads=1, image_size=32, patch_size=8,
+                                                      projection_dim=64),
+        text_config=text, image_token_index=tok.image_token_id, projection_dim=64, hidden_size=64,
+        tie_word_embeddings=True)
+    return save_tiny(out_dir, seed, lambda: transformers.PaliGemmaForConditionalGeneration(config), processor,
+                 hub_vision_names=True)
