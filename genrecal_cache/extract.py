@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from genrecal_cache.backends.hf import HFBackend
 from genrecal_cache.dtypes import torch_dtype
-from genrecal_cache.format.codecs import resolve_hidden_codec
+from genrecal_cache.format.codecs import HiddenCodec, resolve_hidden_codec
 from genrecal_cache.data import ImageError, Sample, decode_image, read_samples
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter_for
 from genrecal_cache.format.manifest import (
@@ -85,9 +85,11 @@ class ExtractConfig:
     commit_seconds: float | None = option(None, "Commit finished samples at most this often [default: "
                                                 f"{COMMIT_SECONDS:g}]; a crash loses at most this much work.")
     vllm: dict = field(default_factory=dict)  # engine options for the vLLM backend (VLLMOptions.engine_options)
+    codec: HiddenCodec = field(init=False, repr=False, compare=False)  # `hidden_codec` resolved, passed down whole
 
     def __post_init__(self) -> None:
-        self.hidden_codec = resolve_hidden_codec(self.hidden_codec, self.hidden_dtype).name  # the old name too
+        self.codec = resolve_hidden_codec(self.hidden_codec, self.hidden_dtype)  # the old name too; resolved once
+        self.hidden_codec = self.codec.name
         if self.context not in CONTEXT_POLICIES:
             raise ValueError(f"context {self.context!r}: use one of {', '.join(CONTEXT_POLICIES)}")
         if self.topk_rows not in TOPK_ROWS:
@@ -250,7 +252,7 @@ def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any, inputs: It
         hidden_size=head.hidden_size,
         vocab_size=head.vocab_size,
         topk=cfg.topk,
-        hidden_codec=cfg.hidden_codec,
+        hidden_codec=cfg.codec,
         teacher={"id": cfg.teacher, "revision": getattr(config, "_commit_hash", None) or "local",
                  "config_sha256": sha256_text(config.to_json_string()), "model_type": config.model_type,
                  "backend": backend.name},

@@ -113,7 +113,7 @@ def codec_fidelity(head: TeacherHead, states: np.ndarray, codec: str | HiddenCod
                    chunk_tokens: int = 512) -> Fidelity:
     """Fidelity of `codec` on `states` [N, d] (encoded and decoded `chunk_tokens` rows at a time,
     like the writer's inner chunks)."""
-    c = hidden_codec(codec) if isinstance(codec, str) else codec
+    c = hidden_codec(codec)
     states = np.asarray(states, dtype=np.float32)
     decoded = np.concatenate([c.round_trip(states[a:a + chunk_tokens])
                               for a in range(0, states.shape[0], chunk_tokens)]) if len(states) else states.copy()

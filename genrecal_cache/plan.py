@@ -14,7 +14,7 @@ from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
 from .fidelity import synthetic_post_norm_states, synthetic_topk
-from .format.codecs import DEFAULT_HIDDEN_CODEC, hidden_codec as get_hidden_codec
+from .format.codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, hidden_codec as get_hidden_codec
 from .format.layout import Layout, array_names, create_feature_arrays, plan_layout
 from .format.roles import (
     CONTEXT_CODEC, CONTEXT_HELP, FLAG_COMPACT, FLAG_EXACT, FLAG_TOPK, NEW_CONTEXT, NEW_TOPK, NEW_TOPK_ROWS, RANK_HELP,
@@ -148,7 +148,7 @@ class CachePlanConfig:
 
 
 def estimate_cache_size(tokens: int, hidden_size: int, vocab_size: int, topk: int,
-                        hidden_codec: str = DEFAULT_HIDDEN_CODEC, samples: int | None = None, *,
+                        hidden_codec: HiddenCodec | str = DEFAULT_HIDDEN_CODEC, samples: int | None = None, *,
                         storage: Storage = Storage(), answer_fraction: float = CachePlanConfig.answer_fraction,
                         image_fraction: float = CachePlanConfig.image_fraction,
                         text_bytes_per_sample: int = CachePlanConfig.text_bytes,
@@ -174,7 +174,7 @@ def estimate_cache_size(tokens: int, hidden_size: int, vocab_size: int, topk: in
                          f"the rows: answer in (0, 1], image >= 0, together <= 1")
     codec = get_hidden_codec(hidden_codec)
     samples = max(1, tokens // 512) if samples is None else samples
-    layout = plan_layout(hidden_size, topk, codec.name, shard_tokens=shard_tokens, chunk_tokens=chunk_tokens,
+    layout = plan_layout(hidden_size, topk, codec, shard_tokens=shard_tokens, chunk_tokens=chunk_tokens,
                          storage=storage)
     names = array_names(storage)
     image_id = vocab_size - 1  # synthetic token ids: the image token is the last id, text ids below it

@@ -43,7 +43,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
 from . import __version__
-from .format.codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, describe_chain, hidden_codec as get_hidden_codec
+from .format.codecs import HiddenCodec, describe_chain, hidden_codec as get_hidden_codec
 from .format.head import TeacherHead
 from .format.layout import create_feature_arrays, plan_layout
 from .format.manifest import (
@@ -113,14 +113,15 @@ class CacheWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, hidden_size: int, vocab_size: int, topk: int,
-                 hidden_codec: str | None = None, teacher: dict[str, Any],
+                 hidden_codec: HiddenCodec | str | None = None, teacher: dict[str, Any],
                  tokenizer_sha256: str, chat_template_sha256: str | None, head: TeacherHead, command: str,
                  shard_tokens: int | None = None, chunk_tokens: int | None = None, embed_images: bool = True,
                  queue_size: int = 16, extra: dict[str, Any] | None = None, resume: bool = False,
                  commit_seconds: float | None = None, tokenizer_files: dict[str, bytes] | None = None,
                  storage: Storage = Storage(), context_basis: ContextBasis | None = None,
                  basis_fit_rows: int = BASIS_FIT_ROWS) -> None:
-        """`hidden_codec`: "bf16" (default, lossless), "fp8", "ecq" or "fp32" (genrecal_cache/format/codecs.py).
+        """`hidden_codec`: the codec, or its name: "bf16" (default, lossless), "fp8", "ecq" or "fp32"
+        (genrecal_cache/format/codecs.py).
         `tokenizer_files`: the teacher tokenizer's files (`format.tokenizer.tokenizer_files`), written to
         `teacher_tokenizer/` at close so that the cache is trained from without the teacher.
         `storage`: which rows are stored, and how, by role (format/roles.py). With low-rank context the basis
@@ -134,7 +135,7 @@ class CacheWriter:
                                           or context_basis.mean.shape[0] != hidden_size):
             raise ValueError(f"context basis of rank {context_basis.rank} and size {context_basis.mean.shape[0]} does "
                              f"not fit storage {storage} with hidden_size {hidden_size}")
-        self.codec: HiddenCodec = get_hidden_codec(hidden_codec or DEFAULT_HIDDEN_CODEC)
+        self.codec: HiddenCodec = get_hidden_codec(hidden_codec)
         if topk < 1 or hidden_size < 1 or vocab_size < 1:
             raise ValueError(f"hidden_size, vocab_size and topk must be >= 1 (got {hidden_size}, {vocab_size}, {topk})")
         if (head.hidden_size, head.vocab_size) != (hidden_size, vocab_size):
@@ -155,7 +156,7 @@ class CacheWriter:
         except (CacheFormatError, TypeError) as e:
             raise ValueError(f"invalid cache metadata: {e}") from e
         self.embed_images = embed_images
-        self.layout = plan_layout(hidden_size, topk, self.codec.name, shard_tokens=shard_tokens,
+        self.layout = plan_layout(hidden_size, topk, self.codec, shard_tokens=shard_tokens,
                                   chunk_tokens=chunk_tokens, storage=storage)
         # crash safety (journal.py, docs/cache-format.md "Commit protocol"): commits go to _progress.json +
         # _commits/; `resume=True` continues an interrupted run in the same directory from its last commit

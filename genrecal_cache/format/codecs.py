@@ -616,8 +616,12 @@ _CODECS = {
 }
 
 
-def hidden_codec(name: str) -> HiddenCodec:
-    """The codec called `name`; the old hidden_dtype names 'bfloat16' and 'float32' also work."""
+def hidden_codec(name: str | HiddenCodec | None = None) -> HiddenCodec:
+    """The codec called `name` (None: the default, bf16; the old hidden_dtype names 'bfloat16' and 'float32'
+    also work). A codec is returned as it is: resolved once where a run starts, it is passed down whole."""
+    if isinstance(name, HiddenCodec):
+        return name
+    name = DEFAULT_HIDDEN_CODEC if name is None else name
     key = LEGACY_NAMES.get(name, name)
     if key not in _CODECS:
         raise ValueError(f"unknown hidden codec {name!r}: choose one of {', '.join(HIDDEN_CODECS)}")
@@ -632,10 +636,10 @@ def resolve_hidden_codec(name: str | None, hidden_dtype: str | None = None) -> H
             raise ValueError(f"hidden_codec={name!r} and hidden_dtype={hidden_dtype!r} disagree; "
                              f"hidden_dtype is the old name of the option: pass only hidden_codec")
         return a
-    if hidden_dtype is not None and hidden_dtype not in ("bfloat16", "float32"):
+    if hidden_dtype is not None and hidden_dtype not in LEGACY_NAMES:
         raise ValueError(f"hidden_dtype must be 'bfloat16' or 'float32', got {hidden_dtype!r} (other storages: "
                          f"hidden_codec='fp8' or 'ecq')")
-    return hidden_codec(name or hidden_dtype or DEFAULT_HIDDEN_CODEC)
+    return hidden_codec(name or hidden_dtype)
 
 
 def ecq_variant(step: float = ECQ_STEP, outliers: int = ECQ_OUTLIERS) -> HiddenCodec:

@@ -58,7 +58,7 @@ def array_names(storage: Storage) -> tuple[str, ...]:
     return ARRAY_NAMES + role_arrays(storage)
 
 
-def plan_layout(hidden_size: int, topk: int, hidden_codec: str = DEFAULT_HIDDEN_CODEC, *,
+def plan_layout(hidden_size: int, topk: int, hidden_codec: HiddenCodec | str = DEFAULT_HIDDEN_CODEC, *,
                 shard_tokens: int | None = None, chunk_tokens: int | None = None,
                 storage: Storage = Storage()) -> Layout:
     """Shard/chunk lengths (tokens) from the bytes per token of `hidden`, which dominates the cache.
@@ -67,7 +67,7 @@ def plan_layout(hidden_size: int, topk: int, hidden_codec: str = DEFAULT_HIDDEN_
     shards <= 128 MiB, and at most 256 MiB of decoded `hidden` per shard (d=8192 bf16: 256-token
     chunks, 8192-token shards; d=3584 bf16: 512 / 16384; d=8192 fp8 or ecq: 256 / 8192).
     Smaller arrays get the largest inner chunk <= 4 MiB that divides the shard (often the whole
-    shard). `hidden_codec` also takes the old names 'bfloat16' and 'float32'.
+    shard). `hidden_codec`: the codec, or its name (the old names 'bfloat16' and 'float32' too).
     """
     codec = get_hidden_codec(hidden_codec)
     row = {"token_ids": 4, "answer_mask": 1, "hidden": max(1, math.ceil(codec.row_bytes(hidden_size))),

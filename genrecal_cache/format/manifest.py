@@ -27,7 +27,7 @@ from typing import IO, Any, TypedDict
 
 import numpy as np
 
-from .codecs import HIDDEN_CODECS, hidden_codec
+from .codecs import HIDDEN_CODECS, LEGACY_NAMES, hidden_codec
 from .roles import CONTEXT_CODEC, Storage, role_arrays
 
 __all__ = ["ARRAY_NAMES", "ArraySpec", "BASIS_NAME", "BLOSC_MAX_OVERHEAD", "COMMITS_DIR", "CacheFormatError", "Counts",
@@ -182,7 +182,7 @@ class Manifest:
         _check_array_values(raw["arrays"], source)
         if version == 1:  # v1 knew two storages of hidden, told apart by its logical dtype
             dtype = raw["arrays"].get("hidden", {}).get("dtype")
-            raw["hidden_codec"] = {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, f"unknown ({dtype})")
+            raw["hidden_codec"] = LEGACY_NAMES.get(dtype, f"unknown ({dtype})")
         if raw["hidden_codec"] not in HIDDEN_CODECS:
             raise _fail(source, "hidden_codec", f"is {raw['hidden_codec']!r}, this genrecal knows "
                         f"{', '.join(HIDDEN_CODECS)}; upgrade genrecal or re-extract the cache")
