@@ -13,15 +13,10 @@ import typer
 
 from cli.errors import clean_errors, debugging, fail  # the one home of the CLIs' one-line errors
 from cli.options import given, options_from
-from genrecal_cache.audit import AuditConfig
-from genrecal_cache.backends.vllm import VLLMOptions
-from genrecal_cache.demo_data import DemoDataConfig
-from genrecal_cache.extract import ExtractConfig
-from genrecal_cache.info import InfoConfig
+from genrecal_cache.config import (  # light: the flags are built without loading what the commands run
+    AuditConfig, CachePlanConfig, DemoDataConfig, ExtractConfig, InfoConfig, PushConfig, TinyModelsConfig, VLLMOptions,
+)
 from genrecal_cache.options import option
-from genrecal_cache.plan import CachePlanConfig
-from genrecal_cache.push import PushConfig
-from genrecal_cache.testing import TinyModelsConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run a teacher VLM once and store what GenRecal distillation needs in a shareable cache.")

@@ -29,6 +29,7 @@ import torch
 from transformers import AutoConfig
 
 from .backends.hf import HFBackend
+from .config import AuditConfig
 from .data import Sample, decode_image
 from .dtypes import torch_dtype
 from .extract import resolve_max_len
@@ -37,24 +38,10 @@ from .fidelity import fidelity
 from .format.codecs import hidden_codec
 from .format.roles import CONTEXT_CODEC, FLAG_COMPACT, ContextBasis
 from .format.head import TeacherHead
-from .options import REQUIRED, option
 from .parts import open_cache
 
-__all__ = ["AuditConfig", "AuditReport", "Check", "audit"]
+__all__ = ["AuditReport", "Check", "audit"]
 
-
-@dataclass
-class AuditConfig:
-    """What `audit` recomputes and how close it must come (`genrecal-cache audit` flags)."""
-    teacher: str = option(REQUIRED, "The teacher the cache says it comes from (folder or hub id).")
-    samples: int = option(8, "Random ok samples to recompute.")
-    seed: int = option(0, "Which samples.")
-    device: str = option("cpu", "cpu, cuda, cuda:1 ...")
-    dtype: str = option("float32", "Recompute dtype: float32, bfloat16 (match the extraction's to keep the "
-                                   "recomputation noise small).")
-    tolerance: float = option(0.05, "Recomputation noise allowed on top of the codec's bound, as a fraction of each "
-                                    "token's RMS.")
-    min_top1: float | None = option(None, "Least top-1 agreement [0.99 lossless codecs, 0.95 fp8/ecq].")
 
 HEAD_RTOL = 2.0 ** -7  # a head exported in bf16 differs from the float32 one by at most this, relatively
 

@@ -18,12 +18,11 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .options import REQUIRED, option
+from .config import DemoDataConfig
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -39,14 +38,6 @@ BACKGROUND = (245, 245, 245)
 # (shape, colour, centre x, centre y) in pixels
 _Item = tuple[str, str, float, float]
 _Record = tuple[list[Image.Image], list[dict[str, str]]]  # images, conversation
-
-
-@dataclass
-class DemoDataConfig:
-    """The synthetic set `genrecal-cache demo-data` writes."""
-    out: str = option(REQUIRED, "Folder for images/ and train.jsonl.")
-    n: int = option(200, "Number of samples.")
-    seed: int = option(0, "Seed of the images and questions.")
 
 
 def write_demo_dataset(out_dir: str | Path, n: int, seed: int = DemoDataConfig.seed, image_size: int = 56) -> Path:
@@ -186,4 +177,4 @@ def _compare_q(rng: random.Random, size: int) -> _Record:
     return images, _qa(f"<image>\n<image>\nWhich image shows a {asked}, the first or the second?", target)
 
 
-__all__ = ["COLOURS", "QTYPES", "SHAPES", "DemoDataConfig", "write_demo_dataset", "write_digits_dataset"]
+__all__ = ["COLOURS", "QTYPES", "SHAPES", "write_demo_dataset", "write_digits_dataset"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,84 +17,28 @@ import torch
 from tqdm import tqdm
 
 from genrecal_cache.backends.hf import HFBackend
+from genrecal_cache.backends.vllm import VLLMBackend, vllm_refusal
+from genrecal_cache.config import DEFAULT_MAX_LEN, ExtractConfig
 from genrecal_cache.dtypes import torch_dtype
-from genrecal_cache.format.codecs import HiddenCodec, resolve_hidden_codec
 from genrecal_cache.data import ImageError, Sample, decode_image, read_samples
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter_for
 from genrecal_cache.format.manifest import (
     COMMITS_DIR, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, Manifest, identity, identity_diff, sha256_text,
 )
-from genrecal_cache.format.roles import (
-    CONTEXT_HELP, CONTEXT_POLICIES, NEW_CONTEXT, NEW_TOPK, NEW_TOPK_ROWS, RANK_HELP, TOPK_ROWS, TOPK_ROWS_HELP, Storage,
-    default_rank,
-)
+from genrecal_cache.format.roles import Storage, default_rank
 from genrecal_cache.format.tokenizer import tokenizer_files, tokenizer_sha256
 from genrecal_cache.io.locate import part_dir
 from genrecal_cache.io.prefetch import prefetch
-from genrecal_cache.journal import COMMIT_SECONDS, DirLock
-from genrecal_cache.options import REQUIRED, option
+from genrecal_cache.journal import DirLock
 from genrecal_cache.stops import Position, command_line, stopped_runs
-from genrecal_cache.writer import BASIS_FIT_ROWS, CacheWriter, SampleArrays, SampleRecord
+from genrecal_cache.writer import CacheWriter, SampleArrays, SampleRecord
 
 __all__ = ["DEFAULT_MAX_LEN", "ExtractConfig", "ExtractError", "count_samples", "extract", "make_backend",
            "pick_backend", "resolve_max_len"]
 
-DEFAULT_MAX_LEN = 4096  # the default --max-len, lowered to the teacher's context when that is shorter
-
 
 class ExtractError(ValueError):
     """An extraction that cannot go on, or that made nothing usable; the message says what to do."""
-
-
-@dataclass
-class ExtractConfig:
-    """One extraction run (`genrecal-cache extract`: its flags are the fields with a help text)."""
-    teacher: str = option(REQUIRED, "Teacher model folder or hub id (e.g. Qwen/Qwen2-VL-72B-Instruct).")
-    data: str = option(REQUIRED, "LLaVA-style JSONL or Parquet with embedded images.")
-    out: str = option(REQUIRED, "Cache folder to create.")
-    backend: str = option("auto", "'auto': vllm where installed and exact for the teacher's family here, else "
-                                  "transformers; 'vllm'; 'transformers' (reference).")
-    topk: int = option(NEW_TOPK, "Top-k teacher logprobs stored per token.")
-    max_len: int | None = option(None, "Samples longer than this (teacher tokens) are recorded as errors [default: "
-                                       f"{DEFAULT_MAX_LEN}, or the teacher's context if shorter].")
-    batch_tokens: int = option(8192, "Padded tokens per teacher forward (transformers backend).")
-    limit: int | None = option(None, "Only the first N samples.")
-    hidden_codec: str | None = option(None, "Storage of hidden states: bf16 (lossless, default), fp8 (e4m3 + "
-                                            "per-token scale, ~0.44x of bf16), ecq (int8 steps of 0.14 x token RMS, "
-                                            "entropy-coded, ~0.3x) or fp32. See docs/cache-format.md.")
-    hidden_dtype: str | None = option(None, "Old name of --hidden-codec (bfloat16, float32).", hidden=True)
-    # role-aware storage (format/roles.py)
-    context: str = option(NEW_CONTEXT, CONTEXT_HELP)
-    context_rank: int | None = option(None, RANK_HELP)
-    context_fit_rows: int = BASIS_FIT_ROWS  # lowrank: the basis is fitted on the run's first this-many context rows
-    topk_rows: str = option(NEW_TOPK_ROWS, TOPK_ROWS_HELP)
-    dtype: str = option("auto", "Compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")
-    device: str = option("auto", "auto, cpu, cuda, cuda:1 ... (transformers backend).")
-    image_root: str | None = option(None, "Folder image paths are relative to (default: the data file's folder).")
-    progress: bool = True
-    # sharded extraction: this job takes the input samples with index % num_shards == shard_index and
-    # writes the complete cache `out/part-<shard_index>-of-<num_shards>` (docs/cache-format.md, "Parts")
-    num_shards: int = option(1, "Split the input among N independent jobs: this job takes the samples with index % "
-                                "N == --shard-index and writes OUT/part-<i>-of-<N>/ [default: from a SLURM job array "
-                                "(SLURM_ARRAY_TASK_COUNT) or torchrun-style WORLD_SIZE, else 1].")
-    shard_index: int = option(0, "This job's share of the input (0 .. N-1); see --num-shards [default: "
-                                 "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, or RANK, else 0].")
-    shard_tokens: int | None = option(None, "Tokens per feature shard file [default: from the hidden size, ~128 MiB "
-                                            "files].")
-    commit_seconds: float | None = option(None, "Commit finished samples at most this often [default: "
-                                                f"{COMMIT_SECONDS:g}]; a crash loses at most this much work.")
-    vllm: dict = field(default_factory=dict)  # engine options for the vLLM backend (VLLMOptions.engine_options)
-    codec: HiddenCodec = field(init=False, repr=False, compare=False)  # `hidden_codec` resolved, passed down whole
-
-    def __post_init__(self) -> None:
-        self.codec = resolve_hidden_codec(self.hidden_codec, self.hidden_dtype)  # the old name too; resolved once
-        self.hidden_codec = self.codec.name
-        if self.context not in CONTEXT_POLICIES:
-            raise ValueError(f"context {self.context!r}: use one of {', '.join(CONTEXT_POLICIES)}")
-        if self.topk_rows not in TOPK_ROWS:
-            raise ValueError(f"topk_rows {self.topk_rows!r}: use one of {', '.join(TOPK_ROWS)}")
-        if self.context_rank is not None and self.context_rank < 1 or self.context_fit_rows < 1:
-            raise ValueError(f"context rank ({self.context_rank}) and fit rows ({self.context_fit_rows}) must be >= 1")
 
 
 def pick_backend(name: str) -> str:
@@ -113,15 +56,11 @@ def make_backend(cfg: ExtractConfig, adapter: FamilyAdapter, pad_id: int):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     backend = pick_backend(cfg.backend)
     if cfg.backend == "auto" and backend == "vllm":
-        from genrecal_cache.backends.vllm import vllm_refusal  # here: vLLM is optional, imported only when it may run
-
         if vllm_refusal(adapter, device.startswith("cuda")):  # `--backend vllm` says why; auto picks what works
             backend = "transformers"
     if backend == "transformers":
         return HFBackend(adapter, cfg.teacher, torch_dtype(dtype), device, pad_id)
-    if backend == "vllm":
-        from genrecal_cache.backends.vllm import VLLMBackend  # vLLM is optional: imported only when chosen
-
+    if backend == "vllm":  # (vLLM itself is imported only when its engine starts: it is optional)
         opts = dict(cfg.vllm)
         # the engine's context may be longer than --max-len (which only marks samples as too long)
         engine_len = opts.pop("max_model_len", None) or cfg.max_len

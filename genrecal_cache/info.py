@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 
+from genrecal_cache.config import InfoConfig
 from genrecal_cache.format.codecs import hidden_codec
 from genrecal_cache.format.manifest import TOKENIZER_DIR
 from genrecal_cache.format.roles import CONTEXT_CODEC
-from genrecal_cache.options import option
 from genrecal_cache.parts import MultiPartCache
 from genrecal_cache.reader import TeacherCache
 
-__all__ = ["InfoConfig", "format_summary", "summarize"]
-
-
-@dataclass
-class InfoConfig:
-    """How `genrecal-cache info` reads and summarizes a cache."""
-    local_cache: str | None = option(None, "Folder keeping verified copies of the remote files read.")
-    errors: int = option(10, "How many error rows to list.")
+__all__ = ["format_summary", "summarize"]
 
 
 def _counts(m) -> dict:

@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .config import COMMIT_SECONDS
 from .format.layout import ROW_GROUP_IMAGE_BYTES, ROW_GROUP_ROWS, SAMPLES_SCHEMA
 from .format.manifest import (
     COMMITS_DIR, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, Counts, identity_diff,
@@ -46,10 +47,9 @@ from .format.manifest import (
 )
 from .io.durable import fsync_path, rename_durable, write_synced
 
-__all__ = ["COMMIT_SECONDS", "KILL_POINTS", "CacheWriteError", "Committed", "DirLock", "DirLockedError", "Journal", "is_journal",
+__all__ = ["KILL_POINTS", "CacheWriteError", "Committed", "DirLock", "DirLockedError", "Journal", "is_journal",
            "kill_point", "rerun_advice"]
 
-COMMIT_SECONDS = 60.0  # a writer commits finished samples at most this often unless told (extract --commit-seconds)
 LOCK_NAME = "_lock"  # flock'ed by the extraction writing the directory (see DirLock)
 JOURNAL_NAMES = (PROGRESS_NAME, PROGRESS_NAME + ".tmp", COMMITS_DIR, LOCK_NAME)
 PROGRESS_VERSION = 1

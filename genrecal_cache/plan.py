@@ -13,16 +13,15 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
+from .config import CachePlanConfig
 from .fidelity import synthetic_post_norm_states, synthetic_topk
 from .format.codecs import DEFAULT_HIDDEN_CODEC, HiddenCodec, hidden_codec as get_hidden_codec
 from .format.layout import Layout, array_names, create_feature_arrays, plan_layout
 from .format.roles import (
-    CONTEXT_CODEC, CONTEXT_HELP, FLAG_COMPACT, FLAG_EXACT, FLAG_TOPK, NEW_CONTEXT, NEW_TOPK, NEW_TOPK_ROWS, RANK_HELP,
-    TOPK_ROWS_HELP, ContextBasis, Storage, answer_rows, row_flags,
+    CONTEXT_CODEC, FLAG_COMPACT, FLAG_EXACT, FLAG_TOPK, ContextBasis, Storage, answer_rows, row_flags,
 )
-from .options import REQUIRED, option
 
-__all__ = ["CachePlanConfig", "SizeEstimate", "estimate_cache_size", "estimate_like", "sample_rows", "sync_get"]
+__all__ = ["SizeEstimate", "estimate_cache_size", "estimate_like", "sample_rows", "sync_get"]
 
 
 @dataclass
@@ -120,31 +119,6 @@ class SizeEstimate:
 
 ROLES = ("answer", "text", "image")
 INDEX_ARRAYS = ("token_ids", "answer_mask", "row_flags")  # per-token bookkeeping, whatever the role
-
-
-@dataclass
-class CachePlanConfig:
-    """What `genrecal-cache plan` estimates (its flags are these fields; `estimate_cache_size` takes them)."""
-    tokens: int = option(REQUIRED, "Teacher tokens the cache will hold (all samples together).")
-    hidden_size: int = option(REQUIRED, "Teacher hidden size d (Qwen2-VL-72B: 8192).")
-    vocab: int = option(REQUIRED, "Teacher vocabulary size V (rows of lm_head; Qwen2-VL: 152064).")
-    codec: str = option(DEFAULT_HIDDEN_CODEC, "Hidden codec: bf16, fp8, ecq or fp32.")
-    topk: int = option(NEW_TOPK, "Top-k logprobs per token.")
-    samples: int | None = option(None, "Number of samples [default: tokens / 512].")
-    image_bytes: int = option(0, "Average embedded image bytes per sample (samples.parquet).")
-    text_bytes: int = option(600, "Average conversation text bytes per sample.")
-    head_dtype: str = option("bfloat16", "dtype of the teacher's lm_head as exported (bfloat16 on GPU).")
-    context: str = option(NEW_CONTEXT, CONTEXT_HELP)
-    context_rank: int | None = option(None, RANK_HELP)
-    topk_rows: str = option(NEW_TOPK_ROWS, TOPK_ROWS_HELP)
-    answer_fraction: float = option(0.15, "Share of the tokens that are answer tokens (the rows predicting them are "
-                                          "stored exactly).")
-    image_fraction: float = option(0.7, "Share of the tokens that are image tokens (Qwen2-VL: 300-1500 per image).")
-    sample: str | None = option(None, "A pilot cache of the same teacher and data (e.g. `extract --limit 500 "
-                                      "--context full --topk-rows all`): its real rows replace the synthetic ones "
-                                      "where it has them.")
-    image_token_id: list[int] | None = option(None, "With --sample: the teacher's image-token id(s) [default: the "
-                                                    "pilot's, if it names them].", repeat=True)
 
 
 def estimate_cache_size(tokens: int, hidden_size: int, vocab_size: int, topk: int,

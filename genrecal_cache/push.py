@@ -24,27 +24,17 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .config import PushConfig
 from .format import safety
 from .format.manifest import MANIFEST_NAME, CacheFormatError, Manifest, sha256_file
 from .io.durable import atomic_write, rename_durable
 from .io.locate import open_fs
 from .io.remote import read_capped
 from .io.retry import RetryPolicy, retry_call
-from .options import option
 from .reader import find_cache
 from .verify import file_sha256, verify
 
-__all__ = ["PushConfig", "PushError", "PushReport", "push"]
-
-
-@dataclass
-class PushConfig:
-    """How `push` publishes a cache (`genrecal-cache push` flags)."""
-    replace: bool = option(False, "Take down a different cache already at URL (its manifests first, then its files) "
-                                  "and publish this one instead.", flag=("--replace", "--force"))
-    workers: int = option(8, "Files uploaded in parallel.")
-    read_back: bool = option(True, "Check each uploaded file by the sha256 of its bytes read back (--no-read-back: by "
-                                   "size only, where reading back costs egress).", flag="--read-back/--no-read-back")
+__all__ = ["PushError", "PushReport", "push"]
 
 
 class PushError(RuntimeError):

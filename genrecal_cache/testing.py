@@ -25,9 +25,9 @@ Text head_dim is 64 (teacher) / 32 (student): vLLM's CPU attention needs at leas
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+from .config import TinyModelsConfig
 from .cpu_compat import install_compat_shim  # re-exported: tests and benches load the shim from here
 from .demo_data import write_demo_dataset
 from .families import (
@@ -36,22 +36,14 @@ from .families import (
 from .families.llava import build_tiny_student
 from .families.qwen2_vl import build_tiny_teacher
 from .families.tiny import tokenizer_corpus, train_tokenizer
-from .options import REQUIRED, option
 
-__all__ = ["FAMILY_BUILDERS", "TinyModelsConfig", "build_tiny_family", "build_tiny_student", "build_tiny_teacher",
+__all__ = ["FAMILY_BUILDERS", "build_tiny_family", "build_tiny_student", "build_tiny_teacher",
            "install_compat_shim", "tiny_pair", "tokenizer_corpus", "train_tokenizer", "write_mixed_size_dataset"]
 
 # model_type -> its module's `build_tiny(out_dir, seed)` (Idefics3 shares SmolVLM's code and has none)
 FAMILY_BUILDERS: dict[str, Callable[[Path, int], Path]] = {
     m.__name__.rpartition(".")[2]: m.build_tiny for m in (
         qwen2_vl, llava, qwen2_5_vl, qwen3_vl, internvl, gemma3, smolvlm, llava_onevision, mistral3, paligemma)}
-
-
-@dataclass
-class TinyModelsConfig:
-    """The tiny pair `genrecal-cache tiny-models` builds (`tiny_pair`)."""
-    out: str = option(REQUIRED, "Folder to hold teacher/ and student/.")
-    seed: int = option(0, "Seed of the weights.")
 
 
 def tiny_pair(root: str | Path, seed: int = TinyModelsConfig.seed) -> tuple[Path, Path]:

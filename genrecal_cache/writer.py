@@ -44,6 +44,7 @@ from zarr.storage import LocalStore, MemoryStore
 
 from . import __version__
 from .format.codecs import HiddenCodec, describe_chain, hidden_codec as get_hidden_codec
+from .config import BASIS_FIT_ROWS
 from .format.head import TeacherHead
 from .format.layout import create_feature_arrays, plan_layout
 from .format.manifest import (
@@ -54,9 +55,8 @@ from .format.roles import FLAG_COMPACT, FLAG_EXACT, FLAG_TOPK, ContextBasis, Sto
 from .io.durable import atomic_write
 from .journal import CacheWriteError, Committed, Journal, is_journal, kill_point
 
-__all__ = ["BASIS_FIT_ROWS", "CacheWriteError", "CacheWriter", "SampleArrays", "SampleRecord"]
+__all__ = ["CacheWriteError", "CacheWriter", "SampleArrays", "SampleRecord"]
 
-BASIS_FIT_ROWS = 4096  # context rows the low-rank basis is fitted on (d=8192: 128 MiB of float32 held back)
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 

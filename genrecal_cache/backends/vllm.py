@@ -25,18 +25,17 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from genrecal_cache.config import VLLMOptions
 from genrecal_cache.dtypes import torch_dtype
 from genrecal_cache.families import Encoded, FamilyAdapter
 from genrecal_cache.format.head import TeacherHead
-from genrecal_cache.options import option
 
-__all__ = ["LOGPROB_ATOL", "LOGPROB_CHECK_K", "VLLMBackend", "VLLMOptions", "cpu_kv_cache_bytes", "head_from_checkpoint",
+__all__ = ["LOGPROB_ATOL", "LOGPROB_CHECK_K", "VLLMBackend", "cpu_kv_cache_bytes", "head_from_checkpoint",
            "read_tensors", "vllm_refusal"]
 
 LOGPROB_CHECK_K = 8  # vLLM's top-k prompt log-probabilities compared with the exported head
@@ -118,34 +117,6 @@ def head_from_checkpoint(path: str | Path, config: Any, dtype: torch.dtype, adap
     bias = t.get("norm.bias")
     return TeacherHead(adapter.head_config(config), t["norm.weight"].to(dtype), t["lm_head.weight"].to(dtype),
                        None if bias is None else bias.to(dtype))
-
-
-@dataclass
-class VLLMOptions:
-    """The engine options `genrecal-cache extract` takes for the vLLM backend (its `--tensor-parallel-size` ...
-    flags); `engine_options()` gives them as `ExtractConfig.vllm` (the keywords of `VLLMBackend`)."""
-    tensor_parallel_size: int = option(1, "[vllm] GPUs per model replica (tensor parallel).")
-    pipeline_parallel_size: int = option(1, "[vllm] Pipeline stages per replica.")
-    data_parallel_size: int = option(1, "[vllm] Must be 1 here: run one extraction per replica instead.")
-    max_model_len: int | None = option(None, "[vllm] Engine context length [default: --max-len].")
-    gpu_memory_utilization: float | None = option(None, "[vllm] Fraction of GPU memory [0.9 GPU, 0.1 CPU].")
-    max_num_batched_tokens: int | None = option(None, "[vllm] Tokens per engine step.")
-    kv_cache_gib: float | None = option(None, "[vllm] KV-cache size in GiB [GPU: from --gpu-memory-utilization; "
-                                              "CPU: 4 sequences of the engine context, or VLLM_CPU_KVCACHE_SPACE].")
-    limit_mm_per_prompt: int | None = option(None, "[vllm] Max images per prompt.")
-    trust_remote_code: bool = option(False, "[vllm] Allow the model folder's own code to run.",
-                                    flag="--trust-remote-code/--no-trust-remote-code")
-
-    def engine_options(self) -> dict[str, Any]:
-        """These options as `VLLMBackend` keywords (`max_model_len` only when set: it defaults to --max-len)."""
-        return dict(tensor_parallel_size=self.tensor_parallel_size, pipeline_parallel_size=self.pipeline_parallel_size,
-                    data_parallel_size=self.data_parallel_size, gpu_memory_utilization=self.gpu_memory_utilization,
-                    max_num_batched_tokens=self.max_num_batched_tokens,
-                    kv_cache_memory_bytes=None if self.kv_cache_gib is None else int(self.kv_cache_gib * 2**30),
-                    limit_mm_per_prompt=None if self.limit_mm_per_prompt is None
-                    else {"image": self.limit_mm_per_prompt},
-                    trust_remote_code=self.trust_remote_code,
-                    **({"max_model_len": self.max_model_len} if self.max_model_len else {}))
 
 
 def cpu_kv_cache_bytes(config: Any, max_len: int, dtype: torch.dtype, sequences: int = 4) -> int:

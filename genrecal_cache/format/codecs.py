@@ -58,7 +58,8 @@ from zarr.core.common import parse_named_configuration
 
 __all__ = ["CodecError", "DEFAULT_HIDDEN_CODEC", "E4M3_PAIR_TABLE", "E4M3_TABLE", "ECQ_NAME", "ECQ_OUTLIERS",
            "ECQ_QMAX", "ECQ_STEP", "EcqCodec", "FP8_FLUSH", "FP8_MAX", "FP8_NAME", "Fp8E4M3Codec", "HEADER",
-           "HIDDEN_CODECS", "HiddenCodec", "LEGACY_NAMES", "MAGIC", "NumcodecsEcq", "NumcodecsFp8E4M3", "VERSION",
+           "HIDDEN_CODECS", "HiddenArrayBytesCodec", "HiddenCodec", "LEGACY_NAMES", "MAGIC", "NumcodecsEcq",
+           "NumcodecsFp8E4M3", "VERSION",
            "bf16_bits_to_float32", "decode_payload", "describe_chain", "ecq_encode", "ecq_error_bound", "ecq_variant",
            "float32_to_bf16_bits", "float32_to_e4m3", "fp8_encode", "fp8_error_bound", "hidden_codec", "register",
            "resolve_hidden_codec"]
@@ -313,7 +314,7 @@ def decode_payload(payload: Any, out: np.ndarray | None = None) -> np.ndarray:
 
 # ---- Zarr v3 codecs --------------------------------------------------------------------------------------
 
-class _HiddenArrayBytesCodec(ArrayBytesCodec):
+class HiddenArrayBytesCodec(ArrayBytesCodec):
     """float32 chunk [..., d] <-> self-describing bytes; subclasses set `name` and the transforms."""
 
     is_fixed_size = True
@@ -370,7 +371,7 @@ class _HiddenArrayBytesCodec(ArrayBytesCodec):
 
 
 @dataclass(frozen=True)
-class Fp8E4M3Codec(_HiddenArrayBytesCodec):
+class Fp8E4M3Codec(HiddenArrayBytesCodec):
     """float8 e4m3fn with one float32 scale (max|row| / 448) per row (token), stored with the row."""
 
     name = FP8_NAME
@@ -386,7 +387,7 @@ class Fp8E4M3Codec(_HiddenArrayBytesCodec):
 
 
 @dataclass(frozen=True)
-class EcqCodec(_HiddenArrayBytesCodec):
+class EcqCodec(HiddenArrayBytesCodec):
     """Per row: the `outliers` largest |values| exactly, the rest as int8 multiples of
     step * RMS (at least max|rest| / 127); to be followed by an entropy coder (blosc zstd)."""
 
@@ -475,7 +476,7 @@ class HiddenCodec:
     stored_dtype: str          # the zarr array's data type
     lossless: bool
     description: str
-    quantizer: _HiddenArrayBytesCodec | None = None  # the genrecal zarr codec (fp8, ecq); None: zarr's `bytes`
+    quantizer: HiddenArrayBytesCodec | None = None  # the genrecal zarr codec (fp8, ecq); None: zarr's `bytes`
 
     def serializer(self) -> Any:
         """The array->bytes codec of the chain."""

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors.numpy import load as safetensors_load
 from safetensors.numpy import save as safetensors_save
 
@@ -140,6 +139,8 @@ class ContextBasis:
         remaining basis rows zero (their coefficients are then zero)."""
         # torch, float64: the linear algebra shares the thread pool of the extraction it runs in (numpy's own BLAS
         # threads beside torch's were 30x slower on a busy 2-core machine)
+        import torch  # here: the format (and the CLIs reading its options) loads without torch
+
         x = torch.from_numpy(np.asarray(states, dtype=np.float64))
         mean = x.mean(dim=0) if len(x) else torch.zeros(x.shape[1], dtype=torch.float64)
         basis = torch.zeros(rank, x.shape[1], dtype=torch.float64)

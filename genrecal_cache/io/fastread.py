@@ -33,7 +33,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-from ..format.codecs import _HiddenArrayBytesCodec, decode_payload
+from ..format.codecs import HiddenArrayBytesCodec, decode_payload
 from ..format.safety import open_regular
 
 __all__ = ["BufferPool", "EMPTY", "NonFiniteError", "ShardedArrayReader", "bf16_into", "blosc_sizes",
@@ -142,7 +142,7 @@ class ShardedArrayReader:
             def deserialize(b: Any) -> np.ndarray:
                 return np.frombuffer(b, dtype=dtype).reshape(chunk_shape)
             encoded_nbytes = int(np.prod(chunk_shape)) * dtype.itemsize
-        elif isinstance(serializer, _HiddenArrayBytesCodec):
+        elif isinstance(serializer, HiddenArrayBytesCodec):
             def deserialize(b: Any, out: np.ndarray | None = None) -> np.ndarray:
                 return decode_payload(np.frombuffer(b, np.uint8), out=out).reshape(chunk_shape)
             deserialize.into = True  # type: ignore[attr-defined]  # can decode straight into the output
