@@ -18,7 +18,7 @@ from genrecal_cache.config import (  # light: the flags are built without loadin
 )
 from genrecal_cache.options import option
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Run a teacher VLM once and store what GenRecal distillation needs in a shareable cache.")
 
 

@@ -137,3 +137,16 @@ def test_flags_users_rely_on_are_still_there() -> None:
     assert {"--compare", "--model", "--data", "--out", "--limit", "--max-new-tokens", "--device"} \
         == flags(eval_cli.app) - {"--help"}
     assert {"--no-reg-pass", "--resume", "--config", "--max-steps", "--stages"} <= flags(train_cli.app)
+
+
+def test_help_shows_the_defaults() -> None:
+    """`--help` prints each flag's default as its field's help carries it (no markup swallows `[default: ...]`)."""
+    from typer.testing import CliRunner
+
+    for app, args, shown in ((cache_cli.app, ["extract", "--help"], "[default: 64]"),
+                             (cache_cli.app, ["plan", "--help"], "[default: tokens / 512]"),
+                             (train_cli.plan_app, ["--help"], "[default: 80.0]"),
+                             (eval_cli.app, ["--help"], "[default: 8]"),
+                             (train_cli.app, ["--help"], "[default: 100]")):
+        r = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+        assert r.exit_code == 0 and shown in " ".join(r.output.split()), (args, r.output[-2000:])  # text wraps
