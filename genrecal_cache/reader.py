@@ -30,7 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.core.sync import sync
 
 from .format import safety
-from .format.codecs import describe_chain, float32_to_bf16_bits, hidden_codec
+from .format.codecs import describe_chain, hidden_codec
 from .format.head import TeacherHead
 from .format.manifest import (
     BASIS_NAME, FEATURES_NAME, HEAD_NAME, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, TOKENIZER_DIR, CacheFormatError,
@@ -73,6 +73,9 @@ class CachedSample:
     topk_ids: np.ndarray         # [L, k] int32
     topk_logprobs: np.ndarray    # [L, k] float32
     row_flags: np.ndarray        # [L] uint8: what is stored per row (format/roles.py FLAG_*); zero rows are absent
+    context: np.ndarray | None = None  # [L, r] float32 low-rank coefficients of the FLAG_COMPACT rows (zero elsewhere),
+                                       # read with precision="stored" from a low-rank cache; `hidden` is zero there
+    context_basis: ContextBasis | None = None  # the basis `context` is on (`ContextBasis.decode_tensor`)
 
     def hidden_tensor(self) -> torch.Tensor:
         """`hidden` as a tensor sharing its memory: float32, or torch.bfloat16 for bf16 bits (precision="stored")."""
@@ -310,9 +313,10 @@ class TeacherCache:
         one is being consumed (0: read on demand). A sample's `hidden` is a view into its group's
         decoded buffer (no per-sample copy); copy it if you keep it far longer than the group.
         `precision="stored"`: a bf16 cache's `hidden` stays bf16 (uint16 bits, `CachedSample.hidden_tensor`
-        views them as torch.bfloat16): half the bytes, no widening on the CPU; low-rank context rows are
-        reconstructed in float32 and rounded to bf16 (what a bf16 forward does with them). Other codecs
-        decode to float32 either way."""
+        views them as torch.bfloat16): half the bytes, no widening on the CPU (other codecs decode to float32
+        either way); low-rank context rows stay coefficients (`CachedSample.context`, r floats per row instead
+        of d, and `context_basis`), reconstructed where they are used (the trainer: on its device), not by a
+        float32 GEMM here."""
         pieces = self.plan(order, seed, rank, world_size, start, status)
         buffers = BufferPool(max_buffers=readahead + 3)  # group buffers reused once no sample uses them
         for piece, group in read_ahead(lambda p: self.read_group(p, buffers, precision), pieces, readahead):
@@ -392,17 +396,13 @@ class TeacherCache:
     def _decoded(self, arrays: dict[str, np.ndarray], stored: bool = False) -> dict[str, np.ndarray]:
         """`hidden` as float32 for a whole token range at once (bf16 bits converted; zarr has already
         decoded fp8/ecq, and float32 needs nothing), with low-rank context rows reconstructed into it;
-        `stored`: bf16 bits stay bits (the reconstructed rows rounded to bf16)."""
+        `stored`: bf16 bits stay bits and low-rank rows stay coefficients (`context`)."""
         h = arrays["hidden"]
-        bits = stored and self.hidden_codec.name == "bf16"
-        if h.dtype != np.float32 and not bits:
+        if h.dtype != np.float32 and not (stored and self.hidden_codec.name == "bf16"):
             h = self.hidden_codec.to_float32(h)
-        if "context" in arrays:
-            rows = (arrays["row_flags"] & FLAG_COMPACT) > 0
-            if bits:
-                h[rows] = float32_to_bf16_bits(self.context_basis().decode(arrays["context"][rows]))
-            else:
-                self.context_basis().decode_into(h, arrays["context"], rows)
+        if "context" in arrays and not stored:
+            self.context_basis().decode_into(h, arrays["context"], (arrays["row_flags"] & FLAG_COMPACT) > 0)
+            arrays = {k: v for k, v in arrays.items() if k != "context"}  # in `hidden` now
         if "row_flags" not in arrays:  # versions 1-2: every row holds its state and its top-k
             arrays = {**arrays, "row_flags": np.full(h.shape[0], FLAG_EXACT | FLAG_TOPK, np.uint8)}
         return {**arrays, "hidden": h}
@@ -428,7 +428,8 @@ class TeacherCache:
             extra=safety.parse_extra(row["extra"], f"{self.url}/{SAMPLES_NAME}: row {i}"),
             token_ids=arrays["token_ids"][a:b].copy(), answer_mask=arrays["answer_mask"][a:b].copy(),
             hidden=hidden, topk_ids=arrays["topk_ids"][a:b].copy(), topk_logprobs=arrays["topk_logprobs"][a:b].copy(),
-            row_flags=arrays["row_flags"][a:b].copy())
+            row_flags=arrays["row_flags"][a:b].copy(),
+            **({"context": arrays["context"][a:b], "context_basis": self.context_basis()} if "context" in arrays else {}))
 
     def _read_images(self, rows: list[int]) -> dict[int, list[bytes]]:
         """Images of the given rows, reading each parquet row group they touch once. The last row

@@ -25,8 +25,11 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-__all__ = ["BatchRows", "Rows", "StudentRows", "answer_char_ends", "answer_start_rows", "batch_rows", "example_rows",
-           "student_answer_rows", "student_question_index", "teacher_rows", "uld_rows"]
+from genrecal_cache.format.roles import ContextBasis
+
+__all__ = ["BatchLowRank", "BatchRows", "LowRankRows", "Rows", "StudentRows", "answer_char_ends",
+           "answer_start_rows", "batch_rows", "example_rows", "student_answer_rows", "student_question_index",
+           "teacher_rows", "uld_rows"]
 
 Spans = list[tuple[int, int]]
 
@@ -53,12 +56,37 @@ class Rows:
     uld_teacher: Tensor
 
 
+@dataclass
+class LowRankRows:
+    """A sample's low-rank context rows as the cache stores them (`iter_samples(precision="stored")`): its
+    teacher states are zero there, rebuilt on the model's device (`BatchRows.teacher_states`)."""
+    rows: Tensor  # [n] int64: the rows (FLAG_COMPACT) in the sample's teacher tokens
+    coefficients: Tensor  # [n, r] float32
+    basis: ContextBasis
+
+
+@dataclass(frozen=True)
+class BatchLowRank:
+    """The low-rank rows of a batch's gathered teacher states that share one basis: flat indices into z_al and
+    z_ql viewed as [B * L, dt] and their coefficients (r floats per row instead of dt to copy to the device)."""
+    basis: ContextBasis
+    answer: Tensor  # [n_a] int64 into teacher_answer.reshape(-1, dt)
+    answer_coefficients: Tensor  # [n_a, r]
+    question: Tensor  # [n_q] int64 into teacher_question.reshape(-1, dt)
+    question_coefficients: Tensor  # [n_q, r]
+
+    def pin_memory(self) -> "BatchLowRank":
+        """The same rows in page-locked memory."""
+        return BatchLowRank(self.basis, *(getattr(self, f.name).pin_memory() for f in fields(self)[1:]))
+
+
 @dataclass(frozen=True)
 class BatchRows:
     """A batch's loss rows, padded to [B, L] with bool validity masks, made by `batch_rows` on the data thread.
 
     The teacher side is gathered already (z_al, z_ql in the cache's stored precision, zero-padded: the model
-    only widens them on its device). The student side is flat indices into the student's states viewed as
+    only widens them on its device, and rebuilds there the low-rank rows a stored-precision read leaves as
+    coefficients, `lowrank`). The student side is flat indices into the student's states viewed as
     [B * Ls, d_s] (`hs.reshape(-1, d_s)`, Ls the padded student length); padded entries point at row 0 and
     are masked out."""
     teacher_answer: Tensor  # [B, La, dt] z_al
@@ -70,6 +98,19 @@ class BatchRows:
     student_question_mask: Tensor  # [B, Lqs]
     answer_start: tuple[Tensor, Tensor]  # main_pass_answer="teacher": (index [B, La], where it applies [B, La])
     student_aligned: tuple[Tensor, Tensor] | None  # main_pass_answer="student_aligned"; None without tokenizers
+    lowrank: tuple[BatchLowRank, ...] = ()  # one per context basis in the batch; () for float32 reads
+
+    def teacher_states(self, which: str, device: torch.device) -> Tensor:
+        """z_al (`which="answer"`) or z_ql (`"question"`) as float32 on `device`: widened there (bf16 as stored),
+        the low-rank rows reconstructed there (`ContextBasis.decode_tensor`)."""
+        z = getattr(self, f"teacher_{which}").to(device, non_blocking=True).float()
+        for lr in self.lowrank:
+            index = getattr(lr, which).to(device, non_blocking=True)
+            if index.numel():
+                rebuilt = lr.basis.decode_tensor(getattr(lr, f"{which}_coefficients").to(device, non_blocking=True))
+                # not in place: on the CPU in float32, z is the batch's own tensor
+                z = z.reshape(-1, z.shape[-1]).index_put((index,), rebuilt).reshape(z.shape)
+        return z
 
     def main_pass(self, mode: str) -> tuple[Tensor, Tensor]:
         """(flat student index [B, La], bool [B, La] rows it replaces Proj-pre(z_al) in) of main pass `mode`
@@ -84,7 +125,7 @@ class BatchRows:
     def pin_memory(self) -> "BatchRows":
         """The same rows in page-locked memory (fast, asynchronous copies to a GPU)."""
         pin = lambda t: None if t is None else (tuple(x.pin_memory() for x in t) if isinstance(t, tuple)  # noqa: E731
-                                                else t.pin_memory())
+                                                else t.pin_memory())  # BatchLowRank.pin_memory in the tuple
         return BatchRows(**{f.name: pin(getattr(self, f.name)) for f in fields(self)})
 
 
@@ -101,9 +142,29 @@ def _placed_index(placed: list[StudentRows], student_len: int, n_rows: int) -> t
     return index, _pad([p.mask for p in placed])[0]
 
 
-def batch_rows(rows: list[Rows], teacher_hidden: list[Tensor], student_len: int) -> BatchRows:
-    """The `BatchRows` of a batch of examples: their `Rows`, cached teacher states [Lt_i, dt] and the padded
-    student length (the student states' dim 1)."""
+def _batch_lowrank(rows: list[Rows], teacher_hidden: list[Tensor], lowrank: list[LowRankRows | None],
+                   n_answer: int, n_question: int) -> tuple[BatchLowRank, ...]:
+    """Where the low-rank rows of each example land in the padded z_al [B, n_answer] and z_ql [B, n_question],
+    with their coefficients, grouped by basis (the parts of a multi-part cache each have their own)."""
+    groups: dict[int, tuple[ContextBasis, list[list[Tensor]]]] = {}
+    for i, (r, h, lr) in enumerate(zip(rows, teacher_hidden, lowrank)):
+        if lr is None:
+            continue
+        slot = torch.full((h.shape[0],), -1, dtype=torch.long)  # teacher row -> its line in lr.coefficients
+        slot[lr.rows] = torch.arange(lr.rows.shape[0])
+        parts = groups.setdefault(id(lr.basis), (lr.basis, [[], [], [], []]))[1]
+        for k, (index, width) in enumerate([(r.teacher_answer, n_answer), (r.teacher_question, n_question)]):
+            line = slot[index]
+            at = torch.nonzero(line >= 0).flatten()
+            parts[2 * k].append(at + i * width)
+            parts[2 * k + 1].append(lr.coefficients[line[at]])
+    return tuple(BatchLowRank(basis, *(torch.cat(p) for p in parts)) for basis, parts in groups.values())
+
+
+def batch_rows(rows: list[Rows], teacher_hidden: list[Tensor], student_len: int,
+               lowrank: list[LowRankRows | None] | None = None) -> BatchRows:
+    """The `BatchRows` of a batch of examples: their `Rows`, cached teacher states [Lt_i, dt], the padded
+    student length (the student states' dim 1) and, read in stored precision, their low-rank rows."""
     za, a_mask = _pad([h[r.teacher_answer] for r, h in zip(rows, teacher_hidden)])
     zl, l_mask = _pad([h[r.teacher_question] for r, h in zip(rows, teacher_hidden)])
     zq, q_mask = _pad([r.student_question + i * student_len for i, r in enumerate(rows)])
@@ -111,8 +172,9 @@ def batch_rows(rows: list[Rows], teacher_hidden: list[Tensor], student_len: int)
     aligned = None
     if all(r.student_aligned is not None for r in rows):
         aligned = _placed_index([r.student_aligned for r in rows], student_len, n_rows)
+    lr = () if lowrank is None else _batch_lowrank(rows, teacher_hidden, lowrank, n_rows, zl.shape[1])
     return BatchRows(za, a_mask, zl, l_mask, torch.cat([r.targets for r in rows]), zq, q_mask,
-                     _placed_index([r.answer_start for r in rows], student_len, n_rows), aligned)
+                     _placed_index([r.answer_start for r in rows], student_len, n_rows), aligned, lr)
 
 
 def teacher_rows(hidden_rows: Tensor, teacher_ids: Tensor, spans: Spans) -> tuple[Tensor, Tensor, Tensor]:

@@ -19,11 +19,11 @@ from genrecal_cache.data import Sample, decode_image
 from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter
 from genrecal_cache.families import collate as collate_inputs
 from genrecal_cache.format.manifest import answer_spans
-from genrecal_cache.format.roles import answer_rows
+from genrecal_cache.format.roles import FLAG_COMPACT, answer_rows
 from genrecal_cache.io.prefetch import prefetch
 from genrecal_cache.parts import MultiPartCache
 from genrecal_cache.reader import CachedSample, Precision, TeacherCache
-from genrecal_train.align import BatchRows, Rows, batch_rows, example_rows
+from genrecal_train.align import BatchRows, LowRankRows, Rows, batch_rows, example_rows
 from genrecal_train.errors import TrainError
 
 __all__ = ["Batch", "CacheStream", "Example", "collate", "make_example"]
@@ -40,6 +40,7 @@ class Example:
     teacher_ids: torch.Tensor  # [Lt] int64
     teacher_spans: list[tuple[int, int]]  # answer spans in teacher tokens, same turns as student_spans
     rows: Rows  # which state feeds which loss (genrecal_train/align.py), computed here, once per example
+    teacher_lowrank: LowRankRows | None = None  # read in stored precision: low-rank rows, rebuilt on the device
 
 
 @dataclass
@@ -82,9 +83,14 @@ def make_example(s: CachedSample, adapter: FamilyAdapter, processor, max_len: in
     teacher_ids = torch.from_numpy(np.asarray(s.token_ids, dtype=np.int64))
     tokenizers = None if teacher_tokenizer is None else (processor.tokenizer, teacher_tokenizer)
     rows = example_rows(enc.input_ids, s_spans, hidden_rows, teacher_ids, t_spans, tokenizers)
+    lowrank = None
+    if s.context is not None:
+        compact = np.flatnonzero(s.row_flags & FLAG_COMPACT)
+        lowrank = LowRankRows(torch.from_numpy(compact), torch.from_numpy(s.context[compact]), s.context_basis)
     return Example(index=s.index, student=enc, student_labels=labels, student_spans=s_spans,
                    teacher_hidden=s.hidden_tensor(),
-                   teacher_rows=hidden_rows, teacher_ids=teacher_ids, teacher_spans=t_spans, rows=rows)
+                   teacher_rows=hidden_rows, teacher_ids=teacher_ids, teacher_spans=t_spans, rows=rows,
+                   teacher_lowrank=lowrank)
 
 
 def collate(examples: list[Example], pad_id: int, position: int) -> Batch:
@@ -92,7 +98,8 @@ def collate(examples: list[Example], pad_id: int, position: int) -> Batch:
     labels = torch.full(inputs["input_ids"].shape, -100, dtype=torch.long)
     for i, e in enumerate(examples):
         labels[i, : e.student_labels.shape[0]] = e.student_labels
-    rows = batch_rows([e.rows for e in examples], [e.teacher_hidden for e in examples], labels.shape[1])
+    rows = batch_rows([e.rows for e in examples], [e.teacher_hidden for e in examples], labels.shape[1],
+                      [e.teacher_lowrank for e in examples])
     return Batch(examples, inputs, labels, position, rows)
 
 
@@ -109,7 +116,8 @@ class CacheStream:
                  teacher_tokenizer: Any = None, precision: Precision = "float32", pin_memory: bool = False):
         """`teacher_tokenizer`: given, every example carries its student-aligned rows (`make_example`).
         `precision="stored"`: teacher states as the cache stores them (bf16 stays bf16: half the bytes to move,
-        widened on the device by the model); `pin_memory`: in page-locked memory (fast copies to a GPU)."""
+        widened on the device by the model; low-rank context rows stay coefficients, reconstructed there);
+        `pin_memory`: in page-locked memory (fast copies to a GPU)."""
         self.cache, self.adapter, self.processor = cache, adapter, processor
         self.teacher_tokenizer, self.precision, self.pin_memory = teacher_tokenizer, precision, pin_memory
         self.batch_size, self.max_len, self.seed = batch_size, max_len, seed

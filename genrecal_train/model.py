@@ -93,12 +93,12 @@ class GenRecal(nn.Module):
             total = total + self.cfg.w_uld * losses["l_uld"]
         if stage in (1, 2):
             rows, flat = batch.rows, hs.reshape(-1, hs.shape[-1])  # student index: into [B * Ls, d_s]
-            za = rows.teacher_answer.to(dev, non_blocking=True).float()  # bf16 as stored: widened here
+            za = rows.teacher_states("answer", dev)  # bf16 as stored: widened here, low-rank rows rebuilt here
             a_mask = rows.answer_mask.to(dev)
             index, sm = rows.main_pass(self.cfg.main_pass_answer)
             zl, l_mask = None, None
             if self.cfg.use_reg_pass:
-                zl, l_mask = rows.teacher_question.to(dev, non_blocking=True).float(), rows.question_mask.to(dev)
+                zl, l_mask = rows.teacher_states("question", dev), rows.question_mask.to(dev)
             r_main, r_reg = self.recalibrator(za, a_mask, z_qs=flat[rows.student_question.to(dev)],
                                               qs_mask=rows.student_question_mask.to(dev), z_ql=zl, ql_mask=l_mask,
                                               s_al=flat[index.to(dev)], s_mask=sm.to(dev))

@@ -12,7 +12,6 @@ import torch
 from genrecal_cache import open_cache
 from genrecal_cache.extract import ExtractConfig, extract
 from genrecal_cache.families import adapter_for
-from genrecal_cache.format.codecs import float32_to_bf16_bits
 from genrecal_cache.format.roles import FLAG_COMPACT
 from genrecal_train.config import TrainConfig
 from genrecal_train.batches import CacheStream, collate, make_example
@@ -27,9 +26,13 @@ def bf16_cache(request, teacher_dir: Path, demo_jsonl: Path, tmp_path_factory) -
     return out
 
 
-def test_stored_precision_is_the_stored_bits_and_lowrank_rows_rounded(bf16_cache: Path):
+def test_stored_precision_is_the_stored_bits_and_lowrank_rows_coefficients(bf16_cache: Path):
+    """Stored precision hands over exactly what the float32 read decodes, before decoding: the bf16 bits of the
+    exact rows, and the coefficients of the low-rank rows (their `hidden` zero), which the basis turns into the
+    float32 read's rows bit for bit (the reader's own reconstruction) and to float32 rounding on a device."""
     with open_cache(bf16_cache) as c:
         wide = {s.index: s.hidden.copy() for s in c.iter_samples()}
+        assert all(s.context is None for s in c.iter_samples())  # float32: reconstructed into `hidden`
         n = 0
         for s in c.iter_samples(precision="stored"):
             assert s.hidden.dtype == np.uint16
@@ -37,36 +40,53 @@ def test_stored_precision_is_the_stored_bits_and_lowrank_rows_rounded(bf16_cache
             assert t.dtype == torch.bfloat16 and t.data_ptr() == s.hidden.ctypes.data  # a view, not a copy
             compact = (s.row_flags & FLAG_COMPACT) > 0
             ref = wide[s.index]
-            # exact rows: the stored bits widen to exactly the float32 read; low-rank rows: their float32
-            # reconstruction rounded to bf16
-            np.testing.assert_array_equal(t[~compact].float().numpy(), ref[~compact])
-            np.testing.assert_array_equal(s.hidden[compact], float32_to_bf16_bits(ref[compact]))
+            np.testing.assert_array_equal(t[~compact].float().numpy(), ref[~compact])  # exact rows: the same values
+            assert compact.any() == (c.manifest.roles.context == "lowrank") == (s.context is not None)
+            if s.context is not None:
+                assert s.context_basis is c.context_basis() and s.context.shape == (len(ref), c.manifest.roles.rank)
+                assert not s.hidden[compact].any() and not s.context[~compact].any()
+                rebuilt = t.float().numpy()
+                s.context_basis.decode_into(rebuilt, s.context, compact)
+                np.testing.assert_array_equal(rebuilt, ref)
+                on_device = s.context_basis.decode_tensor(torch.from_numpy(s.context[compact]))
+                np.testing.assert_allclose(on_device.numpy(), ref[compact], rtol=1e-5, atol=1e-6)
             n += 1
-            assert compact.any() == (c.manifest.roles.context == "lowrank")
         assert n == len(wide)
 
 
 @torch.no_grad()
 def test_forward_on_stored_precision_equals_the_float32_read(bf16_cache: Path, student_dir: Path):
-    """The model widens bf16 teacher states itself: the losses are those of the float32 read, bit for bit
-    (exact rows); the stream pins them when asked (for a GPU)."""
+    """The model widens bf16 teacher states itself and reconstructs low-rank rows from their coefficients: the
+    losses are those of the float32 read, bit for bit with full storage, to float32 rounding with low-rank rows
+    (another GEMM); the stream pins them when asked (for a GPU)."""
     cache, adapter = open_cache(bf16_cache), adapter_for(student_dir)
-    if cache.manifest.roles.context == "lowrank":
-        pytest.skip("low-rank context rows are rounded to bf16 in stored precision (the test above)")
+    lowrank = cache.manifest.roles.context == "lowrank"
     processor = adapter.load_processor(student_dir)
     tok = cache.teacher_tokenizer()
     cfg = TrainConfig(cache=str(bf16_cache), student=str(student_dir), out="unused")
     torch.manual_seed(0)
     model = GenRecal(adapter.load_model(student_dir), adapter, cache.head(), cfg).eval()
     pad = processor.tokenizer.pad_token_id
-    out = {}
+    out, rows = {}, {}
     for precision in ("float32", "stored"):
         examples = [make_example(s, adapter, processor, 2048, tok) for s in cache.iter_samples(precision=precision)][:4]
         assert examples[0].teacher_hidden.dtype == (torch.bfloat16 if precision == "stored" else torch.float32)
+        assert all((e.teacher_lowrank is not None) == (lowrank and precision == "stored") for e in examples)
+        rows[precision] = collate(examples, pad, 0).rows
         out[precision] = {st: model(collate(examples, pad, 0), st) for st in (1, 2)}
+    # the batch carries the low-rank rows of z_ql as coefficients; rebuilt, they are the float32 read's rows
+    assert (sum(lr.question.numel() for lr in rows["stored"].lowrank) > 0) == lowrank
+    cpu = torch.device("cpu")
+    for which in ("answer", "question"):
+        ref = rows["float32"].teacher_states(which, cpu)
+        assert torch.equal(ref, getattr(rows["float32"], f"teacher_{which}"))  # float32: nothing to rebuild
+        torch.testing.assert_close(rows["stored"].teacher_states(which, cpu), ref, rtol=1e-5, atol=1e-6, msg=which)
     for st in (1, 2):
         for k, v in out["float32"][st].items():
-            assert torch.equal(v, out["stored"][st][k]), (st, k)
+            if lowrank:
+                torch.testing.assert_close(out["stored"][st][k], v, rtol=1e-5, atol=1e-6, msg=f"{st} {k}")
+            else:
+                assert torch.equal(v, out["stored"][st][k]), (st, k)
     if torch.cuda.is_available():
         stream = CacheStream(cache, adapter, processor, batch_size=2, max_len=2048, prefetch=1, teacher_tokenizer=tok,
                              precision="stored", pin_memory=True)
@@ -74,5 +94,6 @@ def test_forward_on_stored_precision_equals_the_float32_read(bf16_cache: Path, s
             rows = next(stream.batches()).rows
             assert rows.teacher_answer.dtype == torch.bfloat16
             assert rows.teacher_answer.is_pinned() and rows.teacher_question.is_pinned()
+            assert all(lr.question_coefficients.is_pinned() for lr in rows.lowrank)
         finally:
             stream.close()

@@ -122,10 +122,14 @@ class ContextBasis:
     def __init__(self, mean: np.ndarray, basis: np.ndarray) -> None:
         self.mean = np.ascontiguousarray(mean, dtype=np.float32)
         self.basis = np.ascontiguousarray(basis, dtype=np.float32)
+        self._tensors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # (mean, basis) per device
         if self.mean.ndim != 1 or self.basis.ndim != 2 or self.basis.shape[1] != self.mean.shape[0]:
             raise ValueError(f"context basis: mean {self.mean.shape} and basis {self.basis.shape} do not fit")
         if not (np.isfinite(self.mean).all() and np.isfinite(self.basis).all()):
             raise ValueError("context basis holds NaN or inf")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tensors": {}}  # the device copies stay in this process
 
     @property
     def rank(self) -> int:
@@ -178,6 +182,16 @@ class ContextBasis:
         for a, b in zip(edges[::2].tolist(), edges[1::2].tolist()):
             np.matmul(c[a:b], self.basis, out=out[a:b])
             out[a:b] += self.mean
+
+    def decode_tensor(self, c: torch.Tensor) -> torch.Tensor:
+        """[n, r] coefficients (a tensor on any device) -> [n, d] float32 states on that device: the `decode` of
+        readers that hand rows over as coefficients (`iter_samples(precision="stored")`), done where they are
+        used (a trainer's GPU: r floats per row cross the bus instead of d). Equal to `decode` up to float32
+        rounding (another GEMM kernel; bit for bit is not promised across devices)."""
+        if c.device not in self._tensors:  # moved once per device
+            self._tensors[c.device] = (torch.from_numpy(self.mean).to(c.device), torch.from_numpy(self.basis).to(c.device))
+        mean, basis = self._tensors[c.device]
+        return torch.addmm(mean, c.float(), basis)
 
     def to_bytes(self) -> bytes:
         """context_basis.safetensors: tensors `mean` [d] and `basis` [r, d] (safetensors: no code runs on load)."""
