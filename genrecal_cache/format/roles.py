@@ -184,14 +184,18 @@ class ContextBasis:
             out[a:b] += self.mean
 
     def decode_tensor(self, c: torch.Tensor) -> torch.Tensor:
-        """[n, r] coefficients (a tensor on any device) -> [n, d] float32 states on that device: the `decode` of
-        readers that hand rows over as coefficients (`iter_samples(precision="stored")`), done where they are
-        used (a trainer's GPU: r floats per row cross the bus instead of d). Equal to `decode` up to float32
-        rounding (another GEMM kernel; bit for bit is not promised across devices)."""
-        if c.device not in self._tensors:  # moved once per device
-            self._tensors[c.device] = (torch.from_numpy(self.mean).to(c.device), torch.from_numpy(self.basis).to(c.device))
-        mean, basis = self._tensors[c.device]
+        """[n, r] coefficients (a tensor on any device) -> [n, d] float32 states on that device: `decode` where the
+        rows are used, for readers that hand them over as coefficients (`iter_samples(precision="stored")`: a
+        trainer's GPU gets r floats per row instead of d). Equal to `decode` to float32 rounding (another GEMM
+        kernel, the mean added in it), not bit for bit."""
+        mean, basis = self._on(c.device)
         return torch.addmm(mean, c.float(), basis)
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, basis) as tensors on `device`, moved once per device."""
+        if device not in self._tensors:
+            self._tensors[device] = (torch.from_numpy(self.mean).to(device), torch.from_numpy(self.basis).to(device))
+        return self._tensors[device]
 
     def to_bytes(self) -> bytes:
         """context_basis.safetensors: tensors `mean` [d] and `basis` [r, d] (safetensors: no code runs on load)."""
