@@ -16,6 +16,10 @@ three ways and read back into float32 numpy arrays, side by side in one run:
   column (float32, pyarrow's default snappy compression, 1024-row groups), read with
   `pq.ParquetFile.iter_batches` into float32 numpy.
 
+Then the same states stored under each context policy (`--policies`, format/roles.py: answer rows 15% of each
+sample and image tokens 70%, the issue's realistic mix; bf16 answer codec, top-k at answer rows), read in
+float32 and in stored precision, tokens/s side by side with `full`.
+
 GB/s = decoded float32 hidden bytes / wall time; "GB per CPU-s" divides by the CPU time of all
 the process's threads instead (what a reader costs, independent of how busy a shared machine is).
 Dropping the page cache needs root, so every reader runs once to warm the cache and is then timed
@@ -62,6 +66,7 @@ def main() -> None:
     p.add_argument("--sample-tokens", type=int, default=512)
     p.add_argument("--topk", type=int, default=20)
     p.add_argument("--codecs", default="bf16,fp8,ecq")
+    p.add_argument("--policies", default="full,lowrank,text,none", help="context policies to compare ('' for none)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dir", help="where to write the files (default: a temporary folder)")
     args = p.parse_args()
@@ -147,6 +152,8 @@ def main() -> None:
     if "bf16" in caches:
         stored_precision(tmp, states, caches["bf16"], read_cache, results["genrecal TeacherCache.iter_samples, bf16"],
                          args.repeats)
+    if args.policies:
+        policies(tmp, states, head, args)
     stage_costs(states[:256], args.codecs.split(","))
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     tmpdir.cleanup()
@@ -174,6 +181,99 @@ def stored_precision(tmp: Path, states: np.ndarray, cache: Path, read_cache, tod
     print(f"{'reader':<48} {'GB/s':>7} {'vs (c)':>7} {'GB per CPU-s':>12}")
     for name, (secs, cpu) in rows.items():
         print(f"{name:<48} {nbytes / secs / 1e9:>7.2f} {base / secs:>6.2f}x {nbytes / max(cpu, 1e-9) / 1e9:>12.2f}")
+    stored_steps(cache, repeats)
+
+
+def stored_steps(cache: Path, repeats: int) -> None:
+    """Where a stored-precision read's time goes: each step of the reader's per-chunk job (fastread.py), over every
+    inner chunk of `hidden`, on one thread: the read from the page cache, the crc32c, blosc into the output, the
+    finiteness check; then the whole job as the reader runs it. GB/s of bf16 output."""
+    import google_crc32c
+
+    from genrecal_cache.io.fastread import _finite, decode_pool
+
+    with open_cache(cache) as c:
+        r = c._fast_readers(c._features())["hidden"]
+        out = np.empty(r.shape, r.dtype)
+        c_tok, n = r.chunk_tokens, r.shape[0] // r.chunk_tokens
+        frames = []
+        for k in range(n):
+            s, j = divmod(k, r.chunks_per_shard)
+            with open(r._shard_file(s), "rb") as f:
+                offset, size = r._index(s, f.fileno())[j]
+            frames.append((r._shard_file(s), int(offset), int(size)))
+        raw = np.empty(max(size for *_, size in frames), np.uint8)
+        blobs = []
+        for path, offset, size in frames:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                blobs.append(np.frombuffer(f.read(size), np.uint8))
+
+        def pread() -> None:
+            for path, offset, size in frames:
+                fd = os.open(path, os.O_RDONLY)
+                os.preadv(fd, [raw[:size]], offset)
+                os.close(fd)
+
+        steps = {"read": pread,
+                 "crc32c": lambda: [google_crc32c.value(b[:-4]) for b in blobs],
+                 "blosc": lambda: [r._blosc.decode(b[:-4], out=out[k * c_tok:(k + 1) * c_tok].reshape(-1).view(np.uint8))
+                                   for k, b in enumerate(blobs)],
+                 "finite": lambda: [_finite(out[k * c_tok:(k + 1) * c_tok]) for k in range(n)],
+                 "whole job": lambda: [r._job(k, 0, c_tok, out[k * c_tok:(k + 1) * c_tok], False)() for k in range(n)]}
+        best = {k: timed(f, repeats)[0] for k, f in steps.items()}
+    print(f"one thread's steps over the {n} inner chunks of `hidden` (GB/s of bf16 output; the reader runs "
+          f"{decode_pool()._max_workers} such threads): " + "  ".join(f"{k} {out.nbytes / v / 1e9:.2f}" for k, v in best.items()))
+
+
+def policies(tmp: Path, states: np.ndarray, head: TeacherHead, args: argparse.Namespace) -> None:
+    """Each context policy's cache of the same states (bf16 answer rows), read in float32 and in stored
+    precision (low-rank rows as coefficients): tokens/s, x of `full` in the same precision, tokens per CPU-s."""
+    from genrecal_cache.format.roles import Storage, default_rank
+
+    n, d, L = *states.shape, args.sample_tokens
+    image_id, vocab = 7, head.vocab_size
+    rng = np.random.default_rng(1)
+    print(f"\ncontext policies: bf16 answer rows; per sample of {L} tokens the first {int(0.7 * L)} are image tokens and "
+          f"the last {int(0.15 * L)} the answer; tokens/s, best of {args.repeats}")
+    caches = {}
+    for policy in args.policies.split(","):
+        storage = Storage() if policy == "full" else Storage(
+            context=policy, rank=default_rank(d) if policy == "lowrank" else None, topk_rows="answer",
+            image_token_ids=[image_id] if policy == "text" else [])
+        path = tmp / f"policy-{policy}"
+        w = CacheWriter(path, hidden_size=d, vocab_size=vocab, topk=args.topk, hidden_codec="bf16", head=head,
+                        teacher=dict(id="synthetic", revision=None, config_sha256="-", model_type="synthetic"),
+                        tokenizer_sha256="-", chat_template_sha256=None, command="bench/read_throughput.py",
+                        storage=storage)
+        for i, a in enumerate(range(0, n, L)):
+            m = min(L, n - a)
+            ids = rng.integers(10, vocab, m)
+            ids[:int(0.7 * m)] = image_id
+            topk_ids = np.sort(rng.integers(0, vocab, (m, args.topk)), axis=1)
+            lps = -np.sort(rng.exponential(2.0, (m, args.topk)), axis=1).astype(np.float32)
+            w.add(SampleRecord(id=f"s{i}", messages=[{"role": "user", "content": "<image> what is this?"},
+                                                      {"role": "assistant", "content": "a test"}]),
+                  SampleArrays(ids, np.arange(m) >= m - int(0.15 * m), states[a:a + m], topk_ids, lps))
+        w.close()
+        caches[policy] = path
+
+    def read(path: Path, precision: str):
+        def run() -> None:
+            got = 0
+            with open_cache(path) as cache:
+                for s in cache.iter_samples("shuffled", precision=precision):
+                    got += s.hidden.shape[0]
+            assert got == n
+        return run
+
+    rows = {(policy, precision): timed(read(path, precision), args.repeats)
+            for precision in ("float32", "stored") for policy, path in caches.items()}
+    print(f"{'policy':<8} {'MiB':>6} {'precision':<9} {'tokens/s':>10} {'x of full':>9} {'tokens per CPU-s':>16}")
+    for (policy, precision), (secs, cpu) in rows.items():
+        size = sum(f.stat().st_size for f in (caches[policy] / "features.zarr").rglob("*") if f.is_file())
+        full = rows.get(("full", precision), (secs, cpu))[0]
+        print(f"{policy:<8} {size / 2**20:>6.0f} {precision:<9} {n / secs:>10,.0f} {full / secs:>8.2f}x {n / max(cpu, 1e-9):>16,.0f}")
 
 
 def stage_costs(x: np.ndarray, codecs: list[str], repeats: int = 20) -> None:
