@@ -189,11 +189,13 @@ class ContextBasis:
         trainer's GPU gets r floats per row instead of d). Equal to `decode` to float32 rounding (another GEMM
         kernel, the mean added in it), not bit for bit."""
         mean, basis = self._on(c.device)
-        return torch.addmm(mean, c.float(), basis)
+        return mean.addmm(c.float(), basis)
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, basis) as tensors on `device`, moved once per device."""
         if device not in self._tensors:
+            import torch  # here: the format (and the CLIs reading its options) loads without torch
+
             self._tensors[device] = (torch.from_numpy(self.mean).to(device), torch.from_numpy(self.basis).to(device))
         return self._tensors[device]
 
