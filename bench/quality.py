@@ -452,10 +452,10 @@ def plots(results: dict, out: Path) -> list[Path]:
         ax.set_title(f"{regime} regime, {student} student", fontsize=10)
         ax.set_ylabel("held-out exact match (%)")
     handles, labels = axes[0][0].get_legend_handles_labels()  # below the panels: never over a bar
-    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(labels), frameon=False)
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(len(labels), 4), frameon=False)
     fig.suptitle(f"Same budget ({results['setup']['steps']} steps x {results['setup']['batch_size']}), "
                  f"{len(results['setup']['seeds'])} seed(s)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.1 / len(regimes), 1, 1))
+    fig.tight_layout(rect=(0, 0.13 / len(regimes), 1, 1))
     png = out / "quality_suite_accuracy.png"
     fig.savefig(png, dpi=120)
     plt.close(fig)
