@@ -113,13 +113,20 @@ def write_tasks(folder: Path, kinds: list[str], n_per_kind: int, seed: int, digi
                     rng.shuffle(order)
                 k = order.pop()
                 digit = digit_images[k], digit_values[k]
-            img, question, answer = _question(kind, fact, rng, digit)
-            sid = f"{kind}-{i:05d}"
-            img.save(folder / "images" / f"{sid}.png")
-            lines.append(json.dumps({"id": sid, "image": f"images/{sid}.png", "qtype": f"{kind}/{fact}",
-                                     "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                                                       {"from": "gpt", "value": answer}]}))
-    tmp = folder / "data.jsonl.tmp"
+            lines.append(_record(folder, f"{kind}-{i:05d}", f"{kind}/{fact}", *_question(kind, fact, rng, digit)))
+    return _write_jsonl(path, lines)
+
+
+def _record(folder: Path, sid: str, qtype: str, img: Image.Image, question: str, answer: str) -> str:
+    """One JSONL line (the image saved under `folder`/images/)."""
+    img.save(folder / "images" / f"{sid}.png")
+    return json.dumps({"id": sid, "image": f"images/{sid}.png", "qtype": qtype,
+                       "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                         {"from": "gpt", "value": answer}]})
+
+
+def _write_jsonl(path: Path, lines: list[str]) -> Path:
+    tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
     return path
@@ -167,13 +174,6 @@ def write_generic_mix(folder: Path, n: int, seed: int, digits_part: tuple[int, i
     for i in range(n):
         fact = GENERIC_FACTS[i % len(GENERIC_FACTS)]
         k = rng.randrange(len(digit_images))
-        img, question, answer = _generic(fact, rng, (digit_images[k], digit_values[k]))
-        sid = f"generic-{i:05d}"
-        img.save(folder / "images" / f"{sid}.png")
-        lines.append(json.dumps({"id": sid, "image": f"images/{sid}.png", "qtype": f"generic/{fact}",
-                                 "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                                                   {"from": "gpt", "value": answer}]}))
-    tmp = folder / "data.jsonl.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+        lines.append(_record(folder, f"generic-{i:05d}", f"generic/{fact}",
+                             *_generic(fact, rng, (digit_images[k], digit_values[k]))))
+    return _write_jsonl(path, lines)
