@@ -472,8 +472,8 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
                       "data_wait_frac": (stream.wait_s - wait0) / dt, "position": position, "sample_indices": indices}
             if world > 1:
                 record |= {"rank_positions": positions, "rank_sample_indices": rank_indices}
-            if state_bytes is not None:
-                record["rank_state_bytes"] = rank_bytes
+            if state_bytes is not None:  # with the threads (they set the order of float sums: the numbers)
+                record |= {"rank_state_bytes": rank_bytes, "torch_threads": torch.get_num_threads()}
             if (step + 1) % cfg.log_every == 0 or step + 1 == total:
                 log.log(record)
             bar.update(1)

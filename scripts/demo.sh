@@ -13,7 +13,7 @@
 #   GENRECAL_BIN=DIR                     use the python and genrecal-* commands in DIR; skip scripts/setup.sh
 set -euo pipefail
 
-main() {  # one function, read whole before it runs: editing this file cannot derail a running demo
+main() {  # one function, read whole before it runs, and `exit` on its line: editing this file cannot derail a running demo
   cd "$(dirname "$0")/.."
   OUT=demo
   QUICK=${GENRECAL_DEMO_QUICK:-0}
@@ -27,6 +27,14 @@ main() {  # one function, read whole before it runs: editing this file cannot de
   if [ -n "${GENRECAL_BIN:-}" ]; then BIN=$GENRECAL_BIN; else bash scripts/setup.sh; BIN=.venv/bin; fi
   export PYTHONPATH="$PWD/genrecal_cache/compat${PYTHONPATH:+:$PYTHONPATH}"
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-WARNING}
+  # Thread counts set the order of float sums, so they change the figures: pinned, so that a machine with more
+  # cores (the same CPU) gets the README's table. 2 threads where one process runs (teacher training,
+  # extraction), 1 for each of the processes side by side (the students, the evaluations); vLLM's worker on
+  # core 0, one thread (its own choice on a 2-core machine). vLLM's batches follow its KV-cache size: the
+  # backend's own, not a VLLM_CPU_KVCACHE_SPACE from the environment. Data order and initialisation follow
+  # the seeds. `torch_threads` in each metrics.jsonl records what a run used.
+  export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 VLLM_CPU_OMP_THREADS_BIND=0
+  unset VLLM_CPU_KVCACHE_SPACE
   SEED=${GENRECAL_DEMO_SEED:-0}
   BACKEND=${GENRECAL_DEMO_BACKEND:-$("$BIN/python" -c 'import vllm' >/dev/null 2>&1 && echo vllm || echo transformers)}
   # The budget both students get: optimizer steps x samples per step. GenRecal shares its steps out over
@@ -52,9 +60,9 @@ main() {  # one function, read whole before it runs: editing this file cannot de
   COMMON=(--cache "$OUT/cache" --student "$STUDENT" --batch-size "$BATCH" --lr 1e-3 --lr-end 1e-4 --train-vision
           --seed "$SEED" --checkpoint-every 100000)
   set -x
-  OMP_NUM_THREADS=1 "$BIN/genrecal-train" "${COMMON[@]}" --out "$OUT/runs/genrecal" --stages 1,2,3 --total-steps "$STEPS" \
+  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$BIN/genrecal-train" "${COMMON[@]}" --out "$OUT/runs/genrecal" --stages 1,2,3 --total-steps "$STEPS" \
     --warmup 0.1 > "$OUT/runs/genrecal.log" 2>&1 &
-  OMP_NUM_THREADS=1 "$BIN/genrecal-train" "${COMMON[@]}" --out "$OUT/runs/sft" --stages 3 --total-steps "$STEPS" \
+  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$BIN/genrecal-train" "${COMMON[@]}" --out "$OUT/runs/sft" --stages 3 --total-steps "$STEPS" \
     --warmup 0 > "$OUT/runs/sft.log" 2>&1 &
   { set +x; } 2>/dev/null
   for run in genrecal sft; do
@@ -65,7 +73,7 @@ main() {  # one function, read whole before it runs: editing this file cannot de
   pids=()
   for model in "$OUT/teacher" "$OUT/runs/genrecal" "$OUT/runs/sft"; do
     [ -f "$model/eval.json" ] && continue  # the reused teacher keeps its evaluation
-    OMP_NUM_THREADS=1 "$BIN/genrecal-eval" --model "$model/final" --data "$TEST" --out "$model/eval.json" \
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$BIN/genrecal-eval" --model "$model/final" --data "$TEST" --out "$model/eval.json" \
       > "$model/eval.log" 2>&1 &
     pids+=($!)
   done
@@ -79,4 +87,4 @@ main() {  # one function, read whole before it runs: editing this file cannot de
   echo "Total: $((SECONDS - T0)) s"
 }
 
-main "$@"
+main "$@"; exit
