@@ -199,6 +199,8 @@ def test_metrics_have_loss_terms_throughput_and_data_wait(trained_run: Path) -> 
         assert r["loss"] == pytest.approx(sum(r[k] for k in terms), rel=1e-5)
         assert r["tokens_per_s"] > 0 and 0.0 <= r["data_wait_frac"] <= 1.0
         assert len(r["sample_indices"]) == 4
+        # a stage's first step records the thread count (it sets the order of float sums: the numbers)
+        assert r.get("torch_threads") == (torch.get_num_threads() if r["step"] == 1 else None)
     # the default warm-up (10% of 12 steps: one step) starts at the full LR; the decay ends at lr_end
     assert recs[(1, 1)]["lr"] == pytest.approx(3e-3) and recs[(1, TRAIN_STEPS)]["lr"] == pytest.approx(3e-4)
     assert json.loads((trained_run / "config.json").read_text())["stages"] == [1, 2]
