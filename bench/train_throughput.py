@@ -72,7 +72,12 @@ def build_inputs(work: Path, n_per_kind: int) -> tuple[Path, dict[str, Path]]:
 
 def make_batches(cache, adapter, processor, batch_size: int) -> tuple[list, float]:
     """Every sample in batches as the data thread makes them, and the data thread's seconds per batch."""
-    from genrecal_train.batches import collate, make_example
+    import genrecal_train
+
+    if (Path(genrecal_train.__file__).parent / "batches.py").is_file():
+        from genrecal_train.batches import collate, make_example
+    else:  # a --baseline checkout from before the data.py -> batches.py rename
+        from genrecal_train.data import collate, make_example
 
     extra = {}
     if "teacher_tokenizer" in inspect.signature(make_example).parameters:  # issue 24: alignment on the data thread
