@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from genrecal_cache.families import FamilyAdapter
 from genrecal_cache.format.head import TeacherHead
+from genrecal_train.align import BatchRows
 from genrecal_train.config import TrainConfig
 from genrecal_train.batches import Batch
 from genrecal_train.losses import answer_losses, chunked_ce
@@ -96,11 +97,11 @@ class GenRecal(nn.Module):
             za = rows.teacher_states("answer", dev)  # bf16 as stored: widened here, low-rank rows rebuilt here
             a_mask = rows.answer_mask.to(dev)
             index, sm = rows.main_pass(self.cfg.main_pass_answer)
-            zl, l_mask = None, None
+            pl, l_mask = None, None
             if self.cfg.use_reg_pass:
-                zl, l_mask = rows.teacher_states("question", dev), rows.question_mask.to(dev)
+                pl, l_mask = reg_prefix(rows, self.recalibrator, dev), rows.question_mask.to(dev)
             r_main, r_reg = self.recalibrator(za, a_mask, z_qs=flat[rows.student_question.to(dev)],
-                                              qs_mask=rows.student_question_mask.to(dev), z_ql=zl, ql_mask=l_mask,
+                                              qs_mask=rows.student_question_mask.to(dev), p_ql=pl, ql_mask=l_mask,
                                               s_al=flat[index.to(dev)], s_mask=sm.to(dev))
             tgt = rows.targets.to(dev)
             passes = [r_main[a_mask]] + ([] if r_reg is None else [r_reg[a_mask]])
@@ -110,3 +111,28 @@ class GenRecal(nn.Module):
                 total = total + self.cfg.w_ar * ar + self.cfg.w_kl * kl
         losses["loss"] = total
         return losses
+
+
+def reg_prefix(rows: BatchRows, rec: Recalibrator, device: torch.device) -> Tensor:
+    """Proj-pre(z_ql) [B, Lq, d_s], the regularization pass's prefix. Rows a stored-precision read leaves as
+    low-rank coefficients (`rows.lowrank`, most context rows of a default cache) go through the projection
+    with the basis folded in (`Recalibrator.project_lowrank`): their d_t-wide states are never rebuilt, and
+    projecting them costs r * d_s per row instead of d_t * d_s. Only the other valid rows are projected;
+    without low-rank rows this is proj_pre(z_ql) over the whole batch, as before, bit for bit."""
+    z = rows.teacher_question.to(device, non_blocking=True)  # bf16 as stored: widened below, the rows used only
+    dtype = rec.proj_pre.weight.dtype
+    if not any(lr.question.numel() for lr in rows.lowrank):
+        return rec.proj_pre(z.float().to(dtype))
+    B, L, d_t = z.shape
+    flat = z.reshape(B * L, d_t)
+    exact = rows.question_mask.to(device).reshape(-1).clone()
+    out = torch.zeros(B * L, rec.d_student, dtype=dtype, device=device)
+    for lr in rows.lowrank:
+        index = lr.question.to(device, non_blocking=True)
+        if index.numel():
+            exact[index] = False
+            out = out.index_put((index,), rec.project_lowrank(lr.question_coefficients.to(device, non_blocking=True),
+                                                              *lr.basis.tensors(device)))
+    exact = exact.nonzero().squeeze(1)
+    out = out.index_put((exact,), rec.proj_pre(flat[exact].float().to(dtype)))
+    return out.reshape(B, L, rec.d_student)

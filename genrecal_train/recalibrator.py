@@ -96,20 +96,33 @@ class Recalibrator(nn.Module):
         """r_al' of Rec([proj_pre(z_ql), proj_pre(z_al)]): z_ql [B, Lq, d_t] -> [B, La, d_t]."""
         return self(z_al, a_mask, z_ql=z_ql, ql_mask=ql_mask)[1]
 
+    def project_lowrank(self, coefficients: Tensor, mean: Tensor, basis: Tensor) -> Tensor:
+        """proj_pre(mean + coefficients @ basis) of rows a cache stores as low-rank coefficients ([n, r], a [d_t]
+        mean and an [r, d_t] basis) -> [n, d_s], with the basis folded into the projection: r * d_s multiply-adds
+        per row (plus one r x d_t x d_s product per call) instead of rebuilding d_t floats per row and projecting
+        them (d_t * (r + d_s)). Equal to projecting the rebuilt rows to float32 rounding; in float32 whatever the
+        weights' dtype, so the fold loses nothing to a bf16 product."""
+        w = self.proj_pre.weight.float()
+        return torch.addmm(mean.float() @ w.T, coefficients.float(), basis.float() @ w.T).to(self.proj_pre.weight.dtype)
+
     def forward(self, z_al: Tensor, a_mask: Tensor | None = None, z_qs: Tensor | None = None,
                 qs_mask: Tensor | None = None, z_ql: Tensor | None = None,
                 ql_mask: Tensor | None = None, s_al: Tensor | None = None,
-                s_mask: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+                s_mask: Tensor | None = None, p_ql: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """(main r_al, regularization r_al'); each None when its prefix (z_qs / z_ql) is not given.
 
         `s_al` [B, La, d_s] with bool `s_mask` [B, La]: student-space rows that replace proj_pre(z_al)
         in the main pass where the mask is set. GenRecal uses it for the row that predicts each
         answer's first token: in the main pass that prediction comes from the student's last
         question state, as the question part of that pass is the student's (model.py).
+        `p_ql` [B, Lq, d_s]: the regularization prefix already projected (proj_pre(z_ql); model.py's
+        `reg_prefix` folds low-rank rows into the projection), instead of z_ql.
         Both passes run as one batch through the blocks: one forward per step (what DDP expects).
         """
         if (s_al is None) != (s_mask is None):
             raise ValueError("give s_al and s_mask together (the student rows and where they go)")
+        if z_ql is not None and p_ql is not None:
+            raise ValueError("give the regularization prefix once: z_ql (teacher space) or p_ql (projected)")
         dtype = self.proj_pre.weight.dtype
         a_mask = _valid(a_mask, z_al)
         answer = self.proj_pre(z_al.to(dtype))
@@ -118,7 +131,9 @@ class Recalibrator(nn.Module):
             main = answer if s_al is None else torch.where(s_mask[..., None], s_al.to(dtype), answer)
             passes.append((z_qs.to(dtype), _valid(qs_mask, z_qs), main))
         if z_ql is not None:
-            passes.append((self.proj_pre(z_ql.to(dtype)), _valid(ql_mask, z_ql), answer))
+            p_ql = self.proj_pre(z_ql.to(dtype))
+        if p_ql is not None:
+            passes.append((p_ql.to(dtype), _valid(ql_mask, p_ql), answer))
         if not passes:
             raise ValueError("give z_qs (main pass) and/or z_ql (regularization pass)")
 
@@ -128,7 +143,7 @@ class Recalibrator(nn.Module):
         q_mask = torch.cat([F.pad(m, (0, lq - m.shape[1])) for _, m, _ in passes])
         n = len(passes)
         out = iter(self.recalibrate(prefix, q_mask, torch.cat([a for _, _, a in passes]), a_mask.repeat(n, 1)).chunk(n))
-        return (next(out) if z_qs is not None else None), (next(out) if z_ql is not None else None)
+        return (next(out) if z_qs is not None else None), (next(out) if p_ql is not None else None)
 
     def recalibrate(self, prefix: Tensor, q_mask: Tensor, answer: Tensor, a_mask: Tensor) -> Tensor:
         """Student-space prefix [B, Lq, d_s] + answer [B, La, d_s] -> r for the answer [B, La, d_t]."""

@@ -265,8 +265,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, strate
             stream = CacheStream(cache, adapter, processor, batch_size=cfg.batch_size, max_len=cfg.max_len,
                                  seed=cfg.seed + 1000 * stage, rank=rank, world_size=world, prefetch=cfg.prefetch,
                                  teacher_tokenizer=teacher_tokenizer if stage in (1, 2) else None,
-                                 # on a GPU: teacher states in the cache's precision, pinned, widened on the device
-                                 precision="stored" if device.type == "cuda" else "float32",
+                                 # teacher states in the cache's precision (bf16 widened on the device; low-rank
+                                 # context rows as coefficients, folded into Proj-pre: model.reg_prefix), pinned on a GPU
+                                 precision="stored",
                                  pin_memory=device.type == "cuda")
             try:
                 run_stage(stage, model, stream, cfg, run_dir, log, device, rank, world,

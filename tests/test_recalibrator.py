@@ -179,3 +179,36 @@ def test_from_student_finds_the_text_decoder() -> None:
     rec = Recalibrator.from_student(llama, D_T, 1, decoder_layer_cls=LlamaDecoderLayer,
                                     rotary_factory=lambda c: LlamaRotaryEmbedding(c))
     assert isinstance(rec.layers[0], LlamaDecoderLayer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lowrank_rows_folded_into_the_projection(dtype: torch.dtype) -> None:
+    """A low-rank row projected with its basis folded in (`project_lowrank`, what training does with a default
+    cache's context rows) equals proj_pre of the rebuilt row, and so do the gradients it sends to proj_pre's
+    weight and to everything after it (the regularization pass given `p_ql` instead of `z_ql`)."""
+    rec = build("llama").train()
+    torch.manual_seed(0)
+    n, r = 11, 5
+    mean, basis, coefficients = torch.randn(D_T), torch.randn(r, D_T) / D_T ** 0.5, torch.randn(n, r)
+    rebuilt = mean + coefficients @ basis
+    z_al = torch.randn(1, 3, D_T)
+    grads = []
+    for folded in (False, True):
+        rec.zero_grad()
+        if folded:
+            out = rec(z_al, p_ql=rec.project_lowrank(coefficients, mean, basis)[None])[1]
+        else:
+            out = rec(z_al, z_ql=rebuilt[None])[1]
+        out.square().sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in rec.parameters()]))
+    (ref, ref_grads), (got, got_grads) = grads
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for g, h in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, h, rtol=1e-3, atol=1e-4)  # another GEMM order: float32 rounding
+    rec = rec.to(dtype)
+    projected = rec.project_lowrank(coefficients, mean, basis)
+    assert projected.dtype == dtype  # computed in float32, handed over in the weights' dtype
+    torch.testing.assert_close(projected.float(), (rebuilt.to(dtype) @ rec.proj_pre.weight.T).float(),
+                               rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="once"):
+        rec(z_al.to(dtype), z_ql=rebuilt[None].to(dtype), p_ql=projected[None])

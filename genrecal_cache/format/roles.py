@@ -188,10 +188,10 @@ class ContextBasis:
         rows are used, for readers that hand them over as coefficients (`iter_samples(precision="stored")`: a
         trainer's GPU gets r floats per row instead of d). Equal to `decode` to float32 rounding (another GEMM
         kernel, the mean added in it), not bit for bit."""
-        mean, basis = self._on(c.device)
+        mean, basis = self.tensors(c.device)
         return mean.addmm(c.float(), basis)
 
-    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, basis) as tensors on `device`, moved once per device."""
         if device not in self._tensors:
             import torch  # here: the format (and the CLIs reading its options) loads without torch
