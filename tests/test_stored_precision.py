@@ -71,7 +71,7 @@ def test_forward_on_stored_precision_equals_the_float32_read(bf16_cache: Path, s
     lowrank = cache.manifest.roles.context == "lowrank"
     processor = adapter.load_processor(student_dir)
     tok = cache.teacher_tokenizer()
-    cfg = TrainConfig(cache=str(bf16_cache), student=str(student_dir), out="unused")
+    cfg = TrainConfig(cache=str(bf16_cache), student=str(student_dir), out="unused", w_uld=1.0)  # stage 3: ULD too
     torch.manual_seed(0)
     model = GenRecal(adapter.load_model(student_dir), adapter, cache.head(), cfg).eval()
     pad = processor.tokenizer.pad_token_id
@@ -81,7 +81,7 @@ def test_forward_on_stored_precision_equals_the_float32_read(bf16_cache: Path, s
         assert examples[0].teacher_hidden.dtype == (torch.bfloat16 if precision == "stored" else torch.float32)
         assert all((e.teacher_lowrank is not None) == (lowrank and precision == "stored") for e in examples)
         rows[precision] = collate(examples, pad, 0).rows
-        out[precision] = {st: model(collate(examples, pad, 0), st) for st in (1, 2)}
+        out[precision] = {st: model(collate(examples, pad, 0), st) for st in (1, 2, 3)}
     # the batch carries the low-rank rows of z_ql as coefficients; rebuilt, they are the float32 read's rows
     assert (sum(lr.question.numel() for lr in rows["stored"].lowrank) > 0) == lowrank
     cpu = torch.device("cpu")
@@ -89,7 +89,8 @@ def test_forward_on_stored_precision_equals_the_float32_read(bf16_cache: Path, s
         ref = rows["float32"].teacher_states(which, cpu)
         assert torch.equal(ref, getattr(rows["float32"], f"teacher_{which}"))  # float32: nothing to rebuild
         torch.testing.assert_close(rows["stored"].teacher_states(which, cpu), ref, rtol=1e-5, atol=1e-6, msg=which)
-    for st in (1, 2):
+    assert out["float32"][3]["l_uld"] > 0
+    for st in (1, 2, 3):
         for k, v in out["float32"][st].items():
             if lowrank:
                 torch.testing.assert_close(out["stored"][st][k], v, rtol=1e-5, atol=1e-6, msg=f"{st} {k}")
