@@ -47,7 +47,8 @@ import asyncio
 import json
 import math
 import struct
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,7 @@ from numcodecs.compat import ensure_contiguous_ndarray, ndarray_copy
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.common import parse_named_configuration
 
-__all__ = ["CodecError", "DEFAULT_HIDDEN_CODEC", "E4M3_PAIR_TABLE", "E4M3_TABLE", "ECQ_NAME", "ECQ_OUTLIERS",
+__all__ = ["BloscSettings", "CodecError", "DEFAULT_HIDDEN_CODEC", "E4M3_PAIR_TABLE", "E4M3_TABLE", "ECQ_NAME", "ECQ_OUTLIERS",
            "ECQ_QMAX", "ECQ_STEP", "EcqCodec", "FP8_FLUSH", "FP8_MAX", "FP8_NAME", "Fp8E4M3Codec", "HEADER",
            "HIDDEN_CODECS", "HiddenArrayBytesCodec", "HiddenCodec", "LEGACY_NAMES", "MAGIC", "NumcodecsEcq",
            "NumcodecsFp8E4M3", "VERSION",
@@ -469,6 +470,22 @@ def register() -> None:
 # ---- the hidden codecs as writer, reader, plan and fidelity use them -------------------------------------------
 
 @dataclass(frozen=True)
+class BloscSettings:
+    """One blosc compressor of a chain, as zarr's BloscCodec records it in the array's zarr.json."""
+    cname: str       # "zstd" | "lz4" | "lz4hc" | "blosclz" | "zlib"
+    clevel: int      # 0: stored as is (a blosc header, then the bytes)
+    shuffle: str     # "noshuffle" | "shuffle" | "bitshuffle"
+    blocksize: int   # bytes per blosc block; 0: blosc's choice
+
+
+# fp8/ecq payloads are single bytes whose zstd entropy coding is the point (no shuffle; 1 MiB blocks give
+# the entropy coder enough of them).
+ZSTD_BYTES = BloscSettings("zstd", 1, "noshuffle", 1 << 20)
+# bf16/fp32: byte shuffle separates the compressible sign/exponent bytes from mantissa noise.
+ZSTD_SHUFFLE = BloscSettings("zstd", 1, "shuffle", 1 << 20)
+
+
+@dataclass(frozen=True)
 class HiddenCodec:
     """One `--hidden-codec` choice: zarr dtype and chain, manifest text, sizes, conversions, bounds."""
     name: str                  # "bf16" | "fp8" | "ecq" | "fp32"
@@ -477,6 +494,7 @@ class HiddenCodec:
     lossless: bool
     description: str
     quantizer: HiddenArrayBytesCodec | None = None  # the genrecal zarr codec (fp8, ecq); None: zarr's `bytes`
+    compression: BloscSettings = field(kw_only=True)  # the blosc after the serializer
 
     def serializer(self) -> Any:
         """The array->bytes codec of the chain."""
@@ -485,10 +503,8 @@ class HiddenCodec:
 
     @property
     def blosc(self) -> dict[str, Any]:
-        # bf16/fp32: byte shuffle separates the compressible sign/exponent bytes from mantissa noise (1 MiB
-        # blocks give zstd's entropy coder enough of them). fp8/ecq payloads are single bytes: no shuffle.
-        shuffle = "noshuffle" if self.quantizer is not None else "shuffle"
-        return dict(cname="zstd", clevel=1, shuffle=shuffle, blocksize=1 << 20)
+        """The blosc settings of the chain as keyword arguments (cname, clevel, shuffle, blocksize)."""
+        return dataclasses.asdict(self.compression)
 
     def compressor(self) -> Any:
         from zarr.codecs import BloscCodec
@@ -607,13 +623,15 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
 
 _CODECS = {
     "bf16": HiddenCodec("bf16", "bfloat16", "uint16", True,
-                        "bfloat16 bits: lossless for bf16 teachers (float32 input: round to nearest even)"),
+                        "bfloat16 bits: lossless for bf16 teachers (float32 input: round to nearest even)",
+                        compression=ZSTD_SHUFFLE),
     "fp8": HiddenCodec("fp8", "float8_e4m3fn", "float32", False,
-                       "float8 e4m3 with a float32 scale per token (max|row|/448)", Fp8E4M3Codec()),
+                       "float8 e4m3 with a float32 scale per token (max|row|/448)", Fp8E4M3Codec(),
+                       compression=ZSTD_BYTES),
     "ecq": HiddenCodec("ecq", "int8", "float32", False,
                        f"per token: {ECQ_OUTLIERS} largest values exact, the rest int8 multiples of "
-                       f"{ECQ_STEP} x RMS, entropy-coded by zstd", EcqCodec()),
-    "fp32": HiddenCodec("fp32", "float32", "float32", True, "float32, exact"),
+                       f"{ECQ_STEP} x RMS, entropy-coded by zstd", EcqCodec(), compression=ZSTD_BYTES),
+    "fp32": HiddenCodec("fp32", "float32", "float32", True, "float32, exact", compression=ZSTD_SHUFFLE),
 }
 
 
@@ -646,4 +664,4 @@ def resolve_hidden_codec(name: str | None, hidden_dtype: str | None = None) -> H
 def ecq_variant(step: float = ECQ_STEP, outliers: int = ECQ_OUTLIERS) -> HiddenCodec:
     """An `ecq` with other parameters (for measuring; caches written by genrecal use the default)."""
     return HiddenCodec(f"ecq[step={step:g},k={outliers}]", "int8", "float32", False, "ecq variant",
-                       EcqCodec(step=step, outliers=outliers))
+                       EcqCodec(step=step, outliers=outliers), compression=ZSTD_BYTES)
