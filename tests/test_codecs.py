@@ -228,6 +228,40 @@ def test_cache_with_each_codec_verifies_and_reads_decoded_float32(caches, head, 
     assert 0 < info["arrays"]["hidden"]["bytes_per_token"] < 4 * D + 64
 
 
+def test_bf16_caches_written_with_the_zstd_chain_still_read_bit_identically(caches, head, tmp_path):
+    """bf16 `hidden` is blosc lz4 since issue 24 (blosc zstd-1 before; zarr.json records which): a cache written with
+    the old chain verifies, reads through the direct shard reader (not zarr) and gives today's bits in both
+    precisions, zarr alone reads it alike, and a merge of it is written with today's chain, bit for bit."""
+    import dataclasses
+
+    from genrecal_cache.merge import merge
+
+    samples, by_codec = caches
+    new = by_codec["bf16"][0]
+    old = tmp_path / "old"
+    _write(old, head, samples, dataclasses.replace(C.hidden_codec("bf16"), compression=C.ZSTD_SHUFFLE))
+    merged = merge(old, tmp_path / "merged")
+    chains = {p: json.loads((p / "manifest.json").read_text())["arrays"]["hidden"]["codec"]
+              for p in (old, new, tmp_path / "merged")}
+    assert chains[old].startswith("sharding_indexed[bytes, blosc(cname=zstd, clevel=1, shuffle=shuffle, ")
+    assert chains[new] == chains[tmp_path / "merged"] != chains[old]
+    assert chains[new].startswith("sharding_indexed[bytes, blosc(cname=lz4, clevel=9, shuffle=shuffle, ")
+    assert merged.hidden_codec == "bf16"
+    for path in (old, tmp_path / "merged"):
+        assert verify(path) == []
+        with open_cache(path) as a, open_cache(new) as b:
+            assert a._fast_readers(a._features()) is not None
+            for precision in ("float32", "stored"):
+                pairs = list(zip(a.iter_samples(precision=precision), b.iter_samples(precision=precision), strict=True))
+                assert pairs
+                for x, y in pairs:
+                    assert x.id == y.id and x.hidden.dtype == y.hidden.dtype
+                    np.testing.assert_array_equal(x.hidden, y.hidden)
+                    np.testing.assert_array_equal(x.topk_ids, y.topk_ids)
+    plain = [zarr.open_array(str(p / "features.zarr" / "hidden"), mode="r")[...] for p in (old, new)]
+    np.testing.assert_array_equal(plain[0], plain[1])
+
+
 def s_range(cache: TeacherCache, i: int) -> slice:
     a = int(cache._offsets[i])
     return slice(a, a + int(cache._lengths[i]))
