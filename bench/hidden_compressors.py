@@ -55,6 +55,8 @@ CANDIDATES = {
     "lz4-9 shuffle 1M": BloscSettings("lz4", 9, "shuffle", MIB),
     "lz4-9 shuffle auto": BloscSettings("lz4", 9, "shuffle", 0),
     "lz4-5 bitshuffle 1M": BloscSettings("lz4", 5, "bitshuffle", MIB),
+    "lz4-1 noshuffle 1M": BloscSettings("lz4", 1, "noshuffle", MIB),
+    "lz4-9 noshuffle 1M": BloscSettings("lz4", 9, "noshuffle", MIB),
     "lz4hc-1 shuffle 1M": BloscSettings("lz4hc", 1, "shuffle", MIB),
     "blosclz-5 shuffle 1M": BloscSettings("blosclz", 5, "shuffle", MIB),
     "none (clevel 0)": BloscSettings("zstd", 0, "noshuffle", MIB),

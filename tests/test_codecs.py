@@ -245,7 +245,7 @@ def test_bf16_caches_written_with_the_zstd_chain_still_read_bit_identically(cach
               for p in (old, new, tmp_path / "merged")}
     assert chains[old].startswith("sharding_indexed[bytes, blosc(cname=zstd, clevel=1, shuffle=shuffle, ")
     assert chains[new] == chains[tmp_path / "merged"] != chains[old]
-    assert chains[new].startswith("sharding_indexed[bytes, blosc(cname=lz4, clevel=9, shuffle=shuffle, ")
+    assert chains[new].startswith("sharding_indexed[bytes, blosc(cname=lz4, clevel=1, shuffle=noshuffle, ")
     assert merged.hidden_codec == "bf16"
     for path in (old, tmp_path / "merged"):
         assert verify(path) == []
@@ -443,6 +443,79 @@ def test_direct_local_reads_equal_zarr_reads(caches, name, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(CacheFormatError, match="crc32c"):
         open_cache(broken)[0]
+
+
+def _frames(shard: Path, chunks: int) -> list[tuple[int, int]]:
+    """(offset, bytes) of each inner chunk of a shard file (index at the end: 16 bytes per chunk, then crc32c)."""
+    data = shard.read_bytes()
+    idx = np.frombuffer(data[-(16 * chunks + 4):-4], "<u8").reshape(chunks, 2)
+    return [(int(o), int(n)) for o, n in idx]
+
+
+def test_stored_bf16_chunks_go_straight_from_the_file_and_are_checked(head, tmp_path, monkeypatch):
+    """bf16 under lz4 without shuffle: a chunk of LLM-like rows is stored as it is (blosc's header, then the bytes) and
+    a stored-precision read puts it straight into the output (`ShardedArrayReader._stored_frame`); chunks of zero
+    rows are compressed and decoded. Both equal zarr's reads; a flipped byte, a header declaring another size and
+    an inf in such a chunk are refused."""
+    import google_crc32c
+    import struct
+
+    from genrecal_cache.io.fastread import BLOSC_MEMCPYED, ShardedArrayReader
+
+    samples = _samples(head, n=12)
+    for k, (_, arrays) in enumerate(samples):
+        if arrays is not None and k % 3 == 0:  # some samples' rows are left out, as role-aware storage does
+            arrays.hidden.zero_()
+    path = tmp_path / "bf16"
+    _write(path, head, samples, "bf16")
+    m = json.loads((path / "manifest.json").read_text())["arrays"]["hidden"]
+    per_shard = m["shard_tokens"] // m["chunk_tokens"]
+    shard = path / "features.zarr" / "hidden" / "c" / "0" / "0"
+    data = shard.read_bytes()
+    stored = [(o, n) for o, n in _frames(shard, per_shard) if n != 2 ** 64 - 1 and data[o + 2] & BLOSC_MEMCPYED]
+    encoded = m["chunk_tokens"] * D * 2
+    assert stored and all(n == 16 + encoded + 4 for _, n in stored)
+    assert len(stored) < per_shard  # and some compressed chunks (the zero rows)
+
+    direct = []
+    original = ShardedArrayReader._stored_frame
+
+    def counting(self, *args):  # noqa: ANN001, ANN202
+        direct.append(original(self, *args))
+        return direct[-1]
+
+    monkeypatch.setattr(ShardedArrayReader, "_stored_frame", counting)
+    cache = open_cache(path)
+    feats = cache._features()
+    T = cache.manifest.counts["tokens"]
+    for lo, hi in [(0, T), (0, 32), (32, 64), (5, 70), (T - 1, T)]:
+        got = cache._read_tokens(lo, hi, widen=False)["hidden"]
+        assert got.dtype == np.uint16
+        np.testing.assert_array_equal(got, feats["hidden"][lo:hi])
+    assert any(direct) and all(direct)
+    for s, f in zip(cache.iter_samples(precision="stored"), cache.iter_samples(), strict=True):
+        np.testing.assert_array_equal(C.bf16_bits_to_float32(s.hidden), f.hidden)
+
+    offset = stored[0][0]
+
+    def altered(change) -> None:  # noqa: ANN001
+        b = bytearray(data)
+        change(b)
+        b[offset + 16 + encoded:offset + 20 + encoded] = np.uint32(
+            google_crc32c.value(bytes(b[offset:offset + 16 + encoded]))).tobytes()
+        shard.write_bytes(bytes(b))
+
+    b = bytearray(data)
+    b[offset + 100] ^= 1  # a byte of the payload, crc32c left as it was
+    shard.write_bytes(bytes(b))
+    with pytest.raises(CacheFormatError, match="crc32c"):
+        open_cache(path)._read_tokens(0, T, widen=False)
+    altered(lambda b: struct.pack_into("<I", b, offset + 4, encoded + 2))  # the header declares another size
+    with pytest.raises(CacheFormatError, match=f"declares {encoded + 2} decoded bytes"):
+        open_cache(path)._read_tokens(0, T, widen=False)
+    altered(lambda b: struct.pack_into("<H", b, offset + 16 + 2 * D + 6, 0x7F80))  # an inf in the chunk's 2nd row
+    with pytest.raises(CacheFormatError, match="NaN or inf"):
+        open_cache(path)._read_tokens(0, T, widen=False)
 
 
 def test_plan_and_extract_cli_options():

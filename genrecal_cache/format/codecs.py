@@ -2,20 +2,21 @@
 
 | codec  | zarr dtype         | chain in each shard (then crc32c)           | bytes/token before blosc      | decoded value                   |
 |--------|--------------------|---------------------------------------------|-------------------------------|---------------------------------|
-| `bf16` | uint16 (bf16 bits) | bytes, blosc(lz4-9, byte shuffle)           | 2d                            | exact bf16 (default, lossless)  |
+| `bf16` | uint16 (bf16 bits) | bytes, blosc(lz4-1, no shuffle)             | 2d                            | exact bf16 (default, lossless)  |
 | `fp8`  | float32            | genrecal.fp8_e4m3, blosc(zstd-1)            | d + 4                         | e4m3 x per-token float32 scale  |
 | `ecq`  | float32            | genrecal.ecq, blosc(zstd-1)                 | d + 4 + 6k (zstd: ~0.6d)      | int8 codes x per-token step     |
 | `fp32` | float32            | bytes, blosc(zstd-1, byte shuffle)          | 4d                            | exact (for tests)               |
 
 Compression (`HiddenCodec.compression`; measured with bench/hidden_compressors.py, figures in docs/benchmarks.md):
-bf16 uses lz4 since issue 24, so that reading bf16 to a trainer in stored precision is not bound by decompression.
-Blosc byte-shuffles each 1 MiB block and, for lz4 (not for zstd), compresses each byte stream on its own, keeping a
-stream that does not shrink as it is: the sign/exponent bytes shrink by their repeats, the mantissa bytes are
-copied, rows of zeros (what role-aware storage leaves out) shrink to almost nothing. On synthetic LLM-like states
-(d=4096) that stores 0.89 of the bytes (zstd-1: 0.70) and decodes at about 2x zstd's speed; zstd's entropy coder
-decoded at ~2.5 GB/s per thread, which held a stored-precision read at 0.53x of a raw read. Caches written before
-keep their zstd chain (zarr.json records it) and read as before. fp32 (exact, for tests and references; no read
-target) keeps zstd-1; fp8/ecq payloads are single bytes whose zstd entropy coding is the point (ecq's int8 codes).
+since issue 24, bf16 is blosc lz4 without shuffle, so that reading bf16 into a trainer in its stored precision is
+not bound by decompression. On LLM-like states lz4 cannot shrink interleaved bf16 bytes, and blosc then stores the
+chunk as it is (a 16-byte header before the bytes), which the reader copies straight from the file into its
+output; rows of zeros (what role-aware storage leaves out of `hidden`) and repeated rows (shared prompt prefixes)
+still compress. Before, zstd-1 over byte-shuffled bytes stored 0.70 of LLM-like rows but decoded at ~2.5 GB/s per
+thread, which held stored-precision reads at ~0.55x of a raw read of the same bytes; byte-shuffled lz4 (0.89)
+still decoded too slowly for 0.8x. Caches written before keep their chain (zarr.json records it) and read as
+before. fp32 (exact, for tests and references; no read target) keeps zstd-1 over shuffled bytes; fp8/ecq payloads
+are single bytes whose zstd entropy coding is the point (ecq's int8 codes).
 
 `fp8` and `ecq` are Zarr v3 array->bytes codecs (`Fp8E4M3Codec`, `EcqCodec`) registered with zarr
 on `import genrecal_cache` and through the `zarr.codecs` entry point, so `zarr.open_array` on a
@@ -69,7 +70,7 @@ from zarr.core.common import parse_named_configuration
 
 __all__ = ["BloscSettings", "CodecError", "DEFAULT_HIDDEN_CODEC", "E4M3_PAIR_TABLE", "E4M3_TABLE", "ECQ_NAME",
            "ECQ_OUTLIERS", "ECQ_QMAX", "ECQ_STEP", "EcqCodec", "FP8_FLUSH", "FP8_MAX", "FP8_NAME", "Fp8E4M3Codec",
-           "HEADER", "HIDDEN_CODECS", "HiddenArrayBytesCodec", "HiddenCodec", "LEGACY_NAMES", "LZ4_SHUFFLE", "MAGIC",
+           "HEADER", "HIDDEN_CODECS", "HiddenArrayBytesCodec", "HiddenCodec", "LEGACY_NAMES", "LZ4_BYTES", "MAGIC",
            "NumcodecsEcq", "NumcodecsFp8E4M3", "VERSION", "ZSTD_BYTES", "ZSTD_SHUFFLE",
            "bf16_bits_to_float32", "decode_payload", "describe_chain", "ecq_encode", "ecq_error_bound", "ecq_variant",
            "float32_to_bf16_bits", "float32_to_e4m3", "fp8_encode", "fp8_error_bound", "hidden_codec", "register",
@@ -493,9 +494,9 @@ class BloscSettings:
 ZSTD_BYTES = BloscSettings("zstd", 1, "noshuffle", 1 << 20)
 # fp32, and bf16 before issue 24: byte shuffle separates the compressible sign/exponent bytes from mantissa noise.
 ZSTD_SHUFFLE = BloscSettings("zstd", 1, "shuffle", 1 << 20)
-# bf16 (see the module docstring): lz4 over the byte-shuffled streams; level 9 (lz4's full match search) stores
-# less than level 1 at the same decode speed and still encodes about as fast as zstd-1 did.
-LZ4_SHUFFLE = BloscSettings("lz4", 9, "shuffle", 1 << 20)
+# bf16 (see the module docstring): LLM-like rows are stored as they are, zero and repeated rows compressed;
+# lz4 level 1 stores as little as level 9 here and encodes faster (both > 2.5 GB/s per thread).
+LZ4_BYTES = BloscSettings("lz4", 1, "noshuffle", 1 << 20)
 
 
 @dataclass(frozen=True)
@@ -637,7 +638,7 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
 _CODECS = {
     "bf16": HiddenCodec("bf16", "bfloat16", "uint16", True,
                         "bfloat16 bits: lossless for bf16 teachers (float32 input: round to nearest even)",
-                        compression=LZ4_SHUFFLE),
+                        compression=LZ4_BYTES),
     "fp8": HiddenCodec("fp8", "float8_e4m3fn", "float32", False,
                        "float8 e4m3 with a float32 scale per token (max|row|/448)", Fp8E4M3Codec(),
                        compression=ZSTD_BYTES),

@@ -8,9 +8,11 @@ the one genrecal writes (token-axis shards, index at the end with crc32c, inner 
 a genrecal hidden codec, then blosc, then crc32c in caches written since the inner crc32c was
 added), each inner chunk is read with one `pread`, decompressed and decoded on a small thread pool
 (blosc and numpy release the GIL) and written straight into the output, converting bf16 to float32
-on the way while the chunk is still in cache. The shard index and its crc32c and each inner chunk's
-crc32c are checked exactly as zarr checks them; a blosc frame must declare exactly one chunk's
-bytes (checked before decoding), and `hidden` must decode to finite values. Remote stores go
+on the way while the chunk is still in cache. A chunk that blosc stored as it is (a frame of header +
+bytes: bf16 LLM states under lz4, which cannot shrink them without shuffling) and that is read in its
+stored dtype goes from the file straight into the output, with no scratch copy. The shard index and
+its crc32c and each inner chunk's crc32c are checked exactly as zarr checks them; a blosc frame must
+declare exactly one chunk's bytes (checked before decoding), and `hidden` must decode to finite values. Remote stores go
 through zarr, with the same frame-size check (`bound_zarr_decoding`); readers refuse other chains
 when a cache is opened. Tests compare both paths.
 """
@@ -40,6 +42,8 @@ __all__ = ["BufferPool", "EMPTY", "NonFiniteError", "ShardedArrayReader", "bf16_
            "bound_zarr_decoding", "decode_pool", "read_ranges"]
 
 EMPTY = np.uint64(2**64 - 1)
+BLOSC_HEADER = 16    # bytes of a blosc frame's header (version, flags, type size, nbytes, blocksize, cbytes)
+BLOSC_MEMCPYED = 2   # header flag: the frame holds the bytes as they are (nothing compressed, nothing shuffled)
 _SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
             "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
 
@@ -197,12 +201,21 @@ class ShardedArrayReader:
     def _job(self, k: int, a: int, b: int, dest: np.ndarray, convert_bf16: bool) -> Callable[[], None]:
         def run() -> None:
             s, j = divmod(k, self.chunks_per_shard)
+            whole = (a, b) == (0, self.chunk_tokens) and dest.flags.c_contiguous
+            into = getattr(self._deserialize, "into", False)
+            # a whole chunk of stored bytes (no widening, no genrecal payload) in a frame of exactly header + chunk:
+            # blosc stored it uncompressed, so it may be read straight into the output (`_stored_frame`)
+            raw_out = whole and not convert_bf16 and dest.dtype == self.dtype and not into
             fd = open_regular(self._shard_file(s), self._shard_file(s))
             try:
                 offset, nbytes = self._index(s, fd)[j]
                 if offset == EMPTY:
                     dest[...] = 0
                     return
+                if raw_out and nbytes == BLOSC_HEADER + self.encoded_nbytes + 4 * self.crc:
+                    if self._stored_frame(fd, int(offset), dest, s, j, k):
+                        self._check_finite(dest, k, a, s)
+                        return
                 data: Any = _buffer("raw", int(nbytes))
                 got = os.preadv(fd, [data], int(offset))
             finally:
@@ -211,8 +224,7 @@ class ShardedArrayReader:
                 raise ValueError(f"{self._shard_file(s)}: chunk {j} truncated ({got} of {nbytes} bytes)")
             if self.crc:  # zarr's crc32c codec: 4 bytes after the blosc frame (caches since issue 14)
                 if nbytes < 4 or np.uint32(google_crc32c.value(data[:-4])).tobytes() != data[-4:].tobytes():
-                    raise ValueError(f"{self._shard_file(s)}: chunk {j} (tokens {k * self.chunk_tokens}+) fails its "
-                                     f"crc32c check: the file is corrupt")
+                    raise ValueError(self._crc_fault(s, j, k))
                 data = data[:-4]
             # blosc frames declare their decoded size: it must be exactly one chunk (decoded into a reused
             # buffer of that size: a frame declaring more or less is refused, never allocated or half-filled)
@@ -220,12 +232,11 @@ class ShardedArrayReader:
             if declared != self.encoded_nbytes:
                 raise ValueError(f"{self._shard_file(s)}: chunk {j} declares {declared} decoded bytes, not the "
                                  f"{self.encoded_nbytes} of one chunk: the file is corrupt or hostile")
-            whole = (a, b) == (0, self.chunk_tokens) and dest.flags.c_contiguous
-            if whole and not convert_bf16 and dest.dtype == self.dtype and not getattr(self._deserialize, "into", False):
+            if raw_out:
                 self._blosc.decode(data, out=dest.reshape(-1).view(np.uint8))  # stored bytes: straight into the output
             else:
                 data = self._blosc.decode(data, out=_buffer("decoded", self.encoded_nbytes))
-                if getattr(self._deserialize, "into", False) and whole and dest.dtype == np.float32:
+                if into and whole and dest.dtype == np.float32:
                     self._deserialize(data, out=dest)  # a whole chunk: decode in place
                 else:
                     chunk = self._deserialize(data)[a:b]
@@ -233,12 +244,38 @@ class ShardedArrayReader:
                         bf16_into(dest, chunk)
                     else:
                         dest[...] = chunk
-            if self.check_finite and dest.size and not _finite(dest):
-                bad = k * self.chunk_tokens + a + int(np.flatnonzero(_nonfinite_rows(dest))[0])
-                raise NonFiniteError(f"{self._shard_file(s)}: token {bad} holds NaN or inf; the teacher's forward "
-                                     f"pass was broken for that sample or the file was altered (the cache is unusable "
-                                     f"for training: re-extract it)")
+            self._check_finite(dest, k, a, s)
         return run
+
+    def _stored_frame(self, fd: int, offset: int, dest: np.ndarray, s: int, j: int, k: int) -> bool:
+        """Read a chunk whose blosc frame is its bytes behind the 16-byte header (blosc's `memcpyed` frames: a chunk
+        that does not shrink, e.g. bf16 LLM states under lz4 without shuffle) with one `preadv` straight into `dest`,
+        the header and the crc32c into small buffers: no scratch copy, no decompression pass. The crc32c covers
+        header and bytes as zarr's does; the header must declare exactly this chunk, stored as is. False (nothing
+        decided) for a frame of that size that is compressed after all: the caller reads it the usual way."""
+        head, out = _buffer("head", BLOSC_HEADER), dest.reshape(-1).view(np.uint8)
+        bufs = [head, out, *([_buffer("crc", 4)] if self.crc else [])]
+        got, want = os.preadv(fd, bufs, offset), sum(b.nbytes for b in bufs)
+        if got != want:
+            raise ValueError(f"{self._shard_file(s)}: chunk {j} truncated ({got} of {want} bytes)")
+        if self.crc and np.uint32(google_crc32c.extend(google_crc32c.value(head), out)).tobytes() != bufs[2].tobytes():
+            raise ValueError(self._crc_fault(s, j, k))
+        nbytes, _, cbytes = struct.unpack_from("<III", head, 4)
+        if nbytes != self.encoded_nbytes:
+            raise ValueError(f"{self._shard_file(s)}: chunk {j} declares {nbytes} decoded bytes, not the "
+                             f"{self.encoded_nbytes} of one chunk: the file is corrupt or hostile")
+        return bool(head[2] & BLOSC_MEMCPYED) and cbytes == BLOSC_HEADER + nbytes
+
+    def _crc_fault(self, s: int, j: int, k: int) -> str:
+        return (f"{self._shard_file(s)}: chunk {j} (tokens {k * self.chunk_tokens}+) fails its crc32c check: the file "
+                f"is corrupt")
+
+    def _check_finite(self, dest: np.ndarray, k: int, a: int, s: int) -> None:
+        if self.check_finite and dest.size and not _finite(dest):
+            bad = k * self.chunk_tokens + a + int(np.flatnonzero(_nonfinite_rows(dest))[0])
+            raise NonFiniteError(f"{self._shard_file(s)}: token {bad} holds NaN or inf; the teacher's forward "
+                                 f"pass was broken for that sample or the file was altered (the cache is unusable "
+                                 f"for training: re-extract it)")
 
 
 def blosc_sizes(frame: Any) -> tuple[int, int]:
