@@ -187,7 +187,8 @@ def stored_precision(tmp: Path, states: np.ndarray, cache: Path, read_cache, tod
 def stored_steps(cache: Path, repeats: int) -> None:
     """Where a stored-precision read's time goes: each step of the reader's per-chunk job (fastread.py), over every
     inner chunk of `hidden`, on one thread: the read from the page cache, the crc32c, blosc into the output, the
-    finiteness check; then the whole job as the reader runs it. GB/s of bf16 output."""
+    finiteness check; then the whole job as the reader runs it. GB/s of bf16 output. (A chunk blosc stored as it
+    is, as bf16 under lz4 without shuffle mostly is, the job reads straight into the output: no "blosc" step.)"""
     import google_crc32c
 
     from genrecal_cache.io.fastread import _finite, decode_pool
