@@ -172,7 +172,7 @@ def reads(states: np.ndarray, names: list[str], repeats: int, tmp: Path) -> None
         w.close()
         t_write = time.perf_counter() - t0
         with open_cache(path) as cache:  # the reader's fast path, not zarr's (see fastread.ShardedArrayReader)
-            assert cache._fast_readers(cache._features())["hidden"] is not None
+            assert cache._fast_readers(cache._features()) is not None
         hid = sum(f.stat().st_size for f in (path / "features.zarr" / "hidden").rglob("*") if f.is_file())
         sizes[name] = (hid / bits.nbytes, t_write)
         rows[name] = path

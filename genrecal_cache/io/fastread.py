@@ -12,9 +12,9 @@ on the way while the chunk is still in cache. A chunk that blosc stored as it is
 bytes: bf16 LLM states under lz4, which cannot shrink them without shuffling) and that is read in its
 stored dtype goes from the file straight into the output, with no scratch copy. The shard index and
 its crc32c and each inner chunk's crc32c are checked exactly as zarr checks them; a blosc frame must
-declare exactly one chunk's bytes (checked before decoding), and `hidden` must decode to finite values. Remote stores go
-through zarr, with the same frame-size check (`bound_zarr_decoding`); readers refuse other chains
-when a cache is opened. Tests compare both paths.
+declare exactly one chunk's bytes (checked before decoding), and `hidden` must decode to finite values.
+Remote stores go through zarr, with the same frame-size check (`bound_zarr_decoding`); readers refuse
+other chains when a cache is opened. Tests compare both paths.
 """
 
 from __future__ import annotations
