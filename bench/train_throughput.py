@@ -6,7 +6,8 @@
 
 Data: the quality suite's tasks (bench/quality_tasks.py: word, phrase and clause answers), a tiny Qwen2-VL
 teacher (bench/quality.py's teacher size: hidden 192, 3 layers) extracted into a bf16 cache. Students: the
-suite's LLaVA (`build_tiny_student` defaults, hidden 64) and a wider one (hidden 512, 4 layers).
+suite's LLaVA (`build_tiny_student` defaults, hidden 64), a wider one (hidden 512, 4 layers) and, with
+`--students deep`, the wider one at 16 layers.
 
 A step is what `trainer.run_stage` does per optimizer step: forward, backward, AdamW step, on a batch the
 data thread has prepared (`make_example` + `collate`, timed apart: in training it runs on the prefetch thread,
@@ -44,10 +45,14 @@ import torch  # noqa: E402
 
 from _machine import machine  # noqa: E402
 
-STUDENTS = {"llava (hidden 64)": dict(), "wide llava (hidden 512)": dict(hidden_size=512, layers=4, head_dim=64)}
+# "deep" (not run unless asked): the wide student at a real student's depth relative to the Recalibrator's 2 blocks
+# (Qwen2-VL-2B has 28 layers): the Recalibrator runs its 2 blocks over both passes, so its share of a stage-2 step
+# shrinks with the student's depth
+STUDENTS = {"llava (hidden 64)": dict(), "wide llava (hidden 512)": dict(hidden_size=512, layers=4, head_dim=64),
+            "deep llava (hidden 512, 16 layers)": dict(hidden_size=512, layers=16, head_dim=64)}
 
 
-def build_inputs(work: Path, n_per_kind: int) -> tuple[Path, dict[str, Path]]:
+def build_inputs(work: Path, n_per_kind: int, which: str = "llava,wide") -> tuple[Path, dict[str, Path]]:
     """(the teacher cache, {student label: folder}), built once into `work`."""
     from genrecal_cache.extract import ExtractConfig, extract
     from genrecal_cache.testing import build_tiny_student, build_tiny_teacher
@@ -63,6 +68,8 @@ def build_inputs(work: Path, n_per_kind: int) -> tuple[Path, dict[str, Path]]:
                               progress=False))
     students = {}
     for i, (label, kw) in enumerate(STUDENTS.items()):
+        if label.split()[0] not in which.split(","):
+            continue
         folder = work / f"student{i}"
         if not (folder / "config.json").is_file():
             build_tiny_student(folder, seed=i, **kw)
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (the median is reported)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--students", default="llava,wide", help="which students: llava, wide (comma-separated)")
+    p.add_argument("--students", default="llava,wide", help="which students: llava, wide, deep (comma-separated)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="time steps by the wall clock, or by the CPU time of the stepping thread (one torch thread "
                         "on a CPU: what the step computed, whatever else the machine runs)")
@@ -165,12 +172,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.steps} steps x {args.repeats} interleaved rounds (median); {clock_name} clock")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
-        cache, students = build_inputs(work, args.per_kind)
+        cache, students = build_inputs(work, args.per_kind, args.students)
         print("| student | stage 1 tok/s | stage 2 tok/s | SFT (stage 3) tok/s | stage-2 step / SFT step | "
               "stage-1 step / SFT step | data thread per batch |")
         print("|---|---|---|---|---|---|---|")
-        out = {label: bench_student(label, folder, cache, args) for label, folder in students.items()
-               if label.split()[0] in args.students.split(",")}
+        out = {label: bench_student(label, folder, cache, args) for label, folder in students.items()}
     if args.json:
         Path(args.json).write_text(json.dumps(out))
     return out
@@ -180,7 +186,7 @@ def compare(args, argv: list[str]) -> dict:
     """Alternate runs of the baseline's code and this checkout's (fresh processes, the same inputs); medians."""
     if not args.work:
         raise SystemExit("--baseline needs --work: both codes must read the same cache and students")
-    build_inputs(Path(args.work), args.per_kind)  # once, before the runs
+    build_inputs(Path(args.work), args.per_kind, args.students)  # once, before the runs
     own = [a for i, a in enumerate(argv) if not (a.startswith(("--baseline", "--rounds"))
                                                  or (i and argv[i - 1] in ("--baseline", "--rounds")))]
     codes = {"before": str(Path(args.baseline).resolve()), "after": str(ROOT.parent)}
