@@ -104,6 +104,12 @@ _STOP = object()
 _COMMIT_POINT = object()  # queued by commit_point()
 
 
+@dataclass(frozen=True)
+class _FittedBasis:
+    """Queued by `add` once the caller thread has fitted the low-rank context basis."""
+    basis: ContextBasis
+
+
 class CacheWriter:
     """Streams samples into a new cache directory. Use `add` per sample, then `close`.
 
@@ -191,12 +197,15 @@ class CacheWriter:
         self._basis = context_basis
         self._basis_fit_rows = basis_fit_rows
         self._held: list[object] = []  # writer thread: items waiting for the low-rank basis (see _take)
+        self._fit_rows: list[np.ndarray] | None = None  # caller thread: context rows gathered for the fit (see add)
         (self.out_dir / (BASIS_NAME + ".tmp")).unlink(missing_ok=True)
         if storage.context == "lowrank" and context_basis is None and resumed is not None \
                 and resumed.counts["samples"] > 0:  # committed samples were encoded on the saved basis: keep it
             self._basis = _load_saved_basis(self.out_dir / BASIS_NAME)
         elif self._basis is not None:  # given (merge): saved before any sample is written
             self._save_basis()
+        if storage.context == "lowrank" and self._basis is None:
+            self._fit_rows = []
         self._thread = threading.Thread(target=self._run, name=f"CacheWriter({self.out_dir.name})", daemon=True)
         self._thread.start()
 
@@ -246,7 +255,21 @@ class CacheWriter:
                            images=[bytes(b) for b in row.images] if self.embed_images else [],
                            image_refs=list(row.image_refs), extra=extra)
         self._n_rows += 1
+        context = None if self._fit_rows is None or prepared is None else prepared["_context"]
         self._put((parquet_row, prepared, commit))
+        if context is not None:
+            self._gather_fit_rows(context)
+
+    def _gather_fit_rows(self, context: np.ndarray) -> None:
+        """(Caller thread.) Keep the first `basis_fit_rows` context rows; once there are enough, fit the low-rank
+        basis here and hand it to the writer thread, which holds the samples back until then. Here, not on the
+        writer thread: a fit beside the teacher's forward on a CPU slowed both (two thread pools on the same cores),
+        while in line it costs its own time once (0.4 s at d=4096)."""
+        self._fit_rows.append(context)
+        if sum(len(r) for r in self._fit_rows) >= self._basis_fit_rows:
+            states = np.concatenate(self._fit_rows)[:self._basis_fit_rows]
+            self._fit_rows = None
+            self._put(_FittedBasis(ContextBasis.fit(states, self.storage.rank)))
 
     def commit_point(self) -> None:
         """Let the writer commit here if a commit is due (after samples added with `commit=False`)."""
@@ -262,12 +285,15 @@ class CacheWriter:
             except queue.Full:
                 self._raise_if_failed()
 
-    def _fit_basis(self) -> None:
-        """(Writer thread.) Fit the low-rank context basis on the held-back samples' context rows, save it, then
-        write them: the teacher forward goes on meanwhile."""
-        rows = [it[1]["_context"] for it in self._held if isinstance(it, tuple) and it[1]]
-        states = np.concatenate(rows)[:self._basis_fit_rows] if rows else np.zeros((0, self.hidden_size), np.float32)
-        self._basis = ContextBasis.fit(states, self.storage.rank)
+    def _fit_basis(self, basis: ContextBasis | None = None) -> None:
+        """(Writer thread.) Take the low-rank context basis (`basis`, fitted by the caller thread; None at the end
+        of a run with fewer context rows than `basis_fit_rows`: fitted here on all of them), save it, then write
+        the held-back samples."""
+        if basis is None:
+            rows = [it[1]["_context"] for it in self._held if isinstance(it, tuple) and it[1]]
+            states = np.concatenate(rows) if rows else np.zeros((0, self.hidden_size), np.float32)
+            basis = ContextBasis.fit(states[:self._basis_fit_rows], self.storage.rank)
+        self._basis = basis
         self._save_basis()
         held, self._held = self._held, []
         for item in held:
@@ -431,16 +457,16 @@ class CacheWriter:
                 self._error = (None, e)
 
     def _take(self, item: object) -> None:
-        """Write one queued item. With low-rank context, items are held back (in order) until the basis is fitted
-        on the first `basis_fit_rows` context rows."""
+        """Write one queued item. With low-rank context, items are held back (in order) until the basis fitted
+        on the first `basis_fit_rows` context rows arrives (`_FittedBasis`, queued by `add`)."""
+        if isinstance(item, _FittedBasis):
+            try:
+                self._fit_basis(item.basis)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller thread
+                self._error = (None, e)
+            return
         if self.storage.context == "lowrank" and self._basis is None:
             self._held.append(item)
-            if sum(len(it[1]["_context"]) for it in self._held if isinstance(it, tuple) and it[1]) \
-                    >= self._basis_fit_rows:
-                try:
-                    self._fit_basis()
-                except BaseException as e:  # noqa: BLE001 - handed to the caller thread
-                    self._error = (None, e)
             return
         if item is _COMMIT_POINT:
             try:
