@@ -171,7 +171,7 @@ def main() -> None:
         print(f"extract / bare, {c}: median {np.median(ratios[c]):.3f} over {len(ratios[c])} rounds (target >= 0.90); "
               f"teacher forward = {100 * np.median(shares[c]):.1f}% of extract's own wall time, "
               f"the one-off head check {100 * np.median(checks[c]):.1f}%, the one-off basis fit "
-              f"{100 * np.median(fits[c]):.1f}% (writer thread)")
+              f"{100 * np.median(fits[c]):.1f}%")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

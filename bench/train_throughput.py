@@ -89,8 +89,11 @@ def make_batches(cache, adapter, processor, batch_size: int) -> tuple[list, floa
     extra = {}
     if "teacher_tokenizer" in inspect.signature(make_example).parameters:  # issue 24: alignment on the data thread
         extra["teacher_tokenizer"] = cache.teacher_tokenizer()
+    # as the trainer reads: in stored precision where the code has it (bf16 widened and low-rank rows folded in the
+    # step), else float32
+    read = {"precision": "stored"} if "precision" in inspect.signature(cache.iter_samples).parameters else {}
     t0 = time.perf_counter()
-    examples = [make_example(cache[i], adapter, processor, 2048, **extra) for i in range(len(cache))]
+    examples = [make_example(s, adapter, processor, 2048, **extra) for s in cache.iter_samples(**read)]
     pad = processor.tokenizer.pad_token_id
     batches = [collate(examples[j:j + batch_size], pad, 0) for j in range(0, len(examples) - batch_size + 1,
                                                                           batch_size)]
