@@ -38,12 +38,12 @@ import numcodecs.blosc
 import numpy as np
 
 from _machine import machine
+from read_throughput import timed
 
 from genrecal_cache import open_cache
 from genrecal_cache.fidelity import synthetic_post_norm_states
 from genrecal_cache.format.codecs import BloscSettings, float32_to_bf16_bits, hidden_codec
 from genrecal_cache.format.layout import plan_layout
-from genrecal_cache.io.fastread import _SHUFFLE
 
 MIB = 1 << 20
 # name -> (cname, clevel, shuffle, blocksize); blocksize 0: blosc picks it from clevel and the type size
@@ -62,6 +62,9 @@ CANDIDATES = {
     "none (clevel 0)": BloscSettings("zstd", 0, "noshuffle", MIB),
 }
 
+SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
+           "bitshuffle": numcodecs.Blosc.BITSHUFFLE}  # a BloscSettings.shuffle -> numcodecs' constant
+
 
 def chunks_of(stored: np.ndarray, rows: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(stored[a:a + rows]) for a in range(0, len(stored) - rows + 1, rows)]
@@ -69,7 +72,7 @@ def chunks_of(stored: np.ndarray, rows: int) -> list[np.ndarray]:
 
 def measure(chunks: list[np.ndarray], s: BloscSettings, repeats: int) -> tuple[float, float, float]:
     """(compressed fraction, encode GB/s, decode GB/s) of one thread over `chunks`, best of `repeats`."""
-    blosc = numcodecs.Blosc(cname=s.cname, clevel=s.clevel, shuffle=_SHUFFLE[s.shuffle], blocksize=s.blocksize)
+    blosc = numcodecs.Blosc(cname=s.cname, clevel=s.clevel, shuffle=SHUFFLE[s.shuffle], blocksize=s.blocksize)
     nbytes = sum(c.nbytes for c in chunks)
     out = np.empty(chunks[0].nbytes, np.uint8)
     packed, t_enc, t_dec = [], float("inf"), float("inf")
@@ -136,15 +139,6 @@ def reads(states: np.ndarray, names: list[str], repeats: int, tmp: Path) -> None
     vocab, L = 1000, 512
     head = TeacherHead(HeadConfig(d, vocab), torch.ones(d), torch.randn(vocab, d) * 0.02)
 
-    def timed(fn) -> tuple[float, float]:  # noqa: ANN001
-        fn()
-        best = (float("inf"), 0.0)
-        for _ in range(repeats):
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            best = min(best, (time.perf_counter() - t0, time.process_time() - c0))
-        return best
-
     def read_cache(path: Path):  # noqa: ANN202
         def run() -> None:
             got = 0
@@ -176,9 +170,9 @@ def reads(states: np.ndarray, names: list[str], repeats: int, tmp: Path) -> None
         hid = sum(f.stat().st_size for f in (path / "features.zarr" / "hidden").rglob("*") if f.is_file())
         sizes[name] = (hid / bits.nbytes, t_write)
         rows[name] = path
-    raw_t = timed(lambda: np.fromfile(raw, dtype=np.uint16))
-    times = {name: timed(read_cache(path)) for name, path in rows.items()}
-    raw_t = min(raw_t, timed(lambda: np.fromfile(raw, dtype=np.uint16)))  # (c) before and after: its best
+    raw_t = timed(lambda: np.fromfile(raw, dtype=np.uint16), repeats)
+    times = {name: timed(read_cache(path), repeats) for name, path in rows.items()}
+    raw_t = min(raw_t, timed(lambda: np.fromfile(raw, dtype=np.uint16), repeats))  # (c) before and after: its best
     print(f"\n## stored-precision reads of a bf16 cache written with each candidate: {n} tokens x d={d} "
           f"({bits.nbytes / MIB:.0f} MiB of bf16), warm page cache, best of {repeats}, {decode_pool()._max_workers} "
           f"decode threads; GB/s of bf16 bytes")
