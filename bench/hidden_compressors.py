@@ -62,17 +62,13 @@ CANDIDATES = {
     "none (clevel 0)": BloscSettings("zstd", 0, "noshuffle", MIB),
 }
 
-SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
-           "bitshuffle": numcodecs.Blosc.BITSHUFFLE}  # a BloscSettings.shuffle -> numcodecs' constant
-
-
 def chunks_of(stored: np.ndarray, rows: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(stored[a:a + rows]) for a in range(0, len(stored) - rows + 1, rows)]
 
 
 def measure(chunks: list[np.ndarray], s: BloscSettings, repeats: int) -> tuple[float, float, float]:
     """(compressed fraction, encode GB/s, decode GB/s) of one thread over `chunks`, best of `repeats`."""
-    blosc = numcodecs.Blosc(cname=s.cname, clevel=s.clevel, shuffle=SHUFFLE[s.shuffle], blocksize=s.blocksize)
+    blosc = s.numcodecs()
     nbytes = sum(c.nbytes for c in chunks)
     out = np.empty(chunks[0].nbytes, np.uint8)
     packed, t_enc, t_dec = [], float("inf"), float("inf")

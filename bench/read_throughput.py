@@ -280,10 +280,8 @@ def policies(tmp: Path, states: np.ndarray, head: TeacherHead, args: argparse.Na
 def stage_costs(x: np.ndarray, codecs: list[str], repeats: int = 20) -> None:
     """Per-thread cost of each step of reading one inner chunk (as `fastread` does it), in GB/s of
     float32 output: blosc decompression into a reused buffer, then the codec's decode into the output."""
-    import numcodecs
-
     from genrecal_cache.format.codecs import decode_payload, hidden_codec
-    from genrecal_cache.io.fastread import _SHUFFLE, bf16_into
+    from genrecal_cache.io.fastread import bf16_into
 
     print(f"\none inner chunk of {x.shape[0]} tokens, one thread, best of {repeats}: GB/s of float32 output")
     out = np.empty_like(x)
@@ -291,7 +289,7 @@ def stage_costs(x: np.ndarray, codecs: list[str], repeats: int = 20) -> None:
         codec = hidden_codec(name)
         # bf16/fp32: blosc shuffles by the stored dtype's item size, taken from the array it encodes
         payload = codec.quantizer.encode_array(x) if codec.quantizer else codec.to_stored(x)
-        blosc = numcodecs.Blosc(**(codec.blosc | {"shuffle": _SHUFFLE[codec.blosc["shuffle"]]}))  # the cache's settings
+        blosc = codec.compression.numcodecs()  # the cache's settings
         packed, buf = blosc.encode(payload), np.empty(payload.nbytes, np.uint8)
         if codec.quantizer is not None:
             decode = lambda: decode_payload(buf, out=out)  # noqa: E731

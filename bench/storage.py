@@ -30,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numcodecs
 import numpy as np
 import torch
 
@@ -181,7 +180,7 @@ def group4(x: np.ndarray, group: int, levels: str, outliers: int) -> tuple[np.nd
         np.put_along_axis(dec, keep, np.take_along_axis(x, keep, 1), axis=1)
     packed = (codes.reshape(rows, d)[:, 0::2] | (codes.reshape(rows, d)[:, 1::2] << 4)).astype(np.uint8)
     blob = np.concatenate([s.view(np.uint8).reshape(-1), packed.reshape(-1)]).tobytes()
-    nbytes = len(numcodecs.Blosc("zstd", 1, numcodecs.Blosc.NOSHUFFLE, blocksize=1 << 20).encode(blob)) + rows * outliers * 6
+    nbytes = len(C.ZSTD_BYTES.numcodecs().encode(blob)) + rows * outliers * 6
     return dec, nbytes
 
 
@@ -190,7 +189,7 @@ def candidates(teacher: SyntheticTeacher, states: np.ndarray, chunk: int = 512) 
           f"as the cache stores them, relative to raw bf16)")
     ref = ExactReference(teacher.head, states)
     print(f"{'candidate':<34} {'x raw bf16':>10} {'mean KL':>10} {'top-1':>7} {'rel RMS':>8}")
-    blosc = numcodecs.Blosc("zstd", 1, numcodecs.Blosc.NOSHUFFLE, blocksize=1 << 20)
+    blosc = C.ZSTD_BYTES.numcodecs()
 
     def report(name: str, dec: np.ndarray, nbytes: int) -> None:
         f = ref.compare(dec)

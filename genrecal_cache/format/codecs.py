@@ -488,6 +488,14 @@ class BloscSettings:
     shuffle: str     # "noshuffle" | "shuffle" | "bitshuffle"
     blocksize: int   # bytes per blosc block; 0: blosc's choice
 
+    def numcodecs(self) -> NumcodecsCodec:
+        """The same compressor as a numcodecs Blosc (what readers decode a chunk with outside zarr)."""
+        import numcodecs
+
+        shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
+                   "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[self.shuffle]
+        return numcodecs.Blosc(cname=self.cname, clevel=self.clevel, shuffle=shuffle, blocksize=self.blocksize)
+
 
 # fp8/ecq payloads are single bytes whose zstd entropy coding is the point (no shuffle; 1 MiB blocks give
 # the entropy coder enough of them).

@@ -35,7 +35,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-from ..format.codecs import HiddenArrayBytesCodec, decode_payload
+from ..format.codecs import BloscSettings, HiddenArrayBytesCodec, decode_payload
 from ..format.safety import open_regular
 
 __all__ = ["BufferPool", "EMPTY", "NonFiniteError", "ShardedArrayReader", "bf16_into", "blosc_sizes",
@@ -44,8 +44,6 @@ __all__ = ["BufferPool", "EMPTY", "NonFiniteError", "ShardedArrayReader", "bf16_
 EMPTY = np.uint64(2**64 - 1)
 BLOSC_HEADER = 16    # bytes of a blosc frame's header (version, flags, type size, nbytes, blocksize, cbytes)
 BLOSC_MEMCPYED = 2   # header flag: the frame holds the bytes as they are (nothing compressed, nothing shuffled)
-_SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
-            "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None
 _pool_lock = threading.Lock()
@@ -137,8 +135,7 @@ class ShardedArrayReader:
         if len(compressors) != 1 or not isinstance(compressors[0], BloscCodec):
             return None
         c = compressors[0]
-        blosc = numcodecs.Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=_SHUFFLE[c.shuffle.value],
-                                blocksize=c.blocksize)
+        blosc = BloscSettings(c.cname.value, c.clevel, c.shuffle.value, c.blocksize).numcodecs()
         dtype = np.dtype(array.dtype)
         chunk_shape = tuple(sh.chunk_shape)
         if isinstance(serializer, BytesCodec) and (dtype.itemsize == 1 or serializer.endian is None
