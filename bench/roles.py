@@ -92,12 +92,39 @@ def plan_error(path: Path, image_ids: list[int], sample: dict | None = None) -> 
     return est.features_bytes, est.features_bytes / feature_bytes(c.manifest) - 1
 
 
+def basis_fit(sizes: tuple[int, ...] = (4096, 8192), rows: int = 4096, rank: int = 64) -> None:
+    """The basis fit at real teachers' sizes on synthetic LLM-like context rows: seconds (best of 2, after a
+    warm-up) and the share of the rows' variance it keeps against the exact principal subspace (float64 eigh)."""
+    import torch
+
+    from genrecal_cache.fidelity import synthetic_post_norm_states
+
+    print(f"\nbasis fit: {rows:,} synthetic LLM-like rows, rank {rank}")
+    for d in sizes:
+        x = synthetic_post_norm_states(rows, d, seed=0)
+        ContextBasis.fit(x, rank)
+        secs = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            b = ContextBasis.fit(x, rank)
+            secs.append(time.perf_counter() - t0)
+        xc = torch.from_numpy(x).double()
+        xc -= xc.mean(0)
+        kept = float((xc @ torch.from_numpy(b.basis).double().T).square().sum())
+        best = float(torch.linalg.eigvalsh(xc.T @ xc).flip(0)[:rank].sum())
+        print(f"d={d}: {min(secs):.2f} s; keeps {100 * kept / best:.2f}% of the variance the exact subspace keeps")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suite", default=str(ROOT / "bench" / "out" / "quality"))
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "roles"))
     p.add_argument("--codecs", default="fp32,bf16,ecq")
+    p.add_argument("--fit-only", action="store_true", help="only time the basis fit at d=4096 and 8192 (seconds)")
     args = p.parse_args()
+    if args.fit_only:
+        print(f"# bench/roles.py --fit-only on {machine()}")
+        return basis_fit()
     suite, out = Path(args.suite), Path(args.out)
     teacher, data = suite / "teacher" / "sft" / "final", suite / "data" / "train" / "data.jsonl"
     print(f"# bench/roles.py on {machine()}; teacher {teacher}, data {data}")
@@ -141,10 +168,7 @@ def main() -> None:
               f"{r['bytes'] / full['bytes']:.3f} | {100 * r['plan_err']:+.1f}% | {100 * r['pilot_err']:+.1f}% | "
               f"{r['read_tok_s']:,.0f} | "
               f"{r['read_tok_s'] / full['read_tok_s']:.2f} | {fit} |")
-    states = np.random.default_rng(0).standard_normal((4096, 8192)).astype(np.float32)
-    t0 = time.perf_counter()
-    ContextBasis.fit(states, 64)
-    print(f"\nbasis fit at a 72B teacher's size (4,096 rows of d=8192, rank 64): {time.perf_counter() - t0:.1f} s")
+    basis_fit()
     results = suite / "results.json"
     if not results.exists():
         results = suite / "results.partial.json"

@@ -152,7 +152,7 @@ class ContextBasis:
             xc = x - mean
             if x.shape[1] > EXACT_SVD_MAX_DIM and rank + 10 < min(xc.shape):
                 # float32 GEMMs (the centring in float64): the same subspace as float64 to 4 digits of the variance
-                # kept, 3x faster (0.25 s at d=4096 on 4,096 rows), which matters on the extraction's writer thread
+                # kept, 2.5x faster (0.31 s at d=4096 on 4,096 rows; bench/roles.py --fit-only)
                 xc = xc.float()
                 omega = torch.from_numpy(np.random.default_rng(0).standard_normal((xc.shape[1], rank + 10))).float()
                 q = torch.linalg.qr(xc @ omega).Q
