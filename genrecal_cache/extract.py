@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -25,7 +26,8 @@ from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter
 from genrecal_cache.format.manifest import (
     COMMITS_DIR, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, Manifest, identity, identity_diff, sha256_text,
 )
-from genrecal_cache.format.roles import Storage, default_rank
+from genrecal_cache.format.head import TeacherHead
+from genrecal_cache.format.roles import FLAG_TOPK, Storage, default_rank, row_flags
 from genrecal_cache.format.tokenizer import tokenizer_files, tokenizer_sha256
 from genrecal_cache.io.locate import part_dir
 from genrecal_cache.io.prefetch import prefetch
@@ -185,9 +187,10 @@ def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any, inputs: It
     backend = make_backend(cfg, adapter, pad_id)
     head = backend.head
     chat_template = getattr(processor, "chat_template", None) or tokenizer.chat_template
+    storage = storage_for(cfg, head.hidden_size, config, tokenizer)
     writer = CacheWriter(
         out,
-        storage=storage_for(cfg, head.hidden_size, config, tokenizer), basis_fit_rows=cfg.context_fit_rows,
+        storage=storage, basis_fit_rows=cfg.context_fit_rows,
         hidden_size=head.hidden_size,
         vocab_size=head.vocab_size,
         topk=cfg.topk,
@@ -217,17 +220,15 @@ def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any, inputs: It
         if n_ok == 0:  # before anything is cached: the exported head must reproduce the teacher's own forward
             backend.check_head([e for _, e in batch])
         hidden = backend.hidden_states([e for _, e in batch])
-        # top-k of the whole batch in one pass (chunked inside): far fewer small kernels than one per sample
-        lengths = [int(h.shape[0]) for h in hidden]
-        all_ids, all_lps = head.topk_logprobs(torch.cat(hidden) if len(hidden) > 1 else hidden[0], cfg.topk)
-        for (s, e), h, ids, lps in zip(batch, hidden, all_ids.split(lengths), all_lps.split(lengths)):
+        topk = _batch_topk(head, hidden, [e for _, e in batch], storage, cfg.topk)
+        for (s, e), h, (ids, lps) in zip(batch, hidden, topk):
             try:
                 writer.add(_record(s), SampleArrays(
                     token_ids=e.input_ids.to(torch.int32).numpy(),
                     answer_mask=e.answer_mask.numpy(),
                     hidden=h,  # the writer casts on h's device: a bf16 GPU batch crosses to the host at half size
-                    topk_ids=ids.cpu().numpy(),
-                    topk_logprobs=lps.cpu().numpy(),
+                    topk_ids=ids,
+                    topk_logprobs=lps,
                 ), commit=False)  # commits between batches only (see below)
             except ValueError as err:  # refused by the writer's checks (e.g. NaN states): an error row
                 writer.add(_record(s, "error", str(err)), None, commit=False)
@@ -284,6 +285,30 @@ def _extract_locked(cfg: ExtractConfig, out: str | Path, config: Any, inputs: It
         bar.close()
         backend.close()
     return manifest
+
+
+def _batch_topk(head: TeacherHead, hidden: list[torch.Tensor], encoded: list[Encoded], storage: Storage,
+                k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per sample, the top-k (ids int32, logprobs float32) [L, k] at the rows `storage` keeps top-k at (zeros
+    elsewhere). One pass over the batch's kept rows (chunked inside: far fewer small kernels than one per sample),
+    and only those: with top-k at answer rows, the head's [rows, vocab] GEMM skips the context, most of a sample."""
+    if storage.topk_rows == "all":
+        rows = [None] * len(hidden)
+        kept = hidden
+    else:
+        rows = [(row_flags(e.input_ids.numpy(), e.answer_mask.numpy(), storage) & FLAG_TOPK) > 0 for e in encoded]
+        kept = [h[torch.from_numpy(r).to(h.device)] for h, r in zip(hidden, rows)]
+    all_ids, all_lps = head.topk_logprobs(torch.cat(kept) if len(kept) > 1 else kept[0], k)
+    splits = np.cumsum([int(h.shape[0]) for h in kept])[:-1]
+    out = []
+    for h, r, ids, lps in zip(hidden, rows, np.split(all_ids.cpu().numpy(), splits),
+                              np.split(all_lps.cpu().numpy(), splits)):
+        if r is not None:
+            full_ids, full_lps = np.zeros((h.shape[0], k), np.int32), np.zeros((h.shape[0], k), np.float32)
+            full_ids[r], full_lps[r] = ids, lps
+            ids, lps = full_ids, full_lps
+        out.append((ids, lps))
+    return out
 
 
 def storage_for(cfg: ExtractConfig, hidden_size: int, config: Any, tokenizer: Any) -> Storage:

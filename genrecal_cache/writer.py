@@ -104,12 +104,6 @@ _STOP = object()
 _COMMIT_POINT = object()  # queued by commit_point()
 
 
-@dataclass(frozen=True)
-class _FittedBasis:
-    """Queued by `add` once the caller thread has fitted the low-rank context basis."""
-    basis: ContextBasis
-
-
 class CacheWriter:
     """Streams samples into a new cache directory. Use `add` per sample, then `close`.
 
@@ -196,8 +190,10 @@ class CacheWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._basis = context_basis
         self._basis_fit_rows = basis_fit_rows
-        self._held: list[object] = []  # writer thread: items waiting for the low-rank basis (see _take)
-        self._fit_rows: list[np.ndarray] | None = None  # caller thread: context rows gathered for the fit (see add)
+        # caller thread, low-rank context before its basis exists: the queue items held back (in order) and the
+        # context rows gathered for the fit (see _hold)
+        self._pending: list[object] | None = None
+        self._fit_rows: list[torch.Tensor] = []
         (self.out_dir / (BASIS_NAME + ".tmp")).unlink(missing_ok=True)
         if storage.context == "lowrank" and context_basis is None and resumed is not None \
                 and resumed.counts["samples"] > 0:  # committed samples were encoded on the saved basis: keep it
@@ -205,7 +201,7 @@ class CacheWriter:
         elif self._basis is not None:  # given (merge): saved before any sample is written
             self._save_basis()
         if storage.context == "lowrank" and self._basis is None:
-            self._fit_rows = []
+            self._pending = []
         self._thread = threading.Thread(target=self._run, name=f"CacheWriter({self.out_dir.name})", daemon=True)
         self._thread.start()
 
@@ -255,26 +251,52 @@ class CacheWriter:
                            images=[bytes(b) for b in row.images] if self.embed_images else [],
                            image_refs=list(row.image_refs), extra=extra)
         self._n_rows += 1
-        context = None if self._fit_rows is None or prepared is None else prepared["_context"]
-        self._put((parquet_row, prepared, commit))
-        if context is not None:
-            self._gather_fit_rows(context)
-
-    def _gather_fit_rows(self, context: np.ndarray) -> None:
-        """(Caller thread.) Keep the first `basis_fit_rows` context rows; once there are enough, fit the low-rank
-        basis here and hand it to the writer thread, which holds the samples back until then. Here, not on the
-        writer thread: a fit beside the teacher's forward on a CPU slowed both (two thread pools on the same cores),
-        while in line it costs its own time once (0.4 s at d=4096)."""
-        self._fit_rows.append(context)
-        if sum(len(r) for r in self._fit_rows) >= self._basis_fit_rows:
-            states = np.concatenate(self._fit_rows)[:self._basis_fit_rows]
-            self._fit_rows = None
-            self._put(_FittedBasis(ContextBasis.fit(states, self.storage.rank)))
+        self._submit((parquet_row, prepared, commit))
 
     def commit_point(self) -> None:
         """Let the writer commit here if a commit is due (after samples added with `commit=False`)."""
         self._raise_if_failed()
-        self._put(_COMMIT_POINT)
+        self._submit(_COMMIT_POINT)
+
+    def _submit(self, item: object) -> None:
+        """(Caller thread.) Queue an item, its low-rank context rows coded first; before the basis exists, hold it."""
+        if self._pending is not None:
+            self._hold(item)
+        else:
+            self._put(self._coded(item))
+
+    def _coded(self, item: object) -> object:
+        """The item with its context rows' states (`_context`, on the teacher's device) replaced by their
+        coefficients. Here, on the forward's thread and device, not on the writer thread: on a CPU, a GEMM on the
+        writer thread (numpy's BLAS threads beside torch's) slowed the forward itself; on a GPU only r floats per
+        row cross to the host."""
+        if isinstance(item, tuple) and item[1] is not None and "_context" in item[1]:
+            arrays = item[1]
+            compact = (arrays["row_flags"] & FLAG_COMPACT) > 0
+            arrays["context"] = np.zeros((compact.shape[0], self.storage.rank), np.float32)
+            arrays["context"][compact] = self._basis.encode(arrays.pop("_context"))
+        return item
+
+    def _hold(self, item: object) -> None:
+        """(Caller thread.) Hold an item back until the low-rank basis exists, gathering its context rows; once
+        `basis_fit_rows` are there, fit the basis here (in line it costs its own time once, 0.3 s at d=4096; on the
+        writer thread, two thread pools on the same cores slowed both), save it, then queue the held items."""
+        self._pending.append(item)
+        if isinstance(item, tuple) and item[1] is not None:
+            self._fit_rows.append(item[1]["_context"])
+            if sum(len(r) for r in self._fit_rows) >= self._basis_fit_rows:
+                self._release_pending()
+
+    def _release_pending(self) -> None:
+        """(Caller thread.) Fit the basis on the gathered context rows (all of them at the end of a run with fewer
+        than `basis_fit_rows`), save it before any sample is written, then queue the held items in order."""
+        states = (torch.cat(self._fit_rows)[:self._basis_fit_rows].cpu().numpy() if self._fit_rows
+                  else np.zeros((0, self.hidden_size), np.float32))
+        self._basis = ContextBasis.fit(states, self.storage.rank)
+        self._save_basis()
+        pending, self._pending, self._fit_rows = self._pending, None, []
+        for item in pending:
+            self._put(self._coded(item))
 
     def _put(self, item: object) -> None:
         """Queue an item for the writer thread."""
@@ -285,20 +307,6 @@ class CacheWriter:
             except queue.Full:
                 self._raise_if_failed()
 
-    def _fit_basis(self, basis: ContextBasis | None = None) -> None:
-        """(Writer thread.) Take the low-rank context basis (`basis`, fitted by the caller thread; None at the end
-        of a run with fewer context rows than `basis_fit_rows`: fitted here on all of them), save it, then write
-        the held-back samples."""
-        if basis is None:
-            rows = [it[1]["_context"] for it in self._held if isinstance(it, tuple) and it[1]]
-            states = np.concatenate(rows) if rows else np.zeros((0, self.hidden_size), np.float32)
-            basis = ContextBasis.fit(states[:self._basis_fit_rows], self.storage.rank)
-        self._basis = basis
-        self._save_basis()
-        held, self._held = self._held, []
-        for item in held:
-            self._take(item)
-
     def _save_basis(self) -> None:
         atomic_write(self.out_dir / BASIS_NAME, self._basis.to_bytes())
 
@@ -307,6 +315,8 @@ class CacheWriter:
         if self._closed:
             raise CacheWriteError(f"{self.out_dir}: close() called twice")
         self._closed = True
+        if self._pending is not None:  # fewer context rows than basis_fit_rows in the whole run
+            self._release_pending()
         self._queue.put(_STOP)
         self._thread.join()
         self._raise_if_failed()
@@ -390,8 +400,8 @@ class CacheWriter:
         if self.storage.is_full:  # every row, as format version 2: no flags to compute
             return out
         flags = out["row_flags"] = row_flags(tok, mask, self.storage)
-        if self.storage.context == "lowrank":  # float32 states of the context rows, coded once the basis exists
-            out["_context"] = _to_numpy(a.hidden).astype(np.float32)[(flags & FLAG_COMPACT) > 0]
+        if self.storage.context == "lowrank":  # float32 states of the context rows, on the teacher's device (_coded)
+            out["_context"] = _context_rows(a.hidden, (flags & FLAG_COMPACT) > 0)
         out["hidden"][(flags & FLAG_EXACT) == 0] = 0  # rows the storage does not keep: zeros, compressed to ~nothing
         no_topk = (flags & FLAG_TOPK) == 0
         out["topk_ids"][no_topk] = 0
@@ -450,24 +460,9 @@ class CacheWriter:
             if self._error is not None:
                 continue  # keep draining so a blocked add() wakes up and sees the error
             self._take(item)
-        if self._error is None and self.storage.context == "lowrank" and self._basis is None:
-            try:  # fewer context rows than basis_fit_rows in the whole run
-                self._fit_basis()
-            except BaseException as e:  # noqa: BLE001 - handed to the caller thread
-                self._error = (None, e)
 
     def _take(self, item: object) -> None:
-        """Write one queued item. With low-rank context, items are held back (in order) until the basis fitted
-        on the first `basis_fit_rows` context rows arrives (`_FittedBasis`, queued by `add`)."""
-        if isinstance(item, _FittedBasis):
-            try:
-                self._fit_basis(item.basis)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller thread
-                self._error = (None, e)
-            return
-        if self.storage.context == "lowrank" and self._basis is None:
-            self._held.append(item)
-            return
+        """Write one queued item."""
         if item is _COMMIT_POINT:
             try:
                 self._maybe_commit()
@@ -489,10 +484,6 @@ class CacheWriter:
             c["error"] += 1
             self._add_row(row, offset=0, length=0, spans=[])
             return
-        if "_context" in arrays:  # low-rank context rows -> their coefficients (here: off the forward's thread)
-            flags, ctx = arrays["row_flags"], arrays.pop("_context")
-            arrays["context"] = np.zeros((flags.shape[0], self.storage.rank), np.float32)
-            arrays["context"][(flags & FLAG_COMPACT) > 0] = self._basis.encode(ctx)
         L = arrays["token_ids"].shape[0]
         self._add_row(row, offset=c["tokens"], length=L, spans=[list(s) for s in answer_spans(arrays["answer_mask"])])
         c["ok"] += 1
@@ -554,6 +545,12 @@ def _load_saved_basis(path: Path) -> ContextBasis:
         return ContextBasis.from_bytes(path.read_bytes())
     except (OSError, ValueError) as e:
         raise CacheWriteError(f"{path}: unreadable context basis ({e}); delete {path.parent} and extract again") from e
+
+
+def _context_rows(h: ArrayLike, rows: np.ndarray) -> torch.Tensor:
+    """float32 h[rows], where h is (a tensor stays on its device)."""
+    t = h.detach() if isinstance(h, torch.Tensor) else torch.from_numpy(np.asarray(h))
+    return t[torch.from_numpy(rows).to(t.device)].float()
 
 
 def _to_numpy(x: ArrayLike) -> np.ndarray:

@@ -168,9 +168,15 @@ class ContextBasis:
         mean, basis = mean.numpy(), basis.numpy()
         return cls(mean, basis)
 
-    def encode(self, h: np.ndarray) -> np.ndarray:
-        """[n, d] states -> [n, r] float32 coefficients."""
-        return ((np.asarray(h, dtype=np.float32) - self.mean) @ self.basis.T).astype(np.float32)
+    def encode(self, h: np.ndarray | torch.Tensor) -> np.ndarray:
+        """[n, d] states -> [n, r] float32 coefficients (numpy). A tensor is coded on its device (a GPU's states
+        cross to the host as r floats per row); numpy on the CPU, by the same torch kernels, so that a resumed
+        extraction codes its rows exactly as an uninterrupted one."""
+        import torch  # here: the format (and the CLIs reading its options) loads without torch
+
+        x = h if isinstance(h, torch.Tensor) else torch.from_numpy(np.require(h, np.float32, ["C", "W"]))
+        mean, basis = self.tensors(x.device)
+        return ((x.float() - mean) @ basis.T).cpu().numpy()
 
     def decode(self, c: np.ndarray) -> np.ndarray:
         """[n, r] coefficients -> [n, d] float32 states."""
