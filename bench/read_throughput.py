@@ -197,6 +197,10 @@ def stored_steps(cache: Path, repeats: int) -> None:
         r = c._fast_readers(c._features())["hidden"]
         out = np.empty(r.shape, r.dtype)
         c_tok, n = r.chunk_tokens, r.shape[0] // r.chunk_tokens
+        if n == 0:
+            print(f"(stored-read steps skipped: {r.shape[0]} tokens, less than one inner chunk of {c_tok}; "
+                  f"use more --tokens)")
+            return
         frames = []
         for k in range(n):
             s, j = divmod(k, r.chunks_per_shard)
