@@ -95,6 +95,9 @@ class Setup:
     # The teacher is trained on the distillation set plus this much more data of its own (per kind): a
     # big teacher has seen far more than the lab's distillation data, including data like it.
     n_teacher_extra: int = 600
+    # False: the teacher is trained on its own data only, never on the distillation set, as a big teacher never
+    # saw a lab's data; its distribution on the distillation set is then its generalization, not a memorized label
+    teacher_sees_train: bool = True
     teacher_data_seed: int = 0
     n_test: int = 100  # per kind, held out from everyone
     test_seed: int = 1000
@@ -188,7 +191,9 @@ def check_inputs(out: Path, s: Setup) -> None:
     if not path.is_file():
         path.write_text(json.dumps(want, indent=1))
         return
-    have = json.loads(path.read_text())
+    # a knob an older --out does not record was made before the knob existed: with its default, the old behaviour
+    have = {k: v for k, v in json.loads(json.dumps(asdict(Setup()))).items() if k not in ARM_KNOBS} | \
+        json.loads(path.read_text())
     diff = [f"{k}: {have.get(k)} -> {want.get(k)}" for k in sorted(set(want) | set(have)) if have.get(k) != want.get(k)]
     if diff:
         raise SystemExit(f"{out} holds data, models and a cache made with other settings ({'; '.join(diff)}); "
@@ -523,7 +528,8 @@ def main(argv: list[str] | None = None) -> dict:
     parts = s.digits_parts
     train_data = write_tasks(out / "data" / "train", s.kinds, s.n_train, s.data_seed, parts[1])
     extra = write_tasks(out / "data" / "teacher_extra", s.kinds, s.n_teacher_extra, s.teacher_data_seed, parts[0])
-    teacher_data = combine(out / "data" / "teacher.jsonl", [train_data, extra])
+    teacher_data = (combine(out / "data" / "teacher.jsonl", [train_data, extra]) if s.teacher_sees_train
+                    else combine(out / "data" / "teacher_own.jsonl", [extra]))
     test_data = write_tasks(out / "data" / "test", s.kinds, s.n_test, s.test_seed, parts[2])
     # the users' regime's generic visual mix: digits from the teacher's part (never the test split's)
     generic_data = write_generic_mix(out / "data" / "generic", s.n_generic, s.generic_seed, parts[0])
