@@ -308,15 +308,24 @@ class CacheWriter:
                 self._raise_if_failed()
 
     def _save_basis(self) -> None:
-        atomic_write(self.out_dir / BASIS_NAME, self._basis.to_bytes())
+        path = self.out_dir / BASIS_NAME
+        try:
+            atomic_write(path, self._basis.to_bytes())
+        except OSError as e:
+            raise CacheWriteError(f"{path}: could not save the low-rank context basis ({e}); free the disk or fix "
+                                  f"the folder's permissions, then run again (it resumes)") from e
 
     def close(self) -> Manifest:
         """Flush everything, write checksums and the manifest (last, atomically). Returns the manifest."""
         if self._closed:
             raise CacheWriteError(f"{self.out_dir}: close() called twice")
-        self._closed = True
         if self._pending is not None:  # fewer context rows than basis_fit_rows in the whole run
-            self._release_pending()
+            try:
+                self._release_pending()
+            except BaseException:
+                self.abort()  # the writer thread does not outlive a cache that cannot be finished
+                raise
+        self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
         self._raise_if_failed()

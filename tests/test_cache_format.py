@@ -425,6 +425,28 @@ def test_writer_rejects_bad_samples_naming_them(tmp_path, head):
                     chat_template_sha256=None, head=head, command="pytest")
 
 
+def test_a_basis_that_cannot_be_saved_is_one_clear_error_and_stops_the_writer(tmp_path, head, samples):
+    """Low-rank context: the basis is fitted and saved on the caller's thread (at close, for a run with fewer context
+    rows than the fit wants). A save that fails (here a folder squats its path) names the file, leaves no manifest,
+    and the writer thread does not outlive the failed cache."""
+    import threading
+
+    from genrecal_cache.format.manifest import BASIS_NAME
+    from genrecal_cache.format.roles import Storage
+
+    out = tmp_path / "c"
+    w = CacheWriter(out, hidden_size=D, vocab_size=V, topk=K, teacher=TEACHER, tokenizer_sha256="t",
+                    chat_template_sha256=None, head=head, command="pytest",
+                    storage=Storage(context="lowrank", rank=4, topk_rows="answer"))
+    (out / BASIS_NAME).mkdir()
+    with pytest.raises(CacheWriteError, match=f"{BASIS_NAME}: could not save the low-rank context basis"):
+        with w:
+            for row, arrays in samples[:5]:
+                w.add(row, arrays)
+    assert not (out / "manifest.json").exists()
+    assert not [t for t in threading.enumerate() if t.name == "CacheWriter(c)"]
+
+
 def test_writer_thread_failure_reaches_the_caller(tmp_path, head, samples):
     w = CacheWriter(tmp_path / "c", hidden_size=D, vocab_size=V, topk=K, teacher=TEACHER, tokenizer_sha256="t",
                     chat_template_sha256=None, head=head, command="pytest", shard_tokens=16, chunk_tokens=16)
