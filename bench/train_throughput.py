@@ -134,11 +134,33 @@ def bench_student(label: str, folder: Path, cache_dir: Path, args) -> dict[int, 
                 torch.cuda.synchronize()
             if r:
                 rates[stage].append(tokens / (args.clock() - t0))
+    if args.profile:
+        profile_stage(model, opts[args.profile], batches, args.profile, autocast)
     med = {s: statistics.median(v) for s, v in rates.items()}
     tokens_per_batch = sum(b.num_tokens for b in batches) / len(batches)
     print(f"| {label} | {med[1]:.0f} | {med[2]:.0f} | {med[3]:.0f} | {med[3] / med[2]:.2f}x | "
           f"{med[3] / med[1]:.2f}x | {1e3 * data_s:.0f} ms ({tokens_per_batch / data_s:.0f} tok/s) |", flush=True)
     return med
+
+
+def profile_stage(model, opt, batches: list, stage: int, autocast, top: int = 15) -> None:
+    """A torch profile of one stage's steps over the batches: the ops with the most self CPU time, by input shape,
+    and the shares of matmuls and attention (where a step's time goes, beside the tokens/s)."""
+    model.set_stage(stage)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        for batch in batches:
+            with autocast:
+                model(batch, stage)["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    share = {name: sum(e.self_cpu_time_total for e in events if e.key.startswith(prefix)) / total
+             for name, prefix in (("matmuls", "aten::mm"), ("attention", "aten::_scaled_dot_product"))}
+    print(f"profile of stage {stage}, {len(batches)} steps: {total / 1e3 / len(batches):.1f} ms of op self CPU time "
+          f"per step; " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in share.items()))
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        print(f"  {100 * e.self_cpu_time_total / total:5.1f}%  {e.key[:48]:48s} x{e.count:<4d} {str(e.input_shapes)[:90]}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -157,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--baseline", default=None, help="a checkout of genrecal to compare with (the code before a change)")
     p.add_argument("--rounds", type=int, default=3, help="with --baseline: runs of each code, alternated")
     p.add_argument("--json", default=None, help="also write {student: {stage: tok/s}} to this file")
+    p.add_argument("--profile", type=int, choices=[1, 2, 3], default=None,
+                   help="after the timing, a torch profile of this stage over every batch, per student")
     args = p.parse_args(argv)
     if args.baseline:
         return compare(args, argv if argv is not None else sys.argv[1:])
