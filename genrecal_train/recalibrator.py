@@ -54,6 +54,9 @@ class Recalibrator(nn.Module):
         # Multimodal RoPE (Qwen2-VL family) takes [3, B, L] position ids (temporal, height, width).
         self.mrope = "mrope_section" in (getattr(cfg, "rope_parameters", None) or {})
         self.apply(self._init_weights)
+        for layer in self.layers:  # layer(..., rows_only=rows): see `_rows_only`
+            layer.register_forward_pre_hook(_rows_only, with_kwargs=True)
+            layer.register_forward_hook(_drop_rows_only, always_call=True)
 
     def _init_weights(self, m: nn.Module) -> None:
         # The student's own scheme (HF `_init_weights`); norms keep their ones/zeros.
@@ -160,12 +163,19 @@ class Recalibrator(nn.Module):
         x = x.index_put((ab, a_dst[ab, ai]), answer[ab, ai])
         valid = torch.arange(L, device=x.device)[None] < (q_len + a_len)[:, None]
 
-        h = self.blocks(x, valid)
-        r = self.norm(self.proj_post(h[ab, a_dst[ab, ai]]))  # only answer rows are read out
+        read = ab * L + a_dst[ab, ai]  # the answer slots, flat into [B * L]: the only rows read out
+        h = self.blocks(x, valid, read).flatten(0, 1)[read]
+        r = self.norm(self.proj_post(h))
         return r.new_zeros(B, answer.shape[1], self.d_teacher).index_put((ab, ai), r)
 
-    def blocks(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
-        """The decoder blocks on packed [B, L, d_s] input, positions 0..L-1, causal + padding mask."""
+    def blocks(self, x: Tensor, valid: Tensor | None = None, read: Tensor | None = None) -> Tensor:
+        """The decoder blocks on packed [B, L, d_s] input, positions 0..L-1, causal + padding mask.
+
+        Only rows something reads are computed in full (`_rows_only`): every block's queries, attention output and
+        MLP skip the padding slots (`valid` False), and the last block's skip every slot but `read` (flat indices
+        into B * L; the answer slots, the only rows `recalibrate` reads out). The other rows' keys and values are
+        still computed: later rows attend to them. The rows returned are those of the full computation up to
+        float rounding (a matmul over fewer rows may sum in another order); the rest are not meaningful."""
         B, L, _ = x.shape
         pos = torch.arange(L, device=x.device).expand(B, L)
         if self.mrope:
@@ -174,9 +184,46 @@ class Recalibrator(nn.Module):
         # Mask format follows config._attn_implementation (None = plain causal for sdpa, 4-D otherwise).
         attn_mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=valid,
                                        past_key_values=None)
-        for layer in self.layers:
-            x = layer(x, attention_mask=attn_mask, position_embeddings=position_embeddings)  # v5: a tensor
+        kept = None if valid is None or bool(valid.all()) else valid.reshape(-1).nonzero().squeeze(1)
+        for i, layer in enumerate(self.layers):
+            rows = read if read is not None and i == len(self.layers) - 1 else kept
+            x = layer(x, attention_mask=attn_mask, position_embeddings=position_embeddings,  # v5: a tensor
+                      **({} if rows is None else {"rows_only": rows}))
         return x
+
+
+def _rows_only(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A block's forward pre-hook: `layer(x, ..., rows_only=rows)` computes the per-row work nothing reads on
+    `rows` only (flat indices into x's [B, L]): the query and output projections and the MLP (`self_attn.q_proj`,
+    `self_attn.o_proj`, `mlp`, the names every supported family's decoder layer uses). They see those rows and
+    output zeros elsewhere: a zero query attends uniformly and a zero output leaves the residual as it was, so the
+    other rows stay finite and only they change. Keys and values keep every row.
+
+    Hooks, so the blocks stay the student's own classes (the same parameter names, FSDP units, checkpoints), and a
+    call argument, so an activation-checkpointed block recomputes exactly what its forward computed (the
+    recompute calls it with the same arguments). `_drop_rows_only` removes the sub-hooks when the block returns."""
+    rows = kwargs.pop("rows_only", None)
+    if rows is None:
+        return args, kwargs
+    x = args[0] if args else kwargs["hidden_states"]
+    shape, n = x.shape[:2], x.shape[0] * x.shape[1]
+
+    def take(_: nn.Module, a: tuple) -> tuple:
+        return (a[0].flatten(0, -2)[rows],) + a[1:]
+
+    def put(_: nn.Module, __: tuple, out: Tensor) -> Tensor:
+        return out.new_zeros(n, out.shape[-1]).index_put((rows,), out).view(*shape, out.shape[-1])
+
+    attn = getattr(layer, "self_attn", None)
+    parts = [m for m in (getattr(attn, "q_proj", None), getattr(attn, "o_proj", None), getattr(layer, "mlp", None))
+             if isinstance(m, nn.Module)]
+    layer._rows_only_hooks = [h for m in parts for h in (m.register_forward_pre_hook(take), m.register_forward_hook(put))]
+    return args, kwargs
+
+
+def _drop_rows_only(layer: nn.Module, args: tuple, output: object) -> None:
+    for h in layer.__dict__.pop("_rows_only_hooks", ()):
+        h.remove()
 
 
 def _valid(mask: Tensor | None, z: Tensor) -> Tensor:

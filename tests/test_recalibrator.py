@@ -212,3 +212,69 @@ def test_lowrank_rows_folded_into_the_projection(dtype: torch.dtype) -> None:
                                rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="once"):
         rec(z_al.to(dtype), z_ql=rebuilt[None].to(dtype), p_ql=projected[None])
+
+
+def gemma3_recalibrator() -> Recalibrator:
+    """Gemma 3's block: norms after attention and MLP too, a query norm, a rotary that takes a layer type."""
+    from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer, Gemma3RotaryEmbedding
+
+    from genrecal_cache.families.gemma3 import LayerTypeRotary
+
+    cfg = Gemma3TextConfig(**TINY, head_dim=16)
+    torch.manual_seed(0)
+    return Recalibrator(cfg, Gemma3DecoderLayer, lambda c: LayerTypeRotary(Gemma3RotaryEmbedding(c), "full_attention"),
+                        D_T, 2)
+
+
+@pytest.mark.parametrize("family,checkpointed", [("llama", False), ("qwen2vl", False), ("gemma3", False),
+                                                  ("llama", True)])
+def test_rows_nothing_reads_are_skipped_with_the_same_outputs_and_gradients(family: str, checkpointed: bool,
+                                                                            monkeypatch) -> None:
+    """The blocks compute queries, attention output and MLP only at rows something reads (`_rows_only`): the last
+    block at the answer rows, the others at the valid ones. Outputs and every gradient equal the full computation,
+    activation-checkpointed blocks too (their recompute must skip the same rows)."""
+    import genrecal_train.recalibrator as recalibrator_module
+    from genrecal_train.distributed import checkpoint_layers
+
+    def make() -> Recalibrator:
+        rec = (gemma3_recalibrator() if family == "gemma3" else build(family)).train()
+        if checkpointed:
+            checkpoint_layers(rec.layers)
+        return rec
+
+    rec = make()
+    B, Ls, Lq, La = 3, 7, 9, 5
+    g = torch.Generator().manual_seed(1)
+    z_qs, z_ql, z_al = torch.randn(B, Ls, 64, generator=g), torch.randn(B, Lq, D_T, generator=g), torch.randn(B, La, D_T, generator=g)
+    qs_mask = torch.arange(Ls) < torch.tensor([7, 3, 5])[:, None]
+    ql_mask = torch.arange(Lq) < torch.tensor([9, 4, 1])[:, None]
+    a_mask = torch.arange(La) < torch.tensor([2, 5, 4])[:, None]
+
+    def run() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        rec.zero_grad(set_to_none=True)
+        qs = z_qs.clone().requires_grad_(True)
+        outs = rec(z_al, a_mask, z_qs=qs, qs_mask=qs_mask, z_ql=z_ql, ql_mask=ql_mask)
+        (outs[0].square().sum() + outs[1].sin().sum()).backward()
+        return list(outs), [qs.grad] + [p.grad for p in rec.parameters()]
+
+    seen: list[int] = []  # rows each block's MLP computed
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o: seen.append(a[0].flatten(0, -2).shape[0]))
+             for layer in rec.layers]
+    outs, grads = run()
+    packed = 2 * B * int((torch.cat([qs_mask.sum(1), ql_mask.sum(1)]) + a_mask.sum(1).repeat(2)).max())
+    valid = int(qs_mask.sum() + ql_mask.sum() + 2 * a_mask.sum())
+    expected = [valid, 2 * int(a_mask.sum())]  # padding and unread rows really skipped
+    assert seen == expected + (expected[::-1] if checkpointed else []) and valid < packed  # the recompute too
+    for h in hooks:
+        h.remove()
+
+    def full(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs.pop("rows_only", None)  # every row computed
+        return args, kwargs
+
+    monkeypatch.setattr(recalibrator_module, "_rows_only", full)
+    rec = make()  # its hooks made with `full`
+    full_outs, full_grads = run()
+    for a, b in zip(outs + grads, full_outs + full_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
