@@ -3,6 +3,7 @@
     PYTHONPATH=genrecal_cache/compat python bench/train_throughput.py                   # ~1 min on 2 busy cores
     PYTHONPATH=/tmp/old:/tmp/old/genrecal_cache/compat python bench/train_throughput.py  # another checkout's code
     python bench/train_throughput.py --work /tmp/tt --baseline /tmp/old --rounds 3       # before vs after, alternated
+    python bench/train_throughput.py --work /tmp/tt --baseline /tmp/old --concurrent     # before and after side by side
 
 Data: the quality suite's tasks (bench/quality_tasks.py: word, phrase and clause answers), a tiny Qwen2-VL
 teacher (bench/quality.py's teacher size: hidden 192, 3 layers) extracted into a bf16 cache. Students: the
@@ -19,7 +20,10 @@ Works against an older checkout of genrecal too (put it first on PYTHONPATH): be
 aligned answers itself (in `forward`), `make_example` took no tokenizer. `--baseline DIR` compares in one
 invocation: it runs this bench --rounds times on DIR's code and on this checkout's, alternately (before,
 after, before, after, ...: a busy machine's load drifts over minutes), each run a fresh process on the same
---work inputs, and prints the medians over the rounds and the after/before ratios.
+--work inputs, and prints the medians over the rounds and the after/before ratios. With `--concurrent` the two
+codes run at the same time, one process (one torch thread) per core: this VM's host has slow spells of minutes
+that one-after-the-other runs catch on one side only (per-round ratios 0.9x-1.9x in one run of session 11); side
+by side, both sides see the same spell.
 """
 
 from __future__ import annotations
@@ -178,6 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "on a CPU: what the step computed, whatever else the machine runs)")
     p.add_argument("--baseline", default=None, help="a checkout of genrecal to compare with (the code before a change)")
     p.add_argument("--rounds", type=int, default=3, help="with --baseline: runs of each code, alternated")
+    p.add_argument("--concurrent", action="store_true",
+                   help="with --baseline: run both codes at the same time, one process (1 torch thread) per core, "
+                        "instead of one after the other: on a shared host whose speed drifts, both see the same spells")
     p.add_argument("--json", default=None, help="also write {student: {stage: tok/s}} to this file")
     p.add_argument("--profile", type=int, choices=[1, 2, 3], default=None,
                    help="after the timing, a torch profile of this stage over every batch, per student")
@@ -214,20 +221,31 @@ def compare(args, argv: list[str]) -> dict:
     if not args.work:
         raise SystemExit("--baseline needs --work: both codes must read the same cache and students")
     build_inputs(Path(args.work), args.per_kind, args.students)  # once, before the runs
-    own = [a for i, a in enumerate(argv) if not (a.startswith(("--baseline", "--rounds"))
+    own = [a for i, a in enumerate(argv) if not (a.startswith(("--baseline", "--rounds", "--concurrent"))
                                                  or (i and argv[i - 1] in ("--baseline", "--rounds")))]
     codes = {"before": str(Path(args.baseline).resolve()), "after": str(ROOT.parent)}
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
+            procs = {}
             for name, code in codes.items():
                 env = dict(os.environ, PYTHONPATH=os.pathsep.join([code, f"{code}/genrecal_cache/compat"]))
-                out = Path(tmp) / f"{name}{r}.json"
-                print(f"\n[{name}, round {r + 1}/{args.rounds}]", flush=True)
-                subprocess.run([sys.executable, __file__, *own, "--json", str(out)], env=env, check=True)
-                runs[name].append(json.loads(out.read_text()))
-    print(f"\nmedians over {args.rounds} alternated runs of each; load average at the end "
-          f"{os.getloadavg()[0]:.1f}")
+                out, log = Path(tmp) / f"{name}{r}.json", Path(tmp) / f"{name}{r}.log"
+                cmd = [sys.executable, __file__, *own, "--json", str(out)]
+                if args.concurrent:  # both at once, each on its own core: a slow spell of the host hits both
+                    procs[name] = (subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT), log)
+                else:
+                    print(f"\n[{name}, round {r + 1}/{args.rounds}]", flush=True)
+                    subprocess.run(cmd, env=env, check=True)
+            for name, (proc, log) in procs.items():
+                if proc.wait():
+                    raise SystemExit(f"the {name} run failed:\n{log.read_text()[-3000:]}")
+                print(f"\n[{name}, round {r + 1}/{args.rounds}, concurrent]\n" + "\n".join(
+                    line for line in log.read_text().splitlines() if line.startswith(("|", "x86", "genrecal", "arm"))))
+            for name in codes:
+                runs[name].append(json.loads((Path(tmp) / f"{name}{r}.json").read_text()))
+    mode = "concurrent (one core each)" if args.concurrent else "alternated"
+    print(f"\nmedians over {args.rounds} {mode} runs of each; load average at the end {os.getloadavg()[0]:.1f}")
     print("| student | code | stage 1 tok/s | stage 2 tok/s | SFT tok/s | stage-2 step / SFT step |")
     print("|---|---|---|---|---|---|")
     med = {name: {label: {s: statistics.median(run[label][s] for run in rs) for s in ("1", "2", "3")}

@@ -117,9 +117,14 @@ def answer_losses(head: TeacherHead, passes: Sequence[Tensor], z_teacher: Tensor
 def chunked_ce(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, ignore_index: int = -100,
                chunk: int = LOSS_CHUNK, lm_head_bias: Tensor | None = None) -> Tensor:
     """CE(hidden @ W^T (+ b), targets), mean over non-ignored rows: L_s with the student's own
-    lm_head (`hidden` = the student's post-norm last hidden states). Gradients reach W too."""
+    lm_head (`hidden` = the student's post-norm last hidden states). Gradients reach W too.
+
+    Only the labelled rows go through the head: an ignored row adds nothing to the loss or any gradient, and
+    most rows of a VLM sample are image and question tokens (the head is [V, d] per row: V ~ 152k)."""
     h, tgt = _rows(hidden), targets.reshape(-1)
+    keep = (tgt != ignore_index).nonzero().squeeze(1)
+    h, tgt = h[keep], tgt[keep]
     fn = lambda h, t: F.cross_entropy(_f32(F.linear(h, lm_head_weight, lm_head_bias)), t,
                                       ignore_index=ignore_index, reduction="sum")
-    return _chunked_sum(fn, [h, tgt], chunk) / (tgt != ignore_index).sum().clamp(min=1)
+    return _chunked_sum(fn, [h, tgt], chunk) / max(tgt.shape[0], 1)
 

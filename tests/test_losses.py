@@ -141,3 +141,22 @@ def test_no_grad_and_empty_inputs() -> None:
 def test_loss_weights_default_to_paper_defaults() -> None:
     w = TrainConfig()  # the paper gives no weights: all 1 (docs/method.md)
     assert (w.w_ar, w.w_kl, w.w_student, w.temperature, w.use_reg_pass) == (1, 1, 1, 1, True)
+
+
+def test_student_ce_runs_the_head_on_labelled_rows_only() -> None:
+    """Image and question rows (target ignore_index) never reach the student's head: NaN there changes nothing,
+    and loss and gradients are those of the labelled rows alone."""
+    r, targets, _ = inputs()
+    w = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    ignored = torch.arange(T) % 3 != 0  # two rows of three are prompt rows
+    h = r.detach().clone().masked_fill(ignored[:, None], float("nan")).requires_grad_()
+    got = chunked_ce(h.view(1, T, D), w, targets.masked_fill(ignored, -100).view(1, T), chunk=2)
+    ref = F.cross_entropy(F.linear(r[~ignored], w), targets[~ignored])
+    assert abs(got.item() - ref.item()) < 1e-9
+    g_h, g_w = torch.autograd.grad(got, (h, w))
+    r_ref = r.detach().clone().requires_grad_()
+    ref_h, ref_w = torch.autograd.grad(F.cross_entropy(F.linear(r_ref[~ignored], w), targets[~ignored]), (r_ref, w))
+    torch.testing.assert_close(g_w, ref_w, atol=1e-9, rtol=0)
+    torch.testing.assert_close(g_h, ref_h, atol=1e-9, rtol=0)  # zero at the ignored rows, not NaN
+    none = chunked_ce(h.view(1, T, D), w, torch.full((1, T), -100))
+    assert none.item() == 0 and none.requires_grad  # no labelled row: a 0 loss that still backpropagates
