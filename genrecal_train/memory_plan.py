@@ -159,7 +159,7 @@ def activation_bytes(model: nn.Module, tokens: int, rec_tokens: int, answer_toke
     """Stage 2, one micro-batch: what the student's and the Recalibrator's layers keep for backward
     (all of it, or with checkpointing only each layer's input plus one layer recomputed), plus the
     largest transient: one loss chunk's fp32 logits, log-probabilities and their gradient (student
-    vocabulary for L_s; the teacher head for the answer losses: the teacher's log-probabilities, shared by
+    vocabulary for L_s, over answer rows only; the teacher head for the answer losses: the teacher's log-probabilities, shared by
     both passes, and each pass's log-probabilities and gradients, held together).
 
     `tokens`: the student's padded batch x length; `rec_tokens`: the Recalibrator's, both passes
@@ -172,7 +172,7 @@ def activation_bytes(model: nn.Module, tokens: int, rec_tokens: int, answer_toke
     else:
         kept = (n_layers * tokens + model.cfg.recal_layers * rec_tokens) * per_tok
     v_s = model.adapter.lm_head(model.student).weight.shape[0]
-    transient = max(min(loss_chunk, tokens) * v_s * 4 * 3,
+    transient = max(min(loss_chunk, answer_tokens) * v_s * 4 * 3,  # L_s: the student's head at labelled rows only
                     min(loss_chunk, answer_tokens) * model.head.vocab_size * 4 * 8)
     return kept + transient
 

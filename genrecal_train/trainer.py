@@ -420,7 +420,8 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and strategy != "fsdp"
                 else contextlib.nullcontext())
     model.train()
-    bar = tqdm(total=total, initial=step0, desc=f"stage {stage}", disable=rank != 0, dynamic_ncols=True)
+    # rank 0 keeps tqdm's defaults, so that TQDM_DISABLE=1 silences the bar (logs of scripted runs)
+    bar = tqdm(total=total, initial=step0, desc=f"stage {stage}", dynamic_ncols=True, **({"disable": True} if rank else {}))
     batches = stream.batches(position0)
     position = position0
     t_stage = time.perf_counter()
