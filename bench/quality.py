@@ -184,15 +184,16 @@ def env() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def check_inputs(out: Path, s: Setup) -> None:
-    """Record the data/model knobs of a new --out; refuse to reuse an --out made with other ones."""
+def check_inputs(out: Path, s) -> None:
+    """Record the data/model knobs of a new --out; refuse to reuse an --out made with other ones. `s` is a
+    `Setup`, or the demo's `DemoTask` (scripts/demo_task.py): missing knobs take the defaults of its own class."""
     want = {k: v for k, v in json.loads(json.dumps(asdict(s))).items() if k not in ARM_KNOBS}
     path = out / "inputs.json"
     if not path.is_file():
         path.write_text(json.dumps(want, indent=1))
         return
     # a knob an older --out does not record was made before the knob existed: with its default, the old behaviour
-    have = {k: v for k, v in json.loads(json.dumps(asdict(Setup()))).items() if k not in ARM_KNOBS} | \
+    have = {k: v for k, v in json.loads(json.dumps(asdict(type(s)()))).items() if k not in ARM_KNOBS} | \
         json.loads(path.read_text())
     diff = [f"{k}: {have.get(k)} -> {want.get(k)}" for k in sorted(set(want) | set(have)) if have.get(k) != want.get(k)]
     if diff:

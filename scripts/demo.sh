@@ -46,7 +46,9 @@ main() {  # one function, read whole before it runs, and `exit` on its line: edi
   step() { printf '\n== [%3d s] %s\n' $((SECONDS - T0)) "$*"; }
 
   step "1/5 task data, teacher, student ($OUT/teacher is trained once, then reused)"
-  eval "$("$BIN/python" scripts/demo_task.py "$OUT" $QFLAG --seed "$SEED")"   # sets TEACHER STUDENT TRAIN TEST
+  # sets TEACHER STUDENT TRAIN TEST; an assignment, so that set -e stops here when it fails (`eval "$(...)"` would not)
+  paths=$("$BIN/python" scripts/demo_task.py "$OUT" $QFLAG --seed "$SEED")
+  eval "$paths"
   rm -rf "$OUT/cache" "$OUT/runs"
   mkdir -p "$OUT/runs"
 

@@ -42,3 +42,26 @@ def test_demo_quick_path_ends_with_the_table_and_the_plots(tmp_path: Path):
     for run, threads in (("teacher", 2), ("runs/genrecal", 1), ("runs/sft", 1)):
         metrics = [json.loads(m) for m in (out / run / "metrics.jsonl").read_text().splitlines()]
         assert {m["torch_threads"] for m in metrics if "torch_threads" in m} == {threads}, run
+
+
+def test_demo_reuses_its_teacher_for_another_seed_and_refuses_other_settings_in_one_line(tmp_path: Path):
+    """GENRECAL_DEMO_SEED=1 into an OUT that seed 0 made reuses its data and teacher (the README's seed table
+    is made that way); the full demo into a --quick OUT is refused at step 1, in one line, and stops there."""
+    out = tmp_path / "demo"
+    env = dict(os.environ, GENRECAL_BIN=str(Path(sys.executable).parent), GENRECAL_DEMO_BACKEND="transformers",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), TQDM_DISABLE="1")
+    demo_task = [sys.executable, "scripts/demo_task.py", str(out), "--quick"]
+    first = subprocess.run(demo_task, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    teacher = out / "teacher" / "final" / "model.safetensors"
+    made = teacher.stat().st_mtime_ns
+    again = subprocess.run(demo_task + ["--seed", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert teacher.stat().st_mtime_ns == made  # reused, not trained again
+    assert (out / "students" / "seed1" / "config.json").is_file()
+
+    r = subprocess.run(["bash", "scripts/demo.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode != 0
+    assert "made with other settings" in r.stderr and "fresh --out" in r.stderr
+    assert "2/5" not in r.stdout and "unbound variable" not in r.stderr  # stopped at step 1
