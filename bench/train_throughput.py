@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", type=int, choices=[1, 2, 3], default=None,
                    help="after the timing, a torch profile of this stage over every batch, per student")
     args = p.parse_args(argv)
+    if args.concurrent and not args.baseline:
+        raise SystemExit("--concurrent runs two codes side by side: give the other one with --baseline DIR")
     if args.baseline:
         return compare(args, argv if argv is not None else sys.argv[1:])
     if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
