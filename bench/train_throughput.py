@@ -235,15 +235,16 @@ def compare(args, argv: list[str]) -> dict:
                 out, log = Path(tmp) / f"{name}{r}.json", Path(tmp) / f"{name}{r}.log"
                 cmd = [sys.executable, __file__, *own, "--json", str(out)]
                 if args.concurrent:  # both at once, each on its own core: a slow spell of the host hits both
-                    procs[name] = (subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT), log)
+                    with log.open("w") as f:  # the child holds its own copy of the descriptor
+                        procs[name] = (subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT), log)
                 else:
                     print(f"\n[{name}, round {r + 1}/{args.rounds}]", flush=True)
                     subprocess.run(cmd, env=env, check=True)
-            for name, (proc, log) in procs.items():
-                if proc.wait():
-                    raise SystemExit(f"the {name} run failed:\n{log.read_text()[-3000:]}")
-                print(f"\n[{name}, round {r + 1}/{args.rounds}, concurrent]\n" + "\n".join(
-                    line for line in log.read_text().splitlines() if line.startswith(("|", "x86", "genrecal", "arm"))))
+            failed = [name for name, (proc, _) in procs.items() if proc.wait()]
+            for name, (_, log) in procs.items():
+                print(f"\n[{name}, round {r + 1}/{args.rounds}, concurrent]\n{log.read_text()}", flush=True)
+            if failed:
+                raise SystemExit(f"the {' and '.join(failed)} run failed (its output is above)")
             for name in codes:
                 runs[name].append(json.loads((Path(tmp) / f"{name}{r}.json").read_text()))
     mode = "concurrent (one core each)" if args.concurrent else "alternated"

@@ -34,6 +34,8 @@ def test_demo_quick_path_ends_with_the_table_and_the_plots(tmp_path: Path):
         with Image.open(png) as im:
             assert im.format == "PNG" and im.width > 400, png
         assert str(png.relative_to(tmp_path)) in r.stdout.replace(str(tmp_path) + "/", "")  # the demo says where
+    for run in ("genrecal", "sft"):  # TQDM_DISABLE=1 (set above) silences the trainer's progress bar
+        assert "it/s" not in (out / "runs" / f"{run}.log").read_text(), run
     # same budget: both students ran 10 optimizer steps of 4 samples
     for run, stages in (("genrecal", {1, 2, 3}), ("sft", {3})):
         metrics = [json.loads(m) for m in (out / "runs" / run / "metrics.jsonl").read_text().splitlines()]
