@@ -142,9 +142,24 @@ def bench_student(label: str, folder: Path, cache_dir: Path, args) -> dict[int, 
         profile_stage(model, opts[args.profile], batches, args.profile, autocast)
     med = {s: statistics.median(v) for s, v in rates.items()}
     tokens_per_batch = sum(b.num_tokens for b in batches) / len(batches)
-    print(f"| {label} | {med[1]:.0f} | {med[2]:.0f} | {med[3]:.0f} | {med[3] / med[2]:.2f}x | "
+    print(f"| {label} | {med[1]:.0f} | {med[2]:.0f} | {med[3]:.0f} | {med[3] / med[2]:.2f}x | {recalibrator_slots(batches)} | "
           f"{med[3] / med[1]:.2f}x | {1e3 * data_s:.0f} ms ({tokens_per_batch / data_s:.0f} tok/s) |", flush=True)
     return med
+
+
+def recalibrator_slots(batches: list) -> str:
+    """The share of the Recalibrator's packed slots (both passes, padded to the longest sample) that are valid, and
+    that are read out (answer rows): what its blocks compute in full and in the last block ("-" for a checkout
+    whose batches do not carry their rows)."""
+    slots = valid = read = 0
+    for b in batches:
+        rows = getattr(b, "rows", None)
+        if rows is None:
+            return "-"
+        lens = torch.cat([rows.student_question_mask.sum(1), rows.question_mask.sum(1)]) + rows.answer_mask.sum(1).repeat(2)
+        slots += lens.numel() * int(lens.max())
+        valid, read = valid + int(lens.sum()), read + 2 * int(rows.answer_mask.sum())
+    return f"{100 * valid / slots:.0f}% / {100 * read / slots:.0f}%"
 
 
 def profile_stage(model, opt, batches: list, stage: int, autocast, top: int = 15) -> None:
@@ -210,8 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(args.work) if args.work else Path(tmp)
         cache, students = build_inputs(work, args.per_kind, args.students)
         print("| student | stage 1 tok/s | stage 2 tok/s | SFT (stage 3) tok/s | stage-2 step / SFT step | "
-              "stage-1 step / SFT step | data thread per batch |")
-        print("|---|---|---|---|---|---|---|")
+              "Recalibrator slots valid / read out | stage-1 step / SFT step | data thread per batch |")
+        print("|---|---|---|---|---|---|---|---|")
         out = {label: bench_student(label, folder, cache, args) for label, folder in students.items()}
     if args.json:
         Path(args.json).write_text(json.dumps(out))
