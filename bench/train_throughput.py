@@ -113,7 +113,8 @@ def bench_student(label: str, folder: Path, cache_dir: Path, args) -> dict[int, 
     cache, adapter = open_cache(cache_dir), adapter_for(folder)
     processor = adapter.load_processor(folder)
     batches, data_s = make_batches(cache, adapter, processor, args.batch_size)
-    cfg = TrainConfig(cache=str(cache_dir), student=str(folder), out="unused", device=args.device)
+    cfg = TrainConfig(cache=str(cache_dir), student=str(folder), out="unused", device=args.device,
+                      **{k: json.loads(v) for k, _, v in (kv.partition("=") for kv in args.set)})
     dev = torch.device(args.device)
     torch.manual_seed(0)
     model = GenRecal(adapter.load_model(folder), adapter, cache.head(device=dev), cfg).to(dev).train()
@@ -200,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--concurrent", action="store_true",
                    help="with --baseline: run both codes at the same time, one process (1 torch thread) per core, "
                         "instead of one after the other: on a shared host whose speed drifts, both see the same spells")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a TrainConfig field for every student, the value as JSON: --set 'recal_context=\"none\"'")
     p.add_argument("--json", default=None, help="also write {student: {stage: tok/s}} to this file")
     p.add_argument("--profile", type=int, choices=[1, 2, 3], default=None,
                    help="after the timing, a torch profile of this stage over every batch, per student")
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(machine())
     print(f"genrecal from {Path(genrecal_train.__file__).parent.parent}; device {args.device}; batch {args.batch_size}, "
-          f"{args.steps} steps x {args.repeats} interleaved rounds (median); {clock_name} clock")
+          f"{args.steps} steps x {args.repeats} interleaved rounds (median); {clock_name} clock"
+          + "".join(f"; {kv}" for kv in args.set))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         cache, students = build_inputs(work, args.per_kind, args.students)

@@ -9,7 +9,9 @@ image-token positions (`hidden_states[0]`):
   shape and place), relative to their norm; mean over the 9 places and 3 shapes;
 - the image tokens' norm;
 - linear-probe accuracy of colour and of shape (logistic regression on the concatenated image tokens,
-  2/3 of the images to fit, 1/3 to score; chance is 20% and 33%).
+  2/3 of the images to fit, 1/3 to score; chance is 20% and 33%);
+- linear-probe accuracy of a handwritten digit's value (the suite's digit images: fit on 600 of the teacher's
+  part of scikit-learn's digits, scored on the 300 of the suite's test part; chance is 10%).
 The quality suite uses it to show why its teacher keeps a frozen vision tower (docs/benchmarks.md).
 """
 
@@ -24,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quality_tasks import SIZE, _one  # noqa: E402
+from quality_tasks import SIZE, _digits, _one  # noqa: E402
 
 from genrecal_cache.demo_data import COLOURS, SHAPES, _cell_centre, _render  # noqa: E402
 
@@ -67,8 +69,12 @@ def probe(path: str, n: int) -> dict[str, float]:
     x, cut = np.stack(xs), 2 * n // 3
     acc = {name: LogisticRegression(max_iter=3000).fit(x[:cut], y[:cut]).score(x[cut:], y[cut:])
            for name, y in (("colour", colour), ("shape", kind))}
+    (fit_img, fit_y), (test_img, test_y) = _digits((0, 600)), _digits((1497, 1797))  # quality.Setup.digits_parts
+    fit_x, test_x = ([image_states(model, processor, tok_id, img).float().numpy() for img in imgs]
+                     for imgs in (fit_img, test_img))
+    acc["digit"] = LogisticRegression(max_iter=3000).fit(np.stack(fit_x), fit_y).score(np.stack(test_x), test_y)
     return {"colour_share": float(np.mean(shares)), "norm": float(np.mean(norms)), "probe_colour": acc["colour"],
-            "probe_shape": acc["shape"]}
+            "probe_shape": acc["shape"], "probe_digit": acc["digit"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,11 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     from genrecal_cache.testing import install_compat_shim
 
     install_compat_shim()
-    print(f"{'model':60s} {'colour share':>12s} {'norm':>8s} {'probe colour':>12s} {'probe shape':>11s}")
+    print(f"{'model':60s} {'colour share':>12s} {'norm':>8s} {'probe colour':>12s} {'probe shape':>11s} {'probe digit':>11s}")
     for path in args.models:
         r = probe(path, args.n)
         print(f"{path[-60:]:60s} {100 * r['colour_share']:11.1f}% {r['norm']:8.2f} {100 * r['probe_colour']:11.1f}% "
-              f"{100 * r['probe_shape']:10.1f}%", flush=True)
+              f"{100 * r['probe_shape']:10.1f}% {100 * r['probe_digit']:10.1f}%", flush=True)
 
 
 if __name__ == "__main__":

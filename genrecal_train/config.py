@@ -69,6 +69,10 @@ class TrainConfig:
                                                    "the quality suite) or teacher (the paper's Proj-pre(teacher "
                                                    "states)); docs/method.md.",
                                  choices=("student_aligned", "teacher"), same_on_resume=True)
+    recal_context: str = opt("question", "What the Recalibrator attends to before the answer rows: question (the "
+                                         "paper: the student's question states in the main pass, the teacher's "
+                                         "in the regularization pass) or none (answer rows only).",
+                             choices=("question", "none"), same_on_resume=True)
     teacher_tokenizer: str | None = opt(None, "Teacher tokenizer folder/hub id for student_aligned [default: the "
                                               "one stored in the cache; for older caches, the teacher it was "
                                               "extracted from].", same_on_resume=True)

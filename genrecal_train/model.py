@@ -13,6 +13,9 @@ The main pass's answer rows (`TrainConfig.main_pass_answer`):
         answer off the teacher; the student's answer states get no gradient from L_ar/L_kl at all
         (docs/method.md, "How our default differs from the paper").
 Multi-turn samples put all question tokens before all answer tokens (the paper has one turn).
+`TrainConfig.recal_context="none"` drops both prefixes (z_qs and Proj-pre(z_ql)): each pass is then its answer rows
+alone, and whatever the image and question tell must reach the Recalibrator through the student's own answer
+states (docs/method.md, "What the Recalibrator attends to").
 
 Every index above is computed once per example on the data thread (`Example.rows`, genrecal_train/align.py),
 and padded per batch there too, with the teacher states gathered (`Batch.rows`): `forward` only gathers the
@@ -97,11 +100,15 @@ class GenRecal(nn.Module):
             za = rows.teacher_states("answer", dev)  # bf16 as stored: widened here, low-rank rows rebuilt here
             a_mask = rows.answer_mask.to(dev)
             index, sm = rows.main_pass(self.cfg.main_pass_answer)
+            zqs, qs_mask = flat[rows.student_question.to(dev)], rows.student_question_mask.to(dev)
             pl, l_mask = None, None
-            if self.cfg.use_reg_pass:
+            if self.cfg.recal_context == "none":  # empty prefixes: the Recalibrator attends to answer rows only
+                zqs, qs_mask = zqs[:, :0], qs_mask[:, :0]
+                if self.cfg.use_reg_pass:
+                    pl, l_mask = zqs.new_zeros(zqs.shape[0], 0, self.recalibrator.d_student), qs_mask
+            elif self.cfg.use_reg_pass:
                 pl, l_mask = reg_prefix(rows, self.recalibrator, dev), rows.question_mask.to(dev)
-            r_main, r_reg = self.recalibrator(za, a_mask, z_qs=flat[rows.student_question.to(dev)],
-                                              qs_mask=rows.student_question_mask.to(dev), p_ql=pl, ql_mask=l_mask,
+            r_main, r_reg = self.recalibrator(za, a_mask, z_qs=zqs, qs_mask=qs_mask, p_ql=pl, ql_mask=l_mask,
                                               s_al=flat[index.to(dev)], s_mask=sm.to(dev))
             tgt = rows.targets.to(dev)
             passes = [r_main[a_mask]] + ([] if r_reg is None else [r_reg[a_mask]])

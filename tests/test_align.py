@@ -167,3 +167,36 @@ def test_lean_step_is_bit_identical_to_the_reference(mode: str, reg: bool, chunk
                 o.zero_grad(set_to_none=True)
     for (name, p), q in zip(lean.named_parameters(), ref.parameters()):
         assert torch.equal(p, q), name
+
+
+@torch.no_grad()
+def test_recal_context_none_recalibrates_the_answer_rows_alone(student_dir: Path, train_cache: Path):
+    """recal_context='none': each pass is its answer rows alone (the main pass's student-aligned rows, the
+    regularization pass's Proj-pre(z_al)), so L_ar of both passes equals the Recalibrator's blocks run on each
+    sample's answer rows by themselves, positions 0..n-1; the default's losses differ (it attends to the question)."""
+    examples, processor = _examples(train_cache, student_dir, 3)
+    batch = collate(examples, processor.tokenizer.pad_token_id, 0)
+    adapter = adapter_for(student_dir)
+    got = {}
+    for context in ("none", "question"):
+        torch.manual_seed(0)
+        cfg = TrainConfig(cache=str(train_cache), student=str(student_dir), out="unused", recal_context=context)
+        model = GenRecal(adapter.load_model(student_dir), adapter, open_cache(train_cache).head(), cfg).eval()
+        got[context] = model(batch, 1)
+    rec, head = model.recalibrator, model.head  # the same weights in both (same seed)
+    hs = model.student_states(dict(batch.student_inputs))
+    ce = {"l_ar": 0.0, "reg_ar": 0.0}
+    n = 0
+    for i, e in enumerate(batch.examples):
+        r, placed = e.rows, e.rows.student_aligned
+        answer = rec.proj_pre(e.teacher_hidden.float()[r.teacher_answer])
+        student = answer.new_zeros(answer.shape).index_copy(0, placed.rows, hs[i][placed.states])
+        main = torch.where(placed.mask[:, None], student, answer)
+        for name, x in (("l_ar", main), ("reg_ar", answer)):
+            out = rec.norm(rec.proj_post(rec.blocks(x[None])[0]))
+            logits = head.logits(out, post_norm=False).float()
+            ce[name] += torch.nn.functional.cross_entropy(logits, r.targets, ignore_index=-100, reduction="sum")
+        n += int((r.targets != -100).sum())
+    for name in ce:
+        torch.testing.assert_close(got["none"][name], ce[name] / n, rtol=1e-5, atol=1e-6)
+        assert abs(float(got["question"][name] - got["none"][name])) > 1e-4, name
