@@ -143,21 +143,23 @@ def bench_student(label: str, folder: Path, cache_dir: Path, args) -> dict[int, 
         profile_stage(model, opts[args.profile], batches, args.profile, autocast)
     med = {s: statistics.median(v) for s, v in rates.items()}
     tokens_per_batch = sum(b.num_tokens for b in batches) / len(batches)
-    print(f"| {label} | {med[1]:.0f} | {med[2]:.0f} | {med[3]:.0f} | {med[3] / med[2]:.2f}x | {recalibrator_slots(batches)} | "
+    slots = recalibrator_slots(batches, getattr(cfg, "recal_context", "question") != "none")  # older code: no option
+    print(f"| {label} | {med[1]:.0f} | {med[2]:.0f} | {med[3]:.0f} | {med[3] / med[2]:.2f}x | {slots} | "
           f"{med[3] / med[1]:.2f}x | {1e3 * data_s:.0f} ms ({tokens_per_batch / data_s:.0f} tok/s) |", flush=True)
     return med
 
 
-def recalibrator_slots(batches: list) -> str:
+def recalibrator_slots(batches: list, context: bool = True) -> str:
     """The share of the Recalibrator's packed slots (both passes, padded to the longest sample) that are valid, and
     that are read out (answer rows): what its blocks compute in full and in the last block ("-" for a checkout
-    whose batches do not carry their rows)."""
+    whose batches do not carry their rows). `context` False: recal_context='none', the passes hold answer rows only."""
     slots = valid = read = 0
     for b in batches:
         rows = getattr(b, "rows", None)
         if rows is None:
             return "-"
-        lens = torch.cat([rows.student_question_mask.sum(1), rows.question_mask.sum(1)]) + rows.answer_mask.sum(1).repeat(2)
+        prefix = torch.cat([rows.student_question_mask.sum(1), rows.question_mask.sum(1)])
+        lens = context * prefix + rows.answer_mask.sum(1).repeat(2)
         slots += lens.numel() * int(lens.max())
         valid, read = valid + int(lens.sum()), read + 2 * int(rows.answer_mask.sum())
     return f"{100 * valid / slots:.0f}% / {100 * read / slots:.0f}%"
