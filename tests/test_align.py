@@ -200,3 +200,12 @@ def test_recal_context_none_recalibrates_the_answer_rows_alone(student_dir: Path
     for name in ce:
         torch.testing.assert_close(got["none"][name], ce[name] / n, rtol=1e-5, atol=1e-6)
         assert abs(float(got["question"][name] - got["none"][name])) > 1e-4, name
+    # stage 2 trains through it: the student's answer states carry L_ar/L_kl's gradient to its body
+    model.cfg.recal_context = "none"
+    model.set_stage(2)
+    with torch.enable_grad():
+        out = model(batch, 2)
+        (out["l_ar"] + out["l_kl"]).backward()
+    body = [p.grad for n, p in model.student.named_parameters() if p.requires_grad and "layers" in n]
+    assert body and all(g is not None and torch.isfinite(g).all() for g in body)
+    assert any(g.abs().sum() > 0 for g in body)
