@@ -135,6 +135,8 @@ class PlanConfig:
     max_len: int = option(TrainConfig.max_len, "Tokens per sample (the teacher's are taken as the same).")
     answer_frac: float = 0.25  # share of the tokens that are answer tokens (teacher-head losses)
     recal_layers: int = option(TrainConfig.recal_layers, "Decoder blocks in the Recalibrator.")
+    recal_context: str = option(TrainConfig.recal_context, "What the Recalibrator attends to: question (its passes "
+                                                           "as long as the samples) or none (answer rows only).")
     loss_chunk: int = LOSS_CHUNK
     param_dtype: str = option(TrainConfig.param_dtype, "FSDP compute dtype.")
 

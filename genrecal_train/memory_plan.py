@@ -179,10 +179,12 @@ def activation_bytes(model: nn.Module, tokens: int, rec_tokens: int, answer_toke
 
 def plan_activation_bytes(model: nn.Module, cfg: PlanConfig, checkpointing: bool, b: int) -> int:
     """`activation_bytes` for batches of `cfg.batch_size` samples of `cfg.max_len` tokens (teacher
-    sequences taken as long as the student's; `answer_frac` of them answer)."""
+    sequences taken as long as the student's; `answer_frac` of them answer; with recal_context 'none' the
+    Recalibrator's passes hold the answer rows only)."""
     tokens = cfg.batch_size * cfg.max_len
-    return activation_bytes(model, tokens, 2 * tokens, max(1, int(tokens * cfg.answer_frac)), cfg.loss_chunk,
-                            checkpointing, b)
+    answer = max(1, int(tokens * cfg.answer_frac))
+    return activation_bytes(model, tokens, 2 * (tokens if cfg.recal_context == "question" else answer), answer,
+                            cfg.loss_chunk, checkpointing, b)
 
 
 def _gathered_bytes(model: nn.Module, b: int) -> int:
@@ -205,6 +207,9 @@ def load_host_bytes(model: nn.Module) -> dict[str, int]:
 # ---- the plan -------------------------------------------------------------------------------------
 
 def plan(cfg: PlanConfig) -> tuple[list[Sizes], dict]:
+    contexts = TrainConfig.__dataclass_fields__["recal_context"].metadata["bounds"]["choices"]
+    if cfg.recal_context not in contexts:
+        raise ValueError(f"recal_context {cfg.recal_context!r}: use {' or '.join(contexts)}")
     d_t, vocab = teacher_dims(cfg.teacher)
     model = meta_model(student_config(cfg.student), d_t, vocab, cfg.recal_layers)
     pdt = to_dtype(cfg.param_dtype)

@@ -58,8 +58,9 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("batch,checkpointing", [(4, False), (8, False), (8, True)])
-def test_activation_estimate_is_within_25_percent_of_the_measured_peak(batch: int, checkpointing: bool,
+@pytest.mark.parametrize("batch,checkpointing,context", [(4, False, "question"), (8, False, "question"),
+                                                        (8, True, "question"), (8, False, "none")])
+def test_activation_estimate_is_within_25_percent_of_the_measured_peak(batch: int, checkpointing: bool, context: str,
                                                                        train_cache: Path, student_dir: Path):
     """Stage 2 of the tiny pair, float32: the peak of memory allocated by one forward + backward (weights,
     grads and inputs exist before) against `plan.activation_bytes` for the same token counts."""
@@ -68,7 +69,7 @@ def test_activation_estimate_is_within_25_percent_of_the_measured_peak(batch: in
     from genrecal_train.distributed import checkpoint_layers
 
     cfg = TrainConfig(cache=str(train_cache), student=str(student_dir), out="", device="cpu",
-                      gradient_checkpointing=checkpointing)
+                      gradient_checkpointing=checkpointing, recal_context=context)
     cache, adapter = open_cache(train_cache), adapter_for(student_dir)
     processor = adapter.load_processor(student_dir)
     torch.manual_seed(0)
@@ -91,6 +92,7 @@ def test_activation_estimate_is_within_25_percent_of_the_measured_peak(batch: in
     tokens = b.student_inputs["input_ids"].numel()
     rows = [e.rows for e in examples]
     q_len = max(max(len(r.student_question) for r in rows), max(len(r.teacher_question) for r in rows))
+    q_len = q_len if context == "question" else 0  # 'none': the Recalibrator's passes are answer rows alone
     rec_tokens = 2 * batch * (q_len + max(len(r.teacher_answer) for r in rows))
     answer = sum(len(r.teacher_answer) for r in rows)
     meta = P.meta_model(AutoConfig.from_pretrained(student_dir), cache.manifest.hidden_size,
