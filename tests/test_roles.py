@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from genrecal_cache import open_cache
 from genrecal_cache.extract import ExtractConfig, extract
+from genrecal_cache.families import adapter_for
 from genrecal_cache.format.manifest import CacheFormatError, Manifest
 from genrecal_cache.format.roles import FLAG_COMPACT, ContextBasis, Storage, answer_rows
 from genrecal_cache.io.pull import pull
@@ -215,3 +217,27 @@ def test_plan_with_a_pilot_cache_agrees_with_the_real_cache(caches, teacher_dir,
                         "--sample", str(tmp_path / "pilot"), "--image-token-id", str(image_ids[0])],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and "total" in r.stdout, r.stderr
+
+
+@torch.no_grad()
+def test_recal_context_none_trains_the_same_on_a_cache_without_context_rows(caches, student_dir):
+    """--recal-context none reads the answer rows only: a `none` cache (no context rows) gives the losses of a
+    `full` one exactly, so such a run can use the smallest cache; with the default prefix they differ."""
+    from genrecal_train.batches import collate, make_example
+    from genrecal_train.config import TrainConfig
+    from genrecal_train.model import GenRecal
+
+    adapter = adapter_for(student_dir)
+    processor = adapter.load_processor(student_dir)
+    losses = {}
+    for context in ("none", "question"):
+        for policy in ("full", "none"):
+            cache = open_cache(caches[policy])
+            examples = [make_example(cache[i], adapter, processor, 2048, cache.teacher_tokenizer()) for i in range(4)]
+            torch.manual_seed(0)
+            cfg = TrainConfig(cache=str(caches[policy]), student=str(student_dir), out="unused", recal_context=context)
+            model = GenRecal(adapter.load_model(student_dir), adapter, cache.head(), cfg).eval()
+            losses[context, policy] = model(collate(examples, processor.tokenizer.pad_token_id, 0), 2)
+    for k in ("l_s", "l_ar", "l_kl", "reg_ar", "reg_kl"):
+        assert torch.equal(losses["none", "full"][k], losses["none", "none"][k]), k
+    assert not torch.equal(losses["question", "full"]["reg_ar"], losses["question", "none"]["reg_ar"])
