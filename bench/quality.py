@@ -98,6 +98,12 @@ class Setup:
     # False: the teacher is trained on its own data only, never on the distillation set, as a big teacher never
     # saw a lab's data; its distribution on the distillation set is then its generalization, not a memorized label
     teacher_sees_train: bool = True
+    # distillation on inputs beyond the labelled set: this many questions per kind with no label; the teacher
+    # answers them (greedy) and every arm trains on the labelled set plus these answers, the SFT arms too (that is
+    # sequence-level KD, so the SFT rows then measure SFT on the same inputs, not SFT on the labels alone).
+    # Their digits come from the teacher's part of the digit images (a lab's unlabelled pool, not the test split)
+    n_unlabelled: int = 0
+    unlabelled_seed: int = 5
     teacher_data_seed: int = 0
     n_test: int = 100  # per kind, held out from everyone
     test_seed: int = 1000
@@ -281,6 +287,26 @@ def run_eval(model: Path, data: Path, out: Path, max_new_tokens: int) -> dict:
     rep = evaluate(str(model), str(data), progress=False, max_new_tokens=max_new_tokens).to_dict()
     out.write_text(json.dumps(rep, indent=1))
     return rep
+
+
+def teacher_answers(teacher: Path, data: Path, out: Path, max_new_tokens: int) -> Path:
+    """`data`'s records with the teacher's greedy answers in place of their labels (the ones it leaves empty
+    dropped), written to `out` beside `data` (its images are found the same way)."""
+    if out.is_file():
+        return out
+    report = run_eval(teacher, data, out.with_suffix(".eval.json"), max_new_tokens)
+    answers = {p["id"]: p["prediction"].strip() for p in report["predictions"]}
+    lines = []
+    for line in data.read_text().splitlines():
+        rec = json.loads(line)
+        if answers.get(rec["id"]):
+            rec["conversations"][-1]["value"] = answers[rec["id"]]
+            lines.append(json.dumps(rec))
+    log(f"teacher: answered {len(lines)} of {len(answers)} unlabelled questions "
+        f"({100 * report['accuracy']:.1f}% of them right by their hidden labels)")
+    out.with_suffix(".tmp").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".tmp").replace(out)
+    return out
 
 
 def per_kind(report: dict) -> dict[str, float]:
@@ -555,6 +581,11 @@ def main(argv: list[str] | None = None) -> dict:
     t_eval = run_eval(t_final, test_data, tdir / "eval.json", s.max_new_tokens)
     log(f"teacher: {100 * t_eval['accuracy']:.1f}% on the test split {per_kind(t_eval)} ({t_secs:.0f}s training)")
     shutil.rmtree(raw_cache, ignore_errors=True)
+    if s.n_unlabelled:
+        unlabelled = write_tasks(out / "data" / "unlabelled", s.kinds, s.n_unlabelled, s.unlabelled_seed, parts[0])
+        answered = teacher_answers(t_final, unlabelled, out / "data" / "unlabelled" / "teacher_answers.jsonl",
+                                   s.max_new_tokens)
+        train_data = combine(out / "data" / "train_and_unlabelled.jsonl", [train_data, answered])
     log("teacher: extracting the real cache ...")
     cache = extract_cache(t_final, train_data, out / "cache")
     caches = {arm: extract_cache(t_final, train_data, out / f"cache-{c}", c) for arm, c in CONTEXT_ARMS.items()
