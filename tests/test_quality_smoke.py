@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -222,3 +223,25 @@ def test_an_out_folder_keeps_its_data_and_model_settings(tmp_path):
         q.check_inputs(tmp_path, q.Setup(teacher_steps=800))
     with pytest.raises(SystemExit, match="n_train"):
         q.check_inputs(tmp_path, q.Setup(n_train=5))
+
+
+def test_unlabelled_questions_take_the_teachers_answers(teacher_dir, demo_jsonl, tmp_path):
+    """--set n_unlabelled: each unlabelled question's answer becomes the teacher's greedy answer (the ones it leaves
+    empty dropped), the rest of the record unchanged, and the combined split finds both splits' images."""
+    q = _quality_module()
+    data = tmp_path / "unlabelled" / "data.jsonl"
+    data.parent.mkdir()
+    shutil.copytree(demo_jsonl.parent / "images", data.parent / "images")
+    data.write_text(demo_jsonl.read_text())
+    out = q.teacher_answers(teacher_dir, data, data.parent / "teacher_answers.jsonl", 6)
+    report = json.loads(out.with_suffix(".eval.json").read_text())
+    predicted = {p["id"]: p["prediction"].strip() for p in report["predictions"]}
+    records = {json.loads(x)["id"]: json.loads(x) for x in data.read_text().splitlines()}
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in got] == [i for i in records if predicted[i]]
+    for r in got:
+        assert r["conversations"][-1]["value"] == predicted[r["id"]]
+        assert r["conversations"][:-1] == records[r["id"]]["conversations"][:-1] and r["image"] == records[r["id"]]["image"]
+    combined = q.combine(tmp_path / "train_and_unlabelled.jsonl", [out])  # as the suite combines it with its train split
+    refs = [json.loads(x)["image"] for x in combined.read_text().splitlines()]
+    assert all((tmp_path / ref).is_file() for r in refs for ref in (r if isinstance(r, list) else [r]))
