@@ -62,6 +62,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")  # one log line per step and run instead of progress bars
 
+from genrecal_cache.io.durable import atomic_write  # noqa: E402
 from quality_tasks import KINDS, write_generic_mix, write_tasks  # noqa: E402
 
 ARMS = ("sft", "sft_warmup", "sft_frozen", "sft_warmup_frozen", "genrecal", "genrecal_frozen", "genrecal_noreg",
@@ -223,9 +224,7 @@ def combine(path: Path, splits: list[Path]) -> Path:
             images = [f"{folder}/{ref}" for ref in (rec["image"] if isinstance(rec["image"], list) else [rec["image"]])]
             rec["image"] = images if len(images) > 1 else images[0]
             lines.append(json.dumps(rec))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
     return path
 
 
@@ -304,8 +303,7 @@ def teacher_answers(teacher: Path, data: Path, out: Path, max_new_tokens: int) -
             lines.append(json.dumps(rec))
     log(f"teacher: answered {len(lines)} of {len(answers)} unlabelled questions "
         f"({100 * report['accuracy']:.1f}% of them right by their hidden labels)")
-    out.with_suffix(".tmp").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".tmp").replace(out)
+    atomic_write(out, ("\n".join(lines) + "\n").encode())
     return out
 
 

@@ -58,9 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{same_runs} of {len(runs)} runs answered every held-out question as before\n")
     print("| regime-student-arm | kind | seeds | before | after | after - before |")
     print("|---|---|---|---|---|---|")
+    moved = []
     for (arm, k), (before, after) in cells.items():
         b, a = statistics.mean(before), statistics.mean(after)
+        moved.append(a - b)
         print(f"| {arm} | {k} | {len(before)} | {b:.1f} | {a:.1f} | {a - b:+.1f} |")
+    print(f"\n{len(moved)} cells (regime x student x arm x kind, mean over seeds): after - before from "
+          f"{min(moved):+.1f} to {max(moved):+.1f} points, mean {statistics.mean(moved):+.1f}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import typer
 
 from cli.errors import clean_errors, debugging, fail
 from cli.options import given, options_from
-from genrecal_train.config import PlanConfig, TrainConfig
+from genrecal_train.config import ConfigError, PlanConfig, TrainConfig, flag_of
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
@@ -78,7 +78,10 @@ def plan(**flags: Any) -> None:
     from genrecal_train.memory_plan import format_plan
     from genrecal_train.memory_plan import plan as make_plan
 
-    cfg = PlanConfig(**given(PlanConfig, flags))
+    try:
+        cfg = PlanConfig(**given(PlanConfig, flags))
+    except ConfigError as e:  # a value out of its field's bounds: one line naming the flag
+        raise typer.BadParameter(f"{flag_of(PlanConfig, e.field)}: {e.problem}")
     try:
         sizes, info = make_plan(cfg)
     except ValueError as e:

@@ -14,12 +14,13 @@ from typing import Any
 
 from genrecal_cache.options import REQUIRED, option
 
-__all__ = ["ConfigError", "EvalConfig", "LOSS_CHUNK", "PARAM_DTYPES", "PlanConfig", "STRATEGIES", "TrainConfig", "check_values", "load_config", "opt",
+__all__ = ["ConfigError", "EvalConfig", "LOSS_CHUNK", "PARAM_DTYPES", "PlanConfig", "RECAL_CONTEXTS", "STRATEGIES", "TrainConfig", "check_values", "flag_of", "load_config", "opt",
            "split_steps"]
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp")  # genrecal_train/distributed.py
 PARAM_DTYPES = ("bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
 LOSS_CHUNK = 512  # tokens per chunk of full-vocabulary logits: 512 x 152k fp32 logits ~ 0.3 GB (losses.py, plan.py)
+RECAL_CONTEXTS = ("question", "none")  # what the Recalibrator attends to before the answer rows (model.py)
 
 
 def opt(default: Any, help: str, *, flag: str | None = None, at_least: float | None = None,
@@ -72,7 +73,7 @@ class TrainConfig:
     recal_context: str = opt("question", "What the Recalibrator attends to before the answer rows: question (the "
                                          "paper: the student's question states in the main pass, the teacher's "
                                          "in the regularization pass) or none (answer rows only).",
-                             choices=("question", "none"), same_on_resume=True)
+                             choices=RECAL_CONTEXTS, same_on_resume=True)
     teacher_tokenizer: str | None = opt(None, "Teacher tokenizer folder/hub id for student_aligned [default: the "
                                               "one stored in the cache; for older caches, the teacher it was "
                                               "extracted from].", same_on_resume=True)
@@ -135,10 +136,14 @@ class PlanConfig:
     max_len: int = option(TrainConfig.max_len, "Tokens per sample (the teacher's are taken as the same).")
     answer_frac: float = 0.25  # share of the tokens that are answer tokens (teacher-head losses)
     recal_layers: int = option(TrainConfig.recal_layers, "Decoder blocks in the Recalibrator.")
-    recal_context: str = option(TrainConfig.recal_context, "What the Recalibrator attends to: question (its passes "
-                                                           "as long as the samples) or none (answer rows only).")
+    recal_context: str = opt(TrainConfig.recal_context, "What the Recalibrator attends to: question (its passes as "
+                                                        "long as the samples) or none (answer rows only).",
+                             choices=RECAL_CONTEXTS)
     loss_chunk: int = LOSS_CHUNK
     param_dtype: str = option(TrainConfig.param_dtype, "FSDP compute dtype.")
+
+    def __post_init__(self) -> None:
+        check_values(self)
 
 
 @dataclass
@@ -161,10 +166,11 @@ class ConfigError(ValueError):
         self.field, self.problem = name, problem
 
 
-def check_values(cfg: TrainConfig) -> None:
-    """Check (and convert: "3" or 3.0 to 3, 1 to 1.0, "1,2" to [1, 2]) every field's value against its type and
-    its bounds (`opt`): the one place config files, flags and Python callers are checked. Raises ConfigError."""
-    hints = typing.get_type_hints(TrainConfig)
+def check_values(cfg: Any) -> None:
+    """Check (and convert: "3" or 3.0 to 3, 1 to 1.0, "1,2" to [1, 2]) every field's value of a config dataclass
+    (TrainConfig, PlanConfig) against its type and its bounds (`opt`): the one place config files, flags and Python
+    callers are checked. Raises ConfigError."""
+    hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         try:
@@ -296,6 +302,12 @@ def _parse(kind: str, text: str) -> Any:
         raise ValueError(" ".join(str(e).split())) from None
 
 
+def flag_of(config: type, name: str) -> str:
+    """The command-line flag of field `name` of a config dataclass (its `flag`, else `--` + the name with dashes)."""
+    meta = next(f.metadata for f in dataclasses.fields(config) if f.name == name)
+    return meta.get("flag", "--" + name.replace("_", "-"))
+
+
 def load_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
     """Defaults <- config file <- explicit overrides (flags given on the command line). Every problem is a
     one-line ValueError naming the file or flag and the value."""
@@ -312,8 +324,7 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
     try:
         cfg = TrainConfig(**values)
     except ConfigError as e:
-        meta = next(f.metadata for f in dataclasses.fields(TrainConfig) if f.name == e.field)
-        flag = meta.get("flag", "--" + e.field.replace("_", "-"))
+        flag = flag_of(TrainConfig, e.field)
         if e.field in flags:
             raise ConfigError(e.field, e.problem, flag) from None
         if path and e.field in values:

@@ -207,9 +207,6 @@ def load_host_bytes(model: nn.Module) -> dict[str, int]:
 # ---- the plan -------------------------------------------------------------------------------------
 
 def plan(cfg: PlanConfig) -> tuple[list[Sizes], dict]:
-    contexts = TrainConfig.__dataclass_fields__["recal_context"].metadata["bounds"]["choices"]
-    if cfg.recal_context not in contexts:
-        raise ValueError(f"recal_context {cfg.recal_context!r}: use {' or '.join(contexts)}")
     d_t, vocab = teacher_dims(cfg.teacher)
     model = meta_model(student_config(cfg.student), d_t, vocab, cfg.recal_layers)
     pdt = to_dtype(cfg.param_dtype)

@@ -149,3 +149,6 @@ def test_plan_cli_from_a_builtin_config_and_from_a_cache(train_cache: Path, stud
     assert tiny.exit_code == 0 and "teacher head 832 x 128" in tiny.output, tiny.output
     bad = run("--student", "/nonexistent", "--cache", "qwen2-vl-72b")
     assert bad.exit_code != 0 and "not a model folder" in bad.output
+    bad = run("--student", "qwen2-vl-7b", "--cache", "qwen2-vl-72b", "--recal-context", "questions")
+    assert bad.exit_code == 2 and "--recal-context: got 'questions', must be one of question, none" in bad.output
+    assert "Traceback" not in bad.output
