@@ -81,8 +81,10 @@ def build_inputs(work: Path, n_per_kind: int, which: str = "llava,wide") -> tupl
     return cache, students
 
 
-def make_batches(cache, adapter, processor, batch_size: int) -> tuple[list, float]:
-    """Every sample in batches as the data thread makes them, and the data thread's seconds per batch."""
+def make_batches(cache, adapter, processor, batch_size: int, context: bool = True) -> tuple[list, float]:
+    """Every sample in batches as the data thread makes them, and the data thread's seconds per batch;
+    `context=False`: without the teacher's context rows, as the trainer's data thread for a stage-2 step that
+    reads none (`TrainConfig.reads_context`)."""
     import genrecal_train
 
     if (Path(genrecal_train.__file__).parent / "batches.py").is_file():
@@ -96,6 +98,8 @@ def make_batches(cache, adapter, processor, batch_size: int) -> tuple[list, floa
     # as the trainer reads: in stored precision where the code has it (bf16 widened and low-rank rows folded in the
     # step), else float32
     read = {"precision": "stored"} if "precision" in inspect.signature(cache.iter_samples).parameters else {}
+    if not context:
+        read["context"] = extra["context"] = False
     t0 = time.perf_counter()
     examples = [make_example(s, adapter, processor, 2048, **extra) for s in cache.iter_samples(**read)]
     pad = processor.tokenizer.pad_token_id
@@ -112,9 +116,11 @@ def bench_student(label: str, folder: Path, cache_dir: Path, args) -> dict[int, 
 
     cache, adapter = open_cache(cache_dir), adapter_for(folder)
     processor = adapter.load_processor(folder)
-    batches, data_s = make_batches(cache, adapter, processor, args.batch_size)
     cfg = TrainConfig(cache=str(cache_dir), student=str(folder), out="unused", device=args.device,
                       **{k: json.loads(v) for k, _, v in (kv.partition("=") for kv in args.set)})
+    # the batches stage 2 gets (a baseline from before `reads_context` read every row)
+    context = cfg.reads_context(2) if hasattr(cfg, "reads_context") else True
+    batches, data_s = make_batches(cache, adapter, processor, args.batch_size, context)
     dev = torch.device(args.device)
     torch.manual_seed(0)
     model = GenRecal(adapter.load_model(folder), adapter, cache.head(device=dev), cfg).to(dev).train()

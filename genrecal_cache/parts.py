@@ -152,7 +152,7 @@ class MultiPartCache:
 
     def iter_samples(self, order: Literal["ordered", "shuffled"] = "ordered", seed: int = 0, rank: int = 0,
                      world_size: int = 1, start: int = 0, status: Literal["ok", "error", "all"] = "ok",
-                     readahead: int = 1, precision: Precision = "float32") -> Iterator[Any]:
+                     readahead: int = 1, precision: Precision = "float32", context: bool = True) -> Iterator[Any]:
         """As TeacherCache.iter_samples: each read group lies in one part and is read by that part (the
         next `readahead` groups on a background thread)."""
         pieces = []
@@ -161,8 +161,8 @@ class MultiPartCache:
             off = int(self.starts[p])
             pieces.append((self.parts[p], off, [i - off for i in piece]))
 
-        for (part, off, local), group in read_ahead(lambda it: it[0].read_group(it[2], precision=precision), pieces,
-                                                    readahead):
+        read = lambda it: it[0].read_group(it[2], precision=precision, context=context)  # noqa: E731
+        for (part, off, local), group in read_ahead(read, pieces, readahead):
             for s in part.group_samples(local, group):
                 s.index += off
                 yield s

@@ -306,7 +306,8 @@ class TeacherCache:
 
     def iter_samples(self, order: Literal["ordered", "shuffled"] = "ordered", seed: int = 0, rank: int = 0,
                      world_size: int = 1, start: int = 0, status: Literal["ok", "error", "all"] = "ok",
-                     readahead: int = 1, precision: Precision = "float32") -> Iterator[CachedSample]:
+                     readahead: int = 1, precision: Precision = "float32", context: bool = True
+                     ) -> Iterator[CachedSample]:
         """Yield samples (see `plan` for order and rank splitting), one feature read per group.
 
         The next `readahead` groups are read and decoded on a background thread while the current
@@ -316,21 +317,30 @@ class TeacherCache:
         views them as torch.bfloat16): half the bytes, no widening on the CPU (other codecs decode to float32
         either way); low-rank context rows stay coefficients (`CachedSample.context`, r floats per row instead
         of d, and `context_basis`), reconstructed where they are used (the trainer: on its device), not by a
-        float32 GEMM here."""
+        float32 GEMM here.
+        `context=False`, for a reader that uses no context row (e.g. training with --recal-context none, or SFT):
+        a low-rank cache's `context` array is not read at all, and its rows read as absent (FLAG_COMPACT cleared
+        in `row_flags`, `hidden` zero there, `CachedSample.context` None). Rows stored in `hidden` read as ever:
+        they share its chunks with the answer rows."""
         pieces = self.plan(order, seed, rank, world_size, start, status)
         buffers = BufferPool(max_buffers=readahead + 3)  # group buffers reused once no sample uses them
-        for piece, group in read_ahead(lambda p: self.read_group(p, buffers, precision), pieces, readahead):
+        for piece, group in read_ahead(lambda p: self.read_group(p, buffers, precision, context), pieces, readahead):
             yield from self.group_samples(piece, group)
             del group
 
-    def read_group(self, piece: list[int], buffers: BufferPool | None = None, precision: Precision = "float32"
-                   ) -> ReadGroup:
-        """(first token, decoded arrays of the group's token range, images) for one read group (a list of `plan`)."""
+    def read_group(self, piece: list[int], buffers: BufferPool | None = None, precision: Precision = "float32",
+                   context: bool = True) -> ReadGroup:
+        """(first token, decoded arrays of the group's token range, images) for one read group (a list of `plan`);
+        `precision` and `context` as in `iter_samples`."""
         ok = [i for i in piece if self._lengths[i] > 0]
         lo = int(min((self._offsets[i] for i in ok), default=0))
         hi = int(max((self._offsets[i] + self._lengths[i] for i in ok), default=0))
         stored = precision == "stored"
-        return lo, self._decoded(self._read_tokens(lo, hi, buffers, widen=not stored), stored), self._read_images(piece)
+        skip = () if context else ("context",)
+        arrays = self._decoded(self._read_tokens(lo, hi, buffers, widen=not stored, skip=skip), stored)
+        if not context:  # the compact rows were not read: they are absent for this reader
+            arrays["row_flags"] = arrays["row_flags"] & np.uint8(~FLAG_COMPACT & 0xFF)
+        return lo, arrays, self._read_images(piece)
 
     def group_samples(self, piece: list[int], group: ReadGroup) -> Iterator[CachedSample]:
         """The samples of a read group (`read_group`'s result)."""
@@ -352,15 +362,16 @@ class TeacherCache:
             self._fast = fast = (feats, readers)
         return fast[1]
 
-    def _read_tokens(self, lo: int, hi: int, buffers: BufferPool | None = None, widen: bool = True
-                     ) -> dict[str, np.ndarray]:
-        """Token range [lo, hi) of every array, read concurrently (one request batch per array). For a
+    def _read_tokens(self, lo: int, hi: int, buffers: BufferPool | None = None, widen: bool = True,
+                     skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """Token range [lo, hi) of every array but `skip`, read concurrently (one request batch per array). For a
         local cache, straight from the shard files (fastread.py), with bf16 `hidden` already float32
         unless `widen` is False."""
-        feats = self._features()
+        every = self._features()
+        feats = {name: a for name, a in every.items() if name not in skip}
         if hi <= lo:
             return {name: np.zeros((0, *a.shape[1:]), dtype=a.dtype) for name, a in feats.items()}
-        fast = self._fast_readers(feats)
+        fast = self._fast_readers(every)
         if fast is not None:
             bf16 = self.hidden_codec.name == "bf16" and widen
             try:

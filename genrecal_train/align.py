@@ -274,9 +274,11 @@ def _placed(rows: Tensor, states: Tensor, n: int) -> StudentRows:
 
 
 def example_rows(student_ids: Tensor, student_spans: Spans, hidden_rows: Tensor, teacher_ids: Tensor,
-                 teacher_spans: Spans, tokenizers: tuple[Any, Any] | None = None) -> Rows:
-    """Every index tensor of one example; `tokenizers` (student's, teacher's) add the student-aligned rows."""
+                 teacher_spans: Spans, tokenizers: tuple[Any, Any] | None = None, context: bool = True) -> Rows:
+    """Every index tensor of one example; `tokenizers` (student's, teacher's) add the student-aligned rows;
+    `context=False` leaves z_ql empty (a step that reads no teacher context row)."""
     q, a, targets = teacher_rows(hidden_rows, teacher_ids, teacher_spans)
+    q = q if context else q[:0]
     n = len(targets)
     aligned = None
     if tokenizers is not None:

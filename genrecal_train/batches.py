@@ -57,10 +57,11 @@ class Batch:
 
 
 def make_example(s: CachedSample, adapter: FamilyAdapter, processor, max_len: int,
-                 teacher_tokenizer: Any = None) -> Example:
+                 teacher_tokenizer: Any = None, context: bool = True) -> Example:
     """Encode one cached sample for the student, with its loss rows (`Example.rows`). `teacher_tokenizer`
-    (the cache's, `preflight.load_teacher_tokenizer`) adds the rows of main_pass_answer='student_aligned'.
-    Raises EncodeError/ValueError for unusable samples."""
+    (the cache's, `preflight.load_teacher_tokenizer`) adds the rows of main_pass_answer='student_aligned';
+    `context=False` leaves the regularization pass's input z_ql out (no teacher context row is gathered for a
+    step that reads none). Raises EncodeError/ValueError for unusable samples."""
     sample = Sample(id=s.id, messages=s.messages, images=s.images, image_refs=[])
     enc = adapter.encode(processor, sample, [decode_image(b) for b in s.images], max_len)
     s_spans, t_spans = answer_spans(enc.answer_mask), answer_spans(s.answer_mask)
@@ -82,9 +83,9 @@ def make_example(s: CachedSample, adapter: FamilyAdapter, processor, max_len: in
     hidden_rows = torch.from_numpy(s.hidden_rows)
     teacher_ids = torch.from_numpy(np.asarray(s.token_ids, dtype=np.int64))
     tokenizers = None if teacher_tokenizer is None else (processor.tokenizer, teacher_tokenizer)
-    rows = example_rows(enc.input_ids, s_spans, hidden_rows, teacher_ids, t_spans, tokenizers)
+    rows = example_rows(enc.input_ids, s_spans, hidden_rows, teacher_ids, t_spans, tokenizers, context)
     lowrank = None
-    if s.context is not None:
+    if s.context is not None and context:
         compact = np.flatnonzero(s.row_flags & FLAG_COMPACT)
         lowrank = LowRankRows(torch.from_numpy(compact), torch.from_numpy(s.context[compact]), s.context_basis)
     return Example(index=s.index, student=enc, student_labels=labels, student_spans=s_spans,
@@ -113,12 +114,15 @@ class CacheStream:
 
     def __init__(self, cache: TeacherCache | MultiPartCache, adapter: FamilyAdapter, processor, *, batch_size: int,
                  max_len: int, seed: int = 0, rank: int = 0, world_size: int = 1, prefetch: int = 8,
-                 teacher_tokenizer: Any = None, precision: Precision = "float32", pin_memory: bool = False):
+                 teacher_tokenizer: Any = None, precision: Precision = "float32", pin_memory: bool = False,
+                 context: bool = True):
         """`teacher_tokenizer`: given, every example carries its student-aligned rows (`make_example`).
         `precision="stored"`: teacher states as the cache stores them (bf16 stays bf16: half the bytes to move,
         widened on the device by the model; low-rank context rows stay coefficients, reconstructed there);
-        `pin_memory`: in page-locked memory (fast copies to a GPU)."""
-        self.cache, self.adapter, self.processor = cache, adapter, processor
+        `pin_memory`: in page-locked memory (fast copies to a GPU); `context=False`: for a step that reads no
+        teacher context row (`TrainConfig.reads_context`): they are neither read (`iter_samples(context=False)`)
+        nor gathered."""
+        self.cache, self.adapter, self.processor, self.context = cache, adapter, processor, context
         self.teacher_tokenizer, self.precision, self.pin_memory = teacher_tokenizer, precision, pin_memory
         self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
@@ -137,11 +141,13 @@ class CacheStream:
         n_unusable, reasons = 0, []  # samples skipped since the last usable one, why the first ones were
         while True:
             it = self.cache.iter_samples(order="shuffled", seed=self.seed + epoch, rank=self.rank,
-                                         world_size=self.world_size, start=offset, precision=self.precision)
+                                         world_size=self.world_size, start=offset, precision=self.precision,
+                                         context=self.context)
             for s in it:
                 position += 1
                 try:
-                    example = make_example(s, self.adapter, self.processor, self.max_len, self.teacher_tokenizer)
+                    example = make_example(s, self.adapter, self.processor, self.max_len, self.teacher_tokenizer,
+                                           self.context)
                 except (EncodeError, ValueError) as e:
                     self.skipped += 1
                     n_unusable += 1

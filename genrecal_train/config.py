@@ -123,6 +123,11 @@ class TrainConfig:
         """The values a stage resumed part way must keep (the fields marked `same_on_resume`)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("same_on_resume")}
 
+    def reads_context(self, stage: int) -> bool:
+        """Whether a step of `stage` reads the teacher's context rows: only the regularization pass's prefix
+        (Proj-pre(z_ql)) does. Otherwise the data thread neither reads nor gathers them."""
+        return stage in (1, 2) and self.recal_context == "question" and self.use_reg_pass
+
 
 @dataclass
 class PlanConfig:

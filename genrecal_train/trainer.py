@@ -267,7 +267,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, strate
                                  teacher_tokenizer=teacher_tokenizer if stage in (1, 2) else None,
                                  # teacher states in the cache's precision (bf16 widened on the device; low-rank
                                  # context rows as coefficients, folded into Proj-pre: model.reg_prefix), pinned on a GPU
-                                 precision="stored",
+                                 precision="stored", context=cfg.reads_context(stage),
                                  pin_memory=device.type == "cuda")
             try:
                 run_stage(stage, model, stream, cfg, run_dir, log, device, rank, world,

@@ -241,3 +241,61 @@ def test_recal_context_none_trains_the_same_on_a_cache_without_context_rows(cach
     for k in ("l_s", "l_ar", "l_kl", "reg_ar", "reg_kl"):
         assert torch.equal(losses["none", "full"][k], losses["none", "none"][k]), k
     assert not torch.equal(losses["question", "full"]["reg_ar"], losses["question", "none"]["reg_ar"])
+
+
+def test_a_reader_that_uses_no_context_row_never_reads_the_context_array(caches, tmp_path):
+    """`iter_samples(context=False)` (training with --recal-context none, or SFT) does not read a low-rank cache's
+    `context` array at all, locally or over HTTP: with its shards corrupted, every sample still reads, its answer
+    rows as they are, its compact rows absent. A reader that does use them fails on the same files."""
+    from _http import serve
+
+    ref = {s.id: s for s in open_cache(caches["lowrank"]).iter_samples()}
+    broken = tmp_path / "broken"
+    shutil.copytree(caches["lowrank"], broken)
+    shards = [p for p in (broken / "features.zarr" / "context").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert shards
+    for p in shards:  # same size (the manifest's size check passes), garbage bytes (the crc32c does not)
+        p.write_bytes(b"\xff" * p.stat().st_size)
+    with serve(broken) as (url, _):
+        for where in (broken, url):
+            for precision in ("float32", "stored"):
+                got = list(open_cache(where).iter_samples(precision=precision, context=False))
+                assert len(got) == len(ref)
+                for s in got:
+                    r = ref[s.id]
+                    assert s.context is None and not (s.row_flags & FLAG_COMPACT).any()
+                    np.testing.assert_array_equal(s.row_flags, r.row_flags & ~np.uint8(FLAG_COMPACT))
+                    np.testing.assert_array_equal(s.hidden_tensor().float().numpy()[s.exact_rows],
+                                                  r.hidden[r.exact_rows])
+            with pytest.raises(CacheFormatError):
+                list(open_cache(where).iter_samples(precision="stored"))
+
+
+def test_steps_that_read_no_context_row_train_as_before_without_it(caches, student_dir):
+    """The batches of a step that reads no context row (stage 3; stages 1-2 with --recal-context none or without
+    the regularization pass) leave it out, and give the losses of batches that carry it, bit for bit."""
+    from genrecal_train.batches import collate, make_example
+    from genrecal_train.config import TrainConfig
+    from genrecal_train.model import GenRecal
+
+    adapter = adapter_for(student_dir)
+    processor = adapter.load_processor(student_dir)
+    cache = open_cache(caches["lowrank"])
+    samples = list(cache.iter_samples(precision="stored"))[:4]
+    lean = list(cache.iter_samples(precision="stored", context=False))[:4]
+    for kw, stage in (({"recal_context": "none"}, 2), ({"use_reg_pass": False}, 1), ({}, 3)):
+        cfg = TrainConfig(cache=str(caches["lowrank"]), student=str(student_dir), out="unused", **kw)
+        assert not cfg.reads_context(stage)
+        losses = []
+        for ss, context in ((samples, True), (lean, False)):
+            batch = collate([make_example(s, adapter, processor, 2048, cache.teacher_tokenizer(), context)
+                             for s in ss], processor.tokenizer.pad_token_id, 0)
+            assert (batch.rows.teacher_question.shape[1] == 0) != context and bool(batch.rows.lowrank) == context
+            torch.manual_seed(0)
+            model = GenRecal(adapter.load_model(student_dir), adapter, cache.head(), cfg).eval()
+            model.set_stage(stage)
+            losses.append(model(batch, stage))
+        assert losses[0].keys() == losses[1].keys()
+        for k in losses[0]:
+            assert torch.equal(losses[0][k], losses[1][k]), (kw, k)
+    assert TrainConfig(cache="c", student="s", out="o").reads_context(2)
