@@ -102,6 +102,8 @@ def test_merge_pull_and_parts_carry_the_storage(caches, teacher_dir, demo_jsonl,
     for s in parts.iter_samples():
         # other batches in a part's forward: equal to float32 rounding
         np.testing.assert_allclose(s.hidden[s.exact_rows], src.by_id(s.id).hidden[s.exact_rows], atol=1e-5)
+    lean = list(parts.iter_samples(precision="stored", context=False))  # a step that reads no context row
+    assert len(lean) == len(src) and all(s.context is None and not (s.row_flags & FLAG_COMPACT).any() for s in lean)
     merge(tmp_path / "parts", tmp_path / "merged-parts")
     assert verify(tmp_path / "merged-parts") == []
 
