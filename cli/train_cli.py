@@ -58,13 +58,42 @@ def train(config: Optional[Path] = typer.Option(None, help="YAML/TOML/JSON file 
             if debugging() or isinstance(e, RunRefused):
                 raise
             fail(str(e), 1)
+        except RuntimeError as e:  # under torchrun: a collective failed because another rank stopped
+            from genrecal_train.distributed import peer_lost
+
+            if debugging() or not peer_lost(e):
+                raise
+            fail(f"rank {os.environ.get('RANK', '?')}: stopped because another rank did ({peer_lost(e)}); that rank's "
+                 f"error says why", 1)
     typer.echo(f"final student: {final}")
 
 
 def _resume_command() -> str:
-    """The command line that continues this run: the one given, with --resume."""
+    """The command line that continues this run: the one given, with --resume (under torchrun, torchrun's)."""
     args = sys.argv[1:]
-    return shlex.join(["genrecal-train", *args, *([] if "--resume" in args else ["--resume"])])
+    tail = [] if "--resume" in args else ["--resume"]
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return shlex.join(["genrecal-train", *args, *tail])
+    launcher = _torchrun_command()
+    nodes = " (on every node)" if os.environ.get("WORLD_SIZE") != os.environ.get("LOCAL_WORLD_SIZE") else ""
+    if launcher is None:
+        return f"the same torchrun command with --resume{nodes}"
+    return shlex.join([*launcher, *tail]) + nodes
+
+
+def _torchrun_command() -> list[str] | None:
+    """The torchrun command line that started this worker (its agent is the parent process; Linux), as
+    `torchrun ARGS`; None where it cannot be read."""
+    try:
+        argv = [a.decode() for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")[:-1]]
+    except (OSError, UnicodeDecodeError):
+        return None
+    for i, a in enumerate(argv[:3]):
+        if Path(a).name == "torchrun":
+            return ["torchrun", *argv[i + 1:]]
+        if a == "-m" and argv[i + 1:i + 2] == ["torch.distributed.run"]:
+            return ["torchrun", *argv[i + 2:]]
+    return None
 
 
 plan_app = typer.Typer(add_completion=False, rich_markup_mode=None)

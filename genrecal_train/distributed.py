@@ -17,6 +17,7 @@ Everything here is PyTorch's own machinery; this module only decides what to wra
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,19 @@ def resolve_strategy(strategy: str, world: int) -> str:
     if strategy == "ddp" and world == 1:
         return "single"
     return strategy
+
+
+# How a collective fails when another rank's process is gone (gloo's TCP pairs, NCCL, the TCP store)
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+             "NCCL communicator was aborted")
+
+
+def peer_lost(e: BaseException) -> str | None:
+    """Which of `PEER_LOST` `e` says, when raised in a multi-process run: a collective that failed because another
+    rank stopped (that rank's own error says why; this one has nothing to add but that it stopped too)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(e, RuntimeError):
+        return None
+    return next((p for p in PEER_LOST if p in str(e)), None)
 
 
 def param_dtype(name: str) -> torch.dtype:

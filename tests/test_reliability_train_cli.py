@@ -242,6 +242,39 @@ def test_a_full_disk_while_checkpointing_names_the_folder_what_was_saved_and_the
     assert _steps(out) == [(1, 1), (1, 2), (2, 1), (2, 2)]
 
 
+def test_a_full_disk_on_rank_0_of_a_torchrun_run_ends_each_rank_with_one_line_and_resumes_with_torchrun(
+        tmp_path, train_cache, student_dir):
+    """Two ranks (DDP, gloo). Rank 0 fills the disk while checkpointing: it says so in one line, with the torchrun
+    command that resumes the run; rank 1, whose next collective fails for want of rank 0, says in one line that it
+    stopped because another rank did (or is stopped by torchrun first). No traceback of ours; torchrun's own
+    summary of the failed workers follows, and cannot be changed from inside them."""
+    limit = 2 * (student_dir / "model.safetensors").stat().st_size
+
+    def file_size_limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+              "cli.train_cli"]
+    args = _args(train_cache, student_dir, out, "--stages", "1,2", "--max-steps", "2", "--checkpoint-every", "1")
+    r = subprocess.run([*launch, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+                       preexec_fn=file_size_limit)
+    assert r.returncode != 0
+    ours = r.stderr.split("elastic/multiprocessing/api.py")[0]  # what the ranks wrote, before torchrun's own lines
+    assert "Traceback" not in ours and "\u2502" not in ours, ours[-3000:]  # no plain or rich traceback
+    lines = [line for line in ours.splitlines() if line.startswith("error: ")]
+    assert lines[0].startswith(f"error: out of space writing to {out} (File too large) at stage 2 step 1"), lines
+    assert lines[1:] in ([], ["error: rank 1: stopped because another rank did (Connection closed by peer); "
+                              "that rank's error says why"]), lines
+    resume = shlex.split(lines[0].split("resume with: ", 1)[1])
+    assert resume == ["torchrun", *launch[3:], *args, "--resume"], resume
+    resumed = subprocess.run([*launch[:3], *resume[1:]], cwd=REPO, env=ENV, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _steps(out) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+
+
 # ---- 6. interrupts ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
