@@ -332,9 +332,9 @@ def arm_config(arm: str, s: Setup) -> dict:
     n2 = max(1, round(s.steps * s.stage_split[1]))
     n3 = max(1, s.steps - n1 - n2)
     # genrecal_<context>: the default arm on a cache stored with another context policy (same settings)
-    return dict(stages=[1, 2, 3], stage_steps=[n1, n2, n3], use_reg_pass=arm != "genrecal_noreg",
-                main_pass_answer="teacher" if arm == "genrecal_paper" else "student_aligned",
-                **{**common, **s.genrecal_overrides})
+    arm_kw = dict(stages=[1, 2, 3], stage_steps=[n1, n2, n3], use_reg_pass=arm != "genrecal_noreg",
+                  main_pass_answer="teacher" if arm == "genrecal_paper" else "student_aligned")
+    return {**arm_kw, **common, **s.genrecal_overrides}  # an override may set any of them
 
 
 def build_student(kind: str, out: Path, seed: int, s: Setup) -> Path:

@@ -225,6 +225,20 @@ def test_an_out_folder_keeps_its_data_and_model_settings(tmp_path):
         q.check_inputs(tmp_path, q.Setup(n_train=5))
 
 
+def test_genrecal_overrides_set_any_arm_setting():
+    """`--set genrecal_overrides={...}` reaches every GenRecal arm, including settings an arm sets itself (the paper's
+    main pass, the regularization pass), and never an SFT arm; the settings are valid TrainConfig fields."""
+    q = _quality_module()
+    s = q.Setup(genrecal_overrides={"main_pass_answer": "teacher", "recal_context": "none"})
+    for arm in ("genrecal", "genrecal_frozen", "genrecal_noreg"):
+        kw = q.arm_config(arm, s)
+        assert (kw["main_pass_answer"], kw["recal_context"], kw["stages"]) == ("teacher", "none", [1, 2, 3]), arm
+        TrainConfig(cache="c", student="s", out="o", **kw)
+    assert q.arm_config("genrecal_noreg", s)["use_reg_pass"] is False
+    assert q.arm_config("genrecal", q.Setup())["main_pass_answer"] == "student_aligned"
+    assert "main_pass_answer" not in q.arm_config("sft_frozen", s)
+
+
 def test_unlabelled_questions_take_the_teachers_answers(teacher_dir, demo_jsonl, tmp_path):
     """--set n_unlabelled: each unlabelled question's answer becomes the teacher's greedy answer (the ones it leaves
     empty dropped), the rest of the record unchanged, and the combined split finds both splits' images."""
