@@ -332,9 +332,10 @@ def arm_config(arm: str, s: Setup) -> dict:
     n2 = max(1, round(s.steps * s.stage_split[1]))
     n3 = max(1, s.steps - n1 - n2)
     # genrecal_<context>: the default arm on a cache stored with another context policy (same settings)
-    arm_kw = dict(stages=[1, 2, 3], stage_steps=[n1, n2, n3], use_reg_pass=arm != "genrecal_noreg",
-                  main_pass_answer="teacher" if arm == "genrecal_paper" else "student_aligned")
-    return {**arm_kw, **common, **s.genrecal_overrides}  # an override may set any of them
+    base = dict(stages=[1, 2, 3], stage_steps=[n1, n2, n3], use_reg_pass=True, main_pass_answer="student_aligned")
+    # an override may set any setting but the one that makes an arm what it is
+    defining = {"genrecal_noreg": {"use_reg_pass": False}, "genrecal_paper": {"main_pass_answer": "teacher"}}
+    return {**base, **common, **s.genrecal_overrides, **defining.get(arm, {})}
 
 
 def build_student(kind: str, out: Path, seed: int, s: Setup) -> Path:

@@ -61,10 +61,11 @@ def train(config: Optional[Path] = typer.Option(None, help="YAML/TOML/JSON file 
         except RuntimeError as e:  # under torchrun: a collective failed because another rank stopped
             from genrecal_train.distributed import peer_lost
 
-            if debugging() or not peer_lost(e):
-                raise
-            fail(f"rank {os.environ.get('RANK', '?')}: stopped because another rank did ({peer_lost(e)}); that rank's "
-                 f"error says why", 1)
+            lost = peer_lost(e)
+            if debugging() or lost is None:
+                raise  # clean_errors' known errors (a remote read, a locked folder) are RuntimeErrors too
+            fail(f"rank {os.environ.get('RANK', '?')}: stopped because another rank did ({lost}); that rank's error "
+                 f"says why", 1)
     typer.echo(f"final student: {final}")
 
 
@@ -75,24 +76,25 @@ def _resume_command() -> str:
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return shlex.join(["genrecal-train", *args, *tail])
     launcher = _torchrun_command()
-    nodes = " (on every node)" if os.environ.get("WORLD_SIZE") != os.environ.get("LOCAL_WORLD_SIZE") else ""
+    nodes = (" (on each other node, its own torchrun command with --resume)"
+             if os.environ.get("WORLD_SIZE") != os.environ.get("LOCAL_WORLD_SIZE") else "")
     if launcher is None:
         return f"the same torchrun command with --resume{nodes}"
     return shlex.join([*launcher, *tail]) + nodes
 
 
 def _torchrun_command() -> list[str] | None:
-    """The torchrun command line that started this worker (its agent is the parent process; Linux), as
-    `torchrun ARGS`; None where it cannot be read."""
+    """The torchrun command line that started this worker, as it was given (`torchrun ARGS` or
+    `python -m torch.distributed.run ARGS`): its agent is the parent process (Linux); None where it cannot be read."""
     try:
         argv = [a.decode() for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")[:-1]]
     except (OSError, UnicodeDecodeError):
         return None
     for i, a in enumerate(argv[:3]):
-        if Path(a).name == "torchrun":
-            return ["torchrun", *argv[i + 1:]]
+        if Path(a).name == "torchrun":  # the console script (run through its shebang: python first)
+            return argv[i:]
         if a == "-m" and argv[i + 1:i + 2] == ["torch.distributed.run"]:
-            return ["torchrun", *argv[i + 2:]]
+            return argv
     return None
 
 

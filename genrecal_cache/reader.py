@@ -318,7 +318,7 @@ class TeacherCache:
         either way); low-rank context rows stay coefficients (`CachedSample.context`, r floats per row instead
         of d, and `context_basis`), reconstructed where they are used (the trainer: on its device), not by a
         float32 GEMM here.
-        `context=False`, for a reader that uses no context row (e.g. training with --recal-context none, or SFT):
+        `context=False`, for a reader that uses no context row (e.g. training with --recal-context none, or stage 3):
         a low-rank cache's `context` array is not read at all, and its rows read as absent (FLAG_COMPACT cleared
         in `row_flags`, `hidden` zero there, `CachedSample.context` None). Rows stored in `hidden` read as ever:
         they share its chunks with the answer rows."""

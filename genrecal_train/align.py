@@ -54,6 +54,7 @@ class Rows:
     student_aligned: StudentRows | None  # main_pass_answer="student_aligned"; None when made without tokenizers
     uld_student: Tensor  # index-aligned answer states of the ULD baseline (genrecal_train/uld.py)
     uld_teacher: Tensor
+    context: bool = True  # z_ql gathered; False: left out, for a step that reads no context row
 
 
 @dataclass
@@ -99,6 +100,7 @@ class BatchRows:
     answer_start: tuple[Tensor, Tensor]  # main_pass_answer="teacher": (index [B, La], where it applies [B, La])
     student_aligned: tuple[Tensor, Tensor] | None  # main_pass_answer="student_aligned"; None without tokenizers
     lowrank: tuple[BatchLowRank, ...] = ()  # one per context basis in the batch; () for float32 reads
+    context: bool = True  # z_ql gathered (`Rows.context` of every example)
 
     def teacher_states(self, which: str, device: torch.device) -> Tensor:
         """z_al (`which="answer"`) or z_ql (`"question"`) as float32 on `device`: widened there (bf16 as stored),
@@ -124,8 +126,8 @@ class BatchRows:
 
     def pin_memory(self) -> "BatchRows":
         """The same rows in page-locked memory (fast, asynchronous copies to a GPU)."""
-        pin = lambda t: None if t is None else (tuple(x.pin_memory() for x in t) if isinstance(t, tuple)  # noqa: E731
-                                                else t.pin_memory())  # BatchLowRank.pin_memory in the tuple
+        pin = lambda t: t if t is None or isinstance(t, bool) else (  # noqa: E731
+            tuple(x.pin_memory() for x in t) if isinstance(t, tuple) else t.pin_memory())  # BatchLowRank's in the tuple
         return BatchRows(**{f.name: pin(getattr(self, f.name)) for f in fields(self)})
 
 
@@ -174,7 +176,8 @@ def batch_rows(rows: list[Rows], teacher_hidden: list[Tensor], student_len: int,
         aligned = _placed_index([r.student_aligned for r in rows], student_len, n_rows)
     lr = () if lowrank is None else _batch_lowrank(rows, teacher_hidden, lowrank, n_rows, zl.shape[1])
     return BatchRows(za, a_mask, zl, l_mask, torch.cat([r.targets for r in rows]), zq, q_mask,
-                     _placed_index([r.answer_start for r in rows], student_len, n_rows), aligned, lr)
+                     _placed_index([r.answer_start for r in rows], student_len, n_rows), aligned, lr,
+                     all(r.context for r in rows))
 
 
 def teacher_rows(hidden_rows: Tensor, teacher_ids: Tensor, spans: Spans) -> tuple[Tensor, Tensor, Tensor]:
@@ -286,4 +289,4 @@ def example_rows(student_ids: Tensor, student_spans: Spans, hidden_rows: Tensor,
         aligned = StudentRows(torch.arange(n), states, torch.ones(n, dtype=torch.bool))
     us, ut = uld_rows(student_spans, teacher_spans)
     return Rows(q, a, targets, student_question_index(student_spans),
-                _placed(*answer_start_rows(teacher_spans, student_spans), n), aligned, us, ut)
+                _placed(*answer_start_rows(teacher_spans, student_spans), n), aligned, us, ut, context)

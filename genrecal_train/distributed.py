@@ -11,7 +11,8 @@
             Only rank 0 reads the student; the others build it on the meta device and receive
             their shards from rank 0 (`load_from_rank0`).
 
-Everything here is PyTorch's own machinery; this module only decides what to wrap and how.
+Everything here is PyTorch's own machinery; this module only decides what to wrap and how (and, `peer_lost`, reads
+how a collective failed).
 """
 
 from __future__ import annotations
@@ -39,14 +40,15 @@ def resolve_strategy(strategy: str, world: int) -> str:
 
 
 # How a collective fails when another rank's process is gone (gloo's TCP pairs, NCCL, the TCP store)
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
-             "NCCL communicator was aborted")
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited")
 
 
 def peer_lost(e: BaseException) -> str | None:
-    """Which of `PEER_LOST` `e` says, when raised in a multi-process run: a collective that failed because another
-    rank stopped (that rank's own error says why; this one has nothing to add but that it stopped too)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(e, RuntimeError):
+    """Which of `PEER_LOST` `e` says, when raised by torch in a multi-process run: a collective that failed because
+    another rank stopped (that rank's own error says why; this one has nothing to add but that it stopped too).
+    Torch raises a plain RuntimeError (gloo) or a DistError (NCCL, the store); the project's own RuntimeError
+    subclasses (a remote read that met a reset connection, say) are not this."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not (type(e) is RuntimeError or isinstance(e, dist.DistError)):
         return None
     return next((p for p in PEER_LOST if p in str(e)), None)
 

@@ -97,6 +97,10 @@ class GenRecal(nn.Module):
             total = total + self.cfg.w_uld * losses["l_uld"]
         if stage in (1, 2):
             rows, flat = batch.rows, hs.reshape(-1, hs.shape[-1])  # student index: into [B * Ls, d_s]
+            if self.cfg.reads_context(stage) and not rows.context:  # else the reg pass would run on no prefix
+                raise ValueError(f"stage {stage} reads the teacher's context rows (the regularization pass's "
+                                 f"prefix), but the batch was made without them: make its examples with "
+                                 f"context=True (`TrainConfig.reads_context`)")
             za = rows.teacher_states("answer", dev)  # bf16 as stored: widened here, low-rank rows rebuilt here
             a_mask = rows.answer_mask.to(dev)
             index, sm = rows.main_pass(self.cfg.main_pass_answer)

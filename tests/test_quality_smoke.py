@@ -226,15 +226,17 @@ def test_an_out_folder_keeps_its_data_and_model_settings(tmp_path):
 
 
 def test_genrecal_overrides_set_any_arm_setting():
-    """`--set genrecal_overrides={...}` reaches every GenRecal arm, including settings an arm sets itself (the paper's
-    main pass, the regularization pass), and never an SFT arm; the settings are valid TrainConfig fields."""
+    """`--set genrecal_overrides={...}` reaches every GenRecal arm, settings with a default of their own included (the
+    main pass), but not the one that makes an arm what it is, and never an SFT arm."""
     q = _quality_module()
-    s = q.Setup(genrecal_overrides={"main_pass_answer": "teacher", "recal_context": "none"})
+    s = q.Setup(genrecal_overrides={"main_pass_answer": "teacher", "recal_context": "none", "use_reg_pass": True})
     for arm in ("genrecal", "genrecal_frozen", "genrecal_noreg"):
         kw = q.arm_config(arm, s)
         assert (kw["main_pass_answer"], kw["recal_context"], kw["stages"]) == ("teacher", "none", [1, 2, 3]), arm
+        assert kw["use_reg_pass"] is (arm != "genrecal_noreg"), arm
         TrainConfig(cache="c", student="s", out="o", **kw)
-    assert q.arm_config("genrecal_noreg", s)["use_reg_pass"] is False
+    paper = q.arm_config("genrecal_paper", q.Setup(genrecal_overrides={"main_pass_answer": "student_aligned"}))
+    assert paper["main_pass_answer"] == "teacher"
     assert q.arm_config("genrecal", q.Setup())["main_pass_answer"] == "student_aligned"
     assert "main_pass_answer" not in q.arm_config("sft_frozen", s)
 

@@ -268,11 +268,29 @@ def test_a_full_disk_on_rank_0_of_a_torchrun_run_ends_each_rank_with_one_line_an
     assert lines[1:] in ([], ["error: rank 1: stopped because another rank did (Connection closed by peer); "
                               "that rank's error says why"]), lines
     resume = shlex.split(lines[0].split("resume with: ", 1)[1])
-    assert resume == ["torchrun", *launch[3:], *args, "--resume"], resume
-    resumed = subprocess.run([*launch[:3], *resume[1:]], cwd=REPO, env=ENV, capture_output=True, text=True,
-                             timeout=300)
+    assert resume == [*launch, *args, "--resume"], resume  # the torchrun command as it was given
+    resumed = subprocess.run(resume, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _steps(out) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+
+
+def test_only_torchs_own_errors_of_a_lost_peer_count_as_another_rank_stopping(monkeypatch):
+    """`peer_lost`: a collective's error (gloo's plain RuntimeError, NCCL's DistError) that says a peer is gone, in a
+    run of several processes; not the project's own errors that happen to quote a reset connection (a remote read
+    fails with its own one line), not a single process."""
+    import torch.distributed as dist
+
+    from genrecal_cache.io.retry import RemoteReadError
+    from genrecal_train.distributed import peer_lost
+
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:24448. This is ...")
+    nccl = dist.DistBackendError("NCCL error: remote process exited or there was a network error")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert peer_lost(gloo) == "Connection closed by peer" and peer_lost(nccl) == "remote process exited"
+    assert peer_lost(RemoteReadError("https://x/c: ClientOSError: [Errno 104] Connection reset by peer")) is None
+    assert peer_lost(RuntimeError("CUDA out of memory")) is None and peer_lost(ValueError("Broken pipe")) is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert peer_lost(gloo) is None
 
 
 # ---- 6. interrupts ------------------------------------------------------------------------------------

@@ -246,7 +246,7 @@ def test_recal_context_none_trains_the_same_on_a_cache_without_context_rows(cach
 
 
 def test_a_reader_that_uses_no_context_row_never_reads_the_context_array(caches, tmp_path):
-    """`iter_samples(context=False)` (training with --recal-context none, or SFT) does not read a low-rank cache's
+    """`iter_samples(context=False)` (training with --recal-context none, or stage 3) does not read a low-rank cache's
     `context` array at all, locally or over HTTP: with its shards corrupted, every sample still reads, its answer
     rows as they are, its compact rows absent. A reader that does use them fails on the same files."""
     from _http import serve
@@ -300,4 +300,9 @@ def test_steps_that_read_no_context_row_train_as_before_without_it(caches, stude
         assert losses[0].keys() == losses[1].keys()
         for k in losses[0]:
             assert torch.equal(losses[0][k], losses[1][k]), (kw, k)
-    assert TrainConfig(cache="c", student="s", out="o").reads_context(2)
+    # the default's stages 1-2 read them: a batch made without them is refused, not trained on an empty prefix
+    cfg = TrainConfig(cache=str(caches["lowrank"]), student=str(student_dir), out="unused")
+    assert cfg.reads_context(1) and cfg.reads_context(2) and not cfg.reads_context(3)
+    model = GenRecal(adapter.load_model(student_dir), adapter, cache.head(), cfg).eval()
+    with pytest.raises(ValueError, match="reads the teacher's context rows"):
+        model(batch, 2)
