@@ -7,7 +7,6 @@ default: the flags are generated from the dataclass, so a new option needs no CL
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -70,32 +69,13 @@ def train(config: Optional[Path] = typer.Option(None, help="YAML/TOML/JSON file 
 
 
 def _resume_command() -> str:
-    """The command line that continues this run: the one given, with --resume (under torchrun, torchrun's)."""
-    args = sys.argv[1:]
-    tail = [] if "--resume" in args else ["--resume"]
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return shlex.join(["genrecal-train", *args, *tail])
-    launcher = _torchrun_command()
-    nodes = (" (on each other node, its own torchrun command with --resume)"
-             if os.environ.get("WORLD_SIZE") != os.environ.get("LOCAL_WORLD_SIZE") else "")
-    if launcher is None:
-        return f"the same torchrun command with --resume{nodes}"
-    return shlex.join([*launcher, *tail]) + nodes
+    """The command line that continues this run: the one given (under torchrun, torchrun's), with --resume."""
+    from genrecal_cache.stops import command_line
 
-
-def _torchrun_command() -> list[str] | None:
-    """The torchrun command line that started this worker, as it was given (`torchrun ARGS` or
-    `python -m torch.distributed.run ARGS`): its agent is the parent process (Linux); None where it cannot be read."""
-    try:
-        argv = [a.decode() for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")[:-1]]
-    except (OSError, UnicodeDecodeError):
-        return None
-    for i, a in enumerate(argv[:3]):
-        if Path(a).name == "torchrun":  # the console script (run through its shebang: python first)
-            return argv[i:]
-        if a == "-m" and argv[i + 1:i + 2] == ["torch.distributed.run"]:
-            return argv
-    return None
+    cmd = command_line("genrecal-train", "train_cli.py") + ("" if "--resume" in sys.argv[1:] else " --resume")
+    if "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("WORLD_SIZE") != os.environ.get("LOCAL_WORLD_SIZE"):
+        cmd += " (and on each other node, its own torchrun command with --resume)"
+    return cmd
 
 
 plan_app = typer.Typer(add_completion=False, rich_markup_mode=None)

@@ -23,7 +23,7 @@ from typing import Any
 from .format.manifest import PROGRESS_NAME
 
 __all__ = ["DISK_FULL_ERRNOS", "Interrupted", "Position", "RunStopped", "command_line", "disk_full",
-           "raise_on_signals", "stopped_runs"]
+           "raise_on_signals", "stopped_runs", "torchrun_command"]
 
 # what a full disk looks like: no space, a file over the size limit (RLIMIT_FSIZE, a file system's
 # largest file), a quota
@@ -67,12 +67,31 @@ class Position:
     samples: int | None = None
 
 
-def command_line() -> str:
-    """This process's command line, as a user re-types it (`genrecal-cache ...` for the CLI however started)."""
-    argv = list(sys.argv) or ["python"]
-    if Path(argv[0]).name in ("genrecal-cache", "cache_cli.py"):
-        argv[0] = "genrecal-cache"
+def command_line(program: str = "genrecal-cache", script: str = "cache_cli.py") -> str:
+    """This process's command line, as a user re-types it: under torchrun the torchrun command that started it
+    (`torchrun_command`), else `program ...` for the CLI however started (its entry point or `script`)."""
+    argv = torchrun_command() or list(sys.argv) or ["python"]
+    if Path(argv[0]).name in (program, script):
+        argv[0] = program
     return shlex.join(argv)
+
+
+def torchrun_command() -> list[str] | None:
+    """Under torchrun, the command line that started it, as it was given (`torchrun ARGS` or `python -m
+    torch.distributed.run ARGS`): its agent is this worker's parent process. None elsewhere, and where that
+    cannot be read (not Linux)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    try:
+        argv = [a.decode() for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")[:-1]]
+    except (OSError, UnicodeDecodeError):
+        return None
+    for i, a in enumerate(argv[:3]):
+        if Path(a).name == "torchrun":  # the console script (run through its shebang: python first)
+            return argv[i:]
+        if a == "-m" and argv[i + 1:i + 2] == ["torch.distributed.run"]:
+            return argv
+    return None
 
 
 def disk_full(e: BaseException) -> str | None:

@@ -104,15 +104,14 @@ class GenRecal(nn.Module):
             za = rows.teacher_states("answer", dev)  # bf16 as stored: widened here, low-rank rows rebuilt here
             a_mask = rows.answer_mask.to(dev)
             index, sm = rows.main_pass(self.cfg.main_pass_answer)
-            pl, l_mask = None, None
-            if self.cfg.recal_context == "none":  # empty prefixes: the Recalibrator attends to answer rows only
-                zqs, qs_mask = hs.new_zeros(hs.shape[0], 0, hs.shape[-1]), a_mask[:, :0]
-                if self.cfg.use_reg_pass:
-                    pl, l_mask = zqs, qs_mask
-            else:
+            if self.cfg.recal_context == "question":
                 zqs, qs_mask = flat[rows.student_question.to(dev)], rows.student_question_mask.to(dev)
-                if self.cfg.use_reg_pass:
-                    pl, l_mask = reg_prefix(rows, self.recalibrator, dev), rows.question_mask.to(dev)
+            else:  # "none", empty prefixes: the Recalibrator attends to answer rows only
+                zqs, qs_mask = hs.new_zeros(hs.shape[0], 0, hs.shape[-1]), a_mask[:, :0]
+            pl, l_mask = None, None
+            if self.cfg.use_reg_pass:
+                pl, l_mask = ((reg_prefix(rows, self.recalibrator, dev), rows.question_mask.to(dev))
+                              if self.cfg.reads_context(stage) else (zqs, qs_mask))
             r_main, r_reg = self.recalibrator(za, a_mask, z_qs=zqs, qs_mask=qs_mask, p_ql=pl, ql_mask=l_mask,
                                               s_al=flat[index.to(dev)], s_mask=sm.to(dev))
             tgt = rows.targets.to(dev)
