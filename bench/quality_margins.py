@@ -7,12 +7,18 @@ SUITE_OUT is the suite's run (SFT on the labelled set, every arm); each VARIANT_
 as `bench/quality.py` picks it (`summarize`: SFT over tower x warm-up, GenRecal over the tower): SFT on the suite's
 labels, the variant's own SFT where it ran SFT arms (with n_unlabelled: SFT on the teacher's answers too, i.e.
 sequence-level KD), the variant's GenRecal, and GenRecal's margin over each. Means over seeds, held-out exact match %.
+
+    python bench/quality_margins.py --per-type OUT [OUT ...]
+
+instead prints each --out's held-out exact match per question type (word/digit, ...) for every regime, student and
+arm, mean over seeds: where the gap to the teacher is.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -27,11 +33,32 @@ def best(out: Path) -> dict:
     return {(regime, student): s for regime, by in summarize(results)[1].items() for student, s in by.items()}
 
 
+def per_type(outs: list[Path]) -> None:
+    """Held-out exact match % per question type, mean over seeds, per --out, regime, student and arm."""
+    cells: dict[tuple[str, str, str, str], dict[str, list[float]]] = {}
+    for out in outs:
+        for run in json.loads((out / "results.json").read_text())["runs"]:
+            cell = cells.setdefault((out.name, run["regime"], run["student"], run["arm"]), {})
+            for qtype, v in run["per_type"].items():
+                cell.setdefault(qtype, []).append(100 * v["correct"] / v["n"])
+    types = sorted({t for c in cells.values() for t in c})
+    print("| out | regime | student | arm | " + " | ".join(types) + " |")
+    print("|---|---|---|---|" + "---|" * len(types))
+    for key, c in cells.items():
+        print("| " + " | ".join(key) + " | " + " | ".join(f"{statistics.mean(c[t]):.0f}" if t in c else "-"
+                                                          for t in types) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", type=Path, help="the suite's --out (SFT arms on the labelled set)")
-    p.add_argument("variants", type=Path, nargs="+", help="--out folders of variants of the suite")
+    p.add_argument("--per-type", nargs="+", type=Path, metavar="OUT", help="per question type instead (see above)")
+    p.add_argument("suite", type=Path, nargs="?", help="the suite's --out (SFT arms on the labelled set)")
+    p.add_argument("variants", type=Path, nargs="*", help="--out folders of variants of the suite")
     args = p.parse_args(argv)
+    if args.per_type:
+        return per_type(args.per_type)
+    if args.suite is None or not args.variants:
+        p.error("give SUITE_OUT and at least one VARIANT_OUT (or --per-type OUT ...)")
     base = best(args.suite)
     fmt = lambda d, sign="": " / ".join(f"{100 * d[k]:{sign}.1f}" for k in d)  # noqa: E731
     print("| variant | regime | student | SFT on the labels, at its best | the variant's SFT, at its best | GenRecal, "

@@ -168,24 +168,58 @@ def _quality_module():
     return _bench_module("quality")
 
 
+def _per_type(word: float, phrase: float) -> dict:
+    return {"word/colour": {"n": 10, "correct": int(10 * word)}, "phrase/count": {"n": 10, "correct": int(10 * phrase)}}
+
+
+def _fake_results(q, regimes: dict[str, dict[str, tuple]]) -> dict:
+    """A results.json of bench/quality.py for the llava student: {regime: {arm: ((word, phrase) per seed)}}."""
+    arms = sorted({arm for table in regimes.values() for arm in table})
+    results = {"setup": {"arms": arms, "students": ["llava"], "kinds": ["word", "phrase"], "regimes": list(regimes),
+                         "steps": 6, "batch_size": 2, "seeds": [0, 1]},
+               "teacher": {"eval": {"accuracy": 0.9, "per_type": _per_type(0.9, 0.9)}}, "runs": []}
+    for regime, table in regimes.items():
+        for arm, accs in table.items():
+            for seed, (w, ph) in enumerate(accs):
+                per = _per_type(w, ph)
+                results["runs"].append({"regime": regime, "student": "llava", "arm": arm, "seed": seed,
+                                        "per_type": per, "kinds": q.per_kind({"per_type": per})})
+    return results
+
+
+def test_margin_tables_of_a_variant_against_the_suite(tmp_path, capsys):
+    """bench/quality_margins.py: the variant's GenRecal at its best against the suite's SFT at its best (the variant
+    ran no SFT), and the per-question-type table, means over seeds."""
+    q = _quality_module()
+    margins = _bench_module("quality_margins")
+    suite = {"sft": ((0.4, 0.2), (0.6, 0.2)), "sft_frozen": ((0.5, 0.1), (0.3, 0.1)),
+             "genrecal": ((0.6, 0.7), (0.8, 0.7)), "genrecal_frozen": ((0.9, 0.5), (0.9, 0.5))}
+    variant = {"genrecal": ((0.7, 0.3), (0.7, 0.5)), "genrecal_frozen": ((0.2, 0.2), (0.4, 0.2))}
+    for name, table in (("suite", suite), ("var", variant)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_fake_results(q, {"users": table})))
+    margins.main([str(tmp_path / "suite"), str(tmp_path / "var")])
+    out = capsys.readouterr().out
+    assert "| suite | users | llava | 50.0 / 20.0 | 50.0 / 20.0 | 90.0 / 70.0 | +40.0 / +50.0 | +40.0 / +50.0 |" in out
+    assert "| var | users | llava | 50.0 / 20.0 | - | 70.0 / 40.0 | +20.0 / +20.0 | - |" in out
+    margins.main(["--per-type", str(tmp_path / "var")])
+    out = capsys.readouterr().out
+    assert "| out | regime | student | arm | phrase/count | word/colour |" in out
+    assert "| var | users | llava | genrecal | 40 | 70 |" in out and "| var | users | llava | genrecal_frozen | 20 | 30 |" in out
+    with pytest.raises(SystemExit):
+        margins.main([str(tmp_path / "suite")])
+
+
 def test_report_from_run_results(tmp_path):
     """summarize/plots turn per-run eval reports into one table per regime and student (task kinds as columns),
     SFT at its best over tower x warm-up per kind, GenRecal at its best over the tower, the margin between them."""
     q = _quality_module()
-    per = lambda w, p: {"word/colour": {"n": 10, "correct": int(10 * w)}, "phrase/count": {"n": 10, "correct": int(10 * p)}}  # noqa: E731
     arms = ["sft", "sft_warmup", "sft_frozen", "genrecal", "genrecal_frozen"]
-    results = {"setup": {"arms": arms, "students": ["llava"], "kinds": ["word", "phrase"], "regimes": ["scratch", "users"],
-                         "steps": 6, "batch_size": 2, "seeds": [0, 1]},
-               "teacher": {"eval": {"accuracy": 0.9, "per_type": per(0.9, 0.9)}}, "runs": []}
     scratch = {"sft": ((0.4, 0.2), (0.6, 0.2)), "sft_warmup": ((0.3, 0.4), (0.3, 0.4)),
                "sft_frozen": ((0.5, 0.1), (0.3, 0.1)), "genrecal": ((0.6, 0.7), (0.8, 0.7)),
                "genrecal_frozen": ((0.9, 0.5), (0.9, 0.5))}
     users = {arm: ((0.8, 0.8), (0.8, 0.8)) if arm == "sft_frozen" else ((0.5, 0.5), (0.5, 0.5)) for arm in arms}
-    for regime, table in (("scratch", scratch), ("users", users)):
-        for arm, accs in table.items():
-            for seed, (w, ph) in enumerate(accs):
-                results["runs"].append({"regime": regime, "student": "llava", "arm": arm, "seed": seed,
-                                        "per_type": per(w, ph), "kinds": q.per_kind({"per_type": per(w, ph)})})
+    results = _fake_results(q, {"scratch": scratch, "users": users})
     text, summary = q.summarize(results)
     assert "**scratch regime, llava student**" in text and "**users regime, llava student**" in text
     assert "| SFT only, no warm-up | 2 | 50.0 ± 14.1 | 20.0 ± 0.0 |" in text
