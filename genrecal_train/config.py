@@ -132,9 +132,12 @@ class TrainConfig:
 @dataclass
 class PlanConfig:
     """What `genrecal-train plan` sizes (its flags are these fields'; `teacher` is `--cache`)."""
-    student: str = option(REQUIRED, "Student model folder, its config.json, or a builtin: qwen2-vl-7b.")
-    teacher: str = option(REQUIRED, "Teacher cache folder (its head's size is read), HIDDENxVOCAB (e.g. 8192x152064), "
-                                    "or a builtin teacher: qwen2-vl-72b, qwen2-vl-7b.", flag="--cache")
+    student: str = option(REQUIRED, "Student model folder, its config.json, a hub id (its config alone is read) or a "
+                                    "builtin: qwen2-vl-7b, qwen2-vl-2b, or a flagship's name or hub id "
+                                    "(Qwen/Qwen2-VL-7B-Instruct, ...: built offline).")
+    teacher: str = option(REQUIRED, "Teacher cache folder or URL (its head's size is read), HIDDENxVOCAB (e.g. "
+                                    "8192x152064), or the teacher as --student takes a model (qwen2-vl-72b, "
+                                    "Qwen/Qwen2-VL-72B-Instruct, a folder or hub id).", flag="--cache")
     gpus: int = option(1, "Number of GPUs (FSDP shards over all of them).")
     gpu_memory_gb: float = option(80.0, "Memory per GPU, GB (GiB).", flag="--gpu-memory")
     batch_size: int = option(1, "Samples per micro-batch per GPU.")

@@ -30,7 +30,7 @@ import transformers
 from torch import nn
 
 from genrecal_cache.families import adapter_for
-from genrecal_cache.families.flagships import flagship_config
+from genrecal_cache.families.flagships import FLAGSHIPS, flagship_config
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache import open_cache
 from genrecal_train.config import PlanConfig, TrainConfig
@@ -38,10 +38,11 @@ from genrecal_train.distributed import fsdp_units
 from genrecal_train.distributed import param_dtype as to_dtype
 from genrecal_train.model import GenRecal
 
-# the builtin names `plan` takes: flagship checkpoints whose configs genrecal_cache/families/flagships.py holds
-BUILTIN_STUDENTS = {"qwen2-vl-7b": "Qwen2-VL-7B-Instruct"}
-BUILTIN_TEACHERS = {"qwen2-vl-72b": "Qwen2-VL-72B-Instruct", "qwen2-vl-7b": "Qwen2-VL-7B-Instruct",
-                    "qwen2-vl-2b": "Qwen2-VL-2B-Instruct"}
+# short names `plan` takes for flagship checkpoints whose configs genrecal_cache/families/flagships.py holds (their
+# names and hub ids work too: Qwen/Qwen2-VL-7B-Instruct)
+BUILTINS = {"qwen2-vl-72b": "Qwen2-VL-72B-Instruct", "qwen2-vl-7b": "Qwen2-VL-7B-Instruct",
+            "qwen2-vl-2b": "Qwen2-VL-2B-Instruct"}
+FLAGSHIP_ORGS = {"qwen", "opengvlab", "google"}  # the hub organizations that publish them
 GiB = 1024 ** 3
 HEADROOM = 0.9  # of a GPU's memory usable for tensors (CUDA context, allocator fragmentation)
 
@@ -71,33 +72,65 @@ class Sizes:
 
 # ---- the model, on the meta device ----------------------------------------------------------------
 
-def student_config(spec: str):
+def flagship_name(spec: str) -> str | None:
+    """The FLAGSHIPS key `spec` names: a builtin short name, the key itself, or its hub id under the publisher's
+    organization (any case). A same-named repo elsewhere (a fine-tune) is not assumed to share the config."""
+    org, _, name = spec.rpartition("/")
+    if org and org.lower() not in FLAGSHIP_ORGS:
+        return None
+    name = BUILTINS.get(name.lower(), name)
+    return next((k for k in FLAGSHIPS if k.lower() == name.lower()), None)
+
+
+def model_config(spec: str, flag: str):
+    """A model's transformers config: a builtin short name, a model folder, its config.json, a flagship by name or hub
+    id (built offline), or any other hub id (its config.json alone is fetched, as `from_pretrained` does)."""
     from transformers import AutoConfig, PretrainedConfig
 
-    if spec.lower() in BUILTIN_STUDENTS:
-        return flagship_config(BUILTIN_STUDENTS[spec.lower()])
     path = Path(spec)
-    if path.is_dir():
+    if spec.lower() not in BUILTINS and path.is_dir():
         return AutoConfig.from_pretrained(path)
-    if not path.is_file():
-        raise ValueError(f"--student {spec}: not a model folder, config.json or builtin "
-                         f"({', '.join(BUILTIN_STUDENTS)})")
-    data = json.loads(path.read_text())
-    cls = AutoConfig.for_model(data["model_type"]).__class__
-    cfg: PretrainedConfig = cls(**{k: v for k, v in data.items() if k != "model_type"})
-    return cfg
+    if spec.lower() not in BUILTINS and path.is_file():
+        data = json.loads(path.read_text())
+        cls = AutoConfig.for_model(data["model_type"]).__class__
+        cfg: PretrainedConfig = cls(**{k: v for k, v in data.items() if k != "model_type"})
+        return cfg
+    if (name := flagship_name(spec)) is not None:
+        return flagship_config(name)
+    builtins = ", ".join([*BUILTINS, *FLAGSHIPS])
+    if not _looks_like_hub_id(spec):
+        raise ValueError(f"{flag} {spec}: not a model folder, config.json, hub id or builtin ({builtins})")
+    try:
+        return AutoConfig.from_pretrained(spec)
+    except Exception as e:  # offline, no such repo, a gated one: say which, and what works without the hub
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = "a cache or model folder, a model's config.json" if flag == "--cache" else "a model folder or its config.json"
+        raise ValueError(f"{flag} {spec}: no such folder or file here, and as a hub id its config could not be read "
+                         f"({why}); give {what}, or a builtin ({builtins})") from None
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    """'org/name': no URL scheme, no leading ./ or / or ~, no trailing slash (what a local path rarely looks like)."""
+    org, _, name = spec.partition("/")
+    return bool(org and name) and "/" not in name and "://" not in spec and not spec.startswith((".", "~"))
 
 
 def teacher_dims(spec: str) -> tuple[int, int]:
-    """(hidden, vocab) of the teacher head: from a cache's manifest, 'HIDDENxVOCAB' or a builtin."""
-    if spec.lower() in BUILTIN_TEACHERS:
-        text = flagship_config(BUILTIN_TEACHERS[spec.lower()]).get_text_config()
-        return text.hidden_size, text.vocab_size
+    """(hidden, vocab) of the teacher head: from 'HIDDENxVOCAB', a cache (its manifest; a folder or URL), or the
+    teacher's model config (`model_config`: a builtin, a model folder or its config.json, a flagship, a hub id)."""
     if "x" in spec and all(p.isdigit() for p in spec.lower().split("x")):
         h, v = spec.lower().split("x")
         return int(h), int(v)
-    m = open_cache(spec).manifest
-    return m.hidden_size, m.vocab_size
+    path = Path(spec)
+    is_model = (spec.lower() in BUILTINS or (path.is_dir() and (path / "config.json").is_file()
+                                             and not (path / "manifest.json").is_file())
+                or (path.is_file() and path.suffix == ".json")
+                or (not path.exists() and "://" not in spec and (flagship_name(spec) or _looks_like_hub_id(spec))))
+    if not is_model:
+        m = open_cache(spec).manifest
+        return m.hidden_size, m.vocab_size
+    text = model_config(spec, "--cache").get_text_config()
+    return text.hidden_size, text.vocab_size
 
 
 def meta_model(student_cfg, d_teacher: int, vocab: int, recal_layers: int):
@@ -208,7 +241,7 @@ def load_host_bytes(model: nn.Module) -> dict[str, int]:
 
 def plan(cfg: PlanConfig) -> tuple[list[Sizes], dict]:
     d_t, vocab = teacher_dims(cfg.teacher)
-    model = meta_model(student_config(cfg.student), d_t, vocab, cfg.recal_layers)
+    model = meta_model(model_config(cfg.student, "--student"), d_t, vocab, cfg.recal_layers)
     pdt = to_dtype(cfg.param_dtype)
     info = {"params": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
