@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import typer
 
+from cli.errors import clean_errors
 from cli.options import given, options_from
 from genrecal_cache.options import option
 from genrecal_train.config import EvalConfig
@@ -42,11 +43,16 @@ def run(runs: Optional[list[str]] = typer.Argument(None, help="With --compare: e
         raise typer.BadParameter("--model and --data are required (or --compare RUN...)")
     from genrecal_train.evaluate import evaluate
 
-    d = evaluate(cfg.model, cfg.data, limit=cfg.limit, max_new_tokens=cfg.max_new_tokens, device=cfg.device).to_dict()
+    with clean_errors("eval", also=(ValueError, FileNotFoundError)):  # a missing model or data set: one line
+        d = evaluate(cfg.model, cfg.data, image_root=cfg.image_root, limit=cfg.limit,
+                     max_new_tokens=cfg.max_new_tokens, device=cfg.device).to_dict()
     if how.out:
         how.out.parent.mkdir(parents=True, exist_ok=True)
         how.out.write_text(json.dumps(d, indent=1))
     typer.echo(f"accuracy {d['accuracy']:.3f} ({d['correct']}/{d['n']}, skipped {d['skipped']})")
+    if d["skipped"]:
+        typer.echo(f"  skipped, the first: {d['skip_reasons'][0]}" + (" (all reasons: the --out report)" if how.out
+                                                                       else ""))
     for t, v in sorted(d["per_type"].items()):
         typer.echo(f"  {t:>10}: {v['accuracy']:.3f} ({v['correct']}/{v['n']})")
 

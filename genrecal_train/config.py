@@ -160,6 +160,8 @@ class EvalConfig:
     model: str | None = option(None, "Model folder (teacher or student).")
     data: str | None = option(None, "LLaVA-style JSONL or Parquet; the last answer is the reference. With --compare: "
                                     "evaluates run folders that have no eval.json.")
+    image_root: str | None = option(None, "Folder the data's image paths are under (default: the data file's "
+                                          "folder); an image outside it is refused.")
     limit: int | None = option(None, "Only the first N samples.")
     max_new_tokens: int = option(8, "Generation length limit.")
     device: str = option("cpu", "cpu, cuda, ...")

@@ -17,10 +17,12 @@ import torch
 from tqdm import tqdm
 
 from genrecal_cache.data import decode_image, read_samples
-from genrecal_cache.families import EncodeError, adapter_for
+from genrecal_cache.families import EncodeError, adapter_for, model_config
 from genrecal_train.config import EvalConfig
 
 __all__ = ["EvalReport", "evaluate", "normalize"]
+
+MAX_REASONS = 20  # skipped samples whose reason a report keeps
 
 
 def normalize(text: str) -> str:
@@ -36,6 +38,7 @@ class EvalReport:
     n: int = 0
     correct: int = 0
     skipped: int = 0
+    skip_reasons: list[str] = field(default_factory=list)  # why, for the first MAX_REASONS skipped samples
     per_type: dict[str, dict[str, int]] = field(default_factory=dict)
     predictions: list[dict] = field(default_factory=list)
 
@@ -46,18 +49,18 @@ class EvalReport:
     def to_dict(self) -> dict:
         types = {t: {**v, "accuracy": v["correct"] / v["n"] if v["n"] else 0.0} for t, v in self.per_type.items()}
         return {"model": self.model, "data": self.data, "n": self.n, "correct": self.correct,
-                "accuracy": self.accuracy, "skipped": self.skipped, "per_type": types,
+                "accuracy": self.accuracy, "skipped": self.skipped, "skip_reasons": self.skip_reasons, "per_type": types,
                 "predictions": self.predictions}
 
 
 @torch.inference_mode()
-def evaluate(model_path: str, data: str, *, limit: int | None = EvalConfig.limit,
+def evaluate(model_path: str, data: str, *, image_root: str | None = EvalConfig.image_root,
+             limit: int | None = EvalConfig.limit,
              max_new_tokens: int = EvalConfig.max_new_tokens, device: str = EvalConfig.device,
              progress: bool = True, model=None) -> EvalReport:
-    """Exact-match accuracy of greedy answers; `model` may be passed in to skip loading it."""
-    from transformers import AutoConfig
-
-    adapter = adapter_for(AutoConfig.from_pretrained(model_path))
+    """Exact-match accuracy of greedy answers; `model` may be passed in to skip loading it. A model that is not
+    there, or a data set with no usable sample, raises ValueError (one line: what, where, the fix)."""
+    adapter = adapter_for(model_config(model_path, "--model"))
     processor = adapter.load_processor(model_path)
     if model is None:
         model = adapter.load_model(model_path, dtype=torch.float32, device=device)
@@ -66,14 +69,15 @@ def evaluate(model_path: str, data: str, *, limit: int | None = EvalConfig.limit
     tok = processor.tokenizer
     report = EvalReport(model=str(model_path), data=str(data))
     per_type: dict[str, dict[str, int]] = defaultdict(lambda: {"n": 0, "correct": 0})
-    for s in tqdm(read_samples(data, limit=limit), desc="eval", disable=not progress, dynamic_ncols=True):
-        if s.error:
-            report.skipped += 1
-            continue
+    for s in tqdm(read_samples(data, limit=limit, image_root=image_root), desc="eval", disable=not progress, dynamic_ncols=True):
         try:
+            if s.error:
+                raise ValueError(s.error)
             inputs, reference = adapter.prompt_inputs(processor, s, [decode_image(b) for b in s.images])
-        except (EncodeError, ValueError):
+        except (EncodeError, ValueError) as e:
             report.skipped += 1
+            if len(report.skip_reasons) < MAX_REASONS:
+                report.skip_reasons.append(str(e) if s.error else f"sample {s.id!r}: {e}")
             continue
         inputs = {k: v.to(dev) for k, v in inputs.items()}
         if "pixel_values" in inputs:
@@ -90,6 +94,9 @@ def evaluate(model_path: str, data: str, *, limit: int | None = EvalConfig.limit
         report.predictions.append({"id": s.id, "qtype": qtype, "prediction": answer, "reference": reference,
                                    "correct": bool(ok)})
     report.per_type = dict(per_type)
+    if not report.n:
+        why = f": {report.skipped} skipped, the first: {report.skip_reasons[0]}" if report.skipped else ": it is empty"
+        raise ValueError(f"--data {data}: no sample to evaluate{why}")
     return report
 
 

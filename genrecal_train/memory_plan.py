@@ -29,7 +29,7 @@ import torch
 import transformers
 from torch import nn
 
-from genrecal_cache.families import adapter_for
+from genrecal_cache.families import adapter_for, model_config
 from genrecal_cache.families.flagships import FLAGSHIPS, flagship_config
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache import open_cache
@@ -82,31 +82,23 @@ def flagship_name(spec: str) -> str | None:
     return next((k for k in FLAGSHIPS if k.lower() == name.lower()), None)
 
 
-def model_config(spec: str, flag: str):
-    """A model's transformers config: a builtin short name, a model folder, its config.json, a flagship by name or hub
-    id (built offline), or any other hub id (its config.json alone is fetched, as `from_pretrained` does)."""
+def config_for_plan(spec: str, flag: str):
+    """A model's transformers config: a builtin short name, a model folder or its config.json, a flagship by name or
+    hub id (built offline), or any other hub id (its config.json alone is fetched, as `from_pretrained` does)."""
     from transformers import AutoConfig, PretrainedConfig
 
     path = Path(spec)
-    if spec.lower() not in BUILTINS and path.is_dir():
-        return AutoConfig.from_pretrained(path)
-    if spec.lower() not in BUILTINS and path.is_file():
+    if spec.lower() not in BUILTINS and path.is_file():  # a config.json
         data = json.loads(path.read_text())
         cls = AutoConfig.for_model(data["model_type"]).__class__
         cfg: PretrainedConfig = cls(**{k: v for k, v in data.items() if k != "model_type"})
         return cfg
-    if (name := flagship_name(spec)) is not None:
+    if (spec.lower() in BUILTINS or not path.exists()) and (name := flagship_name(spec)) is not None:
         return flagship_config(name)
-    builtins = ", ".join([*BUILTINS, *FLAGSHIPS])
-    if not _looks_like_hub_id(spec):
-        raise ValueError(f"{flag} {spec}: not a model folder, config.json, hub id or builtin ({builtins})")
     try:
-        return AutoConfig.from_pretrained(spec)
-    except Exception as e:  # offline, no such repo, a gated one: say which, and what works without the hub
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        what = "a cache or model folder, a model's config.json" if flag == "--cache" else "a model folder or its config.json"
-        raise ValueError(f"{flag} {spec}: no such folder or file here, and as a hub id its config could not be read "
-                         f"({why}); give {what}, or a builtin ({builtins})") from None
+        return model_config(spec, flag)
+    except ValueError as e:
+        raise ValueError(f"{e}; or a builtin ({', '.join([*BUILTINS, *FLAGSHIPS])})") from None
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -117,7 +109,7 @@ def _looks_like_hub_id(spec: str) -> bool:
 
 def teacher_dims(spec: str) -> tuple[int, int]:
     """(hidden, vocab) of the teacher head: from 'HIDDENxVOCAB', a cache (its manifest; a folder or URL), or the
-    teacher's model config (`model_config`: a builtin, a model folder or its config.json, a flagship, a hub id)."""
+    teacher's model config (`config_for_plan`: a builtin, a model folder or its config.json, a flagship, a hub id)."""
     if "x" in spec and all(p.isdigit() for p in spec.lower().split("x")):
         h, v = spec.lower().split("x")
         return int(h), int(v)
@@ -129,7 +121,10 @@ def teacher_dims(spec: str) -> tuple[int, int]:
     if not is_model:
         m = open_cache(spec).manifest
         return m.hidden_size, m.vocab_size
-    text = model_config(spec, "--cache").get_text_config()
+    try:
+        text = config_for_plan(spec, "--cache").get_text_config()
+    except ValueError as e:
+        raise ValueError(f"{e}; or a cache folder or URL, or HIDDENxVOCAB") from None
     return text.hidden_size, text.vocab_size
 
 
@@ -241,7 +236,7 @@ def load_host_bytes(model: nn.Module) -> dict[str, int]:
 
 def plan(cfg: PlanConfig) -> tuple[list[Sizes], dict]:
     d_t, vocab = teacher_dims(cfg.teacher)
-    model = meta_model(model_config(cfg.student, "--student"), d_t, vocab, cfg.recal_layers)
+    model = meta_model(config_for_plan(cfg.student, "--student"), d_t, vocab, cfg.recal_layers)
     pdt = to_dtype(cfg.param_dtype)
     info = {"params": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),

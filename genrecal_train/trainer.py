@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from genrecal_cache.families import adapter_for
+from genrecal_cache.families import adapter_for, model_config
 from genrecal_cache.format.manifest import identity_diff
 from genrecal_cache.io.durable import atomic_write
 from genrecal_cache.journal import DirLock, DirLockedError
@@ -203,15 +203,12 @@ def _out_of_space_message(why: str, run_dir: Path, progress: Progress) -> str:
 
 def _load_student_processor(student: str):
     """The student's family adapter and processor; a folder or hub id that is not a model is RunRefused."""
-    from transformers import AutoConfig
-
-    if not Path(student).exists() and (student.startswith(("/", ".", "~")) or student.count("/") > 1):
-        raise RunRefused(f"--student {student}: no such folder; give the student model folder or a hub id "
-                         f"(org/name)")
     try:
-        adapter = adapter_for(AutoConfig.from_pretrained(student))
+        adapter = adapter_for(model_config(student, "--student"))
         return adapter, adapter.load_processor(student)
-    except OSError as e:  # transformers/huggingface_hub: not a folder, not a hub id, no config.json, offline
+    except ValueError as e:
+        raise RunRefused(str(e)) from None
+    except OSError as e:  # a config but no processor files
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise RunRefused(f"--student {student}: cannot be loaded ({first[:300]}); give a student model folder "
                          f"(config.json, weights, processor) or a hub id") from e

@@ -134,7 +134,7 @@ def test_flags_users_rely_on_are_still_there() -> None:
     assert {"--local-cache", "--errors", "--json"} <= flags(cache_cli.app, "info")
     assert {"--student", "--cache", "--gpus", "--gpu-memory", "--batch-size", "--max-len", "--recal-layers",
             "--recal-context", "--param-dtype"} == flags(train_cli.plan_app) - {"--help"}
-    assert {"--compare", "--model", "--data", "--out", "--limit", "--max-new-tokens", "--device"} \
+    assert {"--compare", "--model", "--data", "--image-root", "--out", "--limit", "--max-new-tokens", "--device"} \
         == flags(eval_cli.app) - {"--help"}
     assert {"--no-reg-pass", "--resume", "--config", "--max-steps", "--stages"} <= flags(train_cli.app)
 

@@ -143,10 +143,11 @@ def test_plan_takes_hub_ids_and_model_folders_and_says_why_it_cannot(student_dir
     for student in ("someorg/no-such-model", "someorg/Qwen2-VL-7B-Instruct"):
         bad = run("--student", student, "--cache", "qwen2-vl-72b")
         assert bad.exit_code == 2, bad.output
-        assert f"--student {student}: no such folder or file here, and as a hub id its config could not be read" \
-            in " ".join(bad.output.split()) and "Traceback" not in bad.output
+        assert f"--student {student}: cannot be loaded" in " ".join(bad.output.split()) and "Traceback" not in bad.output
     bad = run("--student", "qwen2-vl-7b", "--cache", "no/such-cache")
-    assert bad.exit_code == 2 and "give a cache or model folder" in " ".join(bad.output.split())
+    assert bad.exit_code == 2 and "or a cache folder or URL, or HIDDENxVOCAB" in " ".join(bad.output.split())
+    bad = run("--student", "./no/such/folder", "--cache", "qwen2-vl-72b")
+    assert bad.exit_code == 2 and "--student ./no/such/folder: no such folder" in " ".join(bad.output.split())
 
 
 def test_plan_cli_from_a_builtin_config_and_from_a_cache(train_cache: Path, student_dir: Path) -> None:
@@ -174,7 +175,7 @@ def test_plan_cli_from_a_builtin_config_and_from_a_cache(train_cache: Path, stud
     tiny = run("--student", str(student_dir), "--cache", str(train_cache), "--gpus", "2", "--gpu-memory", "1")
     assert tiny.exit_code == 0 and "teacher head 832 x 128" in tiny.output, tiny.output
     bad = run("--student", "/nonexistent", "--cache", "qwen2-vl-72b")
-    assert bad.exit_code != 0 and "not a model folder" in bad.output
+    assert bad.exit_code != 0 and "--student /nonexistent: no such folder" in bad.output
     bad = run("--student", "qwen2-vl-7b", "--cache", "qwen2-vl-72b", "--recal-context", "questions")
     assert bad.exit_code == 2 and "--recal-context: got 'questions', must be one of question, none" in bad.output
     assert "Traceback" not in bad.output

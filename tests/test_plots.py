@@ -129,3 +129,35 @@ def test_compare_refuses_a_file_that_is_not_a_report(tmp_path: Path):
     bad.write_text('{"hello": 1}')
     r = CliRunner().invoke(eval_app, ["--compare", str(bad)])
     assert r.exit_code != 0 and "x.json: not a genrecal-eval report" in r.output
+
+
+def test_eval_ends_in_one_line_without_a_model_or_samples_and_says_why_it_skipped(tmp_path: Path, student_dir: Path,
+                                                                                   demo_jsonl: Path):
+    """A model or data set that is not there, or data with no usable sample: one line, status 2, no traceback.
+    Skipped samples are counted and the first reason is printed (every reason, up to 20, in the --out report)."""
+    def run(*args: str):
+        r = CliRunner().invoke(eval_app, list(args))
+        return r.exit_code, " ".join((r.output + getattr(r, "stderr", "")).split())
+
+    absent = tmp_path / "absent"
+    for args, says in [(["--model", str(absent), "--data", str(demo_jsonl)], f"--model {absent}: no such folder"),
+                       (["--model", str(tmp_path), "--data", str(demo_jsonl)], "no config.json in this folder"),
+                       (["--model", str(student_dir), "--data", f"{absent}.jsonl"], f"{absent}.jsonl")]:
+        code, out = run(*args)
+        assert code == 2 and says in out and "Traceback" not in out, out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "q1"}\nnot json\n')
+    code, out = run("--model", str(student_dir), "--data", str(bad))
+    assert code == 2 and f"--data {bad}: no sample to evaluate: 2 skipped, the first: sample 'q1'" in out, out
+    mixed = tmp_path / "mixed.jsonl"
+    rows = [json.loads(line) for line in demo_jsonl.read_text().splitlines()[:3]]
+    rows = [{**r, "image": str(demo_jsonl.parent / r["image"])} for r in rows]  # images beside the demo set
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    code, out = run("--model", str(student_dir), "--data", str(mixed))
+    assert code == 2 and "points outside the image root" in out and "--image-root" in out, out  # as the fix says:
+    code, out = run("--model", str(student_dir), "--data", str(mixed), "--out", str(tmp_path / "r.json"),
+                    "--image-root", str(demo_jsonl.parent))
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0 and report["n"] == 3 and report["skipped"] == 1, out
+    assert "skipped 1)" in out and "skipped, the first: sample 'line-4'" in out and "malformed JSON" in out
+    assert len(report["skip_reasons"]) == 1 and "line-4" in report["skip_reasons"][0]
