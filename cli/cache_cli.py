@@ -203,7 +203,7 @@ def audit(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."), 
     hidden states against the codec's bound, head, top-1): PASS, or FAIL naming what differs (exit 1)."""
     from genrecal_cache.audit import audit as run_audit
 
-    with clean_errors(cache):
+    with clean_errors(cache, also=(ValueError,)):  # ValueError: a --teacher that is not there (families.model_config)
         cfg = AuditConfig(**given(AuditConfig, flags))
         report = run_audit(cache, cfg.teacher, samples=cfg.samples, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
                            tolerance=cfg.tolerance, min_top1=cfg.min_top1)
@@ -271,7 +271,8 @@ def tiny_models(**flags: Any) -> None:
     from genrecal_cache.testing import tiny_pair
 
     cfg = TinyModelsConfig(**given(TinyModelsConfig, flags))
-    teacher, student = tiny_pair(cfg.out, seed=cfg.seed)
+    with clean_errors(cfg.out, also=(OSError,)):  # an --out that cannot be written: one line
+        teacher, student = tiny_pair(cfg.out, seed=cfg.seed)
     typer.echo(f"teacher: {teacher}\nstudent: {student}")
 
 

@@ -26,14 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig
 
 from .backends.hf import HFBackend
 from .config import AuditConfig
 from .data import Sample, decode_image
 from .dtypes import torch_dtype
 from .extract import resolve_max_len
-from .families import adapter_for
+from .families import adapter_for, model_config
 from .fidelity import fidelity
 from .format.codecs import hidden_codec
 from .format.roles import CONTEXT_CODEC, FLAG_COMPACT, ContextBasis
@@ -89,7 +88,7 @@ def audit(cache: str | os.PathLike, teacher: str, samples: int = AuditConfig.sam
         cached = [tc[i] for i in chosen]
         cache_head = tc.head()
         basis = tc.context_basis()  # None but for a single-part low-rank cache (parts: each has its own)
-    config = AutoConfig.from_pretrained(teacher)
+    config = model_config(teacher, "--teacher")
     adapter = adapter_for(config)
     processor = adapter.load_processor(teacher)
     max_len = (m.extra.get("extract") or {}).get("max_len") or resolve_max_len(None, config)

@@ -22,7 +22,7 @@ from genrecal_cache.backends.vllm import VLLMBackend, vllm_refusal
 from genrecal_cache.config import DEFAULT_MAX_LEN, ExtractConfig
 from genrecal_cache.dtypes import torch_dtype
 from genrecal_cache.data import ImageError, Sample, decode_image, read_samples
-from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter_for
+from genrecal_cache.families import EncodeError, Encoded, FamilyAdapter, adapter_for, model_config
 from genrecal_cache.format.manifest import (
     COMMITS_DIR, MANIFEST_NAME, PROGRESS_NAME, SAMPLES_NAME, Manifest, identity, identity_diff, sha256_text,
 )
@@ -144,8 +144,6 @@ def extract(cfg: ExtractConfig) -> Manifest:
     """Run the teacher over `cfg.data` once and write a verified cache to `cfg.out` (or to its part
     `cfg.out/part-<i>-of-<n>` with `num_shards`). An interrupted run in the same place is resumed from
     its last commit; a complete one is returned as it is."""
-    from transformers import AutoConfig
-
     if not 0 <= cfg.shard_index < cfg.num_shards:
         raise ValueError(f"shard_index must be in [0, num_shards={cfg.num_shards}), got {cfg.shard_index}")
     try:  # before the output folder is made: an unreadable input leaves nothing behind
@@ -153,7 +151,10 @@ def extract(cfg: ExtractConfig) -> Manifest:
     except (OSError, ValueError) as e:
         raise ExtractError(f"{e}; nothing was written to {cfg.out}") from e
     out = part_dir(cfg.out, cfg.shard_index, cfg.num_shards) if cfg.num_shards > 1 else cfg.out
-    config = AutoConfig.from_pretrained(cfg.teacher)
+    try:
+        config = model_config(cfg.teacher, "--teacher")
+    except ValueError as e:
+        raise ExtractError(f"{e}; nothing was written to {cfg.out}") from None
     cfg = dataclasses.replace(cfg, max_len=resolve_max_len(cfg.max_len, config))
     # one writer per directory (a second run would delete the first one's shards); a full disk or an
     # interrupt ends in one line saying what is kept and how to resume (stops.py)

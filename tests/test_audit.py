@@ -87,3 +87,9 @@ def test_audit_fails_on_a_cache_with_a_corrupted_answer_mask(train_cache, teache
     code, out = _run(cache, teacher_dir)
     assert code == 1 and out.strip().splitlines()[-1] == "FAIL (answer mask)", out
     assert "FAIL answer mask: differ in 4 of 4 samples, e.g." in out and "first at token 0" in out
+
+
+def test_audit_of_a_teacher_that_is_not_there_is_one_line(train_cache, tmp_path):
+    code, out = _run(train_cache, tmp_path / "absent")
+    assert code == 2 and f"--teacher {tmp_path / 'absent'}: no such folder" in " ".join(out.split()), out
+    assert "Traceback" not in out

@@ -275,6 +275,16 @@ def test_an_input_that_is_not_a_dataset_is_refused_before_anything_is_written(te
     assert not out.exists()
 
 
+def test_a_teacher_that_is_not_there_is_refused_before_anything_is_written(data_dir, demo_jsonl, tmp_path):
+    out = tmp_path / "cache"
+    for teacher, says in [(tmp_path / "no-teacher", "no such folder; give a model folder or a hub id"),
+                          (data_dir, "no config.json in this folder")]:  # a folder that is not a model
+        r = _extract_cli(teacher, demo_jsonl, out)
+        line = _error_line(r)
+        assert r.returncode == 2 and f"--teacher {teacher}: {says}" in line and "nothing was written" in line, line
+        assert "Traceback" not in r.stderr and not out.exists()
+
+
 def test_the_image_root_advice_names_the_flag(teacher_dir, demo_jsonl, data_dir, tmp_path):
     rec = _lines(demo_jsonl, 1)[0]
     data = _write(data_dir / "escape.jsonl", [json.dumps({**rec, "id": "esc", "image": "../outside.png"}),
