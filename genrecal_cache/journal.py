@@ -23,6 +23,7 @@ lock): split, its ordering rules would be spread over several files.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -157,7 +158,7 @@ class CacheWriteError(RuntimeError):
 
 
 class DirLockedError(RuntimeError):
-    """Another live process is writing the directory."""
+    """The directory cannot be taken for writing: another live process writes it, or it cannot be made there."""
 
 
 class DirLock:
@@ -182,8 +183,15 @@ class DirLock:
     def acquire(self) -> DirLock:
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a file in the way, a read-only place, no permission (a full disk stays itself)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise DirLockedError(f"{self.path.parent}: cannot be the {self.what}'s folder ({e.strerror or e}"
+                                 f"{': ' + e.filename if e.filename else ''}); give a folder this user can create "
+                                 f"and write") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -205,6 +205,17 @@ def test_a_missing_student_or_cache_is_one_line_and_leaves_no_out_folder(missing
     assert not out.exists()  # the lock it took went with the folder it made
 
 
+def test_an_out_that_cannot_be_a_folder_is_one_line(tmp_path, train_cache, student_dir):
+    """A file where --out should be (a typo, a stale file), or a path under one: one line naming it, status 2."""
+    (tmp_path / "afile").write_text("not a folder")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        r = _run(_args(train_cache, student_dir, out, "--max-steps", "1"))
+        assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+        line = _one_line(r)
+        assert line.startswith(f"error: {out}: cannot be the training run's folder (") and "give a folder" in line, line
+    assert (tmp_path / "afile").read_text() == "not a folder"
+
+
 def test_values_written_as_text_in_a_config_file_are_read_as_their_type(tmp_path):
     """YAML reads `1e-4` as text: it is a number all the same, as are "3" and 1e3 for whole numbers."""
     from genrecal_train.config import load_config
