@@ -203,7 +203,9 @@ def audit(cache: str = typer.Argument(..., help="Cache folder or fsspec URL."), 
     hidden states against the codec's bound, head, top-1): PASS, or FAIL naming what differs (exit 1)."""
     from genrecal_cache.audit import audit as run_audit
 
-    with clean_errors(cache, also=(ValueError,)):  # ValueError: a --teacher that is not there (families.model_config)
+    from genrecal_cache.families import ModelNotFound
+
+    with clean_errors(cache, also=(ModelNotFound,)):  # a --teacher that is not there
         cfg = AuditConfig(**given(AuditConfig, flags))
         report = run_audit(cache, cfg.teacher, samples=cfg.samples, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
                            tolerance=cfg.tolerance, min_top1=cfg.min_top1)

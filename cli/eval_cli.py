@@ -36,14 +36,15 @@ def run(runs: Optional[list[str]] = typer.Argument(None, help="With --compare: e
         **flags: Any) -> None:
     how, cfg = Output(**given(Output, flags)), EvalConfig(**given(EvalConfig, flags))
     if how.compare:
-        return _compare(runs or [], cfg.data, how.out, cfg.device)
+        return _compare(runs or [], cfg.data, how.out, cfg.device, cfg.image_root)
     if runs:
         raise typer.BadParameter(f"unexpected argument(s) {runs}: runs are compared with --compare")
     if cfg.model is None or cfg.data is None:
         raise typer.BadParameter("--model and --data are required (or --compare RUN...)")
-    from genrecal_train.evaluate import evaluate
+    from genrecal_cache.families import ModelNotFound
+    from genrecal_train.evaluate import EvalError, evaluate
 
-    with clean_errors("eval", also=(ValueError, FileNotFoundError)):  # a missing model or data set: one line
+    with clean_errors("eval", also=(ModelNotFound, EvalError)):  # a missing model or data set: one line
         d = evaluate(cfg.model, cfg.data, image_root=cfg.image_root, limit=cfg.limit,
                      max_new_tokens=cfg.max_new_tokens, device=cfg.device).to_dict()
     if how.out:
@@ -51,13 +52,13 @@ def run(runs: Optional[list[str]] = typer.Argument(None, help="With --compare: e
         how.out.write_text(json.dumps(d, indent=1))
     typer.echo(f"accuracy {d['accuracy']:.3f} ({d['correct']}/{d['n']}, skipped {d['skipped']})")
     if d["skipped"]:
-        typer.echo(f"  skipped, the first: {d['skip_reasons'][0]}" + (" (all reasons: the --out report)" if how.out
+        typer.echo(f"  skipped, the first: {d['skip_reasons'][0]}" + (" (the first 20: the --out report)" if how.out
                                                                        else ""))
     for t, v in sorted(d["per_type"].items()):
         typer.echo(f"  {t:>10}: {v['accuracy']:.3f} ({v['correct']}/{v['n']})")
 
 
-def _compare(runs: list[str], data: Optional[str], out: Optional[Path], device: str) -> None:
+def _compare(runs: list[str], data: Optional[str], out: Optional[Path], device: str, image_root: Optional[str]) -> None:
     from genrecal_train.evaluate import compare_table, load_report, run_label
     from genrecal_train.plots import plot_accuracy
 
@@ -67,7 +68,7 @@ def _compare(runs: list[str], data: Optional[str], out: Optional[Path], device: 
     for path in runs:
         label = run_label(path)
         try:
-            reports[label if label not in reports else path] = load_report(path, data, device)
+            reports[label if label not in reports else path] = load_report(path, data, device, image_root)
         except (FileNotFoundError, ValueError) as e:
             raise typer.BadParameter(str(e))
     typer.echo(compare_table(reports))

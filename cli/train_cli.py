@@ -83,7 +83,8 @@ plan_app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 @plan_app.command(help="Per-GPU memory of weights, gradients, AdamW state, teacher head and activations for DDP "
                        "and FSDP (with/without activation checkpointing and CPU offload), from a student config "
-                       "alone (meta device, nothing downloaded), and what to change when it does not fit.")
+                       "alone (meta device: no weights; a hub id other than a builtin flagship reads its config.json), "
+                       "and what to change when it does not fit.")
 @options_from(PlanConfig)
 def plan(**flags: Any) -> None:
     from genrecal_train.memory_plan import format_plan

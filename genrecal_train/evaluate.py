@@ -16,13 +16,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from genrecal_cache.data import decode_image, read_samples
+from genrecal_cache.data import check_data_file, decode_image, read_samples
 from genrecal_cache.families import EncodeError, adapter_for, model_config
 from genrecal_train.config import EvalConfig
 
-__all__ = ["EvalReport", "evaluate", "normalize"]
+__all__ = ["EvalError", "EvalReport", "evaluate", "normalize"]
 
 MAX_REASONS = 20  # skipped samples whose reason a report keeps
+
+
+class EvalError(ValueError):
+    """A data set that cannot be evaluated (missing, not a dataset, no usable sample); the message is one line."""
 
 
 def normalize(text: str) -> str:
@@ -59,7 +63,12 @@ def evaluate(model_path: str, data: str, *, image_root: str | None = EvalConfig.
              max_new_tokens: int = EvalConfig.max_new_tokens, device: str = EvalConfig.device,
              progress: bool = True, model=None) -> EvalReport:
     """Exact-match accuracy of greedy answers; `model` may be passed in to skip loading it. A model that is not
-    there, or a data set with no usable sample, raises ValueError (one line: what, where, the fix)."""
+    there (ModelNotFound), or a data set that is not there or has no usable sample (EvalError), raises before or
+    instead of a report, with the one line to print."""
+    try:
+        check_data_file(data, image_root)  # before the model loads: a missing file should not wait for a 7B model
+    except (OSError, ValueError) as e:
+        raise EvalError(f"--data {data}: {e}") from None
     adapter = adapter_for(model_config(model_path, "--model"))
     processor = adapter.load_processor(model_path)
     if model is None:
@@ -96,7 +105,7 @@ def evaluate(model_path: str, data: str, *, image_root: str | None = EvalConfig.
     report.per_type = dict(per_type)
     if not report.n:
         why = f": {report.skipped} skipped, the first: {report.skip_reasons[0]}" if report.skipped else ": it is empty"
-        raise ValueError(f"--data {data}: no sample to evaluate{why}")
+        raise EvalError(f"--data {data}: no sample to evaluate{why}")
     return report
 
 
@@ -108,7 +117,8 @@ def run_label(path: str | Path) -> str:
     return p.parent.name if p.suffix == ".json" and p.stem == "eval" else (p.stem if p.suffix == ".json" else p.name)
 
 
-def load_report(path: str | Path, data: str | None = None, device: str = EvalConfig.device) -> dict:
+def load_report(path: str | Path, data: str | None = None, device: str = EvalConfig.device,
+                image_root: str | None = EvalConfig.image_root) -> dict:
     """An eval report: an eval JSON (`genrecal-eval --out`), or a run folder's eval.json. A run folder
     without one (or with one on other data) is evaluated on `data` when given, into RUN/eval.json."""
     p = Path(path)
@@ -121,7 +131,8 @@ def load_report(path: str | Path, data: str | None = None, device: str = EvalCon
                 raise FileNotFoundError(
                     f"{run}: no eval.json in this folder; evaluate it first (genrecal-eval --model {model} "
                     f"--data HELDOUT --out {p}) or pass --data HELDOUT to --compare")
-            p.write_text(json.dumps(evaluate(str(model), data, device=device).to_dict(), indent=1))
+            p.write_text(json.dumps(evaluate(str(model), data, image_root=image_root, device=device).to_dict(),
+                                    indent=1))
     elif not p.is_file():
         raise FileNotFoundError(f"{path}: neither an eval JSON nor a run folder")
     try:

@@ -42,7 +42,7 @@ from genrecal_train.model import GenRecal
 # names and hub ids work too: Qwen/Qwen2-VL-7B-Instruct)
 BUILTINS = {"qwen2-vl-72b": "Qwen2-VL-72B-Instruct", "qwen2-vl-7b": "Qwen2-VL-7B-Instruct",
             "qwen2-vl-2b": "Qwen2-VL-2B-Instruct"}
-FLAGSHIP_ORGS = {"qwen", "opengvlab", "google"}  # the hub organizations that publish them
+FLAGSHIP_ORGS = {"qwen": "Qwen", "internvl": "OpenGVLab", "gemma": "google"}  # name prefix -> publisher on the hub
 GiB = 1024 ** 3
 HEADROOM = 0.9  # of a GPU's memory usable for tensors (CUDA context, allocator fragmentation)
 
@@ -75,11 +75,13 @@ class Sizes:
 def flagship_name(spec: str) -> str | None:
     """The FLAGSHIPS key `spec` names: a builtin short name, the key itself, or its hub id under the publisher's
     organization (any case). A same-named repo elsewhere (a fine-tune) is not assumed to share the config."""
-    org, _, name = spec.rpartition("/")
-    if org and org.lower() not in FLAGSHIP_ORGS:
-        return None
-    name = BUILTINS.get(name.lower(), name)
-    return next((k for k in FLAGSHIPS if k.lower() == name.lower()), None)
+    org, slash, name = spec.rpartition("/")
+    name = BUILTINS.get(name.lower(), name) if not slash else name
+    key = next((k for k in FLAGSHIPS if k.lower() == name.lower()), None)
+    if key is None or not slash:
+        return key
+    publisher = next((o for prefix, o in FLAGSHIP_ORGS.items() if key.lower().startswith(prefix)), None)
+    return key if publisher is not None and org.lower() == publisher.lower() else None
 
 
 def config_for_plan(spec: str, flag: str):
@@ -89,8 +91,11 @@ def config_for_plan(spec: str, flag: str):
 
     path = Path(spec)
     if spec.lower() not in BUILTINS and path.is_file():  # a config.json
-        data = json.loads(path.read_text())
-        cls = AutoConfig.for_model(data["model_type"]).__class__
+        try:
+            data = json.loads(path.read_text())
+            cls = AutoConfig.for_model(data["model_type"]).__class__
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{flag} {spec}: not a model's config.json ({type(e).__name__}: {e})") from None
         cfg: PretrainedConfig = cls(**{k: v for k, v in data.items() if k != "model_type"})
         return cfg
     if (spec.lower() in BUILTINS or not path.exists()) and (name := flagship_name(spec)) is not None:

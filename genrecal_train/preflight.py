@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import Tensor
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
-from genrecal_cache.families import adapter_for
+from genrecal_cache.families import adapter_for, model_config
 from genrecal_cache.format.head import TeacherHead
 from genrecal_cache.format.manifest import TOKENIZER_DIR, CacheFormatError
 from genrecal_cache.format.tokenizer import tokenizer_sha256
@@ -36,7 +36,7 @@ def check_cache_matches(cache, head: TeacherHead, cfg: TrainConfig) -> None:
         if cfg.expect_teacher != m.teacher.get("id"):
             raise ValueError(f"{where} was extracted from teacher {m.teacher.get('id')!r}, not {cfg.expect_teacher!r}")
         return
-    tcfg = AutoConfig.from_pretrained(cfg.expect_teacher)
+    tcfg = model_config(cfg.expect_teacher, "--expect-teacher")
     t_adapter = adapter_for(tcfg)
     tok = t_adapter.load_processor(cfg.expect_teacher).tokenizer
     if tokenizer_sha256(tok) != m.tokenizer_sha256:

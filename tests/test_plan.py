@@ -123,13 +123,17 @@ def test_qwen2_vl_7b_with_72b_head_fits_8x80gb_with_fsdp_bf16_not_with_fp32_ddp(
     assert [n for n, s in one.items() if s.gpu_total < 24 * P.GiB * P.HEADROOM] == ["fsdp bfloat16 +ckpt +offload"]
 
 
-def test_plan_takes_hub_ids_and_model_folders_and_says_why_it_cannot(student_dir: Path) -> None:
+def test_plan_takes_hub_ids_and_model_folders_and_says_why_it_cannot(student_dir: Path, train_cache: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's `genrecal-train plan --student Qwen/Qwen2-VL-7B-Instruct` works offline (a flagship's hub id
     is its builtin config); a model folder gives the teacher's head size; an unknown hub id, offline, is one line."""
+    import huggingface_hub.constants
     from typer.testing import CliRunner
     from transformers import AutoConfig
 
     from cli.train_cli import plan_app
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # hub ids below: no network, whatever env
 
     run = lambda *a: CliRunner().invoke(plan_app, list(a))  # noqa: E731
     by_hub = run("--student", "Qwen/Qwen2-VL-7B-Instruct", "--cache", "Qwen/Qwen2-VL-72B-Instruct", "--gpus", "8")
@@ -140,14 +144,18 @@ def test_plan_takes_hub_ids_and_model_folders_and_says_why_it_cannot(student_dir
     folder = run("--student", str(student_dir), "--cache", str(student_dir))
     assert folder.exit_code == 0 and f"teacher head {text.vocab_size} x {text.hidden_size}" in folder.output, folder.output
     # same name, another organization (a fine-tune): not assumed to be the flagship; the hub is asked, offline here
-    for student in ("someorg/no-such-model", "someorg/Qwen2-VL-7B-Instruct"):
+    for student in ("someorg/no-such-model", "someorg/Qwen2-VL-7B-Instruct", "google/Qwen2-VL-7B-Instruct"):
         bad = run("--student", student, "--cache", "qwen2-vl-72b")
         assert bad.exit_code == 2, bad.output
         assert f"--student {student}: cannot be loaded" in " ".join(bad.output.split()) and "Traceback" not in bad.output
     bad = run("--student", "qwen2-vl-7b", "--cache", "no/such-cache")
     assert bad.exit_code == 2 and "or a cache folder or URL, or HIDDENxVOCAB" in " ".join(bad.output.split())
-    bad = run("--student", "./no/such/folder", "--cache", "qwen2-vl-72b")
-    assert bad.exit_code == 2 and "--student ./no/such/folder: no such folder" in " ".join(bad.output.split())
+    for path in ("./no/such/folder", "/Qwen2-VL-7B-Instruct"):  # paths, not flagships
+        bad = run("--student", path, "--cache", "qwen2-vl-72b")
+        assert bad.exit_code == 2 and f"--student {path}: no such folder" in " ".join(bad.output.split()), bad.output
+    manifest = str(train_cache / "manifest.json")  # a .json that is not a model's config
+    bad = run("--student", "qwen2-vl-7b", "--cache", manifest)
+    assert bad.exit_code == 2 and f"--cache {manifest}: not a model's config.json" in " ".join(bad.output.split())
 
 
 def test_plan_cli_from_a_builtin_config_and_from_a_cache(train_cache: Path, student_dir: Path) -> None:

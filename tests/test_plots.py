@@ -139,10 +139,13 @@ def test_eval_ends_in_one_line_without_a_model_or_samples_and_says_why_it_skippe
         r = CliRunner().invoke(eval_app, list(args))
         return r.exit_code, " ".join((r.output + getattr(r, "stderr", "")).split())
 
-    absent = tmp_path / "absent"
+    absent, run_folder = tmp_path / "absent", tmp_path / "run"
+    run_folder.mkdir()
+    (run_folder / "config.json").write_text(json.dumps({"stages": [1, 2, 3]}))  # a training run's own config.json
     for args, says in [(["--model", str(absent), "--data", str(demo_jsonl)], f"--model {absent}: no such folder"),
                        (["--model", str(tmp_path), "--data", str(demo_jsonl)], "no config.json in this folder"),
-                       (["--model", str(student_dir), "--data", f"{absent}.jsonl"], f"{absent}.jsonl")]:
+                       (["--model", str(run_folder), "--data", str(demo_jsonl)], "a training run's model is in its final/"),
+                       (["--model", str(student_dir), "--data", f"{absent}.jsonl"], f"--data {absent}.jsonl: ")]:
         code, out = run(*args)
         assert code == 2 and says in out and "Traceback" not in out, out
     bad = tmp_path / "bad.jsonl"

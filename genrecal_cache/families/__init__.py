@@ -38,8 +38,12 @@ ADAPTERS: dict[str, type[FamilyAdapter]] = {a.model_type: a for a in (
 REFUSED: dict[str, str] = {}
 
 
+class ModelNotFound(ValueError):
+    """A model folder or hub id that gives no model config (`model_config`); the message is the one line to print."""
+
+
 def model_config(spec: str | os.PathLike, flag: str) -> PreTrainedConfig:
-    """The transformers config of a model folder or hub id `spec`, or a ValueError naming `flag` (the option the
+    """The transformers config of a model folder or hub id `spec`, or a ModelNotFound naming `flag` (the option the
     user gave it by), what is wrong and the fix: no such folder, a folder with no config.json, or a hub id this
     machine cannot read (offline and not in the local hub cache, no such repo, a gated one)."""
     from pathlib import Path
@@ -48,16 +52,16 @@ def model_config(spec: str | os.PathLike, flag: str) -> PreTrainedConfig:
 
     spec, path = str(spec), Path(spec)
     if not path.exists() and (spec.startswith(("/", ".", "~")) or spec.count("/") > 1):
-        raise ValueError(f"{flag} {spec}: no such folder; give a model folder or a hub id (org/name)")
+        raise ModelNotFound(f"{flag} {spec}: no such folder; give a model folder or a hub id (org/name)")
     if path.is_dir() and not (path / "config.json").is_file():
-        raise ValueError(f"{flag} {spec}: no config.json in this folder; give a model folder (config.json, weights, "
+        raise ModelNotFound(f"{flag} {spec}: no config.json in this folder; give a model folder (config.json, weights, "
                          f"processor), such as a run's final/")
     try:
         return AutoConfig.from_pretrained(spec)
-    except OSError as e:  # transformers/huggingface_hub: not a folder, not a hub id, offline, no such repo
+    except (OSError, ValueError) as e:  # not a folder or hub id, offline, no such repo; a config with no model_type
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise ValueError(f"{flag} {spec}: cannot be loaded ({first[:300]}); give a model folder (config.json, "
-                         f"weights, processor) or a hub id") from None
+        raise ModelNotFound(f"{flag} {spec}: cannot be loaded ({first[:300]}); give a model folder (config.json, "
+                         f"weights, processor; a training run's model is in its final/) or a hub id") from None
 
 
 def adapter_for(config: PreTrainedConfig | str | os.PathLike) -> FamilyAdapter:
@@ -80,5 +84,5 @@ def adapter_for(config: PreTrainedConfig | str | os.PathLike) -> FamilyAdapter:
 
 __all__ = ["ADAPTERS", "REFUSED", "HEAD_TENSOR_NAMES", "NORM_FORMULAS", "AnswerMaskError", "EncodeError", "Encoded",
            "FamilyAdapter", "Gemma3Adapter", "HeadCheckError", "Idefics3Adapter", "InternVLAdapter", "LlavaAdapter",
-           "LlavaOnevisionAdapter", "Mistral3Adapter", "PaliGemmaAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter",
+           "LlavaOnevisionAdapter", "Mistral3Adapter", "ModelNotFound", "PaliGemmaAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter",
            "SmolVLMAdapter", "adapter_for", "collate", "model_config"]
