@@ -28,7 +28,7 @@ from .config import PushConfig
 from .format import safety
 from .format.manifest import MANIFEST_NAME, CacheFormatError, Manifest, sha256_file
 from .io.durable import atomic_write, rename_durable
-from .io.locate import open_fs
+from .io.locate import local_folder_problem, open_fs
 from .io.remote import read_capped
 from .io.retry import RetryPolicy, retry_call
 from .reader import find_cache
@@ -66,6 +66,8 @@ def push(cache: str | os.PathLike, url: str, storage_options: dict[str, Any] | N
     the bytes of each file as it is done (uploaded or found there), `total(n)` once with the bytes of all."""
     files, manifests = _local_cache(cache)
     fs, root, name = open_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem) and (problem := local_folder_problem(root)) is not None:
+        raise PushError(f"{problem}; push to a folder (new, or holding an earlier push of this cache)")
     policy = getattr(fs, "genrecal_retry", None) or RetryPolicy.from_options(storage_options)[0]
     if total is not None:
         total(sum(f.size for f in files) + sum(len(t) for t in manifests.values()))

@@ -210,6 +210,20 @@ def test_pull_is_verified_and_resumable(cache_dir, tmp_path):
     assert_same(open_cache(cache_dir), open_cache(out))
 
 
+def test_pull_and_push_to_a_file_or_under_one_are_one_line(cache_dir, tmp_path):
+    """A destination where a file is (a typo, a stale download), or under one: one line naming it, status 2, the
+    file untouched (was a FileExistsError / NotADirectoryError traceback)."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for dest, says in [(afile, f"{afile}: a file is there, not a folder"),
+                       (afile / "sub", f"{afile / 'sub'}: {afile} is a file, not a folder")]:
+        for command, verb in (["pull", "pull into a folder"], ["push", "push to a folder"]):
+            r = CliRunner().invoke(cache_app, [command, str(cache_dir), str(dest), "--quiet"])
+            out = " ".join(r.output.split())
+            assert r.exit_code == 2 and f"error: {says}; {verb}" in out and "Traceback" not in out, (command, out)
+    assert afile.read_text() == "keep me"
+
+
 def test_info_and_verify_cli_over_http(cache_dir, tmp_path):
     runner = CliRunner()
     with serve(cache_dir, plan=faults()) as (url, _):

@@ -42,6 +42,17 @@ def open_fs(path_or_url: str | os.PathLike, storage_options: dict[str, Any] | No
     return fs, root.rstrip("/") or "/", url.rstrip("/")
 
 
+def local_folder_problem(path: str) -> str | None:
+    """Why the local `path` cannot be (made) a folder to write into, or None: a file is there, or where a parent
+    folder should be (then every write under it fails with a traceback-worthy NotADirectoryError)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if os.path.isdir(probe):
+        return None
+    return f"{path}: {'a file is there' if probe == os.path.abspath(path) else f'{probe} is a file'}, not a folder"
+
+
 def local_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """`path` on a local filesystem, fetched first when it is a read-through mirror (io/mirror.py)."""
     fetch = getattr(fs, "local_path", None)

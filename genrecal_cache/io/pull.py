@@ -10,7 +10,7 @@ from typing import Any
 from ..format import safety
 from ..format.manifest import MANIFEST_NAME, CacheFormatError
 from .download import download
-from .locate import locate, open_fs
+from .locate import local_folder_problem, locate, open_fs
 from .mirror import Mirror, complete_mirror, mirror_key
 
 __all__ = ["PullReport", "pull"]
@@ -33,6 +33,8 @@ def pull(url: str | os.PathLike, out: str | os.PathLike, storage_options: dict[s
     cache is refused."""
     fs, root, name = open_fs(url, storage_options)
     out = os.path.abspath(os.fspath(out))
+    if (problem := local_folder_problem(out)) is not None:
+        raise CacheFormatError(f"{problem}; pull into a folder (new, or holding an earlier pull of this cache)")
     manifest = locate(fs, root, name)
     if isinstance(manifest, list):  # a cache written in parts (genrecal_cache/parts.py): pull each part
         names = manifest
