@@ -14,7 +14,8 @@ import typer
 from cli.errors import clean_errors, debugging, fail  # the one home of the CLIs' one-line errors
 from cli.options import given, options_from
 from genrecal_cache.config import (  # light: the flags are built without loading what the commands run
-    AuditConfig, CachePlanConfig, DemoDataConfig, ExtractConfig, InfoConfig, PushConfig, TinyModelsConfig, VLLMOptions,
+    BACKENDS, AuditConfig, CachePlanConfig, DemoDataConfig, ExtractConfig, InfoConfig, PushConfig, TinyModelsConfig,
+    VLLMOptions,
 )
 from genrecal_cache.options import option
 
@@ -65,6 +66,8 @@ def extract(**flags: Any) -> None:
         raise typer.BadParameter(f"must be in [0, --num-shards={num_shards})", param_hint="--shard-index")
     _check_storage(values.get("context", ExtractConfig.context), values.get("context_rank"),
                    values.get("topk_rows", ExtractConfig.topk_rows))
+    if (backend := values.get("backend", ExtractConfig.backend)) not in BACKENDS:
+        raise typer.BadParameter(f"{backend!r} is not one of {', '.join(BACKENDS)}", param_hint="--backend")
     try:
         cfg = ExtractConfig(**values, vllm=VLLMOptions(**given(VLLMOptions, flags)).engine_options())
     except ValueError as e:  # the codec (--hidden-codec, or its old name --hidden-dtype)

@@ -14,6 +14,8 @@ from .format.roles import (
 )
 from .options import REQUIRED, option
 
+BACKENDS = ("auto", "transformers", "vllm")  # extract.py's teacher runners
+
 __all__ = ["AuditConfig", "BASIS_FIT_ROWS", "COMMIT_SECONDS", "CachePlanConfig", "DEFAULT_MAX_LEN", "DemoDataConfig",
            "ExtractConfig", "InfoConfig", "PushConfig", "TinyModelsConfig", "VLLMOptions"]
 
@@ -63,6 +65,8 @@ class ExtractConfig:
     codec: HiddenCodec = field(init=False, repr=False, compare=False)  # `hidden_codec` resolved, passed down whole
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
         self.codec = resolve_hidden_codec(self.hidden_codec, self.hidden_dtype)  # the old name too; resolved once
         self.hidden_codec = self.codec.name
         if self.context not in CONTEXT_POLICIES:

@@ -144,6 +144,8 @@ def check_data_file(path: str | Path, image_root: str | Path | None = None) -> N
     unknown format, a missing image root, or a JSONL file that is not JSONL (none of its first
     `SNIFF_LINES` lines a JSON object: random bytes, a text file). Raises `FileNotFoundError` / `ValueError`."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder; give the dataset file in it (.jsonl, .json or .parquet)")
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
     suffix = path.suffix.lower()

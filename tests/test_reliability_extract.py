@@ -283,6 +283,12 @@ def test_a_teacher_that_is_not_there_is_refused_before_anything_is_written(data_
         line = _error_line(r)
         assert r.returncode == 2 and f"--teacher {teacher}: {says}" in line and "nothing was written" in line, line
         assert "Traceback" not in r.stderr and not out.exists()
+    r = _extract_cli(data_dir, demo_jsonl, out, extra=("--backend", "nosuch"))  # the flag is checked first
+    assert r.returncode == 2 and "Invalid value for --backend: 'nosuch' is not one of auto, transformers, vllm" \
+        in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
+    r = _extract_cli(data_dir, data_dir, out)  # a folder given as --data
+    assert r.returncode == 2 and f"{data_dir} is a folder; give the dataset file in it" in _error_line(r)
+    assert not out.exists()
 
 
 def test_the_image_root_advice_names_the_flag(teacher_dir, demo_jsonl, data_dir, tmp_path):

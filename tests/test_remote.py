@@ -221,6 +221,9 @@ def test_pull_and_push_to_a_file_or_under_one_are_one_line(cache_dir, tmp_path):
             r = CliRunner().invoke(cache_app, [command, str(cache_dir), str(dest), "--quiet"])
             out = " ".join(r.output.split())
             assert r.exit_code == 2 and f"error: {says}; {verb}" in out and "Traceback" not in out, (command, out)
+    r = CliRunner().invoke(cache_app, ["info", str(afile)])  # and read as a cache: not a cache folder
+    assert r.exit_code == 2 and f"error: {afile}: not a cache folder ({afile}: a file is there, not a folder)" \
+        in " ".join(r.output.split()), r.output
     assert afile.read_text() == "keep me"
 
 

@@ -245,6 +245,9 @@ def load_manifest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> Manifes
             text = safety.read_regular(f"{root}/{MANIFEST_NAME}", safety.MAX_MANIFEST_BYTES, where)
         else:  # bounded: a server may answer with an endless body
             text = read_capped(fs, f"{root}/{MANIFEST_NAME}", safety.MAX_MANIFEST_BYTES, where)
+    except NotADirectoryError as e:  # a local path that is a file (or under one)
+        raise CacheFormatError(f"{url}: not a cache folder ({local_folder_problem(root) or e}); give the folder "
+                               f"that holds manifest.json") from e
     except FileNotFoundError as e:
         if not _exists(fs, root):
             raise CacheFormatError(f"{url}: no cache here (the directory does not exist)") from e
