@@ -95,7 +95,8 @@ class TrainConfig:
     seed: int = opt(0, "Seed for data order and initialisation.", at_least=0, same_on_resume=True)
     prefetch: int = opt(8, "Batches prepared ahead by the background thread.", at_least=1)
     loss_chunk: int = opt(LOSS_CHUNK, "Tokens per chunk of full-vocabulary logits in the losses.", at_least=1)
-    resume: bool = opt(False, "Continue from the latest checkpoint in --out.")
+    resume: bool = opt(False, "Continue from the latest checkpoint in --out (with none there yet, start from the "
+                              "beginning, saying so).")
     expect_teacher: str | None = opt(None, "Teacher folder/id the cache must come from (tokenizer, shapes and head "
                                            "rows are compared).")
     device: str = opt("auto", "auto, cpu, cuda ...")

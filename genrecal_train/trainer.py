@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -227,6 +228,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, strate
     aligned = cfg.main_pass_answer == "student_aligned" and bool({1, 2} & set(cfg.stages))
     teacher_tokenizer = load_teacher_tokenizer(cfg, cache) if aligned else None
     resume_from = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and resume_from is None and rank == 0:  # a requeued job's first try; or a typo in --out
+        print(f"--resume: no checkpoint in {run_dir} yet, so the run starts from the beginning", file=sys.stderr,
+              flush=True)
     st = ckpt.load_state(resume_from) if resume_from is not None else {}
     if resume_from is not None:  # refused before the student is loaded
         _check_resumable(resume_from, st, cfg, cache, strategy, world)

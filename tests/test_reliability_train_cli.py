@@ -216,6 +216,17 @@ def test_an_out_that_cannot_be_a_folder_is_one_line(tmp_path, train_cache, stude
     assert (tmp_path / "afile").read_text() == "not a folder"
 
 
+def test_resume_with_no_checkpoint_yet_says_it_starts_from_the_beginning(tmp_path, train_cache, student_dir):
+    """A requeued job's first try (or a typo in --out): --resume with nothing to resume trains from step 0 and says so."""
+    out = tmp_path / "run"
+    r = _run(_args(train_cache, student_dir, out, "--max-steps", "1", "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"--resume: no checkpoint in {out} yet, so the run starts from the beginning" in r.stderr
+    assert (out / "final" / "config.json").is_file()
+    r = _run(_args(train_cache, student_dir, out, "--max-steps", "1", "--resume"))  # now there is one: no such line
+    assert r.returncode == 0 and "no checkpoint in" not in r.stderr, r.stderr[-3000:]
+
+
 def test_values_written_as_text_in_a_config_file_are_read_as_their_type(tmp_path):
     """YAML reads `1e-4` as text: it is a number all the same, as are "3" and 1e3 for whole numbers."""
     from genrecal_train.config import load_config
