@@ -95,7 +95,8 @@ def plan(**flags: Any) -> None:
     except ConfigError as e:  # a value out of its field's bounds: one line naming the flag
         raise typer.BadParameter(f"{flag_of(PlanConfig, e.field)}: {e.problem}")
     try:
-        sizes, info = make_plan(cfg)
+        with clean_errors(cfg.teacher):  # a cache that cannot be read (an unreachable URL, a bad manifest): one line
+            sizes, info = make_plan(cfg)
     except ValueError as e:
         raise typer.BadParameter(str(e))
     typer.echo(format_plan(sizes, info, cfg))

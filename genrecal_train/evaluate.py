@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from genrecal_cache.data import check_data_file, decode_image, read_samples
+from genrecal_cache.data import decode_image, read_samples
 from genrecal_cache.families import EncodeError, adapter_for, model_config
 from genrecal_train.config import EvalConfig
 
@@ -65,8 +65,8 @@ def evaluate(model_path: str, data: str, *, image_root: str | None = EvalConfig.
     """Exact-match accuracy of greedy answers; `model` may be passed in to skip loading it. A model that is not
     there (ModelNotFound), or a data set that is not there or has no usable sample (EvalError), raises before or
     instead of a report, with the one line to print."""
-    try:
-        check_data_file(data, image_root)  # before the model loads: a missing file should not wait for a 7B model
+    try:  # the file is checked here, before the model loads: a missing file should not wait for a 7B model
+        samples = read_samples(data, limit=limit, image_root=image_root)
     except (OSError, ValueError) as e:
         raise EvalError(f"--data {data}: {e}") from None
     adapter = adapter_for(model_config(model_path, "--model"))
@@ -78,15 +78,17 @@ def evaluate(model_path: str, data: str, *, image_root: str | None = EvalConfig.
     tok = processor.tokenizer
     report = EvalReport(model=str(model_path), data=str(data))
     per_type: dict[str, dict[str, int]] = defaultdict(lambda: {"n": 0, "correct": 0})
-    for s in tqdm(read_samples(data, limit=limit, image_root=image_root), desc="eval", disable=not progress, dynamic_ncols=True):
-        try:
-            if s.error:
-                raise ValueError(s.error)
-            inputs, reference = adapter.prompt_inputs(processor, s, [decode_image(b) for b in s.images])
-        except (EncodeError, ValueError) as e:
+    for s in tqdm(samples, desc="eval", disable=not progress, dynamic_ncols=True):
+        why = s.error  # names the sample and the line already
+        if not why:
+            try:
+                inputs, reference = adapter.prompt_inputs(processor, s, [decode_image(b) for b in s.images])
+            except (EncodeError, ValueError) as e:
+                why = f"sample {s.id!r}: {e}"
+        if why:
             report.skipped += 1
             if len(report.skip_reasons) < MAX_REASONS:
-                report.skip_reasons.append(str(e) if s.error else f"sample {s.id!r}: {e}")
+                report.skip_reasons.append(why)
             continue
         inputs = {k: v.to(dev) for k, v in inputs.items()}
         if "pixel_values" in inputs:

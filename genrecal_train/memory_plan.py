@@ -29,8 +29,8 @@ import torch
 import transformers
 from torch import nn
 
-from genrecal_cache.families import adapter_for, model_config
-from genrecal_cache.families.flagships import FLAGSHIPS, flagship_config
+from genrecal_cache.families import adapter_for, looks_like_hub_id, model_config
+from genrecal_cache.families.flagships import FLAGSHIPS, flagship_config, flagship_name
 from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache import open_cache
 from genrecal_train.config import PlanConfig, TrainConfig
@@ -42,7 +42,6 @@ from genrecal_train.model import GenRecal
 # names and hub ids work too: Qwen/Qwen2-VL-7B-Instruct)
 BUILTINS = {"qwen2-vl-72b": "Qwen2-VL-72B-Instruct", "qwen2-vl-7b": "Qwen2-VL-7B-Instruct",
             "qwen2-vl-2b": "Qwen2-VL-2B-Instruct"}
-FLAGSHIP_ORGS = {"qwen": "Qwen", "internvl": "OpenGVLab", "gemma": "google"}  # name prefix -> publisher on the hub
 GiB = 1024 ** 3
 HEADROOM = 0.9  # of a GPU's memory usable for tensors (CUDA context, allocator fragmentation)
 
@@ -72,16 +71,9 @@ class Sizes:
 
 # ---- the model, on the meta device ----------------------------------------------------------------
 
-def flagship_name(spec: str) -> str | None:
-    """The FLAGSHIPS key `spec` names: a builtin short name, the key itself, or its hub id under the publisher's
-    organization (any case). A same-named repo elsewhere (a fine-tune) is not assumed to share the config."""
-    org, slash, name = spec.rpartition("/")
-    name = BUILTINS.get(name.lower(), name) if not slash else name
-    key = next((k for k in FLAGSHIPS if k.lower() == name.lower()), None)
-    if key is None or not slash:
-        return key
-    publisher = next((o for prefix, o in FLAGSHIP_ORGS.items() if key.lower().startswith(prefix)), None)
-    return key if publisher is not None and org.lower() == publisher.lower() else None
+def builtin_flagship(spec: str) -> str | None:
+    """The flagship `spec` names: a builtin short name, or what `flagship_name` takes (its name or hub id)."""
+    return flagship_name(BUILTINS.get(spec.lower(), spec))
 
 
 def config_for_plan(spec: str, flag: str):
@@ -98,18 +90,12 @@ def config_for_plan(spec: str, flag: str):
             raise ValueError(f"{flag} {spec}: not a model's config.json ({type(e).__name__}: {e})") from None
         cfg: PretrainedConfig = cls(**{k: v for k, v in data.items() if k != "model_type"})
         return cfg
-    if (spec.lower() in BUILTINS or not path.exists()) and (name := flagship_name(spec)) is not None:
+    if (spec.lower() in BUILTINS or not path.exists()) and (name := builtin_flagship(spec)) is not None:
         return flagship_config(name)
     try:
         return model_config(spec, flag)
     except ValueError as e:
         raise ValueError(f"{e}; or a builtin ({', '.join([*BUILTINS, *FLAGSHIPS])})") from None
-
-
-def _looks_like_hub_id(spec: str) -> bool:
-    """'org/name': no URL scheme, no leading ./ or / or ~, no trailing slash (what a local path rarely looks like)."""
-    org, _, name = spec.partition("/")
-    return bool(org and name) and "/" not in name and "://" not in spec and not spec.startswith((".", "~"))
 
 
 def teacher_dims(spec: str) -> tuple[int, int]:
@@ -119,10 +105,12 @@ def teacher_dims(spec: str) -> tuple[int, int]:
         h, v = spec.lower().split("x")
         return int(h), int(v)
     path = Path(spec)
-    is_model = (spec.lower() in BUILTINS or (path.is_dir() and (path / "config.json").is_file()
-                                             and not (path / "manifest.json").is_file())
-                or (path.is_file() and path.suffix == ".json")
-                or (not path.exists() and "://" not in spec and (flagship_name(spec) or _looks_like_hub_id(spec))))
+    if spec.lower() in BUILTINS:
+        is_model = True
+    elif path.exists():  # a config.json, or a model folder (a cache folder holds manifest.json, parts no config)
+        is_model = path.is_file() or ((path / "config.json").is_file() and not (path / "manifest.json").is_file())
+    else:  # a flagship or another hub id ('org/name'); a URL or a missing folder is for open_cache to say
+        is_model = builtin_flagship(spec) is not None or ("/" in spec and looks_like_hub_id(spec))
     if not is_model:
         m = open_cache(spec).manifest
         return m.hidden_size, m.vocab_size

@@ -148,6 +148,10 @@ def test_plan_takes_hub_ids_and_model_folders_and_says_why_it_cannot(student_dir
         bad = run("--student", student, "--cache", "qwen2-vl-72b")
         assert bad.exit_code == 2, bad.output
         assert f"--student {student}: cannot be loaded" in " ".join(bad.output.split()) and "Traceback" not in bad.output
+    down = CliRunner().invoke(plan_app, ["--student", "qwen2-vl-7b", "--cache", "http://127.0.0.1:9/cache"],
+                              env={"GENRECAL_RETRIES": "0"})  # a cache URL nothing answers
+    assert down.exit_code == 2 and "the server or network is unavailable" in down.output, down.output
+    assert "Traceback" not in down.output
     bad = run("--student", "qwen2-vl-7b", "--cache", "no/such-cache")
     assert bad.exit_code == 2 and "or a cache folder or URL, or HIDDENxVOCAB" in " ".join(bad.output.split())
     for path in ("./no/such/folder", "/Qwen2-VL-7B-Instruct"):  # paths, not flagships

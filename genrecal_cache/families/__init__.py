@@ -42,6 +42,13 @@ class ModelNotFound(ValueError):
     """A model folder or hub id that gives no model config (`model_config`); the message is the one line to print."""
 
 
+def looks_like_hub_id(spec: str) -> bool:
+    """`name` or `org/name`: no URL scheme, no leading / . ~, no further slash (what a local path that is not there
+    rarely looks like)."""
+    return "://" not in spec and not spec.startswith(("/", ".", "~")) and spec.count("/") <= 1 \
+        and not spec.endswith("/")
+
+
 def model_config(spec: str | os.PathLike, flag: str) -> PreTrainedConfig:
     """The transformers config of a model folder or hub id `spec`, or a ModelNotFound naming `flag` (the option the
     user gave it by), what is wrong and the fix: no such folder, a folder with no config.json, or a hub id this
@@ -51,7 +58,7 @@ def model_config(spec: str | os.PathLike, flag: str) -> PreTrainedConfig:
     from transformers import AutoConfig
 
     spec, path = str(spec), Path(spec)
-    if not path.exists() and (spec.startswith(("/", ".", "~")) or spec.count("/") > 1):
+    if not path.exists() and not looks_like_hub_id(spec):
         raise ModelNotFound(f"{flag} {spec}: no such folder; give a model folder or a hub id (org/name)")
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelNotFound(f"{flag} {spec}: no config.json in this folder; give a model folder (config.json, weights, "
@@ -85,4 +92,4 @@ def adapter_for(config: PreTrainedConfig | str | os.PathLike) -> FamilyAdapter:
 __all__ = ["ADAPTERS", "REFUSED", "HEAD_TENSOR_NAMES", "NORM_FORMULAS", "AnswerMaskError", "EncodeError", "Encoded",
            "FamilyAdapter", "Gemma3Adapter", "HeadCheckError", "Idefics3Adapter", "InternVLAdapter", "LlavaAdapter",
            "LlavaOnevisionAdapter", "Mistral3Adapter", "ModelNotFound", "PaliGemmaAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter",
-           "SmolVLMAdapter", "adapter_for", "collate", "model_config"]
+           "SmolVLMAdapter", "adapter_for", "collate", "looks_like_hub_id", "model_config"]

@@ -84,6 +84,20 @@ FLAGSHIPS: dict[str, dict[str, Any]] = {
 }
 
 
+PUBLISHERS = {"qwen": "Qwen", "internvl": "OpenGVLab", "gemma": "google"}  # name prefix -> hub organization
+
+
+def flagship_name(spec: str) -> str | None:
+    """The FLAGSHIPS key `spec` names: the key itself or its hub id under its publisher's organization (any case).
+    A same-named repo elsewhere (a fine-tune) is not assumed to share the config."""
+    org, slash, name = spec.rpartition("/")
+    key = next((k for k in FLAGSHIPS if k.lower() == name.lower()), None)
+    if key is None or not slash:
+        return key
+    publisher = next((o for prefix, o in PUBLISHERS.items() if key.lower().startswith(prefix)), "")
+    return key if org.lower() == publisher.lower() else None
+
+
 def flagship_config(name: str) -> Any:
     """The transformers config of flagship checkpoint `name` (a key of `FLAGSHIPS`), built offline."""
     from transformers import AutoConfig
