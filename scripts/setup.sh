@@ -9,9 +9,9 @@ PY=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip --disable-pip-version-check --no-cache-dir -q"
 NEED_GIB=5   # the finished .venv is 4.1 GiB (torch, vLLM, triton for xgrammar), plus pip's unpacking room
 if [ ! -f .venv/.genrecal-setup-done ] || [ pyproject.toml -nt .venv/.genrecal-setup-done ]; then
-  # Say so up front rather than fail halfway with pip's "[Errno 28] No space left on device".
+  # A first install: say so up front rather than fail halfway with pip's "[Errno 28] No space left on device".
   free_kib=$(df -Pk . | awk 'NR==2 {print $4}')
-  if [ "${GENRECAL_SKIP_VLLM:-0}" != 1 ] && [ "$free_kib" -lt $((NEED_GIB * 1024 * 1024)) ]; then
+  if [ ! -f .venv/.genrecal-setup-done ] && [ "${GENRECAL_SKIP_VLLM:-0}" != 1 ] && [ "$free_kib" -lt $((NEED_GIB * 1024 * 1024)) ]; then
     echo "setup: $((free_kib / 1024)) MiB free on $(df -P . | awk 'NR==2 {print $6}'); the install needs about ${NEED_GIB} GiB (torch + vLLM's CPU stack). Free some space (or, on a machine that will not extract with vLLM, set GENRECAL_SKIP_VLLM=1)." >&2
     exit 1
   fi
