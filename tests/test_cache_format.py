@@ -32,6 +32,12 @@ TEACHER = dict(id="tiny/teacher", revision="abc123", config_sha256=sha256_bytes(
                backend="synthetic")  # extra provenance keys are kept
 
 
+def synthetic_head(seed: int = 0, scale: float = 0.2) -> TeacherHead:
+    """The tests' stand-in teacher head (layer norm, D x V), random but seeded: what a synthetic cache stores."""
+    g = torch.Generator().manual_seed(seed)
+    return TeacherHead(HeadConfig(D, V), 1 + 0.1 * torch.randn(D, generator=g), torch.randn(V, D, generator=g) * scale)
+
+
 @pytest.fixture(scope="module")
 def head() -> TeacherHead:
     g = torch.Generator().manual_seed(0)

@@ -30,15 +30,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from genrecal_cache.data import decode_image, read_samples
-from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError, sha256_bytes
 from genrecal_cache import open_cache
 from genrecal_cache.verify import verify
-from test_cache_format import D, V, make_samples, write_cache
+from test_cache_format import D, V, make_samples, write_cache, synthetic_head
 
 SEED = 20240607
 COUNTS: dict[str, int] = {}
@@ -270,8 +268,7 @@ def test_extraction_over_fuzzed_inputs_keeps_good_samples_intact(tmp_path, teach
 
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory) -> Path:
-    g = torch.Generator().manual_seed(0)
-    head = TeacherHead(HeadConfig(D, V), 1 + 0.1 * torch.randn(D, generator=g), torch.randn(V, D, generator=g) * 0.2)
+    head = synthetic_head()
     path = tmp_path_factory.mktemp("fuzzcache") / "cache"
     write_cache(path, head, make_samples(head, n=12), shard_tokens=64, chunk_tokens=32)
     return path

@@ -20,13 +20,11 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError, sha256_bytes
 from genrecal_cache import open_cache
 from genrecal_cache.verify import verify
-from test_cache_format import D, V, make_samples, write_cache
+from test_cache_format import D, V, make_samples, write_cache, synthetic_head
 
 HANG_DEADLINE = 120.0  # seconds; a fixed reader answers these cases in well under one
 
@@ -52,8 +50,7 @@ def finishes(fn: Callable[[], Any]) -> Any:
 
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory) -> Path:
-    g = torch.Generator().manual_seed(0)
-    head = TeacherHead(HeadConfig(D, V), 1 + 0.1 * torch.randn(D, generator=g), torch.randn(V, D, generator=g) * 0.2)
+    head = synthetic_head()
     path = tmp_path_factory.mktemp("hostile") / "cache"
     write_cache(path, head, make_samples(head, n=12), shard_tokens=64, chunk_tokens=32)
     return path

@@ -19,17 +19,16 @@ from safetensors.torch import load_file, save_file
 
 from _http import serve
 from genrecal_cache.format.codecs import describe_chain
-from genrecal_cache.format.head import HeadConfig, TeacherHead
+from genrecal_cache.format.head import TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError, sha256_bytes
 from genrecal_cache import open_cache
 from genrecal_cache.verify import verify
-from test_cache_format import D, V, make_samples, write_cache
+from test_cache_format import D, V, make_samples, write_cache, synthetic_head
 
 
 @pytest.fixture(scope="module")
 def head() -> TeacherHead:
-    g = torch.Generator().manual_seed(0)
-    return TeacherHead(HeadConfig(D, V), 1 + 0.1 * torch.randn(D, generator=g), torch.randn(V, D, generator=g) * 0.2)
+    return synthetic_head()
 
 
 @pytest.fixture(scope="module", params=["bfloat16", "float32"])

@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 
 from _http import FaultPlan, serve
 from cli.cache_cli import app as cache_app
-from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError
 from genrecal_cache import open_cache
 from genrecal_cache.reader import TeacherCache
@@ -29,7 +28,7 @@ from genrecal_cache.io.retry import RemoteReadError, RetryPolicy, is_transient
 from genrecal_cache.verify import verify
 from genrecal_train.config import TrainConfig
 from genrecal_train.trainer import train
-from test_cache_format import D, V, make_samples, write_cache
+from test_cache_format import D, V, make_samples, write_cache, synthetic_head
 
 FAST = {"genrecal_retries": 4, "genrecal_retry_backoff": 0.01}  # storage_options: quick retries in tests
 FIELDS = ("token_ids", "answer_mask", "hidden", "topk_ids", "topk_logprobs")
@@ -38,8 +37,7 @@ FIELDS = ("token_ids", "answer_mask", "hidden", "topk_ids", "topk_logprobs")
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     """A small multi-shard bf16 cache with synthetic features (no model needed)."""
-    g = torch.Generator().manual_seed(0)
-    head = TeacherHead(HeadConfig(D, V), 1 + 0.1 * torch.randn(D, generator=g), torch.randn(V, D, generator=g) * 0.2)
+    head = synthetic_head()
     path = tmp_path_factory.mktemp("remote") / "cache"
     write_cache(path, head, make_samples(head, n=30), shard_tokens=64, chunk_tokens=16)
     return path

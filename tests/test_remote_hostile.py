@@ -16,23 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from _http import ENDLESS_CAP, FaultPlan, serve
-from genrecal_cache.format.head import HeadConfig, TeacherHead
 from genrecal_cache.format.manifest import CacheFormatError
 from genrecal_cache import open_cache
 from genrecal_cache.io.pull import pull
 from genrecal_cache.io.retry import RemoteReadError, RetryPolicy
 from genrecal_cache.verify import verify
-from test_cache_format import D, V, make_samples, write_cache
+from test_cache_format import D, V, make_samples, write_cache, synthetic_head
 from test_hostile_cache import finishes
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> Path:
-    g = torch.Generator().manual_seed(0)
-    head = TeacherHead(HeadConfig(D, V), 1 + 0.1 * torch.randn(D, generator=g), torch.randn(V, D, generator=g) * 0.2)
+    head = synthetic_head()
     path = tmp_path_factory.mktemp("remote-hostile") / "cache"
     write_cache(path, head, make_samples(head, n=16), shard_tokens=64, chunk_tokens=16)
     return path

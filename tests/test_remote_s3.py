@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 pytest.importorskip("s3fs")
@@ -30,14 +29,13 @@ moto_server = pytest.importorskip("moto.server")
 from _proxy import Proxy  # noqa: E402
 from cli.cache_cli import app as cache_app  # noqa: E402
 from genrecal_cache import open_cache  # noqa: E402
-from genrecal_cache.format.head import HeadConfig, TeacherHead  # noqa: E402
 from genrecal_cache.format.manifest import CacheFormatError  # noqa: E402
 from genrecal_cache.io.locate import open_fs  # noqa: E402
 from genrecal_cache.io.pull import pull  # noqa: E402
 from genrecal_cache.push import PushError, push  # noqa: E402
 from genrecal_cache.io.retry import RemoteReadError  # noqa: E402
 from genrecal_cache.verify import verify  # noqa: E402
-from test_cache_format import D, V, make_samples, write_cache  # noqa: E402
+from test_cache_format import D, V, make_samples, write_cache, synthetic_head  # noqa: E402
 from test_remote import assert_same  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,8 +98,7 @@ def s3():
 
 
 def synthetic_cache(path: Path, seed: int, n: int = 30) -> Path:
-    g = torch.Generator().manual_seed(seed)
-    head = TeacherHead(HeadConfig(D, V), 1 + 0.1 * torch.randn(D, generator=g), torch.randn(V, D, generator=g) * 0.2)
+    head = synthetic_head(seed)
     write_cache(path, head, make_samples(head, n=n), shard_tokens=64, chunk_tokens=16)
     return path
 
@@ -151,8 +148,7 @@ def test_push_publishes_the_manifest_last_and_the_cache_reads_verifies_and_pulls
 
 
 def test_a_cache_in_parts_is_pushed_with_every_manifest_after_every_file(s3, tmp_path):
-    g = torch.Generator().manual_seed(2)
-    head = TeacherHead(HeadConfig(D, V), 1 + 0.1 * torch.randn(D, generator=g), torch.randn(V, D, generator=g) * 0.2)
+    head = synthetic_head(2)
     samples = make_samples(head, n=20)
     local = tmp_path / "parts"
     for i in range(2):  # as `extract --num-shards 2` lays them out
