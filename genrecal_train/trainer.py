@@ -380,6 +380,16 @@ def _non_finite(sums: dict[str, float], grad_norms: list[torch.Tensor]) -> str |
     return ", ".join(bad) or None
 
 
+def get_lr(cfg: TrainConfig, step: int, total: int) -> float:
+    """The LR of a stage's step (0-based) out of `total`: a linear warm-up 0 -> lr over the first `warmup` of the
+    stage (a fresh AdamW's first steps move every weight by ~lr whatever its gradient), then a linear decay
+    lr -> lr_end to the stage's last step."""
+    n_warm = round(cfg.warmup * total)
+    if step < n_warm:
+        return cfg.lr * (step + 1) / n_warm
+    return cfg.lr + (cfg.lr_end - cfg.lr) * ((step - n_warm) / max(1, total - 1 - n_warm))
+
+
 def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig, run_dir: Path, log: MetricsLog,
               device: torch.device, rank: int, world: int, *, step0: int, position0: int,
               resume_from: Path | None, progress: Progress | None = None,
@@ -402,14 +412,6 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
         else:
             ckpt.load_optimizer(resume_from, opt)
     total = stage_steps(cfg, stream, world, stage)
-    # Linear warm-up 0 -> lr over the first `warmup` of the stage (a fresh AdamW's first steps move every
-    # weight by ~lr whatever its gradient), then linear decay lr -> lr_end to the stage's last step.
-    n_warm = round(cfg.warmup * total)
-
-    def lr_at(s: int) -> float:
-        if s < n_warm:
-            return cfg.lr * (s + 1) / n_warm
-        return cfg.lr + (cfg.lr_end - cfg.lr) * ((s - n_warm) / max(1, total - 1 - n_warm))
     ddp = model  # under FSDP the model itself is the (sharded) root module
     if strategy == "ddp":
         # No buffer broadcast per forward: the frozen teacher head (152k x d) is a buffer, identical on all ranks.
@@ -429,7 +431,7 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
     try:
         for step in range(step0, total):
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = get_lr(cfg, step, total)
             # Randomness (dropout) as a function of (seed, stage, step, rank): a resumed run draws the same.
             torch.manual_seed(cfg.seed + 1_000_003 * stage + 1009 * step + rank)
             t0, wait0, tokens = time.perf_counter(), stream.wait_s, 0
@@ -471,7 +473,7 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
                 dist.all_gather_object(gathered, (position, indices, state_bytes))
                 positions, rank_indices, rank_bytes = ([g[0] for g in gathered], [g[1] for g in gathered],
                                                        [g[2] for g in gathered])
-            record = {"stage": stage, "step": step + 1, "lr": lr_at(step), **sums, "tokens_per_s": tokens * world / dt,
+            record = {"stage": stage, "step": step + 1, "lr": get_lr(cfg, step, total), **sums, "tokens_per_s": tokens * world / dt,
                       "data_wait_frac": (stream.wait_s - wait0) / dt, "position": position, "sample_indices": indices}
             if world > 1:
                 record |= {"rank_positions": positions, "rank_sample_indices": rank_indices}
