@@ -278,6 +278,12 @@ def run_train(out: Path, **kw) -> tuple[Path, float]:
     return Path(final), secs
 
 
+def teacher_train_kw(s: Setup) -> dict:
+    """The teacher's training run (SFT on its data, `run_train` keywords): one recipe for the suite and its checks."""
+    return dict(stages=[3], stage_steps=[s.teacher_steps], batch_size=s.teacher_batch, lr=s.teacher_lr,
+                lr_end=s.teacher_lr_end, train_vision=s.teacher_train_vision, seed=0)
+
+
 def run_eval(model: Path, data: Path, out: Path, max_new_tokens: int) -> dict:
     from genrecal_train.evaluate import evaluate
 
@@ -570,8 +576,7 @@ def main(argv: list[str] | None = None) -> dict:
         build_tiny_teacher(t_init, seed=1234, hidden_size=s.teacher_hidden, layers=s.teacher_layers,
                            vision_width=s.teacher_vision_width, vision_depth=s.teacher_vision_depth)
     raw_cache = tdir / "raw_cache"
-    t_kw = dict(stages=[3], stage_steps=[s.teacher_steps], batch_size=s.teacher_batch, lr=s.teacher_lr,
-                lr_end=s.teacher_lr_end, train_vision=s.teacher_train_vision, seed=0)
+    t_kw = teacher_train_kw(s)
     if not _finished(tdir / "sft", t_kw):
         log("teacher: throwaway cache of its data (the data in cache form) ...")
         extract_cache(t_init, teacher_data, raw_cache)

@@ -55,9 +55,8 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="teacher-repro-"))
     data = src / "data" / ("teacher.jsonl" if s.teacher_sees_train else "teacher_own.jsonl")
     raw = q.extract_cache(src / "teacher" / "init", data, work / "raw_cache")
-    kw = dict(stages=[3], stage_steps=[s.teacher_steps], batch_size=s.teacher_batch, lr=s.teacher_lr,
-              lr_end=s.teacher_lr_end, train_vision=s.teacher_train_vision, seed=0)
-    second, secs = q.run_train(work / "sft", cache=str(raw), student=str(src / "teacher" / "init"), **kw)
+    second, secs = q.run_train(work / "sft", cache=str(raw), student=str(src / "teacher" / "init"),
+                               **q.teacher_train_kw(s))
     test = src / "data" / "test" / "data.jsonl"
     acc = [q.run_eval(m, test, out, s.max_new_tokens)["accuracy"]
            for m, out in ((first, src / "teacher" / "eval.json"), (second, work / "eval.json"))]
