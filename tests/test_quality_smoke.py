@@ -295,3 +295,22 @@ def test_unlabelled_questions_take_the_teachers_answers(teacher_dir, demo_jsonl,
     combined = q.combine(tmp_path / "train_and_unlabelled.jsonl", [out])  # as the suite combines it with its train split
     refs = [json.loads(x)["image"] for x in combined.read_text().splitlines()]
     assert all((tmp_path / ref).is_file() for r in refs for ref in (r if isinstance(r, list) else [r]))
+
+
+def test_teacher_repro_compares_weights_exactly(teacher_dir, student_dir, tmp_path):
+    """bench/quality_teacher_repro.py: 0 for a bit-identical model, the largest change otherwise, and a clear
+    refusal for two different models."""
+    from safetensors.torch import load_file, save_file
+
+    repro = _bench_module("quality_teacher_repro")
+    copy = tmp_path / "copy"
+    shutil.copytree(teacher_dir, copy)
+    assert repro.max_weight_diff(teacher_dir, copy) == 0.0
+    (f,) = sorted(copy.glob("*.safetensors"))
+    weights = load_file(f)
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 0.25
+    save_file(weights, f, metadata={"format": "pt"})
+    assert repro.max_weight_diff(teacher_dir, copy) == pytest.approx(0.25, abs=1e-2)
+    with pytest.raises(SystemExit, match="different tensors"):
+        repro.max_weight_diff(teacher_dir, student_dir)
