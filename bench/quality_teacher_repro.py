@@ -2,8 +2,8 @@
 
     python bench/quality_teacher_repro.py SUITE_OUT [--work DIR]
 
-Same recipe as `bench/quality.py` (its `Setup`, with the knobs SUITE_OUT records in inputs.json): the initial teacher of SUITE_OUT, a throwaway cache of its data,
-SFT, then the held-out evaluation. Prints both accuracies and the largest weight difference (0.0: bit-identical).
+Same recipe as `bench/quality.py` (its `Setup`, with the knobs SUITE_OUT records in inputs.json): the initial
+teacher of SUITE_OUT, a throwaway cache of its data, SFT, then the held-out evaluation. Prints both accuracies and the largest weight difference (0.0: bit-identical).
 About 4 min of one core on this project's VM (the suite's teacher: 1200 steps).
 """
 

@@ -430,8 +430,9 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
     t_stage = time.perf_counter()
     try:
         for step in range(step0, total):
+            lr = get_lr(cfg, step, total)
             for g in opt.param_groups:
-                g["lr"] = get_lr(cfg, step, total)
+                g["lr"] = lr
             # Randomness (dropout) as a function of (seed, stage, step, rank): a resumed run draws the same.
             torch.manual_seed(cfg.seed + 1_000_003 * stage + 1009 * step + rank)
             t0, wait0, tokens = time.perf_counter(), stream.wait_s, 0
@@ -473,7 +474,7 @@ def run_stage(stage: int, model: GenRecal, stream: CacheStream, cfg: TrainConfig
                 dist.all_gather_object(gathered, (position, indices, state_bytes))
                 positions, rank_indices, rank_bytes = ([g[0] for g in gathered], [g[1] for g in gathered],
                                                        [g[2] for g in gathered])
-            record = {"stage": stage, "step": step + 1, "lr": get_lr(cfg, step, total), **sums, "tokens_per_s": tokens * world / dt,
+            record = {"stage": stage, "step": step + 1, "lr": lr, **sums, "tokens_per_s": tokens * world / dt,
                       "data_wait_frac": (stream.wait_s - wait0) / dt, "position": position, "sample_indices": indices}
             if world > 1:
                 record |= {"rank_positions": positions, "rank_sample_indices": rank_indices}
